@@ -1,0 +1,451 @@
+"""Opening pipes: the listener, the connector, and the handshake's I/O.
+
+Every connection to a listener starts with one frame that says what it is: ``HELLO`` opens a
+control connection (a new pipe), ``ATTACH`` joins a tcp data connection to a pipe whose
+handshake is under way. Each incoming connection is handled in its own task, bounded by
+``handshake_timeout``; a bad one is logged and dropped, and the listener carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import _handshake, _nccl_plane, _wire
+from ._control import ControlChannel
+from ._cuda import device_uuid, normalize_device
+from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
+from ._options import PipeOptions
+from ._pipe import Pipe
+from ._plane import DataPlane
+from ._tcp_plane import TcpPlane, tune_socket
+
+log = logging.getLogger("aiokvpipe")
+
+#: Handshakes a listener runs at once; more connections wait in the kernel's backlog.
+MAX_CONCURRENT_HANDSHAKES = 128
+#: Established pipes waiting for ``accept()``; the handshake of the next one waits meanwhile.
+ACCEPT_QUEUE = 16
+
+
+# -- shared by both ends ----------------------------------------------------------------------
+
+
+def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabilities:
+    cuda = device.type == "cuda"
+    nccl, version = (False, 0)
+    if cuda and opts.transport != "tcp":
+        nccl, version = _nccl_plane.nccl_info()
+    return _wire.Capabilities(
+        transport=opts.wire_transport,
+        cuda=cuda,
+        nccl=nccl,
+        device_uuid=device_uuid(device) if cuda else bytes(_wire.DEVICE_UUID_BYTES),
+        nccl_version=version,
+        recv_buffer_bytes=opts.recv_buffer_bytes,
+    )
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = await loop.sock_recv_into(sock, view[got:])
+        if k == 0:
+            raise ConnectionResetError("connection closed before the first frame")
+        got += k
+    return bytes(buf)
+
+
+async def _read_first_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket
+                            ) -> _wire.Frame:
+    """Read exactly one frame from a raw socket, and not a byte more: what follows belongs
+    to whoever takes the socket over."""
+    ftype, length = _wire.decode_prefix(await _recv_exactly(loop, sock,
+                                                            _wire.FRAME_PREFIX_BYTES))
+    if ftype not in (_wire.FrameType.HELLO, _wire.FrameType.ATTACH):
+        raise ProtocolError(f"a connection must open with HELLO or ATTACH, not {ftype.name}")
+    return _wire.decode_body(ftype, await _recv_exactly(loop, sock, length))
+
+
+def _raise_for_error(frame: _wire.Frame, during: str) -> None:
+    if isinstance(frame, _wire.Error):
+        if frame.code == _wire.ErrorCode.AUTHENTICATION:
+            raise AuthenticationError(f"peer refused us: {frame.text}")
+        if frame.code == _wire.ErrorCode.UNSUPPORTED:
+            raise PipeError(f"peer refused the pipe: {frame.text}")
+        raise ProtocolError(f"peer reported an error during {during}: {frame.text}")
+
+
+def _expect(frame: _wire.Frame, kind: type, during: str) -> Any:
+    _raise_for_error(frame, during)
+    if not isinstance(frame, kind):
+        raise ProtocolError(f"expected {kind.__name__} during {during}, got "
+                            f"{type(frame).__name__}")
+    return frame
+
+
+class _LateBreak:
+    """Routes data-plane loss to the pipe, which exists only once the plane does."""
+
+    def __init__(self) -> None:
+        self.pipe: Pipe | None = None
+        self.early: BaseException | None = None
+
+    def __call__(self, exc: BaseException) -> None:
+        if self.pipe is not None:
+            self.pipe._break(exc)
+        elif self.early is None:
+            self.early = exc
+
+
+def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: torch.device,
+               peer: _wire.Capabilities, late: _LateBreak) -> Pipe:
+    pipe = Pipe(ch, plane, device=device, max_inflight_bytes=opts.max_inflight_bytes,
+                recv_buffer_bytes=opts.recv_buffer_bytes, peer_credits=peer.recv_buffer_bytes,
+                heartbeat_interval=opts.heartbeat_interval,
+                heartbeat_timeout=opts.heartbeat_timeout)
+    late.pipe = pipe
+    if late.early is not None:
+        pipe._break(late.early)
+    return pipe
+
+
+# -- the listening end ------------------------------------------------------------------------
+
+
+@dataclass
+class _PendingSession:
+    """A tcp pipe whose data connections have not all arrived yet."""
+
+    sockets: dict[_wire.Direction, asyncio.Future[socket.socket]] = field(default_factory=dict)
+
+
+class Listener:
+    """Accepts pipes from any number of peers. Create with :func:`listen`."""
+
+    def __init__(self, sock: socket.socket, opts: PipeOptions, device: torch.device) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._opts = opts
+        self._device = device
+        self._ready: deque[Pipe] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._room = asyncio.Event()
+        self._sessions: dict[bytes, _PendingSession] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_HANDSHAKES)
+        self._closed = False
+        self._accept_task = self._loop.create_task(self._accept_loop())
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound (``port=0`` picks a free one)."""
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    async def accept(self) -> Pipe:
+        """The next pipe whose handshake completed.
+
+        Raises :class:`~aiokvpipe.PipeClosed` once the listener is closed. Cancellation is
+        safe: a pipe not yet taken stays for the next ``accept()``.
+        """
+        while not self._ready:
+            if self._closed:
+                raise PipeClosed("listener closed")
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._getters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_getter()  # pass our wake-up on: the pipe stays queued
+                else:
+                    self._getters.remove(fut)
+                raise
+        pipe = self._ready.popleft()
+        self._room.set()
+        return pipe
+
+    def _wake_getter(self) -> None:
+        while self._getters:
+            fut = self._getters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def _offer(self, pipe: Pipe) -> None:
+        while len(self._ready) >= ACCEPT_QUEUE:
+            self._room.clear()
+            await self._room.wait()
+        self._ready.append(pipe)
+        self._wake_getter()
+
+    def __aiter__(self) -> AsyncIterator[Pipe]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Pipe]:
+        while True:
+            try:
+                yield await self.accept()
+            except PipeClosed:
+                return
+
+    async def aclose(self) -> None:
+        """Stop listening; handshakes under way are abandoned, pipes not yet accepted closed.
+        Pipes already accepted are not affected."""
+        if self._closed:
+            return
+        self._closed = True
+        self._accept_task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(self._accept_task, *self._handshakes, return_exceptions=True)
+        self._sock.close()
+        for fut in self._getters:
+            if not fut.done():
+                fut.set_result(None)
+        while self._ready:
+            await self._ready.popleft().aclose()
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _accept_loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                conn, addr = await self._loop.sock_accept(self._sock)
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                self._slots.release()
+                log.warning("accept() failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            task = self._loop.create_task(self._serve(conn, addr))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        self._slots.release()
+
+    async def _serve(self, conn: socket.socket, addr: Any) -> None:
+        tune_socket(conn)
+        pipe: Pipe | None = None
+        try:
+            async with asyncio.timeout(self._opts.handshake_timeout):
+                first = await _read_first_frame(self._loop, conn)
+                if isinstance(first, _wire.Attach):
+                    self._attach(first, conn)
+                    conn = None  # type: ignore[assignment]  # now owned by the session
+                    return
+                hello = _expect(first, _wire.Hello, "handshake")
+                owned, conn = conn, None  # the handshake owns (and closes) it from here
+                pipe = await self._handshake(owned, hello)
+            await self._offer(pipe)
+        except asyncio.CancelledError:
+            if pipe is not None:
+                pipe._break(ConnectionAbortedError("listener closed"))
+            raise
+        except (PipeError, OSError, TimeoutError) as exc:
+            log.info("dropped incoming connection from %s: %r", addr, exc)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _attach(self, frame: _wire.Attach, conn: socket.socket) -> None:
+        session = self._sessions.get(frame.session_id)
+        fut = session.sockets.get(frame.direction) if session else None
+        if fut is None or fut.done():
+            raise ProtocolError("ATTACH for an unknown session or a direction already attached")
+        fut.set_result(conn)
+
+    async def _handshake(self, conn: socket.socket, hello: _wire.Hello) -> Pipe:
+        try:
+            _, ch = await self._loop.connect_accepted_socket(ControlChannel, conn)
+        except BaseException:
+            conn.close()
+            raise
+        plane: DataPlane | None = None
+        session_id = secrets.token_bytes(_wire.SESSION_ID_BYTES)
+        pending: _PendingSession | None = None
+        try:
+            token = self._opts.token_bytes()
+            caps = _local_caps(self._opts, self._device)
+            nonce = secrets.token_bytes(_wire.NONCE_BYTES)
+            ch.write(_wire.Hello(nonce, caps))
+            auth = _expect(await ch.read_frame(), _wire.Auth, "handshake")
+            if token and not _handshake.verify(token, True, hello.nonce, nonce, auth.proof):
+                ch.write(_wire.Error(_wire.ErrorCode.AUTHENTICATION, "authentication failed"))
+                raise AuthenticationError(f"peer {ch.peer} failed authentication")
+            try:
+                transport = _handshake.choose_transport(caps, hello.caps)
+            except _handshake.NoTransport as exc:
+                ch.write(_wire.Error(_wire.ErrorCode.UNSUPPORTED, str(exc)))
+                raise PipeError(str(exc)) from None
+            ids = _nccl_plane.new_unique_ids() if transport == _wire.Transport.NCCL else None
+            late = _LateBreak()
+            if transport == _wire.Transport.TCP:
+                pending = _PendingSession({d: self._loop.create_future()
+                                           for d in _wire.Direction})
+                self._sessions[session_id] = pending
+            ch.write(_wire.Accept(_handshake.proof(token, False, hello.nonce, nonce), session_id,
+                                  transport, ids))
+            if pending is not None:
+                c2s = await pending.sockets[_wire.Direction.CLIENT_TO_SERVER]
+                s2c = await pending.sockets[_wire.Direction.SERVER_TO_CLIENT]
+                plane = await TcpPlane.start(s2c, c2s, self._device, late)
+            else:
+                assert ids is not None
+                plane = await _nccl_plane.start(True, ids, self._device, late)
+            pipe = _make_pipe(ch, plane, self._opts, self._device, hello.caps, late)
+            ch.write(_wire.Ready())
+            return pipe
+        except BaseException as exc:
+            ch.abort()
+            if plane is not None:
+                plane.abort(exc)
+            if pending is not None:
+                for fut in pending.sockets.values():
+                    if fut.done() and not fut.cancelled():
+                        fut.result().close()
+                    fut.cancel()
+            raise
+        finally:
+            self._sessions.pop(session_id, None)
+
+
+async def listen(host: str = "127.0.0.1", port: int = 0, *, backlog: int = 128,
+                 **opts: Any) -> Listener:
+    """Listen for pipes on ``host:port`` (default 127.0.0.1, a free port: see
+    :attr:`Listener.port`). ``opts`` are :class:`PipeOptions`; they apply to every accepted
+    pipe."""
+    options = PipeOptions(**opts)
+    device = normalize_device(options.device)
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.create_server(address[:2] if family == socket.AF_INET else address,
+                                family=family, backlog=backlog)
+    sock.setblocking(False)
+    return Listener(sock, options, device)
+
+
+# -- the connecting end -----------------------------------------------------------------------
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                       deadline: float) -> socket.socket:
+    """Connect, retrying while the listener is not up yet, until ``deadline``."""
+    delay = 0.02
+    while True:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, address = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
+            sock.close()
+            if loop.time() + delay > deadline:
+                raise TimeoutError(f"nobody accepted a pipe at {host}:{port}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        tune_socket(sock)
+        return sock
+
+
+async def connect(host: str, port: int, **opts: Any) -> Pipe:
+    """Open a pipe to a :func:`listen`-ing peer.
+
+    Retries a refused connection until ``connect_timeout`` (the peer may start later), then
+    runs the handshake within ``handshake_timeout``. Raises :class:`TimeoutError` when nobody
+    answered, :class:`~aiokvpipe.AuthenticationError` when the tokens differ,
+    :class:`~aiokvpipe.ProtocolError` when the peer is not aiokvpipe, and
+    :class:`~aiokvpipe.PipeError` when the ends cannot agree on a transport. Cancellation
+    closes whatever was opened.
+    """
+    options = PipeOptions(**opts)
+    device = normalize_device(options.device)
+    loop = asyncio.get_running_loop()
+    sock = await _open_socket(loop, host, port, loop.time() + options.connect_timeout)
+    async with asyncio.timeout(options.handshake_timeout):
+        return await _client_handshake(loop, sock, host, port, options, device)
+
+
+async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str,
+                            port: int, opts: PipeOptions, device: torch.device) -> Pipe:
+    _, ch = await loop.create_connection(ControlChannel, sock=sock)
+    data_socks: list[socket.socket] = []
+    plane: DataPlane | None = None
+    try:
+        token = opts.token_bytes()
+        nonce = secrets.token_bytes(_wire.NONCE_BYTES)
+        ch.write(_wire.Hello(nonce, _local_caps(opts, device)))
+        server = _expect(await ch.read_frame(), _wire.Hello, "handshake")
+        ch.write(_wire.Auth(_handshake.proof(token, True, nonce, server.nonce)))
+        accept = _expect(await ch.read_frame(), _wire.Accept, "handshake")
+        if token and not _handshake.verify(token, False, nonce, server.nonce, accept.proof):
+            raise AuthenticationError(f"listener at {host}:{port} could not prove it holds "
+                                      "the token")
+        late = _LateBreak()
+        if accept.transport == _wire.Transport.TCP:
+            for direction in _wire.Direction:
+                s = await _open_socket(loop, host, port, loop.time())
+                data_socks.append(s)
+                await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
+                                                                     direction)))
+            c2s, s2c = data_socks
+            plane = await TcpPlane.start(c2s, s2c, device, late)
+        else:
+            plane = await _nccl_plane.start(False, accept.nccl_ids, device, late)
+        _expect(await ch.read_frame(), _wire.Ready, "handshake")
+        return _make_pipe(ch, plane, opts, device, server.caps, late)
+    except BaseException as exc:
+        ch.abort()
+        if plane is not None:
+            plane.abort(exc)
+        for s in data_socks:
+            s.close()
+        if isinstance(exc, BrokenPipe):
+            raise ConnectionResetError(f"{host}:{port} dropped the handshake") from exc
+        raise
+
+
+async def open_pipe(host: str, port: int, rank: int, **opts: Any) -> Pipe:
+    """Seed-style set-up: ``rank`` 0 listens on ``host:port`` for one peer, ``rank`` 1
+    connects to it. Both return the same pipe's two ends."""
+    if rank == 0:
+        listener = await listen(host, port, **opts)
+        try:
+            return await listener.accept()
+        finally:
+            await listener.aclose()
+    if rank == 1:
+        return await connect(host, port, **opts)
+    raise ValueError(f"rank must be 0 (listens) or 1 (connects), not {rank!r}")
+

@@ -1,0 +1,124 @@
+"""CUDA helpers: awaiting CUDA events from the event loop, and facts about the local GPU.
+
+Nothing here touches CUDA at import time; torch.cuda is only used once a CUDA tensor or device
+is actually in play.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any, Final, Protocol
+
+import torch
+
+#: Bandwidth assumed when guessing how long an op will take. Deliberately optimistic (above
+#: NVLink 4's 450 GB/s would be pointless, below it we would oversleep): the guess is a lower
+#: bound on the real duration, so sleeping until just before it never delays a completion.
+_OPTIMISTIC_BYTES_PER_S: Final = 500e9
+#: Sleeps shorter than this are not worth taking: asyncio and libuv time out in whole ms.
+_SLEEP_GRANULARITY_S: Final = 1e-3
+#: After the guessed end, spin (yield to the loop between polls) this long before backing off.
+_SPIN_S: Final = 2e-3
+
+
+class Queryable(Protocol):
+    def query(self) -> bool: ...
+
+
+class EventPoller:
+    """Awaits CUDA events recorded on one stream, oldest first, from the event loop.
+
+    Ops on one stream finish in order, so only the oldest event needs polling. The poll
+    rate adapts: while the op is surely still running (its size over an optimistic bandwidth)
+    the poller sleeps in 1 ms steps; around the expected end it polls on every loop iteration
+    (so small messages complete in microseconds); if the op overruns it backs off to 1 ms
+    polls, and an idle poller has no task at all, so an idle pipe costs no CPU.
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Queryable, asyncio.Future[None], float, object]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+
+    def watch(self, event: Queryable, nbytes: int = 0, keepalive: object = None
+              ) -> asyncio.Future[None]:
+        """A future that completes once ``event`` has completed.
+
+        ``keepalive`` (tensors, say) is referenced until then, so memory a stream still uses
+        is not freed under it.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if self._error is not None:
+            fut.set_exception(self._error)
+            return fut
+        self._pending.append((event, fut, nbytes / _OPTIMISTIC_BYTES_PER_S, keepalive))
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        return fut
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                event, fut, expected, _ = self._pending[0]
+                started = time.perf_counter()
+                while not event.query():
+                    elapsed = time.perf_counter() - started
+                    if elapsed < expected - 1.5 * _SLEEP_GRANULARITY_S:
+                        await asyncio.sleep(_SLEEP_GRANULARITY_S)
+                    elif elapsed < expected + _SPIN_S:
+                        await asyncio.sleep(0)
+                    else:
+                        await asyncio.sleep(_SLEEP_GRANULARITY_S)
+                self._pending.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+        finally:
+            self._task = None
+
+    def abort(self, exc: BaseException) -> None:
+        """Stop polling; every pending and later future fails with ``exc``.
+
+        The referenced memory is dropped here: call this only once the stream can no longer
+        touch it (after the NCCL communicator was aborted, or the device synchronised).
+        """
+        self._error = exc
+        if self._task is not None:
+            self._task.cancel()
+        while self._pending:
+            _, fut, _, _ = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # its waiter may be gone; do not warn about it
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_uuid(device: torch.device) -> bytes:
+    """The 16-byte UUID of a CUDA device (what tells two processes they share a GPU)."""
+    props: Any = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    if uuid is None:
+        return bytes(16)
+    return bytes(uuid.bytes) if hasattr(uuid, "bytes") else bytes.fromhex(str(uuid)
+                                                                          .replace("-", ""))
+
+
+def normalize_device(device: str | torch.device) -> torch.device:
+    """``"cuda"`` → the current CUDA device; validates that the device exists."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"device must be 'cpu' or a CUDA device, not {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"no CUDA device {index} (this machine has "
+                         f"{torch.cuda.device_count()})")
+    return torch.device("cuda", index)

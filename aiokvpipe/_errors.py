@@ -1,0 +1,49 @@
+"""The exceptions aiokvpipe raises.
+
+Three ways a pipe ends, kept apart so callers can react to each:
+
+* :class:`PipeClosed` -- the pipe was closed on purpose, by this side (``aclose()``) or by the
+  peer's graceful ``aclose()`` once everything it sent has been received.
+* :class:`BrokenPipe` -- the other side broke: it died, the connection dropped, a heartbeat was
+  missed or the peer violated the protocol. The original cause is chained (``__cause__``).
+* :class:`ProtocolError` / :class:`AuthenticationError` -- what the peer sent is not aiokvpipe,
+  or it could not prove it knows the shared token.
+
+Argument errors (``TypeError``/``ValueError``) are raised for bad input to *our* API and never
+tear down a healthy pipe.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PipeError",
+    "BrokenPipe",
+    "PipeClosed",
+    "ProtocolError",
+    "AuthenticationError",
+]
+
+
+class PipeError(Exception):
+    """Base class of every error aiokvpipe raises about a pipe."""
+
+
+class BrokenPipe(PipeError, BrokenPipeError):
+    """The peer died, the connection broke, a heartbeat was missed, or the wire was violated.
+
+    Terminal: every pending and later ``send``/``recv`` on the pipe raises it. ``__cause__``
+    holds what broke the pipe.
+    """
+
+
+class PipeClosed(PipeError):
+    """The pipe was closed gracefully: by ``aclose()`` here, or by the peer after delivering
+    everything it had sent."""
+
+
+class ProtocolError(PipeError):
+    """Bytes from the peer do not follow the aiokvpipe wire format (or its limits)."""
+
+
+class AuthenticationError(PipeError):
+    """The handshake failed because one side could not prove it holds the shared token."""

@@ -1,0 +1,92 @@
+"""Messages ↔ (structure, flat tensor list): validation happens here, before anything is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from ._dtypes import code_of
+from ._wire import MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_NDIM, MAX_TENSORS, Structure, TensorSpec
+
+Message = Union[None, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A validated message ready for the wire: contiguous tensors and their specs."""
+
+    structure: Structure
+    tensors: tuple[torch.Tensor, ...]
+    specs: tuple[TensorSpec, ...]
+    nbytes: int
+
+
+def check_key(key: object) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str or None, not {type(key).__name__}")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ValueError(f"key is over {MAX_KEY_BYTES} bytes in UTF-8")
+    return key
+
+
+def flatten(msg: object) -> Outgoing:
+    """Validate ``msg`` and lay it out flat. Raises ``TypeError``/``ValueError``, sends nothing.
+
+    Non-contiguous tensors are made contiguous here (a copy), so what is sent is exactly what
+    ``msg`` reads as.
+    """
+    names: list[str]
+    items: Sequence[object]
+    if msg is None:
+        return Outgoing(Structure.NONE, (), (), 0)
+    if isinstance(msg, torch.Tensor):
+        structure, names, items = Structure.TENSOR, [""], [msg]
+    elif isinstance(msg, (list, tuple)):
+        structure, names, items = Structure.LIST, [""] * len(msg), list(msg)
+    elif isinstance(msg, Mapping):
+        structure = Structure.DICT
+        names, items = list(msg.keys()), list(msg.values())  # type: ignore[arg-type]
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"dict keys must be str, not {type(name).__name__}")
+            if len(name.encode()) > MAX_NAME_BYTES:
+                raise ValueError(f"dict key {name[:40]!r} is over {MAX_NAME_BYTES} bytes")
+    else:
+        raise TypeError(
+            "message must be a Tensor, None, a list of Tensors or a dict of str → Tensor, "
+            f"not {type(msg).__name__}"
+        )
+    if len(items) > MAX_TENSORS:
+        raise ValueError(f"{len(items)} tensors in one message; the limit is {MAX_TENSORS}")
+    tensors, specs = [], []
+    for name, t in zip(names, items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"message holds a {type(t).__name__}, not a Tensor")
+        if t.layout != torch.strided:
+            raise TypeError(f"only strided (dense) tensors can be sent, not {t.layout}")
+        if t.dim() > MAX_NDIM:
+            raise ValueError(f"tensor has {t.dim()} dimensions; the limit is {MAX_NDIM}")
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        code = code_of(t.dtype)
+        t = t.detach().contiguous()
+        tensors.append(t)
+        specs.append(TensorSpec(code, tuple(t.shape), t.element_size(), name))
+    return Outgoing(structure, tuple(tensors), tuple(specs), sum(s.nbytes for s in specs))
+
+
+def rebuild(structure: Structure, specs: Sequence[TensorSpec],
+            tensors: Sequence[torch.Tensor]) -> Message:
+    """The inverse of :func:`flatten` on the receiving side."""
+    if structure == Structure.NONE:
+        return None
+    if structure == Structure.TENSOR:
+        return tensors[0]
+    if structure == Structure.LIST:
+        return list(tensors)
+    return {spec.name: t for spec, t in zip(specs, tensors)}

@@ -1,0 +1,91 @@
+"""Pipe options, their defaults and their validation, in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import torch
+
+from ._wire import Transport
+
+MiB: Final = 1 << 20
+
+TransportName = Literal["auto", "nccl", "tcp"]
+
+#: Environment variable read (at connect/listen time, never at import) when no token is given.
+TOKEN_ENV: Final = "AIOKVPIPE_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class PipeOptions:
+    """Keyword options of :func:`~aiokvpipe.listen`, :func:`~aiokvpipe.connect` and
+    :func:`~aiokvpipe.open_pipe`.
+
+    device
+        Where received tensors land: ``"cpu"``, ``"cuda"`` (the current device) or
+        ``"cuda:N"``. Default ``"cpu"``.
+    transport
+        ``"auto"`` (default): nccl when both ends are on different CUDA devices with CuPy's
+        NCCL, tcp otherwise. ``"nccl"`` or ``"tcp"`` force one (the handshake fails with
+        :class:`~aiokvpipe.PipeError` if the peer cannot follow).
+    max_inflight_bytes
+        Payload bytes this end may have in flight at once; ``send()`` waits beyond it.
+        Default 512 MiB. A larger message is sent alone.
+    recv_buffer_bytes
+        Receive credits granted to the peer: bytes that may wait here, received but not yet
+        claimed by ``recv()``. Default 512 MiB. A larger message is accepted alone.
+    token
+        Shared secret both ends must hold (``str`` or ``bytes``); ``None`` reads the
+        ``AIOKVPIPE_TOKEN`` environment variable; unset or empty means no authentication.
+    heartbeat_interval
+        Seconds between heartbeats (default 0.5); ``None`` disables heartbeats.
+    heartbeat_timeout
+        Seconds of silence from the peer after which the pipe breaks; default
+        ``3 * heartbeat_interval``.
+    connect_timeout
+        Seconds ``connect()`` keeps retrying while the listener is not there yet (connection
+        refused); default 30.
+    handshake_timeout
+        Seconds the handshake may take once connected, NCCL set-up included (default 20); a
+        listener drops a connection that has not completed its handshake by then.
+    """
+
+    device: str | torch.device = "cpu"
+    transport: TransportName = "auto"
+    max_inflight_bytes: int = 512 * MiB
+    recv_buffer_bytes: int = 512 * MiB
+    token: str | bytes | None = None
+    heartbeat_interval: float | None = 0.5
+    heartbeat_timeout: float | None = None
+    connect_timeout: float = 30.0
+    handshake_timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("auto", "nccl", "tcp"):
+            raise ValueError(f"transport must be 'auto', 'nccl' or 'tcp', not {self.transport!r}")
+        for name in ("max_inflight_bytes", "recv_buffer_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        for name in ("heartbeat_interval", "heartbeat_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive or None, not {value!r}")
+        for name in ("connect_timeout", "handshake_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+        if self.token is not None and not isinstance(self.token, (str, bytes)):
+            raise TypeError("token must be str, bytes or None")
+
+    @property
+    def wire_transport(self) -> Transport:
+        return {"auto": Transport.AUTO, "tcp": Transport.TCP, "nccl": Transport.NCCL}[
+            self.transport]
+
+    def token_bytes(self) -> bytes | None:
+        token = self.token if self.token is not None else os.environ.get(TOKEN_ENV)
+        if not token:
+            return None
+        return token.encode() if isinstance(token, str) else token

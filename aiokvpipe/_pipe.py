@@ -1,0 +1,454 @@
+"""The Pipe: ordering, keys, backpressure and the one terminal state.
+
+A pipe joins a control channel (headers, credits, heartbeats, close) with a data plane
+(payload). It never touches bytes itself: it decides *what* may be sent and *who* receives
+what arrived, and turns every failure into a single terminal state that all callers see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+import torch
+
+from . import _wire
+from ._budget import ByteBudget
+from ._control import ControlChannel
+from ._dtypes import dtype_of
+from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError
+from ._message import Message, check_key, flatten, rebuild
+from ._plane import DataPlane
+
+log = logging.getLogger("aiokvpipe")
+
+#: How long ``aclose()`` waits for the peer to finish its half of a graceful close.
+CLOSE_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class PipeStats:
+    """A snapshot of a pipe's counters (``pipe.stats``)."""
+
+    transport: str
+    messages_sent: int
+    bytes_sent: int
+    messages_received: int
+    bytes_received: int
+    #: payload bytes of sends posted but not yet complete (bounded by ``max_inflight_bytes``)
+    inflight_bytes: int
+    #: credits the peer has granted us and we have not used
+    send_credits: int
+    #: credits held by messages that arrived here and wait for ``recv()``
+    recv_buffered_bytes: int
+    #: messages that arrived here and wait for ``recv()``
+    recv_buffered_messages: int
+
+
+class _Incoming:
+    """A message whose header arrived; its payload may still be on the way."""
+
+    __slots__ = ("header", "cost", "payload", "tensors")
+
+    def __init__(self, header: _wire.Header, payload: asyncio.Future[list[torch.Tensor]]
+                 ) -> None:
+        self.header = header
+        self.cost = _wire.message_cost(header.nbytes, len(header.tensors))
+        self.payload = payload
+        self.tensors: list[torch.Tensor] = []
+
+
+class Pipe:
+    """A bidirectional, message-oriented tensor pipe to one peer.
+
+    Obtain one from :func:`aiokvpipe.connect`, :meth:`aiokvpipe.Listener.accept` or
+    :func:`aiokvpipe.open_pipe`; use it as an async context manager or call :meth:`aclose`.
+    """
+
+    def __init__(self, control: ControlChannel, plane: DataPlane, *, device: torch.device,
+                 max_inflight_bytes: int, recv_buffer_bytes: int, peer_credits: int,
+                 heartbeat_interval: float | None, heartbeat_timeout: float | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._control = control
+        self._plane = plane
+        self.device: Final = device
+        self.peer: Final = control.peer
+        # sending
+        self._send_lock = asyncio.Lock()
+        self._send_budget = ByteBudget(max_inflight_bytes)
+        self._credits = ByteBudget(max(peer_credits, 1))
+        self._next_send_seq = 0
+        self._sends_in_flight: set[asyncio.Future[None]] = set()
+        self._bytes_sent = 0
+        # receiving
+        self._recv_buffer_bytes = recv_buffer_bytes
+        self._credit_held = 0  # credits the peer used that we have not returned
+        self._credit_to_return = 0
+        self._next_recv_seq = 0
+        self._incoming: deque[_Incoming] = deque()
+        self._ready: dict[str | None, deque[_Incoming]] = {}
+        self._waiters: dict[str | None, deque[asyncio.Future[_Incoming]]] = {}
+        self._messages_received = 0
+        self._bytes_received = 0
+        self._ready_count = 0
+        # ending
+        self._closing = False  # aclose() was called here
+        self._peer_closed = False  # the peer's CLOSE arrived
+        self._close_sent = False
+        self._finished = asyncio.Event()  # both CLOSEs exchanged and resources released
+        self._closer: asyncio.Task[None] | None = None
+        self._error: BrokenPipe | None = None
+        control.attach(self)
+        if heartbeat_interval is not None:
+            control.start_heartbeat(heartbeat_interval, heartbeat_timeout or
+                                    3 * heartbeat_interval)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def send(self, msg: Message, key: str | None = None) -> None:
+        """Send ``msg`` (a Tensor, ``None``, a list of Tensors or a dict of str → Tensor).
+
+        Returns once the payload has left this process: the tensors may then be reused or
+        freed. Messages from concurrent ``send()`` calls are delivered in call order. A message
+        sent with ``key`` is received only by ``recv(key=key)``.
+
+        Waits while ``max_inflight_bytes`` are in flight or the peer has no receive credits
+        left. Raises ``TypeError``/``ValueError`` (before anything is sent, the pipe stays
+        healthy) for a bad message or key, :class:`PipeClosed` once either end closed the pipe,
+        :class:`BrokenPipe` once it broke.
+
+        Cancellation: a ``send()`` cancelled while waiting for its turn, budget or credits
+        sends nothing. Once its header is on the wire the message is sent whole, even if the
+        caller is cancelled meanwhile; the tensors are then read until the transfer ends (they
+        are kept alive; do not overwrite them before that). The stream never desynchronises.
+        """
+        key = check_key(key)
+        out = flatten(msg)
+        self._check_can_send()
+        async with self._send_lock:
+            self._check_can_send()
+            await self._send_budget.acquire(out.nbytes)
+            try:
+                await self._credits.acquire(_wire.message_cost(out.nbytes, len(out.specs)))
+            except BaseException:
+                self._send_budget.release(out.nbytes)
+                raise
+            # Committed. No await until the payload is posted, so cancellation cannot split
+            # the header from its payload.
+            header = _wire.Header(self._next_send_seq, key, out.structure, out.specs)
+            self._next_send_seq += 1
+            try:
+                self._control.write(header)
+            except BrokenPipe:
+                self._send_budget.release(out.nbytes)
+                raise self._error or BrokenPipe("control connection lost") from None
+            done = self._plane.post_send(out.tensors)
+            self._sends_in_flight.add(done)
+            done.add_done_callback(lambda f, n=out.nbytes: self._send_done(f, n))
+            await self._control.drain()
+        await asyncio.shield(done)
+
+    async def recv(self, key: str | None = None) -> Message:
+        """Receive the next message sent with ``key`` (``None``: the next unkeyed message).
+
+        Tensors come back with the sender's dtypes and shapes on this pipe's ``device``; CUDA
+        tensors are ready for use on the caller's current stream at once.
+
+        Raises :class:`PipeClosed` once the pipe is closed and no matching message remains,
+        :class:`BrokenPipe` if it broke.
+
+        Cancellation is safe: a cancelled ``recv()`` takes nothing; a message it would have
+        received goes to the next matching ``recv()``, in order.
+        """
+        key = check_key(key)
+        ready = self._ready.get(key)
+        if ready and self._error is None:
+            return self._claim(self._pop_ready(key))
+        self._check_can_recv()
+        fut: asyncio.Future[_Incoming] = self._loop.create_future()
+        waiters = self._waiters.setdefault(key, deque())
+        waiters.append(fut)
+        try:
+            item = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._deliver(fut.result(), front=True)
+            else:
+                try:
+                    waiters.remove(fut)
+                except ValueError:
+                    pass
+                if not waiters and self._waiters.get(key) is waiters:
+                    del self._waiters[key]
+            raise
+        return self._claim(item)
+
+    async def aclose(self) -> None:
+        """Close gracefully: everything already sent is still delivered to the peer.
+
+        Pending ``recv()`` calls here raise :class:`PipeClosed`; sends waiting for their turn
+        raise it too, sends already on the wire finish first. The peer receives what was sent,
+        then its ``recv()`` raises :class:`PipeClosed`. Idempotent; on a broken pipe it only
+        releases resources. Cancelling ``aclose()`` aborts the connection.
+        """
+        if self._error is not None or self._finished.is_set():
+            return
+        if not self._closing:
+            self._closing = True
+            self._fail_waiters(PipeClosed("pipe closed"))
+            self._fail_pending_senders(PipeClosed("pipe closed"))
+            self._ensure_closer()
+        assert self._closer is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._finished.wait()), CLOSE_TIMEOUT_S)
+        except TimeoutError as exc:
+            self._break(exc)
+        except asyncio.CancelledError:
+            self._break(ConnectionAbortedError("aclose() was cancelled"))
+            raise
+
+    async def __aenter__(self) -> Pipe:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def transport(self) -> str:
+        """The data plane in use: ``"tcp"`` or ``"nccl"``."""
+        return self._plane.name
+
+    @property
+    def closed(self) -> bool:
+        """True once the pipe can no longer send (closed by either end, or broken)."""
+        return self._closing or self._peer_closed or self._error is not None
+
+    @property
+    def stats(self) -> PipeStats:
+        return PipeStats(
+            transport=self._plane.name,
+            messages_sent=self._next_send_seq - len(self._sends_in_flight),
+            bytes_sent=self._bytes_sent,
+            messages_received=self._messages_received,
+            bytes_received=self._bytes_received,
+            inflight_bytes=self._send_budget.in_use,
+            send_credits=self._credits.capacity - self._credits.in_use,
+            recv_buffered_bytes=self._credit_held - self._credit_to_return,
+            recv_buffered_messages=self._ready_count,
+        )
+
+    def __repr__(self) -> str:
+        state = ("broken" if self._error else "closed" if self.closed else "open")
+        return f"<aiokvpipe.Pipe {self._plane.name} peer={self.peer} {state}>"
+
+    # -- sending internals --------------------------------------------------------------------
+
+    def _check_can_send(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closing:
+            raise PipeClosed("pipe closed")
+        if self._peer_closed:
+            raise PipeClosed("the peer closed the pipe")
+
+    def _send_done(self, fut: asyncio.Future[None], nbytes: int) -> None:
+        self._sends_in_flight.discard(fut)
+        self._send_budget.release(nbytes)
+        if not fut.cancelled() and fut.exception() is None:
+            self._bytes_sent += nbytes
+
+    def _fail_pending_senders(self, exc: PipeError) -> None:
+        # Senders waiting for budget or credits give up; those already posted finish.
+        self._send_budget.abort(exc)
+        self._credits.abort(exc)
+
+    # -- receiving internals ------------------------------------------------------------------
+
+    def _check_can_recv(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closing:
+            raise PipeClosed("pipe closed")
+        if self._peer_closed and not self._incoming:
+            raise PipeClosed("the peer closed the pipe and everything it sent was received")
+
+    def on_frame(self, frame: _wire.Frame) -> None:
+        """Called by the control channel for each frame (raises ProtocolError to break)."""
+        if isinstance(frame, _wire.Header):
+            self._on_header(frame)
+        elif isinstance(frame, _wire.Credit):
+            if frame.nbytes > self._credits.in_use:
+                raise ProtocolError("peer returned more credit than we used")
+            self._credits.release(frame.nbytes)
+        elif isinstance(frame, _wire.Heartbeat):
+            pass
+        elif isinstance(frame, _wire.Close):
+            self._on_close(frame)
+        elif isinstance(frame, _wire.Error):
+            raise ProtocolError(f"peer reported an error: {frame.text}")
+        else:
+            raise ProtocolError(f"unexpected {type(frame).__name__} frame on an open pipe")
+
+    def _on_header(self, h: _wire.Header) -> None:
+        if self._peer_closed:
+            raise ProtocolError("message header after the peer's CLOSE")
+        if h.seq != self._next_recv_seq:
+            raise ProtocolError(f"header #{h.seq} where #{self._next_recv_seq} was due")
+        for spec in h.tensors:
+            if dtype_of(spec.dtype) is None:
+                raise ProtocolError(f"dtype code {spec.dtype} is not supported by this torch")
+        item_cost = _wire.message_cost(h.nbytes, len(h.tensors))
+        # An oversize message is allowed only when the peer had every credit back.
+        if self._credit_held and self._credit_held + item_cost > self._recv_buffer_bytes:
+            raise ProtocolError("peer sent beyond the receive credits it was granted")
+        self._credit_held += item_cost
+        self._next_recv_seq += 1
+        payload = self._plane.post_recv(h.tensors)
+        self._incoming.append(_Incoming(h, payload))
+        payload.add_done_callback(self._on_payload)
+
+    def _on_payload(self, fut: asyncio.Future[list[torch.Tensor]]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            if self._error is None and not self._finished.is_set():
+                self._break(fut.exception() or ConnectionAbortedError("payload cancelled"))
+            return
+        # Payloads complete in order on one plane, but an empty message completes at once:
+        # deliver strictly in sequence so unkeyed FIFO order holds.
+        while self._incoming and self._incoming[0].payload.done():
+            item = self._incoming.popleft()
+            item.tensors = item.payload.result()
+            self._messages_received += 1
+            self._bytes_received += item.header.nbytes
+            self._deliver(item)
+        if self._peer_closed and not self._incoming:
+            self._fail_waiters(PipeClosed("the peer closed the pipe and everything it sent "
+                                          "was received"))
+        self._maybe_finish()
+
+    def _deliver(self, item: _Incoming, front: bool = False) -> None:
+        key = item.header.key
+        waiters = self._waiters.get(key)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(item)
+                if not waiters:
+                    del self._waiters[key]
+                return
+        self._waiters.pop(key, None)
+        ready = self._ready.setdefault(key, deque())
+        if front:
+            ready.appendleft(item)
+        else:
+            ready.append(item)
+        self._ready_count += 1
+
+    def _pop_ready(self, key: str | None) -> _Incoming:
+        ready = self._ready[key]
+        item = ready.popleft()
+        if not ready:
+            del self._ready[key]
+        self._ready_count -= 1
+        return item
+
+    def _claim(self, item: _Incoming) -> Message:
+        self._return_credit(item.cost)
+        tensors = item.tensors
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            for t in tensors:
+                # The allocator must not reuse this memory while the caller's stream uses it.
+                t.record_stream(stream)
+        return rebuild(item.header.structure, item.header.tensors, tensors)
+
+    def _return_credit(self, n: int) -> None:
+        # Coalesce: one CREDIT frame per loop iteration, not one per message.
+        if not self._credit_to_return:
+            self._loop.call_soon(self._flush_credit)
+        self._credit_to_return += n
+
+    def _flush_credit(self) -> None:
+        n, self._credit_to_return = self._credit_to_return, 0
+        self._credit_held -= n
+        if n and self._error is None and not self._finished.is_set():
+            try:
+                self._control.write(_wire.Credit(n))
+            except BrokenPipe:
+                pass  # the control channel reports the loss itself
+
+    def _fail_waiters(self, exc: PipeError) -> None:
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()
+        self._waiters.clear()
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def _on_close(self, frame: _wire.Close) -> None:
+        if frame.messages != self._next_recv_seq:
+            raise ProtocolError(f"peer closed after {frame.messages} messages but sent "
+                                f"{self._next_recv_seq} headers")
+        self._peer_closed = True
+        self._fail_pending_senders(PipeClosed("the peer closed the pipe"))
+        if not self._incoming:
+            self._fail_waiters(PipeClosed("the peer closed the pipe"))
+        self._ensure_closer()
+        self._maybe_finish()
+
+    def _ensure_closer(self) -> None:
+        if self._closer is None:
+            self._closer = self._loop.create_task(self._close_handshake())
+
+    async def _close_handshake(self) -> None:
+        # Our half: let posted sends finish, then tell the peer how many messages we sent.
+        # Senders still waiting for their turn see the closed state and raise PipeClosed.
+        try:
+            while self._sends_in_flight:
+                await asyncio.wait(set(self._sends_in_flight))
+            if self._error is not None:
+                return
+            self._control.write(_wire.Close(self._next_send_seq))
+            self._close_sent = True
+            self._maybe_finish()
+        except BrokenPipe:
+            return
+
+    def _maybe_finish(self) -> None:
+        """Release everything once both CLOSEs are exchanged and every payload arrived."""
+        if not (self._close_sent and self._peer_closed) or self._incoming:
+            return
+        if self._finished.is_set() or self._error is not None:
+            return
+        self._fail_waiters(PipeClosed("the peer closed the pipe and everything it sent "
+                                      "was received"))
+        self._finished.set()
+        self._control.close()
+        self._plane.close()
+
+    def on_connection_lost(self, exc: BaseException) -> None:
+        """Called by the control channel when its connection ends."""
+        if self._finished.is_set():
+            return
+        self._break(exc)
+
+    def _break(self, cause: BaseException) -> None:
+        """Enter the terminal broken state: every pending and later call raises BrokenPipe."""
+        if self._error is not None or self._finished.is_set():
+            return
+        err = BrokenPipe(f"pipe to {self.peer} broke: {cause!r}")
+        err.__cause__ = cause
+        self._error = err
+        log.warning("%s", err)
+        self._fail_waiters(err)
+        self._send_budget.abort(err)
+        self._credits.abort(err)
+        self._plane.abort(err)
+        self._control.abort()
+        if self._closer is not None and self._closer is not asyncio.current_task():
+            self._closer.cancel()
+        self._finished.set()

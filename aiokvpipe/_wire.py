@@ -1,0 +1,585 @@
+"""The aiokvpipe wire format, sans I/O.
+
+Every byte on a control or data connection before the payload is a *frame*::
+
+    +--------+--------+-----------+---------------+------------------+
+    | type   | flags  | reserved  | body length   | body             |
+    | u8     | u8 = 0 | u16 = 0   | u32, big end. | ``length`` bytes |
+    +--------+--------+-----------+---------------+------------------+
+
+Each frame type has its own maximum body length, checked *before* the body is buffered, so a
+peer cannot make us allocate more than :data:`MAX_HEADER_BODY` bytes for one frame. Bodies are
+fixed ``struct`` layouts plus length-prefixed UTF-8 strings; nothing is ever unpickled.
+
+This module imports neither asyncio, sockets nor torch: it turns frames into bytes
+(:func:`encode`) and bytes into frames (:class:`FrameDecoder`), and raises
+:class:`~aiokvpipe.ProtocolError` for anything malformed.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Final, Union
+
+from ._errors import ProtocolError
+
+MAGIC: Final = b"AKVP"
+PROTOCOL_VERSION: Final = 1
+
+NONCE_BYTES: Final = 32
+PROOF_BYTES: Final = 32
+SESSION_ID_BYTES: Final = 16
+DEVICE_UUID_BYTES: Final = 16
+NCCL_UNIQUE_ID_BYTES: Final = 128
+
+#: Limits on what one message header may describe.
+MAX_KEY_BYTES: Final = 1024
+MAX_NAME_BYTES: Final = 255
+MAX_TENSORS: Final = 4096
+MAX_NDIM: Final = 32
+#: No single dimension and no message payload may exceed 2**48 bytes (256 TiB): far beyond any
+#: real tensor, small enough that arithmetic on it never overflows.
+MAX_PAYLOAD_BYTES: Final = 1 << 48
+MAX_ERROR_TEXT_BYTES: Final = 1024
+
+_FRAME_PREFIX: Final = struct.Struct(">BBHI")
+FRAME_PREFIX_BYTES: Final = _FRAME_PREFIX.size
+
+#: Largest possible HEADER body: every field at its limit.
+MAX_HEADER_BODY: Final = (
+    8 + 2 + MAX_KEY_BYTES + 1 + 4 + MAX_TENSORS * (1 + MAX_NAME_BYTES + 1 + 1 + 8 * MAX_NDIM)
+)
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    AUTH = 2
+    ACCEPT = 3
+    READY = 4
+    ATTACH = 5
+    ERROR = 6
+    HEADER = 16
+    CREDIT = 17
+    HEARTBEAT = 18
+    CLOSE = 19
+
+
+class Transport(enum.IntEnum):
+    """Data plane: ``AUTO`` only ever appears as a preference, never as the outcome."""
+
+    AUTO = 0
+    TCP = 1
+    NCCL = 2
+
+
+class Structure(enum.IntEnum):
+    """The shape of a message: what ``recv()`` rebuilds."""
+
+    NONE = 0
+    TENSOR = 1
+    LIST = 2
+    DICT = 3
+
+
+class Direction(enum.IntEnum):
+    """Which way a data connection carries payload, seen from the connecting side."""
+
+    CLIENT_TO_SERVER = 0
+    SERVER_TO_CLIENT = 1
+
+
+class ErrorCode(enum.IntEnum):
+    PROTOCOL = 1
+    AUTHENTICATION = 2
+    UNSUPPORTED = 3
+    INTERNAL = 4
+
+
+# -- frames ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What one end can do; the server picks the data plane from both ends' capabilities."""
+
+    transport: Transport = Transport.AUTO
+    cuda: bool = False  # this end's pipe device is a CUDA device
+    nccl: bool = False  # CuPy with NCCL is importable here
+    device_uuid: bytes = bytes(DEVICE_UUID_BYTES)  # the CUDA device's UUID, zeros when none
+    nccl_version: int = 0
+    recv_buffer_bytes: int = 0  # credits this end grants its peer at start
+
+    def __post_init__(self) -> None:
+        _check_len("device_uuid", self.device_uuid, DEVICE_UUID_BYTES)
+        _check_u("nccl_version", self.nccl_version, 32)
+        _check_u("recv_buffer_bytes", self.recv_buffer_bytes, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame of each end of a control connection."""
+
+    nonce: bytes
+    caps: Capabilities
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_len("nonce", self.nonce, NONCE_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """The client's proof that it holds the token (empty when it has none)."""
+
+    proof: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_proof(self.proof)
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """The server's proof, the session and the chosen data plane."""
+
+    proof: bytes
+    session_id: bytes
+    transport: Transport
+    nccl_ids: tuple[bytes, bytes] | None = None  # (server→client comm, client→server comm)
+
+    def __post_init__(self) -> None:
+        _check_proof(self.proof)
+        _check_len("session_id", self.session_id, SESSION_ID_BYTES)
+        if self.transport not in (Transport.TCP, Transport.NCCL):
+            raise ProtocolError(f"ACCEPT names no concrete transport: {self.transport!r}")
+        if (self.nccl_ids is not None) != (self.transport == Transport.NCCL):
+            raise ProtocolError("ACCEPT carries NCCL ids exactly when the transport is nccl")
+        for uid in self.nccl_ids or ():
+            _check_len("nccl unique id", uid, NCCL_UNIQUE_ID_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The server has every connection of the session; the pipe is open."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    """First frame of a tcp data connection: which session and which direction it serves."""
+
+    session_id: bytes
+    direction: Direction
+
+    def __post_init__(self) -> None:
+        _check_len("session_id", self.session_id, SESSION_ID_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Why the sender is about to drop the connection."""
+
+    code: ErrorCode
+    text: str
+
+    def __post_init__(self) -> None:
+        if len(self.text.encode()) > MAX_ERROR_TEXT_BYTES:
+            object.__setattr__(self, "text", self.text.encode()[:MAX_ERROR_TEXT_BYTES].decode(
+                errors="ignore"))
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """What the receiver allocates: dtype (a wire code, see ``_dtypes``) and shape."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    itemsize: int
+    name: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        n = self.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Announces one message; its payload follows on the data plane, tensor after tensor."""
+
+    seq: int
+    key: str | None
+    structure: Structure
+    tensors: tuple[TensorSpec, ...] = field(default=())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The receiver frees ``nbytes`` of its receive buffer for the sender."""
+
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        _check_u("credit", self.nbytes, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Proof of life; any frame counts as one, this one is sent when nothing else is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Graceful end: the sender sent exactly ``messages`` messages and will send no more."""
+
+    messages: int
+
+    def __post_init__(self) -> None:
+        _check_u("messages", self.messages, 64)
+
+
+Frame = Union[Hello, Auth, Accept, Ready, Attach, Error, Header, Credit, Heartbeat, Close]
+
+#: What one message costs against the receiver's credits beyond its payload: the header and
+#: bookkeeping it holds while unclaimed. Charging it bounds memory even for a flood of empty
+#: (``None``) messages. Both ends compute it the same way.
+MESSAGE_OVERHEAD_BYTES: Final = 256
+TENSOR_OVERHEAD_BYTES: Final = 64
+
+
+def message_cost(payload_bytes: int, tensors: int) -> int:
+    """Credits one message consumes at the receiver until it is claimed by ``recv()``."""
+    return payload_bytes + MESSAGE_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES * tensors
+
+
+# -- item sizes of the dtype codes, so the wire can check sizes without importing torch ----------
+
+#: wire dtype code → bytes per element. The mapping to torch dtypes lives in ``_dtypes``.
+DTYPE_ITEMSIZE: Final[dict[int, int]] = {
+    1: 4,  # float32
+    2: 2,  # float16
+    3: 2,  # bfloat16
+    4: 8,  # float64
+    5: 1,  # float8_e4m3fn
+    6: 1,  # float8_e5m2
+    7: 1,  # float8_e4m3fnuz
+    8: 1,  # float8_e5m2fnuz
+    9: 1,  # float8_e8m0fnu
+    10: 1,  # int8
+    11: 2,  # int16
+    12: 4,  # int32
+    13: 8,  # int64
+    14: 1,  # uint8
+    15: 2,  # uint16
+    16: 4,  # uint32
+    17: 8,  # uint64
+    18: 1,  # bool
+    19: 8,  # complex64
+    20: 16,  # complex128
+    21: 4,  # complex32 (chalf)
+}
+
+# -- encoding ---------------------------------------------------------------------------------
+
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQ")
+_HELLO = struct.Struct(f">4sH{NONCE_BYTES}s")
+_HEADER_FIXED = struct.Struct(">QH")
+_TENSOR_FIXED = struct.Struct(">BB")
+
+
+def encode(frame: Frame) -> bytes:
+    """Serialise one frame, prefix included."""
+    body: bytes
+    if isinstance(frame, Hello):
+        c = frame.caps
+        body = _HELLO.pack(MAGIC, frame.version, frame.nonce) + _CAPS.pack(
+            int(c.transport), c.cuda, c.nccl, c.device_uuid, c.nccl_version, c.recv_buffer_bytes
+        )
+        ftype = FrameType.HELLO
+    elif isinstance(frame, Auth):
+        body, ftype = frame.proof, FrameType.AUTH
+    elif isinstance(frame, Accept):
+        ids = b"".join(frame.nccl_ids) if frame.nccl_ids else b""
+        body = _U8.pack(len(frame.proof)) + frame.proof + frame.session_id
+        body += _U8.pack(int(frame.transport)) + ids
+        ftype = FrameType.ACCEPT
+    elif isinstance(frame, Ready):
+        body, ftype = b"", FrameType.READY
+    elif isinstance(frame, Attach):
+        body, ftype = frame.session_id + _U8.pack(int(frame.direction)), FrameType.ATTACH
+    elif isinstance(frame, Error):
+        body, ftype = _U16.pack(int(frame.code)) + frame.text.encode(), FrameType.ERROR
+    elif isinstance(frame, Header):
+        body, ftype = _encode_header(frame), FrameType.HEADER
+    elif isinstance(frame, Credit):
+        body, ftype = _U64.pack(frame.nbytes), FrameType.CREDIT
+    elif isinstance(frame, Heartbeat):
+        body, ftype = b"", FrameType.HEARTBEAT
+    elif isinstance(frame, Close):
+        body, ftype = _U64.pack(frame.messages), FrameType.CLOSE
+    else:  # pragma: no cover - exhaustive over Frame
+        raise TypeError(f"not a frame: {frame!r}")
+    return _FRAME_PREFIX.pack(int(ftype), 0, 0, len(body)) + body
+
+
+def _encode_header(h: Header) -> bytes:
+    key = b"" if h.key is None else h.key.encode()
+    # key length 0xFFFF marks "no key", so that the empty string stays a key of its own.
+    key_len = 0xFFFF if h.key is None else len(key)
+    if len(key) > MAX_KEY_BYTES:
+        raise ValueError(f"key is {len(key)} bytes in UTF-8; the limit is {MAX_KEY_BYTES}")
+    if len(h.tensors) > MAX_TENSORS:
+        raise ValueError(f"{len(h.tensors)} tensors in one message; the limit is {MAX_TENSORS}")
+    parts = [_HEADER_FIXED.pack(h.seq, key_len), key, _U8.pack(int(h.structure)),
+             _U32.pack(len(h.tensors))]
+    for t in h.tensors:
+        name = t.name.encode()
+        if len(name) > MAX_NAME_BYTES:
+            raise ValueError(f"dict key {t.name[:40]!r}… is over {MAX_NAME_BYTES} bytes")
+        if len(t.shape) > MAX_NDIM:
+            raise ValueError(f"tensor has {len(t.shape)} dimensions; the limit is {MAX_NDIM}")
+        parts += [_U8.pack(len(name)), name, _TENSOR_FIXED.pack(t.dtype, len(t.shape))]
+        parts.append(struct.pack(f">{len(t.shape)}Q", *t.shape))
+    return b"".join(parts)
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+#: Largest body each frame type may carry; anything longer is refused before it is buffered.
+MAX_BODY: Final[dict[FrameType, int]] = {
+    FrameType.HELLO: _HELLO.size + _CAPS.size,
+    FrameType.AUTH: PROOF_BYTES,
+    FrameType.ACCEPT: 1 + PROOF_BYTES + SESSION_ID_BYTES + 1 + 2 * NCCL_UNIQUE_ID_BYTES,
+    FrameType.READY: 0,
+    FrameType.ATTACH: SESSION_ID_BYTES + 1,
+    FrameType.ERROR: 2 + MAX_ERROR_TEXT_BYTES,
+    FrameType.HEADER: MAX_HEADER_BODY,
+    FrameType.CREDIT: 8,
+    FrameType.HEARTBEAT: 0,
+    FrameType.CLOSE: 8,
+}
+
+
+def decode_prefix(prefix: bytes | bytearray | memoryview) -> tuple[FrameType, int]:
+    """Check a frame prefix; return its type and body length (already bounded)."""
+    if len(prefix) != FRAME_PREFIX_BYTES:
+        raise ProtocolError("truncated frame prefix")
+    raw_type, flags, reserved, length = _FRAME_PREFIX.unpack(prefix)
+    try:
+        ftype = FrameType(raw_type)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {raw_type}") from None
+    if flags or reserved:
+        raise ProtocolError("reserved frame bits are set")
+    if length > MAX_BODY[ftype]:
+        raise ProtocolError(f"{ftype.name} body of {length} bytes exceeds {MAX_BODY[ftype]}")
+    return ftype, length
+
+
+def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame:
+    """Parse a body whose length :func:`decode_prefix` has already bounded."""
+    r = _Reader(body, ftype)
+    frame: Frame
+    if ftype is FrameType.HELLO:
+        magic, version, nonce = r.unpack(_HELLO)
+        if magic != MAGIC:
+            raise ProtocolError("not an aiokvpipe peer (bad magic)")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"peer speaks protocol {version}, we speak {PROTOCOL_VERSION}")
+        transport, cuda, nccl, uuid, nccl_version, credits = r.unpack(_CAPS)
+        frame = Hello(nonce, Capabilities(_enum(Transport, transport), _flag(cuda), _flag(nccl),
+                                          uuid, nccl_version, credits), version)
+    elif ftype is FrameType.AUTH:
+        frame = Auth(r.take(len(body)))
+    elif ftype is FrameType.ACCEPT:
+        proof = r.take(r.u8())
+        session = r.take(SESSION_ID_BYTES)
+        transport = _enum(Transport, r.u8())
+        ids = None
+        if transport == Transport.NCCL:
+            ids = (r.take(NCCL_UNIQUE_ID_BYTES), r.take(NCCL_UNIQUE_ID_BYTES))
+        frame = Accept(proof, session, transport, ids)
+    elif ftype is FrameType.READY:
+        frame = Ready()
+    elif ftype is FrameType.ATTACH:
+        frame = Attach(r.take(SESSION_ID_BYTES), _enum(Direction, r.u8()))
+    elif ftype is FrameType.ERROR:
+        code = r.u16()
+        text = bytes(r.take(len(body) - 2)).decode(errors="replace")
+        frame = Error(ErrorCode(code) if code in ErrorCode._value2member_map_ else
+                      ErrorCode.INTERNAL, text)
+    elif ftype is FrameType.HEADER:
+        frame = _decode_header(r)
+    elif ftype is FrameType.CREDIT:
+        frame = Credit(r.u64())
+    elif ftype is FrameType.HEARTBEAT:
+        frame = Heartbeat()
+    else:
+        frame = Close(r.u64())
+    r.end()
+    return frame
+
+
+def _decode_header(r: _Reader) -> Header:
+    seq, key_len = r.unpack(_HEADER_FIXED)
+    key: str | None = None
+    if key_len != 0xFFFF:
+        if key_len > MAX_KEY_BYTES:
+            raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
+        key = r.text(key_len)
+    structure = _enum(Structure, r.u8())
+    count = r.u32()
+    if count > MAX_TENSORS:
+        raise ProtocolError(f"{count} tensors exceed the limit of {MAX_TENSORS}")
+    expected = {Structure.NONE: (0, 0), Structure.TENSOR: (1, 1)}.get(structure, (0, MAX_TENSORS))
+    if not expected[0] <= count <= expected[1]:
+        raise ProtocolError(f"{structure.name} message with {count} tensors")
+    specs = []
+    total = 0
+    names: set[str] = set()
+    for _ in range(count):
+        name = r.text(r.u8())
+        if structure == Structure.DICT:
+            if name in names:
+                raise ProtocolError(f"duplicate dict key {name!r}")
+            names.add(name)
+        elif name:
+            raise ProtocolError("tensor name outside a dict message")
+        code, ndim = r.unpack(_TENSOR_FIXED)
+        itemsize = DTYPE_ITEMSIZE.get(code)
+        if itemsize is None:
+            raise ProtocolError(f"unknown dtype code {code}")
+        if ndim > MAX_NDIM:
+            raise ProtocolError(f"{ndim} dimensions exceed the limit of {MAX_NDIM}")
+        shape = r.unpack(struct.Struct(f">{ndim}Q"))
+        nbytes = itemsize
+        for d in shape:
+            if d > MAX_PAYLOAD_BYTES:
+                raise ProtocolError(f"dimension {d} is out of range")
+            nbytes *= d
+            if nbytes > MAX_PAYLOAD_BYTES:
+                raise ProtocolError("tensor larger than the payload limit")
+        total += nbytes
+        if total > MAX_PAYLOAD_BYTES:
+            raise ProtocolError("message larger than the payload limit")
+        specs.append(TensorSpec(code, tuple(shape), itemsize, name))
+    return Header(seq, key, structure, tuple(specs))
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed()`` bytes as they arrive, get whole frames back.
+
+    Buffers at most one frame (its length is checked from the prefix before the body is
+    accepted), so memory stays bounded whatever the peer sends.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._need: tuple[FrameType, int] | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while True:
+            if self._need is None:
+                if len(self._buf) < FRAME_PREFIX_BYTES:
+                    return frames
+                self._need = decode_prefix(self._buf[:FRAME_PREFIX_BYTES])
+                del self._buf[:FRAME_PREFIX_BYTES]
+            ftype, length = self._need
+            if len(self._buf) < length:
+                return frames
+            body = bytes(self._buf[:length])
+            del self._buf[:length]
+            self._need = None
+            frames.append(decode_body(ftype, body))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._buf)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Bounds-checked cursor over a frame body: every read past the end is a ProtocolError."""
+
+    __slots__ = ("_mv", "_pos", "_ftype")
+
+    def __init__(self, body: bytes | bytearray | memoryview, ftype: FrameType) -> None:
+        self._mv = memoryview(body).cast("B")
+        self._pos = 0
+        self._ftype = ftype
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._mv):
+            raise ProtocolError(f"truncated {self._ftype.name} frame")
+        out = bytes(self._mv[self._pos:end])
+        self._pos = end
+        return out
+
+    def unpack(self, s: struct.Struct) -> tuple[int | bytes, ...]:
+        return s.unpack(self.take(s.size))  # type: ignore[no-any-return]
+
+    def u8(self) -> int:
+        return int(self.take(1)[0])
+
+    def u16(self) -> int:
+        return int(_U16.unpack(self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self.take(8))[0])
+
+    def text(self, n: int) -> str:
+        try:
+            return self.take(n).decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(f"invalid UTF-8 in {self._ftype.name} frame") from None
+
+    def end(self) -> None:
+        if self._pos != len(self._mv):
+            raise ProtocolError(f"{len(self._mv) - self._pos} stray bytes in {self._ftype.name}")
+
+
+def _enum(cls: type[enum.IntEnum], value: object) -> enum.IntEnum:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ProtocolError(f"invalid {cls.__name__} value {value!r}") from None
+
+
+def _flag(value: object) -> bool:
+    if value not in (0, 1):
+        raise ProtocolError(f"boolean field holds {value!r}")
+    return bool(value)
+
+
+def _check_len(what: str, value: bytes, n: int) -> None:
+    if len(value) != n:
+        raise ProtocolError(f"{what} must be {n} bytes, got {len(value)}")
+
+
+def _check_proof(proof: bytes) -> None:
+    if len(proof) not in (0, PROOF_BYTES):
+        raise ProtocolError(f"proof must be empty or {PROOF_BYTES} bytes, got {len(proof)}")
+
+
+def _check_u(what: str, value: int, bits: int) -> None:
+    if not 0 <= value < (1 << bits):
+        raise ProtocolError(f"{what} {value} out of range for u{bits}")

@@ -1,0 +1,170 @@
+"""A tiny GPT-2 with a real KV cache, shared by the prefill and decode servers.
+
+Contract:
+
+* :func:`build_model` returns the *same* weights in every process for the same ``seed`` (random
+  init under a fixed seed; nothing is downloaded), so a KV cache computed by one process is valid
+  input for another.
+* :class:`ByteTokenizer` maps UTF-8 bytes 0-255 to token ids 0-255 and back.
+* :func:`prefill` runs the prompt and returns its KV cache plus the first generated token;
+  :func:`kv_to_bundle` / :func:`bundle_to_kv` turn that into the ``dict[str, Tensor]`` an aiokvpipe
+  pipe carries and back; :func:`decode` continues greedy generation from a cache.
+* :func:`generate` is the single-process reference: ``prefill`` then ``decode`` with no transfer.
+  Generation split across processes must produce exactly the same tokens.
+
+All model calls are synchronous and compute-bound; servers run them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+__all__ = [
+    "NEXT_TOKEN_KEY",
+    "VOCAB_SIZE",
+    "ByteTokenizer",
+    "build_model",
+    "bundle_nbytes",
+    "bundle_to_kv",
+    "decode",
+    "generate",
+    "kv_to_bundle",
+    "prefill",
+]
+
+VOCAB_SIZE = 256
+NEXT_TOKEN_KEY = "next_token"
+
+# Greedy decoding only ever picks printable ASCII (plus newline) so results tables stay readable;
+# the model itself still sees and scores all 256 byte tokens.
+_ALLOWED_IDS = [10, *range(32, 127)]
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer: token id == UTF-8 byte value (0-255). Stateless."""
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of ``text`` as token ids."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Bytes back to text; invalid UTF-8 becomes U+FFFD rather than an error."""
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def build_model(
+    device: str | torch.device = "cpu",
+    *,
+    seed: int = 0,
+    n_layer: int = 4,
+    n_head: int = 4,
+    n_embd: int = 128,
+    n_positions: int = 1024,
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2, identical for identical arguments, in eval mode on ``device``.
+
+    Weights are created on the CPU under ``seed`` (the caller's global RNG state is left as it
+    was) and then moved, so every device gets bit-identical parameters.
+    """
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        # Larger than GPT-2's 0.02 so the random model's output depends visibly on the prompt.
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model.to(device).eval()
+
+
+def _greedy(logits: torch.Tensor) -> int:
+    """The allowed token with the highest logit at the last position of a [1, seq, vocab] batch."""
+    last = logits[0, -1]
+    allowed = torch.tensor(_ALLOWED_IDS, device=last.device)
+    return int(allowed[torch.argmax(last.index_select(0, allowed))].item())
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def prefill(model: GPT2LMHeadModel, ids: list[int]) -> tuple[DynamicCache, int]:
+    """Run the whole prompt once; return its KV cache (``len(ids)`` positions) and the greedy
+    next token. ``ids`` must be non-empty."""
+    if not ids:
+        raise ValueError("prefill needs at least one token")
+    input_ids = torch.tensor([ids], dtype=torch.long, device=_device_of(model))
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    return out.past_key_values, _greedy(out.logits)
+
+
+@torch.inference_mode()
+def decode(
+    model: GPT2LMHeadModel, cache: DynamicCache, first_token: int, max_tokens: int
+) -> list[int]:
+    """Greedy generation continuing from ``cache`` whose next token is ``first_token``.
+
+    Returns ``max_tokens`` tokens, ``first_token`` first. ``cache`` is extended in place and must
+    live on the model's device.
+    """
+    if max_tokens <= 0:
+        return []
+    device = _device_of(model)
+    tokens = [first_token]
+    while len(tokens) < max_tokens:
+        step = torch.tensor([[tokens[-1]]], dtype=torch.long, device=device)
+        out = model(input_ids=step, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tokens.append(_greedy(out.logits))
+    return tokens
+
+
+def generate(model: GPT2LMHeadModel, tokenizer: ByteTokenizer, prompt: str, max_tokens: int) -> str:
+    """Single-process reference: what prefill -> transfer -> decode must reproduce exactly."""
+    cache, first = prefill(model, tokenizer.encode(prompt))
+    return tokenizer.decode(decode(model, cache, first, max_tokens))
+
+
+def _layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer, across transformers' cache layouts."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56: one CacheLayer object per layer
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # older: parallel lists
+
+
+def kv_to_bundle(cache: DynamicCache, next_token: int) -> dict[str, torch.Tensor]:
+    """The cache as one flat message: ``k0, v0, k1, v1, ...`` (each [1, heads, seq, head_dim])
+    plus ``next_token`` (int64, shape [1]). Tensors are made contiguous here so the pipe sends
+    them without another copy; the cache itself is not modified."""
+    bundle: dict[str, torch.Tensor] = {}
+    for i, (k, v) in enumerate(_layer_kv(cache)):
+        bundle[f"k{i}"] = k.contiguous()
+        bundle[f"v{i}"] = v.contiguous()
+    device = bundle["k0"].device if bundle else torch.device("cpu")
+    bundle[NEXT_TOKEN_KEY] = torch.tensor([next_token], dtype=torch.long, device=device)
+    return bundle
+
+
+def bundle_to_kv(bundle: dict[str, torch.Tensor]) -> tuple[DynamicCache, int]:
+    """Inverse of :func:`kv_to_bundle`: a fresh cache holding the bundle's tensors (not copied)
+    and the next token. Raises ``KeyError`` if layers are missing."""
+    n_layers = sum(1 for name in bundle if name.startswith("k") and name[1:].isdigit())
+    cache = DynamicCache()
+    for i in range(n_layers):
+        # update() on an empty layer stores the tensors as the layer's whole history.
+        cache.update(bundle[f"k{i}"], bundle[f"v{i}"], i)
+    return cache, int(bundle[NEXT_TOKEN_KEY].item())
+
+
+def bundle_nbytes(bundle: dict[str, torch.Tensor]) -> int:
+    """Payload size of a bundle in bytes (what the pipe moves)."""
+    return sum(t.numel() * t.element_size() for t in bundle.values())

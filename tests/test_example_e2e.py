@@ -1,0 +1,233 @@
+"""End to end: examples/prefill_server.py -> aiokvpipe -> examples/decode_server.py.
+
+Real uvicorn processes, real HTTP and a real pipe on 127.0.0.1. Every wait is bounded (httpx
+timeouts, bounded health polling, pytest-timeout) and every process is killed and reaped in
+teardown, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import launch
+import tinygpt
+
+STARTUP_TIMEOUT_S = 60.0
+HTTP_TIMEOUT_S = 30.0
+TOKEN = "e2e-test-secret"
+
+
+class Cluster:
+    """A prefill server and a decode server wired together, on fresh ports."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.http_port = launch.free_port()
+        self.pipe_port = launch.free_port()
+        self.prefill = self._new_prefill()
+        self.decode = launch.decode_server(
+            port=launch.free_port(),
+            prefill_port=self.http_port,
+            pipe_port=self.pipe_port,
+            token=TOKEN,
+            log_path=logdir / "decode.log",
+        )
+
+    def _new_prefill(self) -> launch.Server:
+        return launch.prefill_server(
+            port=self.http_port, pipe_port=self.pipe_port, token=TOKEN,
+            log_path=self.logdir / "prefill.log",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        self.prefill.start()
+        self.decode.start()
+        self.prefill.wait_healthy(STARTUP_TIMEOUT_S)
+        self.decode.wait_healthy(STARTUP_TIMEOUT_S, ready=launch.pipe_connected)
+
+    def restart_prefill(self) -> None:
+        """A new prefill process on the same HTTP and pipe ports (the old one must be dead)."""
+        self.prefill = self._new_prefill().start()
+        self.prefill.wait_healthy(STARTUP_TIMEOUT_S)
+
+    def close(self) -> None:
+        for server in (self.decode, self.prefill):
+            try:
+                server.stop(timeout=10.0)
+            finally:
+                server.kill()  # no-op when already reaped
+
+
+def _cluster(logdir: Path) -> Iterator[Cluster]:
+    cluster = Cluster(logdir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from _cluster(tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster this test may break."""
+    yield from _cluster(tmp_path)
+
+
+class Reference:
+    """The same model in this one process: what the split pipeline must reproduce."""
+
+    def __init__(self) -> None:
+        self.model = tinygpt.build_model("cpu", seed=0)
+        self.tok = tinygpt.ByteTokenizer()
+        self._texts: dict[tuple[str, int], str] = {}
+
+    def __call__(self, prompt: str, max_tokens: int) -> str:
+        if (prompt, max_tokens) not in self._texts:
+            text = tinygpt.generate(self.model, self.tok, prompt, max_tokens)
+            self._texts[prompt, max_tokens] = text
+        return self._texts[prompt, max_tokens]
+
+    def kv_bytes(self, prompt: str) -> int:
+        cache, first = tinygpt.prefill(self.model, self.tok.encode(prompt))
+        return tinygpt.bundle_nbytes(tinygpt.kv_to_bundle(cache, first))
+
+
+@pytest.fixture(scope="module")
+def reference() -> Reference:
+    return Reference()
+
+
+async def _generate(client: Any, url: str, prompt: str, max_tokens: int) -> Any:
+    return await client.post(
+        f"{url}/generate", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=HTTP_TIMEOUT_S
+    )
+
+
+PROMPTS = [
+    "Hello, world",
+    "a",
+    "Ünïcødé prompts are bytes too ✓",
+    "Once upon a time, in a data center far, far away, " * 8,
+]
+
+
+async def test_generation_through_the_pipe_matches_single_process(
+    cluster: Cluster, reference: Reference
+) -> None:
+    async with httpx.AsyncClient() as client:
+        for prompt in PROMPTS:
+            resp = await _generate(client, cluster.decode.url, prompt, 32)
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["text"] == reference(prompt, 32)
+            n_prompt = len(prompt.encode())
+            assert body["prompt_tokens"] == n_prompt
+            assert body["tokens"] == 32
+            assert body["kv_bytes"] == reference.kv_bytes(prompt)
+            for timing in ("prefill_ms", "transfer_ms", "decode_ms", "total_ms"):
+                assert 0 <= body[timing] < HTTP_TIMEOUT_S * 1e3
+
+
+async def test_twenty_concurrent_requests_do_not_mix_and_health_answers(
+    cluster: Cluster, reference: Reference
+) -> None:
+    prompts = [f"request {i}: hello" for i in range(20)]
+    max_tokens = [48 + i for i in range(20)]
+    expected = [reference(p, n) for p, n in zip(prompts, max_tokens)]
+    assert len(set(expected)) == 20  # so a swapped KV cache would show up as a wrong text
+
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+        batch = asyncio.gather(
+            *(_generate(client, cluster.decode.url, p, n) for p, n in zip(prompts, max_tokens))
+        )
+        probes_during_batch = 0
+        max_inflight = 0
+        slowest_probe = 0.0
+        deadline = time.monotonic() + HTTP_TIMEOUT_S
+        while not batch.done() and time.monotonic() < deadline:
+            for server in (cluster.decode, cluster.prefill):
+                t0 = time.perf_counter()
+                resp = await client.get(f"{server.url}/health", timeout=5.0)
+                slowest_probe = max(slowest_probe, time.perf_counter() - t0)
+                assert resp.status_code == 200
+                if server is cluster.decode:
+                    max_inflight = max(max_inflight, resp.json()["inflight"])
+            if not batch.done():
+                probes_during_batch += 1
+            await asyncio.wait([batch], timeout=0.005)
+        responses = await asyncio.wait_for(batch, HTTP_TIMEOUT_S)
+
+    assert [r.status_code for r in responses] == [200] * 20, [r.text for r in responses]
+    assert [r.json()["text"] for r in responses] == expected
+    assert probes_during_batch >= 1
+    assert max_inflight >= 2  # health answered while the server itself had requests open
+    assert slowest_probe < 2.0
+
+
+async def test_invalid_request_is_rejected(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+        resp = await _generate(client, cluster.decode.url, "hi", 0)
+        assert resp.status_code == 422
+        resp = await _generate(client, cluster.decode.url, "", 4)
+        assert resp.status_code == 422
+
+
+async def _poll_decode_health(cluster: Cluster, ready: Any, timeout: float) -> dict[str, Any]:
+    # Blocking poll of a subprocess: run it off the loop so the test's loop stays sane.
+    return await asyncio.to_thread(cluster.decode.wait_healthy, timeout, ready)
+
+
+async def test_killed_prefill_gives_503_then_recovers_after_restart(
+    own_cluster: Cluster, reference: Reference
+) -> None:
+    cluster = own_cluster
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+        resp = await _generate(client, cluster.decode.url, "before the crash", 16)
+        assert resp.status_code == 200 and resp.json()["text"] == reference("before the crash", 16)
+
+        cluster.prefill.kill()  # SIGKILL: no goodbye on the pipe or HTTP
+
+        # Right after the kill (pipe maybe not yet known dead) and after the decoder noticed:
+        # both must answer 503 with a JSON reason, promptly.
+        for _ in range(3):
+            t0 = time.monotonic()
+            resp = await _generate(client, cluster.decode.url, "during the outage", 16)
+            assert resp.status_code == 503, resp.text
+            assert {"error", "message"} <= resp.json().keys()
+            assert time.monotonic() - t0 < 10.0
+        health = await _poll_decode_health(cluster, lambda b: not b["pipe_connected"], 15.0)
+        assert health["last_error"]
+        resp = await _generate(client, cluster.decode.url, "during the outage", 16)
+        assert resp.status_code == 503
+        assert "reconnecting" in resp.json()["message"]
+
+        cluster.restart_prefill()
+        await _poll_decode_health(
+            cluster, lambda b: b["pipe_connected"] and b["connects"] >= 2, STARTUP_TIMEOUT_S
+        )
+
+        prompts = [f"after restart {i}" for i in range(5)]
+        responses = await asyncio.gather(
+            *(_generate(client, cluster.decode.url, p, 24) for p in prompts)
+        )
+        assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+        assert [r.json()["text"] for r in responses] == [reference(p, 24) for p in prompts]
