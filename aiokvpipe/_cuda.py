@@ -78,6 +78,15 @@ class EventPoller:
         finally:
             self._task = None
 
+    def fail_pending(self, exc: BaseException) -> None:
+        """Fail every pending and later future with ``exc`` now, but keep polling and keep
+        the referenced memory until :meth:`abort` (the stream may still be using it)."""
+        self._error = exc
+        for _, fut, _, _ in self._pending:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # its waiter may be gone; do not warn about it
+
     def abort(self, exc: BaseException) -> None:
         """Stop polling; every pending and later future fails with ``exc``.
 

@@ -1,0 +1,52 @@
+"""Peer process for the CUDA/NCCL tests: ``python tests/nccl_peer.py PORT DEVICE MODE [ARG]``.
+
+Modes:
+  echo         receive unkeyed messages and send each straight back, until the pipe closes
+  blast N MiB  send N messages of MiB each (value = index), then echo
+  hold         connect, print "ready", then wait forever (the test kills it)
+
+Before connecting it prints "connected <transport>" on stdout. When the test runs both ends on
+one GPU, it sets AIOKVPIPE_TEST_FAKE_UUID and NCCL_HOSTID, so that our handshake and NCCL each
+take the two processes for two GPUs (NCCL then talks over its socket transport). Test-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import torch
+
+import aiokvpipe
+from aiokvpipe import _connect
+
+
+async def main(port: int, device: str, mode: str, args: list[str]) -> None:
+    fake = os.environ.get("AIOKVPIPE_TEST_FAKE_UUID")
+    if fake:
+        _connect.device_uuid = lambda _d: bytes.fromhex(fake)  # type: ignore[assignment]
+    transport = os.environ.get("AIOKVPIPE_TEST_TRANSPORT", "auto")
+    pipe = await aiokvpipe.connect("127.0.0.1", port, device=device, transport=transport,
+                                   heartbeat_interval=0.2)
+    print("connected", pipe.transport, flush=True)
+    if mode == "blast":
+        count, mib = int(args[0]), int(args[1])
+        for i in range(count):
+            t = torch.full((mib << 18,), float(i), device=device)
+            await pipe.send(t, key="blast")
+        mode = "echo"
+    if mode == "hold":
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+    try:
+        while True:
+            msg = await pipe.recv()
+            await pipe.send(msg)
+    except aiokvpipe.PipeClosed:
+        pass
+    await pipe.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]))
