@@ -268,6 +268,8 @@ class Listener:
             raise
         except (PipeError, OSError, TimeoutError) as exc:
             log.info("dropped incoming connection from %s: %r", addr, exc)
+        except Exception:  # e.g. NCCL set-up failing: that pipe is lost, the listener is not
+            log.exception("handshake with %s failed", addr)
         finally:
             if conn is not None:
                 conn.close()

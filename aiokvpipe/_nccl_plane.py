@@ -46,15 +46,18 @@ def nccl_info() -> tuple[bool, int]:
         return False, 0
 
 
-def _id_to_bytes(uid: Sequence[int]) -> bytes:
-    return bytes(b & 0xFF for b in uid)
+def _id_to_bytes(uid: bytes | Sequence[int]) -> bytes:
+    # CuPy 14 hands out bytes; older CuPy a tuple of C ``char`` values (signed).
+    return uid if isinstance(uid, bytes) else bytes(b & 0xFF for b in uid)
 
 
-def _id_from_bytes(data: bytes) -> tuple[int, ...]:
-    if len(data) != NCCL_UNIQUE_ID_BYTES:
+def _communicator(nccl: Any, uid: bytes, rank: int) -> Any:
+    if len(uid) != NCCL_UNIQUE_ID_BYTES:
         raise ValueError("NCCL unique id must be 128 bytes")
-    # CuPy wants C ``char`` values, which are signed.
-    return tuple(b - 256 if b > 127 else b for b in data)
+    try:
+        return nccl.NcclCommunicator(2, uid, rank)
+    except TypeError:  # older CuPy: a tuple of signed chars
+        return nccl.NcclCommunicator(2, tuple(b - 256 if b > 127 else b for b in uid), rank)
 
 
 def new_unique_ids() -> tuple[bytes, bytes]:
@@ -72,8 +75,8 @@ def _setup(server: bool, ids: tuple[bytes, bytes], device: torch.device) -> tupl
 
     nccl = _nccl()
     with cupy.cuda.Device(device.index):
-        s2c = nccl.NcclCommunicator(2, _id_from_bytes(ids[0]), 0 if server else 1)
-        c2s = nccl.NcclCommunicator(2, _id_from_bytes(ids[1]), 1 if server else 0)
+        s2c = _communicator(nccl, ids[0], 0 if server else 1)
+        c2s = _communicator(nccl, ids[1], 1 if server else 0)
         send_comm, recv_comm = (s2c, c2s) if server else (c2s, s2c)
         byte = cupy.zeros(1, dtype=cupy.uint8)
         stream = cupy.cuda.Stream(non_blocking=True)
@@ -93,8 +96,40 @@ async def start(server: bool, ids: tuple[bytes, bytes], device: torch.device,
     """Set up the plane; both ends must call this concurrently (NCCL set-up is collective)."""
     if device.type != "cuda":
         raise ValueError("the nccl plane needs a CUDA device")
-    send_comm, recv_comm = await asyncio.to_thread(_setup, server, ids, device)
+    send_comm, recv_comm = await _in_daemon_thread(lambda: _setup(server, ids, device))
     return NcclPlane(send_comm, recv_comm, device)
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Run a blocking call off the loop in a daemon thread.
+
+    NCCL's set-up waits for the peer with no timeout of its own. If the peer never joins, the
+    handshake timeout abandons the wait; a daemon thread (unlike the default executor's)
+    does not then keep the interpreter from exiting.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as err:
+            result, exc = None, err
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop is gone; nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="aiokvpipe-nccl-setup", daemon=True).start()
+    return await fut
 
 
 class NcclPlane:
@@ -199,7 +234,10 @@ class NcclPlane:
                 torch.cuda.synchronize(self._device)
             except Exception as err:
                 log.debug("synchronize after abort: %r", err)
-            loop.call_soon_threadsafe(lambda: [p.abort(exc) for p in pollers])
+            try:
+                loop.call_soon_threadsafe(lambda: [p.abort(exc) for p in pollers])
+            except RuntimeError:  # the loop has closed: nobody is left to notify
+                pass
 
         for p in pollers:
             p.fail_pending(exc)

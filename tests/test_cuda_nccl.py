@@ -32,6 +32,7 @@ pytestmark = [
 ]
 
 PEER = Path(__file__).with_name("nccl_peer.py")
+ROOT = Path(__file__).resolve().parent.parent
 UUID_HERE, UUID_PEER = "aa" * 16, "bb" * 16
 MiB = 1 << 20
 
@@ -78,10 +79,11 @@ async def start_peer(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator:
         listeners.append(listener)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(PEER), str(listener.port), theirs, mode, *args,
-            env={**os.environ, **env, "AIOKVPIPE_TEST_TRANSPORT": transport},
+            env={**os.environ, **env, "AIOKVPIPE_TEST_TRANSPORT": transport,
+                 "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
             stdout=asyncio.subprocess.PIPE)
         procs.append(proc)
-        async with asyncio.timeout(120):
+        async with asyncio.timeout(60):
             pipe = await listener.accept()
             pipes.append(pipe)
             assert proc.stdout is not None
@@ -186,12 +188,16 @@ async def test_both_directions_send_large_messages_at_once(start_peer) -> None:
             seen.append(float(t[0]))
         return seen
 
-    async with asyncio.timeout(120):
-        _, blasts = await asyncio.gather(send_all(), recv_blasts())
-        assert blasts == [float(i) for i in range(count)]
+    async def recv_echoes() -> None:
+        # Claimed as they come: an echo left waiting would hold our receive credits, and
+        # the peer, blocked on them, would stop reading ours (both sides' buffers full).
         for t in ours:
             back = await peer.pipe.recv()
             assert isinstance(back, torch.Tensor) and torch.equal(back, t)
+
+    async with asyncio.timeout(120):
+        _, blasts, _ = await asyncio.gather(send_all(), recv_blasts(), recv_echoes())
+    assert blasts == [float(i) for i in range(count)]
 
 
 async def test_send_waits_for_work_queued_on_the_callers_stream(start_peer) -> None:
@@ -251,6 +257,7 @@ async def test_peer_killed_with_a_kernel_in_flight(start_peer) -> None:
     assert info.value.__cause__ is not None
     with pytest.raises(aiokvpipe.BrokenPipe):
         await peer.pipe.recv()
+    del info, send  # their tracebacks reference the tensor through send()'s frame
     # The aborted communicator lets the kernel end; the pipe then drops the tensor.
     async with asyncio.timeout(10):
         while torch.cuda.memory_allocated("cuda:0") > baseline:
