@@ -1,0 +1,86 @@
+"""aiokvpipe.compat.SyncPipe: PyNcclPipe's synchronous interface over a real pipe."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+
+from aiokvpipe import PipeClosed
+from aiokvpipe.compat import SyncPipe
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pair(**opts: object) -> tuple[SyncPipe, SyncPipe]:
+    port = _free_port()
+    result: dict[str, SyncPipe | BaseException] = {}
+
+    def listen() -> None:
+        try:
+            result["server"] = SyncPipe("127.0.0.1", port, 0, **opts)
+        except BaseException as exc:  # surfaced by the assert below
+            result["server"] = exc
+
+    t = threading.Thread(target=listen)
+    t.start()
+    client = SyncPipe("127.0.0.1", port, 1, **opts)
+    t.join(30)
+    server = result["server"]
+    assert isinstance(server, SyncPipe), server
+    return server, client
+
+
+def test_send_tensor_and_recv_tensor_round_trip_in_order() -> None:
+    server, client = _pair()
+    with server, client:
+        sent = [torch.arange(i * 10, dtype=torch.float16).reshape(-1, 2) for i in range(1, 20)]
+        for t in sent:
+            client.send_tensor(t)
+        client.send_tensor(None)
+        for t in sent:
+            got = server.recv_tensor()
+            assert got is not None and got.dtype == t.dtype and torch.equal(got, t)
+        assert server.recv_tensor() is None
+        server.send_tensor(torch.tensor(42))
+        assert client.recv_tensor() == torch.tensor(42)
+
+
+def test_close_delivers_everything_then_peer_sees_pipe_closed() -> None:
+    server, client = _pair()
+    client.send_tensor(torch.ones(1000))
+    client.close()
+    got = server.recv_tensor()
+    assert got is not None and torch.equal(got, torch.ones(1000))
+    with pytest.raises(PipeClosed):
+        server.recv_tensor()
+    server.close()
+    assert not any(t.name.startswith("aiokvpipe-sync") for t in threading.enumerate())
+
+
+def test_recv_timeout_raises_and_loses_nothing() -> None:
+    server, client = _pair(timeout=0.2)
+    with server, client:
+        with pytest.raises(TimeoutError):
+            server.recv_tensor()
+        client.send_tensor(torch.tensor([1, 2, 3]))
+        got = server.recv_tensor()
+        assert got is not None and got.tolist() == [1, 2, 3]
+
+
+def test_send_tensor_rejects_non_tensors_and_stays_usable() -> None:
+    server, client = _pair()
+    with server, client:
+        with pytest.raises(TypeError):
+            client.send_tensor([torch.ones(1)])  # type: ignore[arg-type]
+        client.send_tensor(torch.zeros(2))
+        got = server.recv_tensor()
+        assert got is not None and torch.equal(got, torch.zeros(2))
