@@ -51,6 +51,7 @@ def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabilities:
         device_uuid=device_uuid(device) if cuda else bytes(_wire.DEVICE_UUID_BYTES),
         nccl_version=version,
         recv_buffer_bytes=opts.recv_buffer_bytes,
+        heartbeat_ms=round(opts.heartbeat_interval * 1000) if opts.heartbeat_interval else 0,
     )
 
 
@@ -108,12 +109,23 @@ class _LateBreak:
             self.early = exc
 
 
+def _silence_limit(opts: PipeOptions, peer: _wire.Capabilities) -> float | None:
+    """How long the peer may stay silent: judged by the rate at which *it* sends heartbeats,
+    and only if both ends use them (``heartbeat_interval=None`` on either end turns the check
+    off for the pair, so neither end times out an end that never promised heartbeats)."""
+    if not opts.heartbeat_interval or not peer.heartbeat_ms:
+        return None
+    if opts.heartbeat_timeout is not None:
+        return max(opts.heartbeat_timeout, 2 * peer.heartbeat_ms / 1000)
+    return 3 * max(opts.heartbeat_interval, peer.heartbeat_ms / 1000)
+
+
 def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: torch.device,
                peer: _wire.Capabilities, late: _LateBreak) -> Pipe:
     pipe = Pipe(ch, plane, device=device, max_inflight_bytes=opts.max_inflight_bytes,
                 recv_buffer_bytes=opts.recv_buffer_bytes, peer_credits=peer.recv_buffer_bytes,
                 heartbeat_interval=opts.heartbeat_interval,
-                heartbeat_timeout=opts.heartbeat_timeout)
+                heartbeat_timeout=_silence_limit(opts, peer))
     late.pipe = pipe
     if late.early is not None:
         pipe._break(late.early)

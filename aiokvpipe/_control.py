@@ -138,18 +138,22 @@ class ControlChannel(asyncio.Protocol):
         if self._lost is not None:
             handler.on_connection_lost(self._lost)
 
-    def start_heartbeat(self, interval: float, timeout: float) -> None:
-        """Send a heartbeat every ``interval`` s; fail if the peer is silent for ``timeout`` s."""
+    def start_heartbeat(self, interval: float, timeout: float | None) -> None:
+        """Send a heartbeat every ``interval`` s; fail if the peer is silent for ``timeout`` s
+        (``None``: never)."""
         self._last_heard = self._loop.time()
         self._heartbeat = self._loop.create_task(self._heartbeat_loop(interval, timeout))
 
-    async def _heartbeat_loop(self, interval: float, timeout: float) -> None:
+    async def _heartbeat_loop(self, interval: float, timeout: float | None) -> None:
         next_beat = self._loop.time()
         while self._lost is None:
             now = self._loop.time()
             if now >= next_beat:
                 self.write(_wire.Heartbeat())
                 next_beat = now + interval
+            if timeout is None:
+                await asyncio.sleep(next_beat - now)
+                continue
             deadline = self._last_heard + timeout
             if now >= deadline:
                 self._fail(HeartbeatMissed(f"peer silent for {now - self._last_heard:.2f} s "

@@ -40,10 +40,13 @@ class PipeOptions:
         Shared secret both ends must hold (``str`` or ``bytes``); ``None`` reads the
         ``AIOKVPIPE_TOKEN`` environment variable; unset or empty means no authentication.
     heartbeat_interval
-        Seconds between heartbeats (default 0.5); ``None`` disables heartbeats.
+        Seconds between the heartbeats this end sends (default 0.5). Each end announces its
+        rate in the handshake. ``None`` disables heartbeats, and with them the silence check,
+        on both ends of this pipe.
     heartbeat_timeout
-        Seconds of silence from the peer after which the pipe breaks; default
-        ``3 * heartbeat_interval``.
+        Seconds of silence from the peer after which the pipe breaks (a frozen or partitioned
+        peer); default three of the slower end's heartbeat intervals (1.5 s by default), and
+        never less than two of the peer's intervals.
     connect_timeout
         Seconds ``connect()`` keeps retrying while the listener is not there yet (connection
         refused); default 30.

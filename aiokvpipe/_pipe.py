@@ -103,8 +103,7 @@ class Pipe:
         self._error: BrokenPipe | None = None
         control.attach(self)
         if heartbeat_interval is not None:
-            control.start_heartbeat(heartbeat_interval, heartbeat_timeout or
-                                    3 * heartbeat_interval)
+            control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
 
     # -- public API ---------------------------------------------------------------------------
 

@@ -110,11 +110,13 @@ class Capabilities:
     device_uuid: bytes = bytes(DEVICE_UUID_BYTES)  # the CUDA device's UUID, zeros when none
     nccl_version: int = 0
     recv_buffer_bytes: int = 0  # credits this end grants its peer at start
+    heartbeat_ms: int = 0  # how often this end sends heartbeats; 0: it sends none
 
     def __post_init__(self) -> None:
         _check_len("device_uuid", self.device_uuid, DEVICE_UUID_BYTES)
         _check_u("nccl_version", self.nccl_version, 32)
         _check_u("recv_buffer_bytes", self.recv_buffer_bytes, 64)
+        _check_u("heartbeat_ms", self.heartbeat_ms, 32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +293,7 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQ")
+_CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQI")
 _HELLO = struct.Struct(f">4sH{NONCE_BYTES}s")
 _HEADER_FIXED = struct.Struct(">QH")
 _TENSOR_FIXED = struct.Struct(">BB")
@@ -303,7 +305,8 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Hello):
         c = frame.caps
         body = _HELLO.pack(MAGIC, frame.version, frame.nonce) + _CAPS.pack(
-            int(c.transport), c.cuda, c.nccl, c.device_uuid, c.nccl_version, c.recv_buffer_bytes
+            int(c.transport), c.cuda, c.nccl, c.device_uuid, c.nccl_version, c.recv_buffer_bytes,
+            c.heartbeat_ms
         )
         ftype = FrameType.HELLO
     elif isinstance(frame, Auth):
@@ -396,9 +399,9 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
             raise ProtocolError("not an aiokvpipe peer (bad magic)")
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"peer speaks protocol {version}, we speak {PROTOCOL_VERSION}")
-        transport, cuda, nccl, uuid, nccl_version, credits = r.unpack(_CAPS)
+        transport, cuda, nccl, uuid, nccl_version, credits, heartbeat_ms = r.unpack(_CAPS)
         frame = Hello(nonce, Capabilities(_enum(Transport, transport), _flag(cuda), _flag(nccl),
-                                          uuid, nccl_version, credits), version)
+                                          uuid, nccl_version, credits, heartbeat_ms), version)
     elif ftype is FrameType.AUTH:
         frame = Auth(r.take(len(body)))
     elif ftype is FrameType.ACCEPT:
