@@ -260,19 +260,20 @@ class Listener:
         self._handshakes.discard(task)
         self._slots.release()
 
-    async def _serve(self, conn: socket.socket, addr: Any) -> None:
-        tune_socket(conn)
+    async def _serve(self, sock: socket.socket, addr: Any) -> None:
+        tune_socket(sock)
+        conn: socket.socket | None = sock  # None once another owner closes it
         pipe: Pipe | None = None
         try:
             async with asyncio.timeout(self._opts.handshake_timeout):
-                first = await _read_first_frame(self._loop, conn)
+                first = await _read_first_frame(self._loop, sock)
                 if isinstance(first, _wire.Attach):
-                    self._attach(first, conn)
-                    conn = None  # type: ignore[assignment]  # now owned by the session
+                    self._attach(first, sock)
+                    conn = None  # now owned by the session
                     return
                 hello = _expect(first, _wire.Hello, "handshake")
-                owned, conn = conn, None  # the handshake owns (and closes) it from here
-                pipe = await self._handshake(owned, hello)
+                conn = None  # the handshake owns (and closes) it from here
+                pipe = await self._handshake(sock, hello)
             await self._offer(pipe)
         except asyncio.CancelledError:
             if pipe is not None:

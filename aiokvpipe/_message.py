@@ -50,7 +50,7 @@ def flatten(msg: object) -> Outgoing:
         structure, names, items = Structure.LIST, [""] * len(msg), list(msg)
     elif isinstance(msg, Mapping):
         structure = Structure.DICT
-        names, items = list(msg.keys()), list(msg.values())  # type: ignore[arg-type]
+        names, items = list(msg.keys()), list(msg.values())
         for name in names:
             if not isinstance(name, str):
                 raise TypeError(f"dict keys must be str, not {type(name).__name__}")

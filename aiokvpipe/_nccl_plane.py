@@ -235,7 +235,8 @@ class NcclPlane:
             except Exception as err:
                 log.debug("synchronize after abort: %r", err)
             try:
-                loop.call_soon_threadsafe(lambda: [p.abort(exc) for p in pollers])
+                for poller in pollers:
+                    loop.call_soon_threadsafe(poller.abort, exc)
             except RuntimeError:  # the loop has closed: nobody is left to notify
                 pass
 

@@ -8,6 +8,7 @@ what arrived, and turns every failure into a single terminal state that all call
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ class Pipe:
                 raise self._error or BrokenPipe("control connection lost") from None
             done = self._plane.post_send(out.tensors)
             self._sends_in_flight.add(done)
-            done.add_done_callback(lambda f, n=out.nbytes: self._send_done(f, n))
+            done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
             await self._control.drain()
         await asyncio.shield(done)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Final, Union
+from typing import Any, Final, TypeVar, Union
 
 from ._errors import ProtocolError
 
@@ -534,8 +534,8 @@ class _Reader:
         self._pos = end
         return out
 
-    def unpack(self, s: struct.Struct) -> tuple[int | bytes, ...]:
-        return s.unpack(self.take(s.size))  # type: ignore[no-any-return]
+    def unpack(self, s: struct.Struct) -> tuple[Any, ...]:
+        return s.unpack(self.take(s.size))
 
     def u8(self) -> int:
         return int(self.take(1)[0])
@@ -560,7 +560,10 @@ class _Reader:
             raise ProtocolError(f"{len(self._mv) - self._pos} stray bytes in {self._ftype.name}")
 
 
-def _enum(cls: type[enum.IntEnum], value: object) -> enum.IntEnum:
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def _enum(cls: type[E], value: int) -> E:
     try:
         return cls(value)
     except ValueError:

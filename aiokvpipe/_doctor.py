@@ -1,0 +1,194 @@
+"""``python -m aiokvpipe doctor``: what this machine can do, and what ``transport="auto"`` picks.
+
+Every probe is fenced: a missing or broken CUDA, CuPy or uvloop is reported, never raised.
+The transport verdicts come from the handshake's own decision,
+:func:`aiokvpipe._handshake.choose_transport`, on capabilities built exactly as a pipe builds
+them (:func:`aiokvpipe._connect._local_caps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+from typing import Any
+
+import torch
+
+Json = dict[str, Any]
+
+
+def _fenced(probe: Any) -> Json:
+    try:
+        result: Json = probe()
+        return result
+    except Exception as exc:  # the point of doctor is to report, not to fail
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _python() -> Json:
+    return {"version": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "executable": sys.executable, "platform": platform.platform()}
+
+
+def _torch() -> Json:
+    return {"version": torch.__version__, "cuda_build": torch.version.cuda}
+
+
+def _cuda() -> Json:
+    if torch.version.cuda is None:
+        return {"available": False, "why": "this torch was built without CUDA", "devices": []}
+    if not torch.cuda.is_available():
+        return {"available": False, "why": "no CUDA device or driver visible", "devices": []}
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        props: Any = torch.cuda.get_device_properties(i)
+        devices.append({"index": i, "name": props.name, "uuid": str(getattr(props, "uuid", "")),
+                        "memory_bytes": int(props.total_memory),
+                        "capability": f"{props.major}.{props.minor}"})
+    return {"available": True, "devices": devices}
+
+
+def _cupy() -> Json:
+    try:
+        import cupy
+    except ImportError:
+        return {"installed": False,
+                "why": "not installed (pip install 'aiokvpipe[cuda12]' or '[cuda13]')"}
+    info: Json = {"installed": True, "version": cupy.__version__}
+    try:
+        info["cuda_runtime"] = int(cupy.cuda.runtime.runtimeGetVersion())
+        info["cuda_driver"] = int(cupy.cuda.runtime.driverGetVersion())
+    except Exception as exc:  # CuPy imports fine without a driver; asking it then fails
+        info["cuda_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        from cupy.cuda import nccl
+
+        info["nccl"] = bool(nccl.available)
+        info["nccl_version"] = int(nccl.get_version()) if nccl.available else None
+    except Exception as exc:
+        info["nccl"] = False
+        info["nccl_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def _uvloop() -> Json:
+    try:
+        import uvloop
+    except ImportError:
+        return {"installed": False}
+    return {"installed": True, "version": uvloop.__version__}
+
+
+def _auto_transport() -> Json:
+    """What ``auto`` would choose against a peer like this machine, in three situations."""
+    from . import _connect, _handshake
+    from ._options import PipeOptions
+
+    opts = PipeOptions()  # transport="auto", as a user gets it
+    cpu = _connect._local_caps(opts, torch.device("cpu"))
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        verdict = _verdict(_handshake, cpu, cpu, "no CUDA device here, so both ends use "
+                           "device='cpu'")
+        return {"other_gpu": verdict, "same_gpu": verdict, "cpu_peer": verdict}
+    here = _connect._local_caps(opts, torch.device("cuda", 0))
+    if torch.cuda.device_count() > 1:
+        other = _connect._local_caps(opts, torch.device("cuda", 1))
+        other_note = "cuda:0 ↔ cuda:1 of this machine"
+    else:  # one GPU: a like machine's GPU, which only its UUID tells apart
+        other = dataclasses.replace(here, device_uuid=bytes(b ^ 0xFF for b in here.device_uuid))
+        other_note = "this machine has one GPU: a peer like it on another machine's GPU"
+    return {"other_gpu": _verdict(_handshake, here, other, other_note),
+            "same_gpu": _verdict(_handshake, here, here, "two processes on cuda:0"),
+            "cpu_peer": _verdict(_handshake, here, cpu, "cuda:0 ↔ a peer with device='cpu'")}
+
+
+def _verdict(hs: Any, a: Any, b: Any, note: str) -> Json:
+    try:
+        chosen = hs.choose_transport(a, b).name.lower()
+    except hs.NoTransport as exc:
+        return {"transport": None, "why": str(exc), "situation": note}
+    why = hs.nccl_possible(a, b)
+    if why is None:
+        why = f"different GPUs, CuPy with NCCL {a.nccl_version} at both ends"
+    return {"transport": chosen, "why": why, "situation": note}
+
+
+def collect() -> Json:
+    """Everything doctor reports, as plain JSON-able data."""
+    from . import __version__
+
+    return {"aiokvpipe": __version__, "python": _fenced(_python), "torch": _fenced(_torch),
+            "cuda": _fenced(_cuda), "cupy": _fenced(_cupy), "uvloop": _fenced(_uvloop),
+            "auto_transport": _fenced(_auto_transport)}
+
+
+def _nccl_line(c: Json) -> str:
+    if not c.get("installed"):
+        return "not available (needs CuPy)"
+    if c.get("nccl"):
+        v = int(c["nccl_version"])
+        return f"{v // 10000}.{v // 100 % 100}.{v % 100} (via CuPy)"
+    return f"not available in this CuPy {c.get('nccl_error', '')}".rstrip()
+
+
+def render(info: Json) -> str:
+    lines = [f"aiokvpipe {info['aiokvpipe']} doctor"]
+    py, tc, cu, cp, uv = (info[k] for k in ("python", "torch", "cuda", "cupy", "uvloop"))
+
+    def add(name: str, text: str) -> None:
+        lines.append(f"  {name:<9} {text}")
+
+    add("python", f"{py.get('version')} ({py.get('implementation')}, {py.get('executable')})"
+        if "error" not in py else py["error"])
+    add("platform", str(py.get("platform", "?")))
+    add("torch", f"{tc.get('version')}, " + (f"built for CUDA {tc['cuda_build']}"
+                                             if tc.get("cuda_build") else "built without CUDA"))
+    if "error" in cu:
+        add("CUDA", f"could not be queried: {cu['error']}")
+    elif not cu["available"]:
+        add("CUDA", f"not available: {cu['why']}")
+    else:
+        add("CUDA", f"{len(cu['devices'])} device(s)")
+        for d in cu["devices"]:
+            add("", f"cuda:{d['index']} {d['name']} · {d['memory_bytes'] / 2**30:.1f} GiB · "
+                f"sm {d['capability']} · {d['uuid']}")
+    if "error" in cp:
+        add("CuPy", f"broken: {cp['error']}")
+    elif not cp["installed"]:
+        add("CuPy", cp["why"])
+    else:
+        extra = f", {cp['cuda_error']}" if "cuda_error" in cp else ""
+        add("CuPy", f"{cp['version']}{extra}")
+    add("NCCL", _nccl_line(cp) if "error" not in cp else "unknown")
+    add("uvloop", uv.get("version") if uv.get("installed") else
+        "not installed (asyncio's own loop is used)")
+    lines.append('transport="auto" would choose, against a peer like this machine:')
+    auto = info["auto_transport"]
+    if "error" in auto:
+        lines.append(f"  could not be worked out: {auto['error']}")
+        return "\n".join(lines)
+    for key, name in (("other_gpu", "peer on another GPU of this machine"),
+                      ("same_gpu", "peer on the same GPU"),
+                      ("cpu_peer", "peer with device='cpu'")):
+        v = auto[key]
+        lines.append(f"  {name + ':':<38} {v['transport'] or 'refused'}  ({v['why']}; "
+                     f"{v['situation']})")
+    return "\n".join(lines)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="report CUDA, CuPy/NCCL, uvloop and the auto transport",
+                       description="Report what this machine offers aiokvpipe and which data "
+                                   "plane transport='auto' would choose.")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
