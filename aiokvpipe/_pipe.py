@@ -52,7 +52,7 @@ class PipeStats:
 class _Incoming:
     """A message whose header arrived; its payload may still be on the way."""
 
-    __slots__ = ("header", "cost", "payload", "tensors")
+    __slots__ = ("header", "cost", "payload", "tensors", "discarded")
 
     def __init__(self, header: _wire.Header, payload: asyncio.Future[list[torch.Tensor]]
                  ) -> None:
@@ -60,6 +60,7 @@ class _Incoming:
         self.cost = _wire.message_cost(header.nbytes, len(header.tensors))
         self.payload = payload
         self.tensors: list[torch.Tensor] = []
+        self.discarded = False
 
 
 class Pipe:
@@ -185,6 +186,27 @@ class Pipe:
                     del self._waiters[key]
             raise
         return self._claim(item)
+
+    def discard(self, key: str | None) -> int:
+        """Drop the messages with ``key`` that have arrived, or are arriving now, unclaimed.
+
+        Their receive credits go back to the peer at once. Use it when a request is given up:
+        a message that no ``recv()`` will ever claim would otherwise hold its credits for the
+        life of the pipe and, with enough of them, stall every sender. Messages the peer sends
+        with ``key`` later are not affected. Returns how many messages were dropped.
+        """
+        key = check_key(key)
+        dropped = 0
+        ready = self._ready.pop(key, None)
+        for item in ready or ():
+            self._return_credit(item.cost)
+            self._ready_count -= 1
+            dropped += 1
+        for item in self._incoming:
+            if item.header.key == key and not item.discarded:
+                item.discarded = True
+                dropped += 1
+        return dropped
 
     async def aclose(self) -> None:
         """Close gracefully: everything already sent is still delivered to the peer.
@@ -322,7 +344,10 @@ class Pipe:
             item.tensors = item.payload.result()
             self._messages_received += 1
             self._bytes_received += item.header.nbytes
-            self._deliver(item)
+            if item.discarded:
+                self._return_credit(item.cost)
+            else:
+                self._deliver(item)
         if self._peer_closed and not self._incoming:
             self._fail_waiters(PipeClosed("the peer closed the pipe and everything it sent "
                                           "was received"))

@@ -1,0 +1,53 @@
+"""Pipe.discard(key): abandoned requests give their receive credits back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import aiokvpipe
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+async def small_pipe():
+    listener = await aiokvpipe.listen(recv_buffer_bytes=1 << 20)
+    accept = asyncio.create_task(listener.accept())
+    sender = await aiokvpipe.connect("127.0.0.1", listener.port)
+    receiver = await accept
+    yield sender, receiver
+    await sender.aclose()
+    await receiver.aclose()
+    await listener.aclose()
+
+
+async def test_unclaimed_keyed_message_holds_credits_until_discarded(small_pipe) -> None:
+    sender, receiver = small_pipe
+    await sender.send(torch.zeros(150_000), key="abandoned")  # 600 kB of a 1 MiB budget
+    blocked = asyncio.create_task(sender.send(torch.ones(150_000), key="wanted"))
+    done, _ = await asyncio.wait({blocked}, timeout=0.3)
+    assert not done, "the second send should wait for credits the orphan holds"
+    assert receiver.discard("abandoned") == 1
+    async with asyncio.timeout(5):
+        await blocked
+        got = await receiver.recv(key="wanted")
+    assert isinstance(got, torch.Tensor) and bool((got == 1).all())
+    assert receiver.stats.recv_buffered_messages == 0
+
+
+async def test_discard_only_touches_its_key_and_keeps_order(small_pipe) -> None:
+    sender, receiver = small_pipe
+    for i in range(3):
+        await sender.send(torch.tensor([i]), key="keep")
+        await sender.send(torch.tensor([100 + i]), key="drop")
+    await sender.send(torch.tensor([-1]), key="fence")
+    assert (await receiver.recv(key="fence")).item() == -1  # everything before it arrived
+    assert receiver.discard("drop") == 3
+    assert receiver.discard("drop") == 0
+    assert [(await receiver.recv(key="keep")).item() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await receiver.recv(key="drop")
