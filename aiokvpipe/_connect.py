@@ -328,7 +328,8 @@ class Listener:
             if pending is not None:
                 c2s = await pending.sockets[_wire.Direction.CLIENT_TO_SERVER]
                 s2c = await pending.sockets[_wire.Direction.SERVER_TO_CLIENT]
-                plane = await TcpPlane.start(s2c, c2s, self._device, late)
+                plane = await TcpPlane.start(s2c, c2s, self._device, late,
+                                             self._opts.recv_buffer_bytes)
             else:
                 assert ids is not None
                 plane = await _nccl_plane.start(True, ids, self._device, late)
@@ -435,7 +436,7 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
                 await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
                                                                      direction)))
             c2s, s2c = data_socks
-            plane = await TcpPlane.start(c2s, s2c, device, late)
+            plane = await TcpPlane.start(c2s, s2c, device, late, opts.recv_buffer_bytes)
         else:
             plane = await _nccl_plane.start(False, accept.nccl_ids, device, late)
         _expect(await ch.read_frame(), _wire.Ready, "handshake")

@@ -119,7 +119,10 @@ def device_uuid(device: torch.device) -> bytes:
 
 def normalize_device(device: str | torch.device) -> torch.device:
     """``"cuda"`` → the current CUDA device; validates that the device exists."""
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu' or a CUDA device, not {device!r}") from exc
     if dev.type == "cpu":
         return torch.device("cpu")
     if dev.type != "cuda":

@@ -24,6 +24,7 @@ import torch
 
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
+from ._hostpool import HostBufferPool
 from ._wire import TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -199,7 +200,7 @@ class TcpPlane:
     name = "tcp"
 
     def __init__(self, send_sock: socket.socket, device: torch.device,
-                 on_lost: Callable[[BaseException], None]) -> None:
+                 on_lost: Callable[[BaseException], None], pool_bytes: int) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = send_sock
         self._device = device
@@ -210,15 +211,18 @@ class TcpPlane:
         self._outbox_nonempty: asyncio.Future[None] | None = None
         self._sender = self._loop.create_task(self._send_loop())
         self._staging = _CudaStaging()
+        self._pool = HostBufferPool(pool_bytes)
         self._error: BaseException | None = None
         self._closing = False
 
     @classmethod
     async def start(cls, send_sock: socket.socket, recv_sock: socket.socket,
-                    device: torch.device, on_lost: Callable[[BaseException], None]) -> TcpPlane:
+                    device: torch.device, on_lost: Callable[[BaseException], None],
+                    pool_bytes: int) -> TcpPlane:
+        """``pool_bytes``: how much freed receive memory to keep for reuse."""
         tune_socket(send_sock)
         tune_socket(recv_sock)
-        plane = cls(send_sock, device, on_lost)
+        plane = cls(send_sock, device, on_lost, pool_bytes)
         await plane._loop.connect_accepted_socket(lambda: plane._receiver, recv_sock)
         return plane
 
@@ -277,7 +281,9 @@ class TcpPlane:
         for s in specs:
             dtype = dtype_of(s.dtype)
             assert dtype is not None, "the pipe checks dtypes before posting"
-            tensors.append(torch.empty(s.shape, dtype=dtype, pin_memory=pin))
+            # CUDA receivers stage through pinned memory, which torch's host allocator caches.
+            tensors.append(torch.empty(s.shape, dtype=dtype, pin_memory=True) if pin
+                           else self._pool.empty(s.shape, dtype))
         target = _Target(tensors, fut)
         if not target.views:
             self._received(target)

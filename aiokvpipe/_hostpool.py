@@ -1,0 +1,79 @@
+"""Recycled host memory for received CPU tensors.
+
+Fresh memory from the OS costs a page fault and the kernel zeroing the page on first touch;
+on loopback that costs as much as receiving the bytes. Received tensors therefore get their
+memory from a pool: when the last tensor viewing a block dies, the block goes back to the pool
+(up to ``max_cached_bytes``) for the next message of a similar size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any, Final
+
+import torch
+
+#: Below this, malloc's own free lists already reuse memory; pooling would only add overhead.
+MIN_POOLED_BYTES: Final = 256 * 1024
+
+
+def size_class(nbytes: int) -> int:
+    """Round up to one of four steps per power of two: at most 25% of a block goes unused,
+    and messages of similar sizes share blocks."""
+    step = 1 << max(nbytes.bit_length() - 3, 12)
+    return -(-nbytes // step) * step
+
+
+class HostBufferPool:
+    def __init__(self, max_cached_bytes: int) -> None:
+        self._max_cached = max_cached_bytes
+        self._free: dict[int, list[bytearray]] = {}
+        self._cached = 0
+        self._lock = threading.Lock()  # blocks come back from whichever thread frees a tensor
+        self._holders: dict[int, type[Any]] = {}
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor, on pooled memory when it is large enough."""
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if nbytes < MIN_POOLED_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        size = size_class(nbytes)
+        with self._lock:
+            blocks = self._free.get(size)
+            base = blocks.pop() if blocks else None
+            if base is not None:
+                self._cached -= size
+        if base is None:
+            base = bytearray(size)
+        holder = self._holder_type(size).from_buffer(base)
+        holder.base = base
+        flat = torch.frombuffer(holder, dtype=torch.uint8, count=nbytes)
+        return flat.view(dtype).reshape(shape)
+
+    def _holder_type(self, size: int) -> type[Any]:
+        # The tensor's storage keeps its buffer exporter (the holder) alive; when the storage
+        # dies, the holder's __del__ hands the block back. One ctypes array type per size.
+        holder = self._holders.get(size)
+        if holder is None:
+            pool = self
+
+            def __del__(self: Any) -> None:
+                pool._give_back(self.base)
+
+            holder = type(f"_Block{size}", (ctypes.c_ubyte * size,), {"__del__": __del__})
+            self._holders[size] = holder
+        return holder
+
+    def _give_back(self, base: bytearray) -> None:
+        size = len(base)
+        with self._lock:
+            if self._cached + size <= self._max_cached:
+                self._free.setdefault(size, []).append(base)
+                self._cached += size
