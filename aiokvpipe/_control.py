@@ -70,7 +70,7 @@ class ControlChannel(asyncio.Protocol):
             if self._handler is not None:
                 try:
                     self._handler.on_frame(frame)
-                except ProtocolError as exc:
+                except Exception as exc:  # ProtocolError, or e.g. no memory for a payload
                     self._fail(exc)
                     return
             elif len(self._early) >= _MAX_EARLY_FRAMES:

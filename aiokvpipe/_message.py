@@ -9,7 +9,15 @@ from typing import Union
 import torch
 
 from ._dtypes import code_of
-from ._wire import MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_NDIM, MAX_TENSORS, Structure, TensorSpec
+from ._wire import (
+    MAX_KEY_BYTES,
+    MAX_NAME_BYTES,
+    MAX_NDIM,
+    MAX_TENSORS,
+    Structure,
+    TensorSpec,
+    shape_fits,
+)
 
 Message = Union[None, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]
 
@@ -67,10 +75,14 @@ def flatten(msg: object) -> Outgoing:
     for name, t in zip(names, items):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"message holds a {type(t).__name__}, not a Tensor")
-        if t.layout != torch.strided:
-            raise TypeError(f"only strided (dense) tensors can be sent, not {t.layout}")
+        if t.layout != torch.strided or t.is_nested:
+            raise TypeError("only dense (strided, not nested) tensors can be sent")
+        if t.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"tensors on {t.device.type!r} cannot be sent (cpu or cuda only)")
         if t.dim() > MAX_NDIM:
             raise ValueError(f"tensor has {t.dim()} dimensions; the limit is {MAX_NDIM}")
+        if not shape_fits(tuple(t.shape), t.element_size()):
+            raise ValueError(f"tensor shape {tuple(t.shape)} is beyond the payload limit")
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         code = code_of(t.dtype)

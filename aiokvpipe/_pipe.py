@@ -326,9 +326,13 @@ class Pipe:
         # An oversize message is allowed only when the peer had every credit back.
         if self._credit_held and self._credit_held + item_cost > self._recv_buffer_bytes:
             raise ProtocolError("peer sent beyond the receive credits it was granted")
+        try:
+            payload = self._plane.post_recv(h.tensors)
+        except (RuntimeError, MemoryError) as exc:  # allocation failed: the payload is lost
+            raise ProtocolError(f"cannot allocate {h.nbytes} bytes for message "
+                                f"#{h.seq}: {exc}") from exc
         self._credit_held += item_cost
         self._next_recv_seq += 1
-        payload = self._plane.post_recv(h.tensors)
         self._incoming.append(_Incoming(h, payload))
         payload.add_done_callback(self._on_payload)
 

@@ -465,18 +465,30 @@ def _decode_header(r: _Reader) -> Header:
         if ndim > MAX_NDIM:
             raise ProtocolError(f"{ndim} dimensions exceed the limit of {MAX_NDIM}")
         shape = r.unpack(struct.Struct(f">{ndim}Q"))
+        if not shape_fits(shape, itemsize):
+            raise ProtocolError(f"shape {shape[:8]} is beyond the payload limit")
         nbytes = itemsize
         for d in shape:
-            if d > MAX_PAYLOAD_BYTES:
-                raise ProtocolError(f"dimension {d} is out of range")
             nbytes *= d
-            if nbytes > MAX_PAYLOAD_BYTES:
-                raise ProtocolError("tensor larger than the payload limit")
         total += nbytes
         if total > MAX_PAYLOAD_BYTES:
             raise ProtocolError("message larger than the payload limit")
         specs.append(TensorSpec(code, tuple(shape), itemsize, name))
     return Header(seq, key, structure, tuple(specs))
+
+
+def shape_fits(shape: tuple[int, ...], itemsize: int) -> bool:
+    """Whether a tensor of this shape stays within :data:`MAX_PAYLOAD_BYTES`, counting a zero
+    dimension as one: a zero must not let huge dimensions through (strides are computed
+    from them all), and a shape's fate must not depend on the order of its dimensions."""
+    bound = itemsize
+    for d in shape:
+        if d < 0:
+            return False
+        bound *= max(d, 1)
+        if bound > MAX_PAYLOAD_BYTES:
+            return False
+    return True
 
 
 class FrameDecoder:
