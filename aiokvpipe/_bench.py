@@ -29,8 +29,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -39,6 +42,7 @@ import statistics
 import struct
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from collections import deque
@@ -115,7 +119,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def median(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if v == v]  # drop NaN
+    finite = [v for v in values if not math.isnan(v)]
     return statistics.median(finite) if finite else None
 
 
@@ -178,8 +182,8 @@ class Endpoint(Protocol):
     async def prepare(self, phase: Json) -> None:
         """Make the payload of the following rounds (``nbytes``, or a bundle)."""
 
-    async def stream(self, deadline: float, min_msgs: int) -> int:
-        """Send until ``deadline`` (perf_counter) and at least ``min_msgs``; end; await the ack.
+    async def stream(self, seconds: float, min_msgs: int) -> int:
+        """Send for ``seconds`` and at least ``min_msgs`` messages; end; await the ack.
         Returns the messages sent."""
 
     async def ping(self) -> None:
@@ -298,9 +302,9 @@ class OursEndpoint:
     def _tensor(self, nbytes: int) -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8, device=self._device)
 
-    async def stream(self, deadline: float, min_msgs: int) -> int:
+    async def stream(self, seconds: float, min_msgs: int) -> int:
         pipe, msg = self.pipe, self._msg
-        sent = 0
+        deadline, sent = time.perf_counter() + seconds, 0
 
         async def one_sender() -> None:
             nonlocal sent
@@ -340,9 +344,10 @@ class OursEndpoint:
         await self.pipe.send(None)
         return n
 
-    async def stream_keyed(self, tasks: int, deadline: float, min_msgs: int) -> int:
-        """``tasks`` concurrent senders, each with its own key, until ``deadline``."""
+    async def stream_keyed(self, tasks: int, seconds: float, min_msgs: int) -> int:
+        """``tasks`` concurrent senders, each with its own key, for ``seconds``."""
         pipe, msg = self.pipe, self._msg
+        deadline = time.perf_counter() + seconds
 
         async def one(key: str) -> int:
             n = 0
@@ -443,8 +448,8 @@ class StreamsEndpoint:
         self._payload = memoryview(bytearray(n))
         self._data_hdr, self._echo_hdr = _header(_DATA, n), _header(_ECHO, n)
 
-    async def stream(self, deadline: float, min_msgs: int) -> int:
-        w, sent = self._writer, 0
+    async def stream(self, seconds: float, min_msgs: int) -> int:
+        w, sent, deadline = self._writer, 0, time.perf_counter() + seconds
         while sent < min_msgs or time.perf_counter() < deadline:
             w.write(self._data_hdr)
             w.write(self._payload)
@@ -589,8 +594,9 @@ class CeilingEndpoint:
         self._back = memoryview(bytearray(_HEADER.size + n))
         self._data_hdr, self._echo_hdr = _header(_DATA, n), _header(_ECHO, n)
 
-    async def stream(self, deadline: float, min_msgs: int) -> int:
+    async def stream(self, seconds: float, min_msgs: int) -> int:
         loop, sock = asyncio.get_running_loop(), self._sock
+        deadline = time.perf_counter() + seconds
         assert sock is not None
         window = asyncio.Semaphore(self._depth)
         sent, acked, ended = 0, 0, False
@@ -691,13 +697,11 @@ async def sender_phases(ep: Endpoint, case: Json) -> list[Json]:
         if kind == "keyed":
             assert isinstance(ep, OursEndpoint)
             tasks = int(phase["tasks"])
-            await ep.stream_keyed(tasks, time.perf_counter() + float(phase["warmup_s"]), 1)
-            res = await measured(lambda: ep.stream_keyed(tasks, time.perf_counter() + seconds,
-                                                         1))
+            await ep.stream_keyed(tasks, float(phase["warmup_s"]), 1)
+            res = await measured(functools.partial(ep.stream_keyed, tasks, seconds, 1))
         else:
-            await ep.stream(time.perf_counter() + float(phase["warmup_s"]),
-                            int(phase["warmup_msgs"]))
-            res = await measured(lambda: ep.stream(time.perf_counter() + seconds, 1))
+            await ep.stream(float(phase["warmup_s"]), int(phase["warmup_msgs"]))
+            res = await measured(functools.partial(ep.stream, seconds, 1))
         res["bytes"] = res["msgs"] * _phase_nbytes(phase)
         res["gbps"] = res["bytes"] / res["elapsed_s"] / 1e9
         results.append(res)
@@ -714,7 +718,7 @@ async def receiver_phases(ep: Endpoint, case: Json) -> list[Json]:
             assert isinstance(ep, OursEndpoint)
             tasks = int(phase["tasks"])
             await ep.drain_keyed(tasks)
-            results.append(await measured(lambda: ep.drain_keyed(tasks)))
+            results.append(await measured(functools.partial(ep.drain_keyed, tasks)))
         else:
             await ep.drain()
             results.append(await measured(ep.drain))
@@ -744,7 +748,7 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if name == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
+        return uvloop.new_event_loop
     return asyncio.new_event_loop
 
 
@@ -777,14 +781,16 @@ def child_main(role: str, device: str) -> int:
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        emit({"type": "hello", "role": role, "device": device, "pid": os.getpid()})
+        name = torch.cuda.get_device_name() if device.startswith("cuda") else None
+        emit({"type": "hello", "role": role, "device": device, "device_name": name,
+              "pid": os.getpid()})
         for line in sys.stdin:
             cmd = json.loads(line)
             if cmd.get("type") == "exit":
                 break
             try:
                 emit({"type": "result", "phases": run_case(role, device, cmd, emit)})
-            except Exception:
+            except Exception:  # noqa: BLE001  -- reported to the coordinator, which goes on
                 emit({"type": "error", "error": traceback.format_exc(limit=8)})
     except KeyboardInterrupt:
         return 130
@@ -804,7 +810,9 @@ class _Child:
     def __init__(self, role: str, device: str) -> None:
         self.role, self.device = role, device
         self._proc: asyncio.subprocess.Process | None = None
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        # Kept for the child's whole life, to quote its last words when it fails.
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self.hello: Json = {}
 
     async def start(self) -> None:
         env = dict(os.environ)
@@ -816,9 +824,9 @@ class _Child:
             sys.executable, "-m", "aiokvpipe", "bench", "--role", self.role,
             "--role-device", self.device, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=self._stderr, env=env, limit=1 << 22)
-        hello = await self.read(START_TIMEOUT_S)
-        if hello.get("type") != "hello":
-            raise CaseFailed(f"{self.role} did not start: {hello}")
+        self.hello = await self.read(START_TIMEOUT_S)
+        if self.hello.get("type") != "hello":
+            raise CaseFailed(f"{self.role} did not start: {self.hello}")
 
     async def send(self, msg: Json) -> None:
         assert self._proc is not None and self._proc.stdin is not None
@@ -846,17 +854,18 @@ class _Child:
         tail = self._stderr.read().decode(errors="replace").strip()
         return f"; its stderr ends with:\n{tail}" if tail else ""
 
-    async def stop(self) -> None:
-        """Ask the child to exit, then SIGTERM, then SIGKILL; always reaps it."""
+    async def stop(self, polite: bool) -> None:
+        """End the child and reap it: ``polite`` asks it to exit first (it is between cases),
+        then SIGTERM, then SIGKILL, each given a few seconds."""
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
         try:
-            if proc.stdin is not None and not proc.stdin.is_closing():
+            if polite and proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.write(b'{"type": "exit"}\n')
                 proc.stdin.close()
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-            return
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+                return
         except (TimeoutError, ConnectionError):
             pass
         for signal_it in (proc.terminate, proc.kill):
@@ -888,15 +897,17 @@ class ChildPair:
     async def start(self) -> None:
         await _both(self.sender.start(), self.receiver.start())
 
-    async def stop(self) -> None:
+    async def stop(self, polite: bool) -> None:
+        """Stop both (see :meth:`_Child.stop`); a second cancellation kills them outright."""
         try:
-            await asyncio.shield(asyncio.gather(self.sender.stop(), self.receiver.stop()))
+            await asyncio.shield(asyncio.gather(self.sender.stop(polite),
+                                                self.receiver.stop(polite)))
         finally:
             self.sender.kill_now()
             self.receiver.kill_now()
 
     async def restart(self) -> None:
-        await self.stop()
+        await self.stop(polite=False)
         self.sender = _Child("sender", self.sender.device)
         self.receiver = _Child("receiver", self.receiver.device)
         await self.start()
@@ -933,16 +944,20 @@ def case_timeout(phases: Sequence[Json], setup_s: float = 20.0) -> float:
 
 
 async def run_cases(cases: list[Json], sender_device: str, receiver_device: str
-                    ) -> tuple[list[Json], list[Json]]:
-    """Run every case; returns (records, errors). A failed case is recorded and skipped, the
-    children restarted; the children are stopped whatever happens."""
+                    ) -> tuple[list[Json], list[Json], list[Json]]:
+    """Run every case; returns (records, errors, the children's hellos). A failed case is
+    recorded and skipped, the children restarted; the children are stopped whatever
+    happens."""
     records: list[Json] = []
     errors: list[Json] = []
     pair = ChildPair(sender_device, receiver_device)
+    finished = False
     try:
         await pair.start()
+        hellos = [pair.sender.hello, pair.receiver.hello]
         for i, case in enumerate(cases, 1):
-            name = f"{IMPL_LABELS[case['impl']]} ({case['loop']})"
+            loop = f" ({case['loop']})" if case["loop"] != "none" else ""
+            name = f"{IMPL_LABELS[case['impl']]}{loop}"
             print(f"bench: [{i}/{len(cases)}] {name}, repeat {case['repeat'] + 1}",
                   file=sys.stderr, flush=True)
             try:
@@ -958,9 +973,10 @@ async def run_cases(cases: list[Json], sender_device: str, receiver_device: str
                                 "repeat": case["repeat"], "label": phase["label"],
                                 "kind": phase["kind"], "nbytes": phase["nbytes"],
                                 "sender": s, "receiver": r})
+        finished = True
     finally:
-        await pair.stop()
-    return records, errors
+        await pair.stop(polite=finished)
+    return records, errors, hellos
 
 
 # -- planning the CPU run ----------------------------------------------------------------------
@@ -1030,7 +1046,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def fmt(x: float | None, spec: str = ".3g") -> str:
-    return "—" if x is None else format(x, spec)
+    """``spec`` ".3g" means three significant digits but never an exponent."""
+    if x is None:
+        return "—"
+    if spec == ".3g" and abs(x) >= 100:
+        return f"{x:.0f}"
+    return format(x, spec)
 
 
 def verdict(ok: bool | None) -> str:
@@ -1157,12 +1178,10 @@ def _cpu_model() -> str:
 
 
 def _version_of(module: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
-        return None
     try:
-        return str(__import__(module).__version__)
-    except Exception:  # installed but broken: say so rather than fail the bench
-        return "unimportable"
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def header_line(info: Json, date: str, what: str) -> str:
@@ -1188,7 +1207,7 @@ def plot(path: str, sizes: list[int], series: dict[str, list[float | None]], tit
     ax.set_xticks(sizes, [format_size(s) for s in sizes])
     ax.set_xlabel("message size (one tensor per message)")
     ax.set_ylabel("GB/s")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -1254,10 +1273,10 @@ def main(args: argparse.Namespace) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     loop = "uvloop" if use_uvloop else "asyncio"
     cases = plan_cpu(sizes, seconds, repeat, loop)
-    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     info = host_info("cpu")
     started = time.perf_counter()
-    records, errors = asyncio.run(run_cases(cases, "cpu", "cpu"))
+    records, errors, _ = asyncio.run(run_cases(cases, "cpu", "cpu"))
     summary = summarize(records)
     table, targets = cpu_report(summary, sizes)
     settings = {"sizes": sizes, "seconds": seconds, "repeat": repeat, "ours_loop": loop,
@@ -1265,11 +1284,11 @@ def main(args: argparse.Namespace) -> int:
     finish(args, info, date, settings, records, errors, summary, targets, sizes,
            ["ours", "streams-asyncio", "streams-uvloop", "ceiling"],
            [f"device cpu ({info['cpu']}, {info['cpu_count']} cores)",
-            f"ours and the ceiling on {loop}; {repeat} repeat(s) × {seconds:g} s per point, "
-            f"medians; {DEPTH} sends in flight",
-            "one-way latency = ping-pong round trip / 2; ratios are ours ÷ baseline "
-            "(throughput: higher is better, latency: lower is better); snd/rcv = sender/"
-            "receiver process"],
+            (f"ours and the ceiling on {loop}; {repeat} repeat(s) × {seconds:g} s per point, "
+             f"medians; {DEPTH} sends in flight"),
+            ("one-way latency = ping-pong round trip / 2; ratios are ours ÷ baseline "
+             "(throughput: higher is better, latency: lower is better); snd/rcv = sender/"
+             "receiver process")],
            table)
     return 1 if errors else 0
 
@@ -1284,8 +1303,7 @@ def finish(args: argparse.Namespace, info: Json, date: str, settings: Json,
         doc = {"tool": "aiokvpipe bench", "date": date, "command": " ".join(sys.argv),
                "argv": sys.argv, "host": info, "settings": settings, "summary": summary,
                "targets": targets, "records": records, "errors": errors}
-        Path(args.json).write_text(json.dumps(doc, indent=1, allow_nan=False,
-                                              default=_json_default) + "\n")
+        Path(args.json).write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
     if args.plot:
         series = {IMPL_LABELS[i]: [fig_of(summary, i, f"tput {format_size(n)}", "gbps")
                                    for n in sizes] for i in impls if i in summary}
@@ -1299,5 +1317,12 @@ def finish(args: argparse.Namespace, info: Json, date: str, settings: Json,
     print(table)
 
 
-def _json_default(obj: object) -> object:
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+def _finite(obj: Any) -> Any:
+    """NaN and infinities (a figure nobody measured) become null: strict JSON has neither."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

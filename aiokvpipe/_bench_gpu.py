@@ -32,12 +32,12 @@ import torch
 
 from ._bench import (
     DEPTH,
-    KiB,
-    MiB,
-    GiB,
     MAX_SAMPLES,
     MIN_LAT_SAMPLES,
+    GiB,
     Json,
+    KiB,
+    MiB,
     both_sides,
     case_timeout,
     fig_of,
@@ -129,8 +129,9 @@ class _RawNccl:
     def _tell_count(self, count: int) -> None:
         import numpy as np
 
-        with self._stream:  # the copy is ordered before the send on the same stream
-            self._ctl.set(np.frombuffer(struct.pack("<q", count), dtype=np.uint8))
+        # On our stream, so the copy is ordered before the send that reads it.
+        self._ctl.set(np.frombuffer(struct.pack("<q", count), dtype=np.uint8),
+                      stream=self._stream)
         self._send(self._ctl.data.ptr, 8)
         self._sync()
 
@@ -142,7 +143,9 @@ class _RawNccl:
 
     @staticmethod
     def _warm_msgs(phase: Json) -> int:
-        # Both ends derive the same count from the phase alone.
+        """Messages of each of the two untimed batches that open a phase: a warm-up (the
+        first op on a connection also sets it up) and a calibration. Both ends derive the
+        same number from the phase alone."""
         return max(int(phase["warmup_msgs"]), 2 if phase["nbytes"] >= 64 * MiB else 20)
 
     def _count_for(self, seconds: float, per_msg: float, floor: int, cap: int) -> int:
@@ -153,11 +156,12 @@ class _RawNccl:
         warm = self._warm_msgs(phase)
         if phase["kind"] == "lat":
             back = self._cp.empty(n, dtype=self._cp.uint8)
-            t0 = time.perf_counter()
-            for _ in range(warm):
-                self._send(ptr, n)
-                self._recv(back.data.ptr, n)
-                self._sync()
+            for _batch in range(2):  # warm-up, then calibration
+                t0 = time.perf_counter()
+                for _ in range(warm):
+                    self._send(ptr, n)
+                    self._recv(back.data.ptr, n)
+                    self._sync()
             count = self._count_for(seconds, (time.perf_counter() - t0) / warm,
                                     MIN_LAT_SAMPLES, MAX_SAMPLES)
             self._tell_count(count)
@@ -170,10 +174,11 @@ class _RawNccl:
                 rtts.append(time.perf_counter() - t0)
             return {"p50_us": percentile(rtts, 50) / 2 * 1e6,
                     "p99_us": percentile(rtts, 99) / 2 * 1e6, "samples": len(rtts)}
-        t0 = time.perf_counter()
-        for _ in range(warm):
-            self._send(ptr, n)
-        self._sync()
+        for _batch in range(2):  # warm-up, then calibration
+            t0 = time.perf_counter()
+            for _ in range(warm):
+                self._send(ptr, n)
+            self._sync()
         count = self._count_for(seconds, (time.perf_counter() - t0) / warm, 1, MAX_RAW_MSGS)
         self._tell_count(count)
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -190,7 +195,7 @@ class _RawNccl:
         warm = self._warm_msgs(phase)
         if phase["kind"] == "lat":
             back = self._cp.empty(n, dtype=self._cp.uint8)
-            for _ in range(warm):
+            for _ in range(2 * warm):
                 self._recv(back.data.ptr, n)
                 self._send(back.data.ptr, n)
             self._sync()
@@ -200,7 +205,7 @@ class _RawNccl:
                 self._send(back.data.ptr, n)
             self._sync()
             return {"msgs": count}
-        for _ in range(warm):
+        for _ in range(2 * warm):
             self._recv(ptr, n)
         self._sync()
         count = self._hear_count()
@@ -228,11 +233,17 @@ def raw_nccl_case(role: str, device: str, case: Json, emit: Callable[[Json], Non
     with cp.cuda.Device(index):
         if role == "receiver":
             uid = nccl.get_unique_id()
-            emit({"type": "rendezvous", "value": list(uid)})
+            # CuPy 14 hands out bytes, older CuPy a tuple of C chars (signed): send unsigned.
+            raw_id = uid if isinstance(uid, bytes) else bytes(b & 0xFF for b in uid)
+            emit({"type": "rendezvous", "value": raw_id.hex()})
         else:
-            uid = tuple(case["rendezvous"])
+            raw_id = bytes.fromhex(case["rendezvous"])
         rank = 0 if role == "sender" else 1
-        comm = nccl.NcclCommunicator(2, uid, rank)
+        try:
+            comm = nccl.NcclCommunicator(2, raw_id, rank)
+        except TypeError:  # older CuPy wants the tuple of signed chars back
+            comm = nccl.NcclCommunicator(2, tuple(b - 256 if b > 127 else b for b in raw_id),
+                                         rank)
         raw = _RawNccl(comm, rank, int(case["max_nbytes"]))
         try:
             run = raw.sender_phase if role == "sender" else raw.receiver_phase
@@ -329,7 +340,7 @@ def main(args: argparse.Namespace, loop: str) -> int:
     seconds = args.seconds or (0.5 if args.quick else 1.0)
     repeat = args.repeat or 1
     cases = plan_gpu(sizes, seconds, repeat, loop, args.quick)
-    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     info = host_info("cuda:0 → cuda:1")
     started = time.perf_counter()
     records, errors, hellos = asyncio.run(run_cases(cases, "cuda:0", "cuda:1"))
@@ -342,10 +353,10 @@ def main(args: argparse.Namespace, loop: str) -> int:
     finish(args, info, date, settings, records, errors, summary, targets, sizes,
            ["ours", "nccl-raw"],
            [f"device cuda:0 → cuda:1 ({gpus})",
-            f"ours: transport nccl on {loop}; raw: CuPy NCCL send/recv, one stream; "
-            f"{repeat} repeat(s) × {seconds:g} s per point; {DEPTH} sends in flight (ours)",
-            "one-way latency = ping-pong round trip / 2; ratios are ours ÷ raw; bundles: raw "
-            "sends the same bytes as one tensor; keyed: raw sends 4 MiB back to back",
+            (f"ours: transport nccl on {loop}; raw: CuPy NCCL send/recv, one stream; "
+             f"{repeat} repeat(s) × {seconds:g} s per point; {DEPTH} sends in flight (ours)"),
+            ("one-way latency = ping-pong round trip / 2; ratios are ours ÷ raw; bundles: raw "
+             "sends the same bytes as one tensor; keyed: raw sends 4 MiB back to back"),
             "snd/rcv = sender/receiver process; loop lag is ours' only (raw has no loop)"],
            table)
     return 1 if errors else 0

@@ -125,7 +125,11 @@ def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: 
     pipe = Pipe(ch, plane, device=device, max_inflight_bytes=opts.max_inflight_bytes,
                 recv_buffer_bytes=opts.recv_buffer_bytes, peer_credits=peer.recv_buffer_bytes,
                 heartbeat_interval=opts.heartbeat_interval,
-                heartbeat_timeout=_silence_limit(opts, peer))
+                heartbeat_timeout=_silence_limit(opts, peer),
+                # Inline payloads suit tcp to a CPU receiver; NCCL and CUDA receivers want
+                # every byte on their own plane and stream.
+                inline_limit=(_wire.MAX_INLINE_PAYLOAD
+                              if plane.name == "tcp" and not peer.cuda else 0))
     late.pipe = pipe
     if late.early is not None:
         pipe._break(late.early)
@@ -383,9 +387,11 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
             await loop.sock_connect(sock, address)
         except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
             sock.close()
-            if loop.time() + delay > deadline:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 raise TimeoutError(f"nobody accepted a pipe at {host}:{port}") from exc
-            await asyncio.sleep(delay)
+            # The last pause ends at the deadline itself, for one last try there.
+            await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.5)
             continue
         except BaseException:

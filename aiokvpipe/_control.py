@@ -102,11 +102,15 @@ class ControlChannel(asyncio.Protocol):
     def peer(self) -> object:
         return self._transport.get_extra_info("peername") if self._transport else None
 
-    def write(self, frame: _wire.Frame) -> None:
-        """Queue ``frame``; raises :class:`BrokenPipe` if the connection is gone."""
+    def write(self, *frames: _wire.Frame) -> None:
+        """Queue ``frames`` (in one write); raises :class:`BrokenPipe` if the connection is
+        gone."""
         if self._lost is not None or self._transport is None:
             raise BrokenPipe("control connection is closed") from self._lost
-        self._transport.write(_wire.encode(frame))
+        if len(frames) == 1:
+            self._transport.write(_wire.encode(frames[0]))
+        else:
+            self._transport.write(b"".join(_wire.encode(f) for f in frames))
 
     async def drain(self) -> None:
         """Wait while the kernel's send buffer is full (bounded control-frame backlog)."""

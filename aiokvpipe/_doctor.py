@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import platform
 import sys
@@ -24,7 +25,7 @@ def _fenced(probe: Any) -> Json:
     try:
         result: Json = probe()
         return result
-    except Exception as exc:  # the point of doctor is to report, not to fail
+    except Exception as exc:  # noqa: BLE001  -- doctor reports what is broken, never fails
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -62,14 +63,14 @@ def _cupy() -> Json:
     try:
         info["cuda_runtime"] = int(cupy.cuda.runtime.runtimeGetVersion())
         info["cuda_driver"] = int(cupy.cuda.runtime.driverGetVersion())
-    except Exception as exc:  # CuPy imports fine without a driver; asking it then fails
+    except Exception as exc:  # noqa: BLE001  -- CuPy imports without a driver, then fails
         info["cuda_error"] = f"{type(exc).__name__}: {exc}"
     try:
         from cupy.cuda import nccl
 
         info["nccl"] = bool(nccl.available)
         info["nccl_version"] = int(nccl.get_version()) if nccl.available else None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  -- a CuPy built without NCCL, a missing libnccl
         info["nccl"] = False
         info["nccl_error"] = f"{type(exc).__name__}: {exc}"
     return info
@@ -77,10 +78,9 @@ def _cupy() -> Json:
 
 def _uvloop() -> Json:
     try:
-        import uvloop
-    except ImportError:
+        return {"installed": True, "version": importlib.metadata.version("uvloop")}
+    except importlib.metadata.PackageNotFoundError:
         return {"installed": False}
-    return {"installed": True, "version": uvloop.__version__}
 
 
 def _auto_transport() -> Json:
@@ -91,8 +91,8 @@ def _auto_transport() -> Json:
     opts = PipeOptions()  # transport="auto", as a user gets it
     cpu = _connect._local_caps(opts, torch.device("cpu"))
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        verdict = _verdict(_handshake, cpu, cpu, "no CUDA device here, so both ends use "
-                           "device='cpu'")
+        verdict = _verdict(_handshake, cpu, cpu, "no CUDA device here, so a peer like this "
+                           "machine, on another GPU or the same, uses device='cpu'")
         return {"other_gpu": verdict, "same_gpu": verdict, "cpu_peer": verdict}
     here = _connect._local_caps(opts, torch.device("cuda", 0))
     if torch.cuda.device_count() > 1:
@@ -113,7 +113,7 @@ def _verdict(hs: Any, a: Any, b: Any, note: str) -> Json:
         return {"transport": None, "why": str(exc), "situation": note}
     why = hs.nccl_possible(a, b)
     if why is None:
-        why = f"different GPUs, CuPy with NCCL {a.nccl_version} at both ends"
+        why = f"different GPUs, CuPy with NCCL {nccl_version(a.nccl_version)} at both ends"
     return {"transport": chosen, "why": why, "situation": note}
 
 
@@ -126,12 +126,16 @@ def collect() -> Json:
             "auto_transport": _fenced(_auto_transport)}
 
 
+def nccl_version(code: int) -> str:
+    """NCCL's version code as text: 22809 → "2.28.9" (the scheme of NCCL ≥ 2.9)."""
+    return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+
+
 def _nccl_line(c: Json) -> str:
     if not c.get("installed"):
         return "not available (needs CuPy)"
     if c.get("nccl"):
-        v = int(c["nccl_version"])
-        return f"{v // 10000}.{v // 100 % 100}.{v % 100} (via CuPy)"
+        return f"{nccl_version(int(c['nccl_version']))} (via CuPy)"
     return f"not available in this CuPy {c.get('nccl_error', '')}".rstrip()
 
 
@@ -170,6 +174,11 @@ def render(info: Json) -> str:
     auto = info["auto_transport"]
     if "error" in auto:
         lines.append(f"  could not be worked out: {auto['error']}")
+        return "\n".join(lines)
+    if auto["other_gpu"] == auto["same_gpu"] == auto["cpu_peer"]:  # no GPU: one answer
+        v = auto["cpu_peer"]
+        lines.append(f"  any peer: {v['transport'] or 'refused'}  ({v['situation']}; "
+                     f"nccl needs {v['why'].removeprefix('both ends need ')})")
         return "\n".join(lines)
     for key, name in (("other_gpu", "peer on another GPU of this machine"),
                       ("same_gpu", "peer on the same GPU"),

@@ -21,7 +21,8 @@ from ._budget import ByteBudget
 from ._control import ControlChannel
 from ._dtypes import dtype_of
 from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError
-from ._message import Message, check_key, flatten, rebuild
+from ._hostmem import byte_view
+from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._plane import DataPlane
 
 log = logging.getLogger("aiokvpipe")
@@ -72,13 +73,16 @@ class Pipe:
 
     def __init__(self, control: ControlChannel, plane: DataPlane, *, device: torch.device,
                  max_inflight_bytes: int, recv_buffer_bytes: int, peer_credits: int,
-                 heartbeat_interval: float | None, heartbeat_timeout: float | None) -> None:
+                 heartbeat_interval: float | None, heartbeat_timeout: float | None,
+                 inline_limit: int = 0) -> None:
         self._loop = asyncio.get_running_loop()
         self._control = control
         self._plane = plane
         self.device: Final = device
         self.peer: Final = control.peer
         # sending
+        #: CPU payloads up to this size travel inside their header frame (0: never).
+        self._inline_limit = inline_limit
         self._send_lock = asyncio.Lock()
         self._send_budget = ByteBudget(max_inflight_bytes)
         self._credits = ByteBudget(max(peer_credits, 1))
@@ -129,6 +133,9 @@ class Pipe:
         key = check_key(key)
         out = flatten(msg)
         self._check_can_send()
+        if out.nbytes <= self._inline_limit and not any(t.is_cuda for t in out.tensors):
+            await self._send_inline(out, key)
+            return
         async with self._send_lock:
             self._check_can_send()
             await self._send_budget.acquire(out.nbytes)
@@ -142,7 +149,7 @@ class Pipe:
             header = _wire.Header(self._next_send_seq, key, out.structure, out.specs)
             self._next_send_seq += 1
             try:
-                self._control.write(header)
+                self._write_header(header)
             except BrokenPipe:
                 self._send_budget.release(out.nbytes)
                 raise self._error or BrokenPipe("control connection lost") from None
@@ -151,6 +158,22 @@ class Pipe:
             done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
             await self._control.drain()
         await asyncio.shield(done)
+
+    async def _send_inline(self, out: Outgoing, key: str | None) -> None:
+        # A small CPU message is copied into its header frame: once written, the tensors are
+        # free again, so there is no payload to wait for and no send budget to hold.
+        async with self._send_lock:
+            self._check_can_send()
+            await self._credits.acquire(_wire.message_cost(out.nbytes, len(out.specs)))
+            payload = b"".join(byte_view(t) for t in out.tensors if t.numel())
+            header = _wire.Header(self._next_send_seq, key, out.structure, out.specs, payload)
+            try:
+                self._write_header(header)
+            except BrokenPipe:
+                raise self._error or BrokenPipe("control connection lost") from None
+            self._next_send_seq += 1
+            self._bytes_sent += out.nbytes
+            await self._control.drain()
 
     async def recv(self, key: str | None = None) -> Message:
         """Receive the next message sent with ``key`` (``None``: the next unkeyed message).
@@ -327,24 +350,50 @@ class Pipe:
         if self._credit_held and self._credit_held + item_cost > self._recv_buffer_bytes:
             raise ProtocolError("peer sent beyond the receive credits it was granted")
         try:
-            payload = self._plane.post_recv(h.tensors)
+            if h.inline is not None:
+                payload: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
+                payload.set_result(self._unpack_inline(h))
+            else:
+                payload = self._plane.post_recv(h.tensors)
         except (RuntimeError, MemoryError) as exc:  # allocation failed: the payload is lost
             raise ProtocolError(f"cannot allocate {h.nbytes} bytes for message "
                                 f"#{h.seq}: {exc}") from exc
         self._credit_held += item_cost
         self._next_recv_seq += 1
         self._incoming.append(_Incoming(h, payload))
-        payload.add_done_callback(self._on_payload)
+        if h.inline is not None:
+            self._deliver_arrived()  # now, not a loop iteration later
+        else:
+            payload.add_done_callback(self._on_payload)
+
+    def _unpack_inline(self, h: _wire.Header) -> list[torch.Tensor]:
+        if self.device.type != "cpu":
+            raise ProtocolError("inline payload sent to a CUDA receiver")
+        assert h.inline is not None
+        tensors, offset = [], 0
+        for spec in h.tensors:
+            t = torch.empty(spec.shape, dtype=dtype_of(spec.dtype))
+            if spec.nbytes:
+                byte_view(t)[:] = h.inline[offset:offset + spec.nbytes]
+                offset += spec.nbytes
+            tensors.append(t)
+        return tensors
 
     def _on_payload(self, fut: asyncio.Future[list[torch.Tensor]]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             if self._error is None and not self._finished.is_set():
                 self._break(fut.exception() or ConnectionAbortedError("payload cancelled"))
             return
-        # Payloads complete in order on one plane, but an empty message completes at once:
-        # deliver strictly in sequence so unkeyed FIFO order holds.
+        self._deliver_arrived()
+
+    def _deliver_arrived(self) -> None:
+        # Payloads complete in order on one plane, but an empty or inline message completes
+        # at once: deliver strictly in sequence so unkeyed FIFO order holds.
         while self._incoming and self._incoming[0].payload.done():
             item = self._incoming.popleft()
+            if item.payload.cancelled() or item.payload.exception() is not None:
+                self._on_payload(item.payload)  # breaks the pipe
+                return
             item.tensors = item.payload.result()
             self._messages_received += 1
             self._bytes_received += item.header.nbytes
@@ -399,10 +448,22 @@ class Pipe:
             self._loop.call_soon(self._flush_credit)
         self._credit_to_return += n
 
+    def _write_header(self, header: _wire.Header) -> None:
+        if self._credit_to_return:
+            # Credits we owe ride along: one write instead of two (a request/response pair
+            # then costs one syscall each way).
+            n, self._credit_to_return = self._credit_to_return, 0
+            self._credit_held -= n
+            self._control.write(_wire.Credit(n), header)
+        else:
+            self._control.write(header)
+
     def _flush_credit(self) -> None:
         n, self._credit_to_return = self._credit_to_return, 0
         self._credit_held -= n
-        if n and self._error is None and not self._finished.is_set():
+        # Once the peer closed it sends nothing more: it needs no credit (and its end of
+        # the connection may already be gone).
+        if n and self._error is None and not self._finished.is_set() and not self._peer_closed:
             try:
                 self._control.write(_wire.Credit(n))
             except BrokenPipe:
@@ -439,6 +500,11 @@ class Pipe:
         try:
             while self._sends_in_flight:
                 await asyncio.wait(set(self._sends_in_flight))
+            if self._peer_closed:
+                # Answering the peer's CLOSE: only once all it announced has arrived, so that
+                # our CLOSE tells it that it may tear down without losing a byte in flight.
+                while self._incoming:
+                    await asyncio.wait({self._incoming[-1].payload})
             if self._error is not None:
                 return
             self._control.write(_wire.Close(self._next_send_seq))
@@ -463,7 +529,16 @@ class Pipe:
         """Called by the control channel when its connection ends."""
         if self._finished.is_set():
             return
+        if self._peer_closed and self._close_sent:
+            # Both CLOSEs were exchanged: the peer may close its end as soon as it has all we
+            # sent, while its last payloads are still on their way to us. The data plane
+            # reports them lost if they are; a deadline bounds the wait.
+            self._loop.call_later(CLOSE_TIMEOUT_S, self._close_overdue)
+            return
         self._break(exc)
+
+    def _close_overdue(self) -> None:
+        self._break(TimeoutError("the peer closed, but its last messages never arrived"))
 
     def _break(self, cause: BaseException) -> None:
         """Enter the terminal broken state: every pending and later call raises BrokenPipe."""

@@ -14,7 +14,6 @@ never delays a credit or a heartbeat.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import socket
 from collections import deque
@@ -24,7 +23,7 @@ import torch
 
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
-from ._hostpool import HostBufferPool
+from ._hostmem import HostBufferPool, byte_view
 from ._wire import TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -32,15 +31,6 @@ log = logging.getLogger("aiokvpipe")
 #: Bytes that may arrive before the header announcing them has been processed; they are parked
 #: here (the only copy on this path) and reading pauses until the destination is known.
 _SPILL_BYTES = 256 * 1024
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """A writable memoryview over a contiguous CPU tensor's bytes (no copy).
-
-    The view does not keep ``t`` alive: the caller must hold ``t`` while the view is used.
-    """
-    n = t.numel() * t.element_size()
-    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
 def tune_socket(sock: socket.socket) -> None:

@@ -47,6 +47,10 @@ MAX_ERROR_TEXT_BYTES: Final = 1024
 _FRAME_PREFIX: Final = struct.Struct(">BBHI")
 FRAME_PREFIX_BYTES: Final = _FRAME_PREFIX.size
 
+#: Payloads up to this size may travel inside their header frame (HEADER_INLINE): one write,
+#: one read, no data-plane round. Small enough never to hold a control frame up for long.
+MAX_INLINE_PAYLOAD: Final = 64 * 1024
+
 #: Largest possible HEADER body: every field at its limit.
 MAX_HEADER_BODY: Final = (
     8 + 2 + MAX_KEY_BYTES + 1 + 4 + MAX_TENSORS * (1 + MAX_NAME_BYTES + 1 + 1 + 8 * MAX_NDIM)
@@ -61,6 +65,7 @@ class FrameType(enum.IntEnum):
     ATTACH = 5
     ERROR = 6
     HEADER = 16
+    HEADER_INLINE = 20  # a HEADER whose (small) payload follows in the same frame
     CREDIT = 17
     HEARTBEAT = 18
     CLOSE = 19
@@ -198,13 +203,14 @@ class TensorSpec:
     shape: tuple[int, ...]
     itemsize: int
     name: str = ""
+    #: Payload bytes (computed once: the hot path asks for it several times per message).
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def nbytes(self) -> int:
+    def __post_init__(self) -> None:
         n = self.itemsize
         for d in self.shape:
             n *= d
-        return n
+        object.__setattr__(self, "nbytes", n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,10 +221,13 @@ class Header:
     key: str | None
     structure: Structure
     tensors: tuple[TensorSpec, ...] = field(default=())
+    #: The payload itself, for a small message sent inline; ``None``: it follows on the
+    #: data plane.
+    inline: bytes | None = None
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", sum(t.nbytes for t in self.tensors))
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +306,11 @@ _CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQI")
 _HELLO = struct.Struct(f">4sH{NONCE_BYTES}s")
 _HEADER_FIXED = struct.Struct(">QH")
 _TENSOR_FIXED = struct.Struct(">BB")
+_SHAPES = [struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1)]
+_STRUCTURE_COUNT = struct.Struct(">BI")
+_STRUCTURE_OF = {int(s): s for s in Structure}
+_TENSOR_COUNT = {Structure.NONE: (0, 0), Structure.TENSOR: (1, 1),
+                 Structure.LIST: (0, MAX_TENSORS), Structure.DICT: (0, MAX_TENSORS)}
 
 
 def encode(frame: Frame) -> bytes:
@@ -323,7 +337,13 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, Error):
         body, ftype = _U16.pack(int(frame.code)) + frame.text.encode(), FrameType.ERROR
     elif isinstance(frame, Header):
-        body, ftype = _encode_header(frame), FrameType.HEADER
+        if frame.inline is None:
+            body, ftype = _encode_header(frame), FrameType.HEADER
+        else:
+            if len(frame.inline) != frame.nbytes or frame.nbytes > MAX_INLINE_PAYLOAD:
+                raise ValueError("an inline payload must be the message's bytes, at most "
+                                 f"{MAX_INLINE_PAYLOAD}")
+            body, ftype = _encode_header(frame) + frame.inline, FrameType.HEADER_INLINE
     elif isinstance(frame, Credit):
         body, ftype = _U64.pack(frame.nbytes), FrameType.CREDIT
     elif isinstance(frame, Heartbeat):
@@ -351,8 +371,8 @@ def _encode_header(h: Header) -> bytes:
             raise ValueError(f"dict key {t.name[:40]!r}… is over {MAX_NAME_BYTES} bytes")
         if len(t.shape) > MAX_NDIM:
             raise ValueError(f"tensor has {len(t.shape)} dimensions; the limit is {MAX_NDIM}")
-        parts += [_U8.pack(len(name)), name, _TENSOR_FIXED.pack(t.dtype, len(t.shape))]
-        parts.append(struct.pack(f">{len(t.shape)}Q", *t.shape))
+        parts += [_U8.pack(len(name)), name, _TENSOR_FIXED.pack(t.dtype, len(t.shape)),
+                  _SHAPES[len(t.shape)].pack(*t.shape)]
     return b"".join(parts)
 
 
@@ -367,6 +387,7 @@ MAX_BODY: Final[dict[FrameType, int]] = {
     FrameType.ATTACH: SESSION_ID_BYTES + 1,
     FrameType.ERROR: 2 + MAX_ERROR_TEXT_BYTES,
     FrameType.HEADER: MAX_HEADER_BODY,
+    FrameType.HEADER_INLINE: MAX_HEADER_BODY + MAX_INLINE_PAYLOAD,
     FrameType.CREDIT: 8,
     FrameType.HEARTBEAT: 0,
     FrameType.CLOSE: 8,
@@ -393,7 +414,15 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
     """Parse a body whose length :func:`decode_prefix` has already bounded."""
     r = _Reader(body, ftype)
     frame: Frame
-    if ftype is FrameType.HELLO:
+    if ftype is FrameType.HEADER_INLINE:
+        frame = _decode_header(r, inline=True)
+    elif ftype is FrameType.HEADER:
+        frame = _decode_header(r, inline=False)
+    elif ftype is FrameType.CREDIT:
+        frame = Credit(r.u64())
+    elif ftype is FrameType.HEARTBEAT:
+        frame = Heartbeat()
+    elif ftype is FrameType.HELLO:
         magic, version, nonce = r.unpack(_HELLO)
         if magic != MAGIC:
             raise ProtocolError("not an aiokvpipe peer (bad magic)")
@@ -421,60 +450,82 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
         text = bytes(r.take(len(body) - 2)).decode(errors="replace")
         frame = Error(ErrorCode(code) if code in ErrorCode._value2member_map_ else
                       ErrorCode.INTERNAL, text)
-    elif ftype is FrameType.HEADER:
-        frame = _decode_header(r)
-    elif ftype is FrameType.CREDIT:
-        frame = Credit(r.u64())
-    elif ftype is FrameType.HEARTBEAT:
-        frame = Heartbeat()
     else:
         frame = Close(r.u64())
     r.end()
     return frame
 
 
-def _decode_header(r: _Reader) -> Header:
-    seq, key_len = r.unpack(_HEADER_FIXED)
-    key: str | None = None
-    if key_len != 0xFFFF:
-        if key_len > MAX_KEY_BYTES:
-            raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
-        key = r.text(key_len)
-    structure = _enum(Structure, r.u8())
-    count = r.u32()
-    if count > MAX_TENSORS:
-        raise ProtocolError(f"{count} tensors exceed the limit of {MAX_TENSORS}")
-    expected = {Structure.NONE: (0, 0), Structure.TENSOR: (1, 1)}.get(structure, (0, MAX_TENSORS))
-    if not expected[0] <= count <= expected[1]:
-        raise ProtocolError(f"{structure.name} message with {count} tensors")
-    specs = []
-    total = 0
-    names: set[str] = set()
-    for _ in range(count):
-        name = r.text(r.u8())
-        if structure == Structure.DICT:
-            if name in names:
-                raise ProtocolError(f"duplicate dict key {name!r}")
-            names.add(name)
-        elif name:
-            raise ProtocolError("tensor name outside a dict message")
-        code, ndim = r.unpack(_TENSOR_FIXED)
-        itemsize = DTYPE_ITEMSIZE.get(code)
-        if itemsize is None:
-            raise ProtocolError(f"unknown dtype code {code}")
-        if ndim > MAX_NDIM:
-            raise ProtocolError(f"{ndim} dimensions exceed the limit of {MAX_NDIM}")
-        shape = r.unpack(struct.Struct(f">{ndim}Q"))
-        if not shape_fits(shape, itemsize):
-            raise ProtocolError(f"shape {shape[:8]} is beyond the payload limit")
-        nbytes = itemsize
-        for d in shape:
-            nbytes *= d
-        total += nbytes
-        if total > MAX_PAYLOAD_BYTES:
-            raise ProtocolError("message larger than the payload limit")
-        specs.append(TensorSpec(code, tuple(shape), itemsize, name))
-    return Header(seq, key, structure, tuple(specs))
+def _decode_header(r: _Reader, inline: bool) -> Header:
+    # The hot path of every message: straight offsets into the body, no helper calls per
+    # field. Every read is bounds-checked by struct/indexing, reported as truncation.
+    mv, pos = r._mv, r._pos
+    try:
+        seq, key_len = _HEADER_FIXED.unpack_from(mv, pos)
+        pos += _HEADER_FIXED.size
+        key: str | None = None
+        if key_len != 0xFFFF:
+            if key_len > MAX_KEY_BYTES:
+                raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
+            key = _utf8(mv, pos, key_len)
+            pos += key_len
+        raw_structure, count = _STRUCTURE_COUNT.unpack_from(mv, pos)
+        pos += _STRUCTURE_COUNT.size
+        structure = _STRUCTURE_OF.get(raw_structure)
+        if structure is None:
+            raise ProtocolError(f"invalid Structure value {raw_structure}")
+        low, high = _TENSOR_COUNT[structure]
+        if not low <= count <= high:
+            raise ProtocolError(f"{structure.name} message with {count} tensors")
+        is_dict = structure == Structure.DICT
+        specs = []
+        total = 0
+        names: set[str] = set()
+        for _ in range(count):
+            name_len = mv[pos]
+            pos += 1
+            name = _utf8(mv, pos, name_len) if name_len else ""
+            pos += name_len
+            if is_dict:
+                if name in names:
+                    raise ProtocolError(f"duplicate dict key {name!r}")
+                names.add(name)
+            elif name:
+                raise ProtocolError("tensor name outside a dict message")
+            code, ndim = _TENSOR_FIXED.unpack_from(mv, pos)
+            pos += _TENSOR_FIXED.size
+            itemsize = DTYPE_ITEMSIZE.get(code)
+            if itemsize is None:
+                raise ProtocolError(f"unknown dtype code {code}")
+            if ndim > MAX_NDIM:
+                raise ProtocolError(f"{ndim} dimensions exceed the limit of {MAX_NDIM}")
+            shape = _SHAPES[ndim].unpack_from(mv, pos)
+            pos += 8 * ndim
+            if not shape_fits(shape, itemsize):
+                raise ProtocolError(f"shape {shape[:8]} is beyond the payload limit")
+            spec = TensorSpec(code, shape, itemsize, name)
+            total += spec.nbytes
+            if total > MAX_PAYLOAD_BYTES:
+                raise ProtocolError("message larger than the payload limit")
+            specs.append(spec)
+    except (struct.error, IndexError):
+        raise ProtocolError("truncated HEADER frame") from None
+    r._pos = pos
+    payload = None
+    if inline:
+        if total > MAX_INLINE_PAYLOAD:
+            raise ProtocolError(f"inline payload of {total} bytes exceeds {MAX_INLINE_PAYLOAD}")
+        payload = r.take(total)
+    return Header(seq, key, structure, tuple(specs), payload)
+
+
+def _utf8(mv: memoryview, pos: int, n: int) -> str:
+    if pos + n > len(mv):
+        raise IndexError
+    try:
+        return str(mv[pos:pos + n], "utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid UTF-8 in a HEADER frame") from None
 
 
 def shape_fits(shape: tuple[int, ...], itemsize: int) -> bool:
@@ -547,19 +598,27 @@ class _Reader:
         return out
 
     def unpack(self, s: struct.Struct) -> tuple[Any, ...]:
-        return s.unpack(self.take(s.size))
+        pos = self._pos
+        if pos + s.size > len(self._mv):
+            raise ProtocolError(f"truncated {self._ftype.name} frame")
+        self._pos = pos + s.size
+        return s.unpack_from(self._mv, pos)
 
     def u8(self) -> int:
-        return int(self.take(1)[0])
+        pos = self._pos
+        if pos >= len(self._mv):
+            raise ProtocolError(f"truncated {self._ftype.name} frame")
+        self._pos = pos + 1
+        return int(self._mv[pos])
 
     def u16(self) -> int:
-        return int(_U16.unpack(self.take(2))[0])
+        return int(self.unpack(_U16)[0])
 
     def u32(self) -> int:
-        return int(_U32.unpack(self.take(4))[0])
+        return int(self.unpack(_U32)[0])
 
     def u64(self) -> int:
-        return int(_U64.unpack(self.take(8))[0])
+        return int(self.unpack(_U64)[0])
 
     def text(self, n: int) -> str:
         try:

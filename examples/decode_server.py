@@ -45,7 +45,7 @@ from pipe_common import (
     pipe_opts,
     text_to_tensor,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 import aiokvpipe
 
@@ -59,6 +59,13 @@ DRAIN_TIMEOUT_S = 60.0  # how long an abandoned request's KV bundle is waited fo
 class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=4096)
     max_tokens: int = Field(default=32, ge=1, le=512)
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> GenerateRequest:
+        # Checked here so an over-long request is a 422 for the client, not a prefill failure.
+        if len(self.prompt.encode("utf-8")) + self.max_tokens > tinygpt.MAX_POSITIONS:
+            raise ValueError(f"prompt bytes + max_tokens exceed {tinygpt.MAX_POSITIONS}")
+        return self
 
 
 class Unavailable(Exception):
@@ -163,6 +170,9 @@ class DecodeServer:
         # Post the keyed recv before asking for the prefill, so the bundle is claimed the moment
         # it arrives and the HTTP round trip overlaps the transfer.
         recv_task = asyncio.create_task(_recv_stamped(pipe, request_id))
+        # Its failure is reported through whoever awaits it; if nobody does any more (request
+        # abandoned, server stopping) it must not be logged as "never retrieved".
+        recv_task.add_done_callback(_consume_outcome)
         try:
             async with asyncio.timeout(self.args.request_timeout):
                 info = await self._request_prefill(request_id, req.prompt)
@@ -209,9 +219,7 @@ class DecodeServer:
         """Stop waiting for a request's bundle without leaving it stuck in the pipe: if it is
         already on its way, keep receiving it (bounded) in the background and drop it."""
         if recv_task.done():
-            if not recv_task.cancelled():
-                recv_task.exception()  # mark retrieved; a result is simply dropped
-            return
+            return  # a received bundle is simply dropped
 
         async def drain() -> None:
             with contextlib.suppress(Exception):
@@ -239,6 +247,11 @@ class DecodeServer:
             "last_error": self.last_error,
             "inflight": self.inflight,
         }
+
+
+def _consume_outcome(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _recv_stamped(pipe: PipeLike, key: str) -> tuple[dict[str, torch.Tensor], float]:
@@ -295,7 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(args), host=args.host, port=args.port, log_level=args.log_level)
+    # On SIGTERM, requests still running after the grace period are cancelled (their queued
+    # forward passes with them) so a stop under load is prompt.
+    uvicorn.run(
+        create_app(args),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -52,12 +53,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def run_prompts(decode_url: str, prompts: list[str], max_tokens: int) -> list[Any]:
-    """POST /generate for each prompt concurrently; also probe /health while they run.
+async def run_prompts(
+    decode_url: str, prompts: list[str], max_tokens: int
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """POST /generate for every prompt at once while probing GET /health.
 
-    Returns one result dict (or error dict) per prompt, plus the health probe latencies (ms).
+    Returns one response body per prompt (``status`` added) and the health probes' latencies
+    in ms. The probes use their own connection so they never queue behind the requests in the
+    client's connection pool: what they measure is the server's responsiveness.
     """
-    async with httpx.AsyncClient(base_url=decode_url, timeout=60.0) as client:
+    limits = httpx.Limits(max_connections=None)
+    async with (
+        httpx.AsyncClient(base_url=decode_url, timeout=60.0, limits=limits) as client,
+        httpx.AsyncClient(base_url=decode_url, timeout=10.0) as prober,
+    ):
 
         async def one(prompt: str) -> dict[str, Any]:
             resp = await client.post("/generate", json={"prompt": prompt, "max_tokens": max_tokens})
@@ -65,23 +74,41 @@ async def run_prompts(decode_url: str, prompts: list[str], max_tokens: int) -> l
             body["status"] = resp.status_code
             return body
 
-        batch = asyncio.gather(*(one(p) for p in prompts))
+        batch = asyncio.ensure_future(asyncio.gather(*(one(p) for p in prompts)))
+        # Interrupted runs end with the batch cancelled: mark its outcome retrieved, quietly.
+        batch.add_done_callback(lambda f: f.cancelled() or f.exception())
         probes: list[float] = []
-        while not batch.done():
-            t0 = time.perf_counter()
-            (await client.get("/health")).raise_for_status()
-            probes.append((time.perf_counter() - t0) * 1e3)
-            await asyncio.wait([batch], timeout=0.01)
-        return [await batch, probes]
+        try:
+            while not batch.done():
+                t0 = time.perf_counter()
+                (await prober.get("/health")).raise_for_status()
+                probes.append((time.perf_counter() - t0) * 1e3)
+                await asyncio.wait([batch], timeout=0.01)
+            return await batch, probes
+        finally:
+            batch.cancel()  # no-op when done; otherwise don't leave requests running
 
 
-def references(prompts: list[str], max_tokens: int, device: str) -> list[str]:
-    """What tinygpt generates for each prompt in this one process, no pipe involved."""
+def references(
+    prompts: list[str], max_tokens: int, prefill_device: str, decode_device: str
+) -> list[str]:
+    """What tinygpt generates for each prompt in this one process, without the pipe: prefill on
+    ``prefill_device``, the cache copied to ``decode_device``, decode there -- the servers' exact
+    computation, so the texts must be identical (CPU and GPU kernels may round differently)."""
     import tinygpt  # heavy import (transformers), only when checking
 
-    model = tinygpt.build_model(device)
     tok = tinygpt.ByteTokenizer()
-    return [tinygpt.generate(model, tok, p, max_tokens) for p in prompts]
+    prefill_model = tinygpt.build_model(prefill_device)
+    decode_model = (
+        prefill_model if decode_device == prefill_device else tinygpt.build_model(decode_device)
+    )
+    texts = []
+    for prompt in prompts:
+        cache, first = tinygpt.prefill(prefill_model, tok.encode(prompt))
+        bundle = {k: t.to(decode_device) for k, t in tinygpt.kv_to_bundle(cache, first).items()}
+        cache, first = tinygpt.bundle_to_kv(bundle)
+        texts.append(tok.decode(tinygpt.decode(decode_model, cache, first, max_tokens)))
+    return texts
 
 
 def print_table(rows: list[tuple[str, str, dict[str, Any], str | None]]) -> None:
@@ -117,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         port=ports["decode"], prefill_port=ports["prefill"], pipe_port=ports["pipe"],
         device=args.device_decode, token=token, log_path=logdir / "decode.log", extra=extra,
     )  # fmt: skip
+    # Ctrl-C and `kill` both mean "stop, cleanly". Set explicitly: a shell may have started us
+    # with SIGINT ignored, and SIGTERM's default would skip the cleanup below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ok = False
     try:
         print(f"prefill server {prefill.url} (pipe port {ports['pipe']}, {args.device_prefill})")
@@ -132,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         for prompt in PROMPTS[:SEQUENTIAL]:
             (res,), _ = asyncio.run(run_prompts(decode.url, [prompt], args.max_tokens))
             rows.append(("seq", prompt, res, None))
-        probes: list[float] = []
         batch = PROMPTS[SEQUENTIAL:] * args.repeat
         t_batch = time.perf_counter()
         results, probes = asyncio.run(run_prompts(decode.url, batch, args.max_tokens))
@@ -140,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [("conc", p, r, None) for p, r in zip(batch, results)]
 
         if not args.no_check:
-            refs = references(PROMPTS, args.max_tokens, args.device_prefill)
+            refs = references(PROMPTS, args.max_tokens, args.device_prefill, args.device_decode)
             by_prompt = dict(zip(PROMPTS, refs))
             rows = [(m, p, r, by_prompt[p]) for m, p, r, _ in rows]
 
@@ -159,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         for server in (prefill, decode):
             print(f"--- {server.name} log tail ---\n{server.log_tail()}", file=sys.stderr)
     finally:
+        # The servers run in their own sessions (no terminal Ctrl-C reaches them), so this is
+        # what stops them; a second Ctrl-C must not cut it short (stop() is bounded anyway).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Decode first: it then sees a graceful close, not a dead peer.
         decode.stop()
         prefill.stop()

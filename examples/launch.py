@@ -61,8 +61,15 @@ class Server:
     def start(self) -> Server:
         """Spawn the process (output appended to ``log_path``); returns self."""
         with open(self.log_path, "ab") as log:
+            # Own session: a terminal's Ctrl-C goes to the caller only, which then stops the
+            # servers in order (decode first) instead of all of them dying at once.
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO_ROOT
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO_ROOT,
+                start_new_session=True,
             )
         return self
 
@@ -90,7 +97,8 @@ class Server:
                     raise ServerDied(f"{self.name} exited; log tail:\n{self.log_tail()}")
                 try:
                     resp = client.get("/health")
-                    if resp.status_code == 200 and ready(body := resp.json()):
+                    body: dict[str, Any] = resp.json() if resp.status_code == 200 else {}
+                    if body and ready(body):
                         return body
                 except httpx.HTTPError:
                     pass  # not listening yet

@@ -68,6 +68,9 @@ def add_pipe_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="intra-op threads per forward pass; requests already run in parallel threads",
     )
+    parser.add_argument(
+        "--graceful-timeout", type=float, default=3.0, help="seconds in-flight requests get on stop"
+    )
     parser.add_argument("--log-level", default="info")
 
 

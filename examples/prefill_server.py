@@ -41,7 +41,7 @@ from pipe_common import (
     pipe_opts,
     tensor_to_text,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 import aiokvpipe
 
@@ -54,7 +54,13 @@ SEND_TIMEOUT_S = 30.0  # bounds one KV send (backpressure from a stuck decoder)
 class PrefillRequest(BaseModel):
     request_id: str = Field(min_length=1, max_length=128)
     decoder_id: str = Field(min_length=1, max_length=128)
-    prompt: str = Field(min_length=1, max_length=8192)
+    prompt: str = Field(min_length=1, max_length=tinygpt.MAX_POSITIONS)  # bytes checked below
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> PrefillRequest:
+        if len(self.prompt.encode("utf-8")) > tinygpt.MAX_POSITIONS:
+            raise ValueError(f"prompt longer than {tinygpt.MAX_POSITIONS} bytes")
+        return self
 
 
 class PrefillServer:
@@ -221,7 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipe-port", type=int, required=True, help="pipe listener port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(args), host=args.host, port=args.port, log_level=args.log_level)
+    # On SIGTERM, requests still running after the grace period are cancelled (their queued
+    # forward passes with them) so a stop under load is prompt.
+    uvicorn.run(
+        create_app(args),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ All model calls are synchronous and compute-bound; servers run them with ``async
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 __all__ = [
+    "MAX_POSITIONS",
     "NEXT_TOKEN_KEY",
     "VOCAB_SIZE",
     "ByteTokenizer",
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 VOCAB_SIZE = 256
+MAX_POSITIONS = 1024  # context length: prompt tokens + generated tokens must fit
 NEXT_TOKEN_KEY = "next_token"
 
 # Greedy decoding only ever picks printable ASCII (plus newline) so results tables stay readable;
@@ -60,7 +64,7 @@ def build_model(
     n_layer: int = 4,
     n_head: int = 4,
     n_embd: int = 128,
-    n_positions: int = 1024,
+    n_positions: int = MAX_POSITIONS,
 ) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2, identical for identical arguments, in eval mode on ``device``.
 
@@ -81,7 +85,9 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
-    return model.to(device).eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorator confuses mypy here
+    model.train(False)  # eval mode (dropout off); nn.Module.eval() is untyped for mypy
+    return model
 
 
 def _greedy(logits: torch.Tensor) -> int:
@@ -136,9 +142,10 @@ def generate(model: GPT2LMHeadModel, tokenizer: ByteTokenizer, prompt: str, max_
 
 def _layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(key, value) per layer, across transformers' cache layouts."""
-    if hasattr(cache, "layers"):  # transformers >= 4.56: one CacheLayer object per layer
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # older: parallel lists
+    c: Any = cache  # the layout depends on the transformers version
+    if hasattr(c, "layers"):  # transformers >= 4.56: one CacheLayer object per layer
+        return [(layer.keys, layer.values) for layer in c.layers]
+    return list(zip(c.key_cache, c.value_cache, strict=True))  # older: parallel lists
 
 
 def kv_to_bundle(cache: DynamicCache, next_token: int) -> dict[str, torch.Tensor]:

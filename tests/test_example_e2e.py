@@ -8,6 +8,7 @@ teardown, also when a test fails.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,10 @@ import tinygpt
 STARTUP_TIMEOUT_S = 60.0
 HTTP_TIMEOUT_S = 30.0
 TOKEN = "e2e-test-secret"
+# Both servers and the reference run here; e.g. AIOKVPIPE_EXAMPLE_DEVICE=cuda:0 on a GPU box.
+DEVICE = os.environ.get("AIOKVPIPE_EXAMPLE_DEVICE", "cpu")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.skip(f"AIOKVPIPE_EXAMPLE_DEVICE={DEVICE} but no CUDA", allow_module_level=True)
 
 
 class Cluster:
@@ -43,13 +48,14 @@ class Cluster:
             port=launch.free_port(),
             prefill_port=self.http_port,
             pipe_port=self.pipe_port,
+            device=DEVICE,
             token=TOKEN,
             log_path=logdir / "decode.log",
         )
 
     def _new_prefill(self) -> launch.Server:
         return launch.prefill_server(
-            port=self.http_port, pipe_port=self.pipe_port, token=TOKEN,
+            port=self.http_port, pipe_port=self.pipe_port, device=DEVICE, token=TOKEN,
             log_path=self.logdir / "prefill.log",
         )  # fmt: skip
 
@@ -96,7 +102,7 @@ class Reference:
     """The same model in this one process: what the split pipeline must reproduce."""
 
     def __init__(self) -> None:
-        self.model = tinygpt.build_model("cpu", seed=0)
+        self.model = tinygpt.build_model(DEVICE, seed=0)
         self.tok = tinygpt.ByteTokenizer()
         self._texts: dict[tuple[str, int], str] = {}
 
@@ -127,6 +133,7 @@ PROMPTS = [
     "a",
     "Ünïcødé prompts are bytes too ✓",
     "Once upon a time, in a data center far, far away, " * 8,
+    "z" * (tinygpt.MAX_POSITIONS - 32),  # fills the context exactly with the 32 new tokens
 ]
 
 
@@ -189,6 +196,9 @@ async def test_invalid_request_is_rejected(cluster: Cluster) -> None:
         assert resp.status_code == 422
         resp = await _generate(client, cluster.decode.url, "", 4)
         assert resp.status_code == 422
+        too_long = "x" * (tinygpt.MAX_POSITIONS - 10)  # fits alone, not with 11 more tokens
+        resp = await _generate(client, cluster.decode.url, too_long, 11)
+        assert resp.status_code == 422
 
 
 async def _poll_decode_health(cluster: Cluster, ready: Any, timeout: float) -> dict[str, Any]:
@@ -231,3 +241,24 @@ async def test_killed_prefill_gives_503_then_recovers_after_restart(
         )
         assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
         assert [r.json()["text"] for r in responses] == [reference(p, 24) for p in prompts]
+
+
+async def test_killed_decode_server_is_forgotten_and_a_new_one_served(
+    own_cluster: Cluster, reference: Reference
+) -> None:
+    cluster = own_cluster
+    old = cluster.decode.wait_healthy(5.0)
+    cluster.decode.kill()
+    # The prefill server notices the dead pipe (heartbeat/EOF) and drops that decoder.
+    await asyncio.to_thread(
+        cluster.prefill.wait_healthy, 15.0, lambda b: old["decoder_id"] not in b["decoders"]
+    )
+    cluster.decode.start()  # same argv and ports, fresh process with a new decoder id
+    new = await asyncio.to_thread(
+        cluster.decode.wait_healthy, STARTUP_TIMEOUT_S, launch.pipe_connected
+    )
+    assert new["decoder_id"] != old["decoder_id"]
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+        resp = await _generate(client, cluster.decode.url, "new decoder", 20)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["text"] == reference("new decoder", 20)

@@ -145,6 +145,10 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
     "header-dict": Header((1 << 64) - 1, "k" * MAX_KEY_BYTES, Structure.DICT,
                           (spec(3, (8, 128), "k"), spec(3, (8, 128), "v"),
                            spec(18, (1,), ""), spec(21, (2, 2), "ключ"))),
+    "header-inline": Header(6, "req-2", Structure.DICT,
+                            (spec(F32, (2, 3), "k"), spec(U8, (0,), "e"), spec(U8, (5,), "v")),
+                            bytes(range(24)) + b"hello"),
+    "header-inline-empty": Header(7, None, Structure.NONE, (), b""),
     "credit-0": Credit(0),
     "credit-max": Credit((1 << 64) - 1),
     "heartbeat": Heartbeat(),
@@ -580,3 +584,36 @@ def test_message_cost_is_strictly_increasing_in_payload_and_tensor_count() -> No
         costs = [message_cost(p, t) for t in counts]
         assert costs == sorted(costs) and len(set(costs)) == len(costs)
 
+
+
+# -- inline payloads ---------------------------------------------------------------------------
+
+
+def _inline_body(specs: tuple[_wire.TensorSpec, ...], payload: bytes) -> bytes:
+    """A HEADER_INLINE body built from a plain HEADER encoding plus raw payload bytes."""
+    plain = encode(Header(0, None, Structure.LIST, specs))[FRAME_PREFIX_BYTES:]
+    return plain + payload
+
+
+def test_inline_payload_shorter_than_its_specs_is_truncation() -> None:
+    body = _inline_body((spec(U8, (10,)),), b"\x01" * 9)
+    with pytest.raises(ProtocolError, match="truncated"):
+        decode_one(raw_frame(FrameType.HEADER_INLINE, body))
+
+
+def test_inline_payload_longer_than_its_specs_is_stray_bytes() -> None:
+    body = _inline_body((spec(U8, (10,)),), b"\x01" * 11)
+    with pytest.raises(ProtocolError, match="stray"):
+        decode_one(raw_frame(FrameType.HEADER_INLINE, body))
+
+
+def test_inline_payload_beyond_the_inline_limit_is_refused() -> None:
+    big = _wire.MAX_INLINE_PAYLOAD + 1
+    body = _inline_body((spec(U8, (big,)),), bytes(big))
+    with pytest.raises(ProtocolError, match="inline"):
+        decode_one(raw_frame(FrameType.HEADER_INLINE, body))
+
+
+def test_encoder_refuses_an_inline_payload_that_does_not_match_the_specs() -> None:
+    with pytest.raises(ValueError):
+        encode(Header(0, None, Structure.TENSOR, (spec(U8, (4,)),), b"abc"))

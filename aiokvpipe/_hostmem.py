@@ -1,4 +1,4 @@
-"""Recycled host memory for received CPU tensors.
+"""Host memory: byte views of CPU tensors, and recycled memory for received CPU tensors.
 
 Fresh memory from the OS costs a page fault and the kernel zeroing the page on first touch;
 on loopback that costs as much as receiving the bytes. Received tensors therefore get their
@@ -16,6 +16,15 @@ import torch
 
 #: Below this, malloc's own free lists already reuse memory; pooling would only add overhead.
 MIN_POOLED_BYTES: Final = 256 * 1024
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes (no copy).
+
+    The view does not keep ``t`` alive: the caller must hold ``t`` while the view is used.
+    """
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
 def size_class(nbytes: int) -> int:

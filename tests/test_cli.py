@@ -1,0 +1,156 @@
+"""The command line: ``python -m aiokvpipe doctor`` and ``python -m aiokvpipe bench``.
+
+Each command runs in a real subprocess, as a user would run it, under a timeout. The bench
+run is tiny (two sizes, 0.2 s a point) but real: two measured processes, every CPU baseline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aiokvpipe import _bench, _bench_gpu
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "aiokvpipe", *args], check=False, cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_doctor_text() -> None:
+    out = run_cli("doctor", timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "torch" in out.stdout and "uvloop" in out.stdout
+    assert 'transport="auto" would choose' in out.stdout
+
+
+def test_doctor_json() -> None:
+    out = run_cli("doctor", "--json", timeout=30)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert {"aiokvpipe", "python", "torch", "cuda", "cupy", "uvloop",
+            "auto_transport"} <= info.keys()
+    for situation in ("other_gpu", "same_gpu", "cpu_peer"):
+        assert info["auto_transport"][situation]["transport"] in ("tcp", "nccl")
+    # NCCL refuses two ranks on one GPU: auto never picks it there.
+    assert info["auto_transport"]["same_gpu"]["transport"] == "tcp"
+    if not info["cuda"].get("available"):
+        assert info["auto_transport"]["other_gpu"]["transport"] == "tcp"
+
+
+def test_bench_help_hides_the_child_options() -> None:
+    out = run_cli("bench", "--help", timeout=30)
+    assert out.returncode == 0, out.stderr
+    for option in ("--device", "--sizes", "--seconds", "--repeat", "--json", "--plot",
+                   "--uvloop", "--quick"):
+        assert option in out.stdout
+    assert "--role" not in out.stdout
+
+
+def test_bench_cpu_tiny_run(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    out = run_cli("bench", "--sizes", "4K,1M", "--seconds", "0.2", "--repeat", "1",
+                  "--json", str(report), timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "throughput GB/s" in out.stdout and "one-way p50 µs" in out.stdout
+    doc = json.loads(report.read_text())
+    assert doc["errors"] == [] and doc["date"] and doc["command"]
+    impls = ["ours", "streams-asyncio", "ceiling"]
+    if importlib.util.find_spec("uvloop"):
+        impls.append("streams-uvloop")
+    for impl in impls:
+        figs = doc["summary"][impl]
+        for size in ("4 KiB", "1 MiB"):
+            assert figs[f"tput {size}"]["gbps"] > 0, (impl, size)
+            assert figs[f"lat {size}"]["p50_us"] > 0, (impl, size)
+            assert figs[f"tput {size}"]["receiver_cpu_s_per_gb"] > 0, (impl, size)
+    assert {t["name"] for t in doc["targets"]} >= {"one-way p50 4 KiB ours/ceiling"}
+
+
+def test_bench_interrupted_leaves_no_child_behind() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "aiokvpipe", "bench", "--sizes", "1M",
+                             "--seconds", "5", "--repeat", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # the first case has started: both children are up
+        assert "[1/" in line, line
+        children = _children_of(proc.pid)
+        assert len(children) == 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) != 0
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"--role" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_bench_cuda_refuses_cleanly_without_two_gpus() -> None:
+    out = run_cli("bench", "--device", "cuda", "--quick", timeout=30)
+    if out.returncode == 0:
+        pytest.skip("this machine ran the GPU bench")
+    assert out.returncode == 2
+    assert "CuPy" in out.stderr or "two CUDA devices" in out.stderr
+
+
+def test_bench_plot_without_matplotlib_says_so() -> None:
+    if importlib.util.find_spec("matplotlib"):
+        pytest.skip("matplotlib is installed here")
+    out = run_cli("bench", "--plot", "x.png", timeout=30)
+    assert out.returncode == 2 and "matplotlib" in out.stderr
+
+
+def test_sizes_parse_and_print() -> None:
+    assert _bench.parse_sizes("64M, 4K,1m,1G,4KiB") == [4096, 1 << 20, 64 << 20, 1 << 30]
+    assert [_bench.format_size(n) for n in (4096, 1 << 20, 1 << 30, 1000)] == [
+        "4 KiB", "1 MiB", "1 GiB", "1000 B"]
+    with pytest.raises(ValueError):
+        _bench.parse_size("lots")
+
+
+def test_gpu_plan_builds_without_cuda() -> None:
+    cases = _bench_gpu.plan_gpu([4096, 1 << 30], 1.0, 1, "asyncio", quick=False)
+    assert [c["impl"] for c in cases] == ["nccl-raw", "ours"]
+    raw, ours = (c["phases"] for c in cases)
+    assert [p["label"] for p in raw] == [p["label"] for p in ours]
+    assert ours[-1]["kind"] == "keyed" and raw[-1]["kind"] == "tput"
+    assert cases[0]["max_nbytes"] >= 1 << 30
+    assert all(c["transport"] == "nccl" for c in cases)

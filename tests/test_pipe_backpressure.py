@@ -1,0 +1,152 @@
+"""Backpressure on a real pipe: a fast sender facing a slow receiver waits, the receiver's
+buffered bytes stay within ``recv_buffer_bytes`` (+ one message), its memory stays bounded, and
+a message larger than both budgets still passes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pipe_peer
+import pytest
+import torch
+from conftest import HOST, PairFactory, SpawnPeer, close_quietly, eventually
+
+import aiokvpipe
+from aiokvpipe._wire import message_cost
+
+MiB = 1 << 20
+BUDGET = 4 * MiB
+N_MESSAGES = 200
+MESSAGE_BYTES = MiB
+SLOW_RECV_SLEEP_S = 0.003
+#: Unclaimed messages the receiver's credits allow at once.
+CREDIT_WINDOW = BUDGET // message_cost(MESSAGE_BYTES, 1)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def assert_sender_was_held_back(sent_at: list[float], claimed_at: list[float]) -> None:
+    """Message i can only be sent once the receiver has claimed message i - CREDIT_WINDOW
+    (the credit for it came back): the sender waited for the slow receiver."""
+    assert CREDIT_WINDOW == 3
+    late = [i for i in range(CREDIT_WINDOW, len(sent_at))
+            if not sent_at[i] > claimed_at[i - CREDIT_WINDOW]]
+    assert not late, (f"sends returned before the receiver claimed the message "
+                      f"{CREDIT_WINDOW} earlier: {late[:10]}")
+    # The sender's total time is dominated by the receiver's pace, not its own.
+    assert sent_at[-1] - sent_at[0] >= 0.8 * (N_MESSAGES - CREDIT_WINDOW - 1) * SLOW_RECV_SLEEP_S
+
+
+async def test_slow_receiver_holds_back_a_fast_sender(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(max_inflight_bytes=BUDGET, recv_buffer_bytes=BUDGET)
+    sent_at: list[float] = []
+    claimed_at: list[float] = []
+    max_buffered = 0
+    max_inflight = 0
+
+    def sample() -> None:
+        nonlocal max_buffered, max_inflight
+        max_buffered = max(max_buffered, b.stats.recv_buffered_bytes)
+        max_inflight = max(max_inflight, a.stats.inflight_bytes)
+
+    async def sender() -> None:
+        for i in range(N_MESSAGES):
+            await a.send(pipe_peer.seq_tensor(i, MESSAGE_BYTES))
+            sent_at.append(time.monotonic())
+            sample()
+
+    async def slow_receiver() -> None:
+        for i in range(N_MESSAGES):
+            await asyncio.sleep(SLOW_RECV_SLEEP_S)  # the slow consumer
+            sample()
+            msg = await b.recv()
+            claimed_at.append(time.monotonic())
+            sample()
+            assert pipe_peer.read_seq(msg) == i
+
+    async def sampler() -> None:
+        while len(claimed_at) < N_MESSAGES:
+            sample()
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(asyncio.gather(sender(), slow_receiver(), sampler()), 60)
+    assert_sender_was_held_back(sent_at, claimed_at)
+    assert max_buffered <= BUDGET + message_cost(MESSAGE_BYTES, 1), max_buffered
+    assert max_buffered >= message_cost(MESSAGE_BYTES, 1)  # the sampler saw the buffer used
+    assert max_inflight <= BUDGET, max_inflight
+
+
+async def test_slow_receiver_process_stays_bounded_in_memory(spawn_peer: SpawnPeer) -> None:
+    peer = await spawn_peer(role="listen", mode="slow_recv", count=N_MESSAGES,
+                            sleep_s=SLOW_RECV_SLEEP_S, opts={"recv_buffer_bytes": BUDGET})
+    port = (await peer.expect("listening"))["port"]
+    pipe = await aiokvpipe.connect(HOST, port, max_inflight_bytes=BUDGET)
+    try:
+        await peer.expect("connected")
+        sent_at: list[float] = []
+        rss = []
+        # Warm-up: the first messages size the receiver's allocator; measure growth after it.
+        for i in range(5):
+            await pipe.send(pipe_peer.seq_tensor(i, MESSAGE_BYTES))
+            sent_at.append(time.monotonic())
+        rss_base = pipe_peer.vm_rss_bytes(peer.pid)
+        for i in range(5, N_MESSAGES):
+            await pipe.send(pipe_peer.seq_tensor(i, MESSAGE_BYTES))
+            sent_at.append(time.monotonic())
+            rss.append(pipe_peer.vm_rss_bytes(peer.pid))
+        report = await peer.expect("report", timeout=60)
+        await peer.expect("done")
+    finally:
+        await close_quietly(pipe)
+
+    assert report["bad"] == [], f"messages damaged or out of order: {report['bad'][:10]}"
+    assert len(report["claimed"]) == N_MESSAGES
+    assert_sender_was_held_back(sent_at, report["claimed"])
+    assert report["max_buffered"] <= BUDGET + message_cost(MESSAGE_BYTES, 1), report
+    # 200 MiB went through; without backpressure the receiver would hold most of it at once.
+    growth = max(rss) - rss_base
+    assert growth < 48 * MiB, f"receiver RSS grew by {growth / MiB:.0f} MiB"
+
+
+async def test_message_larger_than_both_budgets_passes(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(max_inflight_bytes=BUDGET, recv_buffer_bytes=BUDGET)
+    sizes = [64, 3 * MiB, 16 * MiB, 1000, 16 * MiB, 2 * MiB, 2 * MiB, 64]
+    # Sent concurrently: the oversize ones must wait for the others and then go alone.
+    sends = asyncio.gather(*(a.send(pipe_peer.seq_tensor(i, n)) for i, n in enumerate(sizes)))
+    got = [pipe_peer.read_seq(await asyncio.wait_for(b.recv(), 30)) for _ in sizes]
+    await asyncio.wait_for(sends, 30)
+    assert got == list(range(len(sizes)))
+    # Oversize in the other direction too, with the receiver not claiming until it is all in.
+    await b.send({"kv": torch.ones(5 * MiB, dtype=torch.float32)})  # 20 MiB
+    assert torch.equal((await asyncio.wait_for(a.recv(), 30))["kv"], torch.ones(5 * MiB))
+
+
+async def test_unclaimed_messages_stop_the_sender_at_the_credit_limit(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(recv_buffer_bytes=BUDGET)
+    for i in range(CREDIT_WINDOW):
+        await asyncio.wait_for(a.send(pipe_peer.seq_tensor(i, MESSAGE_BYTES)), 10)
+    blocked = asyncio.create_task(a.send(pipe_peer.seq_tensor(CREDIT_WINDOW, MESSAGE_BYTES)))
+    done, _ = await asyncio.wait({blocked}, timeout=0.3)
+    assert not done, "send went past the receiver's credits while nothing was claimed"
+    assert a.stats.send_credits < message_cost(MESSAGE_BYTES, 1)
+    assert pipe_peer.read_seq(await b.recv()) == 0  # frees one message's credits
+    await asyncio.wait_for(blocked, 10)
+    for i in range(1, CREDIT_WINDOW + 1):
+        assert pipe_peer.read_seq(await b.recv()) == i
+
+
+async def test_flood_of_empty_messages_is_bounded_by_credits(pair_factory: PairFactory) -> None:
+    # None messages carry no payload, but each still costs credits while unclaimed.
+    a, b = await pair_factory(recv_buffer_bytes=64 * 1024)
+    window = 64 * 1024 // message_cost(0, 0)
+    for _ in range(window):
+        await asyncio.wait_for(a.send(None), 10)
+    blocked = asyncio.create_task(a.send(None))
+    done, _ = await asyncio.wait({blocked}, timeout=0.3)
+    assert not done, "unclaimed empty messages are not bounded"
+    assert await b.recv() is None
+    await asyncio.wait_for(blocked, 10)
+    await eventually(lambda: b.stats.recv_buffered_messages == window, 5,
+                     f"{window} messages buffered: {b.stats}")

@@ -1,0 +1,211 @@
+"""Graceful close on a real pipe: what was sent before ``aclose()`` is delivered, then the peer
+sees ``PipeClosed`` (never ``BrokenPipe``); later calls raise ``PipeClosed``; ``aclose()`` is
+idempotent; ``async with`` closes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pipe_peer
+import pytest
+import torch
+from conftest import HOST, PairFactory, SpawnPeer, close_quietly
+
+import aiokvpipe
+
+Pair = tuple[aiokvpipe.Pipe, aiokvpipe.Pipe]
+MiB = 1 << 20
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def drain_until_closed(p: aiokvpipe.Pipe, key: str | None = None) -> list[int]:
+    """recv() seq_tensor messages until the pipe reports PipeClosed (BrokenPipe propagates)."""
+    seqs = []
+    while True:
+        try:
+            msg = await asyncio.wait_for(p.recv(key=key), 30)
+        except aiokvpipe.PipeClosed:
+            return seqs
+        seqs.append(pipe_peer.read_seq(msg))
+
+
+async def test_everything_sent_before_aclose_arrives_then_peer_sees_pipeclosed(
+        pipe_pair: Pair) -> None:
+    a, b = pipe_pair
+    sizes = [8, 8 * MiB, 1000, 4 * MiB, 8, 16 * MiB, 64 * 1024]
+    for i, n in enumerate(sizes):
+        await a.send(pipe_peer.seq_tensor(i, n))
+    await asyncio.wait_for(a.aclose(), 30)  # nothing of it was received yet
+    assert a.closed
+    assert await drain_until_closed(b) == list(range(len(sizes)))
+
+
+@pytest.mark.parametrize("nbytes", [1000, 70_000], ids=["1kB", "70kB"])
+async def test_close_right_after_many_concurrent_sends_delivers_all(
+        pipe_pair: Pair, nbytes: int) -> None:
+    # Many payloads still in the socket when the CLOSE frames are exchanged: the receiver
+    # must not treat the end of the control connection as a broken pipe before it has them.
+    a, b = pipe_pair
+    n = 100
+    await asyncio.gather(*(a.send(pipe_peer.seq_tensor(i, nbytes)) for i in range(n)))
+    closing = asyncio.create_task(a.aclose())
+    try:
+        assert await drain_until_closed(b) == list(range(n))
+    finally:
+        await asyncio.wait_for(closing, 30)
+
+
+async def test_peer_process_closing_right_after_its_last_send_delivers_all(
+        spawn_peer: SpawnPeer) -> None:
+    # The realistic case of the test above: a prefill process sends and exits at once.
+    count, seed = 3000, 99
+    plans = pipe_peer.plan_stream(seed, count)
+    listener = await aiokvpipe.listen(HOST, 0)
+    pipe = None
+    try:
+        peer = await spawn_peer(role="connect", port=listener.port, mode="stream", seed=seed,
+                                count=count, senders=4, ack=False)
+        pipe = await asyncio.wait_for(listener.accept(), 30)
+        await peer.expect("connected")
+        got = 0
+        for key in pipe_peer.STREAM_KEYS:
+            for p in (p for p in plans if p.key == key):
+                pipe_peer.check_message(p, await asyncio.wait_for(pipe.recv(key=key), 30))
+                got += 1
+        assert got == count
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await asyncio.wait_for(pipe.recv(), 10)
+        await peer.expect("sent")
+        await peer.expect("done")
+    finally:
+        if pipe is not None:
+            await close_quietly(pipe)
+        await listener.aclose()
+
+
+async def test_calls_after_close_raise_pipeclosed_on_both_ends(pipe_pair: Pair) -> None:
+    a, b = pipe_pair
+    await a.send(pipe_peer.seq_tensor(0, 64))
+    await a.aclose()
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await a.send(torch.ones(1))
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await a.recv()
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await a.recv(key="k")
+    # The peer still gets what was sent, then PipeClosed -- for recv and for send.
+    assert pipe_peer.read_seq(await b.recv()) == 0
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await b.recv()
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await b.recv(key="k")
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await b.send(torch.ones(1))
+    assert b.closed
+    for p in (a, b):
+        with pytest.raises(aiokvpipe.PipeClosed) as info:
+            await p.send(None)
+        assert not isinstance(info.value, aiokvpipe.BrokenPipe)
+
+
+async def test_aclose_is_idempotent_and_concurrent_safe(pipe_pair: Pair) -> None:
+    a, b = pipe_pair
+    await asyncio.wait_for(asyncio.gather(a.aclose(), a.aclose(), a.aclose()), 30)
+    await asyncio.wait_for(a.aclose(), 5)
+    await asyncio.wait_for(b.aclose(), 5)
+    await asyncio.wait_for(b.aclose(), 5)
+    for p in (a, b):
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await p.recv()
+
+
+async def test_both_ends_closing_at_once_is_graceful(pipe_pair: Pair) -> None:
+    a, b = pipe_pair
+    await a.send(pipe_peer.seq_tensor(1, 4 * MiB))
+    await b.send(pipe_peer.seq_tensor(2, 4 * MiB))
+    await asyncio.wait_for(asyncio.gather(a.aclose(), b.aclose()), 30)
+    # aclose() here fails this end's own pending and later recv()s with PipeClosed; what
+    # matters is that neither end saw a broken pipe.
+    for p in (a, b):
+        with pytest.raises(aiokvpipe.PipeClosed) as info:
+            await p.send(None)
+        assert not isinstance(info.value, aiokvpipe.BrokenPipe)
+
+
+async def test_pending_recv_raises_pipeclosed_when_this_end_closes(pipe_pair: Pair) -> None:
+    a, _ = pipe_pair
+    pending = [asyncio.create_task(a.recv()), asyncio.create_task(a.recv(key="x"))]
+    await asyncio.sleep(0)  # both reach their wait
+    await asyncio.wait_for(a.aclose(), 30)
+    for t in pending:
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await t
+
+
+async def test_pending_recv_raises_pipeclosed_when_the_peer_closes(pipe_pair: Pair) -> None:
+    a, b = pipe_pair
+    pending = [asyncio.create_task(b.recv()), asyncio.create_task(b.recv(key="x"))]
+    await a.send(pipe_peer.seq_tensor(5, 100))
+    await asyncio.wait_for(a.aclose(), 30)
+    assert pipe_peer.read_seq(await pending[0]) == 5
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await pending[1]
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await b.recv()
+
+
+async def test_sends_in_flight_at_aclose_either_arrive_or_raise_pipeclosed(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(max_inflight_bytes=8 * MiB)
+    n = 10
+    outcomes: dict[int, str] = {}
+
+    async def send(i: int) -> None:
+        try:
+            await a.send(pipe_peer.seq_tensor(i, 4 * MiB))
+            outcomes[i] = "sent"
+        except aiokvpipe.PipeClosed:
+            outcomes[i] = "closed"
+
+    senders = [asyncio.create_task(send(i)) for i in range(n)]
+    await asyncio.sleep(0)  # every sender has called send(): some posted, the rest waiting
+    await asyncio.wait_for(asyncio.gather(a.aclose(), *senders), 30)
+    received = await drain_until_closed(b)
+    assert sorted(outcomes) == list(range(n))
+    assert received == [i for i in range(n) if outcomes[i] == "sent"]
+    assert "sent" in outcomes.values() and "closed" in outcomes.values(), outcomes
+
+
+async def test_async_with_closes_the_pipe(pipe_pair: Pair) -> None:
+    a, b = pipe_pair
+    async with a as entered:
+        assert entered is a
+        await a.send(pipe_peer.seq_tensor(7, 4 * MiB))
+    assert a.closed
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await a.send(None)
+    assert await drain_until_closed(b) == [7]
+
+
+async def test_async_with_closes_on_error_too(pipe_pair: Pair) -> None:
+    a, b = pipe_pair
+    with pytest.raises(KeyError):
+        async with a:
+            await a.send(pipe_peer.seq_tensor(8, 64))
+            raise KeyError("boom")
+    assert a.closed
+    assert await drain_until_closed(b) == [8]
+
+
+async def test_listener_async_with_and_aclose(any_loop: str) -> None:
+    async with await aiokvpipe.listen(HOST, 0) as listener:
+        port = listener.port
+        waiting = asyncio.create_task(listener.accept())
+        await asyncio.sleep(0)
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await listener.accept()
+    with pytest.raises(TimeoutError):
+        await aiokvpipe.connect(HOST, port, connect_timeout=0.2)

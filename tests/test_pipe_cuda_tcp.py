@@ -1,0 +1,145 @@
+"""CUDA tensors over the tcp data plane (staged through pinned host memory): same GPU on both
+ends with transport="tcp" forced, CPU → CUDA and CUDA → CPU, in-process and with a peer
+process. Skipped where torch sees no CUDA device."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from conftest import HOST, PairFactory, SpawnPeer, close_quietly
+
+import aiokvpipe
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+]
+
+MiB = 1 << 20
+CUDA_TCP = {"device": "cuda", "transport": "tcp"}
+
+
+def cuda_message(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return {
+        "k": torch.randn(4, 128, 64, device="cuda", dtype=torch.float16, generator=g),
+        "v": torch.randn(4, 128, 64, device="cuda", dtype=torch.bfloat16, generator=g),
+        "ids": torch.randint(0, 50000, (1000,), device="cuda", generator=g),
+        "mask": torch.rand(33, device="cuda", generator=g) > 0.5,
+        "empty": torch.empty(0, 8, device="cuda"),
+        "scalar": torch.tensor(2.5, device="cuda"),
+    }
+
+
+def assert_same(sent: dict[str, torch.Tensor], got: Any, device_type: str) -> None:
+    assert isinstance(got, dict) and list(got) == list(sent)
+    for name, s in sent.items():
+        g = got[name]
+        assert g.device.type == device_type, f"{name} arrived on {g.device}"
+        assert g.dtype == s.dtype and g.shape == s.shape, name
+        assert torch.equal(g.cpu(), s.cpu()), f"{name}: values differ"
+
+
+async def test_cuda_to_cuda_on_the_same_gpu_over_tcp(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    assert a.transport == b.transport == "tcp"
+    assert b.device == torch.device("cuda", torch.cuda.current_device())
+    sent = cuda_message(1)
+    await a.send(sent, key="req")
+    assert_same(sent, await asyncio.wait_for(b.recv(key="req"), 30), "cuda")
+    back = cuda_message(2)
+    await b.send(back)
+    assert_same(back, await asyncio.wait_for(a.recv(), 30), "cuda")
+
+
+async def test_auto_transport_on_one_gpu_falls_back_to_tcp(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(device="cuda", transport="auto")
+    assert a.transport == b.transport == "tcp"  # NCCL refuses two ranks on one GPU
+    sent = cuda_message(3)
+    await a.send(sent)
+    assert_same(sent, await asyncio.wait_for(b.recv(), 30), "cuda")
+
+
+async def test_cpu_sender_to_cuda_receiver(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(transport="tcp", client_opts={"device": "cpu"},
+                              server_opts={"device": "cuda"})
+    sent = {name: t.cpu() for name, t in cuda_message(4).items()}
+    await a.send(sent)
+    assert_same(sent, await asyncio.wait_for(b.recv(), 30), "cuda")
+
+
+async def test_cuda_sender_to_cpu_receiver(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(transport="tcp", client_opts={"device": "cuda"},
+                              server_opts={"device": "cpu"})
+    sent = cuda_message(5)
+    await a.send(sent)
+    assert_same(sent, await asyncio.wait_for(b.recv(), 30), "cpu")
+
+
+async def test_send_sees_the_result_of_kernels_still_queued(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    x = torch.randn(2048, 2048, device="cuda")
+    for _ in range(4):
+        x = x @ x  # queued on the current stream, most likely unfinished at send() time
+        x = x / x.abs().max()
+    await a.send(x)
+    got = await asyncio.wait_for(b.recv(), 30)
+    assert torch.equal(got.cpu(), x.cpu())
+
+
+async def test_send_from_a_side_stream(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        y = torch.arange(MiB, device="cuda", dtype=torch.float32).mul_(3)
+        await a.send(y)  # ordered after the work queued on the side stream
+    got = await asyncio.wait_for(b.recv(), 30)
+    side.synchronize()
+    assert torch.equal(got.cpu(), y.cpu())
+
+
+async def test_received_tensor_is_usable_at_once_on_the_current_stream(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    sent = torch.randn(8 * MiB // 4, device="cuda")
+    await a.send(sent)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = await asyncio.wait_for(b.recv(), 30)
+        doubled = got * 2  # no synchronisation by the caller
+    side.synchronize()
+    assert torch.equal(doubled.cpu(), (sent * 2).cpu())
+
+
+async def test_large_and_noncontiguous_cuda_tensors(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    big = torch.randint(0, 255, (64 * MiB,), device="cuda", dtype=torch.uint8)
+    base = torch.randn(512, 1024, device="cuda")
+    sent = {"big": big, "t": base.t(), "strided": base[::3, 1::2]}
+    await a.send(sent)
+    got = await asyncio.wait_for(b.recv(), 60)
+    for name, s in sent.items():
+        assert got[name].is_cuda and got[name].shape == s.shape
+        assert torch.equal(got[name].cpu(), s.cpu()), name
+
+
+async def test_cuda_round_trip_through_a_peer_process_on_the_same_gpu(
+        spawn_peer: SpawnPeer) -> None:
+    async with await aiokvpipe.listen(HOST, 0, **CUDA_TCP) as lst:
+        peer = await spawn_peer(role="connect", port=lst.port, mode="echo", opts=CUDA_TCP)
+        pipe = await asyncio.wait_for(lst.accept(), 60)
+        try:
+            await peer.expect("connected", timeout=60)
+            for seed in range(3):
+                sent = cuda_message(seed)
+                await pipe.send(sent)
+                assert_same(sent, await asyncio.wait_for(pipe.recv(), 30), "cuda")
+            await pipe.aclose()
+            assert (await peer.expect("done"))["echoed"] == 3
+        finally:
+            await close_quietly(pipe)

@@ -1,0 +1,311 @@
+"""A live listener against bad clients (garbage, HTTP, silence, wrong or missing token), and the
+ways of opening a pipe: ``open_pipe`` across two processes, ``connect()`` retrying until the
+listener appears, ``TimeoutError`` when nobody listens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+from conftest import HOST, SpawnPeer, close_quietly, discard, eventually, free_port, socket_fds
+
+import aiokvpipe
+from aiokvpipe import _wire
+
+HANDSHAKE_TIMEOUT = 1.0
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def listener(any_loop: str) -> AsyncIterator[aiokvpipe.Listener]:
+    lst = await aiokvpipe.listen(HOST, 0, handshake_timeout=HANDSHAKE_TIMEOUT)
+    try:
+        yield lst
+    finally:
+        await lst.aclose()
+
+
+async def good_client_transfers(listener: aiokvpipe.Listener, **opts: object) -> None:
+    """A well-behaved client connects to ``listener`` and moves a message each way."""
+    accepted = asyncio.ensure_future(listener.accept())
+    client = server = None
+    try:
+        client = await asyncio.wait_for(aiokvpipe.connect(HOST, listener.port, **opts), 10)
+        server = await asyncio.wait_for(accepted, 10)
+        x = torch.arange(1000, dtype=torch.float32)
+        await client.send(x, key="ping")
+        assert torch.equal(await asyncio.wait_for(server.recv(key="ping"), 10), x)
+        await server.send({"y": x * 2})
+        assert torch.equal((await asyncio.wait_for(client.recv(), 10))["y"], x * 2)
+    finally:
+        discard(accepted)
+        await close_quietly(*(p for p in (client, server) if p is not None))
+
+
+async def raw_connect(port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (HOST, port))
+    return sock
+
+
+async def wait_dropped(sock: socket.socket, timeout: float) -> float:
+    """Seconds until the listener closes ``sock`` (EOF or reset); whatever it sent is drained."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+
+    async def until_eof() -> None:
+        while True:
+            try:
+                if not await loop.sock_recv(sock, 65536):
+                    return
+            except ConnectionResetError:
+                return
+
+    await asyncio.wait_for(until_eof(), timeout)
+    return time.monotonic() - started
+
+
+# -- bad clients ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [
+    pytest.param(random.Random(1).randbytes(4096), id="random-bytes"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8\r\n\r\n", id="http-get"),
+    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), id="tls-hello"),
+    pytest.param(_wire.encode(_wire.Attach(bytes(16), _wire.Direction.CLIENT_TO_SERVER)),
+                 id="attach-unknown-session"),
+    pytest.param(_wire.encode(_wire.Heartbeat()), id="heartbeat-first"),
+    pytest.param(b"\x01\x00\x00\x00\xff\xff\xff\xff", id="hello-with-huge-length"),
+])
+async def test_garbage_client_is_dropped_and_listener_keeps_serving(
+        listener: aiokvpipe.Listener, payload: bytes) -> None:
+    sockets_before = socket_fds()
+    sock = await raw_connect(listener.port)
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, payload)
+        # Dropped for what it sent, well before the handshake timeout.
+        assert await wait_dropped(sock, 5) < HANDSHAKE_TIMEOUT * 0.8
+    finally:
+        sock.close()
+    await good_client_transfers(listener)
+    await eventually(lambda: socket_fds() <= sockets_before, 2,
+                     "the listener closed every socket of the bad and the good client")
+
+
+async def test_garbage_storm_then_good_client(listener: aiokvpipe.Listener) -> None:
+    rng = random.Random(5)
+    socks = [await raw_connect(listener.port) for _ in range(30)]
+    try:
+        loop = asyncio.get_running_loop()
+        for s in socks:
+            await loop.sock_sendall(s, rng.randbytes(rng.randint(1, 2000)))
+        good = asyncio.create_task(good_client_transfers(listener))
+        times = await asyncio.gather(*(wait_dropped(s, 5) for s in socks))
+        await asyncio.wait_for(good, 10)
+        assert max(times) < 5
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def test_silent_clients_are_dropped_after_handshake_timeout_without_blocking_others(
+        listener: aiokvpipe.Listener) -> None:
+    loop = asyncio.get_running_loop()
+    silent = await raw_connect(listener.port)  # sends nothing at all
+    half = await raw_connect(listener.port)  # a valid HELLO, then nothing
+    try:
+        await loop.sock_sendall(half, _wire.encode(_wire.Hello(bytes(32), _wire.Capabilities())))
+        started = time.monotonic()
+        drops = asyncio.gather(wait_dropped(silent, 10), wait_dropped(half, 10))
+        # While both hang in their handshakes, a good client gets through at once.
+        await good_client_transfers(listener)
+        assert time.monotonic() - started < HANDSHAKE_TIMEOUT * 0.8
+        await asyncio.wait_for(drops, 10)
+        waited = time.monotonic() - started
+        assert HANDSHAKE_TIMEOUT * 0.9 <= waited <= HANDSHAKE_TIMEOUT + 2.0, waited
+    finally:
+        silent.close()
+        half.close()
+    await good_client_transfers(listener)
+
+
+async def test_wrong_token_fails_on_the_connecting_side_and_listener_keeps_serving(
+        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIOKVPIPE_TOKEN", raising=False)
+    async with await aiokvpipe.listen(HOST, 0, token="the right secret") as lst:
+        sockets_before = socket_fds()
+        with pytest.raises(aiokvpipe.AuthenticationError):
+            await asyncio.wait_for(aiokvpipe.connect(HOST, lst.port, token="a wrong secret"), 10)
+        with pytest.raises(aiokvpipe.AuthenticationError):
+            await asyncio.wait_for(aiokvpipe.connect(HOST, lst.port, token=b"the right secre"),
+                                   10)
+        await eventually(lambda: socket_fds() <= sockets_before, 2,
+                         "sockets of the refused clients closed")
+        await good_client_transfers(lst, token="the right secret")
+        await good_client_transfers(lst, token=b"the right secret")  # bytes == its UTF-8 str
+
+
+async def test_server_with_token_refuses_client_without_one(
+        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIOKVPIPE_TOKEN", raising=False)
+    async with await aiokvpipe.listen(HOST, 0, token="s3cret") as lst:
+        with pytest.raises(aiokvpipe.AuthenticationError):
+            await asyncio.wait_for(aiokvpipe.connect(HOST, lst.port), 10)
+        with pytest.raises(aiokvpipe.AuthenticationError):
+            await asyncio.wait_for(aiokvpipe.connect(HOST, lst.port, token=""), 10)
+        await good_client_transfers(lst, token="s3cret")
+
+
+async def test_client_with_token_refuses_server_without_one(
+        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Authentication is mutual: a listener that cannot prove it holds the token is refused.
+    monkeypatch.delenv("AIOKVPIPE_TOKEN", raising=False)
+    async with await aiokvpipe.listen(HOST, 0) as lst:
+        with pytest.raises(aiokvpipe.AuthenticationError):
+            await asyncio.wait_for(aiokvpipe.connect(HOST, lst.port, token="s3cret"), 10)
+        await good_client_transfers(lst)
+
+
+async def test_token_from_environment_variable(any_loop: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOKVPIPE_TOKEN", "from-the-env")
+    async with await aiokvpipe.listen(HOST, 0) as lst:
+        await good_client_transfers(lst)  # both ends read it from the environment
+        await good_client_transfers(lst, token="from-the-env")  # explicit == env
+        with pytest.raises(aiokvpipe.AuthenticationError):
+            await asyncio.wait_for(aiokvpipe.connect(HOST, lst.port, token="other"), 10)
+    monkeypatch.delenv("AIOKVPIPE_TOKEN")
+    async with await aiokvpipe.listen(HOST, 0, token="explicit") as lst:
+        monkeypatch.setenv("AIOKVPIPE_TOKEN", "explicit")
+        await good_client_transfers(lst)  # the client's token comes from the environment
+        monkeypatch.setenv("AIOKVPIPE_TOKEN", "not-it")
+        with pytest.raises(aiokvpipe.AuthenticationError):
+            await asyncio.wait_for(aiokvpipe.connect(HOST, lst.port), 10)
+
+
+async def test_token_from_environment_in_a_peer_process(
+        spawn_peer: SpawnPeer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIOKVPIPE_TOKEN", raising=False)
+    async with await aiokvpipe.listen(HOST, 0, token="shared-by-env") as lst:
+        bad = await spawn_peer(role="connect", port=lst.port, mode="echo",
+                               env={"AIOKVPIPE_TOKEN": "wrong"})
+        with pytest.raises(AssertionError, match="AuthenticationError"):
+            await bad.next_event(timeout=30)
+        good = await spawn_peer(role="connect", port=lst.port, mode="echo",
+                                env={"AIOKVPIPE_TOKEN": "shared-by-env"})
+        pipe = await asyncio.wait_for(lst.accept(), 30)
+        try:
+            await good.expect("connected")
+            await pipe.send(torch.ones(5))
+            assert torch.equal(await asyncio.wait_for(pipe.recv(), 10), torch.ones(5))
+            await pipe.aclose()
+            assert (await good.expect("done"))["echoed"] == 1
+        finally:
+            await close_quietly(pipe)
+
+
+# -- opening pipes ------------------------------------------------------------------------------
+
+
+async def echo_check(pipe: aiokvpipe.Pipe, n: int = 5) -> None:
+    for i in range(n):
+        msg = {"i": torch.tensor(i), "data": torch.randn(1000 * (i + 1))}
+        await pipe.send(msg)
+        back = await asyncio.wait_for(pipe.recv(), 10)
+        assert int(back["i"]) == i and torch.equal(back["data"], msg["data"])
+
+
+async def test_open_pipe_rank0_here_rank1_in_a_peer_process(spawn_peer: SpawnPeer) -> None:
+    port = free_port()
+    opening = asyncio.create_task(aiokvpipe.open_pipe(HOST, port, rank=0))
+    peer = await spawn_peer(role="rank1", port=port, mode="echo")
+    pipe = await asyncio.wait_for(opening, 30)
+    try:
+        await peer.expect("connected")
+        await echo_check(pipe)
+        await pipe.aclose()
+        assert (await peer.expect("done"))["echoed"] == 5
+        assert await peer.wait(10) == 0
+    finally:
+        await close_quietly(pipe)
+    # rank 0 listened for one peer only: the port is free again.
+    with pytest.raises(TimeoutError):
+        await aiokvpipe.connect(HOST, port, connect_timeout=0.3)
+
+
+async def test_open_pipe_rank1_here_started_before_rank0_peer(spawn_peer: SpawnPeer) -> None:
+    port = free_port()
+    # rank 1 first: it keeps retrying while the peer process starts up and listens.
+    opening = asyncio.create_task(aiokvpipe.open_pipe(HOST, port, rank=1, connect_timeout=30))
+    peer = await spawn_peer(role="rank0", port=port, mode="echo")
+    pipe = await asyncio.wait_for(opening, 30)
+    try:
+        await peer.expect("connected")
+        await echo_check(pipe)
+        await pipe.aclose()
+        assert (await peer.expect("done"))["echoed"] == 5
+    finally:
+        await close_quietly(pipe)
+
+
+async def test_connect_retries_until_the_listener_appears(any_loop: str) -> None:
+    port = free_port()
+    connecting = asyncio.create_task(aiokvpipe.connect(HOST, port, connect_timeout=10))
+    await asyncio.sleep(0.5)  # deliberately late: the listener appears after a while
+    assert not connecting.done(), connecting
+    async with await aiokvpipe.listen(HOST, port) as lst:
+        server = await asyncio.wait_for(lst.accept(), 10)
+    client = await asyncio.wait_for(connecting, 10)
+    try:
+        await client.send(torch.ones(3))
+        assert torch.equal(await server.recv(), torch.ones(3))
+    finally:
+        await close_quietly(client, server)
+
+
+async def test_connect_reaches_a_listener_that_appears_shortly_before_connect_timeout(
+        any_loop: str) -> None:
+    connect_timeout = 1.5
+    port = free_port()
+    connecting = asyncio.create_task(aiokvpipe.connect(HOST, port,
+                                                       connect_timeout=connect_timeout))
+    await asyncio.sleep(connect_timeout - 0.25)  # deliberately late, but within the timeout
+    async with await aiokvpipe.listen(HOST, port) as lst:
+        accepted = asyncio.ensure_future(lst.accept())
+        try:
+            client = await asyncio.wait_for(connecting, 10)
+            server = await asyncio.wait_for(accepted, 10)
+        finally:
+            discard(connecting)
+            discard(accepted)
+    await close_quietly(client, server)
+
+
+async def test_connect_raises_timeout_error_after_connect_timeout(any_loop: str) -> None:
+    connect_timeout = 1.0
+    port = free_port()
+    sockets_before = socket_fds()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await aiokvpipe.connect(HOST, port, connect_timeout=connect_timeout)
+    elapsed = time.monotonic() - started
+    # Not before connect_timeout (the listener might still have come), and not much after.
+    assert connect_timeout * 0.95 <= elapsed <= connect_timeout + 1.0, elapsed
+    assert socket_fds() <= sockets_before
+
+
+async def test_cancelled_connect_leaks_no_socket(any_loop: str) -> None:
+    port = free_port()
+    sockets_before = socket_fds()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await aiokvpipe.connect(HOST, port, connect_timeout=10)
+    assert socket_fds() <= sockets_before
