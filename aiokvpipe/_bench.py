@@ -778,6 +778,11 @@ def child_main(role: str, device: str) -> int:
         proto.write(json.dumps(msg) + "\n")
         proto.flush()
 
+    fake_uuid = os.environ.get(FAKE_UUID_ENV)
+    if fake_uuid:  # --one-gpu: both ends on one GPU must look like two to the handshake
+        from . import _connect
+
+        setattr(_connect, "device_uuid", lambda _device: bytes.fromhex(fake_uuid))
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
@@ -798,6 +803,10 @@ def child_main(role: str, device: str) -> int:
 
 
 # -- the coordinator ---------------------------------------------------------------------------
+
+#: Set by ``--one-gpu`` for the children (see there).
+ONE_GPU_ENV: Final = "AIOKVPIPE_BENCH_ONE_GPU"
+FAKE_UUID_ENV: Final = "AIOKVPIPE_BENCH_FAKE_UUID"
 
 
 class CaseFailed(Exception):
@@ -820,6 +829,10 @@ class _Child:
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
+        if env.get(ONE_GPU_ENV):
+            # Two "hosts" to NCCL, two GPUs to our handshake: see --one-gpu.
+            env["NCCL_HOSTID"] = f"aiokvpipe-bench-{self.role}"
+            env[FAKE_UUID_ENV] = ("aa" if self.role == "sender" else "bb") * 16
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "aiokvpipe", "bench", "--role", self.role,
             "--role-device", self.device, stdin=asyncio.subprocess.PIPE,
@@ -1238,6 +1251,11 @@ def add_parser(sub: Any) -> None:
                    help="draw throughput against size (needs matplotlib)")
     p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=None,
                    help="run our pipe (and the ceiling) on uvloop (default: if installed)")
+    p.add_argument("--one-gpu", action="store_true",
+                   help="cuda on a one-GPU machine: both ends on cuda:0, NCCL told they are "
+                        "two hosts (NCCL_HOSTID) so it runs over its socket transport. Checks "
+                        "our overhead against raw NCCL under the same transport; the figures "
+                        "are not NVLink figures")
     p.add_argument("--role", choices=("sender", "receiver"), help=argparse.SUPPRESS)
     p.add_argument("--role-device", default="cpu", help=argparse.SUPPRESS)
     p.set_defaults(func=main)

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import datetime as dt
 import importlib.util
+import os
 import struct
 import sys
 import time
@@ -32,6 +33,7 @@ import torch
 
 from ._bench import (
     DEPTH,
+    ONE_GPU_ENV,
     MAX_SAMPLES,
     MIN_LAT_SAMPLES,
     GiB,
@@ -327,7 +329,11 @@ def main(args: argparse.Namespace, loop: str) -> int:
         print("bench: --device cuda needs CuPy with NCCL (pip install 'aiokvpipe[cuda12]' or "
               "'[cuda13]')", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    one_gpu = bool(getattr(args, "one_gpu", False))
+    receiver_device = "cuda:0" if one_gpu else "cuda:1"
+    if one_gpu:
+        os.environ[ONE_GPU_ENV] = "1"
+    if not torch.cuda.is_available() or torch.cuda.device_count() < (1 if one_gpu else 2):
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         print(f"bench: --device cuda needs two CUDA devices (cuda:0 sends, cuda:1 receives); "
               f"found {found}", file=sys.stderr)
@@ -341,9 +347,10 @@ def main(args: argparse.Namespace, loop: str) -> int:
     repeat = args.repeat or 1
     cases = plan_gpu(sizes, seconds, repeat, loop, args.quick)
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    info = host_info("cuda:0 → cuda:1")
+    route = f"cuda:0 → {receiver_device}" + (" (ONE GPU: NCCL over sockets)" if one_gpu else "")
+    info = host_info(route)
     started = time.perf_counter()
-    records, errors, hellos = asyncio.run(run_cases(cases, "cuda:0", "cuda:1"))
+    records, errors, hellos = asyncio.run(run_cases(cases, "cuda:0", receiver_device))
     info["gpus"] = {h["role"]: h.get("device_name") for h in hellos}
     summary = summarize(records)
     table, targets = gpu_report(summary, sizes, args.quick)
@@ -352,7 +359,7 @@ def main(args: argparse.Namespace, loop: str) -> int:
     gpus = " / ".join(str(v) for v in info["gpus"].values()) or "?"
     finish(args, info, date, settings, records, errors, summary, targets, sizes,
            ["ours", "nccl-raw"],
-           [f"device cuda:0 → cuda:1 ({gpus})",
+           [f"device {route} ({gpus})",
             (f"ours: transport nccl on {loop}; raw: CuPy NCCL send/recv, one stream; "
              f"{repeat} repeat(s) × {seconds:g} s per point; {DEPTH} sends in flight (ours)"),
             ("one-way latency = ping-pong round trip / 2; ratios are ours ÷ raw; bundles: raw "

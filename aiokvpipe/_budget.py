@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from ._errors import fresh
+
 
 class ByteBudget:
     """Admit byte counts against a fixed capacity, first come first served.
@@ -47,7 +49,7 @@ class ByteBudget:
         if n < 0:
             raise ValueError(f"cannot acquire a negative byte count ({n})")
         if self._error is not None:
-            raise self._error
+            raise fresh(self._error)
         if not self._waiters and self._fits(n):
             self._in_use += n
             return
@@ -94,4 +96,4 @@ class ByteBudget:
         while self._waiters:
             _, fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(fresh(exc))

@@ -13,6 +13,8 @@ from typing import Any, Final, Protocol
 
 import torch
 
+from ._errors import fresh
+
 #: Bandwidth assumed when guessing how long an op will take. Deliberately optimistic (above
 #: NVLink 4's 450 GB/s would be pointless, below it we would oversleep): the guess is a lower
 #: bound on the real duration, so sleeping until just before it never delays a completion.
@@ -52,7 +54,7 @@ class EventPoller:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         if self._error is not None:
-            fut.set_exception(self._error)
+            fut.set_exception(fresh(self._error))
             return fut
         self._pending.append((event, fut, nbytes / _OPTIMISTIC_BYTES_PER_S, keepalive))
         if self._task is None:
@@ -84,7 +86,7 @@ class EventPoller:
         self._error = exc
         for _, fut, _, _ in self._pending:
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(fresh(exc))
                 fut.exception()  # its waiter may be gone; do not warn about it
 
     def abort(self, exc: BaseException) -> None:
@@ -99,7 +101,7 @@ class EventPoller:
         while self._pending:
             _, fut, _, _ = self._pending.popleft()
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(fresh(exc))
                 fut.exception()  # its waiter may be gone; do not warn about it
 
 

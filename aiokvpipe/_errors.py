@@ -15,6 +15,25 @@ tear down a healthy pipe.
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def fresh(exc: E) -> E:
+    """A new exception like ``exc``: same type, message and cause, no traceback.
+
+    A pipe's terminal error reaches many callers. Raising one instance everywhere would chain
+    every caller's frame into its traceback, and with the frames everything they hold (the
+    tensors being sent, say) for as long as the pipe keeps the error. Each caller gets a copy.
+    """
+    new = copy.copy(exc)
+    new.__cause__ = exc.__cause__
+    new.__suppress_context__ = True
+    return new
+
+
 __all__ = [
     "PipeError",
     "BrokenPipe",

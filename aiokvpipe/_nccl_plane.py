@@ -26,6 +26,7 @@ import torch
 
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
+from ._errors import fresh
 from ._wire import NCCL_UNIQUE_ID_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -114,7 +115,7 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
         if fut.done():
             return
         if exc is not None:
-            fut.set_exception(exc)
+            fut.set_exception(fresh(exc))
         else:
             fut.set_result(result)
 
@@ -255,7 +256,7 @@ class NcclPlane:
 
 def _failed(exc: BaseException) -> asyncio.Future[Any]:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    fut.set_exception(exc)
+    fut.set_exception(fresh(exc))
     return fut
 
 

@@ -20,7 +20,7 @@ from . import _wire
 from ._budget import ByteBudget
 from ._control import ControlChannel
 from ._dtypes import dtype_of
-from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError
+from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError, fresh
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._plane import DataPlane
@@ -133,7 +133,8 @@ class Pipe:
         key = check_key(key)
         out = flatten(msg)
         self._check_can_send()
-        if out.nbytes <= self._inline_limit and not any(t.is_cuda for t in out.tensors):
+        if out.nbytes == 0 or (out.nbytes <= self._inline_limit
+                               and not any(t.is_cuda for t in out.tensors)):
             await self._send_inline(out, key)
             return
         async with self._send_lock:
@@ -152,7 +153,8 @@ class Pipe:
                 self._write_header(header)
             except BrokenPipe:
                 self._send_budget.release(out.nbytes)
-                raise self._error or BrokenPipe("control connection lost") from None
+                raise fresh(self._error) if self._error else BrokenPipe(
+                    "control connection lost") from None
             done = self._plane.post_send(out.tensors)
             self._sends_in_flight.add(done)
             done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
@@ -170,7 +172,8 @@ class Pipe:
             try:
                 self._write_header(header)
             except BrokenPipe:
-                raise self._error or BrokenPipe("control connection lost") from None
+                raise fresh(self._error) if self._error else BrokenPipe(
+                    "control connection lost") from None
             self._next_send_seq += 1
             self._bytes_sent += out.nbytes
             await self._control.drain()
@@ -293,7 +296,7 @@ class Pipe:
 
     def _check_can_send(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise fresh(self._error)
         if self._closing:
             raise PipeClosed("pipe closed")
         if self._peer_closed:
@@ -314,7 +317,7 @@ class Pipe:
 
     def _check_can_recv(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise fresh(self._error)
         if self._closing:
             raise PipeClosed("pipe closed")
         if self._peer_closed and not self._incoming:
@@ -367,12 +370,14 @@ class Pipe:
             payload.add_done_callback(self._on_payload)
 
     def _unpack_inline(self, h: _wire.Header) -> list[torch.Tensor]:
-        if self.device.type != "cpu":
+        # Messages without payload bytes (None, empty tensors) travel inline on every plane;
+        # payload bytes only to a CPU receiver (see _connect: inline_limit).
+        if h.nbytes and self.device.type != "cpu":
             raise ProtocolError("inline payload sent to a CUDA receiver")
         assert h.inline is not None
         tensors, offset = [], 0
         for spec in h.tensors:
-            t = torch.empty(spec.shape, dtype=dtype_of(spec.dtype))
+            t = torch.empty(spec.shape, dtype=dtype_of(spec.dtype), device=self.device)
             if spec.nbytes:
                 byte_view(t)[:] = h.inline[offset:offset + spec.nbytes]
                 offset += spec.nbytes
@@ -473,7 +478,7 @@ class Pipe:
         for waiters in self._waiters.values():
             for fut in waiters:
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(fresh(exc))
                     fut.exception()
         self._waiters.clear()
 

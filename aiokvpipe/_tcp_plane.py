@@ -23,6 +23,7 @@ import torch
 
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
+from ._errors import fresh
 from ._hostmem import HostBufferPool, byte_view
 from ._wire import TensorSpec
 
@@ -177,7 +178,7 @@ class _PayloadReceiver(asyncio.BufferedProtocol):
         while self._targets:
             fut = self._targets.popleft().future
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(fresh(exc))
                 fut.exception()
         if self._transport is not None:
             self._transport.abort()
@@ -221,7 +222,7 @@ class TcpPlane:
     def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._error is not None:
-            fut.set_exception(self._error)
+            fut.set_exception(fresh(self._error))
             return fut
         tensors = [t for t in tensors if t.numel()]
         if not tensors:
@@ -264,7 +265,7 @@ class TcpPlane:
     def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
         fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
         if self._error is not None:
-            fut.set_exception(self._error)
+            fut.set_exception(fresh(self._error))
             return fut
         pin = self._device.type == "cuda"
         tensors = []
@@ -303,7 +304,7 @@ class TcpPlane:
         while self._outbox:
             _, _, fut = self._outbox.popleft()
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(fresh(exc))
                 fut.exception()
         self._receiver.fail(exc)
         self._staging.abort(exc)

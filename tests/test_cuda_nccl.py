@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -259,9 +260,14 @@ async def test_peer_killed_with_a_kernel_in_flight(start_peer) -> None:
         await peer.pipe.recv()
     del info, send  # their tracebacks reference the tensor through send()'s frame
     # The aborted communicator lets the kernel end; the pipe then drops the tensor.
-    async with asyncio.timeout(10):
-        while torch.cuda.memory_allocated("cuda:0") > baseline:
-            await asyncio.sleep(0.05)
+    try:
+        async with asyncio.timeout(10):
+            while torch.cuda.memory_allocated("cuda:0") > baseline:
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        threads = [t.name for t in threading.enumerate()]
+        pytest.fail(f"{torch.cuda.memory_allocated('cuda:0') - baseline} bytes still held "
+                    f"10 s after the kill; threads: {threads}")
     # The process is healthy: a new pipe works.
     fresh = await start_peer()
     t = torch.arange(10, device="cuda:0")

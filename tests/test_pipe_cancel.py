@@ -159,12 +159,17 @@ async def test_send_cancelled_after_its_header_left_still_delivers_it_whole(
         pipe_pair: Pair) -> None:
     a, b = pipe_pair
     big = pipe_peer.seq_tensor(7, 64 * MiB)  # far more than the socket buffers hold
+    # Hold the receiving socket shut (white-box) so the payload cannot finish meanwhile:
+    # 64 MiB is far more than the kernel's socket buffers hold.
+    b._plane._receiver._transport.pause_reading()
     sending = asyncio.create_task(a.send(big))
-    await asyncio.sleep(0)  # its first step: committed, header written, payload posted
-    assert a.stats.inflight_bytes == big.nbytes and not sending.done()
+    # Committed once its payload is posted (header written): in flight, not yet sent.
+    await eventually(lambda: a.stats.inflight_bytes == big.nbytes, 10, "payload posted")
+    assert not sending.done()
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sending
+    b._plane._receiver._transport.resume_reading()
     await a.send(pipe_peer.seq_tensor(8, 1000))
     assert pipe_peer.read_seq(await asyncio.wait_for(b.recv(), 30)) == 7
     assert pipe_peer.read_seq(await asyncio.wait_for(b.recv(), 30)) == 8
