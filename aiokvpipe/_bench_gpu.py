@@ -33,9 +33,9 @@ import torch
 
 from ._bench import (
     DEPTH,
-    ONE_GPU_ENV,
     MAX_SAMPLES,
     MIN_LAT_SAMPLES,
+    ONE_GPU_ENV,
     GiB,
     Json,
     KiB,

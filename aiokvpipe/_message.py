@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -19,7 +18,7 @@ from ._wire import (
     shape_fits,
 )
 
-Message = Union[None, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]
+Message = None | torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar, Union
+from typing import Any, Final, TypeVar
 
 from ._errors import ProtocolError
 
@@ -255,7 +255,7 @@ class Close:
         _check_u("messages", self.messages, 64)
 
 
-Frame = Union[Hello, Auth, Accept, Ready, Attach, Error, Header, Credit, Heartbeat, Close]
+Frame = Hello | Auth | Accept | Ready | Attach | Error | Header | Credit | Heartbeat | Close
 
 #: What one message costs against the receiver's credits beyond its payload: the header and
 #: bookkeeping it holds while unclaimed. Charging it bounds memory even for a flood of empty

@@ -59,7 +59,8 @@ def add_pipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
         default=os.environ.get(TOKEN_ENV),
-        help=f"shared pipe secret (default: ${TOKEN_ENV}; prefer the env var, argv is visible in ps)",
+        help=f"shared pipe secret (default: ${TOKEN_ENV}; prefer the env var, argv is "
+             "visible in ps)",
     )
     parser.add_argument("--seed", type=int, default=0, help="model seed; must match the peer")
     parser.add_argument(

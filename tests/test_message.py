@@ -151,7 +151,8 @@ def test_empty_list_and_empty_dict_are_messages_without_tensors() -> None:
 
 
 def test_dict_keeps_names_and_order() -> None:
-    msg = {"v": sample(torch.bfloat16), "k": sample(torch.float16, (4,)), "ключ": sample(torch.int8),
+    msg = {"v": sample(torch.bfloat16), "k": sample(torch.float16, (4,)),
+           "ключ": sample(torch.int8),
            "": sample(torch.bool)}
     out = flatten(msg)
     assert out.structure == Structure.DICT

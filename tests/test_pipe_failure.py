@@ -70,7 +70,8 @@ async def test_sigkilled_peer_breaks_every_pending_and_later_call(
         assert not done, f"these did not pend: {[n for n, t in pending.items() if t in done]}"
         finished_at: dict[str, float] = {}
         for name, task in pending.items():
-            task.add_done_callback(lambda _, name=name: finished_at.setdefault(name, time.monotonic()))
+            task.add_done_callback(
+                lambda _, name=name: finished_at.setdefault(name, time.monotonic()))
 
         killed_at = time.monotonic()
         peer.send_signal(signal.SIGKILL)

@@ -1,8 +1,8 @@
 """10,000 random messages from a real peer process: nothing lost, corrupted, duplicated or
 reordered, per key and unkeyed. Sizes are 0-64 KiB, plus ~10% of 70-800 kB messages so that
-payloads travel both inside their header frames and on the data plane. Each tensor carries its message's sequence numbers and a CRC32
-of its payload (see ``pipe_peer.check_message``); the receiver recomputes the sender's plan from
-the seed and checks every message against it."""
+payloads travel both inside their header frames and on the data plane. Each tensor carries its
+message's sequence numbers and a CRC32 of its payload (see ``pipe_peer.check_message``); the
+receiver recomputes the sender's plan from the seed and checks every message against it."""
 
 from __future__ import annotations
 
