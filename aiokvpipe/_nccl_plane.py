@@ -27,6 +27,7 @@ import torch
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import fresh
+from ._plane import settle_like
 from ._wire import NCCL_UNIQUE_ID_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -209,7 +210,7 @@ class NcclPlane:
             done.record(stream)
         fut: asyncio.Future[list[torch.Tensor]] = asyncio.get_running_loop().create_future()
         watched = self._recv_poller.watch(done, nbytes, keepalive=outs)
-        watched.add_done_callback(lambda w: _settle(w, fut, outs))
+        watched.add_done_callback(lambda w: settle_like(fut, w, outs))
         return fut
 
     def abort(self, exc: BaseException) -> None:
@@ -258,15 +259,3 @@ def _failed(exc: BaseException) -> asyncio.Future[Any]:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     fut.set_exception(fresh(exc))
     return fut
-
-
-def _settle(watched: asyncio.Future[None], fut: asyncio.Future[list[torch.Tensor]],
-            outs: list[torch.Tensor]) -> None:
-    if fut.done():
-        return
-    if watched.cancelled():
-        fut.cancel()
-    elif watched.exception() is not None:
-        fut.set_exception(watched.exception())  # type: ignore[arg-type]
-    else:
-        fut.set_result(outs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -40,3 +40,21 @@ class DataPlane(Protocol):
     def close(self) -> None:
         """Release the plane's resources after a graceful close (nothing is in flight)."""
         ...
+
+
+T = TypeVar("T")
+_FROM_SOURCE: Any = object()
+
+
+def settle_like(dest: asyncio.Future[T], source: asyncio.Future[Any],
+                value: T = _FROM_SOURCE) -> None:
+    """Complete ``dest`` the way ``source`` completed: cancelled, failed, or with ``value``
+    (by default ``source``'s own result). Does nothing if ``dest`` is already done."""
+    if dest.done():
+        return
+    if source.cancelled():
+        dest.cancel()
+    elif (exc := source.exception()) is not None:
+        dest.set_exception(exc)
+    else:
+        dest.set_result(source.result() if value is _FROM_SOURCE else value)

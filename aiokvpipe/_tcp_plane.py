@@ -25,6 +25,7 @@ from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._hostmem import HostBufferPool, byte_view
+from ._plane import settle_like
 from ._wire import TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -285,7 +286,7 @@ class TcpPlane:
     def _received(self, target: _Target) -> None:
         if self._device.type == "cuda" and target.tensors:
             task = self._loop.create_task(self._staging.to_device(target.tensors, self._device))
-            task.add_done_callback(lambda t: _chain(t, target.future))
+            task.add_done_callback(lambda t: settle_like(target.future, t))
         elif not target.future.done():
             target.future.set_result(target.tensors)
 
@@ -319,15 +320,3 @@ class TcpPlane:
             pass
         self._sock.close()
         self._receiver.fail(ConnectionAbortedError("data plane closed"))
-
-
-def _chain(task: asyncio.Task[list[torch.Tensor]],
-           fut: asyncio.Future[list[torch.Tensor]]) -> None:
-    if fut.done():
-        return
-    if task.cancelled():
-        fut.cancel()
-    elif task.exception() is not None:
-        fut.set_exception(task.exception())  # type: ignore[arg-type]
-    else:
-        fut.set_result(task.result())
