@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dtypes import code_of
+from ._dtypes import CODE_OF, code_of
 from ._wire import (
     MAX_KEY_BYTES,
     MAX_NAME_BYTES,
@@ -31,6 +31,9 @@ class Outgoing:
     nbytes: int
 
 
+_NONE = Outgoing(Structure.NONE, (), (), 0)
+
+
 def check_key(key: object) -> str | None:
     if key is None:
         return None
@@ -50,7 +53,15 @@ def flatten(msg: object) -> Outgoing:
     names: list[str]
     items: Sequence[object]
     if msg is None:
-        return Outgoing(Structure.NONE, (), (), 0)
+        return _NONE
+    if (type(msg) is torch.Tensor and msg.layout == torch.strided and not msg.is_nested
+            and (msg.is_cpu or msg.is_cuda) and not msg.requires_grad
+            and msg.is_contiguous() and not (msg.is_conj() or msg.is_neg())
+            and msg.dtype in CODE_OF and msg.dim() <= MAX_NDIM):
+        # The common case, checked cheaply: one plain dense tensor, sent as it is.
+        spec = TensorSpec(CODE_OF[msg.dtype], tuple(msg.shape), msg.element_size())
+        if shape_fits(spec.shape, spec.itemsize):
+            return Outgoing(Structure.TENSOR, (msg,), (spec,), spec.nbytes)
     if isinstance(msg, torch.Tensor):
         structure, names, items = Structure.TENSOR, [""], [msg]
     elif isinstance(msg, (list, tuple)):

@@ -22,7 +22,7 @@ from ._control import ControlChannel
 from ._dtypes import dtype_of
 from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError, fresh
 from ._hostmem import byte_view
-from ._message import Message, Outgoing, check_key, flatten, rebuild
+from ._message import Message, check_key, flatten, rebuild
 from ._plane import DataPlane
 
 log = logging.getLogger("aiokvpipe")
@@ -55,8 +55,8 @@ class _Incoming:
 
     __slots__ = ("header", "cost", "payload", "tensors", "discarded")
 
-    def __init__(self, header: _wire.Header, payload: asyncio.Future[list[torch.Tensor]]
-                 ) -> None:
+    def __init__(self, header: _wire.Header,
+                 payload: asyncio.Future[list[torch.Tensor]] | None) -> None:
         self.header = header
         self.cost = _wire.message_cost(header.nbytes, len(header.tensors))
         self.payload = payload
@@ -79,6 +79,7 @@ class Pipe:
         self._control = control
         self._plane = plane
         self.device: Final = device
+        self._on_cuda = device.type == "cuda"
         self.peer: Final = control.peer
         # sending
         #: CPU payloads up to this size travel inside their header frame (0: never).
@@ -133,50 +134,41 @@ class Pipe:
         key = check_key(key)
         out = flatten(msg)
         self._check_can_send()
-        if out.nbytes == 0 or (out.nbytes <= self._inline_limit
-                               and not any(t.is_cuda for t in out.tensors)):
-            await self._send_inline(out, key)
-            return
+        # A small CPU message (and any empty one) is copied into its header frame: once that
+        # is written the tensors are free again, with no payload to wait for and no send
+        # budget to hold.
+        inline = out.nbytes == 0 or (out.nbytes <= self._inline_limit
+                                     and not any(t.is_cuda for t in out.tensors))
+        held = 0 if inline else out.nbytes
         async with self._send_lock:
             self._check_can_send()
-            await self._send_budget.acquire(out.nbytes)
+            await self._send_budget.acquire(held)
             try:
                 await self._credits.acquire(_wire.message_cost(out.nbytes, len(out.specs)))
             except BaseException:
-                self._send_budget.release(out.nbytes)
+                self._send_budget.release(held)
                 raise
             # Committed. No await until the payload is posted, so cancellation cannot split
             # the header from its payload.
-            header = _wire.Header(self._next_send_seq, key, out.structure, out.specs)
-            self._next_send_seq += 1
-            try:
-                self._write_header(header)
-            except BrokenPipe:
-                self._send_budget.release(out.nbytes)
-                raise fresh(self._error) if self._error else BrokenPipe(
-                    "control connection lost") from None
-            done = self._plane.post_send(out.tensors)
-            self._sends_in_flight.add(done)
-            done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
-            await self._control.drain()
-        await asyncio.shield(done)
-
-    async def _send_inline(self, out: Outgoing, key: str | None) -> None:
-        # A small CPU message is copied into its header frame: once written, the tensors are
-        # free again, so there is no payload to wait for and no send budget to hold.
-        async with self._send_lock:
-            self._check_can_send()
-            await self._credits.acquire(_wire.message_cost(out.nbytes, len(out.specs)))
-            payload = b"".join(byte_view(t) for t in out.tensors if t.numel())
+            payload = b"".join(byte_view(t) for t in out.tensors if t.numel()) if inline \
+                else None
             header = _wire.Header(self._next_send_seq, key, out.structure, out.specs, payload)
             try:
                 self._write_header(header)
             except BrokenPipe:
+                self._send_budget.release(held)
                 raise fresh(self._error) if self._error else BrokenPipe(
                     "control connection lost") from None
             self._next_send_seq += 1
-            self._bytes_sent += out.nbytes
+            if inline:
+                self._bytes_sent += out.nbytes
+            else:
+                done = self._plane.post_send(out.tensors)
+                self._sends_in_flight.add(done)
+                done.add_done_callback(functools.partial(self._send_done, nbytes=held))
             await self._control.drain()
+        if not inline:
+            await asyncio.shield(done)
 
     async def recv(self, key: str | None = None) -> Message:
         """Receive the next message sent with ``key`` (``None``: the next unkeyed message).
@@ -354,8 +346,7 @@ class Pipe:
             raise ProtocolError("peer sent beyond the receive credits it was granted")
         try:
             if h.inline is not None:
-                payload: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
-                payload.set_result(self._unpack_inline(h))
+                tensors = self._unpack_inline(h)
             else:
                 payload = self._plane.post_recv(h.tensors)
         except (RuntimeError, MemoryError) as exc:  # allocation failed: the payload is lost
@@ -363,11 +354,16 @@ class Pipe:
                                 f"#{h.seq}: {exc}") from exc
         self._credit_held += item_cost
         self._next_recv_seq += 1
-        self._incoming.append(_Incoming(h, payload))
-        if h.inline is not None:
-            self._deliver_arrived()  # now, not a loop iteration later
-        else:
+        if h.inline is None:
+            self._incoming.append(_Incoming(h, payload))
             payload.add_done_callback(self._on_payload)
+            return
+        item = _Incoming(h, None)
+        item.tensors = tensors
+        if self._incoming:  # behind a payload still arriving: keep the order
+            self._incoming.append(item)
+        else:  # nothing ahead of it: deliver now, not a loop iteration later
+            self._arrived(item)
 
     def _unpack_inline(self, h: _wire.Header) -> list[torch.Tensor]:
         # Messages without payload bytes (None, empty tensors) travel inline on every plane;
@@ -394,22 +390,31 @@ class Pipe:
     def _deliver_arrived(self) -> None:
         # Payloads complete in order on one plane, but an empty or inline message completes
         # at once: deliver strictly in sequence so unkeyed FIFO order holds.
-        while self._incoming and self._incoming[0].payload.done():
-            item = self._incoming.popleft()
-            if item.payload.cancelled() or item.payload.exception() is not None:
-                self._on_payload(item.payload)  # breaks the pipe
-                return
-            item.tensors = item.payload.result()
-            self._messages_received += 1
-            self._bytes_received += item.header.nbytes
-            if item.discarded:
-                self._return_credit(item.cost)
-            else:
-                self._deliver(item)
+        while self._incoming:
+            item = self._incoming[0]
+            payload = item.payload
+            if payload is not None:
+                if not payload.done():
+                    break
+                if payload.cancelled() or payload.exception() is not None:
+                    self._on_payload(payload)  # breaks the pipe
+                    return
+                item.tensors = payload.result()
+            self._incoming.popleft()
+            self._arrived(item)
         if self._peer_closed and not self._incoming:
             self._fail_waiters(PipeClosed("the peer closed the pipe and everything it sent "
                                           "was received"))
         self._maybe_finish()
+
+    def _arrived(self, item: _Incoming) -> None:
+        """``item``'s payload is complete and every message before it was delivered."""
+        self._messages_received += 1
+        self._bytes_received += item.header.nbytes
+        if item.discarded:
+            self._return_credit(item.cost)
+        else:
+            self._deliver(item)
 
     def _deliver(self, item: _Incoming, front: bool = False) -> None:
         key = item.header.key
@@ -440,7 +445,7 @@ class Pipe:
     def _claim(self, item: _Incoming) -> Message:
         self._return_credit(item.cost)
         tensors = item.tensors
-        if self.device.type == "cuda":
+        if self._on_cuda and tensors:
             stream = torch.cuda.current_stream(self.device)
             for t in tensors:
                 # The allocator must not reuse this memory while the caller's stream uses it.
@@ -509,7 +514,9 @@ class Pipe:
                 # Answering the peer's CLOSE: only once all it announced has arrived, so that
                 # our CLOSE tells it that it may tear down without losing a byte in flight.
                 while self._incoming:
-                    await asyncio.wait({self._incoming[-1].payload})
+                    # The last payload still arriving; inline messages queue only behind one.
+                    last = next(i.payload for i in reversed(self._incoming) if i.payload)
+                    await asyncio.wait({last})
             if self._error is not None:
                 return
             self._control.write(_wire.Close(self._next_send_seq))

@@ -554,8 +554,23 @@ class FrameDecoder:
         self._need: tuple[FrameType, int] | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        self._buf += data
         frames: list[Frame] = []
+        if not self._buf and self._need is None:
+            # The common case: nothing held over, so whole frames are parsed straight from
+            # ``data`` and only a trailing partial frame is copied into the buffer.
+            view = memoryview(data).cast("B")
+            pos, end = 0, len(view)
+            while end - pos >= FRAME_PREFIX_BYTES:
+                ftype, length = decode_prefix(view[pos:pos + FRAME_PREFIX_BYTES])
+                if end - pos - FRAME_PREFIX_BYTES < length:
+                    break
+                start = pos + FRAME_PREFIX_BYTES
+                frames.append(decode_body(ftype, view[start:start + length]))
+                pos = start + length
+            if pos == end:
+                return frames
+            data = view[pos:]
+        self._buf += data
         while True:
             if self._need is None:
                 if len(self._buf) < FRAME_PREFIX_BYTES:
