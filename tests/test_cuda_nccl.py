@@ -239,6 +239,21 @@ async def test_cpu_tensors_travel_to_a_cuda_peer(start_peer) -> None:
     assert torch.equal(back.cpu(), t)
 
 
+def _holders(nbytes: int) -> list[str]:
+    """What references live CUDA tensors of ``nbytes`` (to say who leaks, when one does)."""
+    import gc
+
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.is_cuda and obj.nbytes == nbytes:
+            for ref in gc.get_referrers(obj):
+                desc = type(ref).__name__
+                if isinstance(ref, (tuple, list)):
+                    desc += f"<-{[type(r).__name__ for r in gc.get_referrers(ref)][:4]}"
+                found.append(desc)
+    return found
+
+
 async def _kill_with_a_kernel_in_flight(start_peer) -> tuple[float, float]:
     """One trial: the peer dies while our NCCL send kernel waits for it. Returns (seconds
     from the kill to BrokenPipe, seconds from the kill until GPU memory is back)."""
@@ -262,14 +277,16 @@ async def _kill_with_a_kernel_in_flight(start_peer) -> tuple[float, float]:
         await peer.pipe.recv()
     del info, send  # their tracebacks reference the tensor through send()'s frame
     # The aborted communicator lets the kernel end; the pipe then drops the tensor.
+    # ncclCommAbort itself can take seconds (over NCCL's socket transport it has taken 9 s);
+    # the memory is released right after it returns.
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             while torch.cuda.memory_allocated("cuda:0") > baseline:
                 await asyncio.sleep(0.05)
     except TimeoutError:
         threads = [t.name for t in threading.enumerate()]
         pytest.fail(f"{torch.cuda.memory_allocated('cuda:0') - baseline} bytes still held "
-                    f"10 s after the kill; threads: {threads}")
+                    f"30 s after the kill; threads: {threads}; held by: {_holders(256 * MiB)}")
     return to_error, time.monotonic() - killed
 
 
@@ -288,17 +305,22 @@ async def test_peer_killed_with_a_kernel_in_flight(start_peer) -> None:
 async def test_peer_killed_with_a_kernel_in_flight_repeatedly(start_peer) -> None:
     """Fault trials for the nccl path; ``AIOKVPIPE_NCCL_FAULT_TRIALS`` trials (default 10)."""
     trials = int(os.environ.get("AIOKVPIPE_NCCL_FAULT_TRIALS", "10"))
-    threads_before = threading.active_count()
     to_error, to_free = [], []
     for _ in range(trials):
         e, f = await _kill_with_a_kernel_in_flight(start_peer)
         to_error.append(e)
         to_free.append(f)
+    # The last abort thread may still be returning after it handed the memory back.
+    for t in threading.enumerate():
+        if t.name.startswith("aiokvpipe"):
+            t.join(5)
+    ours = [t.name for t in threading.enumerate() if t.name.startswith("aiokvpipe")]
     print(f"\nnccl fault trials: {trials}, BrokenPipe after kill max {max(to_error):.3f} s "
           f"median {sorted(to_error)[trials // 2]:.3f} s; GPU memory back max "
-          f"{max(to_free):.3f} s; threads {threads_before} -> {threading.active_count()}")
+          f"{max(to_free):.3f} s median {sorted(to_free)[trials // 2]:.3f} s; "
+          f"threads of ours left: {ours}")
     assert max(to_error) < 2.0
-    assert threading.active_count() <= threads_before + 1  # abort threads all ended
+    assert not ours  # every abort thread ended
 
 
 async def test_frozen_peer_is_caught_by_the_heartbeat(start_peer) -> None:
