@@ -13,9 +13,9 @@ import logging
 import secrets
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,6 +29,7 @@ from ._plane import DataPlane
 from ._tcp_plane import TcpPlane, tune_socket
 
 log = logging.getLogger("aiokvpipe")
+T = TypeVar("T")
 
 #: Handshakes a listener runs at once; more connections wait in the kernel's backlog.
 MAX_CONCURRENT_HANDSHAKES = 128
@@ -330,13 +331,14 @@ class Listener:
             ch.write(_wire.Accept(_handshake.proof(token, False, hello.nonce, nonce), session_id,
                                   transport, ids))
             if pending is not None:
-                c2s = await pending.sockets[_wire.Direction.CLIENT_TO_SERVER]
-                s2c = await pending.sockets[_wire.Direction.SERVER_TO_CLIENT]
+                c2s, s2c = await _unless_lost(ch, asyncio.gather(
+                    pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
+                    pending.sockets[_wire.Direction.SERVER_TO_CLIENT]))
                 plane = await TcpPlane.start(s2c, c2s, self._device, late,
                                              self._opts.recv_buffer_bytes)
             else:
                 assert ids is not None
-                plane = await _nccl_plane.start(True, ids, self._device, late)
+                plane = await _unless_lost(ch, _nccl_plane.start(True, ids, self._device, late))
             pipe = _make_pipe(ch, plane, self._opts, self._device, hello.caps, late)
             ch.write(_wire.Ready())
             return pipe
@@ -352,6 +354,21 @@ class Listener:
             raise
         finally:
             self._sessions.pop(session_id, None)
+
+
+async def _unless_lost(ch: ControlChannel, step: Awaitable[T]) -> T:
+    """Await a handshake step, but give up as soon as the control connection dies: a client
+    killed mid-handshake must not hold the listener's slot until the handshake timeout."""
+    task = asyncio.ensure_future(step)
+    either: set[asyncio.Future[Any]] = {task, ch.lost}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise BrokenPipe("the peer left during the handshake") from ch.lost.result()
+    return task.result()
 
 
 async def listen(host: str = "127.0.0.1", port: int = 0, *, backlog: int = 128,
@@ -435,6 +452,11 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
             raise AuthenticationError(f"listener at {host}:{port} could not prove it holds "
                                       "the token")
         late = _LateBreak()
+        if accept.transport == _wire.Transport.NCCL and not (device.type == "cuda"
+                                                            and opts.transport != "tcp"):
+            raise ProtocolError("the listener chose nccl, which this end did not offer")
+        if accept.transport == _wire.Transport.TCP and opts.transport == "nccl":
+            raise ProtocolError("the listener chose tcp, but this end asked for nccl")
         if accept.transport == _wire.Transport.TCP:
             for direction in _wire.Direction:
                 s = await _open_socket(loop, host, port, loop.time())
@@ -444,7 +466,8 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
             c2s, s2c = data_socks
             plane = await TcpPlane.start(c2s, s2c, device, late, opts.recv_buffer_bytes)
         else:
-            plane = await _nccl_plane.start(False, accept.nccl_ids, device, late)
+            plane = await _unless_lost(ch, _nccl_plane.start(False, accept.nccl_ids, device,
+                                                             late))
         _expect(await ch.read_frame(), _wire.Ready, "handshake")
         return _make_pipe(ch, plane, opts, device, server.caps, late)
     except BaseException as exc:

@@ -17,7 +17,7 @@ from collections import deque
 from typing import Protocol
 
 from . import _wire
-from ._errors import BrokenPipe, ProtocolError
+from ._errors import BrokenPipe, ProtocolError, fresh
 
 log = logging.getLogger("aiokvpipe")
 
@@ -48,6 +48,9 @@ class ControlChannel(asyncio.Protocol):
         self._drain_waiters: deque[asyncio.Future[None]] = deque()
         self._last_heard = self._loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
+        #: Resolves (to the cause) when the connection ends, so a handshake step that waits
+        #: for something else -- data connections, NCCL -- can stop waiting for a dead peer.
+        self.lost: asyncio.Future[BaseException] = self._loop.create_future()
         self.frames_in = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -125,6 +128,8 @@ class ControlChannel(asyncio.Protocol):
     async def read_frame(self) -> _wire.Frame:
         """Next frame during the handshake (before :meth:`attach`)."""
         while not self._early:
+            if isinstance(self._lost, ProtocolError):
+                raise fresh(self._lost)  # the peer is not speaking our protocol: say so
             if self._lost is not None:
                 raise BrokenPipe("connection closed during the handshake") from self._lost
             self._early_waiter = self._loop.create_future()
@@ -145,25 +150,33 @@ class ControlChannel(asyncio.Protocol):
     def start_heartbeat(self, interval: float, timeout: float | None) -> None:
         """Send a heartbeat every ``interval`` s; fail if the peer is silent for ``timeout`` s
         (``None``: never)."""
-        self._last_heard = self._loop.time()
-        self._heartbeat = self._loop.create_task(self._heartbeat_loop(interval, timeout))
+        self._last_heard = started = self._loop.time()
+        self._heartbeat = self._loop.create_task(self._heartbeat_loop(interval, timeout,
+                                                                      started))
 
-    async def _heartbeat_loop(self, interval: float, timeout: float | None) -> None:
-        next_beat = self._loop.time()
+    async def _heartbeat_loop(self, interval: float, timeout: float | None,
+                              started: float) -> None:
+        next_beat = wake_at = started
         while self._lost is None:
             now = self._loop.time()
+            if timeout is not None and now - wake_at > interval:
+                # We woke late: this process was stalled (CPU starvation, a long GC, a
+                # blocking call in the loop). The peer's silence over that stretch is our own
+                # deafness, not its death: restart its clock instead of breaking the pipe.
+                self._last_heard = max(self._last_heard, now - interval)
             if now >= next_beat:
                 self.write(_wire.Heartbeat())
                 next_beat = now + interval
             if timeout is None:
-                await asyncio.sleep(next_beat - now)
-                continue
-            deadline = self._last_heard + timeout
-            if now >= deadline:
-                self._fail(HeartbeatMissed(f"peer silent for {now - self._last_heard:.2f} s "
-                                           f"(heartbeat timeout {timeout:g} s)"))
-                return
-            await asyncio.sleep(min(next_beat, deadline) - now)
+                wake_at = next_beat
+            else:
+                deadline = self._last_heard + timeout
+                if now >= deadline:
+                    self._fail(HeartbeatMissed(f"peer silent for {now - self._last_heard:.2f} s "
+                                               f"(heartbeat timeout {timeout:g} s)"))
+                    return
+                wake_at = min(next_beat, deadline)
+            await asyncio.sleep(wake_at - now)
 
     def close(self) -> None:
         """Close the connection (after flushing what is queued) and stop the heartbeat."""
@@ -189,6 +202,7 @@ class ControlChannel(asyncio.Protocol):
         if self._lost is not None:
             return
         self._lost = exc
+        self.lost.set_result(exc)
         if isinstance(exc, ProtocolError) and self._transport is not None:
             try:
                 self._transport.write(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL,
