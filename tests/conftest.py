@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jsonpeer import JsonPeerProcess
 
 import aiokvpipe
 
@@ -142,57 +143,11 @@ async def pipe_pair(pair_factory: PairFactory) -> tuple[aiokvpipe.Pipe, aiokvpip
 # -- peer processes -----------------------------------------------------------------------------
 
 
-class Peer:
+class Peer(JsonPeerProcess):
     """A running ``pipe_peer.py`` process and the JSON events it reports."""
 
     def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path) -> None:
-        self.proc = proc
-        self.stderr_path = stderr_path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "<no stderr>"
-
-    async def next_event(self, timeout: float = 30.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"peer {self.pid} reported nothing for {timeout} s; stderr:\n"
-                                 f"{self.stderr()}") from None
-        if not line:
-            rc = await self.wait(10.0)
-            raise AssertionError(f"peer {self.pid} exited ({rc}) without reporting; stderr:\n"
-                                 f"{self.stderr()}")
-        event: dict[str, Any] = json.loads(line)
-        if event["event"] == "error":
-            raise AssertionError(f"peer {self.pid} failed: {event}; stderr:\n{self.stderr()}")
-        return event
-
-    async def expect(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
-        event = await self.next_event(timeout)
-        assert event["event"] == name, f"expected {name!r} from the peer, got {event}"
-        return event
-
-    def send_signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    async def wait(self, timeout: float) -> int:
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-    async def kill_and_reap(self) -> None:
-        if self.proc.returncode is None:
-            try:
-                self.proc.kill()  # SIGKILL ends a stopped process too
-            except ProcessLookupError:
-                pass
-        await self.wait(15.0)
+        super().__init__(proc, "peer", stderr_path)
 
 
 SpawnPeer = Callable[..., Awaitable[Peer]]

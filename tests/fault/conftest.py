@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jsonpeer import JsonPeerProcess
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -230,54 +231,12 @@ def describe_loop_errors(errors: list[dict[str, Any]]) -> list[str]:
 # -- helper processes -------------------------------------------------------------------------
 
 
-class Proc:
+class Proc(JsonPeerProcess):
     """A helper process (``raw_peer.py`` / ``fault_peer.py``) and its JSON-line events.
 
     The helper exits by itself when its stdin closes (the test went away) and after its own
     watchdog (``watchdog_s``) at the latest; teardown SIGKILLs and reaps it regardless.
     """
-
-    def __init__(self, proc: asyncio.subprocess.Process, name: str, stderr_path: Path) -> None:
-        self.proc = proc
-        self.name = name
-        self.stderr_path = stderr_path
-        self.events: list[dict[str, Any]] = []
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return "<no stderr>"
-
-    async def next_event(self, timeout: float = 30.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"{self.name} ({self.pid}) said nothing for {timeout} s; "
-                                 f"stderr:\n{self.stderr()}") from None
-        if not line:
-            try:
-                rc = await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                rc = None
-            raise AssertionError(f"{self.name} ({self.pid}) exited ({rc}) without reporting; "
-                                 f"stderr:\n{self.stderr()}")
-        event: dict[str, Any] = json.loads(line)
-        self.events.append(event)
-        if event.get("event") == "error":
-            raise AssertionError(f"{self.name} ({self.pid}) failed: {event}; stderr:\n"
-                                 f"{self.stderr()}")
-        return event
-
-    async def expect(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
-        event = await self.next_event(timeout)
-        assert event["event"] == name, f"expected {name!r} from {self.name}, got {event}"
-        return event
 
     def kill(self) -> float:
         """SIGKILL now; returns the loop time just before the signal."""
