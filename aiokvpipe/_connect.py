@@ -79,6 +79,21 @@ async def _read_first_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket
     return _wire.decode_body(ftype, await _recv_exactly(loop, sock, length))
 
 
+def _say_why(sock: socket.socket, exc: ProtocolError) -> None:
+    """Best effort, never waiting: send the peer an ERROR frame before the socket closes.
+
+    Bytes it sent that we did not read would make the close a reset, which can destroy the
+    ERROR frame in flight; so discard what is already buffered (a bounded amount)."""
+    try:
+        sock.send(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL, str(exc))))
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not sock.recv(65536):
+                break
+    except OSError:  # BlockingIOError: nothing more buffered; or the peer is already gone
+        pass
+
+
 def _raise_for_error(frame: _wire.Frame, during: str) -> None:
     if isinstance(frame, _wire.Error):
         if frame.code == _wire.ErrorCode.AUTHENTICATION:
@@ -286,6 +301,8 @@ class Listener:
             raise
         except (PipeError, OSError, TimeoutError) as exc:
             log.info("dropped incoming connection from %s: %r", addr, exc)
+            if isinstance(exc, ProtocolError) and conn is not None:
+                _say_why(conn, exc)
         except Exception:  # e.g. NCCL set-up failing: that pipe is lost, the listener is not
             log.exception("handshake with %s failed", addr)
         finally:
