@@ -1054,6 +1054,15 @@ def fig_of(summary: dict[str, dict[str, Json]], impl: str, label: str, key: str
     return float(value) if value is not None else None
 
 
+
+def worst_loop_lag(summary: dict[str, dict[str, Json]], label: str, limit_ms: float
+                   ) -> tuple[float | None, bool | None]:
+    """Our worse side's loop-lag p99 in phase ``label``, and whether it is within the limit."""
+    lag = max((v for v in (fig_of(summary, "ours", label, "sender_lag_p99_ms"),
+                           fig_of(summary, "ours", label, "receiver_lag_p99_ms"))
+               if v is not None), default=None)
+    return lag, None if lag is None else lag <= limit_ms
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -1138,10 +1147,7 @@ def cpu_report(summary: dict[str, dict[str, Json]], sizes: list[int]) -> tuple[s
         row("one-way p50 µs", n, label, "p50_us", ".3g", target, ok)
         row("one-way p99 µs", n, label, "p99_us", ".3g")
     label = f"tput {format_size(largest)}"
-    lag = max((v for v in (fig_of(summary, "ours", label, "sender_lag_p99_ms"),
-                           fig_of(summary, "ours", label, "receiver_lag_p99_ms"))
-               if v is not None), default=None)
-    ok = None if lag is None else lag <= 5.0
+    lag, ok = worst_loop_lag(summary, label, 5.0)
     targets.append({"name": f"loop lag p99 ms while {format_size(largest)} streams (ours)",
                     "value": lag, "target": 5.0, "pass": ok})
     rows.append(["loop lag p99 ms snd/rcv", format_size(largest),
