@@ -33,7 +33,6 @@ from typing import Any
 import httpx
 import tinygpt
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pipe_common import (
@@ -43,6 +42,7 @@ from pipe_common import (
     PipeLike,
     add_pipe_args,
     pipe_opts,
+    serve,
     text_to_tensor,
 )
 from pydantic import BaseModel, Field, model_validator
@@ -307,16 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         "--request-timeout", type=float, default=30.0, help="bound on every wait of a request"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    # On SIGTERM, requests still running after the grace period are cancelled (their queued
-    # forward passes with them) so a stop under load is prompt.
-    uvicorn.run(
-        create_app(args),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.graceful_timeout,
-    )
+    serve(create_app(args), args)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,16 @@ def add_pipe_args(parser: argparse.ArgumentParser) -> None:
 def pipe_opts(args: argparse.Namespace) -> dict[str, Any]:
     """aiokvpipe keyword options from parsed CLI args."""
     return {"device": args.device, "transport": args.transport, "token": args.token or None}
+
+
+def serve(app: Any, args: argparse.Namespace) -> None:
+    """Run a server's app under uvicorn with the shared options (``add_pipe_args``)."""
+    import logging
+
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    # On SIGTERM, requests still running after the grace period are cancelled (their queued
+    # forward passes with them) so a stop under load is prompt.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.graceful_timeout)

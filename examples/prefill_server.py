@@ -29,7 +29,6 @@ from typing import Any
 
 import tinygpt
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pipe_common import (
@@ -39,6 +38,7 @@ from pipe_common import (
     PipeLike,
     add_pipe_args,
     pipe_opts,
+    serve,
     tensor_to_text,
 )
 from pydantic import BaseModel, Field, model_validator
@@ -226,16 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipe-host", default="127.0.0.1", help="pipe listener bind address")
     parser.add_argument("--pipe-port", type=int, required=True, help="pipe listener port")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    # On SIGTERM, requests still running after the grace period are cancelled (their queued
-    # forward passes with them) so a stop under load is prompt.
-    uvicorn.run(
-        create_app(args),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.graceful_timeout,
-    )
+    serve(create_app(args), args)
 
 
 if __name__ == "__main__":
