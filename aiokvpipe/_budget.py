@@ -44,6 +44,14 @@ class ByteBudget:
     def _fits(self, n: int) -> bool:
         return self._in_use + n <= self._capacity or self._in_use == 0
 
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes now if :meth:`acquire` would not wait; False (taking nothing)
+        otherwise, or once aborted."""
+        if self._error is None and not self._waiters and self._fits(n):
+            self._in_use += n
+            return True
+        return False
+
     async def acquire(self, n: int) -> None:
         """Take ``n`` bytes, waiting in FIFO order. See the class docstring for cancellation."""
         if n < 0:
@@ -73,10 +81,17 @@ class ByteBudget:
 
     def release(self, n: int) -> None:
         """Give back ``n`` bytes taken by :meth:`acquire`."""
-        if n < 0 or n > self._in_use:
+        if not self.release_at_most(n):
             raise ValueError(f"releasing {n} bytes but only {self._in_use} are held")
+
+    def release_at_most(self, n: int) -> bool:
+        """Give back ``n`` bytes if that many are held; False (changing nothing) if not."""
+        if n < 0 or n > self._in_use:
+            return False
         self._in_use -= n
-        self._wake()
+        if self._waiters:
+            self._wake()
+        return True
 
     def _wake(self) -> None:
         while self._waiters:

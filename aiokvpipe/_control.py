@@ -51,7 +51,6 @@ class ControlChannel(asyncio.Protocol):
         #: Resolves (to the cause) when the connection ends, so a handshake step that waits
         #: for something else -- data connections, NCCL -- can stop waiting for a dead peer.
         self.lost: asyncio.Future[BaseException] = self._loop.create_future()
-        self.frames_in = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -69,7 +68,6 @@ class ControlChannel(asyncio.Protocol):
             self._fail(exc)
             return
         for frame in frames:
-            self.frames_in += 1
             if self._handler is not None:
                 try:
                     self._handler.on_frame(frame)
@@ -105,15 +103,20 @@ class ControlChannel(asyncio.Protocol):
     def peer(self) -> object:
         return self._transport.get_extra_info("peername") if self._transport else None
 
-    def write(self, *frames: _wire.Frame) -> None:
-        """Queue ``frames`` (in one write); raises :class:`BrokenPipe` if the connection is
-        gone."""
+    def write(self, frame: _wire.Frame) -> None:
+        """Queue ``frame``; raises :class:`BrokenPipe` if the connection is gone."""
+        self.write_encoded(_wire.encode(frame))
+
+    def write_encoded(self, data: bytes) -> None:
+        """Queue frames already encoded (the pipe joins a message's frames into one write)."""
         if self._lost is not None or self._transport is None:
             raise BrokenPipe("control connection is closed") from self._lost
-        if len(frames) == 1:
-            self._transport.write(_wire.encode(frames[0]))
-        else:
-            self._transport.write(b"".join(_wire.encode(f) for f in frames))
+        self._transport.write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is over its high-water mark: :meth:`drain` would wait."""
+        return self._write_paused
 
     async def drain(self) -> None:
         """Wait while the kernel's send buffer is full (bounded control-frame backlog)."""

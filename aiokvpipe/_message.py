@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import torch
 
@@ -21,7 +22,7 @@ from ._wire import (
 Message = None | torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and frozen costs 3x (treat as immutable)
 class Outgoing:
     """A validated message ready for the wire: contiguous tensors and their specs."""
 
@@ -29,6 +30,8 @@ class Outgoing:
     tensors: tuple[torch.Tensor, ...]
     specs: tuple[TensorSpec, ...]
     nbytes: int
+    #: some tensor is on a CUDA device
+    cuda: bool = False
 
 
 _NONE = Outgoing(Structure.NONE, (), (), 0)
@@ -54,14 +57,14 @@ def flatten(msg: object) -> Outgoing:
     items: Sequence[object]
     if msg is None:
         return _NONE
-    if (type(msg) is torch.Tensor and msg.layout == torch.strided and not msg.is_nested
-            and (msg.is_cpu or msg.is_cuda) and not msg.requires_grad
-            and msg.is_contiguous() and not (msg.is_conj() or msg.is_neg())
-            and msg.dtype in CODE_OF and msg.dim() <= MAX_NDIM):
-        # The common case, checked cheaply: one plain dense tensor, sent as it is.
-        spec = TensorSpec(CODE_OF[msg.dtype], tuple(msg.shape), msg.element_size())
-        if shape_fits(spec.shape, spec.itemsize):
-            return Outgoing(Structure.TENSOR, (msg,), (spec,), spec.nbytes)
+    if (type(msg) is torch.Tensor and msg.layout is torch.strided and not msg.is_nested
+            and ((cuda := msg.is_cuda) or msg.is_cpu) and not msg.requires_grad
+            and msg.is_contiguous() and not (msg.is_conj() or msg.is_neg())):
+        # The common case, checked cheaply: one plain dense tensor, sent as it is, with the
+        # spec of an earlier message of its dtype and shape.
+        spec = _known_spec(msg.dtype, msg.shape)
+        if spec is not None:
+            return Outgoing(Structure.TENSOR, (msg,), (spec,), spec.nbytes, cuda)
     if isinstance(msg, torch.Tensor):
         structure, names, items = Structure.TENSOR, [""], [msg]
     elif isinstance(msg, (list, tuple)):
@@ -99,7 +102,30 @@ def flatten(msg: object) -> Outgoing:
         t = t.detach().contiguous()
         tensors.append(t)
         specs.append(TensorSpec(code, tuple(t.shape), t.element_size(), name))
-    return Outgoing(structure, tuple(tensors), tuple(specs), sum(s.nbytes for s in specs))
+    return Outgoing(structure, tuple(tensors), tuple(specs), sum(s.nbytes for s in specs),
+                    any(t.is_cuda for t in tensors))
+
+
+#: Specs of recently sent single tensors by (dtype, shape): senders repeat shapes, and a spec
+#: remembers its own wire encoding (``TensorSpec.wire``).
+_SPECS: dict[tuple[torch.dtype, torch.Size], TensorSpec] = {}
+_SPECS_KEPT: Final = 256
+
+
+def _known_spec(dtype: torch.dtype, shape: torch.Size) -> TensorSpec | None:
+    """The spec of a plain tensor of this dtype and shape; ``None`` if it cannot be sent as
+    one (the full checks of :func:`flatten` then say why)."""
+    spec = _SPECS.get((dtype, shape))
+    if spec is not None:
+        return spec
+    code = CODE_OF.get(dtype)
+    if code is None or len(shape) > MAX_NDIM or not shape_fits(tuple(shape), dtype.itemsize):
+        return None
+    spec = TensorSpec(code, tuple(shape), dtype.itemsize)
+    if len(_SPECS) >= _SPECS_KEPT:
+        _SPECS.clear()
+    _SPECS[(dtype, shape)] = spec
+    return spec
 
 
 def rebuild(structure: Structure, specs: Sequence[TensorSpec],

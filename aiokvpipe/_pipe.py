@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 from collections import deque
+from ctypes import string_at
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,11 +20,12 @@ import torch
 from . import _wire
 from ._budget import ByteBudget
 from ._control import ControlChannel
-from ._dtypes import dtype_of
+from ._dtypes import DTYPE_OF
 from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError, fresh
 from ._hostmem import byte_view
-from ._message import Message, check_key, flatten, rebuild
+from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._plane import DataPlane
+from ._wire import Structure
 
 log = logging.getLogger("aiokvpipe")
 
@@ -51,16 +53,25 @@ class PipeStats:
 
 
 class _Incoming:
-    """A message whose header arrived; its payload may still be on the way."""
+    """A message whose header arrived; its payload may still be on the way.
 
-    __slots__ = ("header", "cost", "payload", "tensors", "discarded")
+    It keeps what ``recv()`` needs from the header, not the header itself: an inline header
+    is a view of the bytes it arrived in, which must not stay alive.
+    """
 
-    def __init__(self, header: _wire.Header,
-                 payload: asyncio.Future[list[torch.Tensor]] | None) -> None:
-        self.header = header
-        self.cost = _wire.message_cost(header.nbytes, len(header.tensors))
+    __slots__ = ("key", "structure", "specs", "nbytes", "cost", "payload", "tensors",
+                 "discarded")
+
+    def __init__(self, header: _wire.Header, cost: int,
+                 payload: asyncio.Future[list[torch.Tensor]] | None,
+                 tensors: list[torch.Tensor] | None = None) -> None:
+        self.key = header.key
+        self.structure = header.structure
+        self.specs = header.tensors
+        self.nbytes = header.nbytes
+        self.cost = cost
         self.payload = payload
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor] = tensors if tensors is not None else []
         self.discarded = False
 
 
@@ -85,6 +96,9 @@ class Pipe:
         #: CPU payloads up to this size travel inside their header frame (0: never).
         self._inline_limit = inline_limit
         self._send_lock = asyncio.Lock()
+        #: send() calls in the slow path (waiting for, or holding, the send lock): while there
+        #: are any, no send may take the fast path and overtake them.
+        self._slow_senders = 0
         self._send_budget = ByteBudget(max_inflight_bytes)
         self._credits = ByteBudget(max(peer_credits, 1))
         self._next_send_seq = 0
@@ -131,43 +145,45 @@ class Pipe:
         caller is cancelled meanwhile; the tensors are then read until the transfer ends (they
         are kept alive; do not overwrite them before that). The stream never desynchronises.
         """
-        key = check_key(key)
+        if key is not None:
+            key = check_key(key)
         out = flatten(msg)
-        self._check_can_send()
+        if self._error is not None or self._closing or self._peer_closed:
+            self._check_can_send()  # raises
         # A small CPU message (and any empty one) is copied into its header frame: once that
         # is written the tensors are free again, with no payload to wait for and no send
         # budget to hold.
-        inline = out.nbytes == 0 or (out.nbytes <= self._inline_limit
-                                     and not any(t.is_cuda for t in out.tensors))
+        inline = out.nbytes == 0 or (out.nbytes <= self._inline_limit and not out.cuda)
+        cost = _wire.message_cost(out.nbytes, len(out.specs))
+        if (inline and not self._slow_senders and not self._control._write_paused
+                and self._credits.try_acquire(cost)):
+            # The fast path: nobody is queued ahead, credits are at hand and the connection
+            # takes more. Written without a suspension, so call order holds and cancellation
+            # cannot split anything.
+            self._post(out, key, inline=True)
+            return
         held = 0 if inline else out.nbytes
-        async with self._send_lock:
-            self._check_can_send()
-            await self._send_budget.acquire(held)
-            try:
-                await self._credits.acquire(_wire.message_cost(out.nbytes, len(out.specs)))
-            except BaseException:
-                self._send_budget.release(held)
-                raise
-            # Committed. No await until the payload is posted, so cancellation cannot split
-            # the header from its payload.
-            payload = b"".join(byte_view(t) for t in out.tensors if t.numel()) if inline \
-                else None
-            header = _wire.Header(self._next_send_seq, key, out.structure, out.specs, payload)
-            try:
-                self._write_header(header)
-            except BrokenPipe:
-                self._send_budget.release(held)
-                raise fresh(self._error) if self._error else BrokenPipe(
-                    "control connection lost") from None
-            self._next_send_seq += 1
-            if inline:
-                self._bytes_sent += out.nbytes
-            else:
-                done = self._plane.post_send(out.tensors)
-                self._sends_in_flight.add(done)
-                done.add_done_callback(functools.partial(self._send_done, nbytes=held))
-            await self._control.drain()
-        if not inline:
+        self._slow_senders += 1
+        try:
+            async with self._send_lock:
+                self._check_can_send()
+                await self._send_budget.acquire(held)
+                try:
+                    await self._credits.acquire(cost)
+                except BaseException:
+                    self._send_budget.release(held)
+                    raise
+                # Committed. No await until the payload is posted, so cancellation cannot
+                # split the header from its payload.
+                try:
+                    done = self._post(out, key, inline)
+                except BrokenPipe:
+                    self._send_budget.release(held)
+                    raise
+                await self._control.drain()
+        finally:
+            self._slow_senders -= 1
+        if done is not None:
             await asyncio.shield(done)
 
     async def recv(self, key: str | None = None) -> Message:
@@ -182,7 +198,8 @@ class Pipe:
         Cancellation is safe: a cancelled ``recv()`` takes nothing; a message it would have
         received goes to the next matching ``recv()``, in order.
         """
-        key = check_key(key)
+        if key is not None:
+            key = check_key(key)
         ready = self._ready.get(key)
         if ready and self._error is None:
             return self._claim(self._pop_ready(key))
@@ -221,7 +238,7 @@ class Pipe:
             self._ready_count -= 1
             dropped += 1
         for item in self._incoming:
-            if item.header.key == key and not item.discarded:
+            if item.key == key and not item.discarded:
                 item.discarded = True
                 dropped += 1
         return dropped
@@ -294,6 +311,40 @@ class Pipe:
         if self._peer_closed:
             raise PipeClosed("the peer closed the pipe")
 
+    def _post(self, out: Outgoing, key: str | None, inline: bool
+              ) -> asyncio.Future[None] | None:
+        """Write the message's header (an inline payload inside it, the credits we owe in
+        front of it) in one write, then post its payload to the data plane. Returns the
+        payload's completion, ``None`` for an inline message. The caller holds the credits."""
+        # Credits we owe ride along in the header: a request/response pair then costs one
+        # frame each way.
+        credit, self._credit_to_return = self._credit_to_return, 0
+        self._credit_held -= credit
+        head = _wire.encode_header(self._next_send_seq, key, out.structure, out.specs, inline,
+                                   credit)
+        if inline and out.nbytes:
+            # One copy, into the frame: the tensors are free again when send() returns.
+            if len(out.tensors) == 1:
+                data = head + string_at(out.tensors[0].data_ptr(), out.nbytes)
+            else:
+                data = b"".join([head, *(byte_view(t) for t, spec
+                                         in zip(out.tensors, out.specs) if spec.nbytes)])
+        else:
+            data = head
+        try:
+            self._control.write_encoded(data)
+        except BrokenPipe:
+            raise fresh(self._error) if self._error else BrokenPipe(
+                "control connection lost") from None
+        self._next_send_seq += 1
+        if inline:
+            self._bytes_sent += out.nbytes
+            return None
+        done = self._plane.post_send(out.tensors)
+        self._sends_in_flight.add(done)
+        done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
+        return done
+
     def _send_done(self, fut: asyncio.Future[None], nbytes: int) -> None:
         self._sends_in_flight.discard(fut)
         self._send_budget.release(nbytes)
@@ -318,11 +369,11 @@ class Pipe:
     def on_frame(self, frame: _wire.Frame) -> None:
         """Called by the control channel for each frame (raises ProtocolError to break)."""
         if isinstance(frame, _wire.Header):
+            if frame.credit and not self._credits.release_at_most(frame.credit):
+                raise ProtocolError("peer returned more credit than we used")
             self._on_header(frame)
         elif isinstance(frame, _wire.Credit):
-            if frame.nbytes > self._credits.in_use:
-                raise ProtocolError("peer returned more credit than we used")
-            self._credits.release(frame.nbytes)
+            self._on_credit(frame.nbytes)
         elif isinstance(frame, _wire.Heartbeat):
             pass
         elif isinstance(frame, _wire.Close):
@@ -332,13 +383,17 @@ class Pipe:
         else:
             raise ProtocolError(f"unexpected {type(frame).__name__} frame on an open pipe")
 
+    def _on_credit(self, nbytes: int) -> None:
+        if not self._credits.release_at_most(nbytes):
+            raise ProtocolError("peer returned more credit than we used")
+
     def _on_header(self, h: _wire.Header) -> None:
         if self._peer_closed:
             raise ProtocolError("message header after the peer's CLOSE")
         if h.seq != self._next_recv_seq:
             raise ProtocolError(f"header #{h.seq} where #{self._next_recv_seq} was due")
         for spec in h.tensors:
-            if dtype_of(spec.dtype) is None:
+            if spec.dtype not in DTYPE_OF:
                 raise ProtocolError(f"dtype code {spec.dtype} is not supported by this torch")
         item_cost = _wire.message_cost(h.nbytes, len(h.tensors))
         # An oversize message is allowed only when the peer had every credit back.
@@ -346,20 +401,18 @@ class Pipe:
             raise ProtocolError("peer sent beyond the receive credits it was granted")
         try:
             if h.inline is not None:
-                tensors = self._unpack_inline(h)
+                item = _Incoming(h, item_cost, None, self._unpack_inline(h))
             else:
-                payload = self._plane.post_recv(h.tensors)
+                item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors))
         except (RuntimeError, MemoryError) as exc:  # allocation failed: the payload is lost
             raise ProtocolError(f"cannot allocate {h.nbytes} bytes for message "
                                 f"#{h.seq}: {exc}") from exc
         self._credit_held += item_cost
         self._next_recv_seq += 1
-        if h.inline is None:
-            self._incoming.append(_Incoming(h, payload))
-            payload.add_done_callback(self._on_payload)
+        if item.payload is not None:
+            self._incoming.append(item)
+            item.payload.add_done_callback(self._on_payload)
             return
-        item = _Incoming(h, None)
-        item.tensors = tensors
         if self._incoming:  # behind a payload still arriving: keep the order
             self._incoming.append(item)
         else:  # nothing ahead of it: deliver now, not a loop iteration later
@@ -368,15 +421,28 @@ class Pipe:
     def _unpack_inline(self, h: _wire.Header) -> list[torch.Tensor]:
         # Messages without payload bytes (None, empty tensors) travel inline on every plane;
         # payload bytes only to a CPU receiver (see _connect: inline_limit).
-        if h.nbytes and self.device.type != "cpu":
+        if h.nbytes and self._on_cuda:
             raise ProtocolError("inline payload sent to a CUDA receiver")
         assert h.inline is not None
+        # One copy out of the received bytes (at most 64 KiB); the tensors are views of it.
+        buf = bytearray(h.inline)
+        if len(h.tensors) == 1 and h.nbytes:
+            spec = h.tensors[0]
+            t = torch.frombuffer(buf, dtype=DTYPE_OF[spec.dtype])
+            return [t if len(spec.shape) == 1 else t.view(spec.shape)]
         tensors, offset = [], 0
         for spec in h.tensors:
-            t = torch.empty(spec.shape, dtype=dtype_of(spec.dtype), device=self.device)
-            if spec.nbytes:
-                byte_view(t)[:] = h.inline[offset:offset + spec.nbytes]
-                offset += spec.nbytes
+            dtype = DTYPE_OF[spec.dtype]  # _on_header checked that it is known
+            n = spec.nbytes
+            if n and offset % spec.itemsize == 0:
+                t = torch.frombuffer(buf, dtype=dtype, count=n // spec.itemsize, offset=offset)
+                if len(spec.shape) != 1:
+                    t = t.view(spec.shape)
+            else:  # empty, or not aligned for its dtype after an odd-sized tensor: a copy
+                t = torch.empty(spec.shape, dtype=dtype, device=self.device)
+                if n:
+                    byte_view(t)[:] = memoryview(buf)[offset:offset + n]
+            offset += n
             tensors.append(t)
         return tensors
 
@@ -410,14 +476,14 @@ class Pipe:
     def _arrived(self, item: _Incoming) -> None:
         """``item``'s payload is complete and every message before it was delivered."""
         self._messages_received += 1
-        self._bytes_received += item.header.nbytes
+        self._bytes_received += item.nbytes
         if item.discarded:
             self._return_credit(item.cost)
         else:
             self._deliver(item)
 
     def _deliver(self, item: _Incoming, front: bool = False) -> None:
-        key = item.header.key
+        key = item.key
         waiters = self._waiters.get(key)
         while waiters:
             fut = waiters.popleft()
@@ -450,23 +516,15 @@ class Pipe:
             for t in tensors:
                 # The allocator must not reuse this memory while the caller's stream uses it.
                 t.record_stream(stream)
-        return rebuild(item.header.structure, item.header.tensors, tensors)
+        if item.structure is Structure.TENSOR:
+            return tensors[0]
+        return rebuild(item.structure, item.specs, tensors)
 
     def _return_credit(self, n: int) -> None:
         # Coalesce: one CREDIT frame per loop iteration, not one per message.
         if not self._credit_to_return:
             self._loop.call_soon(self._flush_credit)
         self._credit_to_return += n
-
-    def _write_header(self, header: _wire.Header) -> None:
-        if self._credit_to_return:
-            # Credits we owe ride along: one write instead of two (a request/response pair
-            # then costs one syscall each way).
-            n, self._credit_to_return = self._credit_to_return, 0
-            self._credit_held -= n
-            self._control.write(_wire.Credit(n), header)
-        else:
-            self._control.write(header)
 
     def _flush_credit(self) -> None:
         n, self._credit_to_return = self._credit_to_return, 0

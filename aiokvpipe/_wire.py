@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -53,7 +54,8 @@ MAX_INLINE_PAYLOAD: Final = 64 * 1024
 
 #: Largest possible HEADER body: every field at its limit.
 MAX_HEADER_BODY: Final = (
-    8 + 2 + MAX_KEY_BYTES + 1 + 4 + MAX_TENSORS * (1 + MAX_NAME_BYTES + 1 + 1 + 8 * MAX_NDIM)
+    8 + 8 + 2 + 1 + 4 + 4 + MAX_TENSORS * (1 + MAX_NAME_BYTES + 1 + 1 + 8 * MAX_NDIM)
+    + MAX_KEY_BYTES
 )
 
 
@@ -195,7 +197,12 @@ class Error:
                 errors="ignore"))
 
 
-@dataclass(frozen=True, slots=True)
+# The three frames of every message's hot path are built per message on both ends: they are
+# plain slotted dataclasses, not frozen ones (three times cheaper to build). Treat them as
+# immutable all the same.
+
+
+@dataclass(slots=True)
 class TensorSpec:
     """What the receiver allocates: dtype (a wire code, see ``_dtypes``) and shape."""
 
@@ -205,15 +212,18 @@ class TensorSpec:
     name: str = ""
     #: Payload bytes (computed once: the hot path asks for it several times per message).
     nbytes: int = field(init=False, repr=False, compare=False)
+    #: This spec's wire encoding, filled in by the first :func:`encode_header` that sends it
+    #: (a sender reuses specs of recurring shapes).
+    wire: bytes | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.itemsize
         for d in self.shape:
             n *= d
-        object.__setattr__(self, "nbytes", n)
+        self.nbytes = n
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Header:
     """Announces one message; its payload follows on the data plane, tensor after tensor."""
 
@@ -222,15 +232,22 @@ class Header:
     structure: Structure
     tensors: tuple[TensorSpec, ...] = field(default=())
     #: The payload itself, for a small message sent inline; ``None``: it follows on the
-    #: data plane.
-    inline: bytes | None = None
+    #: data plane. A decoded header's inline payload is a view of the received bytes: copy
+    #: it out, do not keep it.
+    inline: bytes | memoryview | None = None
+    #: Receive credits the sender returns along with this message (a CREDIT frame's worth,
+    #: without the frame: a request/response pair then costs one frame each way).
+    credit: int = 0
     nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "nbytes", sum(t.nbytes for t in self.tensors))
+        n = 0
+        for t in self.tensors:
+            n += t.nbytes
+        self.nbytes = n
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Credit:
     """The receiver frees ``nbytes`` of its receive buffer for the sender."""
 
@@ -304,10 +321,18 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQI")
 _HELLO = struct.Struct(f">4sH{NONCE_BYTES}s")
-_HEADER_FIXED = struct.Struct(">QH")
+#: seq, credit, key length, structure, count, specs length
+_HEADER_FIXED = struct.Struct(">QQHBII")
+#: Where the run of bytes that a receiver caches begins (structure, count, specs).
+_SPECS_RUN_START = 18
+_HEADER_HEAD = struct.Struct(">BBHI" + _HEADER_FIXED.format[1:])  # frame prefix + the above
 _TENSOR_FIXED = struct.Struct(">BB")
 _SHAPES = [struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1)]
-_STRUCTURE_COUNT = struct.Struct(">BI")
+# A tensor's spec as one struct each: (dtype, ndim, shape...) after its name, and the whole of
+# an unnamed one (name length 0 first).
+_SPEC_TAIL = [struct.Struct(f">BB{n}Q") for n in range(MAX_NDIM + 1)]
+_SPEC_UNNAMED = [struct.Struct(f">BBB{n}Q") for n in range(MAX_NDIM + 1)]
+_CREDIT_FRAME = struct.Struct(">BBHIQ")
 _STRUCTURE_OF = {int(s): s for s in Structure}
 _TENSOR_COUNT = {Structure.NONE: (0, 0), Structure.TENSOR: (1, 1),
                  Structure.LIST: (0, MAX_TENSORS), Structure.DICT: (0, MAX_TENSORS)}
@@ -338,14 +363,14 @@ def encode(frame: Frame) -> bytes:
         body, ftype = _U16.pack(int(frame.code)) + frame.text.encode(), FrameType.ERROR
     elif isinstance(frame, Header):
         if frame.inline is None:
-            body, ftype = _encode_header(frame), FrameType.HEADER
-        else:
-            if len(frame.inline) != frame.nbytes or frame.nbytes > MAX_INLINE_PAYLOAD:
-                raise ValueError("an inline payload must be the message's bytes, at most "
-                                 f"{MAX_INLINE_PAYLOAD}")
-            body, ftype = _encode_header(frame) + frame.inline, FrameType.HEADER_INLINE
+            return encode_header(frame.seq, frame.key, frame.structure, frame.tensors,
+                                 credit=frame.credit)
+        if len(frame.inline) != frame.nbytes:
+            raise ValueError("an inline payload must be exactly the message's bytes")
+        return encode_header(frame.seq, frame.key, frame.structure, frame.tensors,
+                             inline=True, credit=frame.credit) + frame.inline
     elif isinstance(frame, Credit):
-        body, ftype = _U64.pack(frame.nbytes), FrameType.CREDIT
+        return encode_credit(frame.nbytes)
     elif isinstance(frame, Heartbeat):
         body, ftype = b"", FrameType.HEARTBEAT
     elif isinstance(frame, Close):
@@ -355,25 +380,77 @@ def encode(frame: Frame) -> bytes:
     return _FRAME_PREFIX.pack(int(ftype), 0, 0, len(body)) + body
 
 
-def _encode_header(h: Header) -> bytes:
-    key = b"" if h.key is None else h.key.encode()
-    # key length 0xFFFF marks "no key", so that the empty string stays a key of its own.
-    key_len = 0xFFFF if h.key is None else len(key)
-    if len(key) > MAX_KEY_BYTES:
-        raise ValueError(f"key is {len(key)} bytes in UTF-8; the limit is {MAX_KEY_BYTES}")
-    if len(h.tensors) > MAX_TENSORS:
-        raise ValueError(f"{len(h.tensors)} tensors in one message; the limit is {MAX_TENSORS}")
-    parts = [_HEADER_FIXED.pack(h.seq, key_len), key, _U8.pack(int(h.structure)),
-             _U32.pack(len(h.tensors))]
-    for t in h.tensors:
-        name = t.name.encode()
-        if len(name) > MAX_NAME_BYTES:
-            raise ValueError(f"dict key {t.name[:40]!r}… is over {MAX_NAME_BYTES} bytes")
-        if len(t.shape) > MAX_NDIM:
-            raise ValueError(f"tensor has {len(t.shape)} dimensions; the limit is {MAX_NDIM}")
-        parts += [_U8.pack(len(name)), name, _TENSOR_FIXED.pack(t.dtype, len(t.shape)),
-                  _SHAPES[len(t.shape)].pack(*t.shape)]
+def encode_credit(nbytes: int) -> bytes:
+    """A CREDIT frame (the hot path's: no Credit object is built)."""
+    return _CREDIT_FRAME.pack(FrameType.CREDIT, 0, 0, 8, nbytes)
+
+
+def encode_header(seq: int, key: str | None, structure: Structure,
+                  specs: Sequence[TensorSpec], inline: bool = False, credit: int = 0) -> bytes:
+    """A HEADER frame; with ``inline``, the start of a HEADER_INLINE frame, which the
+    message's payload bytes (``sum(spec.nbytes)``) must follow at once.
+
+    The send path of every message: no Header object is built and no payload is copied, so
+    the caller can write the head and the tensors' bytes together. Body layout::
+
+        seq u64 | credit u64 | key length u16 (0xFFFF: no key) | structure u8 | count u32
+        | specs length u32 | specs: count × (name length u8 | name | dtype u8 | ndim u8
+        | ndim × u64) | key | inline payload
+
+    The specs come as one run of bytes whose length is known up front, so that a receiver can
+    recognise the specs of a recurring message without parsing them again.
+    """
+    if key is None:
+        key_bytes, key_len = b"", 0xFFFF  # "no key", so that "" stays a key of its own
+    else:
+        key_bytes = key.encode()
+        key_len = len(key_bytes)
+        if key_len > MAX_KEY_BYTES:
+            raise ValueError(f"key is {key_len} bytes in UTF-8; the limit is {MAX_KEY_BYTES}")
+    count = len(specs)
+    if count > MAX_TENSORS:
+        raise ValueError(f"{count} tensors in one message; the limit is {MAX_TENSORS}")
+    if count == 1:  # the common case, without the loop
+        spec = specs[0]
+        wire = spec.wire
+        if wire is None:
+            wire = spec.wire = _encode_spec(spec)
+        parts = [b"", wire, key_bytes]
+        nbytes, specs_len = spec.nbytes, len(wire)
+    else:
+        parts = [b""]
+        nbytes = 0
+        for t in specs:
+            wire = t.wire
+            if wire is None:
+                wire = t.wire = _encode_spec(t)
+            parts.append(wire)
+            nbytes += t.nbytes
+        specs_len = sum(map(len, parts))
+        parts.append(key_bytes)
+    length = _HEADER_FIXED.size + specs_len + len(key_bytes)
+    if inline:
+        if nbytes > MAX_INLINE_PAYLOAD:
+            raise ValueError(f"an inline payload is at most {MAX_INLINE_PAYLOAD} bytes, "
+                             f"not {nbytes}")
+        ftype, length = FrameType.HEADER_INLINE, length + nbytes
+    else:
+        ftype = FrameType.HEADER
+    parts[0] = _HEADER_HEAD.pack(ftype, 0, 0, length, seq, credit, key_len, structure, count,
+                                 specs_len)
     return b"".join(parts)
+
+
+def _encode_spec(t: TensorSpec) -> bytes:
+    ndim = len(t.shape)
+    if ndim > MAX_NDIM:
+        raise ValueError(f"tensor has {ndim} dimensions; the limit is {MAX_NDIM}")
+    if not t.name:
+        return _SPEC_UNNAMED[ndim].pack(0, t.dtype, ndim, *t.shape)
+    name = t.name.encode()
+    if len(name) > MAX_NAME_BYTES:
+        raise ValueError(f"dict key {t.name[:40]!r}… is over {MAX_NAME_BYTES} bytes")
+    return _U8.pack(len(name)) + name + _SPEC_TAIL[ndim].pack(t.dtype, ndim, *t.shape)
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -394,31 +471,40 @@ MAX_BODY: Final[dict[FrameType, int]] = {
 }
 
 
+#: raw type byte → (frame type, largest body): one lookup checks a prefix.
+_KNOWN_TYPES: Final = {int(t): (t, MAX_BODY[t]) for t in FrameType}
+
+
 def decode_prefix(prefix: bytes | bytearray | memoryview) -> tuple[FrameType, int]:
     """Check a frame prefix; return its type and body length (already bounded)."""
     if len(prefix) != FRAME_PREFIX_BYTES:
         raise ProtocolError("truncated frame prefix")
-    raw_type, flags, reserved, length = _FRAME_PREFIX.unpack(prefix)
-    try:
-        ftype = FrameType(raw_type)
-    except ValueError:
-        raise ProtocolError(f"unknown frame type {raw_type}") from None
+    return _check_prefix(*_FRAME_PREFIX.unpack(prefix))
+
+
+def _check_prefix(raw_type: int, flags: int, reserved: int, length: int
+                  ) -> tuple[FrameType, int]:
+    known = _KNOWN_TYPES.get(raw_type)
+    if known is None:
+        raise ProtocolError(f"unknown frame type {raw_type}")
     if flags or reserved:
         raise ProtocolError("reserved frame bits are set")
-    if length > MAX_BODY[ftype]:
-        raise ProtocolError(f"{ftype.name} body of {length} bytes exceeds {MAX_BODY[ftype]}")
+    ftype, max_body = known
+    if length > max_body:
+        raise ProtocolError(f"{ftype.name} body of {length} bytes exceeds {max_body}")
     return ftype, length
 
 
 def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame:
-    """Parse a body whose length :func:`decode_prefix` has already bounded."""
+    """Parse a body whose length :func:`decode_prefix` has already bounded.
+
+    A HEADER_INLINE frame's payload is returned as a view of ``body``, not a copy.
+    """
+    if ftype is FrameType.HEADER_INLINE or ftype is FrameType.HEADER:
+        return _decode_header(memoryview(body).cast("B"), ftype is FrameType.HEADER_INLINE)
     r = _Reader(body, ftype)
     frame: Frame
-    if ftype is FrameType.HEADER_INLINE:
-        frame = _decode_header(r, inline=True)
-    elif ftype is FrameType.HEADER:
-        frame = _decode_header(r, inline=False)
-    elif ftype is FrameType.CREDIT:
+    if ftype is FrameType.CREDIT:
         frame = Credit(r.u64())
     elif ftype is FrameType.HEARTBEAT:
         frame = Heartbeat()
@@ -456,31 +542,74 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
     return frame
 
 
-def _decode_header(r: _Reader, inline: bool) -> Header:
+#: A receiver remembers the parsed specs of this many distinct recurring messages (of at
+#: most ``_CACHED_SPECS_BYTES`` each): a KV transfer sends the same shapes over and over.
+_CACHED_SPECS: Final = 256
+_CACHED_SPECS_BYTES: Final = 1024
+
+SpecsCache = dict[bytes | memoryview, tuple[Structure, tuple[TensorSpec, ...], int]]
+
+
+def _decode_header(mv: memoryview, inline: bool, cache: SpecsCache | None = None) -> Header:
     # The hot path of every message: straight offsets into the body, no helper calls per
     # field. Every read is bounds-checked by struct/indexing, reported as truncation.
-    mv, pos = r._mv, r._pos
     try:
-        seq, key_len = _HEADER_FIXED.unpack_from(mv, pos)
-        pos += _HEADER_FIXED.size
-        key: str | None = None
-        if key_len != 0xFFFF:
-            if key_len > MAX_KEY_BYTES:
-                raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
-            key = _utf8(mv, pos, key_len)
-            pos += key_len
-        raw_structure, count = _STRUCTURE_COUNT.unpack_from(mv, pos)
-        pos += _STRUCTURE_COUNT.size
+        seq, credit, key_len, raw_structure, count, specs_len = _HEADER_FIXED.unpack_from(mv)
+    except struct.error:
+        raise ProtocolError("truncated HEADER frame") from None
+    pos = _HEADER_FIXED.size
+    end = pos + specs_len
+    if end > len(mv):
+        raise ProtocolError("truncated HEADER frame")
+    # The cache key: structure, count and specs, everything the specs' checks depend on. A
+    # read-only view hashes and compares like the bytes it shows, so a hit copies nothing.
+    run = mv[_SPECS_RUN_START:end]
+    known = cache.get(run) if cache is not None and run.readonly else None
+    if known is None:
         structure = _STRUCTURE_OF.get(raw_structure)
         if structure is None:
             raise ProtocolError(f"invalid Structure value {raw_structure}")
         low, high = _TENSOR_COUNT[structure]
         if not low <= count <= high:
             raise ProtocolError(f"{structure.name} message with {count} tensors")
-        is_dict = structure == Structure.DICT
-        specs = []
-        total = 0
-        names: set[str] = set()
+        specs, total = _decode_specs(mv[:end], pos, count, structure is Structure.DICT)
+        known = (structure, specs, total)
+        if cache is not None and len(run) <= _CACHED_SPECS_BYTES:
+            if len(cache) >= _CACHED_SPECS:
+                cache.clear()
+            cache[bytes(run)] = known  # a copy: a view would keep the received bytes alive
+    structure, specs, total = known
+    pos = end
+    key: str | None = None
+    if key_len != 0xFFFF:
+        if key_len > MAX_KEY_BYTES:
+            raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
+        try:
+            key = _utf8(mv, pos, key_len)
+        except IndexError:
+            raise ProtocolError("truncated HEADER frame") from None
+        pos += key_len
+    payload = None
+    if inline:
+        if total > MAX_INLINE_PAYLOAD:
+            raise ProtocolError(f"inline payload of {total} bytes exceeds {MAX_INLINE_PAYLOAD}")
+        payload = mv[pos:pos + total]
+        pos += total
+    if pos != len(mv):
+        what = "HEADER_INLINE" if inline else "HEADER"
+        if pos > len(mv):
+            raise ProtocolError(f"truncated {what} frame")
+        raise ProtocolError(f"{len(mv) - pos} stray bytes in {what}")
+    return Header(seq, key, structure, specs, payload, credit)
+
+
+def _decode_specs(mv: memoryview, pos: int, count: int, is_dict: bool
+                  ) -> tuple[tuple[TensorSpec, ...], int]:
+    """``count`` tensor specs filling ``mv[pos:]`` exactly; their total payload bytes."""
+    specs = []
+    total = 0
+    names: set[str] = set()
+    try:
         for _ in range(count):
             name_len = mv[pos]
             pos += 1
@@ -510,13 +639,9 @@ def _decode_header(r: _Reader, inline: bool) -> Header:
             specs.append(spec)
     except (struct.error, IndexError):
         raise ProtocolError("truncated HEADER frame") from None
-    r._pos = pos
-    payload = None
-    if inline:
-        if total > MAX_INLINE_PAYLOAD:
-            raise ProtocolError(f"inline payload of {total} bytes exceeds {MAX_INLINE_PAYLOAD}")
-        payload = r.take(total)
-    return Header(seq, key, structure, tuple(specs), payload)
+    if pos != len(mv):
+        raise ProtocolError(f"HEADER specs are {len(mv) - pos} bytes shorter than announced")
+    return tuple(specs), total
 
 
 def _utf8(mv: memoryview, pos: int, n: int) -> str:
@@ -552,20 +677,35 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._need: tuple[FrameType, int] | None = None
+        self._specs_cache: SpecsCache = {}
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         frames: list[Frame] = []
         if not self._buf and self._need is None:
             # The common case: nothing held over, so whole frames are parsed straight from
             # ``data`` and only a trailing partial frame is copied into the buffer.
-            view = memoryview(data).cast("B")
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
             pos, end = 0, len(view)
             while end - pos >= FRAME_PREFIX_BYTES:
-                ftype, length = decode_prefix(view[pos:pos + FRAME_PREFIX_BYTES])
+                raw_type, flags, reserved, length = _FRAME_PREFIX.unpack_from(view, pos)
+                known = _KNOWN_TYPES.get(raw_type)
+                if known is None or flags or reserved or length > known[1]:
+                    _check_prefix(raw_type, flags, reserved, length)  # raises: says why
+                assert known is not None
+                ftype = known[0]
                 if end - pos - FRAME_PREFIX_BYTES < length:
                     break
                 start = pos + FRAME_PREFIX_BYTES
-                frames.append(decode_body(ftype, view[start:start + length]))
+                body = view[start:start + length]
+                if ftype is FrameType.HEADER_INLINE or ftype is FrameType.HEADER:
+                    frames.append(_decode_header(body, ftype is FrameType.HEADER_INLINE,
+                                                 self._specs_cache))
+                elif ftype is FrameType.CREDIT and length == 8:
+                    frames.append(Credit(_U64.unpack(body)[0]))
+                else:
+                    frames.append(decode_body(ftype, body))
                 pos = start + length
             if pos == end:
                 return frames
@@ -580,10 +720,14 @@ class FrameDecoder:
             ftype, length = self._need
             if len(self._buf) < length:
                 return frames
-            body = bytes(self._buf[:length])
+            held = memoryview(bytes(self._buf[:length]))
             del self._buf[:length]
             self._need = None
-            frames.append(decode_body(ftype, body))
+            if ftype is FrameType.HEADER_INLINE or ftype is FrameType.HEADER:
+                frames.append(_decode_header(held, ftype is FrameType.HEADER_INLINE,
+                                             self._specs_cache))
+            else:
+                frames.append(decode_body(ftype, held))
 
     @property
     def buffered(self) -> int:

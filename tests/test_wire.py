@@ -94,18 +94,19 @@ RawTensor = tuple[bytes, int, int | None, tuple[int, ...]]
 
 def header_body(*, seq: int = 0, key: bytes | None = None, key_len: int | None = None,
                 structure: int = Structure.LIST, count: int | None = None,
-                tensors: Sequence[RawTensor] = ()) -> bytes:
+                tensors: Sequence[RawTensor] = (), credit: int = 0) -> bytes:
     """A HEADER body built field by field: tensors are ``(name, dtype, ndim, shape)``, with
     ``ndim=None`` meaning ``len(shape)``."""
     if key_len is None:
         key_len = 0xFFFF if key is None else len(key)
-    out = struct.pack(">QH", seq, key_len) + (key or b"")
-    out += struct.pack(">BI", structure, len(tensors) if count is None else count)
+    specs = b""
     for name, code, ndim, shape in tensors:
-        out += struct.pack(">B", len(name)) + name
-        out += struct.pack(">BB", code, len(shape) if ndim is None else ndim)
-        out += struct.pack(f">{len(shape)}Q", *shape)
-    return out
+        specs += struct.pack(">B", len(name)) + name
+        specs += struct.pack(">BB", code, len(shape) if ndim is None else ndim)
+        specs += struct.pack(f">{len(shape)}Q", *shape)
+    out = struct.pack(">QQHBII", seq, credit, key_len, structure,
+                      len(tensors) if count is None else count, len(specs))
+    return out + specs + (key or b"")
 
 
 def assert_rejected(data: bytes) -> None:

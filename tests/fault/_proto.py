@@ -190,11 +190,12 @@ def raw_header(seq: int, key_len_field: int, key: bytes, structure: int, count_f
     """A HEADER frame built field by field, bypassing every check of the encoder: for values
     the encoder refuses (counts beyond the limits, lengths that lie, u64 "negative" sizes).
     ``tensors``: (name, dtype code, ndim field, dims)."""
-    body = struct.pack(">QH", seq, key_len_field) + key + struct.pack(">BI", structure,
-                                                                      count_field)
+    specs = b""
     for name, code, ndim, dims in tensors:
-        body += struct.pack(">B", len(name)) + name + struct.pack(">BB", code, ndim)
-        body += b"".join(struct.pack(">Q", d) for d in dims)
+        specs += struct.pack(">B", len(name)) + name + struct.pack(">BB", code, ndim)
+        specs += b"".join(struct.pack(">Q", d) for d in dims)
+    body = struct.pack(">QQHBII", seq, 0, key_len_field, structure, count_field, len(specs))
+    body += specs + key
     return struct.pack(">BBHI", _wire.FrameType.HEADER, 0, 0, len(body)) + body
 
 
