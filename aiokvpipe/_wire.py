@@ -22,12 +22,12 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: credits and a specs length in HEADER
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
@@ -471,6 +471,9 @@ MAX_BODY: Final[dict[FrameType, int]] = {
 }
 
 
+_HEADER: Final = FrameType.HEADER
+_HEADER_INLINE: Final = FrameType.HEADER_INLINE
+
 #: raw type byte → (frame type, largest body): one lookup checks a prefix.
 _KNOWN_TYPES: Final = {int(t): (t, MAX_BODY[t]) for t in FrameType}
 
@@ -480,6 +483,11 @@ def decode_prefix(prefix: bytes | bytearray | memoryview) -> tuple[FrameType, in
     if len(prefix) != FRAME_PREFIX_BYTES:
         raise ProtocolError("truncated frame prefix")
     return _check_prefix(*_FRAME_PREFIX.unpack(prefix))
+
+
+def _bad_prefix(raw_type: int, flags: int, reserved: int, length: int) -> NoReturn:
+    _check_prefix(raw_type, flags, reserved, length)
+    raise AssertionError("a prefix the fast check refused passed the full one")
 
 
 def _check_prefix(raw_type: int, flags: int, reserved: int, length: int
@@ -684,29 +692,26 @@ class FrameDecoder:
         if not self._buf and self._need is None:
             # The common case: nothing held over, so whole frames are parsed straight from
             # ``data`` and only a trailing partial frame is copied into the buffer.
-            view = memoryview(data)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
+            view = memoryview(data) if type(data) is bytes else memoryview(data).cast("B")
             pos, end = 0, len(view)
+            cache = self._specs_cache
             while end - pos >= FRAME_PREFIX_BYTES:
                 raw_type, flags, reserved, length = _FRAME_PREFIX.unpack_from(view, pos)
                 known = _KNOWN_TYPES.get(raw_type)
                 if known is None or flags or reserved or length > known[1]:
-                    _check_prefix(raw_type, flags, reserved, length)  # raises: says why
-                assert known is not None
-                ftype = known[0]
-                if end - pos - FRAME_PREFIX_BYTES < length:
-                    break
+                    _bad_prefix(raw_type, flags, reserved, length)
                 start = pos + FRAME_PREFIX_BYTES
-                body = view[start:start + length]
-                if ftype is FrameType.HEADER_INLINE or ftype is FrameType.HEADER:
-                    frames.append(_decode_header(body, ftype is FrameType.HEADER_INLINE,
-                                                 self._specs_cache))
-                elif ftype is FrameType.CREDIT and length == 8:
-                    frames.append(Credit(_U64.unpack(body)[0]))
+                stop = start + length
+                if stop > end:
+                    break
+                ftype = known[0]
+                if ftype is _HEADER_INLINE:
+                    frames.append(_decode_header(view[start:stop], True, cache))
+                elif ftype is _HEADER:
+                    frames.append(_decode_header(view[start:stop], False, cache))
                 else:
-                    frames.append(decode_body(ftype, body))
-                pos = start + length
+                    frames.append(decode_body(ftype, view[start:stop]))
+                pos = stop
             if pos == end:
                 return frames
             data = view[pos:]

@@ -150,6 +150,9 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
                             (spec(F32, (2, 3), "k"), spec(U8, (0,), "e"), spec(U8, (5,), "v")),
                             bytes(range(24)) + b"hello"),
     "header-inline-empty": Header(7, None, Structure.NONE, (), b""),
+    "header-with-credit": Header(8, None, Structure.TENSOR, (spec(U8, (4,)),), None, 1 << 40),
+    "header-inline-with-credit-max": Header(9, "r", Structure.TENSOR, (spec(U8, (2,)),),
+                                            b"ab", (1 << 64) - 1),
     "credit-0": Credit(0),
     "credit-max": Credit((1 << 64) - 1),
     "heartbeat": Heartbeat(),
@@ -249,6 +252,47 @@ def test_header_of_exactly_the_payload_limit_is_accepted() -> None:
     got = decode_one(encode(h))
     assert got == h
     assert isinstance(got, Header) and got.nbytes == MAX_PAYLOAD_BYTES
+
+
+def test_recurring_specs_are_decoded_from_the_cache_with_the_rest_fresh() -> None:
+    # A receiver remembers specs by their bytes; everything else in the header is read anew.
+    dec = FrameDecoder()
+    specs = (spec(F16, (2, 3), "k"), spec(F16, (2, 3), "v"))
+    first = Header(0, "a", Structure.DICT, specs, bytes(24), credit=5)
+    second = Header(1, None, Structure.DICT, specs, bytes(range(24)), credit=0)
+    got = dec.feed(encode(first) + encode(second))
+    assert got == [first, second]
+    assert got[0].tensors is got[1].tensors  # the second came from the cache
+    # The same specs under another structure are not the same run of bytes.
+    assert dec.feed(encode(Header(2, None, Structure.LIST, (spec(F16, (2, 3)),) * 2))) == [
+        Header(2, None, Structure.LIST, (spec(F16, (2, 3)),) * 2)]
+
+
+def test_the_specs_cache_is_bounded_and_caches_only_small_runs() -> None:
+    dec = FrameDecoder()
+    for i in range(3 * _wire._CACHED_SPECS):
+        h = Header(i, None, Structure.TENSOR, (spec(U8, (i + 1,)),))
+        assert dec.feed(encode(h)) == [h]
+        assert len(dec._specs_cache) <= _wire._CACHED_SPECS
+    dec._specs_cache.clear()
+    big = Header(0, None, Structure.LIST, tuple(spec(U8, (j,)) for j in range(200)))
+    assert dec.feed(encode(big)) == [big]
+    assert not dec._specs_cache
+
+
+def test_a_writable_buffer_decodes_like_bytes() -> None:
+    # Read-only bytes are looked up in the cache without a copy; other buffers still decode.
+    h = Header(3, "k", Structure.TENSOR, (spec(F32, (2,)),), bytes(8), credit=9)
+    assert FrameDecoder().feed(bytearray(encode(h))) == [h]
+    assert FrameDecoder().feed(memoryview(bytearray(encode(h)))) == [h]
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 1000])
+def test_header_whose_specs_length_lies_is_rejected(delta: int) -> None:
+    body = header_body(structure=Structure.TENSOR, tensors=[(b"", F32, None, (3,))])
+    specs_len = struct.unpack_from(">I", body, 23)[0]
+    lying = body[:23] + struct.pack(">I", specs_len + delta) + body[27:]
+    assert_rejected(raw_frame(FrameType.HEADER, lying))
 
 
 def test_decoded_tensor_specs_carry_the_itemsize_of_their_dtype() -> None:
