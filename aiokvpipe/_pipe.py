@@ -205,7 +205,9 @@ class Pipe:
             return self._claim(self._pop_ready(key))
         self._check_can_recv()
         fut: asyncio.Future[_Incoming] = self._loop.create_future()
-        waiters = self._waiters.setdefault(key, deque())
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            waiters = self._waiters[key] = deque()
         waiters.append(fut)
         try:
             item = await fut

@@ -34,6 +34,11 @@ log = logging.getLogger("aiokvpipe")
 #: here (the only copy on this path) and reading pauses until the destination is known.
 _SPILL_BYTES = 256 * 1024
 
+#: Payload goes to the kernel this much per send() at most. On loopback one send() also runs
+#: the receiver's side of TCP and can take in tens of MiB at once: milliseconds in which the
+#: event loop runs nothing else.
+_SEND_SLICE = 4 * 1024 * 1024
+
 
 def tune_socket(sock: socket.socket) -> None:
     sock.setblocking(False)
@@ -253,7 +258,14 @@ class TcpPlane:
                 for t, ev in zip(tensors, ready):
                     if ev is not None:
                         t = await self._staging.to_host(t, ev)
-                    await self._loop.sock_sendall(self._sock, byte_view(t))
+                    view = byte_view(t)
+                    for start in range(0, len(view), _SEND_SLICE):
+                        await self._loop.sock_sendall(self._sock,
+                                                      view[start:start + _SEND_SLICE])
+                        if start + _SEND_SLICE < len(view):
+                            # A slice the socket took at once completes without a suspension:
+                            # let the loop run between slices.
+                            await asyncio.sleep(0)
             except OSError as exc:
                 self._lost(exc)
                 return
