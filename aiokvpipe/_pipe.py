@@ -32,6 +32,11 @@ log = logging.getLogger("aiokvpipe")
 #: How long ``aclose()`` waits for the peer to finish its half of a graceful close.
 CLOSE_TIMEOUT_S: Final = 10.0
 
+#: ``send()`` and ``recv()`` often complete without waiting (a small message, one already
+#: arrived). One call in this many yields to the event loop all the same, so that a task
+#: streaming small messages cannot starve the loop: heartbeats, other requests, timers.
+YIELD_EVERY: Final = 64
+
 
 @dataclass(frozen=True, slots=True)
 class PipeStats:
@@ -99,6 +104,7 @@ class Pipe:
         #: send() calls in the slow path (waiting for, or holding, the send lock): while there
         #: are any, no send may take the fast path and overtake them.
         self._slow_senders = 0
+        self._calls_since_yield = 0
         self._send_budget = ByteBudget(max_inflight_bytes)
         self._credits = ByteBudget(max(peer_credits, 1))
         self._next_send_seq = 0
@@ -161,6 +167,12 @@ class Pipe:
             # takes more. Written without a suspension, so call order holds and cancellation
             # cannot split anything.
             self._post(out, key, inline=True)
+            self._calls_since_yield += 1
+            if self._calls_since_yield >= YIELD_EVERY:
+                # After the write: yielding first would let a later send() overtake this one.
+                # Cancelled here, the message is sent all the same (see the docstring).
+                self._calls_since_yield = 0
+                await asyncio.sleep(0)
             return
         held = 0 if inline else out.nbytes
         self._slow_senders += 1
@@ -202,7 +214,18 @@ class Pipe:
             key = check_key(key)
         ready = self._ready.get(key)
         if ready and self._error is None:
-            return self._claim(self._pop_ready(key))
+            item = self._pop_ready(key)
+            self._calls_since_yield += 1
+            if self._calls_since_yield >= YIELD_EVERY:
+                # The message is ours already (a recv() called meanwhile takes the next one);
+                # cancelled here, it goes back to the front for the next matching recv().
+                self._calls_since_yield = 0
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    self._deliver(item, front=True)
+                    raise
+            return self._claim(item)
         self._check_can_recv()
         fut: asyncio.Future[_Incoming] = self._loop.create_future()
         waiters = self._waiters.get(key)

@@ -11,6 +11,7 @@ from conftest import PairFactory, eventually
 from test_pipe_roundtrip import assert_same_message, random_tensor
 
 import aiokvpipe
+from aiokvpipe._pipe import YIELD_EVERY
 from aiokvpipe._wire import message_cost
 
 pytestmark = pytest.mark.timeout(30)
@@ -112,3 +113,58 @@ async def test_small_sends_on_a_broken_pipe_raise_broken_pipe(pair_factory: Pair
     with pytest.raises(aiokvpipe.BrokenPipe):
         for _ in range(1000):  # the fast path must notice the loss, not queue forever
             await asyncio.wait_for(a.send(torch.ones(16)), 5)
+
+
+async def _count_ticks(stop: asyncio.Event) -> int:
+    ticks = 0
+    while not stop.is_set():
+        await asyncio.sleep(0)
+        ticks += 1
+    return ticks
+
+
+async def test_streaming_small_sends_does_not_starve_the_loop(pair_factory: PairFactory) -> None:
+    # Each of these sends completes without waiting (tiny, credits plentiful, the kernel's
+    # buffers take them all), yet other tasks must get to run while a task streams them.
+    a, b = await pair_factory()
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(_count_ticks(stop))
+    await asyncio.sleep(0)
+    n = 20 * YIELD_EVERY
+    for i in range(n):
+        await a.send(torch.full((8,), i, dtype=torch.int32))
+    stop.set()
+    assert await ticker >= n // YIELD_EVERY - 1
+    for i in range(n):
+        assert int((await asyncio.wait_for(b.recv(), 5))[0]) == i
+
+
+async def test_draining_a_backlog_does_not_starve_the_loop(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    n = 20 * YIELD_EVERY
+    for i in range(n):
+        await a.send(torch.full((8,), i, dtype=torch.int32))
+    await eventually(lambda: b.stats.recv_buffered_messages == n, 5, "all arrived")
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(_count_ticks(stop))
+    await asyncio.sleep(0)
+    got = [int((await b.recv())[0]) for _ in range(n)]
+    stop.set()
+    assert got == list(range(n))
+    assert await ticker >= n // YIELD_EVERY - 1
+
+
+async def test_recv_cancelled_at_its_yield_loses_nothing(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    for i in range(3):
+        await a.send(torch.full((8,), i, dtype=torch.int32))
+    await eventually(lambda: b.stats.recv_buffered_messages == 3, 5, "all arrived")
+    b._calls_since_yield = YIELD_EVERY - 1  # the next recv() yields after taking message 0
+    task = asyncio.create_task(b.recv())
+    await asyncio.sleep(0)  # it runs up to its yield
+    assert b.stats.recv_buffered_messages == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert b.stats.recv_buffered_messages == 3
+    assert [int((await b.recv())[0]) for _ in range(3)] == [0, 1, 2]
