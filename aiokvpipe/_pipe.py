@@ -154,24 +154,21 @@ class Pipe:
         if key is not None:
             key = check_key(key)
         out = flatten(msg)
-        if self._error is not None or self._closing or self._peer_closed:
-            self._check_can_send()  # raises
+        self._check_can_send()
         # A small CPU message (and any empty one) is copied into its header frame: once that
         # is written the tensors are free again, with no payload to wait for and no send
         # budget to hold.
         inline = out.nbytes == 0 or (out.nbytes <= self._inline_limit and not out.cuda)
         cost = _wire.message_cost(out.nbytes, len(out.specs))
-        if (inline and not self._slow_senders and not self._control._write_paused
+        if (inline and not self._slow_senders and not self._control.write_paused
                 and self._credits.try_acquire(cost)):
             # The fast path: nobody is queued ahead, credits are at hand and the connection
             # takes more. Written without a suspension, so call order holds and cancellation
             # cannot split anything.
             self._post(out, key, inline=True)
-            self._calls_since_yield += 1
-            if self._calls_since_yield >= YIELD_EVERY:
+            if self._yield_due():
                 # After the write: yielding first would let a later send() overtake this one.
                 # Cancelled here, the message is sent all the same (see the docstring).
-                self._calls_since_yield = 0
                 await asyncio.sleep(0)
             return
         held = 0 if inline else out.nbytes
@@ -215,11 +212,9 @@ class Pipe:
         ready = self._ready.get(key)
         if ready and self._error is None:
             item = self._pop_ready(key)
-            self._calls_since_yield += 1
-            if self._calls_since_yield >= YIELD_EVERY:
+            if self._yield_due():
                 # The message is ours already (a recv() called meanwhile takes the next one);
                 # cancelled here, it goes back to the front for the next matching recv().
-                self._calls_since_yield = 0
                 try:
                     await asyncio.sleep(0)
                 except asyncio.CancelledError:
@@ -328,6 +323,14 @@ class Pipe:
 
     # -- sending internals --------------------------------------------------------------------
 
+    def _yield_due(self) -> bool:
+        """Count a send()/recv() that completed without waiting; True once in YIELD_EVERY."""
+        self._calls_since_yield += 1
+        if self._calls_since_yield < YIELD_EVERY:
+            return False
+        self._calls_since_yield = 0
+        return True
+
     def _check_can_send(self) -> None:
         if self._error is not None:
             raise fresh(self._error)
@@ -349,7 +352,7 @@ class Pipe:
                                    credit)
         if inline and out.nbytes:
             # One copy, into the frame: the tensors are free again when send() returns.
-            if len(out.tensors) == 1:
+            if len(out.tensors) == 1:  # the common case: half the cost of the join below
                 data = head + string_at(out.tensors[0].data_ptr(), out.nbytes)
             else:
                 data = b"".join([head, *(byte_view(t) for t, spec
@@ -394,8 +397,8 @@ class Pipe:
     def on_frame(self, frame: _wire.Frame) -> None:
         """Called by the control channel for each frame (raises ProtocolError to break)."""
         if isinstance(frame, _wire.Header):
-            if frame.credit and not self._credits.release_at_most(frame.credit):
-                raise ProtocolError("peer returned more credit than we used")
+            if frame.credit:
+                self._on_credit(frame.credit)
             self._on_header(frame)
         elif isinstance(frame, _wire.Credit):
             self._on_credit(frame.nbytes)
@@ -451,7 +454,7 @@ class Pipe:
         assert h.inline is not None
         # One copy out of the received bytes (at most 64 KiB); the tensors are views of it.
         buf = bytearray(h.inline)
-        if len(h.tensors) == 1 and h.nbytes:
+        if len(h.tensors) == 1 and h.nbytes:  # the common case, without count and offset
             spec = h.tensors[0]
             t = torch.frombuffer(buf, dtype=DTYPE_OF[spec.dtype])
             return [t if len(spec.shape) == 1 else t.view(spec.shape)]

@@ -410,24 +410,16 @@ def encode_header(seq: int, key: str | None, structure: Structure,
     count = len(specs)
     if count > MAX_TENSORS:
         raise ValueError(f"{count} tensors in one message; the limit is {MAX_TENSORS}")
-    if count == 1:  # the common case, without the loop
-        spec = specs[0]
-        wire = spec.wire
+    parts = [b""]
+    nbytes = specs_len = 0
+    for t in specs:
+        wire = t.wire
         if wire is None:
-            wire = spec.wire = _encode_spec(spec)
-        parts = [b"", wire, key_bytes]
-        nbytes, specs_len = spec.nbytes, len(wire)
-    else:
-        parts = [b""]
-        nbytes = 0
-        for t in specs:
-            wire = t.wire
-            if wire is None:
-                wire = t.wire = _encode_spec(t)
-            parts.append(wire)
-            nbytes += t.nbytes
-        specs_len = sum(map(len, parts))
-        parts.append(key_bytes)
+            wire = t.wire = _encode_spec(t)
+        parts.append(wire)
+        nbytes += t.nbytes
+        specs_len += len(wire)
+    parts.append(key_bytes)
     length = _HEADER_FIXED.size + specs_len + len(key_bytes)
     if inline:
         if nbytes > MAX_INLINE_PAYLOAD:
@@ -694,7 +686,6 @@ class FrameDecoder:
             # ``data`` and only a trailing partial frame is copied into the buffer.
             view = memoryview(data) if type(data) is bytes else memoryview(data).cast("B")
             pos, end = 0, len(view)
-            cache = self._specs_cache
             while end - pos >= FRAME_PREFIX_BYTES:
                 raw_type, flags, reserved, length = _FRAME_PREFIX.unpack_from(view, pos)
                 known = _KNOWN_TYPES.get(raw_type)
@@ -704,13 +695,7 @@ class FrameDecoder:
                 stop = start + length
                 if stop > end:
                     break
-                ftype = known[0]
-                if ftype is _HEADER_INLINE:
-                    frames.append(_decode_header(view[start:stop], True, cache))
-                elif ftype is _HEADER:
-                    frames.append(_decode_header(view[start:stop], False, cache))
-                else:
-                    frames.append(decode_body(ftype, view[start:stop]))
+                frames.append(self._decode(known[0], view[start:stop]))
                 pos = stop
             if pos == end:
                 return frames
@@ -728,11 +713,12 @@ class FrameDecoder:
             held = memoryview(bytes(self._buf[:length]))
             del self._buf[:length]
             self._need = None
-            if ftype is FrameType.HEADER_INLINE or ftype is FrameType.HEADER:
-                frames.append(_decode_header(held, ftype is FrameType.HEADER_INLINE,
-                                             self._specs_cache))
-            else:
-                frames.append(decode_body(ftype, held))
+            frames.append(self._decode(ftype, held))
+
+    def _decode(self, ftype: FrameType, body: memoryview) -> Frame:
+        if ftype is _HEADER_INLINE or ftype is _HEADER:
+            return _decode_header(body, ftype is _HEADER_INLINE, self._specs_cache)
+        return decode_body(ftype, body)
 
     @property
     def buffered(self) -> int:
