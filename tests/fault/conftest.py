@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import socket_fds
 from jsonpeer import JsonPeerProcess
 
 HERE = Path(__file__).resolve().parent
@@ -134,18 +135,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 # -- leak snapshots ---------------------------------------------------------------------------
-
-
-def socket_fds() -> set[int]:
-    """This process's open file descriptors that are sockets."""
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                fds.add(int(name))
-        except OSError:
-            pass
-    return fds
 
 
 def rss_bytes(pid: int | str = "self") -> int:
