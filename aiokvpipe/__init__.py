@@ -9,7 +9,14 @@
 """
 
 from ._connect import Listener, connect, listen, open_pipe
-from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
+from ._errors import (
+    AuthenticationError,
+    BrokenPipe,
+    PeerFailure,
+    PipeClosed,
+    PipeError,
+    ProtocolError,
+)
 from ._options import PipeOptions
 from ._pipe import Pipe, PipeStats
 
@@ -28,5 +35,6 @@ __all__ = [
     "PipeClosed",
     "ProtocolError",
     "AuthenticationError",
+    "PeerFailure",
     "__version__",
 ]

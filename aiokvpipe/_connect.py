@@ -9,6 +9,7 @@ handshake is under way. Each incoming connection is handled in its own task, bou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import socket
@@ -19,13 +20,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import _handshake, _nccl_plane, _wire
+from . import _nccl_plane, _wire
 from ._control import ControlChannel
 from ._cuda import device_uuid, normalize_device
-from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
+from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError
 from ._options import PipeOptions
 from ._pipe import Pipe
 from ._plane import DataPlane
+from ._protocol import ClientHandshake, Refused, ServerHandshake
 from ._tcp_plane import TcpPlane, tune_socket
 
 log = logging.getLogger("aiokvpipe")
@@ -94,23 +96,6 @@ def _say_why(sock: socket.socket, exc: ProtocolError) -> None:
         pass
 
 
-def _raise_for_error(frame: _wire.Frame, during: str) -> None:
-    if isinstance(frame, _wire.Error):
-        if frame.code == _wire.ErrorCode.AUTHENTICATION:
-            raise AuthenticationError(f"peer refused us: {frame.text}")
-        if frame.code == _wire.ErrorCode.UNSUPPORTED:
-            raise PipeError(f"peer refused the pipe: {frame.text}")
-        raise ProtocolError(f"peer reported an error during {during}: {frame.text}")
-
-
-def _expect(frame: _wire.Frame, kind: type, during: str) -> Any:
-    _raise_for_error(frame, during)
-    if not isinstance(frame, kind):
-        raise ProtocolError(f"expected {kind.__name__} during {during}, got "
-                            f"{type(frame).__name__}")
-    return frame
-
-
 class _LateBreak:
     """Routes data-plane loss to the pipe, which exists only once the plane does."""
 
@@ -142,6 +127,7 @@ def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: 
                 recv_buffer_bytes=opts.recv_buffer_bytes, peer_credits=peer.recv_buffer_bytes,
                 heartbeat_interval=opts.heartbeat_interval,
                 heartbeat_timeout=_silence_limit(opts, peer),
+                close_timeout=opts.close_timeout,
                 # Inline payloads suit tcp to a CPU receiver; NCCL and CUDA receivers want
                 # every byte on their own plane and stream.
                 inline_limit=(_wire.MAX_INLINE_PAYLOAD
@@ -291,7 +277,10 @@ class Listener:
                     self._attach(first, sock)
                     conn = None  # now owned by the session
                     return
-                hello = _expect(first, _wire.Hello, "handshake")
+                if not isinstance(first, _wire.Hello):
+                    raise ProtocolError(f"a connection must open with HELLO or ATTACH, not "
+                                        f"{type(first).__name__}")
+                hello = first
                 conn = None  # the handshake owns (and closes) it from here
                 pipe = await self._handshake(sock, hello)
             await self._offer(pipe)
@@ -326,27 +315,22 @@ class Listener:
         session_id = secrets.token_bytes(_wire.SESSION_ID_BYTES)
         pending: _PendingSession | None = None
         try:
-            token = self._opts.token_bytes()
             caps = _local_caps(self._opts, self._device)
-            nonce = secrets.token_bytes(_wire.NONCE_BYTES)
-            ch.write(_wire.Hello(nonce, caps))
-            auth = _expect(await ch.read_frame(), _wire.Auth, "handshake")
-            if token and not _handshake.verify(token, True, hello.nonce, nonce, auth.proof):
-                ch.write(_wire.Error(_wire.ErrorCode.AUTHENTICATION, "authentication failed"))
-                raise AuthenticationError(f"peer {ch.peer} failed authentication")
+            shake = ServerHandshake(self._opts.token_bytes(), caps,
+                                    secrets.token_bytes(_wire.NONCE_BYTES), hello)
+            ch.write(shake.hello())
             try:
-                transport = _handshake.choose_transport(caps, hello.caps)
-            except _handshake.NoTransport as exc:
-                ch.write(_wire.Error(_wire.ErrorCode.UNSUPPORTED, str(exc)))
-                raise PipeError(str(exc)) from None
+                transport = shake.receive_auth(await ch.read_frame())
+            except Refused as refused:
+                ch.write(refused.frame)
+                raise refused.error from None
             ids = _nccl_plane.new_unique_ids() if transport == _wire.Transport.NCCL else None
             late = _LateBreak()
             if transport == _wire.Transport.TCP:
                 pending = _PendingSession({d: self._loop.create_future()
                                            for d in _wire.Direction})
                 self._sessions[session_id] = pending
-            ch.write(_wire.Accept(_handshake.proof(token, False, hello.nonce, nonce), session_id,
-                                  transport, ids))
+            ch.write(shake.accept(session_id, transport, ids))
             if pending is not None:
                 c2s, s2c = await _unless_lost(ch, asyncio.gather(
                     pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
@@ -357,7 +341,7 @@ class Listener:
                 assert ids is not None
                 plane = await _unless_lost(ch, _nccl_plane.start(True, ids, self._device, late))
             pipe = _make_pipe(ch, plane, self._opts, self._device, hello.caps, late)
-            ch.write(_wire.Ready())
+            ch.write(shake.ready())
             return pipe
         except BaseException as exc:
             ch.abort()
@@ -388,21 +372,30 @@ async def _unless_lost(ch: ControlChannel, step: Awaitable[T]) -> T:
     return task.result()
 
 
-async def listen(host: str = "127.0.0.1", port: int = 0, *, backlog: int = 128,
-                 **opts: Any) -> Listener:
+async def listen(host: str = "127.0.0.1", port: int = 0, options: PipeOptions | None = None,
+                 *, backlog: int = 128, **opts: Any) -> Listener:
     """Listen for pipes on ``host:port`` (default 127.0.0.1, a free port: see
-    :attr:`Listener.port`). ``opts`` are :class:`PipeOptions`; they apply to every accepted
-    pipe."""
-    options = PipeOptions(**opts)
+    :attr:`Listener.port`). ``options`` (a :class:`PipeOptions`) and/or keyword options
+    (which override its fields) apply to every accepted pipe. Raises ``TypeError``/
+    ``ValueError`` for bad options, :class:`~aiokvpipe.PipeError` when the host name does not
+    resolve, and ``OSError`` when the address cannot be bound (in use, say)."""
+    options = _options(options, opts)
     device = normalize_device(options.device)
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+    infos = await _resolve(loop, host, port, socket.AI_PASSIVE)
     family, _, _, _, address = infos[0]
     sock = socket.create_server(address[:2] if family == socket.AF_INET else address,
                                 family=family, backlog=backlog)
     sock.setblocking(False)
     return Listener(sock, options, device)
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, flags: int = 0
+                   ) -> list[Any]:
+    try:
+        return await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+    except socket.gaierror as exc:
+        raise PipeError(f"cannot resolve {host!r}: {exc.strerror}") from exc
 
 
 # -- the connecting end -----------------------------------------------------------------------
@@ -413,7 +406,7 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
     """Connect, retrying while the listener is not up yet, until ``deadline``."""
     delay = 0.02
     while True:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await _resolve(loop, host, port)
         family, type_, proto, _, address = infos[0]
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
@@ -435,17 +428,28 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
         return sock
 
 
-async def connect(host: str, port: int, **opts: Any) -> Pipe:
+async def connect(host: str, port: int, options: PipeOptions | None = None,
+                  **opts: Any) -> Pipe:
     """Open a pipe to a :func:`listen`-ing peer.
 
+    ``options`` (a :class:`PipeOptions`) and/or keyword options (which override its fields).
     Retries a refused connection until ``connect_timeout`` (the peer may start later), then
-    runs the handshake within ``handshake_timeout``. Raises :class:`TimeoutError` when nobody
-    answered, :class:`~aiokvpipe.AuthenticationError` when the tokens differ,
-    :class:`~aiokvpipe.ProtocolError` when the peer is not aiokvpipe, and
-    :class:`~aiokvpipe.PipeError` when the ends cannot agree on a transport. Cancellation
-    closes whatever was opened.
+    runs the handshake within ``handshake_timeout``. Raises, and nothing else:
+
+    * ``TypeError``/``ValueError`` -- bad options (before anything is opened);
+    * :class:`TimeoutError` -- nobody accepted within ``connect_timeout``, or the handshake
+      did not finish within ``handshake_timeout``;
+    * :class:`~aiokvpipe.AuthenticationError` -- the tokens differ;
+    * :class:`~aiokvpipe.ProtocolError` -- the peer is not aiokvpipe (or not this version);
+    * :class:`~aiokvpipe.PeerFailure` -- the listener failed on its side during the handshake;
+    * :class:`~aiokvpipe.PipeError` -- the ends cannot agree on a transport, or the host name
+      does not resolve (the ``socket.gaierror`` chained);
+    * :class:`~aiokvpipe.BrokenPipe` -- the listener dropped the connection during the
+      handshake (the ``OSError`` chained).
+
+    Cancellation closes whatever was opened.
     """
-    options = PipeOptions(**opts)
+    options = _options(options, opts)
     device = normalize_device(options.device)
     loop = asyncio.get_running_loop()
     sock = await _open_socket(loop, host, port, loop.time() + options.connect_timeout)
@@ -455,25 +459,23 @@ async def connect(host: str, port: int, **opts: Any) -> Pipe:
 
 async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str,
                             port: int, opts: PipeOptions, device: torch.device) -> Pipe:
-    _, ch = await loop.create_connection(ControlChannel, sock=sock)
+    try:
+        _, ch = await loop.create_connection(ControlChannel, sock=sock)
+    except OSError as exc:
+        sock.close()
+        raise BrokenPipe(f"{host}:{port} dropped the handshake") from exc
     data_socks: list[socket.socket] = []
     plane: DataPlane | None = None
     try:
-        token = opts.token_bytes()
-        nonce = secrets.token_bytes(_wire.NONCE_BYTES)
-        ch.write(_wire.Hello(nonce, _local_caps(opts, device)))
-        server = _expect(await ch.read_frame(), _wire.Hello, "handshake")
-        ch.write(_wire.Auth(_handshake.proof(token, True, nonce, server.nonce)))
-        accept = _expect(await ch.read_frame(), _wire.Accept, "handshake")
-        if token and not _handshake.verify(token, False, nonce, server.nonce, accept.proof):
-            raise AuthenticationError(f"listener at {host}:{port} could not prove it holds "
-                                      "the token")
+        shake = ClientHandshake(opts.token_bytes(), _local_caps(opts, device),
+                                secrets.token_bytes(_wire.NONCE_BYTES))
+        ch.write(shake.hello())
+        while shake.accept is None:
+            answer = shake.receive(await ch.read_frame())
+            if answer is not None:
+                ch.write(answer)
+        accept = shake.accept
         late = _LateBreak()
-        if accept.transport == _wire.Transport.NCCL and not (device.type == "cuda"
-                                                            and opts.transport != "tcp"):
-            raise ProtocolError("the listener chose nccl, which this end did not offer")
-        if accept.transport == _wire.Transport.TCP and opts.transport == "nccl":
-            raise ProtocolError("the listener chose tcp, but this end asked for nccl")
         if accept.transport == _wire.Transport.TCP:
             for direction in _wire.Direction:
                 s = await _open_socket(loop, host, port, loop.time())
@@ -485,29 +487,39 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
         else:
             plane = await _unless_lost(ch, _nccl_plane.start(False, accept.nccl_ids, device,
                                                              late))
-        _expect(await ch.read_frame(), _wire.Ready, "handshake")
-        return _make_pipe(ch, plane, opts, device, server.caps, late)
+        shake.receive(await ch.read_frame())  # READY
+        assert shake.server is not None
+        return _make_pipe(ch, plane, opts, device, shake.server.caps, late)
     except BaseException as exc:
         ch.abort()
         if plane is not None:
             plane.abort(exc)
         for s in data_socks:
             s.close()
-        if isinstance(exc, BrokenPipe):
-            raise ConnectionResetError(f"{host}:{port} dropped the handshake") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, (PipeError, TimeoutError)):
+            raise BrokenPipe(f"{host}:{port} dropped the handshake") from exc
         raise
 
 
-async def open_pipe(host: str, port: int, rank: int, **opts: Any) -> Pipe:
+def _options(options: PipeOptions | None, overrides: dict[str, Any]) -> PipeOptions:
+    if options is None:
+        return PipeOptions(**overrides)
+    if not isinstance(options, PipeOptions):
+        raise TypeError(f"options must be a PipeOptions, not {type(options).__name__}")
+    return dataclasses.replace(options, **overrides) if overrides else options
+
+
+async def open_pipe(host: str, port: int, rank: int, options: PipeOptions | None = None,
+                    **opts: Any) -> Pipe:
     """Seed-style set-up: ``rank`` 0 listens on ``host:port`` for one peer, ``rank`` 1
-    connects to it. Both return the same pipe's two ends."""
+    connects to it. Both return the same pipe's two ends. Options as for :func:`connect`."""
     if rank == 0:
-        listener = await listen(host, port, **opts)
+        listener = await listen(host, port, options, **opts)
         try:
             return await listener.accept()
         finally:
             await listener.aclose()
     if rank == 1:
-        return await connect(host, port, **opts)
+        return await connect(host, port, options, **opts)
     raise ValueError(f"rank must be 0 (listens) or 1 (connects), not {rank!r}")
 

@@ -1,32 +1,35 @@
-"""The control channel: framed messages over one TCP connection, plus heartbeats.
+"""The control channel: one TCP connection carrying frames, plus heartbeats. It only moves bytes.
 
-A plain :class:`asyncio.Protocol`: ``data_received`` feeds the sans-I/O
-:class:`~aiokvpipe._wire.FrameDecoder` and hands each frame to the pipe synchronously, so a
-header costs no task switch. Bulk payload never travels here, so control frames never wait
-behind it.
+A plain :class:`asyncio.Protocol`. Two phases:
 
-Two phases: during the handshake frames are queued for :meth:`ControlChannel.read_frame`;
-:meth:`ControlChannel.attach` then routes them, and connection loss, to a handler.
+* During the handshake, bytes are held raw and :meth:`ControlChannel.read_frame` parses one
+  frame at a time when the handshake asks for it. Nothing is parsed ahead of the handshake:
+  frames that follow its last one (a busy listener's first messages) stay raw bytes for the
+  pipe. What is held is bounded by pausing the socket, never by dropping the peer.
+* :meth:`ControlChannel.attach` then hands every byte, first those held, to a handler (the
+  pipe, which feeds its sans-I/O protocol), synchronously, so a header costs no task switch.
+
+Bulk payload never travels here, so control frames never wait behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 from . import _wire
 from ._errors import BrokenPipe, ProtocolError, fresh
 
 log = logging.getLogger("aiokvpipe")
 
-#: Frames the handshake may have queued before anyone reads them; more is a protocol error.
-_MAX_EARLY_FRAMES = 64
+#: Raw bytes held during the handshake before reading pauses (a few handshake frames are
+#: under 1 KiB; the rest is the start of the pipe's traffic, waiting for the pipe).
+_EARLY_BYTES_HIGH: Final = 256 * 1024
 
 
-class FrameHandler(Protocol):
-    def on_frame(self, frame: _wire.Frame) -> None: ...
+class ControlHandler(Protocol):
+    def on_data(self, data: bytes | bytearray | memoryview) -> None: ...
 
     def on_connection_lost(self, exc: BaseException) -> None: ...
 
@@ -39,13 +42,13 @@ class ControlChannel(asyncio.Protocol):
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._decoder = _wire.FrameDecoder()
-        self._early: deque[_wire.Frame] = deque()
+        self._early = bytearray()  # raw bytes received before attach()
         self._early_waiter: asyncio.Future[None] | None = None
-        self._handler: FrameHandler | None = None
+        self._reading_paused = False
+        self._handler: ControlHandler | None = None
         self._lost: BaseException | None = None
         self._write_paused = False
-        self._drain_waiters: deque[asyncio.Future[None]] = deque()
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._last_heard = self._loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
         #: Resolves (to the cause) when the connection ends, so a handshake step that waits
@@ -62,24 +65,17 @@ class ControlChannel(asyncio.Protocol):
         self._last_heard = self._loop.time()
         if self._lost is not None:
             return
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self._fail(exc)
+        handler = self._handler
+        if handler is not None:
+            try:
+                handler.on_data(data)
+            except Exception as exc:  # a handler that raises has broken the pipe: say why
+                self._fail(exc)
             return
-        for frame in frames:
-            if self._handler is not None:
-                try:
-                    self._handler.on_frame(frame)
-                except Exception as exc:  # ProtocolError, or e.g. no memory for a payload
-                    self._fail(exc)
-                    return
-            elif len(self._early) >= _MAX_EARLY_FRAMES:
-                self._fail(ProtocolError("peer flooded the handshake with frames"))
-                return
-            else:
-                self._early.append(frame)
-                self._wake_reader()
+        self._early += data
+        if len(self._early) >= _EARLY_BYTES_HIGH and not self._reading_paused:
+            self._set_reading(False)
+        self._wake_reader()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost reports it
@@ -92,8 +88,8 @@ class ControlChannel(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        while self._drain_waiters:
-            fut = self._drain_waiters.popleft()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
 
@@ -108,10 +104,15 @@ class ControlChannel(asyncio.Protocol):
         self.write_encoded(_wire.encode(frame))
 
     def write_encoded(self, data: bytes) -> None:
-        """Queue frames already encoded (the pipe joins a message's frames into one write)."""
-        if self._lost is not None or self._transport is None:
+        """Queue encoded frames; raises :class:`BrokenPipe` if the connection is gone.
+
+        A transport that is closing (a write already failed, its loss not yet reported)
+        counts as gone: writing to it only makes asyncio log the failure again, per write.
+        """
+        transport = self._transport
+        if self._lost is not None or transport is None or transport.is_closing():
             raise BrokenPipe("control connection is closed") from self._lost
-        self._transport.write(data)
+        transport.write(data)
 
     @property
     def write_paused(self) -> bool:
@@ -119,34 +120,64 @@ class ControlChannel(asyncio.Protocol):
         return self._write_paused
 
     async def drain(self) -> None:
-        """Wait while the kernel's send buffer is full (bounded control-frame backlog)."""
-        if not self._write_paused:
-            return
+        """Wait while the kernel's send buffer is full (bounded control-frame backlog).
+
+        Raises :class:`BrokenPipe`, with the connection's loss as its cause, if it is gone.
+        """
         if self._lost is not None:
             raise BrokenPipe("control connection is closed") from self._lost
+        if not self._write_paused:
+            return
         fut = self._loop.create_future()
         self._drain_waiters.append(fut)
         await fut
 
     async def read_frame(self) -> _wire.Frame:
-        """Next frame during the handshake (before :meth:`attach`)."""
-        while not self._early:
-            if isinstance(self._lost, ProtocolError):
-                raise fresh(self._lost)  # the peer is not speaking our protocol: say so
+        """The next frame during the handshake (before :meth:`attach`), parsed from the held
+        bytes; nothing after it is parsed."""
+        while True:
+            frame = self._parse_early()
+            if frame is not None:
+                return frame
             if self._lost is not None:
+                if isinstance(self._lost, ProtocolError):
+                    raise fresh(self._lost)  # the peer is not speaking our protocol: say so
                 raise BrokenPipe("connection closed during the handshake") from self._lost
             self._early_waiter = self._loop.create_future()
             try:
                 await self._early_waiter
             finally:
                 self._early_waiter = None
-        return self._early.popleft()
 
-    def attach(self, handler: FrameHandler) -> None:
-        """Route frames (first those already queued) and connection loss to ``handler``."""
+    def _parse_early(self) -> _wire.Frame | None:
+        early = self._early
+        if len(early) < _wire.FRAME_PREFIX_BYTES:
+            return None
+        # decode_prefix refuses an oversized length before a byte of the body is awaited.
+        ftype, length = _wire.decode_prefix(early[:_wire.FRAME_PREFIX_BYTES])
+        end = _wire.FRAME_PREFIX_BYTES + length
+        if len(early) < end:
+            if self._reading_paused:
+                self._set_reading(True)  # the frame is larger than what we hold: read on
+            return None
+        body = bytes(early[_wire.FRAME_PREFIX_BYTES:end])
+        del early[:end]
+        if self._reading_paused and len(early) < _EARLY_BYTES_HIGH // 2:
+            self._set_reading(True)
+        return _wire.decode_body(ftype, body)
+
+    def attach(self, handler: ControlHandler) -> None:
+        """Hand every byte, first those held, and the connection's loss to ``handler``."""
         self._handler = handler
-        while self._early and self._lost is None:
-            handler.on_frame(self._early.popleft())
+        early, self._early = self._early, bytearray()
+        if self._reading_paused:
+            self._set_reading(True)
+        if self._lost is None and early:
+            try:
+                handler.on_data(early)
+            except Exception as exc:
+                self._fail(exc)
+                return
         if self._lost is not None:
             handler.on_connection_lost(self._lost)
 
@@ -154,8 +185,19 @@ class ControlChannel(asyncio.Protocol):
         """Send a heartbeat every ``interval`` s; fail if the peer is silent for ``timeout`` s
         (``None``: never)."""
         self._last_heard = started = self._loop.time()
-        self._heartbeat = self._loop.create_task(self._heartbeat_loop(interval, timeout,
-                                                                      started))
+        self._heartbeat = self._loop.create_task(self._heartbeat_guard(interval, timeout,
+                                                                       started))
+
+    async def _heartbeat_guard(self, interval: float, timeout: float | None,
+                               started: float) -> None:
+        # An internal task that dies must take the connection with it, or nobody would ever
+        # notice that heartbeats stopped (the peer would, and break its end).
+        try:
+            await self._heartbeat_loop(interval, timeout, started)
+        except BrokenPipe:
+            pass  # the connection is gone: its loss is reported by _fail
+        except Exception as exc:
+            self._fail(exc)
 
     async def _heartbeat_loop(self, interval: float, timeout: float | None,
                               started: float) -> None:
@@ -201,23 +243,39 @@ class ControlChannel(asyncio.Protocol):
         if self._early_waiter is not None and not self._early_waiter.done():
             self._early_waiter.set_result(None)
 
+    def _set_reading(self, on: bool) -> None:
+        self._reading_paused = not on
+        if self._transport is not None and not self._transport.is_closing():
+            if on:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the connection because of ``exc`` (a ProtocolError is told to the peer)."""
+        self._fail(exc)
+
+    def say(self, data: bytes) -> None:
+        """Write ``data`` (an ERROR frame) if the connection still takes it; never raises."""
+        transport = self._transport
+        if self._lost is None and transport is not None and not transport.is_closing():
+            transport.write(data)
+
     def _fail(self, exc: BaseException) -> None:
         if self._lost is not None:
             return
+        if isinstance(exc, ProtocolError):
+            self.say(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL, str(exc))))
         self._lost = exc
         self.lost.set_result(exc)
-        if isinstance(exc, ProtocolError) and self._transport is not None:
-            try:
-                self._transport.write(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL,
-                                                               str(exc))))
-            except Exception:  # the peer is being dropped anyway; the error is best effort
-                pass
         self.abort()
         self._wake_reader()
-        while self._drain_waiters:
-            fut = self._drain_waiters.popleft()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
             if not fut.done():
-                fut.set_exception(BrokenPipe("control connection lost"))
+                err = BrokenPipe("control connection lost")
+                err.__cause__ = exc
+                fut.set_exception(err)
                 fut.exception()  # a waiter may be gone; don't warn about an unread error
         if self._handler is not None:
             self._handler.on_connection_lost(exc)

@@ -8,6 +8,9 @@ Three ways a pipe ends, kept apart so callers can react to each:
   missed or the peer violated the protocol. The original cause is chained (``__cause__``).
 * :class:`ProtocolError` / :class:`AuthenticationError` -- what the peer sent is not aiokvpipe,
   or it could not prove it knows the shared token.
+* :class:`PeerFailure` -- the peer told us that it failed on its side (out of memory, a CUDA
+  error): chained to the :class:`BrokenPipe` it causes here. Our own failures are never
+  reported as the peer's: a local error is chained as it is.
 
 Argument errors (``TypeError``/``ValueError``) are raised for bad input to *our* API and never
 tear down a healthy pipe.
@@ -40,6 +43,7 @@ __all__ = [
     "PipeClosed",
     "ProtocolError",
     "AuthenticationError",
+    "PeerFailure",
 ]
 
 
@@ -66,3 +70,8 @@ class ProtocolError(PipeError):
 
 class AuthenticationError(PipeError):
     """The handshake failed because one side could not prove it holds the shared token."""
+
+
+class PeerFailure(PipeError):
+    """The peer reported a failure of its own (it could not allocate a receive buffer, say)
+    and dropped the pipe. Found as the ``__cause__`` of a :class:`BrokenPipe`."""

@@ -55,6 +55,9 @@ class PipeOptions:
     handshake_timeout
         Seconds the handshake may take once connected, NCCL set-up included (default 20); a
         listener drops a connection that has not completed its handshake by then.
+    close_timeout
+        Seconds ``aclose()`` waits for the peer's half of a graceful close (default 10)
+        before it breaks the pipe instead.
     """
 
     device: str | torch.device = "cpu"
@@ -66,6 +69,7 @@ class PipeOptions:
     heartbeat_timeout: float | None = None
     connect_timeout: float = 30.0
     handshake_timeout: float = 20.0
+    close_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.transport not in ("auto", "nccl", "tcp"):
@@ -78,7 +82,7 @@ class PipeOptions:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or None, not {value!r}")
-        for name in ("connect_timeout", "handshake_timeout"):
+        for name in ("connect_timeout", "handshake_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
         if self.token is not None and not isinstance(self.token, (str, bytes)):

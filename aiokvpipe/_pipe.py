@@ -19,12 +19,13 @@ import torch
 
 from . import _wire
 from ._budget import ByteBudget
-from ._control import ControlChannel
+from ._control import ControlChannel, HeartbeatMissed
 from ._dtypes import DTYPE_OF
-from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError, fresh
+from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolError, fresh
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._plane import DataPlane
+from ._protocol import PipeProtocol, State
 from ._wire import Structure
 
 log = logging.getLogger("aiokvpipe")
@@ -85,18 +86,26 @@ class Pipe:
 
     Obtain one from :func:`aiokvpipe.connect`, :meth:`aiokvpipe.Listener.accept` or
     :func:`aiokvpipe.open_pipe`; use it as an async context manager or call :meth:`aclose`.
+
+    The rules (sequence numbers, credits, discarded keys, the close handshake) are kept by a
+    sans-I/O :class:`~aiokvpipe._protocol.PipeProtocol`; the pipe drives it: it moves bytes
+    between it and the control channel, payloads through the data plane, and settles the
+    callers' futures.
     """
 
     def __init__(self, control: ControlChannel, plane: DataPlane, *, device: torch.device,
                  max_inflight_bytes: int, recv_buffer_bytes: int, peer_credits: int,
                  heartbeat_interval: float | None, heartbeat_timeout: float | None,
-                 inline_limit: int = 0) -> None:
+                 inline_limit: int = 0, close_timeout: float = CLOSE_TIMEOUT_S) -> None:
         self._loop = asyncio.get_running_loop()
         self._control = control
         self._plane = plane
+        self._proto = PipeProtocol(recv_buffer_bytes=recv_buffer_bytes,
+                                   peer_credit=peer_credits)
         self.device: Final = device
         self._on_cuda = device.type == "cuda"
         self.peer: Final = control.peer
+        self._close_timeout = close_timeout
         # sending
         #: CPU payloads up to this size travel inside their header frame (0: never).
         self._inline_limit = inline_limit
@@ -106,15 +115,11 @@ class Pipe:
         self._slow_senders = 0
         self._calls_since_yield = 0
         self._send_budget = ByteBudget(max_inflight_bytes)
-        self._credits = ByteBudget(max(peer_credits, 1))
-        self._next_send_seq = 0
+        #: Queues senders for the peer's credit; the protocol keeps the ledger itself.
+        self._credits = ByteBudget(self._proto.peer_credit)
         self._sends_in_flight: set[asyncio.Future[None]] = set()
         self._bytes_sent = 0
         # receiving
-        self._recv_buffer_bytes = recv_buffer_bytes
-        self._credit_held = 0  # credits the peer used that we have not returned
-        self._credit_to_return = 0
-        self._next_recv_seq = 0
         self._incoming: deque[_Incoming] = deque()
         self._ready: dict[str | None, deque[_Incoming]] = {}
         self._waiters: dict[str | None, deque[asyncio.Future[_Incoming]]] = {}
@@ -122,15 +127,15 @@ class Pipe:
         self._bytes_received = 0
         self._ready_count = 0
         # ending
-        self._closing = False  # aclose() was called here
-        self._peer_closed = False  # the peer's CLOSE arrived
-        self._close_sent = False
-        self._finished = asyncio.Event()  # both CLOSEs exchanged and resources released
+        self._closed_here = False  # aclose() was called here
+        self._finished = asyncio.Event()  # closed and released, or broken
         self._closer: asyncio.Task[None] | None = None
         self._error: BrokenPipe | None = None
         control.attach(self)
-        if heartbeat_interval is not None:
+        if heartbeat_interval is not None and self._error is None:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
+        if self._error is None:
+            log.info("pipe to %s opened (%s)", self.peer, plane.name)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -144,7 +149,9 @@ class Pipe:
         Waits while ``max_inflight_bytes`` are in flight or the peer has no receive credits
         left. Raises ``TypeError``/``ValueError`` (before anything is sent, the pipe stays
         healthy) for a bad message or key, :class:`PipeClosed` once either end closed the pipe,
-        :class:`BrokenPipe` once it broke.
+        :class:`BrokenPipe` once it broke -- also when the data plane fails to take the
+        payload here (out of memory staging it, say): the message is then never delivered,
+        and the pipe breaks rather than let a header go without its payload.
 
         Cancellation: a ``send()`` cancelled while waiting for its turn, budget or credits
         sends nothing. Once its header is on the wire the message is sent whole, even if the
@@ -165,7 +172,7 @@ class Pipe:
             # The fast path: nobody is queued ahead, credits are at hand and the connection
             # takes more. Written without a suspension, so call order holds and cancellation
             # cannot split anything.
-            self._post(out, key, inline=True)
+            self._post(out, key, True, cost, 0)
             if self._yield_due():
                 # After the write: yielding first would let a later send() overtake this one.
                 # Cancelled here, the message is sent all the same (see the docstring).
@@ -184,11 +191,7 @@ class Pipe:
                     raise
                 # Committed. No await until the payload is posted, so cancellation cannot
                 # split the header from its payload.
-                try:
-                    done = self._post(out, key, inline)
-                except BrokenPipe:
-                    self._send_budget.release(held)
-                    raise
+                done = self._post(out, key, inline, cost, held)
                 await self._control.drain()
         finally:
             self._slow_senders -= 1
@@ -199,7 +202,8 @@ class Pipe:
         """Receive the next message sent with ``key`` (``None``: the next unkeyed message).
 
         Tensors come back with the sender's dtypes and shapes on this pipe's ``device``; CUDA
-        tensors are ready for use on the caller's current stream at once.
+        tensors are ready for use on the caller's current stream at once. Asking for a key
+        that was :meth:`discard`-ed takes it back: its later messages are kept again.
 
         Raises :class:`PipeClosed` once the pipe is closed and no matching message remains,
         :class:`BrokenPipe` if it broke.
@@ -209,6 +213,7 @@ class Pipe:
         """
         if key is not None:
             key = check_key(key)
+            self._proto.undiscard(key)
         ready = self._ready.get(key)
         if ready and self._error is None:
             item = self._pop_ready(key)
@@ -243,14 +248,17 @@ class Pipe:
         return self._claim(item)
 
     def discard(self, key: str | None) -> int:
-        """Drop the messages with ``key`` that have arrived, or are arriving now, unclaimed.
+        """Give up the messages with ``key``: those that arrived and wait unclaimed, those
+        arriving now, and those that arrive later (until a ``recv(key)`` asks for the key
+        again; the most recent 4,096 discarded keys are remembered).
 
         Their receive credits go back to the peer at once. Use it when a request is given up:
         a message that no ``recv()`` will ever claim would otherwise hold its credits for the
-        life of the pipe and, with enough of them, stall every sender. Messages the peer sends
-        with ``key`` later are not affected. Returns how many messages were dropped.
+        life of the pipe and, with enough of them, stall every sender. Returns how many
+        messages were dropped now (later arrivals are dropped silently).
         """
         key = check_key(key)
+        self._proto.discard(key)
         dropped = 0
         ready = self._ready.pop(key, None)
         for item in ready or ():
@@ -269,23 +277,35 @@ class Pipe:
         Pending ``recv()`` calls here raise :class:`PipeClosed`; sends waiting for their turn
         raise it too, sends already on the wire finish first. The peer receives what was sent,
         then its ``recv()`` raises :class:`PipeClosed`. Idempotent; on a broken pipe it only
-        releases resources. Cancelling ``aclose()`` aborts the connection.
+        releases resources. Gives up (breaking the pipe) after ``close_timeout`` seconds
+        without progress. Cancelling ``aclose()`` aborts the connection.
         """
         if self._error is not None or self._finished.is_set():
             return
-        if not self._closing:
-            self._closing = True
+        if not self._closed_here:
+            self._closed_here = True
+            log.info("pipe to %s closing", self.peer)
+            self._proto.start_closing()
             self._fail_waiters(PipeClosed("pipe closed"))
             self._fail_pending_senders(PipeClosed("pipe closed"))
             self._ensure_closer()
-        assert self._closer is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._finished.wait()), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(self._finished.wait()), self._close_timeout)
         except TimeoutError as exc:
             self._break(exc)
         except asyncio.CancelledError:
             self._break(ConnectionAbortedError("aclose() was cancelled"))
             raise
+
+    async def wait_closed(self) -> None:
+        """Wait until the pipe has ended: returns after a graceful close (by either end),
+        raises :class:`BrokenPipe` (its cause chained) if it broke.
+
+        Cancelling it only stops the wait.
+        """
+        await self._finished.wait()
+        if self._error is not None:
+            raise fresh(self._error)
 
     async def __aenter__(self) -> Pipe:
         return self
@@ -295,31 +315,37 @@ class Pipe:
 
     @property
     def transport(self) -> str:
-        """The data plane in use: ``"tcp"`` or ``"nccl"``."""
+        """The data plane in use: ``"tcp"``, ``"nccl"`` or ``"ipc"``."""
         return self._plane.name
+
+    @property
+    def state(self) -> State:
+        """``OPEN``, ``CLOSING``, ``CLOSED`` or ``BROKEN``."""
+        return self._proto.state
 
     @property
     def closed(self) -> bool:
         """True once the pipe can no longer send (closed by either end, or broken)."""
-        return self._closing or self._peer_closed or self._error is not None
+        return not self._proto.can_send
 
     @property
     def stats(self) -> PipeStats:
+        proto = self._proto
         return PipeStats(
             transport=self._plane.name,
-            messages_sent=self._next_send_seq - len(self._sends_in_flight),
+            messages_sent=proto.next_send_seq - len(self._sends_in_flight),
             bytes_sent=self._bytes_sent,
             messages_received=self._messages_received,
             bytes_received=self._bytes_received,
             inflight_bytes=self._send_budget.in_use,
             send_credits=self._credits.capacity - self._credits.in_use,
-            recv_buffered_bytes=self._credit_held - self._credit_to_return,
+            recv_buffered_bytes=proto.credit_buffered,
             recv_buffered_messages=self._ready_count,
         )
 
     def __repr__(self) -> str:
-        state = ("broken" if self._error else "closed" if self.closed else "open")
-        return f"<aiokvpipe.Pipe {self._plane.name} peer={self.peer} {state}>"
+        return (f"<aiokvpipe.Pipe {self._plane.name} peer={self.peer} "
+                f"{self._proto.state.name.lower()}>")
 
     # -- sending internals --------------------------------------------------------------------
 
@@ -334,22 +360,35 @@ class Pipe:
     def _check_can_send(self) -> None:
         if self._error is not None:
             raise fresh(self._error)
-        if self._closing:
+        if self._closed_here:
             raise PipeClosed("pipe closed")
-        if self._peer_closed:
+        if self._proto.close_received:
             raise PipeClosed("the peer closed the pipe")
 
-    def _post(self, out: Outgoing, key: str | None, inline: bool
+    def _post(self, out: Outgoing, key: str | None, inline: bool, cost: int, held: int
               ) -> asyncio.Future[None] | None:
-        """Write the message's header (an inline payload inside it, the credits we owe in
-        front of it) in one write, then post its payload to the data plane. Returns the
-        payload's completion, ``None`` for an inline message. The caller holds the credits."""
-        # Credits we owe ride along in the header: a request/response pair then costs one
-        # frame each way.
-        credit, self._credit_to_return = self._credit_to_return, 0
-        self._credit_held -= credit
-        head = _wire.encode_header(self._next_send_seq, key, out.structure, out.specs, inline,
-                                   credit)
+        """Post the message's payload to the data plane, then write its header (an inline
+        payload inside it, the credits we owe riding along) in one write. Returns the
+        payload's completion, ``None`` for an inline message. The caller holds ``cost`` of
+        credit and ``held`` bytes of send budget; they are released when the payload is out.
+
+        The payload goes first: if the plane cannot take it, no header has left, and the pipe
+        breaks (a plane that failed half-way may have started moving bytes that no header
+        announces; the peer would file them under the next message's key).
+        """
+        proto = self._proto
+        proto.spend(cost)
+        done: asyncio.Future[None] | None = None
+        if not inline:
+            try:
+                done = self._plane.post_send(out.tensors)
+            except Exception as exc:
+                proto.refund(cost)
+                self._credits.release(cost)
+                self._send_budget.release(held)
+                self._break(exc)
+                raise fresh(self._error) if self._error else exc from None
+        head = proto.send_header(key, out.structure, out.specs, out.nbytes, inline)
         if inline and out.nbytes:
             # One copy, into the frame: the tensors are free again when send() returns.
             if len(out.tensors) == 1:  # the common case: half the cost of the join below
@@ -361,14 +400,13 @@ class Pipe:
             data = head
         try:
             self._control.write_encoded(data)
-        except BrokenPipe:
-            raise fresh(self._error) if self._error else BrokenPipe(
-                "control connection lost") from None
-        self._next_send_seq += 1
-        if inline:
+        except BrokenPipe as exc:
+            # The connection is gone; its loss breaks the pipe (if it has not yet).
+            self._break(exc.__cause__ or exc)
+            raise fresh(self._error) if self._error else exc from None
+        if done is None:
             self._bytes_sent += out.nbytes
             return None
-        done = self._plane.post_send(out.tensors)
         self._sends_in_flight.add(done)
         done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
         return done
@@ -376,7 +414,10 @@ class Pipe:
     def _send_done(self, fut: asyncio.Future[None], nbytes: int) -> None:
         self._sends_in_flight.discard(fut)
         self._send_budget.release(nbytes)
-        if not fut.cancelled() and fut.exception() is None:
+        if fut.cancelled() or fut.exception() is not None:
+            # The payload was lost after its header left: the peer waits for it in vain.
+            self._break(fut.exception() or ConnectionAbortedError("payload send cancelled"))
+        else:
             self._bytes_sent += nbytes
 
     def _fail_pending_senders(self, exc: PipeError) -> None:
@@ -389,54 +430,38 @@ class Pipe:
     def _check_can_recv(self) -> None:
         if self._error is not None:
             raise fresh(self._error)
-        if self._closing:
+        if self._closed_here:
             raise PipeClosed("pipe closed")
-        if self._peer_closed and not self._incoming:
+        if self._proto.close_received and not self._incoming:
             raise PipeClosed("the peer closed the pipe and everything it sent was received")
 
-    def on_frame(self, frame: _wire.Frame) -> None:
-        """Called by the control channel for each frame (raises ProtocolError to break)."""
-        if isinstance(frame, _wire.Header):
-            if frame.credit:
-                self._on_credit(frame.credit)
-            self._on_header(frame)
-        elif isinstance(frame, _wire.Credit):
-            self._on_credit(frame.nbytes)
-        elif isinstance(frame, _wire.Heartbeat):
-            pass
-        elif isinstance(frame, _wire.Close):
-            self._on_close(frame)
-        elif isinstance(frame, _wire.Error):
-            raise ProtocolError(f"peer reported an error: {frame.text}")
-        else:
-            raise ProtocolError(f"unexpected {type(frame).__name__} frame on an open pipe")
-
-    def _on_credit(self, nbytes: int) -> None:
-        if not self._credits.release_at_most(nbytes):
-            raise ProtocolError("peer returned more credit than we used")
+    def on_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Called by the control channel with each chunk of bytes from the peer."""
+        try:
+            frames = self._proto.receive_data(data)
+            for frame in frames:
+                ftype = type(frame)
+                if ftype is _wire.Header:
+                    if frame.credit:  # type: ignore[union-attr]
+                        self._credits.release(frame.credit)  # type: ignore[union-attr]
+                    self._on_header(frame)  # type: ignore[arg-type]
+                elif ftype is _wire.Credit:
+                    self._credits.release(frame.nbytes)  # type: ignore[union-attr]
+                elif ftype is _wire.Close:
+                    self._on_close()
+        except Exception as exc:  # the peer broke a rule, or something failed here
+            self._break(exc)
 
     def _on_header(self, h: _wire.Header) -> None:
-        if self._peer_closed:
-            raise ProtocolError("message header after the peer's CLOSE")
-        if h.seq != self._next_recv_seq:
-            raise ProtocolError(f"header #{h.seq} where #{self._next_recv_seq} was due")
-        for spec in h.tensors:
-            if spec.dtype not in DTYPE_OF:
-                raise ProtocolError(f"dtype code {spec.dtype} is not supported by this torch")
         item_cost = _wire.message_cost(h.nbytes, len(h.tensors))
-        # An oversize message is allowed only when the peer had every credit back.
-        if self._credit_held and self._credit_held + item_cost > self._recv_buffer_bytes:
-            raise ProtocolError("peer sent beyond the receive credits it was granted")
-        try:
-            if h.inline is not None:
-                item = _Incoming(h, item_cost, None, self._unpack_inline(h))
-            else:
-                item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors))
-        except (RuntimeError, MemoryError) as exc:  # allocation failed: the payload is lost
-            raise ProtocolError(f"cannot allocate {h.nbytes} bytes for message "
-                                f"#{h.seq}: {exc}") from exc
-        self._credit_held += item_cost
-        self._next_recv_seq += 1
+        if h.inline is not None:
+            item = _Incoming(h, item_cost, None, self._unpack_inline(h))
+        else:
+            # A failure to allocate here is ours, not the peer's: it breaks the pipe with
+            # its own cause, and the peer is told that we failed (not that it misbehaved).
+            item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors))
+        if self._proto.is_discarded(h.key):
+            item.discarded = True
         if item.payload is not None:
             self._incoming.append(item)
             item.payload.add_done_callback(self._on_payload)
@@ -460,7 +485,7 @@ class Pipe:
             return [t if len(spec.shape) == 1 else t.view(spec.shape)]
         tensors, offset = [], 0
         for spec in h.tensors:
-            dtype = DTYPE_OF[spec.dtype]  # _on_header checked that it is known
+            dtype = DTYPE_OF[spec.dtype]  # the protocol checked that it is known
             n = spec.nbytes
             if n and offset % spec.itemsize == 0:
                 t = torch.frombuffer(buf, dtype=dtype, count=n // spec.itemsize, offset=offset)
@@ -496,16 +521,18 @@ class Pipe:
                 item.tensors = payload.result()
             self._incoming.popleft()
             self._arrived(item)
-        if self._peer_closed and not self._incoming:
+        if self._proto.close_received and not self._incoming:
             self._fail_waiters(PipeClosed("the peer closed the pipe and everything it sent "
                                           "was received"))
         self._maybe_finish()
 
     def _arrived(self, item: _Incoming) -> None:
         """``item``'s payload is complete and every message before it was delivered."""
+        self._proto.payload_done()
         self._messages_received += 1
         self._bytes_received += item.nbytes
         if item.discarded:
+            item.tensors = []
             self._return_credit(item.cost)
         else:
             self._deliver(item)
@@ -549,19 +576,19 @@ class Pipe:
         return rebuild(item.structure, item.specs, tensors)
 
     def _return_credit(self, n: int) -> None:
-        # Coalesce: one CREDIT frame per loop iteration, not one per message.
-        if not self._credit_to_return:
+        # Coalesce: one CREDIT frame per loop iteration, not one per message (and none when
+        # a header we send meanwhile carries the credit).
+        if not self._proto.credit_owed:
             self._loop.call_soon(self._flush_credit)
-        self._credit_to_return += n
+        self._proto.release(n)
 
     def _flush_credit(self) -> None:
-        n, self._credit_to_return = self._credit_to_return, 0
-        self._credit_held -= n
-        # Once the peer closed it sends nothing more: it needs no credit (and its end of
-        # the connection may already be gone).
-        if n and self._error is None and not self._finished.is_set() and not self._peer_closed:
+        if self._error is not None:
+            return
+        data = self._proto.send_credit()
+        if data:
             try:
-                self._control.write(_wire.Credit(n))
+                self._control.write_encoded(data)
             except BrokenPipe:
                 pass  # the control channel reports the loss itself
 
@@ -575,11 +602,7 @@ class Pipe:
 
     # -- ending -------------------------------------------------------------------------------
 
-    def _on_close(self, frame: _wire.Close) -> None:
-        if frame.messages != self._next_recv_seq:
-            raise ProtocolError(f"peer closed after {frame.messages} messages but sent "
-                                f"{self._next_recv_seq} headers")
-        self._peer_closed = True
+    def _on_close(self) -> None:
         self._fail_pending_senders(PipeClosed("the peer closed the pipe"))
         if not self._incoming:
             self._fail_waiters(PipeClosed("the peer closed the pipe"))
@@ -589,6 +612,12 @@ class Pipe:
     def _ensure_closer(self) -> None:
         if self._closer is None:
             self._closer = self._loop.create_task(self._close_handshake())
+            self._closer.add_done_callback(self._closer_done)
+
+    def _closer_done(self, task: asyncio.Task[None]) -> None:
+        # An internal task that dies must break the pipe, or aclose() would wait in vain.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._break(exc)
 
     async def _close_handshake(self) -> None:
         # Our half: let posted sends finish, then tell the peer how many messages we sent.
@@ -596,7 +625,7 @@ class Pipe:
         try:
             while self._sends_in_flight:
                 await asyncio.wait(set(self._sends_in_flight))
-            if self._peer_closed:
+            if self._proto.close_received:
                 # Answering the peer's CLOSE: only once all it announced has arrived, so that
                 # our CLOSE tells it that it may tear down without losing a byte in flight.
                 while self._incoming:
@@ -605,15 +634,14 @@ class Pipe:
                     await asyncio.wait({last})
             if self._error is not None:
                 return
-            self._control.write(_wire.Close(self._next_send_seq))
-            self._close_sent = True
+            self._control.write_encoded(self._proto.send_close())
             self._maybe_finish()
         except BrokenPipe:
             return
 
     def _maybe_finish(self) -> None:
         """Release everything once both CLOSEs are exchanged and every payload arrived."""
-        if not (self._close_sent and self._peer_closed) or self._incoming:
+        if self._proto.state is not State.CLOSED or self._incoming:
             return
         if self._finished.is_set() or self._error is not None:
             return
@@ -622,16 +650,17 @@ class Pipe:
         self._finished.set()
         self._control.close()
         self._plane.close()
+        log.info("pipe to %s closed", self.peer)
 
     def on_connection_lost(self, exc: BaseException) -> None:
         """Called by the control channel when its connection ends."""
         if self._finished.is_set():
             return
-        if self._peer_closed and self._close_sent:
+        if self._proto.close_received and self._proto.close_sent:
             # Both CLOSEs were exchanged: the peer may close its end as soon as it has all we
             # sent, while its last payloads are still on their way to us. The data plane
             # reports them lost if they are; a deadline bounds the wait.
-            self._loop.call_later(CLOSE_TIMEOUT_S, self._close_overdue)
+            self._loop.call_later(self._close_timeout, self._close_overdue)
             return
         self._break(exc)
 
@@ -639,12 +668,22 @@ class Pipe:
         self._break(TimeoutError("the peer closed, but its last messages never arrived"))
 
     def _break(self, cause: BaseException) -> None:
-        """Enter the terminal broken state: every pending and later call raises BrokenPipe."""
+        """Enter the terminal broken state: every pending and later call raises BrokenPipe.
+
+        A failure of our own (not the peer's doing) is told to the peer as such, so that it
+        does not take it for a dead link or blame itself.
+        """
         if self._error is not None or self._finished.is_set():
             return
         err = BrokenPipe(f"pipe to {self.peer} broke: {cause!r}")
         err.__cause__ = cause
         self._error = err
+        self._proto.fail()
+        if isinstance(cause, ProtocolError):
+            self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL, str(cause))))
+        elif _is_local(cause):
+            self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL,
+                                                       f"{type(cause).__name__}: {cause}")))
         log.warning("%s", err)
         self._fail_waiters(err)
         self._send_budget.abort(err)
@@ -654,3 +693,10 @@ class Pipe:
         if self._closer is not None and self._closer is not asyncio.current_task():
             self._closer.cancel()
         self._finished.set()
+
+
+def _is_local(cause: BaseException) -> bool:
+    """Did ``cause`` happen here (out of memory, a CUDA error, a bug), rather than reach us
+    from the peer or the network (a dead connection, silence, a rule broken, its failure)?"""
+    return not isinstance(cause, (ConnectionError, TimeoutError, PipeError, EOFError,
+                                  HeartbeatMissed, PeerFailure, asyncio.CancelledError))

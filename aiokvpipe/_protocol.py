@@ -1,0 +1,423 @@
+"""The pipe's protocol, sans I/O: one end of an open pipe as a state machine.
+
+Bytes from the peer go in (:meth:`PipeProtocol.receive_data`); validated frames come out for
+the I/O layer to act on; what the I/O layer wants to say is turned into bytes here
+(:meth:`~PipeProtocol.send_header`, :meth:`~PipeProtocol.send_close`, ...). Sequence numbers,
+the credit ledgers of both directions, discarded keys and the close handshake live here, in
+one :class:`State`, and nowhere else; nothing here touches sockets, asyncio or torch, so every
+rule can be tested byte by byte (``tests/test_protocol.py``).
+
+Errors keep their sides apart (h11's split): the peer breaking a rule raises
+:class:`~aiokvpipe.ProtocolError` from :meth:`~PipeProtocol.receive_data`; the peer saying
+that *it* failed raises :class:`~aiokvpipe.PeerFailure`; misuse by our own caller raises
+:class:`LocalProtocolError` (a bug in the I/O layer, never the peer's fault).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Final, TypeVar
+
+from . import _handshake, _wire
+from ._dtypes import DTYPE_OF
+from ._errors import AuthenticationError, PeerFailure, PipeError, ProtocolError
+from ._wire import Structure, TensorSpec, Transport
+
+#: Keys remembered as discarded; the oldest is forgotten first. A forgotten key only means a
+#: message arriving for it much later is kept (holding its credits) instead of dropped.
+MAX_TOMBSTONES: Final = 4096
+
+
+class State(enum.Enum):
+    """Where one end of a pipe stands.
+
+    ``OPEN`` → ``CLOSING`` (a CLOSE was sent or received) → ``CLOSED`` (both CLOSEs were
+    exchanged and every announced payload arrived). ``BROKEN`` can follow any state but
+    ``CLOSED``, and is final.
+    """
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    BROKEN = "broken"
+
+
+class LocalProtocolError(RuntimeError):
+    """The I/O layer asked the protocol for something its state forbids (our bug)."""
+
+
+class PipeProtocol:
+    """The rules of an open pipe, for one end.
+
+    ``recv_buffer_bytes`` is the credit this end granted the peer in the handshake;
+    ``peer_credit`` the credit the peer granted us.
+    """
+
+    __slots__ = (
+        "state", "close_sent", "close_received", "_decoder",
+        "next_send_seq", "peer_credit", "credit_outstanding", "credit_owed",
+        "next_recv_seq", "recv_buffer_bytes", "credit_held", "payloads_pending",
+        "_tombstones",
+    )
+
+    def __init__(self, *, recv_buffer_bytes: int, peer_credit: int,
+                 decoder: _wire.FrameDecoder | None = None) -> None:
+        self.state = State.OPEN
+        self.close_sent = False
+        self.close_received = False
+        self._decoder = decoder if decoder is not None else _wire.FrameDecoder()
+        # sending
+        self.next_send_seq = 0
+        #: Credit the peer granted us (its ``recv_buffer_bytes``).
+        self.peer_credit = max(peer_credit, 1)
+        #: Credit spent on messages the peer has not yet returned.
+        self.credit_outstanding = 0
+        # receiving
+        self.next_recv_seq = 0
+        self.recv_buffer_bytes = recv_buffer_bytes
+        #: Credit the peer spent here and we have not returned (claimed or not).
+        self.credit_held = 0
+        #: Credit of messages claimed (or dropped) here, to return with the next frame we send.
+        self.credit_owed = 0
+        #: Headers whose payload has not been reported complete (:meth:`payload_done`).
+        self.payloads_pending = 0
+        self._tombstones: OrderedDict[str | None, None] = OrderedDict()
+
+    # -- sending --------------------------------------------------------------------------
+
+    @property
+    def can_send(self) -> bool:
+        """New messages may be sent: the pipe is open and neither end has sent CLOSE."""
+        return self.state is State.OPEN
+
+    def send_header(self, key: str | None, structure: Structure, specs: Sequence[TensorSpec],
+                    nbytes: int, inline: bool) -> bytes:
+        """Commit the next message: its header frame (the start of it, when ``inline``: its
+        payload bytes must follow in the same write). The credits we owe ride along.
+
+        The caller has reserved ``message_cost(nbytes, len(specs))`` of credit
+        (:meth:`spend`) and must write the bytes returned, in order, before anything else.
+        """
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send a message in state {self.state.name}")
+        credit, self.credit_owed = self.credit_owed, 0
+        self.credit_held -= credit
+        head = _wire.encode_header(self.next_send_seq, key, structure, specs, inline, credit)
+        self.next_send_seq += 1
+        return head
+
+    def spend(self, cost: int) -> None:
+        """Account credit reserved for a message (the I/O layer's budget admitted it)."""
+        self.credit_outstanding += cost
+
+    def refund(self, cost: int) -> None:
+        """Give back credit reserved by :meth:`spend` for a message that was never sent."""
+        self.credit_outstanding -= cost
+
+    def send_credit(self) -> bytes:
+        """A CREDIT frame returning what we owe (``b""`` when nothing is owed, or when the
+        peer will send nothing more and so needs no credit)."""
+        n = self.credit_owed
+        if not n or self.close_received or self.state in (State.BROKEN, State.CLOSED):
+            return b""
+        self.credit_owed = 0
+        self.credit_held -= n
+        return _wire.encode_credit(n)
+
+    def send_close(self) -> bytes:
+        """Our CLOSE: no message follows it. The I/O layer sends it once its posted payloads
+        have left (and, answering the peer's CLOSE, once all the peer announced arrived)."""
+        if self.close_sent or self.state in (State.BROKEN, State.CLOSED):
+            raise LocalProtocolError(f"cannot send CLOSE in state {self.state.name}")
+        self.close_sent = True
+        self.state = State.CLOSING
+        self._maybe_closed()
+        return _wire.encode(_wire.Close(self.next_send_seq))
+
+    def start_closing(self) -> None:
+        """Our end decided to close: no new message may be sent from now on."""
+        if self.state is State.OPEN:
+            self.state = State.CLOSING
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[_wire.Frame]:
+        """Feed bytes from the peer; returns the frames the I/O layer must act on, in order:
+
+        * :class:`~aiokvpipe._wire.Header` -- a message arrived (validated; its credit is
+          held). Post its payload, then call :meth:`payload_done`; a message whose key is
+          discarded (:meth:`is_discarded`) is dropped with :meth:`release`.
+        * :class:`~aiokvpipe._wire.Credit` -- the peer returned this much credit
+          (validated against :attr:`credit_outstanding`, already deducted).
+        * :class:`~aiokvpipe._wire.Close` -- the peer will send nothing more.
+
+        Heartbeats are consumed here. Raises :class:`ProtocolError` when the peer broke a
+        rule and :class:`PeerFailure` when it reported a failure of its own; the protocol is
+        then ``BROKEN``.
+        """
+        if self.state is State.BROKEN:
+            return []
+        try:
+            frames = self._decoder.feed(data)
+            out: list[_wire.Frame] = []
+            for frame in frames:
+                ftype = type(frame)
+                if ftype is _wire.Header:
+                    assert isinstance(frame, _wire.Header)
+                    if frame.credit:
+                        self._credit_returned(frame.credit)
+                    self._header(frame)
+                    out.append(frame)
+                elif ftype is _wire.Credit:
+                    assert isinstance(frame, _wire.Credit)
+                    self._credit_returned(frame.nbytes)
+                    out.append(frame)
+                elif ftype is _wire.Heartbeat:
+                    continue
+                elif ftype is _wire.Close:
+                    assert isinstance(frame, _wire.Close)
+                    self._close(frame)
+                    out.append(frame)
+                elif ftype is _wire.Error:
+                    assert isinstance(frame, _wire.Error)
+                    raise _remote_error(frame)
+                else:
+                    raise ProtocolError(f"unexpected {ftype.__name__} frame on an open pipe")
+            return out
+        except (ProtocolError, PeerFailure):
+            self.state = State.BROKEN
+            raise
+
+    def _credit_returned(self, n: int) -> None:
+        if n > self.credit_outstanding:
+            raise ProtocolError(f"peer returned {n} bytes of credit; only "
+                                f"{self.credit_outstanding} were outstanding")
+        self.credit_outstanding -= n
+
+    def _header(self, h: _wire.Header) -> None:
+        if self.close_received:
+            raise ProtocolError("message header after the peer's CLOSE")
+        if h.seq != self.next_recv_seq:
+            raise ProtocolError(f"header #{h.seq} where #{self.next_recv_seq} was due")
+        for spec in h.tensors:
+            if spec.dtype not in DTYPE_OF:
+                raise ProtocolError(f"dtype code {spec.dtype} is not supported by this torch")
+        cost = _wire.message_cost(h.nbytes, len(h.tensors))
+        # An oversize message is allowed only when the peer had every credit back.
+        if self.credit_held and self.credit_held + cost > self.recv_buffer_bytes:
+            raise ProtocolError("peer sent beyond the receive credits it was granted")
+        self.credit_held += cost
+        self.next_recv_seq += 1
+        self.payloads_pending += 1
+
+    def _close(self, frame: _wire.Close) -> None:
+        if self.close_received:
+            raise ProtocolError("a second CLOSE")
+        if frame.messages != self.next_recv_seq:
+            raise ProtocolError(f"peer closed after {frame.messages} messages but sent "
+                                f"{self.next_recv_seq} headers")
+        self.close_received = True
+        if self.state is State.OPEN:
+            self.state = State.CLOSING
+        self._maybe_closed()
+
+    def payload_done(self) -> None:
+        """A message's payload arrived whole (inline ones at once)."""
+        self.payloads_pending -= 1
+        self._maybe_closed()
+
+    def release(self, cost: int) -> None:
+        """A received message was claimed or dropped: its credit goes back to the peer with
+        our next frame (:meth:`send_credit`, or riding on a header)."""
+        self.credit_owed += cost
+
+    @property
+    def credit_buffered(self) -> int:
+        """Credit held by messages received here and not yet claimed."""
+        return self.credit_held - self.credit_owed
+
+    # -- discarded keys ---------------------------------------------------------------------
+
+    def discard(self, key: str | None) -> None:
+        """Remember ``key`` as given up: messages arriving for it later are dropped.
+
+        Bounded (:data:`MAX_TOMBSTONES`, oldest forgotten first).
+        """
+        self._tombstones[key] = None
+        self._tombstones.move_to_end(key)
+        if len(self._tombstones) > MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+    def undiscard(self, key: str | None) -> None:
+        """Someone asks for ``key`` again: its later messages are kept from now on."""
+        if self._tombstones:
+            self._tombstones.pop(key, None)
+
+    def is_discarded(self, key: str | None) -> bool:
+        return bool(self._tombstones) and key in self._tombstones
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def _maybe_closed(self) -> None:
+        if self.close_sent and self.close_received and not self.payloads_pending:
+            self.state = State.CLOSED
+
+    def fail(self) -> None:
+        """The pipe broke (for any reason): nothing more is sent or accepted."""
+        if self.state is not State.CLOSED:
+            self.state = State.BROKEN
+
+
+def _remote_error(frame: _wire.Error) -> Exception:
+    """What an ERROR frame from the peer means here."""
+    if frame.code == _wire.ErrorCode.INTERNAL:
+        return PeerFailure(f"the peer failed: {frame.text}")
+    return ProtocolError(f"peer reported an error: {frame.text}")
+
+
+# -- the handshake, in order -------------------------------------------------------------------
+#
+#   client                               server
+#   HELLO(nonce, caps)        ────▶
+#                             ◀────      HELLO(nonce, caps)
+#   AUTH(proof)               ────▶      verify; choose the data plane
+#                             ◀────      ACCEPT(proof, session, transport, nccl ids) | ERROR
+#   verify; set up the plane             set up the plane (tcp/ipc: the ATTACH connections)
+#                             ◀────      READY
+#   (the pipe is open: what follows READY is the pipe's)
+
+
+class Refused(PipeError):
+    """The server refuses the client; :attr:`frame` (an ERROR) tells the client why."""
+
+    def __init__(self, frame: _wire.Error, error: PipeError) -> None:
+        super().__init__(str(error))
+        self.frame = frame
+        self.error = error
+
+
+def refusal(frame: _wire.Frame, during: str) -> PipeError | None:
+    """The typed error an ERROR frame from the peer stands for (``None`` for other frames)."""
+    if not isinstance(frame, _wire.Error):
+        return None
+    if frame.code == _wire.ErrorCode.AUTHENTICATION:
+        return AuthenticationError(f"peer refused us: {frame.text}")
+    if frame.code == _wire.ErrorCode.UNSUPPORTED:
+        return PipeError(f"peer refused the pipe: {frame.text}")
+    if frame.code == _wire.ErrorCode.INTERNAL:
+        return PeerFailure(f"the peer failed during {during}: {frame.text}")
+    return ProtocolError(f"peer reported an error during {during}: {frame.text}")
+
+
+def _expect(frame: _wire.Frame, kind: type[_F], during: str) -> _F:
+    error = refusal(frame, during)
+    if error is not None:
+        raise error
+    if not isinstance(frame, kind):
+        raise ProtocolError(f"expected {kind.__name__} during {during}, got "
+                            f"{type(frame).__name__}")
+    return frame
+
+
+_F = TypeVar("_F", bound=_wire.Frame)
+
+
+class ClientHandshake:
+    """The connecting end's side of the handshake: feed it each frame, send what it returns.
+
+    ``wanted`` is this end's ``transport`` option. Every step raises a typed error:
+    :class:`AuthenticationError`, :class:`ProtocolError`, :class:`PipeError` (no common data
+    plane) or :class:`PeerFailure`.
+    """
+
+    def __init__(self, token: bytes | None, caps: _wire.Capabilities, nonce: bytes) -> None:
+        self._token = token
+        self._caps = caps
+        self._nonce = nonce
+        self._step = "hello"
+        self.server: _wire.Hello | None = None
+        self.accept: _wire.Accept | None = None
+
+    def hello(self) -> _wire.Hello:
+        return _wire.Hello(self._nonce, self._caps)
+
+    def receive(self, frame: _wire.Frame) -> _wire.Frame | None:
+        """The next frame from the server; returns the frame to answer with, if any."""
+        if self._step == "hello":
+            self.server = _expect(frame, _wire.Hello, "handshake")
+            self._step = "accept"
+            return _wire.Auth(_handshake.proof(self._token, True, self._nonce,
+                                               self.server.nonce))
+        if self._step == "accept":
+            accept = _expect(frame, _wire.Accept, "handshake")
+            assert self.server is not None
+            if self._token and not _handshake.verify(self._token, False, self._nonce,
+                                                     self.server.nonce, accept.proof):
+                raise AuthenticationError("the listener could not prove it holds the token")
+            wanted = self._caps.transport
+            if wanted != Transport.AUTO and accept.transport != wanted:
+                raise ProtocolError(f"the listener chose {accept.transport.name.lower()}, but "
+                                    f"this end asked for {wanted.name.lower()}")
+            if accept.transport == Transport.NCCL and not (self._caps.cuda and self._caps.nccl):
+                raise ProtocolError("the listener chose nccl, which this end did not offer")
+            self.accept = accept
+            self._step = "ready"
+            return None
+        if self._step == "ready":
+            _expect(frame, _wire.Ready, "handshake")
+            self._step = "open"
+            return None
+        raise ProtocolError(f"{type(frame).__name__} after the handshake ended")
+
+    @property
+    def done(self) -> bool:
+        return self._step == "open"
+
+
+class ServerHandshake:
+    """The listening end's side of the handshake, from the client's HELLO to READY."""
+
+    def __init__(self, token: bytes | None, caps: _wire.Capabilities, nonce: bytes,
+                 client: _wire.Hello) -> None:
+        self._token = token
+        self._caps = caps
+        self._nonce = nonce
+        self.client = client
+        self._step = "auth"
+
+    def hello(self) -> _wire.Hello:
+        return _wire.Hello(self._nonce, self._caps)
+
+    def receive_auth(self, frame: _wire.Frame) -> Transport:
+        """Check the client's proof and choose the data plane; raises :class:`Refused`
+        (whose ERROR frame the I/O layer sends before dropping the client)."""
+        if self._step != "auth":
+            raise ProtocolError(f"{type(frame).__name__} out of order in the handshake")
+        auth = _expect(frame, _wire.Auth, "handshake")
+        if self._token and not _handshake.verify(self._token, True, self.client.nonce,
+                                                 self._nonce, auth.proof):
+            raise Refused(_wire.Error(_wire.ErrorCode.AUTHENTICATION, "authentication failed"),
+                          AuthenticationError("peer failed authentication"))
+        try:
+            transport = _handshake.choose_transport(self._caps, self.client.caps)
+        except _handshake.NoTransport as exc:
+            raise Refused(_wire.Error(_wire.ErrorCode.UNSUPPORTED, str(exc)),
+                          PipeError(str(exc))) from None
+        self._step = "accept"
+        return transport
+
+    def accept(self, session_id: bytes, transport: Transport,
+               nccl_ids: tuple[bytes, bytes] | None) -> _wire.Accept:
+        if self._step != "accept":
+            raise LocalProtocolError("ACCEPT before the client authenticated")
+        self._step = "ready"
+        return _wire.Accept(_handshake.proof(self._token, False, self.client.nonce,
+                                             self._nonce), session_id, transport, nccl_ids)
+
+    def ready(self) -> _wire.Ready:
+        if self._step != "ready":
+            raise LocalProtocolError("READY before ACCEPT")
+        self._step = "open"
+        return _wire.Ready()
