@@ -37,6 +37,8 @@ T = TypeVar("T")
 MAX_CONCURRENT_HANDSHAKES = 128
 #: Established pipes waiting for ``accept()``; the handshake of the next one waits meanwhile.
 ACCEPT_QUEUE = 16
+#: Default silence limit, in the slower end's heartbeat intervals (see PipeOptions).
+SILENCE_INTERVALS = 6
 
 
 # -- shared by both ends ----------------------------------------------------------------------
@@ -118,7 +120,7 @@ def _silence_limit(opts: PipeOptions, peer: _wire.Capabilities) -> float | None:
         return None
     if opts.heartbeat_timeout is not None:
         return max(opts.heartbeat_timeout, 2 * peer.heartbeat_ms / 1000)
-    return 3 * max(opts.heartbeat_interval, peer.heartbeat_ms / 1000)
+    return SILENCE_INTERVALS * max(opts.heartbeat_interval, peer.heartbeat_ms / 1000)
 
 
 def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: torch.device,

@@ -42,13 +42,18 @@ class PipeOptions:
         Shared secret both ends must hold (``str`` or ``bytes``); ``None`` reads the
         ``AIOKVPIPE_TOKEN`` environment variable; unset or empty means no authentication.
     heartbeat_interval
-        Seconds between the heartbeats this end sends (default 0.5). Each end announces its
+        Seconds between the heartbeats this end sends (default 1). Each end announces its
         rate in the handshake. ``None`` disables heartbeats, and with them the silence check,
         on both ends of this pipe.
     heartbeat_timeout
         Seconds of silence from the peer after which the pipe breaks (a frozen or partitioned
-        peer); default three of the slower end's heartbeat intervals (1.5 s by default), and
-        never less than two of the peer's intervals.
+        peer); default six of the slower end's heartbeat intervals (6 s by default), and
+        never less than two of the peer's intervals. The trade-off: a peer whose event loop
+        is held for a while (a long prefill holding the GIL) sends nothing meanwhile, and must
+        not be taken for dead; a frozen or partitioned peer should be found soon. The
+        defaults survive a 3 s stall of the peer's loop and find a frozen peer within 7 s. A
+        *killed* peer is found at once either way: its kernel closes the connection. (A stall
+        of this process itself is never counted against the peer.)
     connect_timeout
         Seconds ``connect()`` keeps retrying while the listener is not there yet (connection
         refused); default 30.
@@ -65,7 +70,7 @@ class PipeOptions:
     max_inflight_bytes: int = 512 * MiB
     recv_buffer_bytes: int = 512 * MiB
     token: str | bytes | None = None
-    heartbeat_interval: float | None = 0.5
+    heartbeat_interval: float | None = 1.0
     heartbeat_timeout: float | None = None
     connect_timeout: float = 30.0
     handshake_timeout: float = 20.0

@@ -387,7 +387,7 @@ class Pipe:
                 self._credits.release(cost)
                 self._send_budget.release(held)
                 self._break(exc)
-                raise fresh(self._error) if self._error else exc from None
+                raise fresh(self._error) if self._error else exc
         head = proto.send_header(key, out.structure, out.specs, out.nbytes, inline)
         if inline and out.nbytes:
             # One copy, into the frame: the tensors are free again when send() returns.
@@ -403,7 +403,7 @@ class Pipe:
         except BrokenPipe as exc:
             # The connection is gone; its loss breaks the pipe (if it has not yet).
             self._break(exc.__cause__ or exc)
-            raise fresh(self._error) if self._error else exc from None
+            raise fresh(self._error) if self._error else exc
         if done is None:
             self._bytes_sent += out.nbytes
             return None

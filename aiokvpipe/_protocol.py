@@ -192,8 +192,8 @@ class PipeProtocol:
 
     def _credit_returned(self, n: int) -> None:
         if n > self.credit_outstanding:
-            raise ProtocolError(f"peer returned {n} bytes of credit; only "
-                                f"{self.credit_outstanding} were outstanding")
+            raise ProtocolError(f"peer returned more credit than we used ({n} bytes; "
+                                f"{self.credit_outstanding} outstanding)")
         self.credit_outstanding -= n
 
     def _header(self, h: _wire.Header) -> None:

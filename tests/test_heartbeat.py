@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 async def test_a_stall_of_our_own_process_does_not_break_the_pipe() -> None:
-    opts = {"heartbeat_interval": 0.1}  # silence limit 0.3 s
+    opts = {"heartbeat_interval": 0.1}  # silence limit 0.6 s
     listener = await aiokvpipe.listen(**opts)
     accept = asyncio.create_task(listener.accept())
     a = await aiokvpipe.connect("127.0.0.1", listener.port, **opts)

@@ -1,0 +1,261 @@
+"""Failures of our own side, told apart from the peer's, and never a wrong delivery.
+
+Each test is the regression test of a hole in issue 10; the failure is injected at the
+narrowest seam (the data plane's ``post_send``/``post_recv``), the rest is a real pipe over
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import pytest
+import torch
+from conftest import PairFactory
+
+import aiokvpipe
+from aiokvpipe import _wire
+from aiokvpipe._control import ControlChannel
+
+pytestmark = pytest.mark.timeout(30)
+
+BIG = 1 << 18  # float32 elements: 1 MiB, above the inline limit, so it takes the data plane
+
+
+def _fail_once(obj: Any, name: str, exc: BaseException) -> None:
+    real = getattr(obj, name)
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise exc
+        return real(*args, **kwargs)
+
+    setattr(obj, name, failing)
+
+
+async def test_plane_refusing_a_payload_breaks_the_pipe_and_nothing_is_misdelivered(
+        pair_factory: PairFactory) -> None:
+    # Hole 1: the header used to leave before the payload was posted. The plane failing then
+    # left the peer with a posted receive that the *next* message filled: request 1's data
+    # delivered under request 2's key.
+    a, b = await pair_factory()
+    oom = RuntimeError("CUDA out of memory (staging)")
+    _fail_once(a._plane, "post_send", oom)
+    got_2 = asyncio.create_task(b.recv(key="request-2"))
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        await a.send(torch.full((BIG,), 1.0), key="request-1")
+    assert info.value.__cause__ is oom
+    with pytest.raises(aiokvpipe.BrokenPipe):  # the pipe is broken, not silently healthy
+        await a.send(torch.full((BIG,), 2.0), key="request-2")
+    async with asyncio.timeout(5):
+        with pytest.raises(aiokvpipe.BrokenPipe) as peer_info:
+            await got_2
+    # The peer learns that its partner failed, not that it misbehaved.
+    assert isinstance(peer_info.value.__cause__, aiokvpipe.PeerFailure)
+    assert "out of memory" in str(peer_info.value.__cause__)
+    assert a.stats.inflight_bytes == 0
+
+
+async def test_failing_to_allocate_a_receive_is_ours_not_the_peers(
+        pair_factory: PairFactory) -> None:
+    # Hole 5: an allocation failure here used to be raised as a ProtocolError and reported
+    # to the peer as *its* protocol violation.
+    a, b = await pair_factory()
+    oom = RuntimeError("out of memory allocating 1 MiB")
+    _fail_once(b._plane, "post_recv", oom)
+    pending = asyncio.create_task(b.recv())
+    await a.send(torch.zeros(BIG))
+    async with asyncio.timeout(5):
+        with pytest.raises(aiokvpipe.BrokenPipe) as here:
+            await pending
+        assert here.value.__cause__ is oom
+        with pytest.raises(aiokvpipe.BrokenPipe) as there:
+            await a.wait_closed()
+    assert isinstance(there.value.__cause__, aiokvpipe.PeerFailure)
+    assert not isinstance(there.value.__cause__, aiokvpipe.ProtocolError)
+
+
+async def test_messages_arriving_for_a_discarded_key_give_their_credits_back(
+        pair_factory: PairFactory) -> None:
+    # Hole 8: discard() only dropped what had arrived; a later arrival held its credits for
+    # the life of the pipe, and credits are shared: enough of them stall every sender.
+    a, b = await pair_factory(recv_buffer_bytes=1 << 20)
+    assert b.discard("abandoned") == 0
+    async with asyncio.timeout(10):
+        for _ in range(8):  # 8 × 512 KiB through a 1 MiB credit window
+            await a.send(torch.zeros(BIG // 2), key="abandoned")
+        await a.send(torch.ones(4), key="wanted")
+        assert bool((await b.recv(key="wanted") == 1).all())
+    assert b.stats.recv_buffered_messages == 0 and b.stats.recv_buffered_bytes == 0
+    # Asking for the key again takes it back: later messages are kept.
+    later = asyncio.create_task(b.recv(key="abandoned"))
+    await asyncio.sleep(0)
+    await a.send(torch.full((3,), 7.0), key="abandoned")
+    async with asyncio.timeout(5):
+        assert (await later).tolist() == [7.0, 7.0, 7.0]
+
+
+async def test_wait_closed_returns_after_a_graceful_close_and_raises_after_a_break(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    waiting = asyncio.create_task(b.wait_closed())
+    await a.aclose()
+    async with asyncio.timeout(5):
+        await waiting
+        await b.aclose()
+    c, d = await pair_factory()
+    c._control.abort()  # the connection drops under d
+    async with asyncio.timeout(5):
+        with pytest.raises(aiokvpipe.BrokenPipe) as info:
+            await d.wait_closed()
+    assert isinstance(info.value.__cause__, ConnectionError)
+
+
+# -- connect(): what it raises ------------------------------------------------------------------
+
+
+async def test_connect_to_a_name_that_does_not_resolve_is_a_pipe_error() -> None:
+    # Hole 9: socket.gaierror used to escape connect() as it was.
+    with pytest.raises(aiokvpipe.PipeError) as info:
+        await aiokvpipe.connect("no-such-host.invalid", 1, connect_timeout=2)
+    assert isinstance(info.value.__cause__, socket.gaierror)
+
+
+async def test_listener_dropping_the_handshake_is_a_broken_pipe() -> None:
+    # Hole 9: a listener that hangs up mid-handshake gave a bare ConnectionResetError.
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(_wire.FRAME_PREFIX_BYTES)  # the client's HELLO has come
+        writer.transport.abort()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(aiokvpipe.BrokenPipe) as info:
+                await aiokvpipe.connect("127.0.0.1", port, connect_timeout=2)
+        assert isinstance(info.value.__cause__, OSError)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_options_object_and_keywords_combine() -> None:
+    opts = aiokvpipe.PipeOptions(recv_buffer_bytes=1 << 20, close_timeout=3)
+    async with await aiokvpipe.listen("127.0.0.1", 0, opts, max_inflight_bytes=1 << 21) as ls:
+        accept = asyncio.create_task(ls.accept())
+        async with await aiokvpipe.connect("127.0.0.1", ls.port, opts) as a:
+            b = await accept
+            assert a.stats.send_credits == 1 << 20
+            assert b._send_budget.capacity == 1 << 21 and b._close_timeout == 3
+            await b.aclose()
+    with pytest.raises(TypeError):
+        await aiokvpipe.connect("127.0.0.1", 1, {"device": "cpu"})  # type: ignore[arg-type]
+
+
+# -- the control channel ------------------------------------------------------------------------
+
+
+class _Transport(asyncio.Transport):
+    """The narrowest seam for a byte-exact control-channel test: records what is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.paused = False
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost: BaseException | None = None
+
+    def on_data(self, data: bytes | bytearray | memoryview) -> None:
+        self.data += data
+
+    def on_connection_lost(self, exc: BaseException) -> None:
+        self.lost = exc
+
+
+async def test_a_busy_client_reading_ready_and_many_messages_at_once_is_not_flooded() -> None:
+    # Hole 3: frames after READY counted against the handshake's early-frame limit; a client
+    # whose loop stalled right after connecting read READY plus 64 or more messages in one
+    # data_received and broke with "peer flooded the handshake".
+    ch = ControlChannel()
+    ch.connection_made(_Transport())
+    messages = b"".join(_wire.encode_header(i, None, _wire.Structure.NONE, [], True)
+                        for i in range(300))
+    ch.data_received(_wire.encode(_wire.Ready()) + messages)
+    assert isinstance(await ch.read_frame(), _wire.Ready)
+    sink = _Sink()
+    ch.attach(sink)
+    assert bytes(sink.data) == messages and sink.lost is None
+
+
+async def test_early_bytes_are_bounded_by_pausing_not_by_dropping_the_peer() -> None:
+    ch = ControlChannel()
+    transport = _Transport()
+    ch.connection_made(transport)
+    ch.data_received(_wire.encode(_wire.Ready()) + bytes(300_000))
+    assert transport.paused  # held, not parsed and not queued without bound
+    await ch.read_frame()
+    ch.attach(_Sink())
+    assert not transport.paused
+
+
+async def test_drain_on_a_lost_connection_raises_broken_pipe_with_its_cause() -> None:
+    # Hole 9: drain() raised BrokenPipe without its cause.
+    ch = ControlChannel()
+    ch.connection_made(_Transport())
+    reset = ConnectionResetError("reset by peer")
+    ch.attach(_Sink())
+    ch.connection_lost(reset)
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        await ch.drain()
+    assert info.value.__cause__ is reset
+
+
+async def test_a_dead_peer_is_logged_once_not_per_write(pair_factory: PairFactory,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    # Hole 10: the survivor of a peer that died mid-stream logged "socket.send() raised
+    # exception." dozens of times.
+    a, b = await pair_factory()
+    caplog.set_level(logging.INFO)
+    b._control._transport.abort()  # type: ignore[union-attr]
+    with pytest.raises(aiokvpipe.BrokenPipe):
+        async with asyncio.timeout(10):
+            while True:
+                await a.send(torch.zeros(16))
+    await a.aclose()
+    floods = [r for r in caplog.records if "raised exception" in r.getMessage()]
+    breaks = [r for r in caplog.records if r.name == "aiokvpipe" and "broke" in r.getMessage()
+              and r.levelno >= logging.WARNING]
+    assert not floods
+    assert len([r for r in breaks if str(a.peer) in r.getMessage()]) == 1

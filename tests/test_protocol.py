@@ -1,0 +1,309 @@
+"""The sans-I/O protocol, byte by byte: no sockets, no event loop (as websockets' own
+tests/test_protocol.py does). Frames go in as bytes; what comes out is checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiokvpipe import _wire
+from aiokvpipe._errors import AuthenticationError, PeerFailure, PipeError, ProtocolError
+from aiokvpipe._protocol import (
+    MAX_TOMBSTONES,
+    ClientHandshake,
+    LocalProtocolError,
+    PipeProtocol,
+    Refused,
+    ServerHandshake,
+    State,
+)
+from aiokvpipe._wire import Structure, TensorSpec, Transport
+
+SPEC = TensorSpec(1, (4,), 4)  # float32 ×4: 16 bytes
+COST = _wire.message_cost(16, 1)
+
+
+def header(seq: int, key: str | None = None, credit: int = 0) -> bytes:
+    return _wire.encode_header(seq, key, Structure.TENSOR, [SPEC], False, credit)
+
+
+def pair(credit: int = 1 << 20) -> tuple[PipeProtocol, PipeProtocol]:
+    return (PipeProtocol(recv_buffer_bytes=credit, peer_credit=credit),
+            PipeProtocol(recv_buffer_bytes=credit, peer_credit=credit))
+
+
+def send(a: PipeProtocol, key: str | None = None) -> bytes:
+    a.spend(COST)
+    return a.send_header(key, Structure.TENSOR, [SPEC], 16, False)
+
+
+# -- messages and sequence numbers -----------------------------------------------------------
+
+
+def test_headers_in_sequence_come_out_as_messages_and_hold_credit() -> None:
+    a, b = pair()
+    frames = b.receive_data(send(a, "k") + send(a))
+    assert [(f.seq, f.key) for f in frames] == [(0, "k"), (1, None)]  # type: ignore[union-attr]
+    assert b.credit_held == 2 * COST and b.payloads_pending == 2
+    assert a.credit_outstanding == 2 * COST
+
+
+def test_bytes_fed_one_at_a_time_give_the_same_frames() -> None:
+    a, b = pair()
+    data = send(a, "key") + send(a) + _wire.encode(_wire.Heartbeat()) + send(a, "x")
+    frames = []
+    for i in range(len(data)):
+        frames += b.receive_data(data[i:i + 1])
+    assert [f.seq for f in frames] == [0, 1, 2]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("seq", [1, 5, 2**40])
+def test_a_header_out_of_sequence_is_a_protocol_error(seq: int) -> None:
+    _, b = pair()
+    with pytest.raises(ProtocolError, match="was due"):
+        b.receive_data(header(seq))
+    assert b.state is State.BROKEN
+    assert b.receive_data(header(0)) == []  # nothing is accepted once broken
+
+
+def test_a_header_beyond_the_granted_credit_is_a_protocol_error() -> None:
+    b = PipeProtocol(recv_buffer_bytes=2 * COST, peer_credit=1)
+    b.receive_data(header(0) + header(1))
+    with pytest.raises(ProtocolError, match="beyond the receive credits"):
+        b.receive_data(header(2))
+
+
+def test_an_oversize_message_is_accepted_only_when_nothing_is_held() -> None:
+    b = PipeProtocol(recv_buffer_bytes=10, peer_credit=1)
+    b.receive_data(header(0))  # alone: admitted
+    with pytest.raises(ProtocolError):
+        b.receive_data(header(1))
+
+
+def test_an_unknown_dtype_is_refused_before_anything_is_posted() -> None:
+    _, b = pair()
+    bad = _wire.encode_header(0, None, Structure.TENSOR, [TensorSpec(250, (1,), 1)])
+    with pytest.raises(ProtocolError):
+        b.receive_data(bad)
+
+
+@pytest.mark.parametrize("frame", [
+    _wire.Hello(bytes(32), _wire.Capabilities()), _wire.Auth(), _wire.Ready(),
+    _wire.Attach(bytes(16), _wire.Direction.CLIENT_TO_SERVER),
+])
+def test_handshake_frames_on_an_open_pipe_are_protocol_errors(frame: _wire.Frame) -> None:
+    _, b = pair()
+    with pytest.raises(ProtocolError, match="unexpected"):
+        b.receive_data(_wire.encode(frame))
+
+
+def test_heartbeats_are_consumed() -> None:
+    _, b = pair()
+    assert b.receive_data(_wire.encode(_wire.Heartbeat()) * 3) == []
+
+
+# -- credits ----------------------------------------------------------------------------------
+
+
+def test_claimed_credit_rides_on_the_next_header_and_is_returned_once() -> None:
+    a, b = pair()
+    b.receive_data(send(a) + send(a))
+    b.payload_done()
+    b.payload_done()
+    b.release(COST)
+    b.release(COST)
+    assert b.credit_buffered == 0 and b.credit_owed == 2 * COST
+    b.spend(COST)
+    head = b.send_header(None, Structure.TENSOR, [SPEC], 16, False)
+    assert b.send_credit() == b""  # nothing owed any more: the header carried it
+    frames = a.receive_data(head)
+    assert frames[0].credit == 2 * COST  # type: ignore[union-attr]
+    assert a.credit_outstanding == 0 and b.credit_held == 0
+
+
+def test_credit_frame_returns_what_is_owed() -> None:
+    a, b = pair()
+    b.receive_data(send(a))
+    b.release(COST)
+    frames = a.receive_data(b.send_credit())
+    assert frames == [_wire.Credit(COST)] and a.credit_outstanding == 0
+
+
+@pytest.mark.parametrize("extra", [1, 1 << 30])
+def test_returning_more_credit_than_was_spent_is_a_protocol_error(extra: int) -> None:
+    a, _ = pair()
+    send(a)
+    with pytest.raises(ProtocolError, match="outstanding"):
+        a.receive_data(_wire.encode_credit(COST + extra))
+    with pytest.raises(ProtocolError):  # the same inside a header
+        pair()[0].receive_data(header(0, credit=extra))
+
+
+def test_no_credit_is_sent_to_a_peer_that_closed() -> None:
+    a, b = pair()
+    b.receive_data(send(a) + a.send_close())
+    b.release(COST)
+    assert b.send_credit() == b""
+
+
+# -- discarded keys ---------------------------------------------------------------------------
+
+
+def test_discarded_keys_are_remembered_boundedly_and_taken_back_by_asking() -> None:
+    _, b = pair()
+    b.discard("gone")
+    assert b.is_discarded("gone") and not b.is_discarded("other")
+    b.undiscard("gone")
+    assert not b.is_discarded("gone")
+    for i in range(MAX_TOMBSTONES + 1):
+        b.discard(str(i))
+    assert not b.is_discarded("0") and b.is_discarded(str(MAX_TOMBSTONES))
+    b.discard("1")  # discarding again makes it the newest
+    b.discard("new")
+    assert b.is_discarded("1") and not b.is_discarded("2")
+
+
+# -- the close handshake ------------------------------------------------------------------------
+
+
+def test_close_in_both_orders_ends_closed_once_payloads_are_in() -> None:
+    a, b = pair()
+    b.receive_data(send(a))
+    assert b.receive_data(a.send_close()) == [_wire.Close(1)]
+    assert a.state is State.CLOSING and b.state is State.CLOSING and not b.can_send
+    a.receive_data(b.send_close())
+    assert a.state is State.CLOSED
+    assert b.state is State.CLOSING  # one payload still arriving
+    b.payload_done()
+    assert b.state is State.CLOSED
+
+
+def test_simultaneous_closes_cross() -> None:
+    a, b = pair()
+    ca, cb = a.send_close(), b.send_close()
+    a.receive_data(cb)
+    b.receive_data(ca)
+    assert a.state is b.state is State.CLOSED
+
+
+def test_close_announcing_the_wrong_count_is_a_protocol_error() -> None:
+    a, b = pair()
+    send(a)  # a header that never reached b
+    with pytest.raises(ProtocolError, match="closed after 1 messages"):
+        b.receive_data(a.send_close())
+
+
+@pytest.mark.parametrize("after", ["header", "close"])
+def test_nothing_may_follow_the_peers_close(after: str) -> None:
+    a, b = pair()
+    b.receive_data(a.send_close())
+    data = header(0) if after == "header" else _wire.encode(_wire.Close(0))
+    with pytest.raises(ProtocolError):
+        b.receive_data(data)
+
+
+def test_our_own_misuse_is_a_local_error() -> None:
+    a, _ = pair()
+    a.start_closing()
+    with pytest.raises(LocalProtocolError):
+        a.send_header(None, Structure.NONE, [], 0, True)
+    a.send_close()
+    with pytest.raises(LocalProtocolError):
+        a.send_close()
+    a.fail()
+    assert a.state is State.BROKEN
+
+
+# -- errors from the peer ---------------------------------------------------------------------------
+
+
+def test_the_peers_own_failure_is_not_a_protocol_error() -> None:
+    _, b = pair()
+    with pytest.raises(PeerFailure, match="out of memory"):
+        b.receive_data(_wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL, "out of memory")))
+    _, c = pair()
+    with pytest.raises(ProtocolError, match="peer reported"):
+        c.receive_data(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL, "bad frame")))
+
+
+# -- the handshake ------------------------------------------------------------------------------
+
+
+def shake(client_token: bytes | None = b"t", server_token: bytes | None = b"t",
+          client_caps: _wire.Capabilities | None = None,
+          server_caps: _wire.Capabilities | None = None
+          ) -> tuple[ClientHandshake, ServerHandshake, _wire.Frame]:
+    client = ClientHandshake(client_token, client_caps or _wire.Capabilities(), b"c" * 32)
+    hello = _wire.decode_body(_wire.FrameType.HELLO,
+                              _wire.encode(client.hello())[_wire.FRAME_PREFIX_BYTES:])
+    assert isinstance(hello, _wire.Hello)
+    server = ServerHandshake(server_token, server_caps or _wire.Capabilities(), b"s" * 32, hello)
+    auth = client.receive(server.hello())
+    assert auth is not None
+    return client, server, auth
+
+
+def test_handshake_in_order_opens_the_pipe() -> None:
+    client, server, auth = shake()
+    transport = server.receive_auth(auth)
+    assert transport is Transport.TCP
+    assert client.receive(server.accept(bytes(16), transport, None)) is None
+    assert not client.done
+    client.receive(server.ready())
+    assert client.done
+
+
+@pytest.mark.parametrize(("ct", "st"), [(b"a", b"b"), (None, b"b")])
+def test_a_client_without_the_token_is_refused_with_an_error_frame(ct: bytes | None,
+                                                                   st: bytes) -> None:
+    client, server, auth = shake(ct, st)
+    with pytest.raises(Refused) as info:
+        server.receive_auth(auth)
+    assert isinstance(info.value.error, AuthenticationError)
+    with pytest.raises(AuthenticationError):  # and the client learns why
+        client.receive(info.value.frame)
+
+
+def test_a_server_without_the_token_is_not_trusted_by_the_client() -> None:
+    client, server, auth = shake(b"t", None)
+    accept = server.accept(bytes(16), server.receive_auth(auth), None)
+    with pytest.raises(AuthenticationError, match="could not prove"):
+        client.receive(accept)
+
+
+def test_transports_that_cannot_agree_are_refused() -> None:
+    tcp = _wire.Capabilities(transport=Transport.TCP)
+    nccl = _wire.Capabilities(transport=Transport.NCCL)
+    client, server, auth = shake(client_caps=nccl, server_caps=tcp)
+    with pytest.raises(Refused) as info:
+        server.receive_auth(auth)
+    with pytest.raises(PipeError):
+        client.receive(info.value.frame)
+
+
+def test_client_refuses_a_transport_it_did_not_ask_for() -> None:
+    client, server, auth = shake(client_caps=_wire.Capabilities(transport=Transport.TCP))
+    server.receive_auth(auth)
+    accept = _wire.Accept(server.accept(bytes(16), Transport.TCP, None).proof, bytes(16),
+                          Transport.NCCL, (bytes(128), bytes(128)))
+    with pytest.raises(ProtocolError, match="asked for tcp"):
+        client.receive(accept)
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_frames_out_of_order_in_the_handshake_are_protocol_errors(step: int) -> None:
+    client = ClientHandshake(None, _wire.Capabilities(), b"c" * 32)
+    frames: list[_wire.Frame] = [_wire.Hello(b"s" * 32, _wire.Capabilities()),
+                                 _wire.Accept(b"", bytes(16), Transport.TCP), _wire.Ready()]
+    for frame in frames[:step]:
+        client.receive(frame)
+    wrong = frames[(step + 1) % 3]
+    with pytest.raises(ProtocolError, match="expected"):
+        client.receive(wrong)
+
+
+def test_server_steps_out_of_order_are_local_errors() -> None:
+    _, server, _ = shake()
+    with pytest.raises(LocalProtocolError):
+        server.accept(bytes(16), Transport.TCP, None)
+    with pytest.raises(LocalProtocolError):
+        server.ready()
