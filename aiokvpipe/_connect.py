@@ -487,10 +487,11 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
             c2s, s2c = data_socks
             plane = await TcpPlane.start(c2s, s2c, device, late, opts.recv_buffer_bytes)
         else:
+            assert accept.nccl_ids is not None  # the codec guarantees ids with nccl
             plane = await _unless_lost(ch, _nccl_plane.start(False, accept.nccl_ids, device,
                                                              late))
         shake.receive(await ch.read_frame())  # READY
-        assert shake.server is not None
+        assert shake.server is not None and plane is not None
         return _make_pipe(ch, plane, opts, device, shake.server.caps, late)
     except BaseException as exc:
         ch.abort()

@@ -59,7 +59,8 @@ class PipeProtocol:
         "state", "close_sent", "close_received", "_decoder",
         "next_send_seq", "peer_credit", "credit_outstanding", "credit_owed",
         "next_recv_seq", "recv_buffer_bytes", "credit_held", "payloads_pending",
-        "_tombstones",
+        "_tombstones", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
+        "_offers_in", "_peer_pools",
     )
 
     def __init__(self, *, recv_buffer_bytes: int, peer_credit: int,
@@ -84,6 +85,13 @@ class PipeProtocol:
         #: Headers whose payload has not been reported complete (:meth:`payload_done`).
         self.payloads_pending = 0
         self._tombstones: OrderedDict[str | None, None] = OrderedDict()
+        # block transfers (see the section below)
+        self.next_offer_id = 0
+        self._offers_out: dict[int, _OfferState] = {}
+        self._retracted: OrderedDict[int, None] = OrderedDict()
+        self.next_offer_in = 0
+        self._offers_in: dict[int, tuple[_OfferState, int]] = {}  # state, credit held
+        self._peer_pools: set[int] = set()
 
     # -- sending --------------------------------------------------------------------------
 
@@ -180,6 +188,9 @@ class PipeProtocol:
                     assert isinstance(frame, _wire.Close)
                     self._close(frame)
                     out.append(frame)
+                elif ftype in _BLOCK_FRAMES:
+                    if self._block_frame(frame):
+                        out.append(frame)
                 elif ftype is _wire.Error:
                     assert isinstance(frame, _wire.Error)
                     raise _remote_error(frame)
@@ -258,6 +269,130 @@ class PipeProtocol:
     def is_discarded(self, key: str | None) -> bool:
         return bool(self._tombstones) and key in self._tombstones
 
+    # -- block transfers ------------------------------------------------------------------
+    #
+    #   sender                                  receiver
+    #   POOL(id, layout)  (once per pool)  ──▶
+    #   OFFER(id, pool, key, layers, ids)  ──▶  holds offer_cost() of credit until it answers
+    #                                      ◀──  PULL(id) once a recv_blocks() matches it, or
+    #                                           PULL(id, why) refusing it (misfit, counts)
+    #   BLOCK_DATA(id); payload on the plane ─▶ received straight into the named blocks
+    #   (ipc: the receiver copies out of the sender's pool itself, then PULLED(id) ◀──)
+    #   RETRACT(id)  (the sender gave up before the PULL)  ──▶
+
+    def send_pool(self, pool_id: int, layout: bytes) -> bytes:
+        """Describe one of our pools to the peer (once per pipe, before its first offer)."""
+        return _wire.encode(_wire.PoolInfo(pool_id, layout))
+
+    def send_offer(self, pool_id: int, key: str | None, layers: tuple[int, ...],
+                   ids: tuple[int, ...]) -> tuple[int, bytes]:
+        """Offer blocks; the caller has reserved :func:`offer_cost` of credit (:meth:`spend`).
+        Returns the offer's id and the OFFER frame."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot offer blocks in state {self.state.name}")
+        offer_id = self.next_offer_id
+        self.next_offer_id += 1
+        self._offers_out[offer_id] = _OfferState.OFFERED
+        return offer_id, _wire.encode(_wire.Offer(offer_id, pool_id, key, layers, ids))
+
+    def send_retract(self, offer_id: int) -> bytes:
+        """Give up an offer the peer has not pulled."""
+        if self._offers_out.pop(offer_id, None) is not _OfferState.OFFERED:
+            raise LocalProtocolError(f"offer {offer_id} cannot be retracted")
+        self._retracted[offer_id] = None
+        if len(self._retracted) > MAX_TOMBSTONES:
+            self._retracted.popitem(last=False)
+        return _wire.encode(_wire.Retract(offer_id))
+
+    def send_block_data(self, offer_id: int) -> bytes:
+        """The pulled offer's payload follows on the data plane (write this, then post it)."""
+        if self._offers_out.get(offer_id) is not _OfferState.PULLED:
+            raise LocalProtocolError(f"offer {offer_id} was not pulled")
+        del self._offers_out[offer_id]
+        return _wire.encode(_wire.BlockData(offer_id))
+
+    def offer_pulled_directly(self, offer_id: int) -> None:
+        """The receiver copied a pulled offer itself (ipc): it is over here."""
+        self._offers_out.pop(offer_id, None)
+
+    def send_pull(self, offer_id: int, error: str = "") -> bytes:
+        """Answer an offer: take it (its payload or, over ipc, our own copy follows) or refuse
+        it with ``error``. Either way its credit goes back to the peer."""
+        entry = self._offers_in.get(offer_id)
+        if entry is None or entry[0] is not _OfferState.OFFERED:
+            raise LocalProtocolError(f"offer {offer_id} is not waiting for an answer")
+        self.release(entry[1])
+        if error:
+            del self._offers_in[offer_id]
+        else:
+            self._offers_in[offer_id] = (_OfferState.PULLED, 0)
+        return _wire.encode(_wire.Pull(offer_id, error))
+
+    def send_pulled(self, offer_id: int) -> bytes:
+        """We copied a pulled offer out of the peer's pool ourselves (ipc)."""
+        entry = self._offers_in.pop(offer_id, None)
+        if entry is None or entry[0] is not _OfferState.PULLED:
+            raise LocalProtocolError(f"offer {offer_id} was not pulled")
+        return _wire.encode(_wire.Pulled(offer_id))
+
+    def _block_frame(self, frame: _wire.Frame) -> bool:
+        """Check a block-transfer frame; True if the I/O layer must act on it."""
+        if isinstance(frame, _wire.PoolInfo):
+            if frame.pool_id in self._peer_pools:
+                raise ProtocolError(f"pool {frame.pool_id} described twice")
+            if len(self._peer_pools) >= _wire.MAX_POOLS:
+                raise ProtocolError(f"more than {_wire.MAX_POOLS} pools")
+            self._peer_pools.add(frame.pool_id)
+            return True
+        if isinstance(frame, _wire.Offer):
+            if self.close_received:
+                raise ProtocolError("block offer after the peer's CLOSE")
+            if frame.offer_id != self.next_offer_in:
+                raise ProtocolError(f"offer #{frame.offer_id} where #{self.next_offer_in} "
+                                    "was due")
+            if frame.pool_id not in self._peer_pools:
+                raise ProtocolError(f"offer of pool {frame.pool_id}, never described")
+            cost = offer_cost(len(frame.ids), len(frame.layers))
+            if self.credit_held and self.credit_held + cost > self.recv_buffer_bytes:
+                raise ProtocolError("peer offered beyond the receive credits it was granted")
+            self.credit_held += cost
+            self.next_offer_in += 1
+            self._offers_in[frame.offer_id] = (_OfferState.OFFERED, cost)
+            return True
+        if isinstance(frame, _wire.Retract):
+            entry = self._offers_in.pop(frame.offer_id, None)
+            if entry is None:
+                raise ProtocolError(f"RETRACT of offer {frame.offer_id}, not pending")
+            if entry[0] is _OfferState.OFFERED:
+                self.release(entry[1])
+            return True
+        if isinstance(frame, _wire.BlockData):
+            entry = self._offers_in.pop(frame.offer_id, None)
+            if entry is None or entry[0] is not _OfferState.PULLED:
+                raise ProtocolError(f"BLOCK_DATA for offer {frame.offer_id}, not pulled")
+            return True
+        # a PULL or PULLED about one of our offers
+        assert isinstance(frame, (_wire.Pull, _wire.Pulled))
+        offer_id = frame.offer_id
+        state = self._offers_out.get(offer_id)
+        if state is None:
+            if offer_id in self._retracted:
+                return False  # crossed our RETRACT: nothing to do
+            raise ProtocolError(f"{type(frame).__name__.upper()} of offer {offer_id}, "
+                                "never made")
+        if isinstance(frame, _wire.Pull):
+            if state is not _OfferState.OFFERED:
+                raise ProtocolError(f"offer {offer_id} pulled twice")
+            if frame.error:
+                del self._offers_out[offer_id]
+            else:
+                self._offers_out[offer_id] = _OfferState.PULLED
+            return True
+        if state is not _OfferState.PULLED:
+            raise ProtocolError(f"PULLED of offer {offer_id}, never pulled")
+        del self._offers_out[offer_id]
+        return True
+
     # -- ending ---------------------------------------------------------------------------
 
     def _maybe_closed(self) -> None:
@@ -268,6 +403,21 @@ class PipeProtocol:
         """The pipe broke (for any reason): nothing more is sent or accepted."""
         if self.state is not State.CLOSED:
             self.state = State.BROKEN
+
+
+class _OfferState(enum.Enum):
+    OFFERED = "offered"
+    PULLED = "pulled"
+
+
+_BLOCK_FRAMES: Final = frozenset({_wire.PoolInfo, _wire.Offer, _wire.Pull, _wire.BlockData,
+                                  _wire.Retract, _wire.Pulled})
+
+
+def offer_cost(blocks: int, layers: int) -> int:
+    """Credit a block offer holds at the receiver until answered: its frame and bookkeeping
+    (the blocks themselves land in memory the receiver already has)."""
+    return _wire.MESSAGE_OVERHEAD_BYTES + 4 * blocks + 2 * layers
 
 
 def _remote_error(frame: _wire.Error) -> Exception:

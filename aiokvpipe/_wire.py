@@ -27,7 +27,7 @@ from typing import Any, Final, NoReturn, TypeVar
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-PROTOCOL_VERSION: Final = 2  # 2: credits and a specs length in HEADER
+PROTOCOL_VERSION: Final = 3  # 3: block transfers (POOL, OFFER, PULL, ...); ERROR INTERNAL = peer failed
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
@@ -71,6 +71,13 @@ class FrameType(enum.IntEnum):
     CREDIT = 17
     HEARTBEAT = 18
     CLOSE = 19
+    # paged KV: block transfers, a rendezvous driven by the receiver
+    POOL = 21  # describes one of the sender's block pools, once per pipe
+    OFFER = 22  # "these blocks of that pool, under this key": waits for a PULL
+    PULL = 23  # the receiver matched an offer (or refuses it, saying why)
+    BLOCK_DATA = 24  # the offer's payload follows on the data plane now
+    RETRACT = 25  # the sender gave up an offer not yet pulled
+    PULLED = 26  # the receiver copied the blocks itself (ipc): the sender may reuse them
 
 
 class Transport(enum.IntEnum):
@@ -272,7 +279,77 @@ class Close:
         _check_u("messages", self.messages, 64)
 
 
-Frame = Hello | Auth | Accept | Ready | Attach | Error | Header | Credit | Heartbeat | Close
+#: Limits on block transfers: one offer names at most this many blocks (a 2M-token request
+#: of 16-token blocks), a pool's description is at most this long.
+MAX_OFFER_BLOCKS: Final = 1 << 17
+MAX_LAYOUT_BYTES: Final = 1 << 20
+MAX_POOLS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInfo:
+    """One of the sender's block pools: its id on this pipe and its layout (see _blocks)."""
+
+    pool_id: int
+    layout: bytes
+
+    def __post_init__(self) -> None:
+        _check_u("pool id", self.pool_id, 32)
+        if len(self.layout) > MAX_LAYOUT_BYTES:
+            raise ProtocolError(f"pool layout of {len(self.layout)} bytes exceeds "
+                                f"{MAX_LAYOUT_BYTES}")
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Blocks ``ids`` of pool ``pool_id``, the pool's tensors ``layers``, under ``key``."""
+
+    offer_id: int
+    pool_id: int
+    key: str | None
+    layers: tuple[int, ...]
+    ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_u("offer id", self.offer_id, 64)
+        _check_u("pool id", self.pool_id, 32)
+        if not 0 < len(self.layers) <= MAX_TENSORS:
+            raise ProtocolError(f"an offer names {len(self.layers)} tensors")
+        if len(self.ids) > MAX_OFFER_BLOCKS:
+            raise ProtocolError(f"an offer of {len(self.ids)} blocks exceeds {MAX_OFFER_BLOCKS}")
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """The receiver takes offer ``offer_id`` (``error`` empty) or refuses it, saying why."""
+
+    offer_id: int
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        _check_u("offer id", self.offer_id, 64)
+        if len(self.error.encode()) > MAX_ERROR_TEXT_BYTES:
+            object.__setattr__(self, "error", self.error.encode()[:MAX_ERROR_TEXT_BYTES]
+                               .decode(errors="ignore"))
+
+
+@dataclass(frozen=True, slots=True)
+class BlockData:
+    offer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Retract:
+    offer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    offer_id: int
+
+
+Frame = (Hello | Auth | Accept | Ready | Attach | Error | Header | Credit | Heartbeat | Close
+         | PoolInfo | Offer | Pull | BlockData | Retract | Pulled)
 
 #: What one message costs against the receiver's credits beyond its payload: the header and
 #: bookkeeping it holds while unclaimed. Charging it bounds memory even for a flood of empty
@@ -333,6 +410,8 @@ _SHAPES = [struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1)]
 _SPEC_TAIL = [struct.Struct(f">BB{n}Q") for n in range(MAX_NDIM + 1)]
 _SPEC_UNNAMED = [struct.Struct(f">BBB{n}Q") for n in range(MAX_NDIM + 1)]
 _CREDIT_FRAME = struct.Struct(">BBHIQ")
+#: offer id, pool id, key length (0xFFFF: none), layer count, block count
+_OFFER_FIXED = struct.Struct(">QIHHI")
 _STRUCTURE_OF = {int(s): s for s in Structure}
 _TENSOR_COUNT = {Structure.NONE: (0, 0), Structure.TENSOR: (1, 1),
                  Structure.LIST: (0, MAX_TENSORS), Structure.DICT: (0, MAX_TENSORS)}
@@ -375,6 +454,23 @@ def encode(frame: Frame) -> bytes:
         body, ftype = b"", FrameType.HEARTBEAT
     elif isinstance(frame, Close):
         body, ftype = _U64.pack(frame.messages), FrameType.CLOSE
+    elif isinstance(frame, Offer):
+        key = b"" if frame.key is None else frame.key.encode()
+        if len(key) > MAX_KEY_BYTES:
+            raise ValueError(f"key is over {MAX_KEY_BYTES} bytes in UTF-8")
+        body = b"".join([
+            _OFFER_FIXED.pack(frame.offer_id, frame.pool_id,
+                              0xFFFF if frame.key is None else len(key), len(frame.layers),
+                              len(frame.ids)),
+            key, struct.pack(f">{len(frame.layers)}H", *frame.layers),
+            struct.pack(f">{len(frame.ids)}I", *frame.ids)])
+        ftype = FrameType.OFFER
+    elif isinstance(frame, PoolInfo):
+        body, ftype = _U32.pack(frame.pool_id) + frame.layout, FrameType.POOL
+    elif isinstance(frame, Pull):
+        body, ftype = _U64.pack(frame.offer_id) + frame.error.encode(), FrameType.PULL
+    elif isinstance(frame, (BlockData, Retract, Pulled)):
+        body, ftype = _U64.pack(frame.offer_id), _OFFER_ID_FRAMES[type(frame)]
     else:  # pragma: no cover - exhaustive over Frame
         raise TypeError(f"not a frame: {frame!r}")
     return _FRAME_PREFIX.pack(int(ftype), 0, 0, len(body)) + body
@@ -458,6 +554,12 @@ MAX_BODY: Final[dict[FrameType, int]] = {
     FrameType.HEADER: MAX_HEADER_BODY,
     FrameType.HEADER_INLINE: MAX_HEADER_BODY + MAX_INLINE_PAYLOAD,
     FrameType.CREDIT: 8,
+    FrameType.POOL: 4 + MAX_LAYOUT_BYTES,
+    FrameType.OFFER: 20 + MAX_KEY_BYTES + 2 * MAX_TENSORS + 4 * MAX_OFFER_BLOCKS,
+    FrameType.PULL: 8 + MAX_ERROR_TEXT_BYTES,
+    FrameType.BLOCK_DATA: 8,
+    FrameType.RETRACT: 8,
+    FrameType.PULLED: 8,
     FrameType.HEARTBEAT: 0,
     FrameType.CLOSE: 8,
 }
@@ -536,10 +638,35 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
         text = bytes(r.take(len(body) - 2)).decode(errors="replace")
         frame = Error(ErrorCode(code) if code in ErrorCode._value2member_map_ else
                       ErrorCode.INTERNAL, text)
-    else:
+    elif ftype is FrameType.CLOSE:
         frame = Close(r.u64())
+    elif ftype is FrameType.OFFER:
+        offer_id, pool_id, key_len, nlayers, nids = r.unpack(_OFFER_FIXED)
+        key = None
+        if key_len != 0xFFFF:
+            if key_len > MAX_KEY_BYTES:
+                raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
+            key = r.text(key_len)
+        if nids > MAX_OFFER_BLOCKS:
+            raise ProtocolError(f"an offer of {nids} blocks exceeds {MAX_OFFER_BLOCKS}")
+        layers = struct.unpack(f">{nlayers}H", r.take(2 * nlayers))
+        block_ids = struct.unpack(f">{nids}I", r.take(4 * nids))
+        frame = Offer(offer_id, pool_id, key, layers, block_ids)
+    elif ftype is FrameType.POOL:
+        pool_id = r.u32()
+        frame = PoolInfo(pool_id, bytes(r.take(len(body) - 4)))
+    elif ftype is FrameType.PULL:
+        offer_id = r.u64()
+        frame = Pull(offer_id, bytes(r.take(len(body) - 8)).decode(errors="replace"))
+    else:
+        frame = _OFFER_ID_TYPES[ftype](r.u64())
     r.end()
     return frame
+
+
+_OFFER_ID_FRAMES: Final[dict[type, FrameType]] = {
+    BlockData: FrameType.BLOCK_DATA, Retract: FrameType.RETRACT, Pulled: FrameType.PULLED}
+_OFFER_ID_TYPES: Final = {v: k for k, v in _OFFER_ID_FRAMES.items()}
 
 
 #: A receiver remembers the parsed specs of this many distinct recurring messages (of at
