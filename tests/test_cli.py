@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aiokvpipe import _bench, _bench_gpu
+from aiokvpipe.bench import common, gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,15 +139,15 @@ def test_bench_plot_without_matplotlib_says_so() -> None:
 
 
 def test_sizes_parse_and_print() -> None:
-    assert _bench.parse_sizes("64M, 4K,1m,1G,4KiB") == [4096, 1 << 20, 64 << 20, 1 << 30]
-    assert [_bench.format_size(n) for n in (4096, 1 << 20, 1 << 30, 1000)] == [
+    assert common.parse_sizes("64M, 4K,1m,1G,4KiB") == [4096, 1 << 20, 64 << 20, 1 << 30]
+    assert [common.format_size(n) for n in (4096, 1 << 20, 1 << 30, 1000)] == [
         "4 KiB", "1 MiB", "1 GiB", "1000 B"]
     with pytest.raises(ValueError):
-        _bench.parse_size("lots")
+        common.parse_size("lots")
 
 
 def test_gpu_plan_builds_without_cuda() -> None:
-    cases = _bench_gpu.plan_gpu([4096, 1 << 30], 1.0, 1, "asyncio", quick=False)
+    cases = gpu.plan_gpu([4096, 1 << 30], 1.0, 1, "asyncio", quick=False)
     assert [c["impl"] for c in cases] == ["nccl-raw", "ours"]
     raw, ours = (c["phases"] for c in cases)
     assert [p["label"] for p in raw] == [p["label"] for p in ours]
