@@ -27,7 +27,7 @@ from typing import Any, Final, NoReturn, TypeVar
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-PROTOCOL_VERSION: Final = 3  # 3: block transfers (POOL, OFFER, PULL, ...); ERROR INTERNAL = peer failed
+PROTOCOL_VERSION: Final = 3  # 3: block transfers; ERROR INTERNAL means "peer failed"
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32

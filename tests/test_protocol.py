@@ -15,6 +15,7 @@ from aiokvpipe._protocol import (
     Refused,
     ServerHandshake,
     State,
+    offer_cost,
 )
 from aiokvpipe._wire import Structure, TensorSpec, Transport
 
@@ -213,7 +214,7 @@ def test_our_own_misuse_is_a_local_error() -> None:
     assert a.state is State.BROKEN
 
 
-# -- errors from the peer ---------------------------------------------------------------------------
+# -- errors from the peer ----------------------------------------------------------------------
 
 
 def test_the_peers_own_failure_is_not_a_protocol_error() -> None:
@@ -307,3 +308,89 @@ def test_server_steps_out_of_order_are_local_errors() -> None:
         server.accept(bytes(16), Transport.TCP, None)
     with pytest.raises(LocalProtocolError):
         server.ready()
+
+
+# -- block transfers -----------------------------------------------------------------------------
+
+
+def offer(a: PipeProtocol, ids: tuple[int, ...] = (1, 2, 3), pool: int = 0) -> tuple[int, bytes]:
+    a.spend(offer_cost(len(ids), 1))
+    return a.send_offer(pool, "req", (0,), ids)
+
+
+def test_offer_pull_data_in_order() -> None:
+    a, b = pair()
+    oid, data = offer(a)
+    frames = b.receive_data(a.send_pool(0, b"layout") + data)
+    assert [type(f) for f in frames] == [_wire.PoolInfo, _wire.Offer]
+    assert b.credit_held == offer_cost(3, 1)
+    frames = a.receive_data(b.send_pull(oid))
+    assert frames == [_wire.Pull(oid)]
+    assert b.credit_owed == offer_cost(3, 1)  # answered: its credit goes back
+    assert b.receive_data(a.send_block_data(oid)) == [_wire.BlockData(oid)]
+    with pytest.raises(ProtocolError, match="not pulled"):  # once only
+        b.receive_data(_wire.encode(_wire.BlockData(oid)))
+
+
+def test_an_offer_of_a_pool_never_described_is_a_protocol_error() -> None:
+    a, b = pair()
+    _, data = offer(a, pool=7)
+    with pytest.raises(ProtocolError, match="never described"):
+        b.receive_data(data)
+
+
+def test_a_pool_described_twice_is_a_protocol_error() -> None:
+    a, b = pair()
+    with pytest.raises(ProtocolError, match="twice"):
+        b.receive_data(a.send_pool(1, b"x") + a.send_pool(1, b"x"))
+
+
+def test_offers_beyond_the_credit_are_a_protocol_error() -> None:
+    a = PipeProtocol(recv_buffer_bytes=1 << 20, peer_credit=1 << 20)
+    b = PipeProtocol(recv_buffer_bytes=offer_cost(3, 1), peer_credit=1)
+    data = a.send_pool(0, b"x") + offer(a)[1]
+    b.receive_data(data)
+    with pytest.raises(ProtocolError, match="beyond the receive credits"):
+        b.receive_data(offer(a)[1])
+
+
+def test_a_refused_offer_is_over_on_both_ends() -> None:
+    a, b = pair()
+    oid, data = offer(a)
+    b.receive_data(a.send_pool(0, b"x") + data)
+    assert a.receive_data(b.send_pull(oid, "pools do not fit")) == [
+        _wire.Pull(oid, "pools do not fit")]
+    with pytest.raises(LocalProtocolError):
+        a.send_block_data(oid)
+    with pytest.raises(LocalProtocolError):
+        b.send_pull(oid)
+
+
+def test_a_retract_crossing_the_pull_is_not_an_error() -> None:
+    a, b = pair()
+    oid, data = offer(a)
+    b.receive_data(a.send_pool(0, b"x") + data)
+    pull = b.send_pull(oid)
+    retract = a.send_retract(oid)
+    assert a.receive_data(pull) == []  # crossed our retract: ignored
+    assert b.receive_data(retract) == [_wire.Retract(oid)]
+    with pytest.raises(ProtocolError, match="never made"):
+        a.receive_data(_wire.encode(_wire.Pull(oid + 5)))
+
+
+def test_ipc_pull_ends_with_pulled() -> None:
+    a, b = pair()
+    oid, data = offer(a)
+    b.receive_data(a.send_pool(0, b"x") + data)
+    a.receive_data(b.send_pull(oid))
+    assert a.receive_data(b.send_pulled(oid)) == [_wire.Pulled(oid)]
+    with pytest.raises(ProtocolError):
+        a.receive_data(_wire.encode(_wire.Pulled(oid)))
+
+
+def test_offers_out_of_sequence_are_protocol_errors() -> None:
+    a, b = pair()
+    b.receive_data(a.send_pool(0, b"x"))
+    bad = _wire.encode(_wire.Offer(3, 0, None, (0,), (1,)))
+    with pytest.raises(ProtocolError, match="was due"):
+        b.receive_data(bad)
