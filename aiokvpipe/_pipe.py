@@ -18,12 +18,14 @@ from typing import Final
 import torch
 
 from . import _wire
+from ._blocks import BlockPool
 from ._budget import ByteBudget
 from ._control import ControlChannel, HeartbeatMissed
 from ._dtypes import DTYPE_OF
 from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolError, fresh
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
+from ._pipe_blocks import BlockExchange
 from ._plane import DataPlane
 from ._protocol import PipeProtocol, State
 from ._wire import Structure
@@ -131,6 +133,7 @@ class Pipe:
         self._finished = asyncio.Event()  # closed and released, or broken
         self._closer: asyncio.Task[None] | None = None
         self._error: BrokenPipe | None = None
+        self._blocks = BlockExchange(self)
         control.attach(self)
         if heartbeat_interval is not None and self._error is None:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
@@ -270,6 +273,46 @@ class Pipe:
                 item.discarded = True
                 dropped += 1
         return dropped
+
+    async def send_blocks(self, pool: BlockPool, block_ids: object, key: str | None = None,
+                          layers: object = None) -> None:
+        """Send blocks ``block_ids`` of ``pool`` (the tensors ``layers`` names: indices or dict
+        keys; ``None``: all) to the peer's ``recv_blocks(..., key=key)``.
+
+        The blocks are read as the work queued on the caller's current CUDA stream has left
+        them (stream-ordered, like :meth:`send`), so a producer may send each layer as soon
+        as it is written. Returns when the blocks may be overwritten: the peer took them.
+        Waits for the peer's matching ``recv_blocks``; the pool is described to the peer once
+        per pipe.
+
+        Raises ``TypeError``/``ValueError`` before anything moves for a bad id, layer or key
+        (the pipe stays usable), ``ValueError`` when the peer refuses the blocks (its pool
+        does not fit, the block counts differ: its message says why), :class:`PipeClosed`
+        and :class:`BrokenPipe` as :meth:`send` does.
+
+        Cancellation: cancelled before the peer took the offer, nothing moves; after that the
+        blocks are sent whole (read until the transfer ends: do not overwrite them before).
+        """
+        await self._blocks.send_blocks(pool, block_ids, key, layers)
+
+    async def recv_blocks(self, pool: BlockPool, block_ids: object, key: str | None = None,
+                          layers: object = None) -> None:
+        """Receive blocks sent with ``key`` straight into blocks ``block_ids`` of ``pool``
+        (the tensors ``layers`` names; ``None``: all). Returns once every named tensor's
+        blocks arrived (from one ``send_blocks`` or several, a layer at a time, say); they
+        are then safe to use on the caller's current stream. Blocks it does not name are
+        never written; nothing is allocated that grows with the request.
+
+        Raises ``TypeError``/``ValueError`` before anything moves for bad ids (out of range,
+        a destination named twice), layers or key, and ``ValueError`` when an offer for the
+        key does not fit (pools that differ, block counts that differ; the sender hears why);
+        :class:`PipeClosed`, :class:`BrokenPipe` as :meth:`recv` does.
+
+        Cancellation: what has not started moving never will; what is already moving is
+        waited for, so once the call is over nothing writes to the named blocks; their
+        contents are then undefined.
+        """
+        await self._blocks.recv_blocks(pool, block_ids, key, layers)
 
     async def aclose(self) -> None:
         """Close gracefully: everything already sent is still delivered to the peer.
@@ -420,6 +463,14 @@ class Pipe:
         else:
             self._bytes_sent += nbytes
 
+    def _write(self, data: bytes) -> None:
+        """Write encoded frames; a lost connection breaks the pipe and raises BrokenPipe."""
+        try:
+            self._control.write_encoded(data)
+        except BrokenPipe as exc:
+            self._break(exc.__cause__ or exc)
+            raise fresh(self._error) if self._error else exc
+
     def _fail_pending_senders(self, exc: PipeError) -> None:
         # Senders waiting for budget or credits give up; those already posted finish.
         self._send_budget.abort(exc)
@@ -449,6 +500,8 @@ class Pipe:
                     self._credits.release(frame.nbytes)  # type: ignore[union-attr]
                 elif ftype is _wire.Close:
                     self._on_close()
+                else:  # a block transfer's frame
+                    self._blocks.on_frame(frame)
         except Exception as exc:  # the peer broke a rule, or something failed here
             self._break(exc)
 
@@ -686,6 +739,7 @@ class Pipe:
                                                        f"{type(cause).__name__}: {cause}")))
         log.warning("%s", err)
         self._fail_waiters(err)
+        self._blocks.fail(err)
         self._send_budget.abort(err)
         self._credits.abort(err)
         self._plane.abort(err)

@@ -305,15 +305,16 @@ class PipeProtocol:
         return _wire.encode(_wire.Retract(offer_id))
 
     def send_block_data(self, offer_id: int) -> bytes:
-        """The pulled offer's payload follows on the data plane (write this, then post it)."""
+        """The next chunk of a pulled offer's payload follows on the data plane (write this
+        as the chunk is posted). :meth:`offer_done` after the last chunk."""
         if self._offers_out.get(offer_id) is not _OfferState.PULLED:
             raise LocalProtocolError(f"offer {offer_id} was not pulled")
-        del self._offers_out[offer_id]
         return _wire.encode(_wire.BlockData(offer_id))
 
-    def offer_pulled_directly(self, offer_id: int) -> None:
-        """The receiver copied a pulled offer itself (ipc): it is over here."""
+    def offer_done(self, offer_id: int) -> None:
+        """A pulled offer's payload is all on its way (sender) or all announced (receiver)."""
         self._offers_out.pop(offer_id, None)
+        self._offers_in.pop(offer_id, None)
 
     def send_pull(self, offer_id: int, error: str = "") -> bytes:
         """Answer an offer: take it (its payload or, over ipc, our own copy follows) or refuse
@@ -367,7 +368,7 @@ class PipeProtocol:
                 self.release(entry[1])
             return True
         if isinstance(frame, _wire.BlockData):
-            entry = self._offers_in.pop(frame.offer_id, None)
+            entry = self._offers_in.get(frame.offer_id)
             if entry is None or entry[0] is not _OfferState.PULLED:
                 raise ProtocolError(f"BLOCK_DATA for offer {frame.offer_id}, not pulled")
             return True

@@ -327,9 +327,14 @@ def test_offer_pull_data_in_order() -> None:
     frames = a.receive_data(b.send_pull(oid))
     assert frames == [_wire.Pull(oid)]
     assert b.credit_owed == offer_cost(3, 1)  # answered: its credit goes back
-    assert b.receive_data(a.send_block_data(oid)) == [_wire.BlockData(oid)]
-    with pytest.raises(ProtocolError, match="not pulled"):  # once only
+    chunks = a.send_block_data(oid) + a.send_block_data(oid)  # a staged transfer: 2 chunks
+    a.offer_done(oid)
+    assert b.receive_data(chunks) == [_wire.BlockData(oid)] * 2
+    b.offer_done(oid)
+    with pytest.raises(ProtocolError, match="not pulled"):  # not after the last chunk
         b.receive_data(_wire.encode(_wire.BlockData(oid)))
+    with pytest.raises(LocalProtocolError):
+        a.send_block_data(oid)
 
 
 def test_an_offer_of_a_pool_never_described_is_a_protocol_error() -> None:

@@ -1,0 +1,401 @@
+"""Block transfers of a pipe: ``send_blocks``/``recv_blocks`` as a receiver-driven rendezvous.
+
+The sender offers blocks (OFFER); the receiver's matching ``recv_blocks`` answers with a PULL
+once it knows where they go; the payload then moves straight from the sending pool into the
+receiving one, so the receiver never allocates a buffer that grows with the request. The
+rules and their bookkeeping are the sans-I/O protocol's (``_protocol``); this module keeps the
+callers' futures and moves the bytes, each plane its best way:
+
+* CPU pools (tcp): the blocks' own memory goes to the socket and is received into, as views.
+* CUDA pools (nccl, tcp): chunks of at most :data:`STAGING_BYTES` are gathered into a staging
+  buffer (pinned host memory for tcp, device memory for nccl), sent, and scattered on arrival;
+  both ends cut a transfer into the same chunks.
+* ipc: the receiver copies out of the sender's pool itself, one kernel over all runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import torch
+
+from . import _wire
+from ._blocks import BlockPool, PoolLayout, check_counts, check_fits, normalize_ids
+from ._blocks import normalize_layers as _normalize_layers
+from ._blocks_move import Chunk, gather, iter_chunks, merge_runs, run_views, scatter
+from ._blocks_wire import decode_layout, encode_layout
+from ._cuda import EventPoller
+from ._errors import ProtocolError, fresh
+from ._message import check_key
+from ._protocol import offer_cost
+
+if TYPE_CHECKING:
+    from ._pipe import Pipe
+
+log = logging.getLogger("aiokvpipe")
+
+#: Staged transfers are cut into chunks of at most this many bytes, the same on both ends.
+STAGING_BYTES: Final = 64 << 20
+#: Staged chunks one transfer may have in flight at once (so staging memory is bounded).
+CHUNKS_IN_FLIGHT: Final = 2
+
+
+@dataclass(eq=False)
+class _Sink:
+    """One ``recv_blocks`` call: where blocks of ``key`` go, and which tensors are missing."""
+
+    pool: BlockPool
+    ids: tuple[int, ...]
+    key: str | None
+    missing: set[int]
+    done: asyncio.Future[None]
+    #: payload receives posted for this call, not complete yet
+    inflight: set[asyncio.Future[Any]] = field(default_factory=set)
+    #: offers pulled for this call whose payload is still to come
+    pending_offers: int = 0
+    abandoned: bool = False
+
+
+@dataclass(eq=False)
+class _Incoming:
+    """A pulled offer whose payload arrives chunk by chunk (one BLOCK_DATA each)."""
+
+    sink: _Sink
+    layers: tuple[int, ...]
+    chunks: deque[Chunk | None]  # None: one chunk of views, straight into a CPU pool
+
+
+class BlockExchange:
+    """The block transfers of one pipe (see the module docstring)."""
+
+    def __init__(self, pipe: Pipe) -> None:
+        self._pipe = pipe
+        self._pool_ids: dict[BlockPool, int] = {}
+        self._peer_pools: dict[int, PoolLayout] = {}
+        self._offers_out: dict[int, asyncio.Future[str]] = {}
+        self._offers_in: dict[str | None, deque[_wire.Offer]] = {}
+        self._sinks: dict[str | None, list[_Sink]] = {}
+        self._incoming: dict[int, _Incoming] = {}
+        self._poller = EventPoller()
+
+    # -- the sending end ------------------------------------------------------------------
+
+    async def send_blocks(self, pool: BlockPool, block_ids: object, key: str | None,
+                          layers: object) -> None:
+        pipe = self._pipe
+        if not isinstance(pool, BlockPool):
+            raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
+        key = check_key(key)
+        ids = normalize_ids(pool, block_ids, destination=False)
+        chosen = _normalize_layers(pool, layers)
+        pipe._check_can_send()
+        ready = _mark_stream(pool)
+        pool_id = self._announce(pool)
+        cost = offer_cost(len(ids), len(chosen))
+        await pipe._credits.acquire(cost)
+        proto = pipe._proto
+        try:
+            pipe._check_can_send()
+        except BaseException:
+            pipe._credits.release(cost)
+            raise
+        proto.spend(cost)
+        offer_id, data = proto.send_offer(pool_id, key, chosen, ids)
+        pulled: asyncio.Future[str] = pipe._loop.create_future()
+        self._offers_out[offer_id] = pulled
+        pipe._write(data)
+        try:
+            refusal = await pulled
+        except asyncio.CancelledError:
+            if not pulled.done():  # not pulled yet: take the offer back, nothing moved
+                self._offers_out.pop(offer_id, None)
+                if pipe._error is None:
+                    pipe._write(proto.send_retract(offer_id))
+                raise
+            refusal = pulled.result()  # pulled as we were cancelled: it is sent whole
+        if refusal:
+            raise ValueError(f"the peer refused blocks for key {key!r}: {refusal}")
+        transfer = asyncio.ensure_future(self._send_payload(pool, ids, chosen, offer_id, ready))
+        await asyncio.shield(transfer)
+
+    def _announce(self, pool: BlockPool) -> int:
+        pool_id = self._pool_ids.get(pool)
+        if pool_id is None:
+            if len(self._pool_ids) >= _wire.MAX_POOLS:
+                raise ValueError(f"a pipe carries at most {_wire.MAX_POOLS} pools")
+            pool_id = self._pool_ids[pool] = len(self._pool_ids)
+            pipe = self._pipe
+            pipe._write(pipe._proto.send_pool(pool_id, encode_layout(pool_id, pool.layout)))
+        return pool_id
+
+    async def _send_payload(self, pool: BlockPool, ids: tuple[int, ...],
+                            layers: tuple[int, ...], offer_id: int,
+                            ready: torch.cuda.Event | None) -> None:
+        pipe = self._pipe
+        plane = pipe._plane
+        proto = pipe._proto
+        if pool.device.type == "cpu":
+            runs = merge_runs(ids, range(len(ids)))
+            views = [v for i in layers for v in run_views(pool, i, runs, "src")]
+            nbytes = sum(len(v) for v in views)
+            await pipe._send_budget.acquire(nbytes)
+            try:
+                done = plane.post_send_views(views, keepalive=pool)
+                pipe._write(proto.send_block_data(offer_id))
+            except BaseException:
+                pipe._send_budget.release(nbytes)
+                raise
+            proto.offer_done(offer_id)
+            try:
+                await done
+            finally:
+                pipe._send_budget.release(nbytes)
+                pipe._bytes_sent += nbytes
+            return
+        stream = torch.cuda.Stream(pool.device)
+        pinned = plane.name == "tcp"
+        inflight: deque[asyncio.Future[Any]] = deque()
+        try:
+            for chunk in iter_chunks(pool.layout, layers, len(ids), STAGING_BYTES):
+                while len(inflight) >= CHUNKS_IN_FLIGHT:
+                    await inflight.popleft()
+                await pipe._send_budget.acquire(chunk.nbytes)
+                with torch.cuda.device(pool.device), torch.cuda.stream(stream):
+                    if ready is not None:
+                        stream.wait_event(ready)
+                    buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
+                                      device="cpu" if pinned else pool.device,
+                                      pin_memory=pinned)
+                    gather(pool, ids, chunk, buf, stream=stream)
+                    if pinned:  # the socket reads host memory once the copy is done
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        await self._poller.watch(event, chunk.nbytes, keepalive=buf)
+                        done = plane.post_send_views([_host_view(buf)], keepalive=buf)
+                    else:  # the plane orders itself after the current (gathering) stream
+                        done = plane.post_send([buf])
+                pipe._write(proto.send_block_data(offer_id))
+                done.add_done_callback(
+                    lambda _, n=chunk.nbytes: pipe._send_budget.release(n))
+                inflight.append(done)
+            proto.offer_done(offer_id)
+            while inflight:
+                await inflight.popleft()
+        except BaseException as exc:
+            # Part of the payload may have left: the stream is no longer in step.
+            pipe._break(exc if isinstance(exc, Exception) else
+                        ConnectionAbortedError("block transfer cancelled"))
+            raise
+
+    # -- the receiving end ------------------------------------------------------------------
+
+    async def recv_blocks(self, pool: BlockPool, block_ids: object, key: str | None,
+                          layers: object) -> None:
+        pipe = self._pipe
+        if not isinstance(pool, BlockPool):
+            raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
+        key = check_key(key)
+        ids = normalize_ids(pool, block_ids, destination=True)
+        chosen = _normalize_layers(pool, layers)
+        pipe._check_can_recv()
+        sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future())
+        self._sinks.setdefault(key, []).append(sink)
+        try:
+            for offer in list(self._offers_in.get(key, ())):
+                self._try_match(offer)
+                if sink.done.done():
+                    break
+            await asyncio.shield(sink.done)
+        except asyncio.CancelledError:
+            self._abandon(sink)
+            # What is already posted still writes into the pool: wait for it, so that once
+            # this call is over nothing touches the named blocks any more.
+            if sink.inflight:
+                await asyncio.wait(set(sink.inflight))
+            raise
+        finally:
+            self._drop_sink(sink)
+
+    def _drop_sink(self, sink: _Sink) -> None:
+        sinks = self._sinks.get(sink.key)
+        if sinks and sink in sinks:
+            sinks.remove(sink)
+            if not sinks:
+                del self._sinks[sink.key]
+
+    def _abandon(self, sink: _Sink) -> None:
+        sink.abandoned = True
+        self._drop_sink(sink)
+
+    def on_frame(self, frame: _wire.Frame) -> None:
+        """A block-transfer frame the protocol accepted."""
+        if isinstance(frame, _wire.PoolInfo):
+            pool_id, layout = decode_layout(frame.layout)
+            if pool_id != frame.pool_id:
+                raise ProtocolError(f"POOL {frame.pool_id} describes pool {pool_id}")
+            self._peer_pools[frame.pool_id] = layout
+        elif isinstance(frame, _wire.Offer):
+            self._offers_in.setdefault(frame.key, deque()).append(frame)
+            self._try_match(frame)
+        elif isinstance(frame, _wire.Pull):
+            fut = self._offers_out.pop(frame.offer_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame.error)
+        elif isinstance(frame, _wire.BlockData):
+            self._block_data(frame.offer_id)
+        elif isinstance(frame, _wire.Retract):
+            queue = self._offers_in.get(None)
+            for offers in (self._offers_in.values() if queue is None else [queue]):
+                for offer in offers:
+                    if offer.offer_id == frame.offer_id:
+                        offers.remove(offer)
+                        return
+            incoming = self._incoming.pop(frame.offer_id, None)
+            if incoming is not None:  # crossed our PULL: those layers are missing again
+                incoming.sink.missing.update(incoming.layers)
+                incoming.sink.pending_offers -= 1
+
+    def _try_match(self, offer: _wire.Offer) -> None:
+        for sink in self._sinks.get(offer.key, ()):
+            if sink.done.done() or not sink.missing.issuperset(offer.layers):
+                continue
+            queue = self._offers_in[offer.key]
+            queue.remove(offer)
+            if not queue:
+                del self._offers_in[offer.key]
+            self._pull(sink, offer)
+            return
+
+    def _pull(self, sink: _Sink, offer: _wire.Offer) -> None:
+        pipe = self._pipe
+        proto = pipe._proto
+        try:
+            check_fits(sink.pool.layout, self._peer_pools[offer.pool_id])
+            check_counts(len(sink.ids), len(offer.ids))
+        except ValueError as exc:
+            # A misfit is the callers' error on both ends: this recv_blocks() raises it, the
+            # peer's send_blocks() hears why; the pipe goes on.
+            pipe._write(proto.send_pull(offer.offer_id, str(exc)))
+            sink.done.set_exception(ValueError(str(exc)))
+            return
+        sink.missing.difference_update(offer.layers)
+        sink.pending_offers += 1
+        if sink.pool.device.type == "cpu":
+            chunks: deque[Chunk | None] = deque([None])
+        else:
+            chunks = deque(iter_chunks(sink.pool.layout, offer.layers, len(sink.ids),
+                                       STAGING_BYTES))
+        self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks)
+        pipe._write(proto.send_pull(offer.offer_id))
+
+    def _block_data(self, offer_id: int) -> None:
+        incoming = self._incoming.get(offer_id)
+        if incoming is None or not incoming.chunks:
+            raise ProtocolError(f"more BLOCK_DATA for offer {offer_id} than it has chunks")
+        chunk = incoming.chunks.popleft()
+        if not incoming.chunks:
+            del self._incoming[offer_id]
+            self._pipe._proto.offer_done(offer_id)
+        sink = incoming.sink
+        plane = self._pipe._plane
+        pool = sink.pool
+        if chunk is None:  # a CPU pool: straight into its blocks (or a scratch if abandoned)
+            runs = merge_runs(range(len(sink.ids)), sink.ids)
+            views = [v for i in incoming.layers for v in run_views(pool, i, runs, "dst")]
+            if sink.abandoned:
+                views = [memoryview(bytearray(sum(len(v) for v in views)))]
+            done = plane.post_recv_views(views, keepalive=pool)
+            self._track(sink, done, incoming, last=not incoming.chunks)
+            return
+        pinned = plane.name == "tcp"
+        buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
+                          device="cpu" if pinned else pool.device, pin_memory=pinned)
+        received = (plane.post_recv_views([_host_view(buf)], keepalive=buf) if pinned
+                    else plane.post_recv_into([buf]))
+        landed: asyncio.Future[None] = self._pipe._loop.create_future()
+
+        def unstage(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                _settle_from(landed, fut)
+                return
+            if sink.abandoned:
+                landed.set_result(None)
+                return
+            stream = torch.cuda.Stream(pool.device)
+            with torch.cuda.device(pool.device), torch.cuda.stream(stream):
+                scatter(pool, sink.ids, chunk, buf, stream=stream)
+                event = torch.cuda.Event()
+                event.record(stream)
+            self._poller.watch(event, chunk.nbytes, keepalive=(buf, stream)
+                               ).add_done_callback(lambda f: _settle_from(landed, f))
+
+        received.add_done_callback(unstage)
+        self._track(sink, landed, incoming, last=not incoming.chunks)
+
+    def _track(self, sink: _Sink, done: asyncio.Future[Any], incoming: _Incoming,
+               last: bool) -> None:
+        sink.inflight.add(done)
+
+        def landed(fut: asyncio.Future[Any]) -> None:
+            sink.inflight.discard(fut)
+            if fut.cancelled() or fut.exception() is not None:
+                self._pipe._break(fut.exception() or ConnectionAbortedError("receive lost"))
+                return
+            if last:
+                sink.pending_offers -= 1
+            if not sink.missing and not sink.pending_offers and not sink.inflight \
+                    and not sink.done.done():
+                sink.done.set_result(None)
+
+        done.add_done_callback(landed)
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        """The pipe ended: every waiting call raises ``exc``."""
+        for fut in self._offers_out.values():
+            if not fut.done():
+                fut.set_exception(fresh(exc))
+                fut.exception()
+        self._offers_out.clear()
+        for sinks in self._sinks.values():
+            for sink in sinks:
+                if not sink.done.done():
+                    sink.done.set_exception(fresh(exc))
+                    sink.done.exception()
+        self._poller.abort(exc)
+
+
+def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:
+    """For a CUDA pool, an event after the work queued on the caller's stream now: the blocks
+    are read only once what the caller queued to write them has run."""
+    if pool.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(pool.device))
+    return event
+
+
+def _host_view(buf: torch.Tensor) -> memoryview:
+    from ._hostmem import byte_view
+    return byte_view(buf)
+
+
+def _settle_from(dest: asyncio.Future[None], source: asyncio.Future[Any]) -> None:
+    if dest.done():
+        return
+    if source.cancelled():
+        dest.cancel()
+    elif (exc := source.exception()) is not None:
+        dest.set_exception(exc)
+    else:
+        dest.set_result(None)
+
+
+def layers_of(pool: BlockPool, layers: Sequence[int] | None) -> tuple[int, ...]:
+    return _normalize_layers(pool, layers)

@@ -1,0 +1,192 @@
+"""send_blocks/recv_blocks between real pipes over 127.0.0.1: paged KV pool to pool."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+from conftest import PairFactory
+
+import aiokvpipe
+from aiokvpipe import BlockPool
+
+pytestmark = pytest.mark.timeout(60)
+
+SENTINEL = -7.0
+
+
+def vllm_pool(num_blocks: int, layers: int = 4, fill: float = SENTINEL) -> BlockPool:
+    """vLLM's layout: per layer [2 (K, V), num_blocks, block_size, kv_heads, head_dim]."""
+    return BlockPool([torch.full((2, num_blocks, 4, 2, 8), fill) for _ in range(layers)],
+                     block_dim=1)
+
+
+def fill_blocks(pool: BlockPool, ids: list[int], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for t in pool.tensors:
+        for b in ids:
+            t[:, b] = torch.randn(t[:, b].shape, generator=g)
+
+
+def assert_moved(src: BlockPool, dst: BlockPool, src_ids: list[int], dst_ids: list[int],
+                 layers: range | list[int] | None = None) -> None:
+    chosen = range(len(src.tensors)) if layers is None else layers
+    for i in chosen:
+        for s, d in zip(src_ids, dst_ids):
+            assert torch.equal(src.tensors[i][:, s], dst.tensors[i][:, d]), (i, s, d)
+
+
+def assert_untouched(dst: BlockPool, named: list[int], layers: range | list[int] | None = None
+                     ) -> None:
+    chosen = set(range(len(dst.tensors)) if layers is None else layers)
+    for i, t in enumerate(dst.tensors):
+        keep = [b for b in range(t.shape[1]) if i not in chosen or b not in named]
+        assert bool((t[:, keep] == SENTINEL).all()), f"tensor {i}: an unnamed block was written"
+
+
+async def test_blocks_move_pool_to_pool_and_nothing_else_is_written(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(64), vllm_pool(40)  # num_blocks may differ
+    src_ids, dst_ids = [3, 4, 5, 17, 60, 0], [39, 1, 2, 3, 20, 8]
+    fill_blocks(src, src_ids, seed=1)
+    async with asyncio.timeout(20):
+        await asyncio.gather(a.send_blocks(src, src_ids, key="r1"),
+                             b.recv_blocks(dst, dst_ids, key="r1"))
+    assert_moved(src, dst, src_ids, dst_ids)
+    assert_untouched(dst, dst_ids)
+
+
+async def test_layer_by_layer_sends_complete_one_recv(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(16, layers=6), vllm_pool(16, layers=6)
+    ids = [1, 2, 3, 9]
+    fill_blocks(src, ids, seed=2)
+    receiving = asyncio.create_task(b.recv_blocks(dst, ids, key="req"))
+    for layer in range(6):
+        await a.send_blocks(src, ids, key="req", layers=[layer])
+        assert not receiving.done() or layer == 5
+    async with asyncio.timeout(10):
+        await receiving
+    assert_moved(src, dst, ids, ids)
+
+
+async def test_concurrent_requests_interleave_by_key(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(128), vllm_pool(128)
+    reqs = {f"r{i}": ([i * 4 + j for j in range(4)], [120 - i * 4 - j for j in range(4)])
+            for i in range(12)}
+    fill_blocks(src, [s for s_ids, _ in reqs.values() for s in s_ids], seed=3)
+    async with asyncio.timeout(20):
+        await asyncio.gather(
+            *(a.send_blocks(src, s_ids, key=k) for k, (s_ids, _) in reqs.items()),
+            *(b.recv_blocks(dst, d_ids, key=k) for k, (_, d_ids) in reversed(reqs.items())))
+    for s_ids, d_ids in reqs.values():
+        assert_moved(src, dst, s_ids, d_ids)
+
+
+async def test_dict_pools_with_block_dim_0_and_layer_names(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    # MLA-like: [num_blocks, block_size, dim], selected by name
+    src = BlockPool({f"l{i}": torch.arange(32 * 4 * 6, dtype=torch.bfloat16).view(32, 4, 6) + i
+                     for i in range(3)}, block_dim=0)
+    dst = BlockPool({f"l{i}": torch.zeros(8, 4, 6, dtype=torch.bfloat16) for i in range(3)},
+                    block_dim=0)
+    async with asyncio.timeout(10):
+        await asyncio.gather(a.send_blocks(src, [30, 2], key="m", layers=["l2"]),
+                             b.recv_blocks(dst, [0, 7], key="m", layers="l2"))
+    assert torch.equal(dst.tensors[2][0], src.tensors[2][30])
+    assert torch.equal(dst.tensors[2][7], src.tensors[2][2])
+    assert not dst.tensors[0].any() and not dst.tensors[1].any()
+
+
+@pytest.mark.parametrize("misfit", ["block-shape", "dtype", "count"])
+async def test_a_misfit_is_a_value_error_on_both_ends_and_the_pipe_goes_on(
+        pair_factory: PairFactory, misfit: str) -> None:
+    a, b = await pair_factory()
+    src = vllm_pool(8)
+    if misfit == "block-shape":
+        dst = BlockPool([torch.zeros(2, 8, 4, 2, 4) for _ in range(4)], block_dim=1)
+    elif misfit == "dtype":
+        dst = BlockPool([torch.zeros(2, 8, 4, 2, 8, dtype=torch.float16) for _ in range(4)],
+                        block_dim=1)
+    else:
+        dst = vllm_pool(8)
+    dst_ids = [1, 2] if misfit == "count" else [1, 2, 3]
+    async with asyncio.timeout(10):
+        sent, got = await asyncio.gather(a.send_blocks(src, [1, 2, 3], key="x"),
+                                         b.recv_blocks(dst, dst_ids, key="x"),
+                                         return_exceptions=True)
+        assert isinstance(sent, ValueError) and isinstance(got, ValueError), (sent, got)
+        assert "refused" in str(sent)
+        await a.send(torch.ones(3), key="after")  # the pipe stays usable
+        assert (await b.recv(key="after")).tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("ids", "error"), [
+    ([99], IndexError), ([-1], IndexError), ([1, 1], ValueError), ([1.5], TypeError)])
+async def test_bad_destination_ids_are_refused_before_anything_moves(
+        pair_factory: PairFactory, ids: list[object], error: type[Exception]) -> None:
+    a, b = await pair_factory()
+    with pytest.raises(error):
+        await b.recv_blocks(vllm_pool(8), ids, key="bad")
+    with pytest.raises((TypeError, ValueError)):
+        await a.send_blocks(vllm_pool(8), [1], key="bad", layers=[9])
+    assert not a.closed and not b.closed
+
+
+async def test_a_send_cancelled_before_the_pull_moves_nothing(pair_factory: PairFactory
+                                                              ) -> None:
+    a, b = await pair_factory(recv_buffer_bytes=1 << 20)
+    src, dst = vllm_pool(8), vllm_pool(8)
+    fill_blocks(src, [1], seed=4)
+    sending = asyncio.create_task(a.send_blocks(src, [1], key="gone"))
+    await asyncio.sleep(0.05)  # the offer is at the peer, unmatched
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    full = a.stats.send_credits
+    async with asyncio.timeout(10):
+        # the retracted offer is never pulled: a later recv for the key waits for a new one
+        receiving = asyncio.create_task(b.recv_blocks(dst, [2], key="gone"))
+        await asyncio.sleep(0.05)
+        assert not receiving.done()
+        await a.send_blocks(src, [1], key="gone")
+        await receiving
+    assert_moved(src, dst, [1], [2])
+    assert a.stats.send_credits <= full
+
+
+async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(1024), vllm_pool(1024)
+    receiving = asyncio.create_task(b.recv_blocks(dst, list(range(1024)), key="k"))
+    sending = asyncio.create_task(a.send_blocks(src, list(range(1024)), key="k"))
+    await asyncio.sleep(0)
+    a._control._transport.abort()  # type: ignore[union-attr]
+    async with asyncio.timeout(10):
+        for task in (receiving, sending):
+            with pytest.raises(aiokvpipe.BrokenPipe):
+                await task
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_memory_stays_flat_over_a_thousand_requests(pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(256, layers=8), vllm_pool(256, layers=8)
+    ids = list(range(0, 256, 8))
+    async with asyncio.timeout(50):
+        for i in range(1100):
+            if i == 100:
+                before = _rss()  # after warm-up: caches, specs, pools of futures
+            await asyncio.gather(a.send_blocks(src, ids, key=f"r{i}"),
+                                 b.recv_blocks(dst, ids, key=f"r{i}"))
+    grown = _rss() - before
+    per_request = 2 * 8 * len(ids) * 4 * 2 * 8 * 4  # bytes moved per request
+    assert grown < 8 * per_request + (4 << 20), f"RSS grew by {grown} bytes"
