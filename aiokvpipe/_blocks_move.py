@@ -14,10 +14,12 @@ pools with different strides or ``block_dim`` exchange blocks correctly.
 * Pool to pool (ipc): :func:`copy_runs` copies from a peer's pool mapped into this process
   (:class:`MappedPool`) straight into the local pool.
 
-On CUDA each of these is ONE kernel launch (CuPy ``RawKernel``: 16-byte vectorised copies
-over a small device table of ``(src_ptr, dst_ptr, nbytes)`` pieces, one thread block per
-piece), enqueued on the caller's stream (``stream=None``: the current one); nothing
-synchronises the host. Without CuPy, or with ``method="torch"``, the same copies run as
+On CUDA each of these is ONE kernel launch (CuPy ``RawKernel``: 16-byte vectorised copies,
+one thread block per piece of at most 64 KiB), enqueued on the caller's stream
+(``stream=None``: the current one); nothing synchronises the host. The kernel reads a small
+table: per tensor its two base addresses, and one list of ``(src_offset, dst_offset,
+nbytes)`` pieces shared by all tensors of the same geometry. On an H200 it moved the 512 MiB
+of an 8B-Llama request's blocks (256 random ids of 4,096) at 0.88 × a contiguous copy. Without CuPy, or with ``method="torch"``, the same copies run as
 ``index_select``/``index_copy_`` over byte views (a second pass through memory where a
 block is more than one segment). None of these functions await anything; cancellation is
 the caller's business (what is enqueued runs to completion).
@@ -284,26 +286,45 @@ class _Geom:
 _Job = tuple[_Geom, int, _Geom, int, Any]
 
 
-def _pieces(jobs: Sequence[_Job], pairs: dict[Any, tuple[torch.Tensor, torch.Tensor]]
-            ) -> torch.Tensor:
-    """The ``(src_ptr, dst_ptr, nbytes)`` table (int64, CPU) copying every job's blocks.
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one kernel launch copies. ``jobs`` (int64 ``[J, 4]``): per job a source and a
+    destination base address and the ``[first, first+count)`` rows of ``pieces`` (int64
+    ``[R, 3]``: source offset, destination offset, bytes) to copy relative to them."""
 
-    Jobs with the same geometries and id pairs share one relative table (tensors of a pool
-    usually all look alike), to which each job's base addresses are added: the host work
-    is a few vectorised ops per kind of tensor, not per tensor or block.
+    jobs: torch.Tensor
+    pieces: torch.Tensor
+
+    def flat(self) -> torch.Tensor:
+        """Every copy as absolute ``(src_ptr, dst_ptr, nbytes)`` rows (for tests)."""
+        rows = []
+        for sb, db, first, count in self.jobs.tolist():
+            rel = self.pieces[first:first + count]
+            rows.append(rel + torch.tensor([sb, db, 0], dtype=torch.int64))
+        return torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.int64)
+
+
+def _plan(jobs: Sequence[_Job], pairs: dict[Any, tuple[torch.Tensor, torch.Tensor]]) -> _Plan:
+    """The launch plan copying every job's blocks.
+
+    Jobs with the same geometries and id pairs share one relative piece table (the tensors
+    of a pool usually all look alike): the host work is a few vectorised ops per kind of
+    tensor, and the table sent to the device is as small as one tensor's pieces.
     """
-    groups: dict[tuple[_Geom, _Geom, Any], list[tuple[int, int]]] = {}
+    tables: dict[tuple[_Geom, _Geom, Any], tuple[int, int]] = {}
+    parts: list[torch.Tensor] = []
+    rows = 0
+    job_rows = []
     for sg, sb, dg, db, key in jobs:
-        groups.setdefault((sg, dg, key), []).append((sb, db))
-    tables = []
-    for (sg, dg, key), bases in groups.items():
-        rel = _relative_pieces(sg, dg, *pairs[key])
-        b = torch.tensor(bases, dtype=torch.int64)  # [jobs, 2]
-        t = rel.unsqueeze(0).repeat(len(bases), 1, 1)  # [jobs, pieces, 3]
-        t[:, :, 0] += b[:, 0:1]
-        t[:, :, 1] += b[:, 1:2]
-        tables.append(t.reshape(-1, 3))
-    return torch.cat(tables) if tables else torch.empty(0, 3, dtype=torch.int64)
+        where = tables.get((sg, dg, key))
+        if where is None:
+            rel = _relative_pieces(sg, dg, *pairs[key])
+            where = tables[sg, dg, key] = (rows, rel.shape[0])
+            parts.append(rel)
+            rows += rel.shape[0]
+        job_rows.append((sb, db, *where))
+    pieces = torch.cat(parts) if parts else torch.empty(0, 3, dtype=torch.int64)
+    return _Plan(torch.tensor(job_rows, dtype=torch.int64).reshape(-1, 4), pieces)
 
 
 def _relative_pieces(sg: _Geom, dg: _Geom, s_idx: torch.Tensor, d_idx: torch.Tensor
@@ -341,12 +362,9 @@ def _relative_pieces(sg: _Geom, dg: _Geom, s_idx: torch.Tensor, d_idx: torch.Ten
 
 
 def _expand_runs(runs: Sequence[Run]) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.tensor(runs, dtype=torch.int64).reshape(-1, 3)
-    lengths = r[:, 2]
-    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
-        torch.cumsum(lengths, 0) - lengths, lengths)
-    return (torch.repeat_interleave(r[:, 0], lengths) + within,
-            torch.repeat_interleave(r[:, 1], lengths) + within)
+    src = [a + k for a, _, n in runs for k in range(n)]
+    dst = [b + k for _, b, n in runs for k in range(n)]
+    return torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64)
 
 
 def _move_staged(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf: torch.Tensor, *,
@@ -393,18 +411,18 @@ def _segment_ids(ids: Sequence[int], chunk: Chunk) -> dict[tuple[int, int], torc
 
 
 def _runs_table(src: Source, dst: BlockPool, layers: Sequence[int], s_idx: torch.Tensor,
-                d_idx: torch.Tensor) -> torch.Tensor:
-    """The piece table of :func:`copy_runs`."""
+                d_idx: torch.Tensor) -> _Plan:
+    """The launch plan of :func:`copy_runs`."""
     src_ptrs = (src.data_ptrs if isinstance(src, MappedPool)
                 else tuple(t.data_ptr() for t in src.tensors))
     jobs = [(_Geom.of(src.layout.tensors[i]), src_ptrs[i],
              _Geom.of(dst.layout.tensors[i]), dst.tensors[i].data_ptr(), 0) for i in layers]
-    return _pieces(jobs, {0: (s_idx, d_idx)})
+    return _plan(jobs, {0: (s_idx, d_idx)})
 
 
 def _staged_table(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
-                  to_pool: bool) -> torch.Tensor:
-    """The piece table of :func:`gather` (``to_pool`` false) or :func:`scatter` between
+                  to_pool: bool) -> _Plan:
+    """The launch plan of :func:`gather` (``to_pool`` false) or :func:`scatter` between
     ``chunk``'s blocks and the buffer at ``buf_ptr``."""
     idx_of = _segment_ids(ids, chunk)
     jobs: list[_Job] = []
@@ -422,7 +440,7 @@ def _staged_table(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf_ptr: in
         else:
             jobs.append((pool_geom, pool_base, buf_geom, buf_base, key))
         offset += (s.stop - s.start) * tl.block_bytes
-    return _pieces(jobs, pairs)
+    return _plan(jobs, pairs)
 
 
 def _byte_view(t: torch.Tensor, tl: TensorLayout) -> torch.Tensor:
@@ -488,12 +506,17 @@ def _choose(device: torch.device, method: Method) -> Literal["kernel", "torch"]:
 
 
 _KERNEL_SOURCE: Final = r"""
-extern "C" __global__ void aiokvpipe_copy_pieces(const long long* __restrict__ table,
-                                                 long long n_pieces) {
-    for (long long p = blockIdx.x; p < n_pieces; p += gridDim.x) {
-        const char* src = (const char*)table[3 * p];
-        char* dst = (char*)table[3 * p + 1];
-        const long long n = table[3 * p + 2];
+extern "C" __global__ void aiokvpipe_copy_pieces(const long long* __restrict__ jobs,
+                                                 const long long* __restrict__ pieces) {
+    // blockIdx.y: the job (a tensor's base addresses); blockIdx.x strides over its pieces.
+    const long long* job = jobs + 4 * blockIdx.y;
+    const unsigned long long sbase = job[0], dbase = job[1];
+    const long long first = job[2], count = job[3];
+    for (long long p = blockIdx.x; p < count; p += gridDim.x) {
+        const long long* pc = pieces + 3 * (first + p);
+        const char* src = (const char*)(sbase + pc[0]);
+        char* dst = (char*)(dbase + pc[1]);
+        const long long n = pc[2];
         const long long t = threadIdx.x, step = blockDim.x;
         if ((((unsigned long long)src | (unsigned long long)dst | (unsigned long long)n)
              & 15) == 0) {
@@ -517,6 +540,8 @@ extern "C" __global__ void aiokvpipe_copy_pieces(const long long* __restrict__ t
     }
 }
 """
+#: CUDA's limit on gridDim.y: more jobs than this take several launches.
+_MAX_JOBS_PER_LAUNCH: Final = 65535
 
 _kernel_cache: list[Any] = []
 
@@ -536,19 +561,53 @@ def _kernel() -> Any:
     return _kernel_cache[0]
 
 
-def _launch(table: torch.Tensor, device: torch.device) -> None:
-    """Copy every piece of ``table`` with one kernel on the current stream of ``device``."""
-    n = table.shape[0]
-    if n == 0:
+class _StreamRef:
+    """A raw CUDA stream handle, offered to CuPy through the CUDA stream protocol."""
+
+    def __init__(self, handle: int) -> None:
+        self._handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self._handle)
+
+
+_cupy_streams: dict[int, Any] = {}
+
+
+def _cupy_stream(handle: int) -> Any:
+    """CuPy's view of a torch stream, made once per stream handle."""
+    stream = _cupy_streams.get(handle)
+    if stream is None:
+        import cupy
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        stream = (from_external(_StreamRef(handle)) if from_external is not None
+                  else cupy.cuda.ExternalStream(handle))
+        if len(_cupy_streams) >= 64:  # streams come and go: stay bounded
+            _cupy_streams.clear()
+        _cupy_streams[handle] = stream
+    return stream
+
+
+def _launch(plan: _Plan, device: torch.device) -> None:
+    """Run ``plan`` with one kernel on the current stream of ``device`` (several launches
+    only past 65,535 jobs)."""
+    if plan.pieces.shape[0] == 0 or plan.jobs.shape[0] == 0:
         return
     import cupy
     import numpy
 
-    stream = torch.cuda.current_stream(device)
-    table_dev = table.pin_memory().to(device, non_blocking=True)
+    n_jobs = plan.jobs.shape[0]
+    # One pinned buffer, one host-to-device copy: jobs then pieces.
+    both = torch.cat([plan.jobs.reshape(-1), plan.pieces.reshape(-1)]).pin_memory()
+    table = both.to(device, non_blocking=True)
+    widest = int(plan.jobs[:, 3].max())
+    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(device.index):
-        _kernel()((min(n, _MAX_GRID),), (_THREADS,),
-                  (numpy.uint64(table_dev.data_ptr()), numpy.int64(n)),
-                  stream=cupy.cuda.ExternalStream(stream.cuda_stream))
-    # table_dev goes back to torch's caching allocator here: only work on this same stream,
+        for first in range(0, n_jobs, _MAX_JOBS_PER_LAUNCH):
+            jobs = min(_MAX_JOBS_PER_LAUNCH, n_jobs - first)
+            _kernel()((min(widest, _MAX_GRID), jobs), (_THREADS,),
+                      (numpy.uint64(table.data_ptr() + 32 * first),
+                       numpy.uint64(table.data_ptr() + 32 * n_jobs)),
+                      stream=stream)
+    # table goes back to torch's caching allocator here: only work on this same stream,
     # which runs after the kernel, can reuse its memory.

@@ -300,7 +300,7 @@ def test_copy_runs_argument_errors() -> None:
 
 
 def apply_on_host(table: torch.Tensor) -> None:
-    """What the CUDA kernel does with a piece table, with memmove on CPU memory."""
+    """What the CUDA kernel does with a launch plan's pieces, with memmove on CPU memory."""
     for src, dst, n in table.tolist():
         assert 0 < n <= _blocks_move.MAX_PIECE_BYTES
         ctypes.memmove(dst, src, n)
@@ -324,7 +324,7 @@ def test_runs_table_is_a_per_block_copy(
         m.setattr(_blocks_move, "MAX_PIECE_BYTES", piece)
         if runs:
             s_idx, d_idx = _blocks_move._expand_runs(runs)
-            table = _blocks_move._runs_table(pair.src, pair.dst, layers, s_idx, d_idx)
+            table = _blocks_move._runs_table(pair.src, pair.dst, layers, s_idx, d_idx).flat()
             assert int(table[:, 2].sum()) == len(src_ids) * pair.src.layout.block_bytes(layers)
             check_disjoint(table, 1)
             apply_on_host(table)
@@ -341,13 +341,13 @@ def test_staged_tables_gather_and_scatter(
     buf = torch.empty(staging, dtype=torch.uint8)
     for chunk in iter_chunks(pair.src.layout, layers, len(src_ids), staging):
         fill(buf, 0x3C)
-        out = _blocks_move._staged_table(pair.src, src_ids, chunk, buf.data_ptr(), False)
+        out = _blocks_move._staged_table(pair.src, src_ids, chunk, buf.data_ptr(), False).flat()
         check_disjoint(out, 1)
         apply_on_host(out)
         reference = torch.empty_like(buf)
         gather(pair.src, src_ids, chunk, reference, method="torch")
         assert torch.equal(buf[:chunk.nbytes], reference[:chunk.nbytes])
-        into = _blocks_move._staged_table(pair.dst, dst_ids, chunk, buf.data_ptr(), True)
+        into = _blocks_move._staged_table(pair.dst, dst_ids, chunk, buf.data_ptr(), True).flat()
         check_disjoint(into, 1)
         apply_on_host(into)
     assert_bytes_equal(pair.dst, expected)
@@ -357,8 +357,11 @@ def test_tables_merge_runs_of_blocks_into_few_pieces() -> None:
     src = BlockPool([torch.zeros(2, 64, 16, dtype=torch.uint8) for _ in range(3)], block_dim=1)
     dst = BlockPool([torch.zeros(2, 32, 16, dtype=torch.uint8) for _ in range(3)], block_dim=1)
     s_idx, d_idx = _blocks_move._expand_runs(((10, 0, 8), (40, 20, 4)))
-    table = _blocks_move._runs_table(src, dst, (0, 2), s_idx, d_idx)
-    # Two runs × two segments (K and V) × two tensors: 8 pieces, not 48.
+    plan = _blocks_move._runs_table(src, dst, (0, 2), s_idx, d_idx)
+    # Two runs × two segments (K and V), shared by both tensors: 4 pieces, not 48.
+    assert plan.pieces.shape[0] == 4
+    assert plan.jobs.shape[0] == 2
+    table = plan.flat()
     assert table.shape[0] == 8
     assert sorted(table[:, 2].tolist()) == [64] * 4 + [128] * 4
 
@@ -368,7 +371,7 @@ def test_mixed_segment_sizes_cut_at_both_sides_boundaries() -> None:
     src = BlockPool([fill(torch.empty(2, 5, 3, dtype=torch.int8))], block_dim=1)
     dst = BlockPool([fill(torch.empty(4, 2, 3, dtype=torch.int8), SENTINEL)], block_dim=0)
     s_idx, d_idx = _blocks_move._expand_runs(((1, 2, 2),))
-    table = _blocks_move._runs_table(src, dst, (0,), s_idx, d_idx)
+    table = _blocks_move._runs_table(src, dst, (0,), s_idx, d_idx).flat()
     assert math.gcd(*table[:, 2].tolist()) == 3
     apply_on_host(table)
     assert torch.equal(dst.tensors[0][2:4], src.tensors[0][:, 1:3].transpose(0, 1))
