@@ -8,6 +8,7 @@
     kv = await pipe.recv(key="request-17")
 """
 
+from ._blocks import BlockPool
 from ._connect import Listener, connect, listen, open_pipe
 from ._errors import (
     AuthenticationError,
@@ -30,6 +31,7 @@ __all__ = [
     "Pipe",
     "PipeStats",
     "PipeOptions",
+    "BlockPool",
     "PipeError",
     "BrokenPipe",
     "PipeClosed",

@@ -17,6 +17,7 @@ All model calls are synchronous and compute-bound; servers run them with ``async
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -43,6 +44,12 @@ NEXT_TOKEN_KEY = "next_token"
 # Greedy decoding only ever picks printable ASCII (plus newline) so results tables stay readable;
 # the model itself still sees and scores all 256 byte tokens.
 _ALLOWED_IDS = [10, *range(32, 127)]
+
+#: The ``forward()`` argument (and output field) holding the KV cache: ``cache`` in
+#: transformers 5.x, which deprecates ``past_key_values`` (removed in 5.40); older releases
+#: know only ``past_key_values``.
+_CACHE_ARG = ("cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters
+              else "past_key_values")
 
 
 class ByteTokenizer:
@@ -109,8 +116,8 @@ def prefill(model: GPT2LMHeadModel, ids: list[int]) -> tuple[DynamicCache, int]:
         raise ValueError("prefill needs at least one token")
     input_ids = torch.tensor([ids], dtype=torch.long, device=_device_of(model))
     cache = DynamicCache()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-    return out.past_key_values, _greedy(out.logits)
+    out = model(input_ids=input_ids, use_cache=True, **{_CACHE_ARG: cache})
+    return getattr(out, _CACHE_ARG), _greedy(out.logits)
 
 
 @torch.inference_mode()
@@ -128,8 +135,8 @@ def decode(
     tokens = [first_token]
     while len(tokens) < max_tokens:
         step = torch.tensor([[tokens[-1]]], dtype=torch.long, device=device)
-        out = model(input_ids=step, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=step, use_cache=True, **{_CACHE_ARG: cache})
+        cache = getattr(out, _CACHE_ARG)
         tokens.append(_greedy(out.logits))
     return tokens
 

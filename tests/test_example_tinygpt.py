@@ -75,3 +75,16 @@ def test_prompts_give_distinct_outputs(model: object) -> None:
     tok = tinygpt.ByteTokenizer()
     outs = {tinygpt.generate(model, tok, f"request {i}: hello", 16) for i in range(20)}
     assert len(outs) == 20
+
+
+def test_no_deprecated_cache_argument(model: object) -> None:
+    # transformers 5.x deprecates forward(past_key_values=...) (gone in 5.40): the example
+    # must use the argument the installed version offers, without a FutureWarning.
+    import warnings
+
+    tok = tinygpt.ByteTokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        cache, first = tinygpt.prefill(model, tok.encode("Hi"))
+        tinygpt.decode(model, cache, first, 3)

@@ -1,0 +1,613 @@
+"""Moving blocks: byte views for sockets, gather/scatter through staging, pool-to-pool copies.
+
+Every plane carries a transfer as the same byte stream, the *canonical order*: for each
+tensor of the transfer (ascending index), for each block id in the caller's order, the
+block's bytes in row-major order of its block shape (``aiokvpipe._blocks``). So two fitting
+pools with different strides or ``block_dim`` exchange blocks correctly.
+
+* CPU pools (tcp): :func:`run_views` gives memoryviews over the blocks themselves, for
+  ``sendmsg`` and ``recv_into``; adjacent memory is one view.
+* Staged transfers (nccl, tcp with CUDA pools): :func:`iter_chunks` cuts a transfer into
+  chunks that fit a staging buffer -- the same chunks on both ends, since they depend only
+  on the tensors' block sizes, the number of ids and the staging size -- and :func:`gather`
+  / :func:`scatter` copy one chunk between the pool and the buffer.
+* Pool to pool (ipc): :func:`copy_runs` copies from a peer's pool mapped into this process
+  (:class:`MappedPool`) straight into the local pool.
+
+On CUDA each of these is ONE kernel launch (CuPy ``RawKernel``: 16-byte vectorised copies,
+one thread block per piece of at most 64 KiB), enqueued on the caller's stream
+(``stream=None``: the current one); nothing synchronises the host. The kernel reads a small
+table: per tensor its two base addresses, and one list of ``(src_offset, dst_offset,
+nbytes)`` pieces shared by all tensors of the same geometry. On an H200 it moved the 512 MiB
+of an 8B-Llama request's blocks (256 random ids of 4,096) at 0.88 × a contiguous copy. Without CuPy, or with ``method="torch"``, the same copies run as
+``index_select``/``index_copy_`` over byte views (a second pass through memory where a
+block is more than one segment). None of these functions await anything; cancellation is
+the caller's business (what is enqueued runs to completion).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import torch
+
+from ._blocks import BlockPool, PoolLayout, Run, TensorLayout, check_fits
+
+__all__ = [
+    "MAX_PIECE_BYTES",
+    "Chunk",
+    "Segment",
+    "MappedPool",
+    "Method",
+    "run_views",
+    "iter_chunks",
+    "gather",
+    "scatter",
+    "copy_runs",
+    "kernel_available",
+]
+
+#: Pieces longer than this are split, so one thread block never copies more (load balance).
+MAX_PIECE_BYTES: Final = 64 * 1024
+_THREADS: Final = 256
+_MAX_GRID: Final = 1 << 20
+
+Method = Literal["auto", "kernel", "torch"]
+Side = Literal["src", "dst"]
+
+
+# -- CPU pools: memoryviews -----------------------------------------------------------------
+
+
+def run_views(pool: BlockPool, tensor_index: int, runs: Sequence[Run], side: Side
+              ) -> list[memoryview]:
+    """Writable memoryviews over the blocks of ``runs`` in tensor ``tensor_index`` of a CPU
+    pool, in canonical order (run by run, block by block, each block's segments in order);
+    physically adjacent pieces are one view. ``side`` says which start of each
+    ``(src_start, dst_start, length)`` run is this pool's.
+
+    Zero-copy: the views alias the pool's memory and do not keep it alive (hold the pool).
+    Raises ``TypeError`` for a CUDA pool, ``ValueError`` for a run outside the pool.
+    """
+    if pool.device.type != "cpu":
+        raise TypeError("run_views needs a CPU pool (stage CUDA pools with gather/scatter)")
+    if side not in ("src", "dst"):
+        raise ValueError(f"side is 'src' or 'dst', not {side!r}")
+    tl = pool.layout.tensors[tensor_index]
+    _check_runs(runs, pool.num_blocks, pool.num_blocks)
+    col = 0 if side == "src" else 1
+    stride, seg, offsets = tl.block_stride_bytes, tl.segment_bytes, tl.segment_offsets
+    spans: list[list[int]] = []
+    for run in runs:
+        start = run[col]
+        for b in range(start, start + run[2]):
+            base = b * stride
+            for off in offsets:
+                o = base + off
+                if spans and spans[-1][1] == o:
+                    spans[-1][1] = o + seg
+                else:
+                    spans.append([o, o + seg])
+    if not spans:
+        return []
+    t = pool.tensors[tensor_index]
+    whole = memoryview((ctypes.c_ubyte * tl.span_bytes).from_address(t.data_ptr())).cast("B")
+    return [whole[a:b] for a, b in spans]
+
+
+# -- chunks of a staged transfer ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Blocks ``ids[start:stop]`` of tensor ``tensor`` (an index into the pool)."""
+
+    tensor: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Consecutive segments of the canonical stream; ``nbytes`` their bytes together."""
+
+    segments: tuple[Segment, ...]
+    nbytes: int
+
+
+def iter_chunks(layout: PoolLayout, layers: Sequence[int], count: int, staging_bytes: int
+                ) -> Iterator[Chunk]:
+    """Cut the transfer of ``count`` blocks of tensors ``layers`` into chunks of at most
+    ``staging_bytes``, in canonical order, each as full as whole blocks allow.
+
+    Both ends of a transfer with fitting pools get the same chunks from the same
+    ``staging_bytes`` (agree on it first). ``ValueError`` if a block of one tensor is larger
+    than ``staging_bytes``.
+    """
+    sizes = [layout.tensors[i].block_bytes for i in layers]
+    if sizes and max(sizes) > staging_bytes:
+        raise ValueError(f"staging of {staging_bytes} bytes cannot hold one block of "
+                         f"{max(sizes)} bytes")
+    segments: list[Segment] = []
+    used = 0
+    for tensor, size in zip(layers, sizes, strict=True):
+        pos = 0
+        while pos < count:
+            n = min(count - pos, (staging_bytes - used) // size)
+            if n == 0:
+                yield Chunk(tuple(segments), used)
+                segments, used = [], 0
+                continue
+            segments.append(Segment(tensor, pos, pos + n))
+            used += n * size
+            pos += n
+    if segments:
+        yield Chunk(tuple(segments), used)
+
+
+def whole_chunk(layout: PoolLayout, layers: Sequence[int], count: int) -> Chunk:
+    """One chunk holding the whole transfer (no staging bound)."""
+    segs = tuple(Segment(i, 0, count) for i in layers)
+    return Chunk(segs, count * layout.block_bytes(layers))
+
+
+# -- the pool-to-pool source ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MappedPool:
+    """A peer's pool mapped into this process (CUDA IPC): its layout and, per tensor, the
+    address of the tensor's first element as seen here (on ``device``)."""
+
+    layout: PoolLayout
+    data_ptrs: tuple[int, ...]
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        if len(self.data_ptrs) != len(self.layout.tensors):
+            raise ValueError(f"{len(self.data_ptrs)} pointers for "
+                             f"{len(self.layout.tensors)} tensors")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layout.num_blocks
+
+    def byte_view(self, i: int) -> torch.Tensor:
+        """Tensor ``i`` as a uint8 tensor of shape ``(*shape, itemsize)`` over the mapped
+        memory (no copy; valid while the mapping is)."""
+        tl = self.layout.tensors[i]
+        iface = {
+            "shape": (*tl.shape, tl.itemsize),
+            "strides": (*(s * tl.itemsize for s in tl.strides), 1),
+            "typestr": "|u1",
+            "data": (self.data_ptrs[i], False),
+            "version": 3,
+        }
+        holder = type("_Mapped", (), {"__cuda_array_interface__": iface})()
+        return torch.as_tensor(holder, device=self.device)
+
+
+Source = BlockPool | MappedPool
+
+
+# -- gather / scatter / copy_runs -----------------------------------------------------------
+
+
+def gather(pool: BlockPool, ids: Sequence[int], chunk: Chunk, out: torch.Tensor, *,
+           stream: torch.cuda.Stream | None = None, method: Method = "auto") -> None:
+    """Copy ``chunk``'s blocks (positions into ``ids``) from ``pool`` into
+    ``out[:chunk.nbytes]`` in canonical order.
+
+    ``out``: a contiguous 1-D uint8 tensor on the pool's device (or, for a CUDA pool, in
+    pinned host memory) of at least ``chunk.nbytes`` bytes. Enqueued on ``stream``; returns
+    without waiting. ``ValueError``/``TypeError`` for a wrong buffer.
+    """
+    _check_buffer(pool, out, chunk.nbytes, "out")
+    _move_staged(pool, ids, chunk, out, to_pool=False, stream=stream, method=method)
+
+
+def scatter(pool: BlockPool, ids: Sequence[int], chunk: Chunk, src: torch.Tensor, *,
+            stream: torch.cuda.Stream | None = None, method: Method = "auto") -> None:
+    """The inverse of :func:`gather`: write ``src[:chunk.nbytes]`` into ``chunk``'s blocks
+    of ``pool``. Nothing outside those blocks is written. ``ids`` should be destination ids
+    (no repeats: a repeated id would be written twice, in no set order)."""
+    _check_buffer(pool, src, chunk.nbytes, "src")
+    _move_staged(pool, ids, chunk, src, to_pool=True, stream=stream, method=method)
+
+
+def copy_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: Sequence[Run], *,
+              stream: torch.cuda.Stream | None = None, method: Method = "auto") -> None:
+    """Copy the blocks of ``runs`` (``(src_start, dst_start, length)``, from
+    :func:`~aiokvpipe._blocks.merge_runs`) of tensors ``layers`` from ``src`` into ``dst``:
+    on CUDA one kernel over every run of every tensor, enqueued on ``stream``.
+
+    ``src`` is a local :class:`~aiokvpipe.BlockPool` or a :class:`MappedPool`; it must fit
+    ``dst`` (``ValueError`` otherwise, as for a run outside either pool). Returns without
+    waiting; the source must not change and stay mapped until the stream has run the copy.
+    """
+    check_fits(dst.layout, src.layout)
+    _check_runs(runs, src.num_blocks, dst.num_blocks)
+    if isinstance(src, MappedPool) and src.device != dst.device:
+        raise ValueError(f"the mapped pool is on {src.device}, the destination on "
+                         f"{dst.device}")
+    if isinstance(src, BlockPool) and src.device != dst.device:
+        raise ValueError(f"copy_runs copies within one device, not {src.device} → "
+                         f"{dst.device}")
+    if not runs or not layers:
+        return
+    s_idx, d_idx = _expand_runs(runs)
+    kind = _choose(dst.device, method)
+    with _on(stream, dst.device):
+        if kind == "kernel":
+            _launch(_runs_table(src, dst, layers, s_idx, d_idx), dst.device)
+        else:
+            s_dev, d_dev = _to_device(s_idx, dst.device), _to_device(d_idx, dst.device)
+            for i in layers:
+                source = (src.byte_view(i) if isinstance(src, MappedPool)
+                          else _byte_view(src.tensors[i], src.layout.tensors[i]))
+                source = source.movedim(src.layout.tensors[i].block_dim, 0)
+                target = _byte_view(dst.tensors[i], dst.layout.tensors[i]).movedim(
+                    dst.layout.tensors[i].block_dim, 0)
+                target.index_copy_(0, d_dev, source.index_select(0, s_dev))
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the copy kernel can run on ``device`` (a CUDA device and CuPy)."""
+    return device.type == "cuda" and _kernel() is not None
+
+
+# -- internals ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Geom:
+    """Where a block's segments lie, relative to a base address."""
+
+    block_bytes: int
+    block_stride: int
+    segment_bytes: int
+    segment_offsets: tuple[int, ...]
+
+    @staticmethod
+    def of(t: TensorLayout) -> _Geom:
+        return _Geom(t.block_bytes, t.block_stride_bytes, t.segment_bytes, t.segment_offsets)
+
+    @staticmethod
+    def packed(block_bytes: int) -> _Geom:
+        """Blocks back to back, as in a staging buffer."""
+        return _Geom(block_bytes, block_bytes, block_bytes, (0,))
+
+
+#: (src geometry, src base address, dst geometry, dst base address, key of the id pairs)
+_Job = tuple[_Geom, int, _Geom, int, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one kernel launch copies. ``jobs`` (int64 ``[J, 4]``): per job a source and a
+    destination base address and the ``[first, first+count)`` rows of ``pieces`` (int64
+    ``[R, 3]``: source offset, destination offset, bytes) to copy relative to them."""
+
+    jobs: torch.Tensor
+    pieces: torch.Tensor
+
+    def flat(self) -> torch.Tensor:
+        """Every copy as absolute ``(src_ptr, dst_ptr, nbytes)`` rows (for tests)."""
+        rows = []
+        for sb, db, first, count in self.jobs.tolist():
+            rel = self.pieces[first:first + count]
+            rows.append(rel + torch.tensor([sb, db, 0], dtype=torch.int64))
+        return torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.int64)
+
+
+def _plan(jobs: Sequence[_Job], pairs: dict[Any, tuple[torch.Tensor, torch.Tensor]]) -> _Plan:
+    """The launch plan copying every job's blocks.
+
+    Jobs with the same geometries and id pairs share one relative piece table (the tensors
+    of a pool usually all look alike): the host work is a few vectorised ops per kind of
+    tensor, and the table sent to the device is as small as one tensor's pieces.
+    """
+    tables: dict[tuple[_Geom, _Geom, Any], tuple[int, int]] = {}
+    parts: list[torch.Tensor] = []
+    rows = 0
+    job_rows = []
+    for sg, sb, dg, db, key in jobs:
+        where = tables.get((sg, dg, key))
+        if where is None:
+            rel = _relative_pieces(sg, dg, *pairs[key])
+            where = tables[sg, dg, key] = (rows, rel.shape[0])
+            parts.append(rel)
+            rows += rel.shape[0]
+        job_rows.append((sb, db, *where))
+    pieces = torch.cat(parts) if parts else torch.empty(0, 3, dtype=torch.int64)
+    return _Plan(torch.tensor(job_rows, dtype=torch.int64).reshape(-1, 4), pieces)
+
+
+def _relative_pieces(sg: _Geom, dg: _Geom, s_idx: torch.Tensor, d_idx: torch.Tensor
+                     ) -> torch.Tensor:
+    """Pieces (offsets from the bases) copying blocks ``s_idx[i]`` → ``d_idx[i]``: each
+    block cut where either side's segments end, then neighbours adjacent on both sides
+    merged, then split to at most :data:`MAX_PIECE_BYTES`."""
+    g = math.gcd(sg.segment_bytes, dg.segment_bytes)
+    pos = torch.arange(0, sg.block_bytes, g, dtype=torch.int64)  # [k] offsets in a block
+    s_rel = torch.tensor(sg.segment_offsets, dtype=torch.int64)[pos // sg.segment_bytes] \
+        + pos % sg.segment_bytes
+    d_rel = torch.tensor(dg.segment_offsets, dtype=torch.int64)[pos // dg.segment_bytes] \
+        + pos % dg.segment_bytes
+    # Piece-major (all blocks' first piece, then all second pieces...): consecutive blocks'
+    # same pieces are neighbours in the list, so runs of blocks merge.
+    src = (s_rel[:, None] + s_idx[None, :] * sg.block_stride).reshape(-1)
+    dst = (d_rel[:, None] + d_idx[None, :] * dg.block_stride).reshape(-1)
+    if src.numel() == 0:
+        return torch.empty(0, 3, dtype=torch.int64)
+    joined = torch.ones(src.numel(), dtype=torch.bool)
+    joined[0] = False
+    joined[1:] = (src[1:] == src[:-1] + g) & (dst[1:] == dst[:-1] + g)
+    starts = torch.nonzero(~joined).reshape(-1)
+    lengths = torch.diff(starts, append=torch.tensor([src.numel()])) * g
+    src, dst = src[starts], dst[starts]
+    # Split long pieces.
+    parts = (lengths + MAX_PIECE_BYTES - 1) // MAX_PIECE_BYTES
+    if int(parts.max()) > 1:
+        first = torch.cumsum(parts, 0) - parts
+        which = torch.repeat_interleave(torch.arange(parts.numel()), parts)
+        skip = (torch.arange(int(parts.sum())) - first[which]) * MAX_PIECE_BYTES
+        src, dst = src[which] + skip, dst[which] + skip
+        lengths = torch.clamp(lengths[which] - skip, max=MAX_PIECE_BYTES)
+    return torch.stack([src, dst, lengths], dim=1)
+
+
+def _expand_runs(runs: Sequence[Run]) -> tuple[torch.Tensor, torch.Tensor]:
+    src = [a + k for a, _, n in runs for k in range(n)]
+    dst = [b + k for _, b, n in runs for k in range(n)]
+    return torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64)
+
+
+def _move_staged(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf: torch.Tensor, *,
+                 to_pool: bool, stream: torch.cuda.Stream | None, method: Method) -> None:
+    layout = pool.layout
+    for s in chunk.segments:
+        if not (0 <= s.tensor < len(layout.tensors) and 0 <= s.start <= s.stop <= len(ids)):
+            raise ValueError(f"chunk segment {s} does not fit the pool and {len(ids)} ids")
+    if not chunk.segments:
+        return
+    idx_of = _segment_ids(ids, chunk)
+    kind = _choose(pool.device, method)
+    with _on(stream, pool.device):
+        if kind == "kernel":
+            _launch(_staged_table(pool, ids, chunk, buf.data_ptr(), to_pool), pool.device)
+        else:
+            offset = 0
+            for s in chunk.segments:
+                tl = layout.tensors[s.tensor]
+                n = s.stop - s.start
+                idx = _to_device(idx_of[s.start, s.stop], pool.device)
+                view = _byte_view(pool.tensors[s.tensor], tl).movedim(tl.block_dim, 0)
+                region = buf[offset:offset + n * tl.block_bytes]
+                if region.device != pool.device:  # pinned host staging of a CUDA pool
+                    if to_pool:
+                        view.index_copy_(0, idx, region.to(pool.device, non_blocking=True)
+                                         .view(n, *tl.block_shape, tl.itemsize))
+                    else:
+                        region.copy_(view.index_select(0, idx).reshape(-1), non_blocking=True)
+                elif to_pool:
+                    view.index_copy_(0, idx, region.view(n, *tl.block_shape, tl.itemsize))
+                else:
+                    torch.index_select(view, 0, idx,
+                                       out=region.view(n, *tl.block_shape, tl.itemsize))
+                offset += n * tl.block_bytes
+
+
+def _segment_ids(ids: Sequence[int], chunk: Chunk) -> dict[tuple[int, int], torch.Tensor]:
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    for s in chunk.segments:
+        if (s.start, s.stop) not in out:
+            out[s.start, s.stop] = torch.tensor(ids[s.start:s.stop], dtype=torch.int64)
+    return out
+
+
+def _runs_table(src: Source, dst: BlockPool, layers: Sequence[int], s_idx: torch.Tensor,
+                d_idx: torch.Tensor) -> _Plan:
+    """The launch plan of :func:`copy_runs`."""
+    src_ptrs = (src.data_ptrs if isinstance(src, MappedPool)
+                else tuple(t.data_ptr() for t in src.tensors))
+    jobs = [(_Geom.of(src.layout.tensors[i]), src_ptrs[i],
+             _Geom.of(dst.layout.tensors[i]), dst.tensors[i].data_ptr(), 0) for i in layers]
+    return _plan(jobs, {0: (s_idx, d_idx)})
+
+
+def _staged_table(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
+                  to_pool: bool) -> _Plan:
+    """The launch plan of :func:`gather` (``to_pool`` false) or :func:`scatter` between
+    ``chunk``'s blocks and the buffer at ``buf_ptr``."""
+    idx_of = _segment_ids(ids, chunk)
+    jobs: list[_Job] = []
+    pairs: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+    offset = 0
+    for s in chunk.segments:
+        tl = pool.layout.tensors[s.tensor]
+        key = (s.start, s.stop)
+        block_ids, positions = idx_of[key], torch.arange(s.stop - s.start)
+        pairs[key] = (positions, block_ids) if to_pool else (block_ids, positions)
+        pool_geom, pool_base = _Geom.of(tl), pool.tensors[s.tensor].data_ptr()
+        buf_geom, buf_base = _Geom.packed(tl.block_bytes), buf_ptr + offset
+        if to_pool:
+            jobs.append((buf_geom, buf_base, pool_geom, pool_base, key))
+        else:
+            jobs.append((pool_geom, pool_base, buf_geom, buf_base, key))
+        offset += (s.stop - s.start) * tl.block_bytes
+    return _plan(jobs, pairs)
+
+
+def _byte_view(t: torch.Tensor, tl: TensorLayout) -> torch.Tensor:
+    """``t`` as uint8 of shape ``(*t.shape, itemsize)``, aliasing its memory."""
+    return t.unsqueeze(-1).view(torch.uint8)
+
+
+def _check_buffer(pool: BlockPool, buf: torch.Tensor, nbytes: int, what: str) -> None:
+    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 \
+            or not buf.is_contiguous():
+        raise TypeError(f"{what} must be a contiguous 1-D uint8 tensor")
+    if buf.numel() < nbytes:
+        raise ValueError(f"{what} holds {buf.numel()} bytes; the chunk needs {nbytes}")
+    if buf.device != pool.device and not (pool.device.type == "cuda"
+                                          and buf.device.type == "cpu" and buf.is_pinned()):
+        raise ValueError(f"{what} is on {buf.device}, the pool on {pool.device} (a CUDA "
+                         "pool also takes pinned host memory)")
+
+
+def _check_runs(runs: Sequence[Run], src_blocks: int, dst_blocks: int) -> None:
+    for run in runs:
+        s, d, n = run
+        if n < 1 or s < 0 or d < 0 or s + n > src_blocks or d + n > dst_blocks:
+            raise ValueError(f"run {tuple(run)} is outside the pools ({src_blocks} source, "
+                             f"{dst_blocks} destination blocks)")
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _on:
+    """``with torch.cuda.stream(stream)`` for a CUDA device (the current stream when
+    ``stream`` is None); nothing for the CPU."""
+
+    def __init__(self, stream: torch.cuda.Stream | None, device: torch.device) -> None:
+        self._ctx: Any = None
+        if device.type == "cuda":
+            self._ctx = torch.cuda.stream(stream if stream is not None
+                                          else torch.cuda.current_stream(device))
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _choose(device: torch.device, method: Method) -> Literal["kernel", "torch"]:
+    if method == "torch":
+        return "torch"
+    if method not in ("auto", "kernel"):
+        raise ValueError(f"method is 'auto', 'kernel' or 'torch', not {method!r}")
+    if kernel_available(device):
+        return "kernel"
+    if method == "kernel":
+        raise RuntimeError(f"the copy kernel needs a CUDA device and CuPy (device {device})")
+    return "torch"
+
+
+_KERNEL_SOURCE: Final = r"""
+extern "C" __global__ void aiokvpipe_copy_pieces(const long long* __restrict__ jobs,
+                                                 const long long* __restrict__ pieces) {
+    // blockIdx.y: the job (a tensor's base addresses); blockIdx.x strides over its pieces.
+    const long long* job = jobs + 4 * blockIdx.y;
+    const unsigned long long sbase = job[0], dbase = job[1];
+    const long long first = job[2], count = job[3];
+    for (long long p = blockIdx.x; p < count; p += gridDim.x) {
+        const long long* pc = pieces + 3 * (first + p);
+        const char* src = (const char*)(sbase + pc[0]);
+        char* dst = (char*)(dbase + pc[1]);
+        const long long n = pc[2];
+        const long long t = threadIdx.x, step = blockDim.x;
+        if ((((unsigned long long)src | (unsigned long long)dst | (unsigned long long)n)
+             & 15) == 0) {
+            const uint4* s = (const uint4*)src;
+            uint4* d = (uint4*)dst;
+            const long long n16 = n >> 4;
+            long long i = t;
+            for (; i + 3 * step < n16; i += 4 * step) {  // four loads in flight per thread
+                uint4 a = s[i], b = s[i + step], c = s[i + 2 * step], e = s[i + 3 * step];
+                d[i] = a; d[i + step] = b; d[i + 2 * step] = c; d[i + 3 * step] = e;
+            }
+            for (; i < n16; i += step) d[i] = s[i];
+        } else if ((((unsigned long long)src | (unsigned long long)dst
+                     | (unsigned long long)n) & 3) == 0) {
+            const unsigned int* s = (const unsigned int*)src;
+            unsigned int* d = (unsigned int*)dst;
+            for (long long i = t; i < (n >> 2); i += step) d[i] = s[i];
+        } else {
+            for (long long i = t; i < n; i += step) dst[i] = src[i];
+        }
+    }
+}
+"""
+#: CUDA's limit on gridDim.y: more jobs than this take several launches.
+_MAX_JOBS_PER_LAUNCH: Final = 65535
+
+_kernel_cache: list[Any] = []
+
+
+def _kernel() -> Any:
+    """The compiled copy kernel (CuPy compiles it per device on first launch), or ``None``
+    where CuPy or CUDA is missing."""
+    if not _kernel_cache:
+        kernel = None
+        if torch.cuda.is_available():
+            try:
+                import cupy
+                kernel = cupy.RawKernel(_KERNEL_SOURCE, "aiokvpipe_copy_pieces")
+            except Exception:  # noqa: BLE001 - CuPy absent or broken: the torch path works
+                kernel = None
+        _kernel_cache.append(kernel)
+    return _kernel_cache[0]
+
+
+class _StreamRef:
+    """A raw CUDA stream handle, offered to CuPy through the CUDA stream protocol."""
+
+    def __init__(self, handle: int) -> None:
+        self._handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self._handle)
+
+
+_cupy_streams: dict[int, Any] = {}
+
+
+def _cupy_stream(handle: int) -> Any:
+    """CuPy's view of a torch stream, made once per stream handle."""
+    stream = _cupy_streams.get(handle)
+    if stream is None:
+        import cupy
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        stream = (from_external(_StreamRef(handle)) if from_external is not None
+                  else cupy.cuda.ExternalStream(handle))
+        if len(_cupy_streams) >= 64:  # streams come and go: stay bounded
+            _cupy_streams.clear()
+        _cupy_streams[handle] = stream
+    return stream
+
+
+def _launch(plan: _Plan, device: torch.device) -> None:
+    """Run ``plan`` with one kernel on the current stream of ``device`` (several launches
+    only past 65,535 jobs)."""
+    if plan.pieces.shape[0] == 0 or plan.jobs.shape[0] == 0:
+        return
+    import cupy
+    import numpy
+
+    n_jobs = plan.jobs.shape[0]
+    # One pinned buffer, one host-to-device copy: jobs then pieces.
+    both = torch.cat([plan.jobs.reshape(-1), plan.pieces.reshape(-1)]).pin_memory()
+    table = both.to(device, non_blocking=True)
+    widest = int(plan.jobs[:, 3].max())
+    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream)
+    with cupy.cuda.Device(device.index):
+        for first in range(0, n_jobs, _MAX_JOBS_PER_LAUNCH):
+            jobs = min(_MAX_JOBS_PER_LAUNCH, n_jobs - first)
+            _kernel()((min(widest, _MAX_GRID), jobs), (_THREADS,),
+                      (numpy.uint64(table.data_ptr() + 32 * first),
+                       numpy.uint64(table.data_ptr() + 32 * n_jobs)),
+                      stream=stream)
+    # table goes back to torch's caching allocator here: only work on this same stream,
+    # which runs after the kernel, can reuse its memory.

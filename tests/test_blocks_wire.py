@@ -1,0 +1,237 @@
+"""Wire bodies of block transfers: LAYOUT, OFFER, PULL round-trip exactly, and any other
+bytes give :class:`ProtocolError` -- never another exception (project style:
+tests/test_wire_fuzz.py)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aiokvpipe import ProtocolError
+from aiokvpipe._blocks import BlockPool, PoolLayout, TensorLayout
+from aiokvpipe._blocks_wire import (
+    MAX_LAYOUT_BODY,
+    MAX_OFFER_BLOCKS,
+    MAX_OFFER_BODY,
+    MAX_PULL_BODY,
+    Offer,
+    Pull,
+    PullStatus,
+    decode_layout,
+    decode_offer,
+    decode_pull,
+    encode_layout,
+    encode_offer,
+    encode_pull,
+)
+from aiokvpipe._wire import DTYPE_ITEMSIZE, MAX_ERROR_TEXT_BYTES, MAX_KEY_BYTES
+
+fast = settings(max_examples=150, derandomize=True, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def _short_text(max_bytes: int, max_size: int) -> st.SearchStrategy[str]:
+    return st.text(max_size=max_size).filter(lambda s: len(s.encode()) <= max_bytes)
+
+
+@st.composite
+def tensor_layouts(draw: st.DrawFn, num_blocks: int, name: str) -> TensorLayout:
+    block_shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    bd = draw(st.integers(0, len(block_shape)))
+    shape = (*block_shape[:bd], num_blocks, *block_shape[bd:])
+    # A contiguous tensor's strides, its outer dimensions possibly permuted in memory.
+    perm = draw(st.permutations(range(bd + 1)))
+    inner = shape[bd + 1:]
+    strides = [0] * len(shape)
+    step = 1
+    for i in reversed(range(bd + 1, len(shape))):
+        strides[i] = step
+        step *= shape[i]
+    for p in reversed(perm):
+        strides[p] = step
+        step *= shape[p]
+    del inner
+    code = draw(st.sampled_from(sorted(DTYPE_ITEMSIZE)))
+    return TensorLayout(name, code, shape, tuple(strides), bd)
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> PoolLayout:
+    n = draw(st.integers(1, 1 << 20))
+    named = draw(st.booleans())
+    count = draw(st.integers(1, 5))
+    names = (draw(st.lists(_short_text(255, 12), min_size=count, max_size=count, unique=True))
+             if named else [""] * count)
+    return PoolLayout(tuple(draw(tensor_layouts(n, name)) for name in names), named)
+
+
+u32 = st.integers(0, (1 << 32) - 1)
+u64 = st.integers(0, (1 << 64) - 1)
+
+
+@st.composite
+def offers(draw: st.DrawFn) -> Offer:
+    layers = tuple(sorted(draw(st.sets(st.integers(0, 1023), min_size=1, max_size=8))))
+    count = draw(st.integers(0, 50))
+    ids = draw(st.one_of(st.none(), st.lists(st.integers(0, (1 << 32) - 2), min_size=count,
+                                             max_size=count).map(tuple)))
+    key = draw(st.one_of(st.none(), _short_text(MAX_KEY_BYTES, 20)))
+    return Offer(draw(u64), draw(u32), key, layers, count, ids)
+
+
+pulls = st.one_of(
+    st.builds(Pull, u64, st.just(PullStatus.ACCEPT), st.just(""), u64),
+    st.builds(Pull, u64, st.sampled_from(list(PullStatus)[1:]), _short_text(300, 60), u64),
+)
+
+CODECS = {
+    "layout": (lambda v: encode_layout(*v), decode_layout,
+               st.tuples(u32, layouts()), MAX_LAYOUT_BODY),
+    "offer": (encode_offer, decode_offer, offers(), MAX_OFFER_BODY),
+    "pull": (encode_pull, decode_pull, pulls, MAX_PULL_BODY),
+}
+
+
+@pytest.mark.parametrize("kind", CODECS)
+@fast
+@given(data=st.data())
+def test_round_trip_exactly(kind: str, data: st.DataObject) -> None:
+    enc, dec, values, limit = CODECS[kind]
+    value = data.draw(values)
+    body = enc(value)
+    assert len(body) <= limit
+    assert dec(body) == value
+    assert dec(memoryview(bytearray(body))) == value
+    assert enc(dec(body)) == body
+
+
+@pytest.mark.parametrize("kind", CODECS)
+@fast
+@given(data=st.data())
+def test_mutations_and_truncations_give_a_value_or_protocol_error(
+        kind: str, data: st.DataObject) -> None:
+    enc, dec, values, _ = CODECS[kind]
+    body = bytearray(enc(data.draw(values)))
+    i = data.draw(st.integers(0, len(body) - 1))
+    body[i] ^= data.draw(st.integers(1, 255))
+    for candidate in (bytes(body), bytes(body[:data.draw(st.integers(0, len(body)))]),
+                      bytes(body) + data.draw(st.binary(min_size=1, max_size=8))):
+        try:
+            out = dec(candidate)
+        except ProtocolError:
+            continue
+        assert enc(out) == candidate  # one encoding per value: what decodes re-encodes
+
+
+@pytest.mark.parametrize("kind", CODECS)
+@fast
+@given(data=st.binary(max_size=300))
+def test_random_bytes_give_a_value_or_protocol_error(kind: str, data: bytes) -> None:
+    _, dec, _, _ = CODECS[kind]
+    try:
+        dec(data)
+    except ProtocolError:
+        pass
+
+
+def test_layout_of_a_real_pool_round_trips() -> None:
+    pool = BlockPool({f"layer{i}": torch.zeros(2, 64, 16, 8, 128, dtype=torch.bfloat16)
+                      for i in range(3)}, block_dim=1)
+    assert decode_layout(encode_layout(7, pool.layout)) == (7, pool.layout)
+
+
+def _layout_body(pool_id: int, flags: int, tensors: list[tuple[str, int, tuple[int, ...],
+                                                           tuple[int, ...], int]]) -> bytes:
+    out = struct.pack(">IBH", pool_id, flags, len(tensors))
+    for name, code, shape, strides, bd in tensors:
+        raw = name.encode()
+        out += struct.pack(">B", len(raw)) + raw + struct.pack(">BBB", code, len(shape), bd)
+        out += struct.pack(f">{2 * len(shape)}Q", *shape, *strides)
+    return out
+
+
+@pytest.mark.parametrize(("tensors", "flags", "match"), [
+    ([("", 1, (4, 2), (2, 1), 0)], 2, "flags"),
+    ([], 0, "0 tensors"),
+    ([("", 99, (4, 2), (2, 1), 0)], 0, "dtype code"),
+    ([("", 1, (4, 2), (2, 1), 2)], 0, "block_dim"),
+    ([("", 1, (4, 2), (1, 1), 0)], 0, "overlaps"),
+    ([("", 1, (4, 2), (2, 2), 0)], 0, "not dense"),
+    ([("", 1, (4, 2), (2, 1), 0), ("", 1, (5, 2), (2, 1), 0)], 0, "num_blocks"),
+    ([("a", 1, (4, 2), (2, 1), 0)], 0, "no names"),
+    ([("a", 1, (4, 2), (2, 1), 0), ("a", 1, (4, 2), (2, 1), 0)], 1, "duplicate"),
+    ([("", 1, (4, 1 << 50), (1 << 50, 1), 0)], 0, "size limit"),
+    ([("", 1, (0, 2), (2, 1), 0)], 0, "1 to"),
+    ([("", 1, (2,) * 33, (1,) * 33, 0)], 0, "33 dimensions"),
+])
+def test_invalid_layouts_are_protocol_errors(tensors: list[tuple[str, int, tuple[int, ...],
+                                                                  tuple[int, ...], int]],
+                                             flags: int, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_layout(_layout_body(1, flags, tensors))
+
+
+def test_layout_limits_are_checked_before_reading() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode_layout(bytes(MAX_LAYOUT_BODY + 1))
+    with pytest.raises(ProtocolError, match="1025 tensors"):
+        decode_layout(struct.pack(">IBH", 0, 0, 1025))
+    with pytest.raises(ProtocolError, match="truncated"):
+        decode_layout(struct.pack(">IBH", 0, 0, 1000))
+
+
+def _offer_body(count: int, ids: list[int] | None, layers: tuple[int, ...] = (0,),
+                key: bytes | None = b"k") -> bytes:
+    out = struct.pack(">QIBH", 1, 2, key is not None, len(key or b"")) + (key or b"")
+    out += struct.pack(">H", len(layers)) + struct.pack(f">{len(layers)}H", *layers)
+    out += struct.pack(">IB", count, ids is not None)
+    if ids is not None:
+        out += struct.pack(f">{len(ids)}I", *ids)
+    return out
+
+
+def test_offer_checks() -> None:
+    assert decode_offer(_offer_body(2, [5, 6])) == Offer(1, 2, "k", (0,), 2, (5, 6))
+    assert decode_offer(_offer_body(2, None, key=None)) == Offer(1, 2, None, (0,), 2)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode_offer(_offer_body(MAX_OFFER_BLOCKS + 1, None))
+    with pytest.raises(ProtocolError, match="truncated"):
+        decode_offer(_offer_body(3, [1, 2]))
+    with pytest.raises(ProtocolError, match="strictly increasing"):
+        decode_offer(_offer_body(1, None, layers=(2, 2)))
+    with pytest.raises(ProtocolError, match="strictly increasing"):
+        decode_offer(_offer_body(1, None, layers=(3, 1)))
+    with pytest.raises(ProtocolError, match="0 tensors"):
+        decode_offer(_offer_body(1, None, layers=()))
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        decode_offer(_offer_body(1, None, key=b"\xff"))
+    bad_key = struct.pack(">QIBH", 1, 2, 1, MAX_KEY_BYTES + 1)
+    with pytest.raises(ProtocolError, match="key of"):
+        decode_offer(bad_key + bytes(MAX_KEY_BYTES + 20))
+    with pytest.raises(ProtocolError, match="stray"):
+        decode_offer(_offer_body(1, None) + b"\0")
+    # Local construction: ValueError, not ProtocolError.
+    with pytest.raises(ValueError, match="source ids"):
+        Offer(1, 2, None, (0,), 3, (1, 2))
+    with pytest.raises(ValueError, match="offer_id"):
+        Offer(-1, 2, None, (0,), 0)
+
+
+def test_pull_checks() -> None:
+    refused = Pull(9, PullStatus.MISFIT, "pools do not fit: tensor 0 is float16 here")
+    assert decode_pull(encode_pull(refused)) == refused
+    long = Pull(9, PullStatus.INVALID, "é" * 1000)
+    assert len(long.text.encode()) <= MAX_ERROR_TEXT_BYTES  # cut at a character boundary
+    assert decode_pull(encode_pull(long)) == long
+    with pytest.raises(ProtocolError, match="status 9"):
+        decode_pull(struct.pack(">QBQH", 1, 9, 0, 0))
+    with pytest.raises(ProtocolError, match="no text"):
+        decode_pull(struct.pack(">QBQH", 1, 0, 0, 1) + b"x")
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode_pull(struct.pack(">QBQH", 1, 1, 0, MAX_ERROR_TEXT_BYTES + 1))
+    with pytest.raises(ProtocolError, match="truncated"):
+        decode_pull(struct.pack(">QBQH", 1, 1, 0, 5) + b"abc")
