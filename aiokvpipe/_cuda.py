@@ -7,13 +7,17 @@ is actually in play.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import torch
 
 from ._errors import fresh
+
+log = logging.getLogger("aiokvpipe")
 
 #: Bandwidth assumed when guessing how long an op will take. Deliberately optimistic (above
 #: NVLink 4's 450 GB/s would be pointless, below it we would oversleep): the guess is a lower
@@ -37,12 +41,17 @@ class EventPoller:
     the poller sleeps in 1 ms steps; around the expected end it polls on every loop iteration
     (so small messages complete in microseconds); if the op overruns it backs off to 1 ms
     polls, and an idle poller has no task at all, so an idle pipe costs no CPU.
+
+    If polling fails (``query()`` raises: a CUDA error), every pending and later future fails
+    with that error and ``on_error`` is called with it once, so the owner can break; the
+    referenced memory is kept until :meth:`abort`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Callable[[BaseException], None] | None = None) -> None:
         self._pending: deque[tuple[Queryable, asyncio.Future[None], float, object]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
+        self._on_error = on_error
 
     def watch(self, event: Queryable, nbytes: int = 0, keepalive: object = None
               ) -> asyncio.Future[None]:
@@ -77,6 +86,13 @@ class EventPoller:
                 self._pending.popleft()
                 if not fut.done():
                     fut.set_result(None)
+        except Exception as exc:  # query() failed: nothing on this stream can be awaited
+            self._task = None
+            self.fail_pending(exc)
+            if self._on_error is not None:
+                self._on_error(exc)
+            else:
+                log.error("CUDA event poller failed: %r", exc)
         finally:
             self._task = None
 
@@ -107,6 +123,20 @@ class EventPoller:
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+_uuids: dict[int, bytes] = {}
+
+
+async def device_uuid_async(device: torch.device) -> bytes:
+    """:func:`device_uuid`, computed once per device in a worker thread (the first call may
+    initialise CUDA, which takes a while) and cached."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = _uuids.get(index)
+    if uuid is None:
+        uuid = await asyncio.to_thread(device_uuid, torch.device("cuda", index))
+        _uuids[index] = uuid
+    return uuid
 
 
 def device_uuid(device: torch.device) -> bytes:

@@ -1,119 +1,209 @@
-"""The nccl data plane: CuPy's NCCL point-to-point on CUDA streams, completion by polling events.
+"""The nccl data plane: NCCL point-to-point on CUDA streams, completion by polling events.
 
 Two communicators, one per direction, each with its own CUDA stream: on one shared
 communicator two large sends crossing each other deadlock (each waits for a receive the other
 side has queued behind its own send). In each communicator the sending end is rank 0.
 
-Nothing here waits on the GPU from the event loop: an op is enqueued (``ncclSend``/``ncclRecv``
-return at once), a CUDA event is recorded after it, and an :class:`~aiokvpipe._cuda.EventPoller`
-completes the future when the event has fired. The only blocking steps -- communicator
-set-up, which is collective, and a one-byte exchange that makes NCCL open its connections
-(lazily opened connections would otherwise block the first send until the peer posts its
-receive) -- run in a worker thread during the handshake.
+Nothing here waits on the GPU or on the peer from the event loop. The communicators are
+non-blocking (:mod:`._nccl_lib`): set-up returns at once and is polled, so a peer that never
+joins leaves no thread behind, and cancelling :func:`start` aborts the half-built
+communicators. An op is enqueued (``ncclSend``/``ncclRecv`` return at once; if NCCL answers
+``ncclInProgress``, later ops of that direction wait until the communicator is ready), a CUDA
+event is recorded after it, and an :class:`~aiokvpipe._cuda.EventPoller` completes the future
+when the event has fired. Large receive buffers are allocated in a worker thread, in order.
+Blocking teardown (``ncclCommAbort``, ``ncclCommFinalize``/``Destroy``) runs in daemon threads.
 
-CuPy is imported lazily: without it, :func:`nccl_info` says so and ``auto`` picks tcp.
+NCCL is loaded lazily (CuPy's libnccl, else the nvidia-nccl wheel's): without it,
+:func:`nccl_info` says so and ``auto`` picks tcp.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import _nccl_lib
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import fresh
-from ._plane import settle_like
+from ._nccl_lib import IN_PROGRESS, SUCCESS, NcclError, NcclLib
+from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, settle_like
 from ._wire import NCCL_UNIQUE_ID_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
 
+#: A graceful close waits this long for ncclCommFinalize before aborting the communicator.
+_FINALIZE_TIMEOUT_S = 10.0
 
-def _nccl() -> Any:
-    from cupy.cuda import nccl  # lazy: CuPy is an optional extra
 
-    return nccl
+# -- what this process can do -----------------------------------------------------------------
+
+_info_lock = threading.Lock()
+_info: concurrent.futures.Future[tuple[bool, int]] | None = None
+
+
+def _compute_info(out: concurrent.futures.Future[tuple[bool, int]]) -> None:
+    try:
+        lib = _nccl_lib.load()
+        out.set_result((True, lib.version))
+    except Exception as exc:  # noqa: BLE001  -- no libnccl, a CuPy without NCCL, too old
+        log.debug("NCCL unavailable: %r", exc)
+        out.set_result((False, 0))
+
+
+def _info_future() -> concurrent.futures.Future[tuple[bool, int]]:
+    global _info
+    with _info_lock:
+        if _info is None:
+            _info = concurrent.futures.Future()
+            _info.set_running_or_notify_cancel()  # so a cancelled waiter cannot cancel it
+            threading.Thread(target=_compute_info, args=(_info,), name="aiokvpipe-nccl-info",
+                             daemon=True).start()
+        return _info
 
 
 def nccl_info() -> tuple[bool, int]:
-    """(CuPy with NCCL importable here, NCCL version); never raises."""
-    try:
-        nccl = _nccl()
-        return bool(nccl.available), int(nccl.get_version())
-    except Exception:  # ImportError, or a CuPy built without NCCL / no driver
-        return False, 0
+    """(NCCL with non-blocking communicators usable here, NCCL version code); never raises.
+
+    Computed once per process (loading CuPy and libnccl takes a while) and cached. Blocking
+    on the first call: from a coroutine use :func:`nccl_info_async`."""
+    return _info_future().result()
 
 
-def _id_to_bytes(uid: bytes | Sequence[int]) -> bytes:
-    # CuPy 14 hands out bytes; older CuPy a tuple of C ``char`` values (signed).
-    return uid if isinstance(uid, bytes) else bytes(b & 0xFF for b in uid)
+async def nccl_info_async() -> tuple[bool, int]:
+    """:func:`nccl_info` without blocking the event loop: the first call computes it in a
+    worker thread, later calls return the cached answer. Cancelling the wait is safe."""
+    fut = _info_future()
+    if fut.done():
+        return fut.result()
+    return await asyncio.wrap_future(fut)
 
 
-def _communicator(nccl: Any, uid: bytes, rank: int) -> Any:
-    if len(uid) != NCCL_UNIQUE_ID_BYTES:
-        raise ValueError("NCCL unique id must be 128 bytes")
-    try:
-        return nccl.NcclCommunicator(2, uid, rank)
-    except TypeError:  # older CuPy: a tuple of signed chars
-        return nccl.NcclCommunicator(2, tuple(b - 256 if b > 127 else b for b in uid), rank)
+def _lib() -> NcclLib:
+    ok, _ = nccl_info()
+    if not ok:
+        raise RuntimeError("NCCL is not available in this process")
+    return _nccl_lib.load()
 
 
 def new_unique_ids() -> tuple[bytes, bytes]:
-    """Fresh ids for the (server→client, client→server) communicators."""
-    nccl = _nccl()
-    return _id_to_bytes(nccl.get_unique_id()), _id_to_bytes(nccl.get_unique_id())
+    """Fresh ids for the (server→client, client→server) communicators (blocking)."""
+    lib = _lib()
+    return lib.unique_id(), lib.unique_id()
 
 
-def _setup(server: bool, ids: tuple[bytes, bytes], device: torch.device) -> tuple[Any, Any]:
-    """Create both communicators and open their connections (blocking; runs in a thread).
+async def new_unique_ids_async() -> tuple[bytes, bytes]:
+    """:func:`new_unique_ids` in a worker thread (``ncclGetUniqueId`` starts NCCL's
+    bootstrap: network interface discovery, a listening socket)."""
+    await nccl_info_async()
+    ids: tuple[bytes, bytes] = await _in_daemon_thread(new_unique_ids, "aiokvpipe-nccl-id")
+    return ids
 
-    Returns (send_comm, recv_comm). In each communicator the sending end is rank 0.
-    """
-    import cupy
 
-    nccl = _nccl()
-    with cupy.cuda.Device(device.index):
-        s2c = _communicator(nccl, ids[0], 0 if server else 1)
-        c2s = _communicator(nccl, ids[1], 1 if server else 0)
-        send_comm, recv_comm = (s2c, c2s) if server else (c2s, s2c)
-        byte = cupy.zeros(1, dtype=cupy.uint8)
-        stream = cupy.cuda.Stream(non_blocking=True)
-        # The same order on both ends (s2c first), so the exchange cannot deadlock.
-        if server:
-            send_comm.send(byte.data.ptr, 1, nccl.NCCL_UINT8, 1, stream.ptr)
-            recv_comm.recv(byte.data.ptr, 1, nccl.NCCL_UINT8, 0, stream.ptr)
-        else:
-            recv_comm.recv(byte.data.ptr, 1, nccl.NCCL_UINT8, 0, stream.ptr)
-            send_comm.send(byte.data.ptr, 1, nccl.NCCL_UINT8, 1, stream.ptr)
-        stream.synchronize()
-    return send_comm, recv_comm
+# -- set-up -----------------------------------------------------------------------------------
+
+
+async def _wait_ready(lib: NcclLib, comm: int) -> None:
+    """Poll a non-blocking communicator from the loop until it leaves ``ncclInProgress``;
+    raise :class:`NcclError` if it failed."""
+    polls = 0
+    while (state := lib.async_error(comm)) == IN_PROGRESS:
+        polls += 1
+        # A few polls per loop iteration first (an op in progress ends within microseconds),
+        # then every millisecond (set-up takes tens to hundreds of them).
+        await asyncio.sleep(0 if polls < 64 else 0.001)
+    lib.check(state, "NCCL communicator")
+
+
+def _abort_in_thread(lib: NcclLib, comms: Sequence[int], then: Callable[[], None] | None = None
+                     ) -> None:
+    """``ncclCommAbort`` each communicator in a daemon thread (it can take seconds while
+    NCCL's threads wind down), then call ``then`` in that thread."""
+    def run() -> None:
+        for comm in comms:
+            try:
+                lib.abort(comm)
+            except Exception as err:  # noqa: BLE001  -- nothing more to do about it
+                log.debug("ncclCommAbort: %r", err)
+        if then is not None:
+            then()
+
+    threading.Thread(target=run, name="aiokvpipe-nccl-abort", daemon=True).start()
 
 
 async def start(server: bool, ids: tuple[bytes, bytes], device: torch.device,
                 on_lost: Callable[[BaseException], None]) -> NcclPlane:
-    """Set up the plane; both ends must call this concurrently (NCCL set-up is collective)."""
+    """Set up the plane; both ends must call this concurrently (NCCL set-up is collective).
+
+    Returns once both communicators are ready and their connections open. Raises
+    :class:`~aiokvpipe._nccl_lib.NcclError` if NCCL fails. Cancelling it (a handshake
+    timeout) aborts the half-built communicators in a daemon thread and returns at once;
+    no thread stays blocked on a peer that never joins.
+    """
     if device.type != "cuda":
         raise ValueError("the nccl plane needs a CUDA device")
-    send_comm, recv_comm = await _in_daemon_thread(lambda: _setup(server, ids, device))
-    return NcclPlane(send_comm, recv_comm, device)
+    if any(len(uid) != NCCL_UNIQUE_ID_BYTES for uid in ids):
+        raise ValueError(f"NCCL unique ids must be {NCCL_UNIQUE_ID_BYTES} bytes")
+    await nccl_info_async()
+    lib = _lib()
+    index = device.index if device.index is not None else 0
+    comms: list[int] = []
+
+    def init() -> list[int]:
+        # Returns at once (non-blocking communicators); a thread because the first
+        # initialisation in a process loads NCCL's plugins and probes the network.
+        made: list[int] = []
+        with torch.cuda.device(index):
+            try:
+                made.append(lib.init_rank_nonblocking(ids[0], 2, 0 if server else 1))
+                made.append(lib.init_rank_nonblocking(ids[1], 2, 1 if server else 0))
+            except BaseException:
+                _abort_in_thread(lib, made)
+                raise
+        return made
+
+    plane: NcclPlane | None = None
+    try:
+        comms = await _in_daemon_thread(init, "aiokvpipe-nccl-init",
+                                        orphaned=functools.partial(_abort_in_thread, lib))
+        for comm in comms:
+            await _wait_ready(lib, comm)
+        s2c, c2s = comms
+        send_comm, recv_comm = (s2c, c2s) if server else (c2s, s2c)
+        plane = NcclPlane(lib, send_comm, recv_comm, device, on_lost)
+        comms = []  # the plane owns them now
+        await plane._open_connections()
+        return plane
+    except BaseException as exc:
+        if plane is not None:
+            plane.abort(exc)
+        elif comms:
+            _abort_in_thread(lib, comms)
+        raise
 
 
-async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
-    """Run a blocking call off the loop in a daemon thread.
-
-    NCCL's set-up waits for the peer with no timeout of its own. If the peer never joins, the
-    handshake timeout abandons the wait; a daemon thread (unlike the default executor's)
-    does not then keep the interpreter from exiting.
-    """
+async def _in_daemon_thread(fn: Callable[[], Any], name: str,
+                            orphaned: Callable[[Any], None] | None = None) -> Any:
+    """Run a blocking call off the loop in a daemon thread (which never keeps the interpreter
+    from exiting). If the wait is cancelled, ``orphaned`` receives the result when it comes
+    (to release what nobody will use), on the loop or, if the loop is gone, in the thread."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Any] = loop.create_future()
 
     def settle(result: Any, exc: BaseException | None) -> None:
         if fut.done():
+            if exc is None and orphaned is not None:
+                orphaned(result)
             return
         if exc is not None:
             fut.set_exception(fresh(exc))
@@ -128,134 +218,316 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
         try:
             loop.call_soon_threadsafe(settle, result, exc)
         except RuntimeError:  # the loop is gone; nobody is waiting any more
-            pass
+            if exc is None and orphaned is not None:
+                orphaned(result)
 
-    threading.Thread(target=run, name="aiokvpipe-nccl-setup", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return await fut
 
 
+# -- the plane --------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Op:
+    """A group of sends or receives waiting for its turn on a lane."""
+
+    #: Its buffers: None while they are allocated in the worker thread.
+    tensors: list[torch.Tensor] | None
+    #: The caller's stream at post time (sends): the op waits for it on the lane's stream.
+    after: torch.cuda.Event | None
+    done: asyncio.Future[None]
+    keepalive: object = None
+    allocation: asyncio.Future[list[torch.Tensor]] | None = None
+    nbytes: int = field(default=0)
+
+
+class _Lane:
+    """One direction: a communicator, its stream and event poller, and the ops waiting to be
+    enqueued, in posting order. An op waits for its buffers (allocated in a worker thread)
+    and for the communicator to leave ``ncclInProgress``; then it is enqueued as one NCCL
+    group and awaited through an event recorded after it."""
+
+    def __init__(self, lib: NcclLib, comm: int, device: torch.device, sending: bool,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self.lib = lib
+        self.comm = comm
+        self.device = device
+        self.sending = sending
+        self.stream = torch.cuda.Stream(device)
+        self.poller = EventPoller(on_error)
+        self._on_error = on_error
+        self._queue: deque[_Op] = deque()
+        self._busy: asyncio.Task[None] | None = None  # waiting out ncclInProgress
+        self.error: BaseException | None = None
+
+    def submit(self, op: _Op) -> None:
+        self._queue.append(op)
+        if op.allocation is not None:
+            op.allocation.add_done_callback(lambda _: self.pump())
+        self.pump()
+
+    def pump(self) -> None:
+        while self._queue and self._busy is None and self.error is None:
+            op = self._queue[0]
+            if op.allocation is not None:
+                if not op.allocation.done():
+                    return
+                if op.allocation.cancelled():
+                    self._queue.popleft()
+                    continue
+                if (exc := op.allocation.exception()) is not None:
+                    self._queue.popleft()
+                    self.fail(exc, first=op)
+                    return
+                op.tensors = op.allocation.result()
+                op.allocation = None
+            self._queue.popleft()
+            try:
+                rc = self._enqueue(op)
+            except Exception as exc:  # noqa: BLE001  -- an NcclError, a CUDA error: local
+                self.fail(exc, first=op)
+                return
+            if rc == IN_PROGRESS:
+                self._busy = asyncio.get_running_loop().create_task(self._finish_later(op))
+                return
+            self._watch(op)
+
+    def _enqueue(self, op: _Op) -> int:
+        assert op.tensors is not None
+        lib, stream = self.lib, self.stream
+        if op.after is not None:
+            stream.wait_event(op.after)
+        nbytes = 0
+        with torch.cuda.device(self.device):
+            lib.group_start()
+            try:
+                for t in op.tensors:
+                    n = t.numel() * t.element_size()
+                    if not n:
+                        continue
+                    if self.sending:
+                        lib.send(t.data_ptr(), n, 1, self.comm, stream.cuda_stream)
+                    else:
+                        lib.recv(t.data_ptr(), n, 0, self.comm, stream.cuda_stream)
+                    nbytes += n
+            finally:
+                rc = lib.group_end()
+        op.nbytes = nbytes
+        return rc
+
+    async def _finish_later(self, op: _Op) -> None:
+        try:
+            await _wait_ready(self.lib, self.comm)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._busy = None
+            self.fail(exc, first=op)
+            return
+        self._busy = None
+        self._watch(op)
+        self.pump()
+
+    def _watch(self, op: _Op) -> None:
+        with torch.cuda.device(self.device):
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        # The tensors stay referenced until NCCL is done with them, so the caching allocator
+        # cannot hand their memory to anyone else meanwhile.
+        watched = self.poller.watch(done, op.nbytes, keepalive=(op.tensors, op.keepalive))
+        watched.add_done_callback(lambda w: settle_like(op.done, w))
+
+    def fail(self, exc: BaseException, first: _Op | None = None) -> None:
+        """A local failure: ``first`` fails with ``exc`` itself, every later op with a copy;
+        nothing more is enqueued (the peer's matching op would take the next message's
+        bytes), and the plane is told."""
+        if self.error is not None:
+            return
+        self.error = exc
+        if first is not None and not first.done.done():
+            first.done.set_exception(exc)
+        self._fail_queued(exc)
+        self._on_error(exc)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while self._queue:
+            op = self._queue.popleft()
+            if op.allocation is not None:
+                op.allocation.cancel()
+            if not op.done.done():
+                op.done.set_exception(fresh(exc))
+                op.done.exception()
+
+    def abort(self, exc: BaseException) -> None:
+        self.error = self.error or exc
+        if self._busy is not None:
+            self._busy.cancel()
+            self._busy = None
+        self._fail_queued(exc)
+        self.poller.fail_pending(exc)
+
+
 class NcclPlane:
-    """Payload over two NCCL communicators; see the module docstring."""
+    """Payload over two NCCL communicators; see the module docstring. Create with
+    :func:`start`."""
 
     name = "nccl"
 
-    def __init__(self, send_comm: Any, recv_comm: Any, device: torch.device) -> None:
-        self._nccl = _nccl()
-        self._send_comm = send_comm
-        self._recv_comm = recv_comm
+    def __init__(self, lib: NcclLib, send_comm: int, recv_comm: int, device: torch.device,
+                 on_lost: Callable[[BaseException], None]) -> None:
+        self._lib = lib
         self._device = device
-        self._send_stream = torch.cuda.Stream(device)
-        self._recv_stream = torch.cuda.Stream(device)
-        self._send_poller = EventPoller()
-        self._recv_poller = EventPoller()
+        self._on_lost = on_lost
+        self._send = _Lane(lib, send_comm, device, True, self._lost)
+        self._recv = _Lane(lib, recv_comm, device, False, self._lost)
+        self._alloc_worker = OrderedWorker("alloc")
         self._error: BaseException | None = None
         self._closed = False
 
+    async def _open_connections(self) -> None:
+        """Exchange one byte each way: NCCL opens a peer connection lazily, at the first op,
+        and this end learns that the peer's communicators work."""
+        out = torch.zeros(1, dtype=torch.uint8, device=self._device)
+        into = torch.empty(1, dtype=torch.uint8, device=self._device)
+        loop = asyncio.get_running_loop()
+        sent: asyncio.Future[None] = loop.create_future()
+        got: asyncio.Future[None] = loop.create_future()
+        self._send.submit(_Op([out], None, sent))
+        self._recv.submit(_Op([into], None, got))
+        await asyncio.gather(sent, got)
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._closed or self._error is not None:
+            return
+        self._on_lost(exc)
+
+    # -- sending ------------------------------------------------------------------------------
+
     def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
-        if self._error is not None:
-            return _failed(self._error)
-        nccl, stream = self._nccl, self._send_stream
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed = self._error or self._send.error
+        if failed is not None:
+            fut.set_exception(fresh(failed))
+            return fut
         with torch.cuda.device(self._device):
             # Everything the caller queued on its stream (the data, .contiguous() copies)
             # happens before NCCL reads the memory.
             caller = torch.cuda.current_stream(self._device)
-            staged = [self._on_device(t, caller) for t in tensors if t.numel()]
-            stream.wait_stream(caller)
-            nbytes = 0
-            nccl.groupStart()
-            try:
-                for t in staged:
-                    n = t.numel() * t.element_size()
-                    self._send_comm.send(t.data_ptr(), n, nccl.NCCL_UINT8, 1, stream.cuda_stream)
-                    nbytes += n
-            finally:
-                nccl.groupEnd()
-            done = torch.cuda.Event()
-            done.record(stream)
-        # The tensors stay referenced until NCCL has read them, so the caching allocator
-        # cannot hand their memory to anyone else meanwhile.
-        return self._send_poller.watch(done, nbytes, keepalive=(tensors, staged))
+            staged = [self._on_device(t) for t in tensors if t.numel()]
+            after = torch.cuda.Event()
+            after.record(caller)
+        self._send.submit(_Op(staged, after, fut, keepalive=tensors))
+        return fut
 
-    def _on_device(self, t: torch.Tensor, caller: torch.cuda.Stream) -> torch.Tensor:
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         if t.device == self._device:
             return t
         # A CPU tensor or one on another GPU: copy it here on the caller's stream, so the
         # stream ordering above covers it.
         return t.to(self._device, non_blocking=True)
 
+    # -- receiving ----------------------------------------------------------------------------
+
     def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
-        if self._error is not None:
-            return _failed(self._error)
-        nccl, stream = self._nccl, self._recv_stream
+        """See :meth:`DataPlane.post_recv`: buffers over ``SYNC_ALLOC_BYTES`` in all are
+        allocated in a worker thread; receives are enqueued in posting order."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[torch.Tensor]] = loop.create_future()
+        failed = self._error or self._recv.error
+        if failed is not None:
+            fut.set_exception(fresh(failed))
+            return fut
+        done: asyncio.Future[None] = loop.create_future()
+        allocate = functools.partial(self._allocate, specs)
+        if sum(s.nbytes for s in specs) <= SYNC_ALLOC_BYTES:
+            try:
+                op = _Op(allocate(), None, done)
+            except Exception as exc:  # noqa: BLE001  -- reported as what it is
+                allocation: asyncio.Future[list[torch.Tensor]] = loop.create_future()
+                allocation.set_exception(exc)
+                op = _Op(None, None, done, allocation=allocation)
+        else:
+            op = _Op(None, None, done, allocation=self._alloc_worker.submit(allocate))
+        def settle(d: asyncio.Future[None]) -> None:
+            settle_like(fut, d, op.tensors or [])
+
+        done.add_done_callback(settle)
+        self._recv.submit(op)
+        return fut
+
+    def _allocate(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
+        # Allocated on the receive stream: the allocator only reuses this memory after what
+        # the receive stream does with it, i.e. after NCCL has written it.
+        stream = self._recv.stream
         with torch.cuda.device(self._device), torch.cuda.stream(stream):
-            # Allocated on the receive stream: the allocator only reuses this memory after
-            # what the receive stream does with it, i.e. after NCCL has written it.
             outs = []
             for s in specs:
                 dtype = dtype_of(s.dtype)
                 assert dtype is not None, "the pipe checks dtypes before posting"
                 outs.append(torch.empty(s.shape, dtype=dtype, device=self._device))
-            nbytes = 0
-            nccl.groupStart()
-            try:
-                for t in outs:
-                    n = t.numel() * t.element_size()
-                    if n:
-                        self._recv_comm.recv(t.data_ptr(), n, nccl.NCCL_UINT8, 0,
-                                             stream.cuda_stream)
-                        nbytes += n
-            finally:
-                nccl.groupEnd()
-            done = torch.cuda.Event()
-            done.record(stream)
-        fut: asyncio.Future[list[torch.Tensor]] = asyncio.get_running_loop().create_future()
-        watched = self._recv_poller.watch(done, nbytes, keepalive=outs)
-        watched.add_done_callback(lambda w: settle_like(fut, w, outs))
-        return fut
+        return outs
+
+    # -- ending -------------------------------------------------------------------------------
 
     def abort(self, exc: BaseException) -> None:
         """Abort both communicators, so kernels waiting for a dead peer end, then drop the
-        memory they used. Pending futures fail with ``exc`` at once."""
+        memory they used. Pending futures fail with ``exc`` at once.
+
+        Waits (in a daemon thread) only for the plane's own streams, never for the device:
+        the application's streams may be stuck on the same dead peer."""
         if self._error is not None:
             return
         self._error = exc
-        comms = [self._send_comm, self._recv_comm]
-        self._send_comm = self._recv_comm = None
+        self._alloc_worker.shutdown()
+        lanes = (self._send, self._recv)
+        for lane in lanes:
+            lane.abort(exc)
         loop = asyncio.get_running_loop()
-        pollers = (self._send_poller, self._recv_poller)
 
-        # ncclCommAbort may take a while to tear down NCCL's proxy threads; keep it off the
-        # event loop. Memory the kernels used is released only once they are gone.
-        def abort_comms() -> None:
-            for comm in comms:
+        def release() -> None:
+            # The communicators are aborted: the kernels on our streams end. Once they have,
+            # the memory the pollers keep alive may go.
+            for lane in lanes:
                 try:
-                    comm.abort()
-                except Exception as err:  # already torn down
-                    log.debug("ncclCommAbort: %r", err)
+                    lane.stream.synchronize()
+                except Exception as err:  # noqa: BLE001
+                    log.debug("synchronize after abort: %r", err)
             try:
-                torch.cuda.synchronize(self._device)
-            except Exception as err:
-                log.debug("synchronize after abort: %r", err)
-            try:
-                for poller in pollers:
-                    loop.call_soon_threadsafe(poller.abort, exc)
+                for lane in lanes:
+                    loop.call_soon_threadsafe(lane.poller.abort, exc)
             except RuntimeError:  # the loop has closed: nobody is left to notify
                 pass
 
-        for p in pollers:
-            p.fail_pending(exc)
-        threading.Thread(target=abort_comms, name="aiokvpipe-nccl-abort", daemon=True).start()
+        _abort_in_thread(self._lib, [self._send.comm, self._recv.comm], then=release)
 
     def close(self) -> None:
-        """Graceful end: nothing is in flight, so destroying the communicators is prompt."""
+        """Graceful end: nothing is in flight. The communicators are finalised and destroyed
+        in a daemon thread; this returns at once."""
         if self._closed or self._error is not None:
             return
         self._closed = True
-        for comm in (self._send_comm, self._recv_comm):
-            comm.destroy()
+        self._alloc_worker.shutdown()
+        lib, comms = self._lib, [self._send.comm, self._recv.comm]
+
+        def teardown() -> None:
+            for comm in comms:
+                try:
+                    lib.finalize(comm)
+                    deadline = time.monotonic() + _FINALIZE_TIMEOUT_S
+                    while (state := lib.async_error(comm)) == IN_PROGRESS:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("ncclCommFinalize did not complete")
+                        time.sleep(0.001)
+                    if state != SUCCESS:
+                        lib.check(state, "ncclCommFinalize")
+                    lib.destroy(comm)
+                except Exception as err:  # noqa: BLE001
+                    log.debug("NCCL teardown failed (%r); aborting the communicator", err)
+                    lib.abort(comm)
+
+        threading.Thread(target=teardown, name="aiokvpipe-nccl-close", daemon=True).start()
 
 
-def _failed(exc: BaseException) -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    fut.set_exception(fresh(exc))
-    return fut
+__all__ = ["NcclError", "NcclPlane", "new_unique_ids", "new_unique_ids_async", "nccl_info",
+           "nccl_info_async", "start"]

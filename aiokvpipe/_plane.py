@@ -7,12 +7,15 @@ message after another, in the order posted, in each direction.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any, Protocol, TypeVar
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 import torch
 
 from ._wire import TensorSpec
+
+T = TypeVar("T")
 
 
 class DataPlane(Protocol):
@@ -30,7 +33,14 @@ class DataPlane(Protocol):
 
     def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
         """Queue the receipt of the next incoming payload into new tensors on the pipe's
-        device; the future yields them once their contents are final."""
+        device; the future yields them once their contents are final.
+
+        Never raises and never blocks: large buffers are allocated in a worker thread, in
+        order. If the allocation fails, the future fails with that local error (a
+        ``RuntimeError`` such as CUDA's out of memory, or ``MemoryError``) and the plane
+        reports it through its ``on_lost`` callback: the payload cannot be received, so the
+        pipe must break. The peer going away mid-payload fails it with a ``ConnectionError``.
+        """
         ...
 
     def abort(self, exc: BaseException) -> None:
@@ -38,11 +48,42 @@ class DataPlane(Protocol):
         ...
 
     def close(self) -> None:
-        """Release the plane's resources after a graceful close (nothing is in flight)."""
+        """Release the plane's resources after a graceful close (nothing is in flight).
+        Never blocks: slow teardown (NCCL's) runs in a daemon thread."""
         ...
 
 
-T = TypeVar("T")
+#: Receive buffers up to this size are allocated on the event loop (from the allocators'
+#: caches, a few microseconds); larger ones in the plane's allocation thread.
+SYNC_ALLOC_BYTES: Final = 1 << 20
+
+
+class OrderedWorker:
+    """One worker thread per plane direction for blocking preparation (allocating large
+    pinned or device buffers): jobs run one at a time, in submission order.
+
+    The thread starts on the first job and ends after :meth:`shutdown`; it is named
+    ``aiokvpipe-<name>_0``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` in the worker thread; the future (of the running loop) yields its result
+        or raises its exception. Cancelling the future drops a job not yet started."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"aiokvpipe-{self._name}")
+        return asyncio.wrap_future(self._pool.submit(fn))
+
+    def shutdown(self) -> None:
+        """Drop the jobs not started; the thread ends after the running one (never waits)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 _FROM_SOURCE: Any = object()
 
 

@@ -14,6 +14,7 @@ never delays a credit or a heartbeat.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections import deque
@@ -25,7 +26,7 @@ from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._hostmem import HostBufferPool, byte_view
-from ._plane import settle_like
+from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, settle_like
 from ._wire import TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -47,34 +48,50 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 class _CudaStaging:
-    """Copies between CUDA tensors and pinned host memory on side streams, awaited by polling."""
+    """Copies between CUDA tensors and pinned host memory on side streams, awaited by polling.
 
-    def __init__(self) -> None:
+    A failure of a poller (a CUDA error) is reported to ``on_error``. Large pinned buffers for
+    outgoing tensors are allocated in ``worker``'s thread, never on the event loop.
+    """
+
+    def __init__(self, on_error: Callable[[BaseException], None], worker: OrderedWorker
+                 ) -> None:
         self._streams: dict[tuple[str, int], tuple[torch.cuda.Stream, EventPoller]] = {}
+        self._on_error = on_error
+        self._worker = worker
 
-    def _stream(self, direction: str, device: torch.device) -> tuple[torch.cuda.Stream,
-                                                                     EventPoller]:
+    def stream(self, direction: str, device: torch.device) -> tuple[torch.cuda.Stream,
+                                                                    EventPoller]:
+        """The side stream (and its poller) for ``"d2h"`` or ``"h2d"`` copies on ``device``;
+        create it on the event loop's thread."""
         key = (direction, device.index or 0)
         if key not in self._streams:
-            self._streams[key] = (torch.cuda.Stream(device), EventPoller())
+            self._streams[key] = (torch.cuda.Stream(device), EventPoller(self._on_error))
         return self._streams[key]
 
     async def to_host(self, t: torch.Tensor, ready: torch.cuda.Event) -> torch.Tensor:
-        stream, poller = self._stream("d2h", t.device)
+        stream, poller = self.stream("d2h", t.device)
+        if t.nbytes > SYNC_ALLOC_BYTES:
+            host = await self._worker.submit(
+                lambda: torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
+        else:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         await poller.watch(done, host.nbytes, keepalive=(t, host))
         return host
 
-    async def to_device(self, hosts: list[torch.Tensor], device: torch.device
-                        ) -> list[torch.Tensor]:
-        stream, poller = self._stream("h2d", device)
+    async def to_device(self, hosts: list[torch.Tensor], outs: list[torch.Tensor],
+                        device: torch.device) -> list[torch.Tensor]:
+        """Copy ``hosts`` into ``outs`` (allocated on the ``"h2d"`` stream beforehand)."""
+        stream, poller = self.stream("h2d", device)
         with torch.cuda.stream(stream):
-            outs = [h.to(device, non_blocking=True) for h in hosts]
+            for out, host in zip(outs, hosts):
+                if host.numel():
+                    out.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         await poller.watch(done, sum(h.nbytes for h in hosts), keepalive=hosts)
@@ -88,11 +105,12 @@ class _CudaStaging:
 class _Target:
     """One posted receive: the tensors to fill and how far we got."""
 
-    __slots__ = ("tensors", "views", "index", "offset", "future")
+    __slots__ = ("tensors", "outs", "views", "index", "offset", "future")
 
-    def __init__(self, tensors: list[torch.Tensor], future: asyncio.Future[list[torch.Tensor]]
-                 ) -> None:
+    def __init__(self, tensors: list[torch.Tensor], future: asyncio.Future[list[torch.Tensor]],
+                 outs: list[torch.Tensor] | None = None) -> None:
         self.tensors = tensors
+        self.outs = outs  # CUDA receivers: the device tensors the host tensors are copied to
         self.views = [byte_view(t) for t in tensors if t.numel()]
         self.index = 0
         self.offset = 0
@@ -144,7 +162,10 @@ class _PayloadReceiver(asyncio.BufferedProtocol):
 
     def post(self, target: _Target) -> None:
         if self._eof:
-            self._plane._lost(ConnectionResetError("payload connection closed by the peer"))
+            exc = ConnectionResetError("payload connection closed by the peer")
+            if not target.future.done():
+                target.future.set_exception(exc)
+            self._plane._lost(exc)
             return
         self._targets.append(target)
         if self._spilled:
@@ -207,8 +228,16 @@ class TcpPlane:
                                   asyncio.Future[None]]] = deque()
         self._outbox_nonempty: asyncio.Future[None] | None = None
         self._sender = self._loop.create_task(self._send_loop())
-        self._staging = _CudaStaging()
+        self._stage_worker = OrderedWorker("stage")
+        self._alloc_worker = OrderedWorker("alloc")
+        self._staging = _CudaStaging(self._lost, self._stage_worker)
+        if device.type == "cuda":
+            self._staging.stream("h2d", device)  # receive buffers are allocated on it
         self._pool = HostBufferPool(pool_bytes)
+        # Receives whose buffers are being allocated, oldest first: posted in this order.
+        self._allocating: deque[tuple[asyncio.Future[_Target], asyncio.Future[
+            list[torch.Tensor]]]] = deque()
+        self._recv_failed: BaseException | None = None
         self._error: BaseException | None = None
         self._closing = False
 
@@ -256,9 +285,7 @@ class TcpPlane:
             tensors, ready, fut = self._outbox[0]
             try:
                 for t, ev in zip(tensors, ready):
-                    if ev is not None:
-                        t = await self._staging.to_host(t, ev)
-                    view = byte_view(t)
+                    view, keep = await self._payload_bytes(t, ev)
                     for start in range(0, len(view), _SEND_SLICE):
                         await self._loop.sock_sendall(self._sock,
                                                       view[start:start + _SEND_SLICE])
@@ -266,41 +293,133 @@ class TcpPlane:
                             # A slice the socket took at once completes without a suspension:
                             # let the loop run between slices.
                             await asyncio.sleep(0)
-            except OSError as exc:
-                self._lost(exc)
+                    del keep
+            except Exception as exc:  # noqa: BLE001  -- any failure must end in a break
+                # OSError: the connection failed; anything else is local (a pinned allocation,
+                # a CUDA copy). Either way this payload cannot be completed: break the pipe.
+                self._send_failed(exc)
                 return
             self._outbox.popleft()
             if not fut.done():
                 fut.set_result(None)
 
+    async def _payload_bytes(self, t: torch.Tensor, ready: torch.cuda.Event | None
+                             ) -> tuple[memoryview, torch.Tensor]:
+        """The bytes to send for ``t`` and the tensor owning them (hold it while the view is
+        used): ``t``'s own memory, or a pinned host copy of a CUDA tensor made after
+        ``ready``."""
+        if ready is not None:
+            t = await self._staging.to_host(t, ready)
+        return byte_view(t), t
+
+    def _send_failed(self, exc: BaseException) -> None:
+        self._lost(exc)
+        if self._error is None:  # nobody aborted us (a close is under way): fail the senders
+            self._fail_outbox(exc)
+
+    def _fail_outbox(self, exc: BaseException) -> None:
+        while self._outbox:
+            _, _, fut = self._outbox.popleft()
+            if not fut.done():
+                fut.set_exception(fresh(exc))
+                fut.exception()
+
     # -- receiving ----------------------------------------------------------------------------
 
     def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
+        """See :meth:`DataPlane.post_recv`. CPU receivers get pooled host memory at once;
+        CUDA receivers need pinned staging and device memory, allocated in a worker thread
+        when large. Receives are handed to the socket reader strictly in posting order; bytes
+        arriving meanwhile wait in the reader's bounded spill buffer."""
         fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
-        if self._error is not None:
-            fut.set_exception(fresh(self._error))
+        failed = self._error or self._recv_failed
+        if failed is not None:
+            fut.set_exception(fresh(failed))
             return fut
-        pin = self._device.type == "cuda"
-        tensors = []
+        sync = (self._device.type == "cpu"
+                or sum(s.nbytes for s in specs) <= SYNC_ALLOC_BYTES)
+        if sync:
+            job: asyncio.Future[_Target] = self._loop.create_future()
+            try:
+                job.set_result(self._allocate(specs, fut))
+            except Exception as exc:  # noqa: BLE001  -- reported as what it is
+                if not self._allocating:
+                    self._allocation_failed(fut, exc)
+                    return fut
+                job.set_exception(exc)
+            if not self._allocating:
+                self._post(job.result())
+                return fut
+        else:
+            job = self._alloc_worker.submit(functools.partial(self._allocate, specs, fut))
+        self._allocating.append((job, fut))
+        job.add_done_callback(self._post_allocated)
+        return fut
+
+    def _allocate(self, specs: Sequence[TensorSpec],
+                  fut: asyncio.Future[list[torch.Tensor]]) -> _Target:
+        """The receive buffers for ``specs`` (runs on the loop or in the allocation thread)."""
+        dtypes = []
         for s in specs:
             dtype = dtype_of(s.dtype)
             assert dtype is not None, "the pipe checks dtypes before posting"
-            # CUDA receivers stage through pinned memory, which torch's host allocator caches.
-            tensors.append(torch.empty(s.shape, dtype=dtype, pin_memory=True) if pin
-                           else self._pool.empty(s.shape, dtype))
-        target = _Target(tensors, fut)
+            dtypes.append(dtype)
+        if self._device.type != "cuda":
+            return _Target([self._pool.empty(s.shape, d) for s, d in zip(specs, dtypes)], fut)
+        h2d, _ = self._staging.stream("h2d", self._device)
+        with torch.cuda.device(self._device), torch.cuda.stream(h2d):
+            # Pinned staging (torch's host allocator caches it), and the device tensors on the
+            # stream that will fill them, so the allocator orders their reuse after the copy.
+            hosts = [torch.empty(s.shape, dtype=d, pin_memory=True)
+                     for s, d in zip(specs, dtypes)]
+            outs = [torch.empty(s.shape, dtype=d, device=self._device)
+                    for s, d in zip(specs, dtypes)]
+        return _Target(hosts, fut, outs)
+
+    def _post_allocated(self, _: object = None) -> None:
+        while self._allocating and self._allocating[0][0].done():
+            job, fut = self._allocating.popleft()
+            if self._error is not None or job.cancelled():
+                continue  # aborted: abort() failed the futures
+            exc = job.exception()
+            if exc is not None:
+                self._allocation_failed(fut, exc)
+                return
+            self._post(job.result())
+
+    def _allocation_failed(self, fut: asyncio.Future[list[torch.Tensor]],
+                           exc: BaseException) -> None:
+        # The payload's bytes will come with nowhere to go: nothing after it can be received.
+        self._recv_failed = exc
+        if not fut.done():
+            fut.set_exception(exc)
+        for job, later in self._allocating:
+            job.cancel()
+            if not later.done():
+                later.set_exception(fresh(exc))
+        self._allocating.clear()
+        self._lost(exc)
+
+    def _post(self, target: _Target) -> None:
         if not target.views:
             self._received(target)
         else:
             self._receiver.post(target)
-        return fut
 
     def _received(self, target: _Target) -> None:
-        if self._device.type == "cuda" and target.tensors:
-            task = self._loop.create_task(self._staging.to_device(target.tensors, self._device))
-            task.add_done_callback(lambda t: settle_like(target.future, t))
+        if target.outs is not None and target.tensors:
+            outs = target.outs
+            task = self._loop.create_task(self._staging.to_device(target.tensors, outs,
+                                                                  self._device))
+            task.add_done_callback(functools.partial(self._copied, target))
         elif not target.future.done():
-            target.future.set_result(target.tensors)
+            target.future.set_result(target.outs if target.outs is not None
+                                     else target.tensors)
+
+    def _copied(self, target: _Target, task: asyncio.Task[list[torch.Tensor]]) -> None:
+        settle_like(target.future, task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._lost(exc)
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -314,11 +433,15 @@ class TcpPlane:
             return
         self._error = exc
         self._sender.cancel()
-        while self._outbox:
-            _, _, fut = self._outbox.popleft()
+        self._fail_outbox(exc)
+        for job, fut in self._allocating:
+            job.cancel()
             if not fut.done():
                 fut.set_exception(fresh(exc))
                 fut.exception()
+        self._allocating.clear()
+        self._stage_worker.shutdown()
+        self._alloc_worker.shutdown()
         self._receiver.fail(exc)
         self._staging.abort(exc)
         self._sock.close()
@@ -331,4 +454,6 @@ class TcpPlane:
         except OSError:
             pass
         self._sock.close()
+        self._stage_worker.shutdown()
+        self._alloc_worker.shutdown()
         self._receiver.fail(ConnectionAbortedError("data plane closed"))

@@ -215,20 +215,29 @@ async def test_send_waits_for_work_queued_on_the_callers_stream(start_peer) -> N
         assert bool((back == round_ + 1).all()), "sent before the producer stream finished"
 
 
+#: GPU clock cycles of torch.cuda._sleep that keep a stream busy for ~0.2 s (at <= 2 GHz).
+BUSY_CYCLES = 400_000_000
+
+
 async def test_received_tensors_are_safe_on_the_callers_stream(start_peer) -> None:
+    """The caller's stream still reads a received tensor after the caller dropped it, while
+    the next message arrives: the allocator must not hand that memory to the next receive
+    (the pipe records the caller's stream on it). Without that, the next payload overwrites
+    the tensor before the consumer reads it."""
     peer = await start_peer()
     consumer = torch.cuda.Stream("cuda:0")
-    for i in range(20):
-        t = torch.full((4 * MiB,), i, dtype=torch.int32, device="cuda:0")
-        await peer.pipe.send(t)
+    n, rounds = 4 * MiB, 6
+    totals = []
+    for i in range(rounds):
+        await peer.pipe.send(torch.full((n,), i, dtype=torch.int32, device="cuda:0"))
         with torch.cuda.stream(consumer):
             back = await peer.pipe.recv()
             assert isinstance(back, torch.Tensor)
-            total = back.sum(dtype=torch.int64)  # runs on `consumer` at once, no sync
-            del back  # freed at once: the allocator must not recycle it under `consumer`
-            churn = torch.empty(4 * MiB, dtype=torch.int32, device="cuda:0").fill_(-1)
-        assert int(total) == i * 4 * MiB
-        del churn
+            torch.cuda._sleep(BUSY_CYCLES)  # the consumer is busy: the sum runs much later
+            totals.append(back.sum(dtype=torch.int64))
+            del back  # dropped at once, still to be read by `consumer`
+    consumer.synchronize()
+    assert [int(x) for x in totals] == [i * n for i in range(rounds)]
 
 
 async def test_cpu_tensors_travel_to_a_cuda_peer(start_peer) -> None:
@@ -380,3 +389,30 @@ async def test_both_ends_on_one_gpu_fall_back_to_tcp() -> None:
 async def test_nccl_forced_on_one_gpu_is_refused_clearly() -> None:
     with pytest.raises(aiokvpipe.PipeError, match="same GPU"):
         await _same_gpu_pair("nccl")
+
+
+async def test_set_up_with_a_peer_that_never_joins_is_cancelled_without_leaving_a_thread(
+        ) -> None:
+    """A handshake timeout around the plane's set-up returns promptly, aborts the half-built
+    communicators and leaves no thread of ours behind (NCCL's set-up is non-blocking)."""
+    from aiokvpipe import _nccl_plane
+
+    before = set(threading.enumerate())
+    ids = _nccl_plane.new_unique_ids()
+    lost: list[BaseException] = []
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await _nccl_plane.start(True, ids, torch.device("cuda", 0), lost.append)
+    assert time.monotonic() - started < 3.0
+
+    def ours() -> list[str]:
+        return [t.name for t in threading.enumerate()
+                if t not in before and t.is_alive() and t.name.startswith("aiokvpipe")]
+
+    deadline = time.monotonic() + 20
+    while ours():
+        if time.monotonic() > deadline:
+            pytest.fail(f"threads left 20 s after the timeout: {ours()}")
+        await asyncio.sleep(0.05)
+

@@ -178,20 +178,25 @@ async def test_send_cancelled_after_its_header_left_still_delivers_it_whole(
 
 async def test_timeout_around_send_either_sends_all_or_nothing(
         pair_factory: PairFactory) -> None:
+    """Timeouts from 0 (expires at the send's first suspension: a 3 MiB payload always has
+    one) to far longer than any send takes: both outcomes happen, and each is whole."""
     a, b = await pair_factory(max_inflight_bytes=2 * MiB)
+    timeouts = [0.0, 0.0005, 0.001, 0.002, 0.005, 30.0]
     outcomes = {}
-    for i in range(6):
+    for i, timeout in enumerate(timeouts):
         try:
-            async with asyncio.timeout(0.001 * i):
+            async with asyncio.timeout(timeout):
                 await a.send(pipe_peer.seq_tensor(i, 3 * MiB))
             outcomes[i] = "ok"
         except TimeoutError:
             outcomes[i] = "timed out"
+    assert outcomes[0] == "timed out" and outcomes[len(timeouts) - 1] == "ok", outcomes
     await a.send(pipe_peer.seq_tensor(99, 8))
     received = []
     while not received or received[-1] != 99:
+        # read_seq checks every byte: a half-sent message fails here
         received.append(pipe_peer.read_seq(await asyncio.wait_for(b.recv(), 30)))
-    assert received[:-1] == sorted(received[:-1])
+    assert received[:-1] == sorted(set(received[:-1]))  # in order, none twice
     assert {i for i, o in outcomes.items() if o == "ok"} <= set(received)
 
 

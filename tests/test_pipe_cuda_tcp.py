@@ -5,6 +5,7 @@ process. Skipped where torch sees no CUDA device."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -143,3 +144,87 @@ async def test_cuda_round_trip_through_a_peer_process_on_the_same_gpu(
             assert (await peer.expect("done"))["echoed"] == 3
         finally:
             await close_quietly(pipe)
+
+
+#: GPU clock cycles of torch.cuda._sleep that keep a stream busy for ~0.2 s (at <= 2 GHz).
+BUSY_CYCLES = 400_000_000
+
+
+async def test_received_tensors_are_safe_on_the_callers_stream(pair_factory: PairFactory
+                                                               ) -> None:
+    """The caller's stream still reads a received tensor after the caller dropped it while the
+    next message arrives: its memory must not be reused for that message meanwhile."""
+    a, b = await pair_factory(**CUDA_TCP)
+    consumer = torch.cuda.Stream()
+    n, rounds = 4 * MiB, 6
+    totals = []
+    for i in range(rounds):
+        await a.send(torch.full((n,), i, dtype=torch.int32, device="cuda"))
+        with torch.cuda.stream(consumer):
+            back = await asyncio.wait_for(b.recv(), 30)
+            torch.cuda._sleep(BUSY_CYCLES)  # the consumer is busy: the sum runs much later
+            totals.append(back.sum(dtype=torch.int64))
+            del back  # dropped at once, still to be read by `consumer`
+    consumer.synchronize()
+    assert [int(x) for x in totals] == [i * n for i in range(rounds)]
+
+
+async def test_large_receive_buffers_are_allocated_off_the_event_loop(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    where: list[str] = []
+    real = b._plane._allocate
+
+    def spy(*args: Any) -> Any:
+        where.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(b._plane, "_allocate", spy)
+    big = torch.arange(8 * MiB // 4, device="cuda", dtype=torch.float32)
+    small = torch.arange(16, device="cuda", dtype=torch.float32)
+    for t in (big, small, big):
+        await a.send(t)
+        assert torch.equal(await asyncio.wait_for(b.recv(), 30), t)
+    loop_thread = threading.current_thread().name
+    assert where[0].startswith("aiokvpipe-alloc") and where[2].startswith("aiokvpipe-alloc")
+    assert where[1] == loop_thread  # small buffers come from the caches at once
+
+
+async def test_a_cuda_receive_allocation_failure_breaks_with_the_local_error(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    boom = RuntimeError("CUDA out of memory (injected)")
+
+    def fail(*args: Any) -> Any:
+        raise boom
+
+    monkeypatch.setattr(b._plane, "_allocate", fail)
+    waiting = asyncio.create_task(b.recv())
+    try:
+        await a.send(torch.ones(8 * MiB // 4, device="cuda"))
+    except aiokvpipe.BrokenPipe:
+        pass
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        async with asyncio.timeout(10):
+            await waiting
+    assert info.value.__cause__ is boom
+
+
+async def test_a_failed_copy_to_the_device_breaks_the_pipe(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = await pair_factory(**CUDA_TCP)
+    boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    async def fail(*args: Any) -> Any:
+        raise boom
+
+    monkeypatch.setattr(b._plane._staging, "to_device", fail)
+    waiting = asyncio.create_task(b.recv())
+    try:
+        await a.send(torch.ones(1000, device="cuda"))
+    except aiokvpipe.BrokenPipe:
+        pass
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        async with asyncio.timeout(10):
+            await waiting
+    assert info.value.__cause__ is boom

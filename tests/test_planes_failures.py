@@ -1,0 +1,139 @@
+"""Failures inside the data planes end in a typed error, promptly, never a hang (CPU).
+
+A plane's internal tasks (the tcp send loop, CUDA event pollers, staging copies) and its
+receive-buffer allocations can fail for local reasons. Each failure must break the pipe with
+that cause, and a local failure must be reported as what it is, not as the peer's fault.
+Failures are injected at the narrowest seam (one method of one plane instance) of real pipes
+over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pipe_peer
+import pytest
+from conftest import PairFactory
+
+import aiokvpipe
+from aiokvpipe._cuda import EventPoller
+from aiokvpipe._plane import OrderedWorker
+
+Pair = tuple[aiokvpipe.Pipe, aiokvpipe.Pipe]
+MiB = 1 << 20
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_failure_in_the_tcp_send_loop_breaks_the_pipe_with_its_cause(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RuntimeError while preparing a payload (a pinned allocation, a CUDA copy) must not
+    end the send loop silently: the pending send raises BrokenPipe with that cause."""
+    a, b = await pair_factory()
+    boom = RuntimeError("pinned allocation failed (injected)")
+    plane = a._plane
+    real = plane._payload_bytes
+
+    async def fail_once(*args: object) -> object:
+        monkeypatch.setattr(plane, "_payload_bytes", real)
+        raise boom
+
+    monkeypatch.setattr(plane, "_payload_bytes", fail_once)
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        async with asyncio.timeout(5):  # a hang is the bug
+            await a.send(pipe_peer.seq_tensor(1, MiB))
+    assert info.value.__cause__ is boom
+    with pytest.raises(aiokvpipe.BrokenPipe):  # later sends fail too, at once
+        async with asyncio.timeout(5):
+            await a.send(pipe_peer.seq_tensor(2, MiB))
+
+
+async def test_a_receive_allocation_failure_is_a_local_error_not_a_protocol_error(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = await pair_factory()
+    boom = MemoryError("no memory for the payload (injected)")
+
+    def fail(*args: object) -> object:
+        raise boom
+
+    monkeypatch.setattr(b._plane, "_allocate", fail)
+    waiting = asyncio.create_task(b.recv())
+    try:
+        await a.send(pipe_peer.seq_tensor(1, MiB))
+    except aiokvpipe.BrokenPipe:
+        pass  # b may already have broken the pipe
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        async with asyncio.timeout(5):
+            await waiting
+    cause = info.value.__cause__
+    assert cause is boom, f"expected the MemoryError itself, got {cause!r}"
+    assert not isinstance(cause, aiokvpipe.ProtocolError)
+
+
+# -- the CUDA event poller, with a fake event (no GPU needed) ----------------------------------
+
+
+class _Event:
+    def __init__(self, fires_after: int | None = None, error: BaseException | None = None
+                 ) -> None:
+        self.polls = 0
+        self.fires_after = fires_after
+        self.error = error
+
+    def query(self) -> bool:
+        self.polls += 1
+        if self.error is not None:
+            raise self.error
+        return self.fires_after is not None and self.polls > self.fires_after
+
+
+async def test_event_poller_fails_every_pending_future_and_reports_when_query_raises() -> None:
+    errors: list[BaseException] = []
+    poller = EventPoller(on_error=errors.append)
+    cuda_error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    first = poller.watch(_Event(fires_after=2))
+    broken = poller.watch(_Event(error=cuda_error))
+    behind = poller.watch(_Event(fires_after=None))  # would never fire
+    assert await asyncio.wait_for(first, 5) is None
+    for fut in (broken, behind):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            await asyncio.wait_for(fut, 5)
+    assert errors == [cuda_error]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        await poller.watch(_Event(fires_after=0))  # later watches fail at once
+    poller.abort(RuntimeError("aborted"))
+
+
+async def test_event_poller_without_a_callback_still_fails_its_futures() -> None:
+    poller = EventPoller()
+    fut = poller.watch(_Event(error=RuntimeError("query failed")))
+    with pytest.raises(RuntimeError, match="query failed"):
+        await asyncio.wait_for(fut, 5)
+
+
+# -- the ordered worker ---------------------------------------------------------------------------
+
+
+async def test_ordered_worker_runs_jobs_one_at_a_time_in_order_off_the_loop() -> None:
+    worker = OrderedWorker("test-alloc")
+    release = threading.Event()
+    ran: list[tuple[int, str]] = []
+
+    def job(i: int) -> int:
+        if i == 0:
+            release.wait(10)
+        ran.append((i, threading.current_thread().name))
+        return i
+
+    try:
+        futs = [worker.submit(lambda i=i: job(i)) for i in range(5)]
+        await asyncio.sleep(0)
+        assert not any(f.done() for f in futs)  # all behind the first
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*futs), 10) == list(range(5))
+        assert [i for i, _ in ran] == list(range(5))
+        assert all(name.startswith("aiokvpipe-test-alloc") for _, name in ran)
+    finally:
+        release.set()
+        worker.shutdown()
