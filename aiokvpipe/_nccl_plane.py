@@ -456,6 +456,18 @@ class NcclPlane:
         self._recv.submit(op)
         return fut
 
+    def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
+        """Receive the next payload into ``tensors`` (contiguous, on the plane's device; a
+        block transfer's staging buffer): in posting order with :meth:`post_recv`."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        failed = self._error or self._recv.error
+        if failed is not None:
+            done.set_exception(fresh(failed))
+            return done
+        self._recv.submit(_Op(list(tensors), None, done))
+        return done
+
     def _allocate(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
         # Allocated on the receive stream: the allocator only reuses this memory after what
         # the receive stream does with it, i.e. after NCCL has written it.

@@ -128,6 +128,7 @@ class Pipe:
         self._messages_received = 0
         self._bytes_received = 0
         self._ready_count = 0
+        self._flush_pending = False  # a _flush_credit is scheduled
         # ending
         self._closed_here = False  # aclose() was called here
         self._finished = asyncio.Event()  # closed and released, or broken
@@ -629,13 +630,19 @@ class Pipe:
         return rebuild(item.structure, item.specs, tensors)
 
     def _return_credit(self, n: int) -> None:
-        # Coalesce: one CREDIT frame per loop iteration, not one per message (and none when
-        # a header we send meanwhile carries the credit).
-        if not self._proto.credit_owed:
-            self._loop.call_soon(self._flush_credit)
         self._proto.release(n)
+        self.credit_released()
+
+    def credit_released(self) -> None:
+        """Credit is owed to the peer: send it soon. Coalesced: one CREDIT frame per loop
+        iteration, not one per message (and none when a header we send meanwhile carries
+        the credit)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_credit)
 
     def _flush_credit(self) -> None:
+        self._flush_pending = False
         if self._error is not None:
             return
         data = self._proto.send_credit()

@@ -16,22 +16,23 @@ callers' futures and moves the bytes, each plane its best way:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import torch
 
 from . import _wire
-from ._blocks import BlockPool, PoolLayout, check_counts, check_fits, normalize_ids
+from ._blocks import BlockPool, PoolLayout, check_counts, check_fits, merge_runs, normalize_ids
 from ._blocks import normalize_layers as _normalize_layers
-from ._blocks_move import Chunk, gather, iter_chunks, merge_runs, run_views, scatter
+from ._blocks_move import Chunk, gather, iter_chunks, run_views, scatter
 from ._blocks_wire import decode_layout, encode_layout
 from ._cuda import EventPoller
 from ._errors import ProtocolError, fresh
 from ._message import check_key
+from ._plane import DeviceBytesPlane, HostBytesPlane, settle_like
 from ._protocol import offer_cost
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class BlockExchange:
         try:
             refusal = await pulled
         except asyncio.CancelledError:
-            if not pulled.done():  # not pulled yet: take the offer back, nothing moved
+            if not pulled.done() or pulled.cancelled():  # not pulled: take it back, unmoved
                 self._offers_out.pop(offer_id, None)
                 if pipe._error is None:
                     pipe._write(proto.send_retract(offer_id))
@@ -139,13 +140,13 @@ class BlockExchange:
         pipe = self._pipe
         plane = pipe._plane
         proto = pipe._proto
-        if pool.device.type == "cpu":
+        if pool.device.type == "cpu" and plane.name == "tcp":
             runs = merge_runs(ids, range(len(ids)))
             views = [v for i in layers for v in run_views(pool, i, runs, "src")]
             nbytes = sum(len(v) for v in views)
             await pipe._send_budget.acquire(nbytes)
             try:
-                done = plane.post_send_views(views, keepalive=pool)
+                done = cast(HostBytesPlane, plane).post_send_views(views, keepalive=pool)
                 pipe._write(proto.send_block_data(offer_id))
             except BaseException:
                 pipe._send_budget.release(nbytes)
@@ -157,31 +158,38 @@ class BlockExchange:
                 pipe._send_budget.release(nbytes)
                 pipe._bytes_sent += nbytes
             return
-        stream = torch.cuda.Stream(pool.device)
-        pinned = plane.name == "tcp"
+        cuda = pool.device.type == "cuda"
+        tcp = plane.name == "tcp"
+        stream = torch.cuda.Stream(pool.device) if cuda else None
         inflight: deque[asyncio.Future[Any]] = deque()
         try:
             for chunk in iter_chunks(pool.layout, layers, len(ids), STAGING_BYTES):
                 while len(inflight) >= CHUNKS_IN_FLIGHT:
                     await inflight.popleft()
                 await pipe._send_budget.acquire(chunk.nbytes)
-                with torch.cuda.device(pool.device), torch.cuda.stream(stream):
-                    if ready is not None:
-                        stream.wait_event(ready)
-                    buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
-                                      device="cpu" if pinned else pool.device,
-                                      pin_memory=pinned)
-                    gather(pool, ids, chunk, buf, stream=stream)
-                    if pinned:  # the socket reads host memory once the copy is done
+                # tcp sends host memory (pinned, for a CUDA pool's copy engine); nccl sends
+                # device memory (a CPU pool's chunk is copied there by the plane).
+                buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
+                                  device=pool.device if cuda and not tcp else "cpu",
+                                  pin_memory=cuda and tcp)
+                if stream is not None:
+                    with torch.cuda.device(pool.device), torch.cuda.stream(stream):
+                        if ready is not None:
+                            stream.wait_event(ready)
+                        gather(pool, ids, chunk, buf, stream=stream)
+                        if not tcp:  # the plane orders itself after this (gathering) stream
+                            done = plane.post_send([buf])
+                    if tcp:  # the socket reads the host buffer once the copy is done
                         event = torch.cuda.Event()
                         event.record(stream)
                         await self._poller.watch(event, chunk.nbytes, keepalive=buf)
-                        done = plane.post_send_views([_host_view(buf)], keepalive=buf)
-                    else:  # the plane orders itself after the current (gathering) stream
-                        done = plane.post_send([buf])
+                        done = cast(HostBytesPlane, plane).post_send_views(
+                            [_host_view(buf)], keepalive=buf)
+                else:
+                    gather(pool, ids, chunk, buf)
+                    done = plane.post_send([buf])
                 pipe._write(proto.send_block_data(offer_id))
-                done.add_done_callback(
-                    lambda _, n=chunk.nbytes: pipe._send_budget.release(n))
+                done.add_done_callback(functools.partial(_release, pipe, chunk.nbytes))
                 inflight.append(done)
             proto.offer_done(offer_id)
             while inflight:
@@ -249,11 +257,13 @@ class BlockExchange:
         elif isinstance(frame, _wire.BlockData):
             self._block_data(frame.offer_id)
         elif isinstance(frame, _wire.Retract):
-            queue = self._offers_in.get(None)
-            for offers in (self._offers_in.values() if queue is None else [queue]):
+            self._pipe.credit_released()  # the protocol released the offer's credit
+            for key, offers in self._offers_in.items():
                 for offer in offers:
                     if offer.offer_id == frame.offer_id:
                         offers.remove(offer)
+                        if not offers:
+                            del self._offers_in[key]
                         return
             incoming = self._incoming.pop(frame.offer_id, None)
             if incoming is not None:  # crossed our PULL: those layers are missing again
@@ -281,17 +291,19 @@ class BlockExchange:
             # A misfit is the callers' error on both ends: this recv_blocks() raises it, the
             # peer's send_blocks() hears why; the pipe goes on.
             pipe._write(proto.send_pull(offer.offer_id, str(exc)))
+            pipe.credit_released()
             sink.done.set_exception(ValueError(str(exc)))
             return
         sink.missing.difference_update(offer.layers)
         sink.pending_offers += 1
-        if sink.pool.device.type == "cpu":
+        if sink.pool.device.type == "cpu" and pipe._plane.name == "tcp":
             chunks: deque[Chunk | None] = deque([None])
         else:
             chunks = deque(iter_chunks(sink.pool.layout, offer.layers, len(sink.ids),
                                        STAGING_BYTES))
         self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks)
         pipe._write(proto.send_pull(offer.offer_id))
+        pipe.credit_released()
 
     def _block_data(self, offer_id: int) -> None:
         incoming = self._incoming.get(offer_id)
@@ -304,35 +316,52 @@ class BlockExchange:
         sink = incoming.sink
         plane = self._pipe._plane
         pool = sink.pool
-        if chunk is None:  # a CPU pool: straight into its blocks (or a scratch if abandoned)
+        if chunk is None:  # a CPU pool on tcp: straight into its blocks (a scratch if abandoned)
             runs = merge_runs(range(len(sink.ids)), sink.ids)
             views = [v for i in incoming.layers for v in run_views(pool, i, runs, "dst")]
             if sink.abandoned:
                 views = [memoryview(bytearray(sum(len(v) for v in views)))]
-            done = plane.post_recv_views(views, keepalive=pool)
+            done = cast(HostBytesPlane, plane).post_recv_views(views, keepalive=pool)
             self._track(sink, done, incoming, last=not incoming.chunks)
             return
-        pinned = plane.name == "tcp"
-        buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
-                          device="cpu" if pinned else pool.device, pin_memory=pinned)
-        received = (plane.post_recv_views([_host_view(buf)], keepalive=buf) if pinned
-                    else plane.post_recv_into([buf]))
         landed: asyncio.Future[None] = self._pipe._loop.create_future()
+        cuda = pool.device.type == "cuda"
+        if plane.name == "tcp":
+            buf = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=cuda)
+            received = cast(HostBytesPlane, plane).post_recv_views([_host_view(buf)], keepalive=buf)
+        else:
+            buf = torch.empty(chunk.nbytes, dtype=torch.uint8, device=self._pipe.device)
+            received = cast(DeviceBytesPlane, plane).post_recv_into([buf])
 
         def unstage(fut: asyncio.Future[Any]) -> None:
             if fut.cancelled() or fut.exception() is not None:
-                _settle_from(landed, fut)
+                settle_like(landed, fut, None)
                 return
             if sink.abandoned:
                 landed.set_result(None)
                 return
-            stream = torch.cuda.Stream(pool.device)
-            with torch.cuda.device(pool.device), torch.cuda.stream(stream):
-                scatter(pool, sink.ids, chunk, buf, stream=stream)
+            if not cuda and buf.device.type == "cpu":
+                scatter(pool, sink.ids, chunk, buf)
+                landed.set_result(None)
+                return
+            stream = torch.cuda.Stream(buf.device if not cuda else pool.device)
+            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+                if cuda:
+                    scatter(pool, sink.ids, chunk, buf, stream=stream)
+                    host = None
+                else:  # a CPU pool over nccl: to host memory first
+                    host = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=True)
+                    host.copy_(buf, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
-            self._poller.watch(event, chunk.nbytes, keepalive=(buf, stream)
-                               ).add_done_callback(lambda f: _settle_from(landed, f))
+            watched = self._poller.watch(event, chunk.nbytes, keepalive=(buf, host, stream))
+
+            def copied(f: asyncio.Future[None]) -> None:
+                if host is not None and not f.cancelled() and f.exception() is None:
+                    scatter(pool, sink.ids, chunk, host)
+                settle_like(landed, f, None)
+
+            watched.add_done_callback(copied)
 
         received.add_done_callback(unstage)
         self._track(sink, landed, incoming, last=not incoming.chunks)
@@ -381,21 +410,12 @@ def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:
     return event
 
 
+def _release(pipe: Pipe, nbytes: int, _: object) -> None:
+    pipe._send_budget.release(nbytes)
+
+
 def _host_view(buf: torch.Tensor) -> memoryview:
     from ._hostmem import byte_view
     return byte_view(buf)
 
 
-def _settle_from(dest: asyncio.Future[None], source: asyncio.Future[Any]) -> None:
-    if dest.done():
-        return
-    if source.cancelled():
-        dest.cancel()
-    elif (exc := source.exception()) is not None:
-        dest.set_exception(exc)
-    else:
-        dest.set_result(None)
-
-
-def layers_of(pool: BlockPool, layers: Sequence[int] | None) -> tuple[int, ...]:
-    return _normalize_layers(pool, layers)

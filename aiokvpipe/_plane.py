@@ -53,6 +53,32 @@ class DataPlane(Protocol):
         ...
 
 
+class HostBytesPlane(DataPlane, Protocol):
+    """A plane that moves host memory as it is (tcp): block transfers of CPU pools go
+    straight between the pools' memory and the socket."""
+
+    def post_send_views(self, views: Sequence[memoryview], keepalive: object = None
+                        ) -> asyncio.Future[None]:
+        """Queue host bytes (a CPU pool's blocks, a staging buffer) as the next payload, in
+        order with :meth:`post_send`; ``keepalive`` is held until they have left."""
+        ...
+
+    def post_recv_views(self, views: Sequence[memoryview], keepalive: object = None
+                        ) -> asyncio.Future[Any]:
+        """Receive the next payload straight into host memory ``views``, in order with
+        :meth:`post_recv`."""
+        ...
+
+
+class DeviceBytesPlane(DataPlane, Protocol):
+    """A plane that receives into given device memory (nccl): staged block transfers."""
+
+    def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
+        """Receive the next payload into ``tensors`` (on the plane's device), in order with
+        :meth:`post_recv`."""
+        ...
+
+
 #: Receive buffers up to this size are allocated on the event loop (from the allocators'
 #: caches, a few microseconds); larger ones in the plane's allocation thread.
 SYNC_ALLOC_BYTES: Final = 1 << 20

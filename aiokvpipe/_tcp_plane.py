@@ -41,6 +41,10 @@ _SPILL_BYTES = 256 * 1024
 _SEND_SLICE = 4 * 1024 * 1024
 
 
+def _hold(keepalive: object, _: object) -> None:
+    """A done callback whose only work is to have kept ``keepalive`` referenced till then."""
+
+
 def tune_socket(sock: socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -276,6 +280,21 @@ class TcpPlane:
             self._outbox_nonempty.set_result(None)
         return fut
 
+    def post_send_views(self, views: Sequence[memoryview], keepalive: object = None
+                        ) -> asyncio.Future[None]:
+        """Queue bytes that are already in host memory (a CPU pool's blocks, a pinned staging
+        buffer), in order with :meth:`post_send`; ``keepalive`` owns the memory and is held
+        until they have left."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if self._error is not None:
+            fut.set_exception(fresh(self._error))
+            return fut
+        fut.add_done_callback(functools.partial(_hold, keepalive))
+        self._outbox.append((views, [None] * len(views), fut))  # type: ignore[arg-type]
+        if self._outbox_nonempty is not None and not self._outbox_nonempty.done():
+            self._outbox_nonempty.set_result(None)
+        return fut
+
     async def _send_loop(self) -> None:
         while True:
             if not self._outbox:
@@ -308,6 +327,8 @@ class TcpPlane:
         """The bytes to send for ``t`` and the tensor owning them (hold it while the view is
         used): ``t``'s own memory, or a pinned host copy of a CUDA tensor made after
         ``ready``."""
+        if isinstance(t, memoryview):  # post_send_views: the bytes themselves
+            return t, t
         if ready is not None:
             t = await self._staging.to_host(t, ready)
         return byte_view(t), t
@@ -352,6 +373,27 @@ class TcpPlane:
                 return fut
         else:
             job = self._alloc_worker.submit(functools.partial(self._allocate, specs, fut))
+        self._allocating.append((job, fut))
+        job.add_done_callback(self._post_allocated)
+        return fut
+
+    def post_recv_views(self, views: Sequence[memoryview], keepalive: object = None
+                        ) -> asyncio.Future[list[torch.Tensor]]:
+        """Receive the next payload straight into ``views`` (host memory: a CPU pool's blocks,
+        a pinned staging buffer), in order with :meth:`post_recv`; ``keepalive`` owns them."""
+        fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
+        failed = self._error or self._recv_failed
+        if failed is not None:
+            fut.set_exception(fresh(failed))
+            return fut
+        fut.add_done_callback(functools.partial(_hold, keepalive))
+        target = _Target([], fut)
+        target.views = [v for v in views if len(v)]
+        if not self._allocating:
+            self._post(target)
+            return fut
+        job: asyncio.Future[_Target] = self._loop.create_future()
+        job.set_result(target)
         self._allocating.append((job, fut))
         job.add_done_callback(self._post_allocated)
         return fut
