@@ -612,12 +612,11 @@ class _Sent(NamedTuple):
 class _Mapping:
     """A peer region as this process sees it."""
 
-    __slots__ = ("region", "opened", "ptr", "users", "retired")
+    __slots__ = ("region", "opened", "users", "retired")
 
     def __init__(self, region: int, opened: asyncio.Future[int]) -> None:
         self.region = region
-        self.opened = opened
-        self.ptr = 0
+        self.opened = opened  # the local address of the region's base, once mapped
         self.users = 0  # pieces of queued or running copies that read it
         self.retired = False
 
@@ -1061,8 +1060,6 @@ class IpcPlane:
                 err.__cause__ = exc
                 exc = err
             self._lost(exc)
-            return
-        m.ptr = fut.result()
 
     def _event_opened(self, fut: asyncio.Future[torch.cuda.Event]) -> None:
         if not fut.cancelled() and (exc := fut.exception()) is not None:
@@ -1117,7 +1114,7 @@ class IpcPlane:
             # Polled rather than waited for on our stream: a producer that dies with its work
             # pending would leave a stream waiting on its event forever.
             if not ready.query():
-                self._wait_for(self._ready_poller.watch(ready))
+                self._wait_for(self._ready_poller.watch(_PeerEventQuery(self, ready)))
                 return
             target = self._targets[0]
             nbytes = rec.nbytes
@@ -1133,7 +1130,9 @@ class IpcPlane:
         stream = self._copy_stream
         handle = stream.cuda_stream
         for piece, m in zip(rec.pieces, maps):
-            src, n = m.ptr + piece.offset, piece.nbytes
+            # The future's result, not a field its callback sets: that callback may not have
+            # run yet when the future is already done.
+            src, n = m.opened.result() + piece.offset, piece.nbytes
             while n:
                 ptr, size = target.chunks[target.index]
                 k = min(n, size - target.offset)
@@ -1149,7 +1148,9 @@ class IpcPlane:
             done = torch.cuda.Event()
             done.record(stream)
         self._copying += 1
-        watched = self._copy_poller.watch(done, rec.nbytes, keepalive=target.tensors)
+        # The poller sleeps until an op of this size could have ended at 500 GB/s; a copy
+        # within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep the copy.
+        watched = self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors)
         watched.add_done_callback(functools.partial(self._copied, rec, maps,
                                                     target if rec.last else None))
 
@@ -1272,6 +1273,24 @@ class IpcPlane:
         self._worker.submit(release).add_done_callback(finished)
         self._worker.stop()
         self._exports.clear()
+
+
+class _PeerEventQuery:
+    """The peer's event as the poller sees it: an error from querying it (the peer's
+    context died, say) breaks the plane instead of escaping the poller's task."""
+
+    __slots__ = ("_plane", "_event")
+
+    def __init__(self, plane: IpcPlane, event: torch.cuda.Event) -> None:
+        self._plane = plane
+        self._event = event
+
+    def query(self) -> bool:
+        try:
+            return bool(self._event.query())
+        except RuntimeError as exc:
+            self._plane._lost(exc)
+            return False
 
 
 def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
