@@ -184,6 +184,31 @@ async def plane_consumer(ctl: Line, plane: IpcPlane, msg: dict[str, Any]) -> Non
     await ctl.asend({"done": done})
 
 
+def micro() -> dict[str, float]:
+    """µs per call of the CUDA steps a message's path may take (this process, idle GPU)."""
+    x = torch.empty(1 << 20, device="cuda")
+    stream = torch.cuda.current_stream()
+    out: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, n: int = 2000) -> None:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[name] = (time.perf_counter() - t0) / n * 1e6
+
+    ipc_event = torch.cuda.Event(interprocess=True)
+    plain = torch.cuda.Event()
+    timed("interprocess event record+query", lambda: (ipc_event.record(), ipc_event.query()))
+    timed("plain event record+query", lambda: (plain.record(), plain.query()))
+    timed("stream query", stream.query)
+    timed("cuPointerGetAttributes", lambda: _cudaipc.allocation_of(x.data_ptr()))
+    info = _cudaipc.allocation_of(x.data_ptr())
+    timed("cudaIpcGetMemHandle", lambda: _cudaipc.export_memory(info.base), 200)
+    torch.cuda.synchronize()
+    return out
+
+
 # -- driver --------------------------------------------------------------------------------------
 
 
@@ -247,6 +272,9 @@ def main() -> None:
                                "date": time.strftime("%Y-%m-%d"), "raw": {},
                                **{m: {} for m in MODES}}
     print(f"{results['device']}, {results['date']}: two processes on cuda:0", flush=True)
+    results["micro_us"] = micro()
+    for name, us in results["micro_us"].items():
+        print(f"  {name:34} {us:8.2f} µs", flush=True)
     try:
         for size in sizes:
             r = raw_producer(ctl, size, iterations(size))

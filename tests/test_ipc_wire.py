@@ -17,7 +17,7 @@ from aiokvpipe import ProtocolError
 from aiokvpipe._ipc_plane import (
     CONSUMER_RECORDS,
     IPC_HANDLE_BYTES,
-    MAX_EVENT_SLOTS,
+    MAX_COPIES_IN_FLIGHT,
     MAX_PIECES,
     MAX_RECORD_BYTES,
     MAX_REGIONS,
@@ -25,7 +25,6 @@ from aiokvpipe._ipc_plane import (
     AckRecord,
     ConsumerLedger,
     CopyRecord,
-    EventRecord,
     IpcPlane,
     Piece,
     RecordDecoder,
@@ -43,14 +42,12 @@ HANDLE = bytes(range(64))
 OTHER = bytes(range(1, 65))
 
 PRODUCER_SAMPLES = [
-    EventRecord(0, HANDLE),
-    EventRecord(MAX_EVENT_SLOTS - 1, OTHER),
     RegionRecord(1, 2 << 20, HANDLE),
     RegionRecord((1 << 32) - 1, MAX_PAYLOAD_BYTES, OTHER),
     RetireRecord(7),
-    CopyRecord(3, (Piece(1, 0, 4096),), True),
-    CopyRecord(0, (Piece(1, 512, 1), Piece(2, 0, 1 << 30), Piece(1, 0, 7)), False),
-    CopyRecord(5, tuple(Piece(i, i, i + 1) for i in range(MAX_PIECES)), True),
+    CopyRecord((Piece(1, 0, 4096),), True),
+    CopyRecord((Piece(1, 512, 1), Piece(2, 0, 1 << 30), Piece(1, 0, 7)), False),
+    CopyRecord(tuple(Piece(i, i, i + 1) for i in range(MAX_PIECES)), True),
 ]
 CONSUMER_SAMPLES = [AckRecord(0), AckRecord(1), AckRecord((1 << 64) - 1)]
 
@@ -96,52 +93,47 @@ def test_many_records_in_one_feed_come_out_in_order() -> None:
 
 
 def test_copy_record_layout_is_fixed() -> None:
-    data = encode_record(CopyRecord(2, (Piece(9, 4096, 100),), True))
-    assert data == struct.pack(">BBHH", 4, 1, 2, 1) + struct.pack(">IQQ", 9, 4096, 100)
+    data = encode_record(CopyRecord((Piece(9, 4096, 100),), True))
+    assert data == struct.pack(">BBH", 4, 1, 1) + struct.pack(">IQQ", 9, 4096, 100)
     assert encode_record(AckRecord(5)) == b"\x05" + (5).to_bytes(8, "big")
 
 
 @pytest.mark.parametrize("data", [
-    b"\x00", b"\x06", b"\xff",  # unknown record types
+    b"\x00", b"\x01", b"\x06", b"\xff",  # unknown record types
     b"\x05" + bytes(8),  # an ACK is the consumer's, never on the producer's socket
-    struct.pack(">BBHH", 4, 2, 0, 1) + struct.pack(">IQQ", 1, 0, 1),  # flags beyond bit 0
-    struct.pack(">BBHH", 4, 0, 0, 0),  # no pieces
-    struct.pack(">BBHH", 4, 0, 0, MAX_PIECES + 1),  # too many, refused before buffering
-    struct.pack(">BBHH", 4, 0, MAX_EVENT_SLOTS, 1) + struct.pack(">IQQ", 1, 0, 1),
-    struct.pack(">BBHH", 4, 0, 0, 1) + struct.pack(">IQQ", 1, 0, 0),  # empty piece
-    struct.pack(">BBHH", 4, 0, 0, 1) + struct.pack(">IQQ", 1, MAX_PAYLOAD_BYTES, 1),
-    struct.pack(">BBHH", 4, 0, 0, 2) + struct.pack(">IQQ", 1, 0, MAX_PAYLOAD_BYTES)
+    struct.pack(">BBH", 4, 2, 1) + struct.pack(">IQQ", 1, 0, 1),  # flags beyond bit 0
+    struct.pack(">BBH", 4, 0, 0),  # no pieces
+    struct.pack(">BBH", 4, 0, MAX_PIECES + 1),  # too many, refused before buffering
+    struct.pack(">BBH", 4, 0, 1) + struct.pack(">IQQ", 1, 0, 0),  # empty piece
+    struct.pack(">BBH", 4, 0, 1) + struct.pack(">IQQ", 1, MAX_PAYLOAD_BYTES, 1),
+    struct.pack(">BBH", 4, 0, 2) + struct.pack(">IQQ", 1, 0, MAX_PAYLOAD_BYTES)
     + struct.pack(">IQQ", 2, 0, 1),  # pieces beyond the payload limit together
     struct.pack(">BIQ", 2, 1, 0) + HANDLE,  # empty region
     struct.pack(">BIQ", 2, 1, MAX_PAYLOAD_BYTES + 1) + HANDLE,
-    struct.pack(">BH", 1, MAX_EVENT_SLOTS) + HANDLE,
-    struct.pack(">BH", 1, 0xFFFF) + HANDLE,
-], ids=["type-0", "type-6", "type-255", "ack-on-producer-socket", "flags", "no-pieces",
-        "too-many-pieces", "slot-range", "empty-piece", "piece-past-limit", "sum-past-limit",
-        "empty-region", "huge-region", "event-slot-range", "event-slot-max"])
+], ids=["type-0", "type-1", "type-6", "type-255", "ack-on-producer-socket", "flags",
+        "no-pieces", "too-many-pieces", "empty-piece", "piece-past-limit", "sum-past-limit",
+        "empty-region", "huge-region"])
 def test_malformed_producer_records_are_protocol_errors(data: bytes) -> None:
     rejected(data)
 
 
-@pytest.mark.parametrize("data", [b"\x04", b"\x01" + bytes(66), b"\x02" + bytes(76)])
+@pytest.mark.parametrize("data", [b"\x04", b"\x03" + bytes(4), b"\x02" + bytes(76)])
 def test_producer_records_are_refused_on_the_ack_socket(data: bytes) -> None:
     rejected(data, consumer_decoder())
 
 
 def test_a_too_long_copy_is_refused_from_its_head_alone() -> None:
     # The count is checked before the body is awaited: nothing is buffered for it.
-    rejected(struct.pack(">BBHH", 4, 0, 0, 0xFFFF))
+    rejected(struct.pack(">BBH", 4, 0, 0xFFFF))
 
 
 def test_encoder_refuses_what_the_decoder_would() -> None:
     with pytest.raises(ValueError):
-        encode_record(CopyRecord(0, (), True))
+        encode_record(CopyRecord((), True))
     with pytest.raises(ValueError):
-        encode_record(CopyRecord(MAX_EVENT_SLOTS, (Piece(1, 0, 1),), True))
+        encode_record(CopyRecord((Piece(1, 0, 0),), True))
     with pytest.raises(ValueError):
-        encode_record(CopyRecord(0, (Piece(1, 0, 0),), True))
-    with pytest.raises(ValueError):
-        encode_record(EventRecord(0, b"short"))
+        encode_record(RegionRecord(1, 10, b"short"))
     with pytest.raises(ValueError):
         encode_record(RegionRecord(1, 0, HANDLE))
 
@@ -164,30 +156,28 @@ def test_arbitrary_bytes_give_records_or_protocol_errors_only(chunks: list[bytes
 
 def ledger() -> ConsumerLedger:
     led = ConsumerLedger()
-    led.event(EventRecord(0, HANDLE))
     led.region(RegionRecord(1, 1000, HANDLE))
     return led
 
 
 def test_ledger_accepts_a_well_formed_sequence() -> None:
     led = ledger()
-    rec = CopyRecord(0, (Piece(1, 0, 1000),), True)
+    rec = CopyRecord((Piece(1, 0, 1000),), True)
     led.copy(rec)
-    led.copied(0)
-    led.copy(rec)  # the slot is free again once its copy was done
+    led.copied()
+    led.copy(rec)
     led.retire(RetireRecord(1))
     led.region(RegionRecord(1, 10, OTHER))  # an id may come back once retired
 
 
 @pytest.mark.parametrize(("step", "match"), [
-    (lambda led: led.copy(CopyRecord(1, (Piece(1, 0, 1),), True)), "never announced"),
-    (lambda led: led.copy(CopyRecord(0, (Piece(2, 0, 1),), True)), "unknown region"),
-    (lambda led: led.copy(CopyRecord(0, (Piece(1, 999, 2),), True)), "outside"),
-    (lambda led: led.copy(CopyRecord(0, (Piece(1, 1000, 1),), True)), "outside"),
+    (lambda led: led.copy(CopyRecord((Piece(2, 0, 1),), True)), "unknown region"),
+    (lambda led: led.copy(CopyRecord((Piece(1, 999, 2),), True)), "outside"),
+    (lambda led: led.copy(CopyRecord((Piece(1, 1000, 1),), True)), "outside"),
+    (lambda led: led.copy(CopyRecord((Piece(1, 0, 1), Piece(3, 0, 1)), True)), "unknown"),
     (lambda led: led.region(RegionRecord(1, 5, OTHER)), "twice"),
-    (lambda led: led.event(EventRecord(0, OTHER)), "twice"),
     (lambda led: led.retire(RetireRecord(9)), "unknown region"),
-], ids=["unknown-slot", "unknown-region", "past-end", "at-end", "region-twice", "slot-twice",
+], ids=["unknown-region", "past-end", "at-end", "second-piece-unknown", "region-twice",
         "retire-unknown"])
 def test_ledger_refuses_what_was_not_announced(step: object, match: str) -> None:
     led = ledger()
@@ -195,11 +185,15 @@ def test_ledger_refuses_what_was_not_announced(step: object, match: str) -> None
         step(led)  # type: ignore[operator]
 
 
-def test_ledger_refuses_a_slot_reused_before_its_copy_was_done() -> None:
+def test_ledger_bounds_the_copies_in_flight() -> None:
     led = ledger()
-    led.copy(CopyRecord(0, (Piece(1, 0, 1),), False))
-    with pytest.raises(ProtocolError, match="reused"):
-        led.copy(CopyRecord(0, (Piece(1, 0, 1),), True))
+    rec = CopyRecord((Piece(1, 0, 1),), False)
+    for _ in range(MAX_COPIES_IN_FLIGHT):
+        led.copy(rec)
+    with pytest.raises(ProtocolError, match="in flight"):
+        led.copy(rec)
+    led.copied()
+    led.copy(rec)
 
 
 def test_ledger_bounds_the_regions_mapped_at_once() -> None:
