@@ -72,9 +72,11 @@ MAX_REGIONS: Final = 1024
 #: The producer retires its least recently used region beyond this many.
 _MAX_EXPORTS: Final = 512
 #: Default size of the staging ring (allocated only when a tensor needs it).
-DEFAULT_RING_BYTES: Final = 64 << 20
-#: Ring bytes per COPY record at most, so the consumer starts copying a large message early.
-_RING_CHUNK: Final = 8 << 20
+DEFAULT_RING_BYTES: Final = 128 << 20
+#: Ring bytes per COPY record at most: small enough that the consumer starts copying a large
+#: message early, large enough that the per-record cost (GPU work alternating between the
+#: two processes' contexts, ~0.1 ms) is amortised.
+_RING_CHUNK: Final = 32 << 20
 _ALIGN: Final = 256
 
 Mode = Literal["segments", "ring"]

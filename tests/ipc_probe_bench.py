@@ -87,18 +87,21 @@ class Line:
 # -- baseline ------------------------------------------------------------------------------------
 
 
-def raw_producer(ctl: Line, size: int, n: int) -> dict[str, float]:
+def raw_producer(ctl: Line, size: int, n: int, variant: str = "") -> dict[str, float]:
     src = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     info = _cudaipc.allocation_of(src.data_ptr())
     handle = _cudaipc.export_memory(info.base)
     ctl.send({"raw": size, "handle": handle.hex(), "offset": src.data_ptr() - info.base,
-              "n": n})
+              "n": n, "variant": variant})
+    ev = torch.cuda.Event()
     assert ctl.recv() == "opened"
     sock = ctl.sock
     rts, goes = [], []
     for _ in range(n + 1):
         t0 = time.perf_counter()
+        if variant == "producer-event":  # one tiny GPU op in the producer's context
+            ev.record()
         sock.sendall(b"g")
         assert sock.recv(1) == b"d"
         rts.append(time.perf_counter() - t0)
@@ -121,7 +124,13 @@ def raw_consumer(ctl: Line, msg: dict[str, Any]) -> None:
     for _ in range(n + 1):
         assert sock.recv(1) == b"g"
         _cudaipc.copy_async(dst.data_ptr(), base + msg["offset"], size, stream.cuda_stream)
-        stream.synchronize()
+        if msg.get("variant") == "consumer-poll":  # an event polled, as the plane does
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            while not ev.query():
+                pass
+        else:
+            stream.synchronize()
         done.append(time.perf_counter())
         sock.sendall(b"d")
     ctl.send({"done": done})
@@ -143,6 +152,7 @@ async def plane_producer(ctl: Line, plane: IpcPlane, size: int, n: int) -> dict[
     await ctl.asend({"plane": size, "total": seq + DEPTH - 1 + n})
     assert await ctl.arecv() == "posting"
     goes, rts = [], []
+    TRACE.clear()
     for _ in range(seq):  # one at a time; the first maps the buffer
         t0 = time.perf_counter()
         await plane.post_send([srcs[0]])
@@ -159,16 +169,46 @@ async def plane_producer(ctl: Line, plane: IpcPlane, size: int, n: int) -> dict[
     for f in pending:
         await f
     piped = (time.perf_counter() - t0) / n
-    done = (await ctl.arecv())["done"]
+    reply = await ctl.arecv()
+    done = reply["done"]
     one_way = [d - g for d, g in zip(done[1:seq], goes[1:])]
     rt = statistics.median(rts[1:])
+    if size <= 1 << 20 or size == 16 << 20:
+        theirs = reply["trace"]
+        enq, cop = theirs.get("enqueued", []), theirs.get("copied", [])
+        stages = {"post→copy enqueued": [e - g for e, g in zip(enq, goes)],
+                  "enqueued→copy seen done": [c - e for c, e in zip(cop, enq)],
+                  "copy seen done→recv resumed": [d - c for d, c in zip(done, cop)]}
+        for name, vals in stages.items():
+            if len(vals) > 2:
+                print(f"      {name:30} p50 {statistics.median(vals[1:seq]) * 1e6:8.1f} µs")
     return {"gbps": size / rt / 1e9, "rt_p50_us": rt * 1e6,
             "one_way_p50_us": statistics.median(one_way) * 1e6,
             "pipelined_gbps": size / piped / 1e9}
 
 
+TRACE: dict[str, list[float]] = {}
+
+
+def trace_plane(plane: IpcPlane) -> None:
+    """Timestamps of each stage of a message's path in this process (monkeypatched)."""
+    def wrap(name: str, fn: Any, after: bool = False) -> Any:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            if not after:
+                TRACE.setdefault(name, []).append(time.perf_counter())
+            r = fn(*a, **k)
+            if after:
+                TRACE.setdefault(name, []).append(time.perf_counter())
+            return r
+        return wrapped
+    plane._enqueue = wrap("enqueued", plane._enqueue, after=True)  # type: ignore[method-assign]
+    plane._copied = wrap("copied", plane._copied)  # type: ignore[method-assign]
+    plane._send_ack = wrap("ack_out", plane._send_ack)  # type: ignore[method-assign]
+
+
 async def plane_consumer(ctl: Line, plane: IpcPlane, msg: dict[str, Any]) -> None:
     size, total = msg["plane"], msg["total"]
+    TRACE.clear()
     spec = TensorSpec(14, (size,), 1)
     done: list[float] = []
     await ctl.asend("posting")
@@ -181,7 +221,7 @@ async def plane_consumer(ctl: Line, plane: IpcPlane, msg: dict[str, Any]) -> Non
         if posted < total:
             ahead.append(plane.post_recv([spec]))
             posted += 1
-    await ctl.asend({"done": done})
+    await ctl.asend({"done": done, "trace": TRACE})
 
 
 def micro() -> dict[str, float]:
@@ -218,6 +258,7 @@ async def run_planes(role: str, ctl: Line, socks: list[socket.socket], sizes: li
     for m, mode in enumerate(MODES):
         plane = await IpcPlane.start(socks[2 * m], socks[2 * m + 1], torch.device("cuda", 0),
                                      lost, mode=mode)  # type: ignore[arg-type]
+        trace_plane(plane)
         for size in sizes:
             if role == "producer":
                 results[mode][size] = r = await plane_producer(ctl, plane, size,
@@ -248,7 +289,7 @@ def main() -> None:
         fds = [int(x) for x in args.child.split(",")]
         ctl = Line(socket.socket(fileno=fds[0]))
         socks = [socket.socket(fileno=fd) for fd in fds[1:]]
-        for _ in sizes:
+        for _ in range(len(sizes) + 2):
             raw_consumer(ctl, ctl.recv())
         with asyncio.Runner(loop_factory=new_loop) as runner:
             runner.run(run_planes("consumer", ctl, socks, sizes, {}))
@@ -276,6 +317,11 @@ def main() -> None:
     for name, us in results["micro_us"].items():
         print(f"  {name:34} {us:8.2f} µs", flush=True)
     try:
+        for variant in ("producer-event", "consumer-poll"):
+            r = raw_producer(ctl, 4096, 500, variant)
+            print(f"  raw 4 KiB, {variant:15} one-way p50 {r['one_way_p50_us']:7.1f} µs  "
+                  f"rt p50 {r['rt_p50_us']:7.1f} µs", flush=True)
+            results[f"raw-{variant}"] = r
         for size in sizes:
             r = raw_producer(ctl, size, iterations(size))
             results["raw"][size] = r

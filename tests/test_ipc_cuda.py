@@ -28,6 +28,7 @@ from jsonpeer import JsonPeerProcess
 
 from aiokvpipe import BrokenPipe, ProtocolError, _dtypes
 from aiokvpipe._ipc_plane import (
+    DEFAULT_RING_BYTES,
     CopyRecord,
     IpcPlane,
     Piece,
@@ -185,7 +186,7 @@ async def test_messages_of_every_dtype_shape_and_size_round_trip(mode: str) -> N
         assert all(same_bits(a, b) for a, b in zip(parts, got))
         assert local.plane is not None
         stats = local.plane.stats
-        assert stats["ring_bytes"] == (0 if mode == "segments" else 64 * MiB)
+        assert stats["ring_bytes"] == (0 if mode == "segments" else DEFAULT_RING_BYTES)
 
 
 async def test_the_copy_waits_for_the_producers_pending_kernels_both_ways() -> None:
