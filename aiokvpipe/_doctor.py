@@ -76,6 +76,24 @@ def _cupy() -> Json:
     return info
 
 
+def _ipc() -> Json:
+    """Whether this process can take part in CUDA IPC, and why not."""
+    from . import _ipc_plane
+
+    ok, why = _ipc_plane.ipc_info()
+    info: Json = {"possible": ok, "why": why, "host_id": _ipc_plane.host_id().hex()}
+    note = _ipc_plane.allocator_note()
+    if note:
+        info["note"] = note
+    if ok and torch.cuda.device_count() > 1:
+        from . import _cudaipc
+
+        n = torch.cuda.device_count()
+        info["peer_access"] = {f"cuda:{i}-cuda:{j}": _cudaipc.can_access_peer(i, j)
+                               for i in range(n) for j in range(n) if i < j}
+    return info
+
+
 def _uvloop() -> Json:
     try:
         return {"installed": True, "version": importlib.metadata.version("uvloop")}
@@ -85,21 +103,31 @@ def _uvloop() -> Json:
 
 def _auto_transport() -> Json:
     """What ``auto`` would choose against a peer like this machine, in three situations."""
-    from . import _connect, _handshake
+    from . import _connect, _handshake, _ipc_plane
     from ._options import PipeOptions
 
     opts = PipeOptions()  # transport="auto", as a user gets it
-    cpu = _connect._local_caps(opts, torch.device("cpu"))
+    ipc_ok = _ipc_plane.ipc_info()[0]
+
+    def caps(device: torch.device) -> Any:
+        # The ipc fields as the handshake will send them (kept here until _local_caps fills
+        # them itself; then this is the same values again).
+        c = _connect._local_caps(opts, device)
+        return dataclasses.replace(c, host_id=_ipc_plane.host_id(),
+                                   ipc=ipc_ok and device.type == "cuda")
+
+    cpu = caps(torch.device("cpu"))
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         verdict = _verdict(_handshake, cpu, cpu, "no CUDA device here, so a peer like this "
                            "machine, on another GPU or the same, uses device='cpu'")
         return {"other_gpu": verdict, "same_gpu": verdict, "cpu_peer": verdict}
-    here = _connect._local_caps(opts, torch.device("cuda", 0))
+    here = caps(torch.device("cuda", 0))
     if torch.cuda.device_count() > 1:
-        other = _connect._local_caps(opts, torch.device("cuda", 1))
+        other = caps(torch.device("cuda", 1))
         other_note = "cuda:0 ↔ cuda:1 of this machine"
-    else:  # one GPU: a like machine's GPU, which only its UUID tells apart
-        other = dataclasses.replace(here, device_uuid=bytes(b ^ 0xFF for b in here.device_uuid))
+    else:  # one GPU: a like machine's GPU, which only its UUID (and host) tell apart
+        other = dataclasses.replace(here, device_uuid=bytes(b ^ 0xFF for b in here.device_uuid),
+                                    host_id=bytes(b ^ 0xFF for b in here.host_id))
         other_note = "this machine has one GPU: a peer like it on another machine's GPU"
     return {"other_gpu": _verdict(_handshake, here, other, other_note),
             "same_gpu": _verdict(_handshake, here, here, "two processes on cuda:0"),
@@ -107,13 +135,22 @@ def _auto_transport() -> Json:
 
 
 def _verdict(hs: Any, a: Any, b: Any, note: str) -> Json:
+    # The handshake proves ipc by opening the peer's handle; doctor has no peer and assumes
+    # the proof holds wherever the capabilities allow ipc (and says so).
     try:
-        chosen = hs.choose_transport(a, b).name.lower()
+        chosen = hs.choose_transport(a, b, ipc_proven=True).name.lower()
     except hs.NoTransport as exc:
         return {"transport": None, "why": str(exc), "situation": note}
+    if chosen == "ipc":
+        why = ("one host, CUDA IPC at both ends (if the peer's handle opens here: "
+               "proven at the handshake)")
+        return {"transport": chosen, "why": why, "situation": note}
     why = hs.nccl_possible(a, b)
     if why is None:
         why = f"different GPUs, CuPy with NCCL {nccl_version(a.nccl_version)} at both ends"
+    why_not_ipc = hs.ipc_possible(a, b)
+    if why_not_ipc and a.cuda and b.cuda:
+        why += f"; not ipc: {why_not_ipc}"
     return {"transport": chosen, "why": why, "situation": note}
 
 
@@ -123,6 +160,7 @@ def collect() -> Json:
 
     return {"aiokvpipe": __version__, "python": _fenced(_python), "torch": _fenced(_torch),
             "cuda": _fenced(_cuda), "cupy": _fenced(_cupy), "uvloop": _fenced(_uvloop),
+            "ipc": _fenced(_ipc),
             "auto_transport": _fenced(_auto_transport)}
 
 
@@ -168,6 +206,14 @@ def render(info: Json) -> str:
         extra = f", {cp['cuda_error']}" if "cuda_error" in cp else ""
         add("CuPy", f"{cp['version']}{extra}")
     add("NCCL", _nccl_line(cp) if "error" not in cp else "unknown")
+    ipc = info.get("ipc", {})
+    if "error" in ipc:
+        add("CUDA IPC", f"could not be checked: {ipc['error']}")
+    else:
+        add("CUDA IPC", ("possible" if ipc.get("possible") else "not possible") +
+            f": {ipc.get('why')}" + (f"; {ipc['note']}" if ipc.get("note") else ""))
+        for pair, ok in ipc.get("peer_access", {}).items():
+            add("", f"{pair}: {'peer access' if ok else 'no peer access (ipc refused)'}")
     add("uvloop", uv.get("version") if uv.get("installed") else
         "not installed (asyncio's own loop is used)")
     lines.append('transport="auto" would choose, against a peer like this machine:')

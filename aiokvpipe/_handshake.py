@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from hashlib import sha256
 
-from ._wire import Capabilities, Transport
+from ._wire import HOST_ID_BYTES, Capabilities, Transport
 
 _CLIENT_LABEL = b"aiokvpipe/1 client proof"
 _SERVER_LABEL = b"aiokvpipe/1 server proof"
@@ -50,20 +50,55 @@ def nccl_possible(a: Capabilities, b: Capabilities) -> str | None:
     return None
 
 
-def choose_transport(server: Capabilities, client: Capabilities) -> Transport:
+def ipc_possible(a: Capabilities, b: Capabilities) -> str | None:
+    """``None`` if the two ends may use CUDA IPC, else the reason why not.
+
+    This is what the ends *say*; whether the GPUs can reach each other's memory (the same
+    GPU, or two with peer access, in processes that may share memory) is proven only by
+    opening a handle: see ``ipc_proven`` in :func:`choose_transport`.
+    """
+    if not (a.cuda and b.cuda):
+        return "both ends need a CUDA device"
+    if not (a.ipc and b.ipc):
+        return "both ends need CUDA IPC (CuPy on Linux)"
+    if bytes(HOST_ID_BYTES) in (a.host_id, b.host_id):
+        return "an end does not know which host it runs on"
+    if a.host_id != b.host_id:
+        return "the ends run on different hosts"
+    return None
+
+
+_NAMES = {Transport.TCP: "tcp", Transport.NCCL: "nccl", Transport.IPC: "ipc"}
+
+
+def choose_transport(server: Capabilities, client: Capabilities, *,
+                     ipc_proven: bool = False) -> Transport:
     """The server's choice of data plane; :class:`NoTransport` if the ends cannot agree.
 
-    ``auto`` picks nccl whenever :func:`nccl_possible`, else tcp (CUDA tensors are then
-    staged through pinned host memory).
+    ``ipc_proven``: the server opened a CUDA IPC handle the client exported (and closed it
+    again), so the two processes can map each other's GPU memory. ``auto`` picks ipc when
+    :func:`ipc_possible` and proven, else nccl whenever :func:`nccl_possible`, else tcp (CUDA
+    tensors are then staged through pinned host memory).
     """
     wanted = {server.transport, client.transport} - {Transport.AUTO}
     if len(wanted) > 1:
-        raise NoTransport("one end asked for tcp and the other for nccl")
-    why_not = nccl_possible(server, client)
+        first, second = sorted(_NAMES[t] for t in wanted)
+        raise NoTransport(f"one end asked for {first} and the other for {second}")
+    why_not_ipc = ipc_possible(server, client)
+    if why_not_ipc is None and not ipc_proven:
+        why_not_ipc = ("the peer's CUDA IPC handle did not open here (separate containers, "
+                       "or GPUs without peer access)")
+    why_not_nccl = nccl_possible(server, client)
     if wanted == {Transport.TCP}:
         return Transport.TCP
+    if wanted == {Transport.IPC}:
+        if why_not_ipc:
+            raise NoTransport(f"transport 'ipc' was requested but {why_not_ipc}")
+        return Transport.IPC
     if wanted == {Transport.NCCL}:
-        if why_not:
-            raise NoTransport(f"transport 'nccl' was requested but {why_not}")
+        if why_not_nccl:
+            raise NoTransport(f"transport 'nccl' was requested but {why_not_nccl}")
         return Transport.NCCL
-    return Transport.TCP if why_not else Transport.NCCL
+    if not why_not_ipc:
+        return Transport.IPC
+    return Transport.TCP if why_not_nccl else Transport.NCCL

@@ -33,6 +33,7 @@ NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
 SESSION_ID_BYTES: Final = 16
 DEVICE_UUID_BYTES: Final = 16
+HOST_ID_BYTES: Final = 16
 NCCL_UNIQUE_ID_BYTES: Final = 128
 
 #: Limits on what one message header may describe.
@@ -86,6 +87,7 @@ class Transport(enum.IntEnum):
     AUTO = 0
     TCP = 1
     NCCL = 2
+    IPC = 3
 
 
 class Structure(enum.IntEnum):
@@ -125,9 +127,14 @@ class Capabilities:
     nccl_version: int = 0
     recv_buffer_bytes: int = 0  # credits this end grants its peer at start
     heartbeat_ms: int = 0  # how often this end sends heartbeats; 0: it sends none
+    #: Which host (kernel boot) this end runs on, zeros when unknown: two ends with the same
+    #: non-zero id may share GPU memory through CUDA IPC.
+    host_id: bytes = bytes(HOST_ID_BYTES)
+    ipc: bool = False  # this end can export and open CUDA IPC handles on its device
 
     def __post_init__(self) -> None:
         _check_len("device_uuid", self.device_uuid, DEVICE_UUID_BYTES)
+        _check_len("host_id", self.host_id, HOST_ID_BYTES)
         _check_u("nccl_version", self.nccl_version, 32)
         _check_u("recv_buffer_bytes", self.recv_buffer_bytes, 64)
         _check_u("heartbeat_ms", self.heartbeat_ms, 32)
@@ -167,7 +174,7 @@ class Accept:
     def __post_init__(self) -> None:
         _check_proof(self.proof)
         _check_len("session_id", self.session_id, SESSION_ID_BYTES)
-        if self.transport not in (Transport.TCP, Transport.NCCL):
+        if self.transport not in (Transport.TCP, Transport.NCCL, Transport.IPC):
             raise ProtocolError(f"ACCEPT names no concrete transport: {self.transport!r}")
         if (self.nccl_ids is not None) != (self.transport == Transport.NCCL):
             raise ProtocolError("ACCEPT carries NCCL ids exactly when the transport is nccl")
@@ -396,7 +403,7 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQI")
+_CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQI{HOST_ID_BYTES}sB")
 _HELLO = struct.Struct(f">4sH{NONCE_BYTES}s")
 #: seq, credit, key length, structure, count, specs length
 _HEADER_FIXED = struct.Struct(">QQHBII")
@@ -424,7 +431,7 @@ def encode(frame: Frame) -> bytes:
         c = frame.caps
         body = _HELLO.pack(MAGIC, frame.version, frame.nonce) + _CAPS.pack(
             int(c.transport), c.cuda, c.nccl, c.device_uuid, c.nccl_version, c.recv_buffer_bytes,
-            c.heartbeat_ms
+            c.heartbeat_ms, c.host_id, c.ipc
         )
         ftype = FrameType.HELLO
     elif isinstance(frame, Auth):
@@ -616,9 +623,11 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
             raise ProtocolError("not an aiokvpipe peer (bad magic)")
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"peer speaks protocol {version}, we speak {PROTOCOL_VERSION}")
-        transport, cuda, nccl, uuid, nccl_version, credits, heartbeat_ms = r.unpack(_CAPS)
+        (transport, cuda, nccl, uuid, nccl_version, credits, heartbeat_ms, host_id,
+         ipc) = r.unpack(_CAPS)
         frame = Hello(nonce, Capabilities(_enum(Transport, transport), _flag(cuda), _flag(nccl),
-                                          uuid, nccl_version, credits, heartbeat_ms), version)
+                                          uuid, nccl_version, credits, heartbeat_ms, host_id,
+                                          _flag(ipc)), version)
     elif ftype is FrameType.AUTH:
         frame = Auth(r.take(len(body)))
     elif ftype is FrameType.ACCEPT:

@@ -39,12 +39,15 @@ def test_doctor_json() -> None:
     out = run_cli("doctor", "--json", timeout=30)
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert {"aiokvpipe", "python", "torch", "cuda", "cupy", "uvloop",
+    assert {"aiokvpipe", "python", "torch", "cuda", "cupy", "uvloop", "ipc",
             "auto_transport"} <= info.keys()
     for situation in ("other_gpu", "same_gpu", "cpu_peer"):
-        assert info["auto_transport"][situation]["transport"] in ("tcp", "nccl")
-    # NCCL refuses two ranks on one GPU: auto never picks it there.
-    assert info["auto_transport"]["same_gpu"]["transport"] == "tcp"
+        assert info["auto_transport"][situation]["transport"] in ("tcp", "nccl", "ipc")
+    # NCCL refuses two ranks on one GPU: auto never picks it there; ipc when it can.
+    same_gpu = "ipc" if info["ipc"]["possible"] else "tcp"
+    assert info["auto_transport"]["same_gpu"]["transport"] == same_gpu
+    assert info["auto_transport"]["cpu_peer"]["transport"] == "tcp"
+    assert isinstance(info["ipc"]["why"], str) and info["ipc"]["why"]
     if not info["cuda"].get("available"):
         assert info["auto_transport"]["other_gpu"]["transport"] == "tcp"
 

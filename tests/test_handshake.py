@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 
-from aiokvpipe._handshake import NoTransport, choose_transport, nccl_possible, proof, verify
+from aiokvpipe._handshake import (
+    NoTransport,
+    choose_transport,
+    ipc_possible,
+    nccl_possible,
+    proof,
+    verify,
+)
 from aiokvpipe._wire import PROOF_BYTES, Auth, Capabilities, Transport
 
 TOKEN = b"correct horse battery staple"
@@ -177,20 +185,87 @@ def test_conflicting_preferences_raise_no_transport() -> None:
 
 
 def test_outcome_is_always_concrete_or_no_transport() -> None:
-    # Over a grid of both ends' capabilities, the server never "chooses" AUTO, and NCCL is
-    # chosen only when it is actually possible.
-    ends = [caps(t, cuda=c, nccl=n, uuid=u, nccl_version=v)
-            for t, c, n, u, v in itertools.product(Transport, [False, True], [False, True],
-                                                   [GPU_A, GPU_B], [1, 2])]
-    for a, b in itertools.product(ends, repeat=2):
+    # Over a grid of both ends' capabilities, the server never "chooses" AUTO, and NCCL or
+    # IPC is chosen only when it is actually possible.
+    ends = [dataclasses.replace(caps(t, cuda=c, nccl=n, uuid=u, nccl_version=v), host_id=h,
+                                ipc=i)
+            for t, c, n, u, v, h, i in itertools.product(
+                Transport, [False, True], [False, True], [GPU_A, GPU_B], [1, 2],
+                [HOST_A, HOST_B], [False, True])]
+    for (a, b), proven in itertools.product(itertools.product(ends, repeat=2), [False, True]):
         try:
-            got = choose_transport(a, b)
+            got = choose_transport(a, b, ipc_proven=proven)
         except NoTransport:
-            assert Transport.NCCL in (a.transport, b.transport)
+            assert {Transport.NCCL, Transport.IPC} & {a.transport, b.transport}
             continue
-        assert got in (Transport.TCP, Transport.NCCL)
-        if got == Transport.NCCL:
+        assert got in (Transport.TCP, Transport.NCCL, Transport.IPC)
+        ipc_ok = ipc_possible(a, b) is None and proven
+        if got == Transport.IPC:
+            assert ipc_ok
+            assert not {Transport.TCP, Transport.NCCL} & {a.transport, b.transport}
+        elif got == Transport.NCCL:
             assert nccl_possible(a, b) is None
             assert Transport.TCP not in (a.transport, b.transport)
-        elif nccl_possible(a, b) is None:
+            # auto prefers ipc: nccl here means ipc was impossible or nccl was asked for
+            assert not ipc_ok or Transport.NCCL in (a.transport, b.transport)
+        elif nccl_possible(a, b) is None or ipc_ok:
             assert Transport.TCP in (a.transport, b.transport)
+
+
+# -- ipc --------------------------------------------------------------------------------------
+
+HOST_A = bytes(range(40, 56))
+HOST_B = bytes(range(41, 57))
+
+
+def ipc_end(uuid: bytes = GPU_A, host: bytes = HOST_A, transport: Transport = Transport.AUTO,
+            ipc: bool = True) -> Capabilities:
+    return dataclasses.replace(gpu(uuid, transport), host_id=host, ipc=ipc)
+
+
+@pytest.mark.parametrize("uuids", [(GPU_A, GPU_A), (GPU_A, GPU_B)], ids=["same-gpu", "two-gpus"])
+def test_auto_on_one_host_with_a_proven_handle_is_ipc(uuids: tuple[bytes, bytes]) -> None:
+    a, b = ipc_end(uuids[0]), ipc_end(uuids[1])
+    assert choose_transport(a, b, ipc_proven=True) == Transport.IPC
+    assert choose_transport(b, a, ipc_proven=True) == Transport.IPC
+
+
+def test_auto_without_the_proof_falls_back_to_nccl_or_tcp() -> None:
+    # The handle did not open (other containers, GPUs without peer access): not ipc.
+    assert choose_transport(ipc_end(GPU_A), ipc_end(GPU_B)) == Transport.NCCL
+    assert choose_transport(ipc_end(GPU_A), ipc_end(GPU_A)) == Transport.TCP
+
+
+@pytest.mark.parametrize(("a", "b", "reason"), [
+    (ipc_end(), ipc_end(host=HOST_B), "different hosts"),
+    (ipc_end(), ipc_end(host=bytes(16)), "host"),
+    (ipc_end(), ipc_end(ipc=False), "cuda ipc"),
+    (ipc_end(), dataclasses.replace(CPU, host_id=HOST_A, ipc=True), "cuda device"),
+], ids=["other-host", "unknown-host", "no-ipc", "cpu"])
+def test_ipc_impossible_says_why_and_auto_does_not_pick_it(a: Capabilities, b: Capabilities,
+                                                          reason: str) -> None:
+    why = ipc_possible(a, b)
+    assert why is not None and reason in why.lower()
+    assert choose_transport(a, b, ipc_proven=True) != Transport.IPC
+    forced = dataclasses.replace(a, transport=Transport.IPC)
+    with pytest.raises(NoTransport, match="ipc"):
+        choose_transport(forced, b, ipc_proven=True)
+
+
+def test_ipc_forced_needs_the_proof() -> None:
+    a, b = ipc_end(transport=Transport.IPC), ipc_end()
+    assert choose_transport(a, b, ipc_proven=True) == Transport.IPC
+    with pytest.raises(NoTransport, match="did not open"):
+        choose_transport(a, b, ipc_proven=False)
+
+
+@pytest.mark.parametrize("other", [Transport.TCP, Transport.NCCL])
+def test_ipc_against_another_forced_transport_is_no_transport(other: Transport) -> None:
+    with pytest.raises(NoTransport, match="ipc"):
+        choose_transport(ipc_end(transport=Transport.IPC), ipc_end(transport=other),
+                         ipc_proven=True)
+
+
+def test_tcp_forced_wins_over_a_possible_ipc() -> None:
+    assert choose_transport(ipc_end(transport=Transport.TCP), ipc_end(),
+                            ipc_proven=True) == Transport.TCP

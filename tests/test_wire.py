@@ -124,6 +124,9 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
                                             device_uuid=UUID, nccl_version=22_105,
                                             recv_buffer_bytes=(1 << 64) - 1,
                                             heartbeat_ms=(1 << 32) - 1)),
+    "hello-ipc": Hello(NONCE, Capabilities(Transport.IPC, cuda=True, device_uuid=UUID,
+                                           recv_buffer_bytes=1 << 20,
+                                           host_id=bytes(range(200, 216)), ipc=True)),
     "hello-tcp": Hello(NONCE, Capabilities(Transport.TCP, cuda=True, nccl=False,
                                            recv_buffer_bytes=1 << 30)),
     "auth-empty": Auth(),
@@ -131,6 +134,7 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
     "accept-tcp": Accept(PROOF, SESSION, Transport.TCP),
     "accept-tcp-noproof": Accept(b"", SESSION, Transport.TCP),
     "accept-nccl": Accept(PROOF, SESSION, Transport.NCCL, NCCL_IDS),
+    "accept-ipc": Accept(PROOF, SESSION, Transport.IPC),
     "ready": Ready(),
     "attach-c2s": Attach(SESSION, Direction.CLIENT_TO_SERVER),
     "attach-s2c": Attach(SESSION, Direction.SERVER_TO_CLIENT),
@@ -393,9 +397,31 @@ def test_non_boolean_capability_flags_are_rejected(cuda: int, nccl: int) -> None
     assert_rejected(raw_frame(FrameType.HELLO, hello_body(cuda=cuda, nccl=nccl)))
 
 
-@pytest.mark.parametrize("transport", [3, 255])
+@pytest.mark.parametrize("transport", [4, 255])
 def test_unknown_transport_preference_is_rejected(transport: int) -> None:
     assert_rejected(raw_frame(FrameType.HELLO, hello_body(transport=transport)))
+
+
+def test_ipc_preference_host_id_and_flag_travel_in_hello() -> None:
+    host = bytes(range(100, 116))
+    caps = Capabilities(Transport.IPC, cuda=True, host_id=host, ipc=True)
+    body = encode(Hello(NONCE, caps))[FRAME_PREFIX_BYTES:]
+    # The two new fields close the capabilities: host id, then the ipc flag.
+    assert body[-17:] == host + b"\x01"
+    assert decode_one(encode(Hello(NONCE, caps))).caps == caps
+
+
+@pytest.mark.parametrize("flag", [2, 0x80, 255])
+def test_non_boolean_ipc_flag_is_rejected(flag: int) -> None:
+    body = bytearray(hello_body())
+    body[-1] = flag
+    assert_rejected(raw_frame(FrameType.HELLO, bytes(body)))
+
+
+@pytest.mark.parametrize("n", [0, 15, 17])
+def test_host_id_of_wrong_length_is_refused_when_built(n: int) -> None:
+    with pytest.raises(ProtocolError):
+        Capabilities(host_id=bytes(n))
 
 
 # -- AUTH, ACCEPT, ATTACH -----------------------------------------------------------------------
@@ -418,7 +444,7 @@ def test_hand_built_accept_body_is_valid() -> None:
 
 @pytest.mark.parametrize("body", [
     accept_body(transport=Transport.AUTO),
-    accept_body(transport=3),
+    accept_body(transport=4),
     accept_body(transport=Transport.NCCL),  # NCCL without its ids
     accept_body(transport=Transport.TCP, ids=b"".join(NCCL_IDS)),  # TCP with ids
     accept_body(proof=bytes(5)),

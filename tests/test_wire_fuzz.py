@@ -70,11 +70,14 @@ capabilities = st.builds(
     nccl_version=st.integers(0, (1 << 32) - 1),
     recv_buffer_bytes=u64,
     heartbeat_ms=st.integers(0, (1 << 32) - 1),
+    host_id=st.binary(min_size=16, max_size=16),
+    ipc=st.booleans(),
 )
 
 accept = st.one_of(
     st.builds(_wire.Accept, proof, session, st.just(Transport.TCP)),
     st.builds(_wire.Accept, proof, session, st.just(Transport.NCCL), st.tuples(nccl_id, nccl_id)),
+    st.builds(_wire.Accept, proof, session, st.just(Transport.IPC)),
 )
 
 

@@ -1,0 +1,133 @@
+"""Thin wrappers of the CUDA calls the ipc plane needs: IPC memory handles, allocation facts,
+raw device copies.
+
+CuPy's runtime (``cupy.cuda.runtime``) does the IPC calls and copies; the driver's
+``cuPointerGetAttributes`` (through ctypes on ``libcuda.so.1``, always present where a CUDA
+driver is) tells which allocation a pointer lies in. Nothing is loaded at import: the package
+must import on a machine without CUDA or CuPy. Every call here may raise ``RuntimeError``
+(CuPy's ``CUDARuntimeError`` is one, and so is :class:`DriverError`); callers turn that into
+the plane's own errors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any, Final, NamedTuple
+
+#: Size of a ``cudaIpcMemHandle_t`` and of a ``cudaIpcEventHandle_t``.
+IPC_HANDLE_BYTES: Final = 64
+
+#: ``cudaMemcpyDefault``: the direction follows from the pointers (unified addressing).
+_MEMCPY_DEFAULT: Final = 4
+#: ``cudaIpcMemLazyEnablePeerAccess``: a handle of another GPU's memory enables peer access.
+_LAZY_PEER_ACCESS: Final = 1
+
+# CUpointer_attribute values (cuda.h, stable since CUDA 10.2).
+_ATTR_BUFFER_ID: Final = 7
+_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE: Final = 10
+_ATTR_RANGE_START_ADDR: Final = 11
+_ATTR_RANGE_SIZE: Final = 12
+
+
+class DriverError(RuntimeError):
+    """A CUDA driver call failed; ``code`` is its ``CUresult``."""
+
+    def __init__(self, call: str, code: int) -> None:
+        super().__init__(f"{call} failed with CUresult {code}")
+        self.code = code
+
+
+@functools.cache
+def runtime() -> Any:
+    """``cupy.cuda.runtime`` (ImportError without CuPy)."""
+    from cupy.cuda import runtime as rt  # lazy: CuPy is an optional extra
+
+    return rt
+
+
+def load_driver() -> None:
+    """Load ``libcuda.so.1`` now (``OSError`` if it cannot be)."""
+    _driver()
+
+
+@functools.cache
+def _driver() -> Any:
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuPointerGetAttributes
+    fn.argtypes = [ctypes.c_uint, ctypes.POINTER(ctypes.c_int),
+                   ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class Allocation(NamedTuple):
+    """The ``cudaMalloc`` allocation that holds a pointer."""
+
+    buffer_id: int  # process-wide unique: a new allocation at the same address gets a new id
+    base: int
+    size: int
+    exportable: bool  # cudaIpcGetMemHandle works on it (false for expandable segments / VMM)
+
+
+_QUERY: Final = (ctypes.c_int * 4)(_ATTR_BUFFER_ID, _ATTR_IS_LEGACY_CUDA_IPC_CAPABLE,
+                                    _ATTR_RANGE_START_ADDR, _ATTR_RANGE_SIZE)
+
+
+def allocation_of(ptr: int) -> Allocation:
+    """Which allocation ``ptr`` lies in: one driver call, about a microsecond."""
+    values = (ctypes.c_uint64 * 4)()  # zeroed: the IPC flag is written as a 1-byte bool
+    slots = (ctypes.c_void_p * 4)(*(ctypes.addressof(values) + 8 * i for i in range(4)))
+    code = _driver()(4, _QUERY, slots, ptr)
+    if code != 0:
+        raise DriverError("cuPointerGetAttributes", code)
+    buffer_id, capable, base, size = values
+    return Allocation(int(buffer_id), int(base), int(size), bool(capable & 0xFF))
+
+
+def export_memory(base: int) -> bytes:
+    """The IPC handle of the allocation starting at ``base``."""
+    handle: bytes = runtime().ipcGetMemHandle(base)
+    return handle
+
+
+def open_memory(handle: bytes, device_index: int) -> int:
+    """Map a peer's allocation on ``device_index``; blocking (up to ~0.1 s for GiBs): call it
+    in a worker thread. Returns the local address of the allocation's base."""
+    rt = runtime()
+    rt.setDevice(device_index)
+    ptr: int = rt.ipcOpenMemHandle(handle, _LAZY_PEER_ACCESS)
+    return ptr
+
+
+def close_memory(ptr: int) -> None:
+    runtime().ipcCloseMemHandle(ptr)
+
+
+def copy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """``cudaMemcpyAsync`` of ``nbytes`` on ``stream`` (a ``cudaStream_t`` as an int)."""
+    runtime().memcpyAsync(dst, src, nbytes, _MEMCPY_DEFAULT, stream)
+
+
+def malloc(nbytes: int, device_index: int) -> int:
+    """A plain ``cudaMalloc`` (never the caching allocator, whose segments may be
+    expandable and then not exportable). Blocking: call it in a worker thread."""
+    rt = runtime()
+    rt.setDevice(device_index)
+    ptr: int = rt.malloc(nbytes)
+    return ptr
+
+
+def free(ptr: int, device_index: int) -> None:
+    rt = runtime()
+    rt.setDevice(device_index)
+    rt.free(ptr)
+
+
+def set_device(device_index: int) -> None:
+    runtime().setDevice(device_index)
+
+
+def can_access_peer(device_index: int, peer_index: int) -> bool:
+    return device_index == peer_index or bool(
+        runtime().deviceCanAccessPeer(device_index, peer_index))

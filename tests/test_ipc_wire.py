@@ -1,0 +1,284 @@
+"""The ipc plane's sans-I/O parts, on any machine: the signalling records' codec, the
+consumer's ledger of what the producer announced, the staging ring's offsets, and the
+handshake helpers' answers without CUDA."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aiokvpipe import ProtocolError
+from aiokvpipe._ipc_plane import (
+    CONSUMER_RECORDS,
+    IPC_HANDLE_BYTES,
+    MAX_COPIES_IN_FLIGHT,
+    MAX_PIECES,
+    MAX_RECORD_BYTES,
+    MAX_REGIONS,
+    PRODUCER_RECORDS,
+    AckRecord,
+    ConsumerLedger,
+    CopyRecord,
+    IpcPlane,
+    Piece,
+    RecordDecoder,
+    RegionRecord,
+    RetireRecord,
+    RingSpace,
+    encode_record,
+    host_id,
+    ipc_info,
+    probe_opens,
+)
+from aiokvpipe._wire import MAX_PAYLOAD_BYTES
+
+HANDLE = bytes(range(64))
+OTHER = bytes(range(1, 65))
+
+PRODUCER_SAMPLES = [
+    RegionRecord(1, 2 << 20, HANDLE),
+    RegionRecord((1 << 32) - 1, MAX_PAYLOAD_BYTES, OTHER),
+    RetireRecord(7),
+    CopyRecord((Piece(1, 0, 4096),), True),
+    CopyRecord((Piece(1, 512, 1), Piece(2, 0, 1 << 30), Piece(1, 0, 7)), False),
+    CopyRecord(tuple(Piece(i, i, i + 1) for i in range(MAX_PIECES)), True),
+]
+CONSUMER_SAMPLES = [AckRecord(0), AckRecord(1), AckRecord((1 << 64) - 1)]
+
+
+def producer_decoder() -> RecordDecoder:
+    """What a consumer reads: the producer's records."""
+    return RecordDecoder(PRODUCER_RECORDS)
+
+
+def consumer_decoder() -> RecordDecoder:
+    return RecordDecoder(CONSUMER_RECORDS)
+
+
+def rejected(data: bytes, decoder: RecordDecoder | None = None) -> None:
+    with pytest.raises(ProtocolError):
+        (decoder or producer_decoder()).feed(data)
+
+
+# -- codec --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rec", PRODUCER_SAMPLES, ids=lambda r: type(r).__name__)
+def test_producer_record_round_trips_whole_and_byte_by_byte(rec: object) -> None:
+    data = encode_record(rec)  # type: ignore[arg-type]
+    assert producer_decoder().feed(data) == [rec]
+    dec = producer_decoder()
+    got = []
+    for i in range(len(data)):
+        got += dec.feed(data[i:i + 1])
+        assert dec.buffered <= MAX_RECORD_BYTES
+    assert got == [rec]
+    assert dec.buffered == 0
+
+
+@pytest.mark.parametrize("rec", CONSUMER_SAMPLES)
+def test_ack_round_trips(rec: AckRecord) -> None:
+    assert consumer_decoder().feed(encode_record(rec)) == [rec]
+
+
+def test_many_records_in_one_feed_come_out_in_order() -> None:
+    data = b"".join(encode_record(r) for r in PRODUCER_SAMPLES)
+    assert producer_decoder().feed(data + data[:5]) == PRODUCER_SAMPLES
+
+
+def test_copy_record_layout_is_fixed() -> None:
+    data = encode_record(CopyRecord((Piece(9, 4096, 100),), True))
+    assert data == struct.pack(">BBH", 4, 1, 1) + struct.pack(">IQQ", 9, 4096, 100)
+    assert encode_record(AckRecord(5)) == b"\x05" + (5).to_bytes(8, "big")
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00", b"\x01", b"\x06", b"\xff",  # unknown record types
+    b"\x05" + bytes(8),  # an ACK is the consumer's, never on the producer's socket
+    struct.pack(">BBH", 4, 2, 1) + struct.pack(">IQQ", 1, 0, 1),  # flags beyond bit 0
+    struct.pack(">BBH", 4, 0, 0),  # no pieces
+    struct.pack(">BBH", 4, 0, MAX_PIECES + 1),  # too many, refused before buffering
+    struct.pack(">BBH", 4, 0, 1) + struct.pack(">IQQ", 1, 0, 0),  # empty piece
+    struct.pack(">BBH", 4, 0, 1) + struct.pack(">IQQ", 1, MAX_PAYLOAD_BYTES, 1),
+    struct.pack(">BBH", 4, 0, 2) + struct.pack(">IQQ", 1, 0, MAX_PAYLOAD_BYTES)
+    + struct.pack(">IQQ", 2, 0, 1),  # pieces beyond the payload limit together
+    struct.pack(">BIQ", 2, 1, 0) + HANDLE,  # empty region
+    struct.pack(">BIQ", 2, 1, MAX_PAYLOAD_BYTES + 1) + HANDLE,
+], ids=["type-0", "type-1", "type-6", "type-255", "ack-on-producer-socket", "flags",
+        "no-pieces", "too-many-pieces", "empty-piece", "piece-past-limit", "sum-past-limit",
+        "empty-region", "huge-region"])
+def test_malformed_producer_records_are_protocol_errors(data: bytes) -> None:
+    rejected(data)
+
+
+@pytest.mark.parametrize("data", [b"\x04", b"\x03" + bytes(4), b"\x02" + bytes(76)])
+def test_producer_records_are_refused_on_the_ack_socket(data: bytes) -> None:
+    rejected(data, consumer_decoder())
+
+
+def test_a_too_long_copy_is_refused_from_its_head_alone() -> None:
+    # The count is checked before the body is awaited: nothing is buffered for it.
+    rejected(struct.pack(">BBH", 4, 0, 0xFFFF))
+
+
+def test_encoder_refuses_what_the_decoder_would() -> None:
+    with pytest.raises(ValueError):
+        encode_record(CopyRecord((), True))
+    with pytest.raises(ValueError):
+        encode_record(CopyRecord((Piece(1, 0, 0),), True))
+    with pytest.raises(ValueError):
+        encode_record(RegionRecord(1, 10, b"short"))
+    with pytest.raises(ValueError):
+        encode_record(RegionRecord(1, 0, HANDLE))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_arbitrary_bytes_give_records_or_protocol_errors_only(chunks: list[bytes]) -> None:
+    for accept in (PRODUCER_RECORDS, CONSUMER_RECORDS):
+        dec = RecordDecoder(accept)
+        try:
+            for chunk in chunks:
+                dec.feed(chunk)
+                assert dec.buffered <= MAX_RECORD_BYTES
+        except ProtocolError:
+            pass
+
+
+# -- the consumer's ledger ----------------------------------------------------------------------
+
+
+def ledger() -> ConsumerLedger:
+    led = ConsumerLedger()
+    led.region(RegionRecord(1, 1000, HANDLE))
+    return led
+
+
+def test_ledger_accepts_a_well_formed_sequence() -> None:
+    led = ledger()
+    rec = CopyRecord((Piece(1, 0, 1000),), True)
+    led.copy(rec)
+    led.copied()
+    led.copy(rec)
+    led.retire(RetireRecord(1))
+    led.region(RegionRecord(1, 10, OTHER))  # an id may come back once retired
+
+
+@pytest.mark.parametrize(("step", "match"), [
+    (lambda led: led.copy(CopyRecord((Piece(2, 0, 1),), True)), "unknown region"),
+    (lambda led: led.copy(CopyRecord((Piece(1, 999, 2),), True)), "outside"),
+    (lambda led: led.copy(CopyRecord((Piece(1, 1000, 1),), True)), "outside"),
+    (lambda led: led.copy(CopyRecord((Piece(1, 0, 1), Piece(3, 0, 1)), True)), "unknown"),
+    (lambda led: led.region(RegionRecord(1, 5, OTHER)), "twice"),
+    (lambda led: led.retire(RetireRecord(9)), "unknown region"),
+], ids=["unknown-region", "past-end", "at-end", "second-piece-unknown", "region-twice",
+        "retire-unknown"])
+def test_ledger_refuses_what_was_not_announced(step: object, match: str) -> None:
+    led = ledger()
+    with pytest.raises(ProtocolError, match=match):
+        step(led)  # type: ignore[operator]
+
+
+def test_ledger_bounds_the_copies_in_flight() -> None:
+    led = ledger()
+    rec = CopyRecord((Piece(1, 0, 1),), False)
+    for _ in range(MAX_COPIES_IN_FLIGHT):
+        led.copy(rec)
+    with pytest.raises(ProtocolError, match="in flight"):
+        led.copy(rec)
+    led.copied()
+    led.copy(rec)
+
+
+def test_ledger_bounds_the_regions_mapped_at_once() -> None:
+    led = ConsumerLedger()
+    for i in range(MAX_REGIONS):
+        led.region(RegionRecord(i, 1, HANDLE))
+    with pytest.raises(ProtocolError, match="regions"):
+        led.region(RegionRecord(MAX_REGIONS, 1, HANDLE))
+    led.retire(RetireRecord(0))
+    led.region(RegionRecord(MAX_REGIONS, 1, HANDLE))
+
+
+# -- the staging ring's offsets -----------------------------------------------------------------
+
+
+def test_ring_hands_out_aligned_spans_in_order_and_wraps() -> None:
+    ring = RingSpace(4096, align=256)
+    assert ring.alloc(1000) == (0, 1000)
+    assert ring.alloc(1000) == (1024, 1000)
+    assert ring.alloc(5000) == (2048, 2048)  # what is left up to the end
+    assert ring.alloc(1) is None  # full
+    ring.release()  # [0, 1000) free again
+    assert ring.alloc(2000) == (0, 1024)  # wraps, up to the oldest span still in use
+    assert ring.alloc(1) is None
+    ring.release()
+    ring.release()
+    assert ring.alloc(100) == (1024, 100)
+    ring.release()
+    ring.release()
+    assert ring.in_use == 0
+    assert ring.alloc(4096) == (0, 4096)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(1, 5000), st.none()), max_size=60))
+def test_ring_spans_never_overlap(ops: list[int | None]) -> None:
+    ring = RingSpace(8192, align=256)
+    live: list[tuple[int, int]] = []
+    for op in ops:
+        if op is None:
+            if live:
+                ring.release()
+                live.pop(0)
+            continue
+        got = ring.alloc(op)
+        if got is None:
+            continue
+        start, length = got
+        assert 0 < length <= op
+        assert start % 256 == 0 and start + length <= 8192
+        for s, n in live:
+            assert start + length <= s or s + n <= start
+        live.append((start, length))
+
+
+# -- without CUDA -------------------------------------------------------------------------------
+
+
+def test_host_id_names_this_boot() -> None:
+    hid = host_id()
+    assert len(hid) == 16
+    assert hid == host_id()
+    assert hid != bytes(16)  # Linux always has a boot id
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
+def test_without_cuda_ipc_info_says_why_not() -> None:
+    ok, why = ipc_info()
+    assert not ok
+    assert "cuda" in why.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
+async def test_without_cuda_a_probe_does_not_open_and_raises_nothing() -> None:
+    assert await probe_opens(HANDLE, torch.device("cuda", 0)) is False
+    assert await probe_opens(b"short", torch.device("cuda", 0)) is False
+
+
+async def test_the_plane_refuses_a_cpu_device() -> None:
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(ValueError, match="CUDA"):
+            await IpcPlane.start(a, b, torch.device("cpu"), lambda exc: None)
+    finally:
+        a.close()
+        b.close()
+    assert IPC_HANDLE_BYTES == 64
+    await asyncio.sleep(0)
