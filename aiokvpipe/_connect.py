@@ -16,11 +16,11 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import torch
 
-from . import _nccl_plane, _wire
+from . import _handshake, _ipc_plane, _nccl_plane, _wire
 from ._control import ControlChannel
 from ._cuda import device_uuid, normalize_device
 from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError
@@ -44,11 +44,20 @@ SILENCE_INTERVALS = 6
 # -- shared by both ends ----------------------------------------------------------------------
 
 
-def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabilities:
+async def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabilities:
+    """What this end offers. CUDA facts (NCCL's version, an IPC probe handle) are found off
+    the event loop, once per process."""
     cuda = device.type == "cuda"
     nccl, version = (False, 0)
-    if cuda and opts.transport != "tcp":
-        nccl, version = _nccl_plane.nccl_info()
+    if cuda and opts.transport in ("auto", "nccl"):
+        nccl, version = await _nccl_plane.nccl_info_async()
+    ipc, probe = False, bytes(_wire.IPC_HANDLE_BYTES)
+    if cuda and opts.transport in ("auto", "ipc") and _ipc_plane.ipc_info()[0]:
+        try:
+            probe = await _ipc_plane.export_probe(device)
+            ipc = True
+        except Exception as exc:  # noqa: BLE001  -- no ipc here: say why, offer the rest
+            log.info("CUDA IPC unavailable: %r", exc)
     return _wire.Capabilities(
         transport=opts.wire_transport,
         cuda=cuda,
@@ -57,7 +66,18 @@ def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabilities:
         nccl_version=version,
         recv_buffer_bytes=opts.recv_buffer_bytes,
         heartbeat_ms=round(opts.heartbeat_interval * 1000) if opts.heartbeat_interval else 0,
+        host_id=_ipc_plane.host_id() if cuda else bytes(_wire.HOST_ID_BYTES),
+        ipc=ipc,
+        ipc_probe=probe,
     )
+
+
+async def _ipc_proven(caps: _wire.Capabilities, client: _wire.Capabilities,
+                      device: torch.device) -> bool:
+    """Can this process map the client's GPU memory? Opening its probe handle says."""
+    if _handshake.ipc_possible(caps, client) is not None:
+        return False
+    return await _ipc_plane.probe_opens(client.ipc_probe, device)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
@@ -317,18 +337,21 @@ class Listener:
         session_id = secrets.token_bytes(_wire.SESSION_ID_BYTES)
         pending: _PendingSession | None = None
         try:
-            caps = _local_caps(self._opts, self._device)
+            caps = await _local_caps(self._opts, self._device)
             shake = ServerHandshake(self._opts.token_bytes(), caps,
                                     secrets.token_bytes(_wire.NONCE_BYTES), hello)
             ch.write(shake.hello())
+            auth = await ch.read_frame()
+            proven = await _ipc_proven(caps, hello.caps, self._device)
             try:
-                transport = shake.receive_auth(await ch.read_frame())
+                transport = shake.receive_auth(auth, ipc_proven=proven)
             except Refused as refused:
                 ch.write(refused.frame)
                 raise refused.error from None
-            ids = _nccl_plane.new_unique_ids() if transport == _wire.Transport.NCCL else None
+            ids = (await _nccl_plane.new_unique_ids_async()
+                   if transport == _wire.Transport.NCCL else None)
             late = _LateBreak()
-            if transport == _wire.Transport.TCP:
+            if transport in _SOCKET_PLANES:
                 pending = _PendingSession({d: self._loop.create_future()
                                            for d in _wire.Direction})
                 self._sessions[session_id] = pending
@@ -337,8 +360,8 @@ class Listener:
                 c2s, s2c = await _unless_lost(ch, asyncio.gather(
                     pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
                     pending.sockets[_wire.Direction.SERVER_TO_CLIENT]))
-                plane = await TcpPlane.start(s2c, c2s, self._device, late,
-                                             self._opts.recv_buffer_bytes)
+                plane = await _start_socket_plane(transport, s2c, c2s, self._device, late,
+                                                  self._opts)
             else:
                 assert ids is not None
                 plane = await _unless_lost(ch, _nccl_plane.start(True, ids, self._device, late))
@@ -469,7 +492,7 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
     data_socks: list[socket.socket] = []
     plane: DataPlane | None = None
     try:
-        shake = ClientHandshake(opts.token_bytes(), _local_caps(opts, device),
+        shake = ClientHandshake(opts.token_bytes(), await _local_caps(opts, device),
                                 secrets.token_bytes(_wire.NONCE_BYTES))
         ch.write(shake.hello())
         while shake.accept is None:
@@ -478,14 +501,14 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
                 ch.write(answer)
         accept = shake.accept
         late = _LateBreak()
-        if accept.transport == _wire.Transport.TCP:
+        if accept.transport in _SOCKET_PLANES:
             for direction in _wire.Direction:
                 s = await _open_socket(loop, host, port, loop.time())
                 data_socks.append(s)
                 await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
                                                                      direction)))
             c2s, s2c = data_socks
-            plane = await TcpPlane.start(c2s, s2c, device, late, opts.recv_buffer_bytes)
+            plane = await _start_socket_plane(accept.transport, c2s, s2c, device, late, opts)
         else:
             assert accept.nccl_ids is not None  # the codec guarantees ids with nccl
             plane = await _unless_lost(ch, _nccl_plane.start(False, accept.nccl_ids, device,
@@ -502,6 +525,19 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
         if isinstance(exc, OSError) and not isinstance(exc, (PipeError, TimeoutError)):
             raise BrokenPipe(f"{host}:{port} dropped the handshake") from exc
         raise
+
+
+#: Planes whose payload travels over the session's own pair of ATTACH connections (ipc's
+#: carry its records and acknowledgements).
+_SOCKET_PLANES: Final = (_wire.Transport.TCP, _wire.Transport.IPC)
+
+
+async def _start_socket_plane(transport: _wire.Transport, send_sock: socket.socket,
+                              recv_sock: socket.socket, device: torch.device,
+                              late: _LateBreak, opts: PipeOptions) -> DataPlane:
+    if transport == _wire.Transport.IPC:
+        return await _ipc_plane.IpcPlane.start(send_sock, recv_sock, device, late)
+    return await TcpPlane.start(send_sock, recv_sock, device, late, opts.recv_buffer_bytes)
 
 
 def _options(options: PipeOptions | None, overrides: dict[str, Any]) -> PipeOptions:

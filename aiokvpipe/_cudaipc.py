@@ -15,8 +15,10 @@ import ctypes
 import functools
 from typing import Any, Final, NamedTuple
 
+from . import _wire
+
 #: Size of a ``cudaIpcMemHandle_t`` and of a ``cudaIpcEventHandle_t``.
-IPC_HANDLE_BYTES: Final = 64
+IPC_HANDLE_BYTES: Final = _wire.IPC_HANDLE_BYTES
 
 #: ``cudaMemcpyDefault``: the direction follows from the pointers (unified addressing).
 _MEMCPY_DEFAULT: Final = 4

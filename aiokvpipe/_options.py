@@ -12,7 +12,7 @@ from ._wire import Transport
 
 MiB: Final = 1 << 20
 
-TransportName = Literal["auto", "nccl", "tcp"]
+TransportName = Literal["auto", "ipc", "nccl", "tcp"]
 
 #: Environment variable read (at connect/listen time, never at import) when no token is given.
 TOKEN_ENV: Final = "AIOKVPIPE_TOKEN"
@@ -27,8 +27,10 @@ class PipeOptions:
         Where received tensors land: ``"cpu"``, ``"cuda"`` (the current device) or
         ``"cuda:N"``. Default ``"cpu"``.
     transport
-        ``"auto"`` (default): nccl when both ends are on different CUDA devices with CuPy's
-        NCCL, tcp otherwise. ``"nccl"`` or ``"tcp"`` force one (the handshake fails with
+        ``"auto"`` (default): ipc when both ends run on one host and the listener could open
+        a CUDA IPC handle of the client's (the same GPU, or GPUs with peer access); else nccl
+        when both ends are on different CUDA devices with CuPy's NCCL; else tcp. ``"ipc"``,
+        ``"nccl"`` or ``"tcp"`` force one (the handshake fails with
         :class:`~aiokvpipe.PipeError` if the peer cannot follow).
     max_inflight_bytes
         Payload bytes this end may have in flight at once; ``send()`` waits beyond it.
@@ -77,8 +79,9 @@ class PipeOptions:
     close_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.transport not in ("auto", "nccl", "tcp"):
-            raise ValueError(f"transport must be 'auto', 'nccl' or 'tcp', not {self.transport!r}")
+        if self.transport not in ("auto", "ipc", "nccl", "tcp"):
+            raise ValueError("transport must be 'auto', 'ipc', 'nccl' or 'tcp', not "
+                             f"{self.transport!r}")
         for name in ("max_inflight_bytes", "recv_buffer_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -95,8 +98,8 @@ class PipeOptions:
 
     @property
     def wire_transport(self) -> Transport:
-        return {"auto": Transport.AUTO, "tcp": Transport.TCP, "nccl": Transport.NCCL}[
-            self.transport]
+        return {"auto": Transport.AUTO, "tcp": Transport.TCP, "nccl": Transport.NCCL,
+                "ipc": Transport.IPC}[self.transport]
 
     def token_bytes(self) -> bytes | None:
         token = self.token if self.token is not None else os.environ.get(TOKEN_ENV)

@@ -513,6 +513,8 @@ class ClientHandshake:
                                     f"this end asked for {wanted.name.lower()}")
             if accept.transport == Transport.NCCL and not (self._caps.cuda and self._caps.nccl):
                 raise ProtocolError("the listener chose nccl, which this end did not offer")
+            if accept.transport == Transport.IPC and not (self._caps.cuda and self._caps.ipc):
+                raise ProtocolError("the listener chose ipc, which this end did not offer")
             self.accept = accept
             self._step = "ready"
             return None
@@ -541,9 +543,10 @@ class ServerHandshake:
     def hello(self) -> _wire.Hello:
         return _wire.Hello(self._nonce, self._caps)
 
-    def receive_auth(self, frame: _wire.Frame) -> Transport:
+    def receive_auth(self, frame: _wire.Frame, *, ipc_proven: bool = False) -> Transport:
         """Check the client's proof and choose the data plane; raises :class:`Refused`
-        (whose ERROR frame the I/O layer sends before dropping the client)."""
+        (whose ERROR frame the I/O layer sends before dropping the client). ``ipc_proven``:
+        this process opened the client's IPC probe handle."""
         if self._step != "auth":
             raise ProtocolError(f"{type(frame).__name__} out of order in the handshake")
         auth = _expect(frame, _wire.Auth, "handshake")
@@ -552,7 +555,8 @@ class ServerHandshake:
             raise Refused(_wire.Error(_wire.ErrorCode.AUTHENTICATION, "authentication failed"),
                           AuthenticationError("peer failed authentication"))
         try:
-            transport = _handshake.choose_transport(self._caps, self.client.caps)
+            transport = _handshake.choose_transport(self._caps, self.client.caps,
+                                                    ipc_proven=ipc_proven)
         except _handshake.NoTransport as exc:
             raise Refused(_wire.Error(_wire.ErrorCode.UNSUPPORTED, str(exc)),
                           PipeError(str(exc))) from None

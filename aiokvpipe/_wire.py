@@ -34,6 +34,7 @@ PROOF_BYTES: Final = 32
 SESSION_ID_BYTES: Final = 16
 DEVICE_UUID_BYTES: Final = 16
 HOST_ID_BYTES: Final = 16
+IPC_HANDLE_BYTES: Final = 64
 NCCL_UNIQUE_ID_BYTES: Final = 128
 
 #: Limits on what one message header may describe.
@@ -131,10 +132,14 @@ class Capabilities:
     #: non-zero id may share GPU memory through CUDA IPC.
     host_id: bytes = bytes(HOST_ID_BYTES)
     ipc: bool = False  # this end can export and open CUDA IPC handles on its device
+    #: A CUDA IPC handle of a small allocation of this end's (zeros: none): the listener
+    #: proves that ipc works between the two processes by opening the client's.
+    ipc_probe: bytes = bytes(IPC_HANDLE_BYTES)
 
     def __post_init__(self) -> None:
         _check_len("device_uuid", self.device_uuid, DEVICE_UUID_BYTES)
         _check_len("host_id", self.host_id, HOST_ID_BYTES)
+        _check_len("ipc_probe", self.ipc_probe, IPC_HANDLE_BYTES)
         _check_u("nccl_version", self.nccl_version, 32)
         _check_u("recv_buffer_bytes", self.recv_buffer_bytes, 64)
         _check_u("heartbeat_ms", self.heartbeat_ms, 32)
@@ -403,7 +408,7 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQI{HOST_ID_BYTES}sB")
+_CAPS = struct.Struct(f">BBB{DEVICE_UUID_BYTES}sIQI{HOST_ID_BYTES}sB{IPC_HANDLE_BYTES}s")
 _HELLO = struct.Struct(f">4sH{NONCE_BYTES}s")
 #: seq, credit, key length, structure, count, specs length
 _HEADER_FIXED = struct.Struct(">QQHBII")
@@ -431,7 +436,7 @@ def encode(frame: Frame) -> bytes:
         c = frame.caps
         body = _HELLO.pack(MAGIC, frame.version, frame.nonce) + _CAPS.pack(
             int(c.transport), c.cuda, c.nccl, c.device_uuid, c.nccl_version, c.recv_buffer_bytes,
-            c.heartbeat_ms, c.host_id, c.ipc
+            c.heartbeat_ms, c.host_id, c.ipc, c.ipc_probe
         )
         ftype = FrameType.HELLO
     elif isinstance(frame, Auth):
@@ -624,10 +629,10 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"peer speaks protocol {version}, we speak {PROTOCOL_VERSION}")
         (transport, cuda, nccl, uuid, nccl_version, credits, heartbeat_ms, host_id,
-         ipc) = r.unpack(_CAPS)
+         ipc, probe) = r.unpack(_CAPS)
         frame = Hello(nonce, Capabilities(_enum(Transport, transport), _flag(cuda), _flag(nccl),
                                           uuid, nccl_version, credits, heartbeat_ms, host_id,
-                                          _flag(ipc)), version)
+                                          _flag(ipc), probe), version)
     elif ftype is FrameType.AUTH:
         frame = Auth(r.take(len(body)))
     elif ftype is FrameType.ACCEPT:
