@@ -22,8 +22,10 @@ import torch
 
 from . import _handshake, _ipc_plane, _nccl_plane, _wire
 from ._control import ControlChannel
-from ._cuda import device_uuid, normalize_device
+from ._cuda import device_uuid_async as device_uuid
+from ._cuda import normalize_device
 from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError
+from ._ipc_plane import host_id
 from ._options import PipeOptions
 from ._pipe import Pipe
 from ._plane import DataPlane
@@ -62,11 +64,11 @@ async def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabili
         transport=opts.wire_transport,
         cuda=cuda,
         nccl=nccl,
-        device_uuid=device_uuid(device) if cuda else bytes(_wire.DEVICE_UUID_BYTES),
+        device_uuid=await device_uuid(device) if cuda else bytes(_wire.DEVICE_UUID_BYTES),
         nccl_version=version,
         recv_buffer_bytes=opts.recv_buffer_bytes,
         heartbeat_ms=round(opts.heartbeat_interval * 1000) if opts.heartbeat_interval else 0,
-        host_id=_ipc_plane.host_id() if cuda else bytes(_wire.HOST_ID_BYTES),
+        host_id=host_id() if cuda else bytes(_wire.HOST_ID_BYTES),
         ipc=ipc,
         ipc_probe=probe,
     )

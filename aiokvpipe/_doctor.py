@@ -9,6 +9,7 @@ them (:func:`aiokvpipe._connect._local_caps`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import importlib.metadata
 import json
@@ -110,11 +111,9 @@ def _auto_transport() -> Json:
     ipc_ok = _ipc_plane.ipc_info()[0]
 
     def caps(device: torch.device) -> Any:
-        # The ipc fields as the handshake will send them (kept here until _local_caps fills
-        # them itself; then this is the same values again).
-        c = _connect._local_caps(opts, device)
-        return dataclasses.replace(c, host_id=_ipc_plane.host_id(),
-                                   ipc=ipc_ok and device.type == "cuda")
+        # What the handshake would send (doctor runs outside any event loop).
+        c = asyncio.run(_connect._local_caps(opts, device))
+        return dataclasses.replace(c, ipc=c.ipc and ipc_ok)
 
     cpu = caps(torch.device("cpu"))
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:

@@ -985,6 +985,20 @@ class IpcPlane:
                 dtype = dtype_of(s.dtype)
                 assert dtype is not None, "the pipe checks dtypes before posting"
                 tensors.append(torch.empty(s.shape, dtype=dtype, device=self._device))
+        return self._post_target(tensors, fut)
+
+    def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
+        """Receive the next message into ``tensors`` (contiguous, on the plane's device: a
+        block transfer's staging), in order with :meth:`post_recv`."""
+        fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
+        if self._error is not None:
+            fut.set_exception(fresh(self._error))
+            return fut
+        return self._post_target(list(tensors), fut)
+
+    def _post_target(self, tensors: list[torch.Tensor],
+                     fut: asyncio.Future[list[torch.Tensor]]
+                     ) -> asyncio.Future[list[torch.Tensor]]:
         target = _Target(tensors, fut)
         if not target.remaining:
             fut.set_result(tensors)

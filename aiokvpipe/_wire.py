@@ -424,6 +424,8 @@ _SPEC_UNNAMED = [struct.Struct(f">BBB{n}Q") for n in range(MAX_NDIM + 1)]
 _CREDIT_FRAME = struct.Struct(">BBHIQ")
 #: offer id, pool id, key length (0xFFFF: none), layer count, block count
 _OFFER_FIXED = struct.Struct(">QIHHI")
+_POOL_FIXED = struct.Struct(">II")  # pool id, layout length
+_PULL_FIXED = struct.Struct(">QH")  # offer id, error text length
 _STRUCTURE_OF = {int(s): s for s in Structure}
 _TENSOR_COUNT = {Structure.NONE: (0, 0), Structure.TENSOR: (1, 1),
                  Structure.LIST: (0, MAX_TENSORS), Structure.DICT: (0, MAX_TENSORS)}
@@ -478,9 +480,11 @@ def encode(frame: Frame) -> bytes:
             struct.pack(f">{len(frame.ids)}I", *frame.ids)])
         ftype = FrameType.OFFER
     elif isinstance(frame, PoolInfo):
-        body, ftype = _U32.pack(frame.pool_id) + frame.layout, FrameType.POOL
+        body = _POOL_FIXED.pack(frame.pool_id, len(frame.layout)) + frame.layout
+        ftype = FrameType.POOL
     elif isinstance(frame, Pull):
-        body, ftype = _U64.pack(frame.offer_id) + frame.error.encode(), FrameType.PULL
+        error = frame.error.encode()
+        body, ftype = _PULL_FIXED.pack(frame.offer_id, len(error)) + error, FrameType.PULL
     elif isinstance(frame, (BlockData, Retract, Pulled)):
         body, ftype = _U64.pack(frame.offer_id), _OFFER_ID_FRAMES[type(frame)]
     else:  # pragma: no cover - exhaustive over Frame
@@ -566,9 +570,9 @@ MAX_BODY: Final[dict[FrameType, int]] = {
     FrameType.HEADER: MAX_HEADER_BODY,
     FrameType.HEADER_INLINE: MAX_HEADER_BODY + MAX_INLINE_PAYLOAD,
     FrameType.CREDIT: 8,
-    FrameType.POOL: 4 + MAX_LAYOUT_BYTES,
+    FrameType.POOL: 8 + MAX_LAYOUT_BYTES,
     FrameType.OFFER: 20 + MAX_KEY_BYTES + 2 * MAX_TENSORS + 4 * MAX_OFFER_BLOCKS,
-    FrameType.PULL: 8 + MAX_ERROR_TEXT_BYTES,
+    FrameType.PULL: 10 + MAX_ERROR_TEXT_BYTES,
     FrameType.BLOCK_DATA: 8,
     FrameType.RETRACT: 8,
     FrameType.PULLED: 8,
@@ -667,11 +671,11 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
         block_ids = struct.unpack(f">{nids}I", r.take(4 * nids))
         frame = Offer(offer_id, pool_id, key, layers, block_ids)
     elif ftype is FrameType.POOL:
-        pool_id = r.u32()
-        frame = PoolInfo(pool_id, bytes(r.take(len(body) - 4)))
+        pool_id, length = r.unpack(_POOL_FIXED)
+        frame = PoolInfo(pool_id, bytes(r.take(length)))
     elif ftype is FrameType.PULL:
-        offer_id = r.u64()
-        frame = Pull(offer_id, bytes(r.take(len(body) - 8)).decode(errors="replace"))
+        offer_id, length = r.unpack(_PULL_FIXED)
+        frame = Pull(offer_id, bytes(r.take(length)).decode(errors="replace"))
     else:
         frame = _OFFER_ID_TYPES[ftype](r.u64())
     r.end()

@@ -25,7 +25,11 @@ from aiokvpipe import _connect
 async def main(port: int, device: str, mode: str, args: list[str]) -> None:
     fake = os.environ.get("AIOKVPIPE_TEST_FAKE_UUID")
     if fake:
-        _connect.device_uuid = lambda _d: bytes.fromhex(fake)  # type: ignore[assignment]
+        async def fake_uuid(_d: object) -> bytes:
+            return bytes.fromhex(fake)
+
+        _connect.device_uuid = fake_uuid  # type: ignore[assignment]
+        _connect.host_id = lambda: bytes.fromhex(fake)  # two hosts: auto must not pick ipc
     transport = os.environ.get("AIOKVPIPE_TEST_TRANSPORT", "auto")
     pipe = await aiokvpipe.connect("127.0.0.1", port, device=device, transport=transport,
                                    heartbeat_interval=0.2)

@@ -69,7 +69,11 @@ async def start_peer(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator:
         if disguise and torch.cuda.device_count() < 2:
             # NCCL reads NCCL_HOSTID when it first initialises in this process.
             os.environ["NCCL_HOSTID"] = "aiokvpipe-test-here"
-            monkeypatch.setattr(_connect, "device_uuid", lambda _d: bytes.fromhex(UUID_HERE))
+            async def fake_uuid(_d: object) -> bytes:
+                return bytes.fromhex(UUID_HERE)
+
+            monkeypatch.setattr(_connect, "device_uuid", fake_uuid)
+            monkeypatch.setattr(_connect, "host_id", lambda: bytes.fromhex(UUID_HERE))
         else:
             monkeypatch.undo()
         if not disguise:

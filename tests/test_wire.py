@@ -31,6 +31,7 @@ from aiokvpipe._wire import (
     Accept,
     Attach,
     Auth,
+    BlockData,
     Capabilities,
     Close,
     Credit,
@@ -42,7 +43,12 @@ from aiokvpipe._wire import (
     Header,
     Heartbeat,
     Hello,
+    Offer,
+    PoolInfo,
+    Pull,
+    Pulled,
     Ready,
+    Retract,
     Structure,
     TensorSpec,
     Transport,
@@ -162,6 +168,18 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
     "heartbeat": Heartbeat(),
     "close": Close(7),
     "close-max": Close((1 << 64) - 1),
+    "hello-ipc-probe": Hello(NONCE, Capabilities(Transport.AUTO, cuda=True, ipc=True,
+                                                 host_id=bytes(range(16)),
+                                                 ipc_probe=bytes(range(64)))),
+    "pool": PoolInfo(3, b"layout bytes"),
+    "pool-empty-max-id": PoolInfo((1 << 32) - 1, b""),
+    "offer": Offer(0, 2, "req-17", (0, 5, 63), (7, 3, 3, 1 << 31)),
+    "offer-unkeyed-no-blocks": Offer((1 << 64) - 1, 0, None, (1,), ()),
+    "pull": Pull(4),
+    "pull-refused": Pull(5, "pools do not fit: tensor 0 is bfloat16 here ✗"),
+    "block-data": BlockData(6),
+    "retract": Retract(7),
+    "pulled": Pulled((1 << 64) - 1),
 }
 SAMPLE_IDS = list(SAMPLE_FRAMES)
 SAMPLES = list(SAMPLE_FRAMES.values())
@@ -169,7 +187,8 @@ SAMPLES = list(SAMPLE_FRAMES.values())
 
 def test_samples_cover_every_frame_type() -> None:
     kinds = {type(f) for f in SAMPLES}
-    assert kinds == {Hello, Auth, Accept, Ready, Attach, Error, Header, Credit, Heartbeat, Close}
+    assert kinds == {Hello, Auth, Accept, Ready, Attach, Error, Header, Credit, Heartbeat, Close,
+                     PoolInfo, Offer, Pull, BlockData, Retract, Pulled}
     types = {_wire.decode_prefix(encode(f)[:FRAME_PREFIX_BYTES])[0] for f in SAMPLES}
     assert types == set(FrameType)
 
@@ -404,17 +423,18 @@ def test_unknown_transport_preference_is_rejected(transport: int) -> None:
 
 def test_ipc_preference_host_id_and_flag_travel_in_hello() -> None:
     host = bytes(range(100, 116))
-    caps = Capabilities(Transport.IPC, cuda=True, host_id=host, ipc=True)
+    probe = bytes(range(64))
+    caps = Capabilities(Transport.IPC, cuda=True, host_id=host, ipc=True, ipc_probe=probe)
     body = encode(Hello(NONCE, caps))[FRAME_PREFIX_BYTES:]
-    # The two new fields close the capabilities: host id, then the ipc flag.
-    assert body[-17:] == host + b"\x01"
+    # The ipc fields close the capabilities: host id, the ipc flag, the probe handle.
+    assert body[-81:] == host + b"\x01" + probe
     assert decode_one(encode(Hello(NONCE, caps))).caps == caps
 
 
 @pytest.mark.parametrize("flag", [2, 0x80, 255])
 def test_non_boolean_ipc_flag_is_rejected(flag: int) -> None:
     body = bytearray(hello_body())
-    body[-1] = flag
+    body[-65] = flag  # the ipc flag, before the 64-byte probe handle
     assert_rejected(raw_frame(FrameType.HELLO, bytes(body)))
 
 

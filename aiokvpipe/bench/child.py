@@ -34,7 +34,12 @@ def child_main(role: str, device: str) -> int:
     if fake_uuid:  # --one-gpu: both ends on one GPU must look like two to the handshake
         from .. import _connect
 
-        setattr(_connect, "device_uuid", lambda _device: bytes.fromhex(fake_uuid))
+        async def fake_device_uuid(_device: object) -> bytes:
+            return bytes.fromhex(fake_uuid)
+
+        # ...and two hosts, or auto would pick ipc between them
+        setattr(_connect, "device_uuid", fake_device_uuid)
+        setattr(_connect, "host_id", lambda: bytes.fromhex(fake_uuid))
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
