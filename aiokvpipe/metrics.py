@@ -108,7 +108,7 @@ _NBUCKETS: Final = len(LATENCY_BUCKETS) + 1  # and +Inf
 class PipeMetrics:
     """The metrics of one pipe: the pipe calls these hooks, each costs a few attribute updates.
 
-    ``PipeMetrics(name, peer=..., registry=None)``: the series are labelled
+    ``PipeMetrics(name, peer=..., registry=None, enabled=True)``: the series are labelled
     ``pipe=name`` when ``name`` is given (kept after the pipe ends, shared by pipes of that
     name), else ``pipe=peer`` (removed when the last pipe with that label ends). ``registry``
     is a ``prometheus_client.CollectorRegistry``; ``None`` means the default ``REGISTRY``.
@@ -116,35 +116,36 @@ class PipeMetrics:
     Life: hooks may be called from construction on; the series appear at :meth:`opened` and
     the pipe ends them with exactly one of :meth:`closed` or :meth:`broken` (a second end is
     ignored). Hooks called after the end still count for a named pipe and are dropped for an
-    unnamed one. All hooks are no-ops when ``prometheus-client`` is missing or for
-    :meth:`noop`; :attr:`enabled` tells the caller whether timing a call is worth it.
+    unnamed one. All hooks are no-ops when ``prometheus-client`` is missing or with
+    ``enabled=False`` (nothing is registered then); :attr:`enabled` tells the caller whether
+    timing a call is worth it.
     """
 
     __slots__ = ("enabled", "label", "_live", "_late_hooks_count", "_named", "_collector",
                  "_opened", "_ended",
-                 "messages_sent", "bytes_sent", "send_seconds", "send_buckets",
-                 "messages_received", "bytes_received", "recv_seconds", "recv_buckets",
+                 "bytes_sent", "send_seconds", "send_buckets",
+                 "bytes_received", "recv_seconds", "recv_buckets",
                  "budget_waits", "budget_wait_seconds", "credit_waits", "credit_wait_seconds",
-                 "inflight_bytes", "__weakref__")
+                 "inflight_bytes")
 
     def __init__(self, name: str | None = None, *, peer: str = "",
-                 registry: CollectorRegistry | None = None) -> None:
-        self.enabled: bool = AVAILABLE
+                 registry: CollectorRegistry | None = None, enabled: bool = True) -> None:
+        #: False without prometheus-client or with ``enabled=False``: every hook is a no-op
+        self.enabled: bool = AVAILABLE and enabled
         #: the value of the ``pipe`` label
         self.label: str = name if name is not None else peer
         self._named = name is not None
         #: False when disabled or ended: the hot hooks then take their slow path
-        self._live = AVAILABLE
+        self._live = self.enabled
         #: True once a named pipe ended: hooks then count straight into its label's totals
         self._late_hooks_count = False
-        self._collector = _collector_for(registry) if AVAILABLE else None
+        self._collector = _collector_for(registry) if self.enabled else None
         self._opened = False
         self._ended = False
-        self.messages_sent = 0
+        # A message count is the sum of its histogram's buckets: one update less per message.
         self.bytes_sent = 0
         self.send_seconds = 0.0
         self.send_buckets = [0] * _NBUCKETS
-        self.messages_received = 0
         self.bytes_received = 0
         self.recv_seconds = 0.0
         self.recv_buckets = [0] * _NBUCKETS
@@ -154,14 +155,6 @@ class PipeMetrics:
         self.credit_wait_seconds = 0.0
         self.inflight_bytes = 0
 
-    @classmethod
-    def noop(cls) -> PipeMetrics:
-        """A :class:`PipeMetrics` whose hooks do nothing (metrics turned off for a pipe)."""
-        m = cls()
-        m.enabled = m._live = False
-        m._collector = None
-        return m
-
     # -- per message: keep these cheap --------------------------------------------------------
 
     def sent(self, nbytes: int, seconds: float) -> None:
@@ -170,7 +163,6 @@ class PipeMetrics:
             if self._late_hooks_count:
                 self._late(sent=(nbytes, seconds))
             return
-        self.messages_sent += 1
         self.bytes_sent += nbytes
         self.send_seconds += seconds
         self.send_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -181,7 +173,6 @@ class PipeMetrics:
             if self._late_hooks_count:
                 self._late(received=(nbytes, seconds))
             return
-        self.messages_received += 1
         self.bytes_received += nbytes
         self.recv_seconds += seconds
         self.recv_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -267,14 +258,13 @@ def handshake_refused(reason: RefusalReason, *,
 class _Totals:
     """What ended pipes of one named label counted (folded in when each ended)."""
 
-    __slots__ = ("messages_sent", "bytes_sent", "send_seconds", "send_buckets",
-                 "messages_received", "bytes_received", "recv_seconds", "recv_buckets",
+    __slots__ = ("bytes_sent", "send_seconds", "send_buckets",
+                 "bytes_received", "recv_seconds", "recv_buckets",
                  "budget_waits", "budget_wait_seconds", "credit_waits", "credit_wait_seconds",
                  "inflight_bytes")
 
     def __init__(self) -> None:
-        self.messages_sent = self.bytes_sent = 0
-        self.messages_received = self.bytes_received = 0
+        self.bytes_sent = self.bytes_received = 0
         self.send_seconds = self.recv_seconds = 0.0
         self.send_buckets = [0] * _NBUCKETS
         self.recv_buckets = [0] * _NBUCKETS
@@ -282,11 +272,17 @@ class _Totals:
         self.budget_wait_seconds = self.credit_wait_seconds = 0.0
         self.inflight_bytes = 0  # always 0: an ended pipe has nothing in flight
 
+    @property
+    def messages_sent(self) -> int:
+        return sum(self.send_buckets)
+
+    @property
+    def messages_received(self) -> int:
+        return sum(self.recv_buckets)
+
     def add(self, m: PipeMetrics | _Totals) -> None:
-        self.messages_sent += m.messages_sent
         self.bytes_sent += m.bytes_sent
         self.send_seconds += m.send_seconds
-        self.messages_received += m.messages_received
         self.bytes_received += m.bytes_received
         self.recv_seconds += m.recv_seconds
         self.budget_waits += m.budget_waits
@@ -305,12 +301,10 @@ class _Totals:
                budget: float | None, credits: float | None) -> None:
         """Count one late hook (see PipeMetrics._late); the caller holds the lock."""
         if sent is not None:
-            self.messages_sent += 1
             self.bytes_sent += sent[0]
             self.send_seconds += sent[1]
             self.send_buckets[bisect_left(LATENCY_BUCKETS, sent[1])] += 1
         if received is not None:
-            self.messages_received += 1
             self.bytes_received += received[0]
             self.recv_seconds += received[1]
             self.recv_buckets[bisect_left(LATENCY_BUCKETS, received[1])] += 1

@@ -191,13 +191,15 @@ def test_hooks_before_opened_show_at_opened(registry: CollectorRegistry) -> None
     assert value(registry, "bytes_sent_total", pipe="never") is None
 
 
-def test_noop_instance_counts_nothing(registry: CollectorRegistry) -> None:
-    m = PipeMetrics.noop()
+def test_a_disabled_instance_counts_nothing_and_registers_nothing(
+        registry: CollectorRegistry) -> None:
+    m = PipeMetrics("off", registry=registry, enabled=False)
     assert not m.enabled
     m.opened()
     m.sent(1, 1.0)
     m.broken("cancelled")
-    assert m.messages_sent == 0
+    assert sum(m.send_buckets) == 0
+    assert list(registry.collect()) == []
 
 
 def test_exposition_parses_and_one_collector_per_registry(registry: CollectorRegistry) -> None:
@@ -253,7 +255,7 @@ def test_without_prometheus_client_the_module_imports_and_hooks_do_nothing() -> 
         m.broken("heartbeat_missed")
         m.closed()
         metrics.handshake_refused("timeout")
-        assert m.messages_sent == m.bytes_received == m.inflight_bytes == 0
+        assert sum(m.send_buckets) == m.bytes_received == m.inflight_bytes == 0
         try:
             metrics.handshake_refused("nonsense")
         except ValueError:
