@@ -256,7 +256,8 @@ def handshake_refused(reason: RefusalReason, *,
 # -- the collector: reads the PipeMetrics at scrape time ------------------------------------------
 
 class _Totals:
-    """What ended pipes of one named label counted (folded in when each ended)."""
+    """Counts summed over pipes: what the ended pipes of a label counted, or (at scrape
+    time) a label's whole total."""
 
     __slots__ = ("bytes_sent", "send_seconds", "send_buckets",
                  "bytes_received", "recv_seconds", "recv_buckets",
