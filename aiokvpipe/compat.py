@@ -1,44 +1,93 @@
-"""A synchronous adapter with vLLM ``PyNcclPipe``'s method names.
+"""A synchronous face for the pipe: vLLM ``PyNcclPipe``'s method names, keys, and futures.
 
 Code written for the seed's interface (``send_tensor`` / ``recv_tensor`` / ``close``) runs
-unchanged; the pipe itself runs on a private event loop in a background thread, so the calling
-thread blocks only on its own call, never on another one.
+unchanged. Engines whose step loop is synchronous (vLLM's connector methods are polled once per
+engine step) submit keyed transfers without blocking (:meth:`SyncPipe.submit_send`,
+:meth:`SyncPipe.submit_recv`) and collect the finished ones once per step
+(:meth:`SyncPipe.poll`). The pipe itself runs on a private event loop in a background thread,
+so a calling thread blocks only on its own call, never on another one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
+import math
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 
 from ._connect import open_pipe
+from ._errors import PipeClosed
+from ._message import Message
 from ._pipe import Pipe
 
 T = TypeVar("T")
 
-__all__ = ["SyncPipe"]
+__all__ = ["SyncPipe", "PipeFuture"]
+
+
+class PipeFuture(concurrent.futures.Future[T]):
+    """The future of one submitted ``send`` or ``recv``: a :class:`concurrent.futures.Future`
+    that knows its ``key`` and ``op`` (``"send"`` or ``"recv"``).
+
+    :meth:`cancel` cancels the transfer on the pipe's loop with the pipe's guarantees: a
+    cancelled receive takes nothing (the message goes to the next matching receive), a
+    cancelled send sends nothing or the whole message. It returns ``False`` when the transfer
+    already completed, in which case the result stands and must be collected: a message is
+    never both cancelled and taken. ``cancel()`` from another thread waits (microseconds) for
+    the loop thread to decide.
+    """
+
+    def __init__(self, owner: SyncPipe, op: Literal["send", "recv"], key: str | None) -> None:
+        super().__init__()
+        self.op: Literal["send", "recv"] = op
+        self.key = key
+        self._owner = owner
+        #: the loop task running the transfer; set on the loop thread only
+        self._task: asyncio.Task[Any] | None = None
+
+    def cancel(self) -> bool:
+        return self._owner._cancel(self)
+
+    def _force_cancel(self) -> bool:
+        # concurrent.futures' own cancel: a state change, nothing more
+        return super().cancel()
+
+    def __repr__(self) -> str:
+        state = ("cancelled" if self.cancelled() else "finished" if self.done()
+                 else "pending")
+        return f"<PipeFuture {self.op} key={self.key!r} {state}>"
 
 
 class SyncPipe:
     """``SyncPipe(host, port, rank, **opts)``: rank 0 listens, rank 1 connects.
 
     ``opts`` are those of :func:`aiokvpipe.open_pipe` (``device``, ``transport``, ``token``,
-    …), plus ``timeout``: seconds any one call may block (``None``: no limit; a call that
-    times out raises :class:`TimeoutError` and the underlying ``send``/``recv`` is cancelled
-    with the usual guarantees: nothing lost, nothing half-sent).
+    …), plus ``timeout``: seconds any one blocking call may block by default (``None``: no
+    limit; a call that times out raises :class:`TimeoutError` and the underlying
+    ``send``/``recv`` is cancelled with the usual guarantees: nothing lost, nothing half-sent).
 
     Unlike ``PyNcclPipe.send_tensor``, which returns before the tensor was sent,
     :meth:`send_tensor` returns once the tensor has left this process, so it may be reused at
     once. CUDA tensors are ordered after the work the calling thread queued on its current
     stream, as with the asyncio API.
+
+    Every method is thread-safe: many threads may call and submit at once. Submissions from
+    one thread are sent in submission order.
     """
 
     def __init__(self, host: str, port: int, rank: int, *, timeout: float | None = None,
                  **opts: Any) -> None:
         self._timeout = timeout
+        self._lock = threading.Lock()  # guards the three fields below
+        self._closed = False
+        self._pending: set[PipeFuture[Any]] = set()  # submitted, not done
+        self._finished: list[PipeFuture[Any]] = []  # done, not yet returned by poll()
+        self._close_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"aiokvpipe-sync-{rank}")
@@ -54,27 +103,41 @@ class SyncPipe:
         """The underlying asyncio pipe (use it only from coroutines run on its loop)."""
         return self._pipe
 
+    # -- PyNcclPipe's interface ---------------------------------------------------------------
+
     def send_tensor(self, tensor: torch.Tensor | None) -> None:
         """Send one tensor (or ``None``); blocks until it has left this process."""
         if tensor is not None and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"send_tensor takes a Tensor or None, not {type(tensor).__name__}")
-        self._call(self._on_callers_stream(self._pipe.send(tensor)), self._timeout)
+        self.send(tensor)
 
     def recv_tensor(self) -> torch.Tensor | None:
         """Receive the next unkeyed message; blocks until it is here."""
-        msg = self._call(self._on_callers_stream(self._pipe.recv()), self._timeout)
+        msg = self.recv()
         if msg is not None and not isinstance(msg, torch.Tensor):
-            raise TypeError(f"recv_tensor received a {type(msg).__name__}; use the asyncio "
-                            "API for bundles")
+            raise TypeError(f"recv_tensor received a {type(msg).__name__}; use recv() for "
+                            "bundles")
         return msg
 
     def close(self) -> None:
-        """Close the pipe gracefully (everything sent is delivered) and stop the loop thread."""
-        if not self._loop.is_closed():
+        """Close the pipe gracefully (everything sent is delivered) and stop the loop thread.
+
+        Sends already on the wire complete; every other pending future fails with
+        :class:`~aiokvpipe.PipeClosed` (:class:`~aiokvpipe.BrokenPipe` if the pipe broke);
+        submitting afterwards raises :class:`~aiokvpipe.PipeClosed`. Idempotent.
+        """
+        with self._close_lock:
+            if self._loop.is_closed():
+                return
+            with self._lock:
+                self._closed = True
             try:
                 self._call(self._pipe.aclose(), None)
             finally:
-                self._stop_loop()
+                try:
+                    self._call(self._fail_pending(), None)
+                finally:
+                    self._stop_loop()
 
     def __enter__(self) -> SyncPipe:
         return self
@@ -82,18 +145,163 @@ class SyncPipe:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _on_callers_stream(self, coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
-        # CUDA's current stream is per thread: carry the caller's over to the loop thread,
-        # so send() waits for the caller's kernels and recv() hands memory to its stream.
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-            return coro
-        stream = torch.cuda.current_stream()
+    # -- any message, with keys: blocking -----------------------------------------------------
 
-        async def run() -> T:
-            with torch.cuda.stream(stream):
-                return await coro
+    def send(self, msg: Message, key: str | None = None, timeout: float | None = None) -> None:
+        """Send ``msg`` (a Tensor, ``None``, a list or a dict of str → Tensor) with ``key``.
 
-        return run()
+        Blocks until the payload has left this process (the tensors may be reused then).
+        ``timeout``: seconds, ``None`` for this SyncPipe's default, ``math.inf`` for none; on
+        :class:`TimeoutError` the send is cancelled: it sent nothing or the whole message.
+        Raises what :meth:`aiokvpipe.Pipe.send` raises.
+        """
+        self._wait(self._submit("send", key, functools.partial(self._pipe.send, msg, key),
+                                collect=False), timeout)
+
+    def recv(self, key: str | None = None, timeout: float | None = None) -> Message:
+        """Receive the next message sent with ``key`` (``None``: the next unkeyed one).
+
+        ``timeout`` as for :meth:`send`; on :class:`TimeoutError` nothing was taken: the
+        message goes to the next matching receive. Raises what :meth:`aiokvpipe.Pipe.recv`
+        raises.
+        """
+        result: Message = self._wait(
+            self._submit("recv", key, functools.partial(self._pipe.recv, key), collect=False),
+            timeout)
+        return result
+
+    # -- any message, with keys: non-blocking -------------------------------------------------
+
+    def submit_send(self, msg: Message, key: str | None = None) -> PipeFuture[None]:
+        """Start sending ``msg`` with ``key``; returns at once.
+
+        The future completes when the payload has left this process (do not overwrite the
+        tensors before that), or fails with what :meth:`aiokvpipe.Pipe.send` raises. It is
+        returned by :meth:`poll` once done. Raises :class:`~aiokvpipe.PipeClosed` once
+        :meth:`close` was called.
+        """
+        return self._submit("send", key, functools.partial(self._pipe.send, msg, key),
+                            collect=True)
+
+    def submit_recv(self, key: str | None = None) -> PipeFuture[Message]:
+        """Start receiving the next message sent with ``key``; returns at once.
+
+        The future's result is the message, or it fails with what :meth:`aiokvpipe.Pipe.recv`
+        raises. It is returned by :meth:`poll` once done. Raises
+        :class:`~aiokvpipe.PipeClosed` once :meth:`close` was called.
+        """
+        return self._submit("recv", key, functools.partial(self._pipe.recv, key),
+                            collect=True)
+
+    # The block API (issue 11) lands here, each a one-liner over _submit like the two above:
+    #   submit_send_blocks(pool, block_ids, key, layers=None) -> PipeFuture[None]
+    #   submit_recv_blocks(pool, block_ids, key, layers=None) -> PipeFuture[None]
+    # with blocking send_blocks/recv_blocks over _wait, as send/recv are.
+
+    def poll(self) -> list[PipeFuture[Any]]:
+        """The submitted futures that finished since the last ``poll()``, in the order they
+        finished (result, error or cancelled alike); never blocks.
+
+        Made for an engine's step loop: call it once per step. Each future submitted with
+        :meth:`submit_send`/:meth:`submit_recv` is returned exactly once; until then this
+        SyncPipe keeps it (and, for a receive, its message).
+        """
+        with self._lock:
+            finished, self._finished = self._finished, []
+        return finished
+
+    # -- the bridge to the loop thread --------------------------------------------------------
+
+    def _submit(self, op: Literal["send", "recv"], key: str | None,
+                start: Callable[[], Coroutine[Any, Any, T]], *,
+                collect: bool) -> PipeFuture[T]:
+        fut: PipeFuture[T] = PipeFuture(self, op, key)
+        stream = _callers_stream()
+        with self._lock:
+            if self._closed:
+                raise PipeClosed("pipe closed")
+            self._pending.add(fut)
+            # Under the lock: close() cannot slip between the check and the hand-over, so a
+            # submission it did not refuse reaches the loop before its aclose() does.
+            self._loop.call_soon_threadsafe(self._start, fut, start, stream)
+        fut.add_done_callback(functools.partial(self._on_done, collect=collect))
+        return fut
+
+    def _start(self, fut: PipeFuture[T], start: Callable[[], Coroutine[Any, Any, T]],
+               stream: torch.cuda.Stream | None) -> None:
+        """On the loop: run the transfer as a task, unless cancelled before it began."""
+        if fut.done():
+            return
+        task = self._loop.create_task(_transfer(fut, start, stream))
+        fut._task = task
+        task.add_done_callback(functools.partial(_cancel_if_abandoned, fut))
+
+    def _cancel(self, fut: PipeFuture[Any]) -> bool:
+        """PipeFuture.cancel(): decided on the loop thread, where the transfer runs."""
+        if fut.done():
+            return fut.cancelled()
+        if self._thread.ident == threading.get_ident():
+            return self._cancel_on_loop(fut)
+        decided = threading.Event()
+        outcome: list[bool] = []
+
+        def decide() -> None:
+            outcome.append(self._cancel_on_loop(fut))
+            decided.set()
+
+        try:
+            self._loop.call_soon_threadsafe(decide)
+        except RuntimeError:  # the loop is closed: close() already failed every future
+            return fut._force_cancel()
+        while not decided.wait(0.05):
+            if not self._thread.is_alive():  # stopped before it got to the request
+                return fut._force_cancel()
+        return outcome[0]
+
+    def _cancel_on_loop(self, fut: PipeFuture[Any]) -> bool:
+        if fut.done():
+            return fut.cancelled()
+        # Not done, so the transfer has not completed: _transfer() hands the outcome over in
+        # the very step that completes it, and this runs on the same thread.
+        task = fut._task
+        if task is not None:
+            # Its next step raises CancelledError instead of completing: Pipe.recv() then
+            # hands the message on to the next matching recv(), Pipe.send() sends nothing or
+            # the whole message.
+            task.cancel()
+        return fut._force_cancel()
+
+    def _on_done(self, fut: concurrent.futures.Future[Any], *, collect: bool) -> None:
+        done = cast(PipeFuture[Any], fut)  # _submit adds this callback to PipeFutures only
+        with self._lock:
+            self._pending.discard(done)
+            if collect:
+                self._finished.append(done)
+
+    async def _fail_pending(self) -> None:
+        # After aclose(): whatever is still pending (it should be nothing) fails, never hangs.
+        with self._lock:
+            pending = list(self._pending)
+        for fut in pending:
+            if fut._task is not None:
+                fut._task.cancel()
+            if not fut.done():
+                fut.set_exception(PipeClosed("pipe closed"))
+
+    def _wait(self, fut: PipeFuture[T], timeout: float | None) -> T:
+        if timeout is None:
+            timeout = self._timeout
+        if timeout is not None and math.isinf(timeout):
+            timeout = None
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            if fut.cancel():
+                raise
+            return fut.result()  # it completed meanwhile: its outcome, not a lost message
+        except BaseException:
+            fut.cancel()  # interrupted (KeyboardInterrupt): leave nothing running behind
+            raise
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -107,3 +315,39 @@ class SyncPipe:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+async def _transfer(fut: PipeFuture[T], start: Callable[[], Coroutine[Any, Any, T]],
+                    stream: torch.cuda.Stream | None) -> None:
+    """Run one submitted transfer on the loop and hand its outcome to ``fut``.
+
+    The outcome is set in the same step that completes the transfer, so there is no moment
+    at which a message has been taken but ``fut`` could still be cancelled.
+    """
+    try:
+        if stream is None:
+            result = await start()
+        else:
+            with torch.cuda.stream(stream):
+                result = await start()
+    except asyncio.CancelledError:
+        fut._force_cancel()
+        raise
+    except Exception as exc:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _cancel_if_abandoned(fut: PipeFuture[Any], task: asyncio.Task[None]) -> None:
+    # A task cancelled before its first step never ran _transfer()'s handlers.
+    if not fut.done():
+        fut._force_cancel()
+
+
+def _callers_stream() -> torch.cuda.Stream | None:
+    # CUDA's current stream is per thread: carry the caller's over to the loop thread, so
+    # send() waits for the caller's kernels and recv() hands memory to its stream.
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.current_stream()
