@@ -24,13 +24,14 @@ from . import _handshake, _ipc_plane, _nccl_plane, _wire
 from ._control import ControlChannel
 from ._cuda import device_uuid_async as device_uuid
 from ._cuda import normalize_device
-from ._errors import BrokenPipe, PipeClosed, PipeError, ProtocolError
+from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
 from ._ipc_plane import host_id
 from ._options import PipeOptions
 from ._pipe import Pipe
 from ._plane import DataPlane
 from ._protocol import ClientHandshake, Refused, ServerHandshake
 from ._tcp_plane import TcpPlane, tune_socket
+from .metrics import PipeMetrics, RefusalReason, handshake_refused
 
 log = logging.getLogger("aiokvpipe")
 T = TypeVar("T")
@@ -134,6 +135,25 @@ class _LateBreak:
             self.early = exc
 
 
+def _refusal_reason(exc: BaseException) -> RefusalReason:
+    """The metrics' name for why a listener dropped a handshake."""
+    if isinstance(exc, AuthenticationError):
+        return "authentication"
+    if isinstance(exc, ProtocolError):
+        return "version" if "speaks protocol" in str(exc) else "protocol"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, PipeError) and not isinstance(exc, BrokenPipe):
+        return "unsupported"
+    return "connection_lost"
+
+
+def _address(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
 def _silence_limit(opts: PipeOptions, peer: _wire.Capabilities) -> float | None:
     """How long the peer may stay silent: judged by the rate at which *it* sends heartbeats,
     and only if both ends use them (``heartbeat_interval=None`` on either end turns the check
@@ -152,6 +172,8 @@ def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: 
                 heartbeat_interval=opts.heartbeat_interval,
                 heartbeat_timeout=_silence_limit(opts, peer),
                 close_timeout=opts.close_timeout,
+                metrics=PipeMetrics(opts.name, peer=_address(ch.peer),
+                                    registry=opts.metrics_registry, enabled=opts.metrics),
                 # Inline payloads suit tcp to a CPU receiver; NCCL and CUDA receivers want
                 # every byte on their own plane and stream.
                 inline_limit=(_wire.MAX_INLINE_PAYLOAD
@@ -314,6 +336,8 @@ class Listener:
             raise
         except (PipeError, OSError, TimeoutError) as exc:
             log.info("dropped incoming connection from %s: %r", addr, exc)
+            if self._opts.metrics:
+                handshake_refused(_refusal_reason(exc), registry=self._opts.metrics_registry)
             if isinstance(exc, ProtocolError) and conn is not None:
                 _say_why(conn, exc)
         except Exception:  # e.g. NCCL set-up failing: that pipe is lost, the listener is not

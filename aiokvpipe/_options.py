@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import torch
 
@@ -64,7 +64,15 @@ class PipeOptions:
         listener drops a connection that has not completed its handshake by then.
     close_timeout
         Seconds ``aclose()`` waits for the peer's half of a graceful close (default 10)
-        before it breaks the pipe instead.
+        before it breaks the pipe instead; the clock restarts whenever a transfer makes
+        progress, so a large transfer still moving is never cut off.
+    name
+        The pipe's label in logs and Prometheus metrics (default: the peer's address).
+    metrics
+        Count this pipe in Prometheus metrics (:mod:`aiokvpipe.metrics`; needs the extra
+        ``metrics``, i.e. ``prometheus-client``; without it nothing is counted). Default on.
+    metrics_registry
+        The ``prometheus_client.CollectorRegistry`` to report to (default: the global one).
     """
 
     device: str | torch.device = "cpu"
@@ -77,6 +85,9 @@ class PipeOptions:
     connect_timeout: float = 30.0
     handshake_timeout: float = 20.0
     close_timeout: float = 10.0
+    name: str | None = None
+    metrics: bool = True
+    metrics_registry: Any = None
 
     def __post_init__(self) -> None:
         if self.transport not in ("auto", "ipc", "nccl", "tcp"):

@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from ctypes import string_at
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Final
 
 import torch
@@ -29,6 +30,7 @@ from ._pipe_blocks import BlockExchange
 from ._plane import DataPlane
 from ._protocol import PipeProtocol, State
 from ._wire import Structure
+from .metrics import BreakCause, PipeMetrics
 
 log = logging.getLogger("aiokvpipe")
 
@@ -98,7 +100,8 @@ class Pipe:
     def __init__(self, control: ControlChannel, plane: DataPlane, *, device: torch.device,
                  max_inflight_bytes: int, recv_buffer_bytes: int, peer_credits: int,
                  heartbeat_interval: float | None, heartbeat_timeout: float | None,
-                 inline_limit: int = 0, close_timeout: float = CLOSE_TIMEOUT_S) -> None:
+                 inline_limit: int = 0, close_timeout: float = CLOSE_TIMEOUT_S,
+                 metrics: PipeMetrics | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._control = control
         self._plane = plane
@@ -108,6 +111,8 @@ class Pipe:
         self._on_cuda = device.type == "cuda"
         self.peer: Final = control.peer
         self._close_timeout = close_timeout
+        self._metrics = metrics if metrics is not None else PipeMetrics(enabled=False)
+        self._timed = self._metrics.enabled  # take timestamps only for someone who reads them
         # sending
         #: CPU payloads up to this size travel inside their header frame (0: never).
         self._inline_limit = inline_limit
@@ -140,6 +145,7 @@ class Pipe:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
         if self._error is None:
             log.info("pipe to %s opened (%s)", self.peer, plane.name)
+            self._metrics.opened()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class Pipe:
         caller is cancelled meanwhile; the tensors are then read until the transfer ends (they
         are kept alive; do not overwrite them before that). The stream never desynchronises.
         """
+        t0 = perf_counter() if self._timed else 0.0
         if key is not None:
             key = check_key(key)
         out = flatten(msg)
@@ -177,6 +184,8 @@ class Pipe:
             # takes more. Written without a suspension, so call order holds and cancellation
             # cannot split anything.
             self._post(out, key, True, cost, 0)
+            if self._timed:
+                self._metrics.sent(out.nbytes, perf_counter() - t0)
             if self._yield_due():
                 # After the write: yielding first would let a later send() overtake this one.
                 # Cancelled here, the message is sent all the same (see the docstring).
@@ -187,12 +196,17 @@ class Pipe:
         try:
             async with self._send_lock:
                 self._check_can_send()
+                t1 = perf_counter() if self._timed else 0.0
                 await self._send_budget.acquire(held)
+                t2 = perf_counter() if self._timed else 0.0
                 try:
                     await self._credits.acquire(cost)
                 except BaseException:
                     self._send_budget.release(held)
                     raise
+                if self._timed:
+                    self._metrics.waited_budget(t2 - t1)
+                    self._metrics.waited_credits(perf_counter() - t2)
                 # Committed. No await until the payload is posted, so cancellation cannot
                 # split the header from its payload.
                 done = self._post(out, key, inline, cost, held)
@@ -201,6 +215,8 @@ class Pipe:
             self._slow_senders -= 1
         if done is not None:
             await asyncio.shield(done)
+        if self._timed:
+            self._metrics.sent(out.nbytes, perf_counter() - t0)
 
     async def recv(self, key: str | None = None) -> Message:
         """Receive the next message sent with ``key`` (``None``: the next unkeyed message).
@@ -215,6 +231,7 @@ class Pipe:
         Cancellation is safe: a cancelled ``recv()`` takes nothing; a message it would have
         received goes to the next matching ``recv()``, in order.
         """
+        t0 = perf_counter() if self._timed else 0.0
         if key is not None:
             key = check_key(key)
             self._proto.undiscard(key)
@@ -229,7 +246,7 @@ class Pipe:
                 except asyncio.CancelledError:
                     self._deliver(item, front=True)
                     raise
-            return self._claim(item)
+            return self._claim(item, t0)
         self._check_can_recv()
         fut: asyncio.Future[_Incoming] = self._loop.create_future()
         waiters = self._waiters.get(key)
@@ -249,7 +266,7 @@ class Pipe:
                 if not waiters and self._waiters.get(key) is waiters:
                     del self._waiters[key]
             raise
-        return self._claim(item)
+        return self._claim(item, t0)
 
     def discard(self, key: str | None) -> int:
         """Give up the messages with ``key``: those that arrived and wait unclaimed, those
@@ -453,11 +470,15 @@ class Pipe:
             return None
         self._sends_in_flight.add(done)
         done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
+        if self._timed:
+            self._metrics.inflight(self._send_budget.in_use)
         return done
 
     def _send_done(self, fut: asyncio.Future[None], nbytes: int) -> None:
         self._sends_in_flight.discard(fut)
         self._send_budget.release(nbytes)
+        if self._timed:
+            self._metrics.inflight(self._send_budget.in_use)
         if fut.cancelled() or fut.exception() is not None:
             # The payload was lost after its header left: the peer waits for it in vain.
             self._break(fut.exception() or ConnectionAbortedError("payload send cancelled"))
@@ -617,8 +638,10 @@ class Pipe:
         self._ready_count -= 1
         return item
 
-    def _claim(self, item: _Incoming) -> Message:
+    def _claim(self, item: _Incoming, t0: float) -> Message:
         self._return_credit(item.cost)
+        if self._timed:
+            self._metrics.received(item.nbytes, perf_counter() - t0)
         tensors = item.tensors
         if self._on_cuda and tensors:
             stream = torch.cuda.current_stream(self.device)
@@ -710,6 +733,7 @@ class Pipe:
         self._finished.set()
         self._control.close()
         self._plane.close()
+        self._metrics.closed()
         log.info("pipe to %s closed", self.peer)
 
     def on_connection_lost(self, exc: BaseException) -> None:
@@ -745,6 +769,7 @@ class Pipe:
             self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL,
                                                        f"{type(cause).__name__}: {cause}")))
         log.warning("%s", err)
+        self._metrics.broken(_break_cause(cause))
         self._fail_waiters(err)
         self._blocks.fail(err)
         self._send_budget.abort(err)
@@ -754,6 +779,23 @@ class Pipe:
         if self._closer is not None and self._closer is not asyncio.current_task():
             self._closer.cancel()
         self._finished.set()
+
+
+def _break_cause(cause: BaseException) -> BreakCause:
+    """The metrics' name for what broke a pipe."""
+    if isinstance(cause, HeartbeatMissed):
+        return "heartbeat_missed"
+    if isinstance(cause, ProtocolError):
+        return "protocol_error"
+    if isinstance(cause, PeerFailure):
+        return "peer_failure"
+    if isinstance(cause, ConnectionAbortedError) and "cancelled" in str(cause):
+        return "cancelled"
+    if isinstance(cause, TimeoutError):
+        return "close_timeout"
+    if isinstance(cause, (ConnectionError, EOFError, BrokenPipe)):
+        return "peer_closed_connection"
+    return "local_failure"
 
 
 def _is_local(cause: BaseException) -> bool:
