@@ -37,7 +37,7 @@ def size_class(nbytes: int) -> int:
 class HostBufferPool:
     def __init__(self, max_cached_bytes: int) -> None:
         self._max_cached = max_cached_bytes
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list[torch.Tensor]] = {}
         self._cached = 0
         self._lock = threading.Lock()  # blocks come back from whichever thread frees a tensor
         self._holders: dict[int, type[Any]] = {}
@@ -60,8 +60,11 @@ class HostBufferPool:
             if base is not None:
                 self._cached -= size
         if base is None:
-            base = bytearray(size)
-        holder = self._holder_type(size).from_buffer(base)
+            # Not bytearray(size): that zeroes every page at once, on the event loop (a 512 MiB
+            # message stalled it for half a second). Fresh pages are faulted in as the payload
+            # lands in them instead, read by read.
+            base = torch.empty(size, dtype=torch.uint8)
+        holder = self._holder_type(size).from_address(base.data_ptr())
         holder.base = base
         flat = torch.frombuffer(holder, dtype=torch.uint8, count=nbytes)
         return flat.view(dtype).reshape(shape)
@@ -80,8 +83,8 @@ class HostBufferPool:
             self._holders[size] = holder
         return holder
 
-    def _give_back(self, base: bytearray) -> None:
-        size = len(base)
+    def _give_back(self, base: torch.Tensor) -> None:
+        size = base.numel()
         with self._lock:
             if self._cached + size <= self._max_cached:
                 self._free.setdefault(size, []).append(base)

@@ -350,13 +350,27 @@ class Pipe:
             self._fail_waiters(PipeClosed("pipe closed"))
             self._fail_pending_senders(PipeClosed("pipe closed"))
             self._ensure_closer()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._finished.wait()), self._close_timeout)
-        except TimeoutError as exc:
-            self._break(exc)
-        except asyncio.CancelledError:
-            self._break(ConnectionAbortedError("aclose() was cancelled"))
-            raise
+        progress = self._progress()
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._finished.wait()),
+                                       self._close_timeout)
+                return
+            except TimeoutError as exc:
+                # A large transfer still moving is not a stuck close: wait on while bytes move.
+                now = self._progress()
+                if now == progress:
+                    self._break(exc)
+                    return
+                progress = now
+            except asyncio.CancelledError:
+                self._break(ConnectionAbortedError("aclose() was cancelled"))
+                raise
+
+    def _progress(self) -> tuple[int, ...]:
+        """Counters that move while any transfer of this pipe does."""
+        return (self._bytes_sent, self._bytes_received, self._messages_received,
+                getattr(self._plane, "moved_bytes", 0))
 
     async def wait_closed(self) -> None:
         """Wait until the pipe has ended: returns after a graceful close (by either end),

@@ -152,6 +152,7 @@ class _PayloadReceiver(asyncio.BufferedProtocol):
         return memoryview(self._spill)[self._spilled:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._plane.moved_bytes += nbytes
         if self._targets and not self._spilled:
             target = self._targets[0]
             if target.advance(nbytes):
@@ -242,6 +243,9 @@ class TcpPlane:
         self._allocating: deque[tuple[asyncio.Future[_Target], asyncio.Future[
             list[torch.Tensor]]]] = deque()
         self._recv_failed: BaseException | None = None
+        #: Payload bytes written and read so far: a close can tell a transfer still moving
+        #: from a stuck one.
+        self.moved_bytes = 0
         self._error: BaseException | None = None
         self._closing = False
 
@@ -308,6 +312,7 @@ class TcpPlane:
                     for start in range(0, len(view), _SEND_SLICE):
                         await self._loop.sock_sendall(self._sock,
                                                       view[start:start + _SEND_SLICE])
+                        self.moved_bytes += min(_SEND_SLICE, len(view) - start)
                         if start + _SEND_SLICE < len(view):
                             # A slice the socket took at once completes without a suspension:
                             # let the loop run between slices.

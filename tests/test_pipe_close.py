@@ -209,3 +209,20 @@ async def test_listener_async_with_and_aclose(any_loop: str) -> None:
         await listener.accept()
     with pytest.raises(TimeoutError):
         await aiokvpipe.connect(HOST, port, connect_timeout=0.2)
+
+
+async def test_close_waits_on_while_a_large_transfer_is_still_moving(
+        pair_factory: PairFactory) -> None:
+    # close_timeout bounds a *stuck* close; a transfer that takes longer but keeps moving
+    # bytes must not be cut off (it used to be broken after a fixed 10 s).
+    a, b = await pair_factory(close_timeout=0.1)
+    big = torch.ones(128 << 20)  # 512 MiB: far more than 0.1 s over loopback here
+    sending = asyncio.create_task(a.send(big))
+    receiving = asyncio.create_task(b.recv())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(60):
+        await asyncio.gather(sending, a.aclose())
+        got = await receiving
+        await b.aclose()
+    assert got.shape == big.shape and bool(got[-1] == 1)
+    assert a._error is None and b._error is None
