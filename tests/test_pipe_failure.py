@@ -181,3 +181,42 @@ async def test_heartbeats_disabled_keep_an_idle_pipe_open(spawn_peer: SpawnPeer)
             await asyncio.wait_for(recv, BREAK_DEADLINE_S)
     finally:
         await close_quietly(pipe)
+
+
+async def test_default_heartbeats_survive_a_3_s_stall_of_the_peer(spawn_peer: SpawnPeer
+                                                                   ) -> None:
+    # An engine's loop may be held for seconds (a long prefill holding the GIL): its
+    # heartbeats stop meanwhile, and the pipe must not take it for dead (issue 13).
+    peer = await spawn_peer(role="listen", mode="echo")
+    port = (await peer.expect("listening"))["port"]
+    pipe = await aiokvpipe.connect(HOST, port)  # default heartbeat options
+    try:
+        await peer.expect("connected")
+        peer.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(3.0)  # the stall itself, not a stand-in for synchronisation
+        peer.send_signal(signal.SIGCONT)
+        await pipe.send(torch.arange(5))
+        back = await asyncio.wait_for(pipe.recv(), 10)
+        assert torch.equal(back, torch.arange(5)) and not pipe.closed
+    finally:
+        await close_quietly(pipe)
+
+
+async def test_default_heartbeats_find_a_frozen_peer_within_10_s(spawn_peer: SpawnPeer
+                                                                  ) -> None:
+    peer = await spawn_peer(role="listen", mode="idle")
+    port = (await peer.expect("listening"))["port"]
+    pipe = await aiokvpipe.connect(HOST, port)  # default heartbeat options
+    try:
+        await peer.expect("connected")
+        recv = asyncio.create_task(pipe.recv())
+        stopped_at = time.monotonic()
+        peer.send_signal(signal.SIGSTOP)
+        with pytest.raises(aiokvpipe.BrokenPipe) as info:
+            await asyncio.wait_for(recv, 15)
+        elapsed = time.monotonic() - stopped_at
+        assert isinstance(info.value.__cause__, TimeoutError), info.value.__cause__
+        assert 3.0 < elapsed <= 10.0, elapsed
+    finally:
+        peer.send_signal(signal.SIGCONT)
+        await close_quietly(pipe)
