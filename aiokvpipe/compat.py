@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import torch
 
+from ._blocks import BlockPool
 from ._connect import open_pipe
 from ._errors import PipeClosed
 from ._message import Message
@@ -193,10 +194,40 @@ class SyncPipe:
         return self._submit("recv", key, functools.partial(self._pipe.recv, key),
                             collect=True)
 
-    # The block API (issue 11) lands here, each a one-liner over _submit like the two above:
-    #   submit_send_blocks(pool, block_ids, key, layers=None) -> PipeFuture[None]
-    #   submit_recv_blocks(pool, block_ids, key, layers=None) -> PipeFuture[None]
-    # with blocking send_blocks/recv_blocks over _wait, as send/recv are.
+    # -- paged KV blocks -----------------------------------------------------------------------
+
+    def send_blocks(self, pool: BlockPool, block_ids: object, key: str | None = None,
+                    layers: object = None, timeout: float | None = None) -> None:
+        """:meth:`aiokvpipe.Pipe.send_blocks`, blocking; ``timeout`` as for :meth:`send`."""
+        self._wait(self.submit_send_blocks(pool, block_ids, key, layers, _collect=False),
+                   timeout)
+
+    def recv_blocks(self, pool: BlockPool, block_ids: object, key: str | None = None,
+                    layers: object = None, timeout: float | None = None) -> None:
+        """:meth:`aiokvpipe.Pipe.recv_blocks`, blocking; ``timeout`` as for :meth:`recv`."""
+        self._wait(self.submit_recv_blocks(pool, block_ids, key, layers, _collect=False),
+                   timeout)
+
+    def submit_send_blocks(self, pool: BlockPool, block_ids: object, key: str | None = None,
+                           layers: object = None, *, _collect: bool = True
+                           ) -> PipeFuture[None]:
+        """Start :meth:`aiokvpipe.Pipe.send_blocks`; returns at once. The future completes
+        when the blocks may be overwritten; it is returned by :meth:`poll` once done. CUDA
+        pools: the blocks are read after the work queued on the calling thread's current
+        stream now."""
+        return self._submit("send", key, functools.partial(self._pipe.send_blocks, pool,
+                                                           block_ids, key, layers),
+                            collect=_collect)
+
+    def submit_recv_blocks(self, pool: BlockPool, block_ids: object, key: str | None = None,
+                           layers: object = None, *, _collect: bool = True
+                           ) -> PipeFuture[None]:
+        """Start :meth:`aiokvpipe.Pipe.recv_blocks`; returns at once. The future completes
+        when the named blocks hold the data (safe on the calling thread's current stream);
+        it is returned by :meth:`poll` once done."""
+        return self._submit("recv", key, functools.partial(self._pipe.recv_blocks, pool,
+                                                           block_ids, key, layers),
+                            collect=_collect)
 
     def poll(self) -> list[PipeFuture[Any]]:
         """The submitted futures that finished since the last ``poll()``, in the order they

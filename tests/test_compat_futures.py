@@ -284,3 +284,28 @@ def test_a_killed_peer_fails_pending_futures_with_broken_pipe() -> None:
         assert peer.stdin is not None and peer.stdout is not None
         peer.stdin.close()
         peer.stdout.close()
+
+
+def test_blocks_through_the_synchronous_bridge(pair: tuple[SyncPipe, SyncPipe]) -> None:
+    # An engine step loop: the decode side submits its receives, the prefill side sends
+    # layer by layer from worker threads; poll() collects what finished.
+    from aiokvpipe import BlockPool
+
+    server, client = pair
+    src = BlockPool([torch.randn(2, 32, 4, 8) for _ in range(4)], block_dim=1)
+    dst = BlockPool([torch.zeros(2, 16, 4, 8) for _ in range(4)], block_dim=1)
+    requests = {f"r{i}": ([4 * i, 4 * i + 1], [15 - 2 * i, 14 - 2 * i]) for i in range(4)}
+    received = {key: server.submit_recv_blocks(dst, d, key=key)
+                for key, (_, d) in requests.items()}
+    with concurrent.futures.ThreadPoolExecutor(4) as workers:
+        sends = [workers.submit(client.send_blocks, src, s, key, [layer], WAIT_S)
+                 for key, (s, _) in requests.items() for layer in range(4)]
+        for f in sends:
+            f.result(WAIT_S)
+    concurrent.futures.wait(received.values(), timeout=WAIT_S)
+    finished = server.poll()
+    assert set(finished) == set(received.values())
+    for key, (s_ids, d_ids) in requests.items():
+        received[key].result(0)
+        for t_src, t_dst in zip(src.tensors, dst.tensors):
+            assert torch.equal(t_src[:, s_ids], t_dst[:, d_ids]), key
