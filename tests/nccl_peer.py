@@ -4,6 +4,9 @@ Modes:
   echo         receive unkeyed messages and send each straight back, until the pipe closes
   blast N MiB  send N messages of MiB each (value = index), then echo
   hold         connect, print "ready", then wait forever (the test kills it)
+  blocks N     a CUDA block pool of N blocks (tests/test_pipe_blocks_cuda.py's layout): for
+               each unkeyed message {"ids": ...}, receive blocks of key "blocks" into those
+               ids, then send the same blocks back under key "back"
 
 Before connecting it prints "connected <transport>" on stdout. When the test runs both ends on
 one GPU, it sets AIOKVPIPE_TEST_FAKE_UUID and NCCL_HOSTID, so that our handshake and NCCL each
@@ -40,6 +43,20 @@ async def main(port: int, device: str, mode: str, args: list[str]) -> None:
             t = torch.full((mib << 18,), float(i), device=device)
             await pipe.send(t, key="blast")
         mode = "echo"
+    if mode == "blocks":
+        from aiokvpipe import BlockPool
+
+        pool = BlockPool([torch.zeros(2, int(args[0]), 16, 2, 64, dtype=torch.bfloat16,
+                                      device=device) for _ in range(4)], block_dim=1)
+        try:
+            while True:
+                ids = (await pipe.recv())["ids"].tolist()
+                await pipe.recv_blocks(pool, ids, key="blocks")
+                await pipe.send_blocks(pool, ids, key="back")
+        except aiokvpipe.PipeClosed:
+            pass
+        await pipe.aclose()
+        return
     if mode == "hold":
         print("ready", flush=True)
         await asyncio.Event().wait()

@@ -1,0 +1,87 @@
+"""Block transfers between CUDA pools: staged through pinned memory (tcp), device staging
+(nccl between two processes) and the ipc plane, with stream ordering and sentinels."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from test_cuda_nccl import start_peer  # noqa: F401  (the two-process fixture)
+
+import aiokvpipe
+from aiokvpipe import BlockPool
+
+pytestmark = [pytest.mark.cuda, pytest.mark.timeout(120),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+SENTINEL = -7.0
+
+
+def pool(num_blocks: int, fill: float = SENTINEL) -> BlockPool:
+    return BlockPool([torch.full((2, num_blocks, 16, 2, 64), fill, dtype=torch.bfloat16,
+                                 device="cuda:0") for _ in range(4)], block_dim=1)
+
+
+def randomize(p: BlockPool, ids: list[int]) -> None:
+    for t in p.tensors:
+        t[:, ids] = torch.randn_like(t[:, ids])
+
+
+def moved(src: BlockPool, dst: BlockPool, s_ids: list[int], d_ids: list[int]) -> bool:
+    return all(torch.equal(a[:, s_ids], b[:, d_ids]) for a, b in zip(src.tensors, dst.tensors))
+
+
+def untouched(dst: BlockPool, named: list[int]) -> bool:
+    keep = [b for b in range(dst.num_blocks) if b not in named]
+    return all(bool((t[:, keep] == SENTINEL).all()) for t in dst.tensors)
+
+
+async def test_cuda_pools_over_tcp_in_one_process_are_stream_ordered() -> None:
+    listener = await aiokvpipe.listen(device="cuda:0")
+    accept = asyncio.create_task(listener.accept())
+    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
+    b = await accept
+    try:
+        assert a.transport == "tcp"  # one process: the IPC probe cannot prove itself
+        src, dst = pool(300), pool(64)
+        s_ids = [299, 5, 6, 7, 100, 0, 42, 43]
+        d_ids = [63, 0, 1, 2, 30, 31, 32, 10]
+        randomize(src, s_ids)
+        expected = [t.clone() for t in src.tensors]
+        # The producer's last write is still queued behind a long kernel: send_blocks must
+        # read the blocks after it (stream-ordered), not what is in memory now.
+        torch.cuda._sleep(200_000_000)
+        for t in src.tensors:
+            t[:, s_ids] += 1
+        receiving = asyncio.create_task(b.recv_blocks(dst, d_ids, key="r"))
+        for layer in range(4):
+            await a.send_blocks(src, s_ids, key="r", layers=[layer])
+        await asyncio.wait_for(receiving, 60)
+        for e, t in zip(expected, dst.tensors):
+            assert torch.equal(e[:, s_ids] + 1, t[:, d_ids])
+        assert untouched(dst, d_ids)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await listener.aclose()
+
+
+@pytest.mark.parametrize("transport", ["nccl", "ipc"])
+async def test_cuda_pools_between_processes(start_peer: object,  # noqa: F811
+                                            transport: str) -> None:
+    if transport == "nccl":
+        pytest.importorskip("cupy")
+    peer = await start_peer("blocks", "512", transport=transport,  # type: ignore[operator]
+                            disguise=transport == "nccl")
+    assert peer.pipe.transport == transport
+    src, back = pool(1024), pool(700)
+    s_ids = torch.randperm(1024)[:200].tolist()
+    d_ids = torch.randperm(700)[:200].tolist()
+    peer_ids = torch.randperm(512)[:200].tolist()
+    randomize(src, s_ids)
+    for _ in range(3):  # the pool is described once, then reused
+        await peer.pipe.send({"ids": torch.tensor(peer_ids)})
+        await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks"), 60)
+        await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
+        assert moved(src, back, s_ids, d_ids) and untouched(back, d_ids)
