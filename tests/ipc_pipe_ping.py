@@ -43,7 +43,7 @@ async def child(port: int, transport: str) -> None:
             for _ in range(n):
                 await pipe.recv()
             await pipe.send(torch.zeros(1, device="cuda:0"), "done")
-    await pipe.close()
+    await pipe.aclose()
 
 
 async def parent(args: argparse.Namespace) -> None:
@@ -86,7 +86,7 @@ async def parent(args: argparse.Namespace) -> None:
                 print(f"  {size:>11} B  streamed {size * n / dt / 1e9:8.1f} GB/s  one message "
                       f"{size / one / 1e9:8.1f} GB/s", flush=True)
         await pipe.send(torch.tensor([0, 0], device=dev), "cmd")
-        await pipe.close()
+        await pipe.aclose()
     finally:
         await listener.aclose()
         try:

@@ -153,7 +153,7 @@ async def test_auto_picks_ipc_between_processes_and_every_structure_round_trips(
              rand(torch.float16, 1, 9)],
             {"k": rand(torch.float32, 4, 8), "v": rand(torch.float32, 4, 8),
              "empty": torch.empty(0, 4, device=DEV), "ключ": rand(torch.int8, 5)},
-            rand(torch.float64, ()),  # 0-d
+            rand(torch.float64),  # 0-d
             [],
             rand(torch.uint8, 64 * MiB + 3),  # odd size, beyond one ring chunk
         ]
