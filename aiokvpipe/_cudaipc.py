@@ -54,11 +54,23 @@ def load_driver() -> None:
 
 
 @functools.cache
+def _lib() -> Any:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.cache
 def _driver() -> Any:
-    lib = ctypes.CDLL("libcuda.so.1")
-    fn = lib.cuPointerGetAttributes
+    fn = _lib().cuPointerGetAttributes
     fn.argtypes = [ctypes.c_uint, ctypes.POINTER(ctypes.c_int),
                    ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.cache
+def _driver_one() -> Any:
+    fn = _lib().cuPointerGetAttribute
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
     fn.restype = ctypes.c_int
     return fn
 
@@ -85,6 +97,17 @@ def allocation_of(ptr: int) -> Allocation:
         raise DriverError("cuPointerGetAttributes", code)
     buffer_id, capable, base, size = values
     return Allocation(int(buffer_id), int(base), int(size), bool(capable & 0xFF))
+
+
+def buffer_id_of(ptr: int) -> int:
+    """The process-wide unique id of the allocation holding ``ptr``: one driver call of a
+    single attribute, the per-message check that a cached export still names live memory
+    (an allocation freed and made again at the same address gets a new id)."""
+    value = ctypes.c_uint64()
+    code = _driver_one()(ctypes.addressof(value), _ATTR_BUFFER_ID, ptr)
+    if code != 0:
+        raise DriverError("cuPointerGetAttribute", code)
+    return value.value
 
 
 def export_memory(base: int) -> bytes:

@@ -37,6 +37,7 @@ picks ipc). CuPy is imported lazily: without it :func:`ipc_info` says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -544,10 +545,12 @@ class _Channel(asyncio.Protocol):
 class _Export:
     """An allocation of ours that the peer may map."""
 
-    __slots__ = ("region", "base", "size", "handle", "announced", "pending")
+    __slots__ = ("region", "buffer_id", "base", "size", "handle", "announced", "pending")
 
-    def __init__(self, region: int, base: int, size: int, handle: bytes) -> None:
+    def __init__(self, region: int, buffer_id: int, base: int, size: int, handle: bytes
+                 ) -> None:
         self.region = region
+        self.buffer_id = buffer_id
         self.base = base
         self.size = size
         self.handle = handle
@@ -611,6 +614,35 @@ class _Target:
         self.future = future
 
 
+class _EventPool:
+    """Events for reuse: recording a fresh ``torch.cuda.Event`` creates (and later destroys)
+    a CUDA event each message. An event goes back only once it has fired and nothing waits on
+    it; events of a broken plane are simply dropped."""
+
+    __slots__ = ("_free",)
+
+    _KEEP: Final = 2 * MAX_COPIES_IN_FLIGHT
+
+    def __init__(self) -> None:
+        self._free: list[torch.cuda.Event] = []
+
+    def get(self) -> torch.cuda.Event:
+        return self._free.pop() if self._free else torch.cuda.Event()
+
+    def put(self, event: torch.cuda.Event) -> None:
+        if len(self._free) < self._KEEP:
+            self._free.append(event)
+
+
+def _empty_like_specs(specs: Sequence[TensorSpec], device: torch.device) -> list[torch.Tensor]:
+    tensors = []
+    for s in specs:
+        dtype = dtype_of(s.dtype)
+        assert dtype is not None, "the pipe checks dtypes before posting"
+        tensors.append(torch.empty(s.shape, dtype=dtype, device=device))
+    return tensors
+
+
 class _Ring:
     __slots__ = ("ptr", "space", "region", "handle")
 
@@ -637,6 +669,7 @@ class IpcPlane:
         self._error: BaseException | None = None
         self._closing = False
         self._worker = _Worker(self._loop, self._index)
+        self._events = _EventPool()
         self._send_chan: _Channel | None = None
         self._recv_chan: _Channel | None = None
         # producer
@@ -650,6 +683,7 @@ class IpcPlane:
         self._gated: deque[tuple[torch.cuda.Event | None, bytes]] = deque()
         self._watching_gate = False
         self._exports: OrderedDict[int, _Export] = OrderedDict()  # by CUDA buffer id
+        self._unexportable: set[int] = set()  # buffer ids that go through the ring
         self._next_region = 1
         self._ring: _Ring | None = None
         self._ring_pending: asyncio.Future[Any] | None = None
@@ -714,6 +748,13 @@ class IpcPlane:
                 "sends_in_flight": len(self._inflight) + len(self._jobs),
                 "receives_pending": len(self._targets) + self._copying}
 
+    def _guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Make the plane's device current for runtime calls that act on the current device
+        (``cudaMemcpyAsync``, ``to()``); free when it already is, as it mostly is."""
+        if torch.cuda.current_device() == self._index:
+            return contextlib.nullcontext()
+        return torch.cuda.device(self._index)
+
     # -- sending ---------------------------------------------------------------------------------
 
     def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
@@ -725,10 +766,14 @@ class IpcPlane:
             fut.set_exception(fresh(self._error))
             return fut
         dev = self._device
-        with torch.cuda.device(dev):
-            caller = torch.cuda.current_stream(dev)
-            staged = [t if t.device == dev else t.to(dev, non_blocking=True)
-                      for t in tensors if t.numel()]
+        # No device context: each call below names the device or stream it acts on (entering
+        # torch.cuda.device costs microseconds a message).
+        caller = torch.cuda.current_stream(dev)
+        staged = [t for t in tensors if t.numel()]
+        if any(t.device != dev for t in staged):
+            with self._guard():
+                staged = [t if t.device == dev else t.to(dev, non_blocking=True)
+                          for t in staged]
         if not staged:
             fut.set_result(None)
             return fut
@@ -745,10 +790,9 @@ class IpcPlane:
             self._lost(exc)
             return fut
         ready: torch.cuda.Event | None = None
-        with torch.cuda.device(dev):
-            if not caller.query():  # an idle stream has written everything already
-                ready = torch.cuda.Event()
-                ready.record(caller)
+        if not caller.query():  # an idle stream has written everything already
+            ready = self._events.get()
+            ready.record(caller)
         self._jobs.append(_Job(parts, fut, ready, (tensors, staged)))
         self._pump_send()
         return fut
@@ -757,8 +801,22 @@ class IpcPlane:
         ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
         if self._mode == "ring":
             return _Part(ptr, nbytes, None, 0)
+        # The hot path: one single-attribute driver query names the allocation; an export
+        # cached under that id is still the same live memory (a freed and remade allocation
+        # gets a new id, and then takes the slow path below, which retires the old export).
+        buffer_id = _cudaipc.buffer_id_of(ptr)
+        if buffer_id in self._unexportable:
+            return _Part(ptr, nbytes, None, 0)
+        ex = self._exports.get(buffer_id)
+        if ex is not None and ex.base <= ptr and ptr + nbytes <= ex.base + ex.size:
+            self._exports.move_to_end(ex.buffer_id)
+            ex.pending += 1
+            return _Part(ptr, nbytes, ex, ptr - ex.base)
         info = _cudaipc.allocation_of(ptr)
         if not info.exportable:
+            if len(self._unexportable) >= _MAX_EXPORTS:
+                self._unexportable.clear()
+            self._unexportable.add(info.buffer_id)
             self._note_unexportable("its allocation cannot be exported (expandable segments?)")
             return _Part(ptr, nbytes, None, 0)
         ex = self._exports.get(info.buffer_id)
@@ -782,7 +840,7 @@ class IpcPlane:
         for bid, old in list(self._exports.items()):
             if old.base < info.base + info.size and info.base < old.base + old.size:
                 self._retire(bid)
-        ex = _Export(self._new_region(), info.base, info.size, handle)
+        ex = _Export(self._new_region(), info.buffer_id, info.base, info.size, handle)
         self._exports[info.buffer_id] = ex
         if len(self._exports) > _MAX_EXPORTS:
             for bid in [b for b, e in self._exports.items() if not e.pending
@@ -853,11 +911,12 @@ class IpcPlane:
                 # The peer may read the ring only once these copies are done: the record
                 # waits for them (in order with everything after it).
                 stream = self._send_stream
-                if job.ready is not None:
-                    stream.wait_event(job.ready)
-                for dst, src, n in ring_copies:
-                    _cudaipc.copy_async(dst, src, n, stream.cuda_stream)
-                gate = torch.cuda.Event()
+                with self._guard():
+                    if job.ready is not None:
+                        stream.wait_event(job.ready)
+                    for dst, src, n in ring_copies:
+                        _cudaipc.copy_async(dst, src, n, stream.cuda_stream)
+                gate = self._events.get()
                 gate.record(stream)
             self._emit(encode_record(CopyRecord(tuple(pieces), last)), gate)
             self._inflight.append(_Sent(len(ring_copies), job if last else None))
@@ -909,21 +968,23 @@ class IpcPlane:
 
     def _pump_send(self) -> None:
         """Describe queued jobs in order, each once its data is ready; then write."""
-        with torch.cuda.device(self._device):
-            while self._jobs and self._error is None:
-                job = self._jobs[0]
-                if not job.is_ready:
-                    assert job.ready is not None
-                    if not job.ready.query():
-                        if not self._watching_ready:
-                            self._watching_ready = True
-                            self._ready_poller.watch(job.ready).add_done_callback(
-                                self._job_ready)
-                        break
-                    job.is_ready = True
-                if not self._describe(job):
+        while self._jobs and self._error is None:
+            job = self._jobs[0]
+            if not job.is_ready:
+                assert job.ready is not None
+                if not job.ready.query():
+                    if not self._watching_ready:
+                        self._watching_ready = True
+                        self._ready_poller.watch(job.ready).add_done_callback(
+                            self._job_ready)
                     break
-                self._jobs.popleft()
+                job.is_ready = True
+            if not self._describe(job):
+                break
+            self._jobs.popleft()
+            if job.ready is not None:  # fired, and no longer waited on by any stream
+                self._events.put(job.ready)
+                job.ready = None
         self._flush()
 
     def _job_ready(self, fut: asyncio.Future[None]) -> None:
@@ -940,6 +1001,8 @@ class IpcPlane:
                     self._gate_poller.watch(gate).add_done_callback(self._gate_fired)
                 break
             self._gated.popleft()
+            if gate is not None:
+                self._events.put(gate)
             self._out += data
         if self._out and self._send_chan is not None:
             self._send_chan.write(self._out)
@@ -977,14 +1040,21 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        with torch.cuda.device(self._device), torch.cuda.stream(self._copy_stream):
-            # Allocated on the copy stream: the allocator reuses this memory only after what
-            # that stream does with it, i.e. after our copies.
-            tensors = []
-            for s in specs:
-                dtype = dtype_of(s.dtype)
-                assert dtype is not None, "the pipe checks dtypes before posting"
-                tensors.append(torch.empty(s.shape, dtype=dtype, device=self._device))
+        # Allocated on the copy stream: the allocator hands us only memory that stream may
+        # write now, and reuses it only after what that stream does with it (our copies).
+        dev, stream = self._device, self._copy_stream
+        if torch.cuda.current_device() == self._index:
+            # Switching the current stream by hand: torch.cuda.stream()'s context costs
+            # several times more, and set_stream is exact when the device is current.
+            prev = torch.cuda.current_stream(dev)
+            torch.cuda.set_stream(stream)
+            try:
+                tensors = _empty_like_specs(specs, dev)
+            finally:
+                torch.cuda.set_stream(prev)
+        else:
+            with torch.cuda.device(dev), torch.cuda.stream(stream):
+                tensors = _empty_like_specs(specs, dev)
         return self._post_target(tensors, fut)
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
@@ -1112,6 +1182,20 @@ class IpcPlane:
     def _enqueue(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target) -> None:
         stream = self._copy_stream
         handle = stream.cuda_stream
+        with self._guard():
+            self._copy_pieces(rec, maps, target, handle)
+        done = self._events.get()
+        done.record(stream)
+        self._copying += 1
+        # The poller sleeps until an op of this size could have ended at 500 GB/s; a copy
+        # within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep the copy.
+        watched = self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors)
+        watched.add_done_callback(functools.partial(self._copied, rec, maps, done,
+                                                    target if rec.last else None))
+
+    @staticmethod
+    def _copy_pieces(rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target,
+                     handle: int) -> None:
         for piece, m in zip(rec.pieces, maps):
             # The future's result, not a field its callback sets: that callback may not have
             # run yet when the future is already done.
@@ -1127,18 +1211,9 @@ class IpcPlane:
                 if target.offset == size:
                     target.index += 1
                     target.offset = 0
-        with torch.cuda.device(self._device):
-            done = torch.cuda.Event()
-            done.record(stream)
-        self._copying += 1
-        # The poller sleeps until an op of this size could have ended at 500 GB/s; a copy
-        # within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep the copy.
-        watched = self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors)
-        watched.add_done_callback(functools.partial(self._copied, rec, maps,
-                                                    target if rec.last else None))
 
-    def _copied(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target | None,
-                fut: asyncio.Future[None]) -> None:
+    def _copied(self, rec: CopyRecord, maps: tuple[_Mapping, ...], done: torch.cuda.Event,
+                target: _Target | None, fut: asyncio.Future[None]) -> None:
         self._copying -= 1
         if fut.cancelled() or (exc := fut.exception()) is not None:
             if target is not None and not target.future.done():
@@ -1147,13 +1222,17 @@ class IpcPlane:
                 target.future.exception()
             return
         del exc
+        self._events.put(done)
         self._ledger.copied()
         for m in maps:
             m.users -= 1
             if m.retired and not m.users:
                 self._close_mapping(m)
         self._completed += 1
-        if not self._ack_due:
+        if not self._copying and not self._ack_due:
+            # Nothing else about to complete: acknowledge now, a loop iteration sooner.
+            self._send_ack()
+        elif not self._ack_due:
             self._ack_due = True
             self._loop.call_soon(self._send_ack)
         if target is not None and not target.future.done():

@@ -151,13 +151,16 @@ async def plane_producer(ctl: Line, plane: IpcPlane, size: int, n: int) -> dict[
     seq = n + 1
     await ctl.asend({"plane": size, "total": seq + DEPTH - 1 + n})
     assert await ctl.arecv() == "posting"
-    goes, rts = [], []
+    goes, rts, resumed = [], [], []
     TRACE.clear()
     for _ in range(seq):  # one at a time; the first maps the buffer
         t0 = time.perf_counter()
         await plane.post_send([srcs[0]])
-        rts.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        rts.append(t1 - t0)
         goes.append(t0)
+        resumed.append(t1)
+    ours = {k: list(v) for k, v in TRACE.items()}
     for s in srcs[1:]:  # map the other buffers before timing
         await plane.post_send([s])
     t0 = time.perf_counter()
@@ -175,10 +178,16 @@ async def plane_producer(ctl: Line, plane: IpcPlane, size: int, n: int) -> dict[
     rt = statistics.median(rts[1:])
     if size <= 1 << 20 or size == 16 << 20:
         theirs = reply["trace"]
-        enq, cop = theirs.get("enqueued", []), theirs.get("copied", [])
-        stages = {"post→copy enqueued": [e - g for e, g in zip(enq, goes)],
-                  "enqueued→copy seen done": [c - e for c, e in zip(cop, enq)],
-                  "copy seen done→recv resumed": [d - c for d, c in zip(done, cop)]}
+        chain = [("post", goes), ("record out", ours.get("rec_out", [])),
+                 ("record in", theirs.get("rec_in", [])),
+                 ("copy enqueued", theirs.get("enqueued", [])),
+                 ("copy seen done", theirs.get("copied", [])),
+                 ("ack out", theirs.get("ack_out", [])), ("ack in", ours.get("ack_in", [])),
+                 ("send resumed", resumed)]
+        stages = {f"{a}→{b}": [y - x for x, y in zip(xs, ys)]
+                  for (a, xs), (b, ys) in zip(chain, chain[1:])}
+        stages["copy seen done→recv resumed"] = [d - c for d, c in
+                                                 zip(done, theirs.get("copied", []))]
         for name, vals in stages.items():
             if len(vals) > 2:
                 print(f"      {name:30} p50 {statistics.median(vals[1:seq]) * 1e6:8.1f} µs")
@@ -204,6 +213,12 @@ def trace_plane(plane: IpcPlane) -> None:
     plane._enqueue = wrap("enqueued", plane._enqueue, after=True)  # type: ignore[method-assign]
     plane._copied = wrap("copied", plane._copied)  # type: ignore[method-assign]
     plane._send_ack = wrap("ack_out", plane._send_ack)  # type: ignore[method-assign]
+    # Records leave through the send channel's write; what arrives is seen as decoded.
+    send_chan, recv_chan = plane._send_chan, plane._recv_chan
+    assert send_chan is not None and recv_chan is not None
+    send_chan.write = wrap("rec_out", send_chan.write, after=True)  # type: ignore[method-assign]
+    send_chan._on_record = wrap("ack_in", send_chan._on_record)  # type: ignore[method-assign]
+    recv_chan._on_record = wrap("rec_in", recv_chan._on_record)  # type: ignore[method-assign]
 
 
 async def plane_consumer(ctl: Line, plane: IpcPlane, msg: dict[str, Any]) -> None:
@@ -243,6 +258,35 @@ def micro() -> dict[str, float]:
     timed("plain event record+query", lambda: (plain.record(), plain.query()))
     timed("stream query", stream.query)
     timed("cuPointerGetAttributes", lambda: _cudaipc.allocation_of(x.data_ptr()))
+    timed("cuPointerGetAttribute (buffer id)", lambda: _cudaipc.buffer_id_of(x.data_ptr()))
+    dev = torch.device("cuda", 0)
+    timed("torch.cuda.current_stream(dev)", lambda: torch.cuda.current_stream(dev))
+    timed("torch.cuda.current_device()", torch.cuda.current_device)
+
+    def enter_device() -> None:
+        with torch.cuda.device(dev):
+            pass
+
+    timed("with torch.cuda.device(dev)", enter_device)
+    side = torch.cuda.Stream()
+
+    def ctx_alloc() -> None:
+        with torch.cuda.device(dev), torch.cuda.stream(side):
+            torch.empty(1024, device=dev)
+
+    def manual_alloc() -> None:
+        prev = torch.cuda.current_stream(dev)
+        torch.cuda.set_stream(side)
+        torch.empty(1024, device=dev)
+        torch.cuda.set_stream(prev)
+
+    timed("alloc in device+stream contexts", ctx_alloc)
+    timed("alloc with set_stream by hand", manual_alloc)
+    timed("torch.empty(4 KiB)", lambda: torch.empty(1024, device=dev))
+    y = torch.empty(1 << 20, device="cuda")
+    timed("copy_async 4 KiB", lambda: _cudaipc.copy_async(y.data_ptr(), x.data_ptr(), 4096,
+                                                          side.cuda_stream))
+    timed("plain event record(side)+query", lambda: (plain.record(side), plain.query()))
     info = _cudaipc.allocation_of(x.data_ptr())
     timed("cudaIpcGetMemHandle", lambda: _cudaipc.export_memory(info.base), 200)
     torch.cuda.synchronize()

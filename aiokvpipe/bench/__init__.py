@@ -5,6 +5,7 @@ the command line, ``aiokvpipe.__main__``, does, when it builds its parser). Its 
 importing only those listed after it, so there is no cycle:
 
 * :mod:`.cli`       the command's options; the registry of suites, by what selects them
+* :mod:`.ipc`       the one-host suite: ipc plane vs the raw CUDA IPC copy, pipe memory
 * :mod:`.cpu`       the CPU suite: tcp plane vs asyncio streams and the zero-copy ceiling
 * :mod:`.gpu`       the GPU suite: nccl plane vs raw NCCL
 * :mod:`.suite`     what every suite does around its plan and table: run, summarise, report
@@ -14,6 +15,7 @@ importing only those listed after it, so there is no cycle:
 * :mod:`.impls`     the registry of implementations (ours, each baseline) a case can name
 * :mod:`.measure`   the phases of an asyncio case, the loop-lag probe and the CPU clock
 * :mod:`.endpoints` one side of one connection: ours, asyncio streams, the ceiling
+* :mod:`.raw_ipc`   the one-host baseline's side (CUDA IPC copy); GPU memory of one pipe
 * :mod:`.raw_nccl`  the GPU baseline's side: raw NCCL through CuPy, blocking
 * :mod:`.common`    units, sizes, statistics, a case's phases as JSON
 

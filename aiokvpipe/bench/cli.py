@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import cpu, gpu
+from . import cpu, gpu, ipc
 from .child import child_main
 from .common import have_uvloop
 
@@ -30,7 +30,7 @@ SuiteRun = Callable[[argparse.Namespace, str], int]
 #:           over the block ids through CUDA IPC, beside a contiguous copy of the same bytes.
 SUITES: Final[dict[str, SuiteRun]] = {
     "cpu": cpu.run,
-    "cuda": gpu.run,
+    "cuda": ipc.run_cuda,  # ipc on one GPU (or --transport ipc), nccl otherwise
 }
 
 
@@ -42,9 +42,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", choices=tuple(SUITES), default="cpu",
                    help="cpu: tcp plane vs asyncio streams and the zero-copy ceiling; "
                         "cuda: nccl plane on cuda:0 → cuda:1 vs raw NCCL (default cpu)")
+    p.add_argument("--transport", choices=("auto", "nccl", "ipc"), default="auto",
+                   help="cuda only: ipc = two processes on cuda:0, the ipc plane against the "
+                        "raw CUDA IPC copy, and the GPU memory one pipe costs per transport; "
+                        "nccl = the nccl suite; auto (default): ipc on a one-GPU machine "
+                        "unless --one-gpu, nccl otherwise")
     p.add_argument("--sizes", default=None,
                    help=f"comma-separated message sizes (default {cpu.CPU_SIZES} on cpu, "
-                        f"{gpu.GPU_SIZES} on cuda)")
+                        f"{gpu.GPU_SIZES} on cuda, {ipc.IPC_SIZES} for ipc)")
     p.add_argument("--seconds", type=float, default=None,
                    help="timed seconds per throughput point (default 1.0)")
     p.add_argument("--repeat", type=int, default=None,

@@ -18,6 +18,7 @@ from typing import Final
 from .common import Emit, Json
 from .endpoints import CeilingEndpoint, EndpointClass, OursEndpoint, StreamsEndpoint
 from .measure import run_endpoint_case
+from .raw_ipc import pipe_memory_case, raw_ipc_case
 from .raw_nccl import raw_nccl_case
 
 #: Runs one case's phases on one side, in a measured process: ``(role, device, case, emit)``
@@ -43,6 +44,8 @@ IMPLS: Final[dict[str, Impl]] = {
     "streams-uvloop": Impl("uvloop streams", _asyncio(StreamsEndpoint)),
     "ceiling": Impl("ceiling", _asyncio(CeilingEndpoint)),
     "nccl-raw": Impl("raw NCCL", raw_nccl_case),
+    "ipc-raw": Impl("raw IPC copy", raw_ipc_case),
+    "pipe-memory": Impl("GPU memory of one pipe", pipe_memory_case),
 }
 
 
