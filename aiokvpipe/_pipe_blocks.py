@@ -20,6 +20,7 @@ import functools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import torch
@@ -89,6 +90,7 @@ class BlockExchange:
     async def send_blocks(self, pool: BlockPool, block_ids: object, key: str | None,
                           layers: object) -> None:
         pipe = self._pipe
+        t0 = perf_counter()
         if not isinstance(pool, BlockPool):
             raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
         key = check_key(key)
@@ -123,6 +125,9 @@ class BlockExchange:
             raise ValueError(f"the peer refused blocks for key {key!r}: {refusal}")
         transfer = asyncio.ensure_future(self._send_payload(pool, ids, chosen, offer_id, ready))
         await asyncio.shield(transfer)
+        nbytes = pool.layout.block_bytes(chosen) * len(ids)
+        pipe._bytes_sent += nbytes
+        pipe._metrics.sent(nbytes, perf_counter() - t0)
 
     def _announce(self, pool: BlockPool) -> int:
         pool_id = self._pool_ids.get(pool)
@@ -156,7 +161,6 @@ class BlockExchange:
                 await done
             finally:
                 pipe._send_budget.release(nbytes)
-                pipe._bytes_sent += nbytes
             return
         cuda = pool.device.type == "cuda"
         tcp = plane.name == "tcp"
@@ -205,6 +209,7 @@ class BlockExchange:
     async def recv_blocks(self, pool: BlockPool, block_ids: object, key: str | None,
                           layers: object) -> None:
         pipe = self._pipe
+        t0 = perf_counter()
         if not isinstance(pool, BlockPool):
             raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
         key = check_key(key)
@@ -219,6 +224,9 @@ class BlockExchange:
                 if sink.done.done():
                     break
             await asyncio.shield(sink.done)
+            nbytes = pool.layout.block_bytes(chosen) * len(ids)
+            pipe._bytes_received += nbytes
+            pipe._metrics.received(nbytes, perf_counter() - t0)
         except asyncio.CancelledError:
             self._abandon(sink)
             # What is already posted still writes into the pool: wait for it, so that once
