@@ -19,7 +19,8 @@ one thread block per piece of at most 64 KiB), enqueued on the caller's stream
 (``stream=None``: the current one); nothing synchronises the host. The kernel reads a small
 table: per tensor its two base addresses, and one list of ``(src_offset, dst_offset,
 nbytes)`` pieces shared by all tensors of the same geometry. On an H200 it moved the 512 MiB
-of an 8B-Llama request's blocks (256 random ids of 4,096) at 0.88 × a contiguous copy. Without CuPy, or with ``method="torch"``, the same copies run as
+of an 8B-Llama request's blocks (256 random ids of 4,096) at 0.88 × a contiguous copy.
+Without CuPy, or with ``method="torch"``, the same copies run as
 ``index_select``/``index_copy_`` over byte views (a second pass through memory where a
 block is more than one segment). None of these functions await anything; cancellation is
 the caller's business (what is enqueued runs to completion).

@@ -188,8 +188,6 @@ def test_run_views_argument_errors() -> None:
         run_views(pool, 0, ((7, 0, 2),), "src")
     with pytest.raises(ValueError, match="side"):
         run_views(pool, 0, ((0, 0, 1),), "both")  # type: ignore[arg-type]
-    meta = BlockPool([torch.zeros(8, 4, device="meta")], block_dim=0) if False else None
-    assert meta is None
 
 
 # -- chunks -------------------------------------------------------------------------------------
