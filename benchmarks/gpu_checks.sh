@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The CUDA checks of one session on a one-GPU machine, in one go: the CUDA tests, then the
+# benchmarks that need a GPU. Logs and JSON go to $OUT (default ./gpu-out); a summary last.
+#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick]
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+summary=()
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-14s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" \
+    "$(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -1)")")
+}
+nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > "$OUT/gpu.txt"
+step cuda-tests 200 "$PY" -m pytest -q -p no:cacheprovider -m "(cuda or nccl) and not slow" \
+  tests/test_cuda_nccl.py tests/test_pipe_cuda_tcp.py tests/test_planes_cuda.py \
+  tests/test_ipc_cuda.py tests/test_pipe_ipc.py tests/test_pipe_blocks_cuda.py \
+  tests/test_blocks.py tests/test_blocks_move.py
+step lifecycle 60 "$PY" benchmarks/lifecycle_lag.py --pipes 2 --json "$OUT/lifecycle.json"
+step bench-ipc 90 "$PY" -m aiokvpipe bench --device cuda --quick --seconds 0.3 \
+  --json "$OUT/bench-ipc.json"
+step blocks-copy 40 "$PY" benchmarks/blocks_copy.py --repeat 10
+step ping-profile 30 "$PY" -m cProfile -s tottime tests/ipc_pipe_ping.py --transport ipc \
+  --sizes 4K
+cat "$OUT/gpu.txt"
+printf '%s\n' "${summary[@]}"
+tail -6 "$OUT/lifecycle.log"
+grep -E "one-way p50|throughput|loop lag|memory" "$OUT/bench-ipc.log" | head -14
+tail -8 "$OUT/blocks-copy.log"
