@@ -55,7 +55,7 @@ async def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabili
     if cuda and opts.transport in ("auto", "nccl"):
         nccl, version = await _nccl_plane.nccl_info_async()
     ipc, probe = False, bytes(_wire.IPC_HANDLE_BYTES)
-    if cuda and opts.transport in ("auto", "ipc") and _ipc_plane.ipc_info()[0]:
+    if cuda and opts.transport in ("auto", "ipc") and (await _ipc_plane.ipc_info_async())[0]:
         try:
             probe = await _ipc_plane.export_probe(device)
             ipc = True

@@ -349,6 +349,19 @@ def ipc_info() -> tuple[bool, str]:
     return True, "CUDA IPC available (CuPy " + _cupy_version() + ")"
 
 
+_info: tuple[bool, str] | None = None
+
+
+async def ipc_info_async() -> tuple[bool, str]:
+    """:func:`ipc_info`, found once per process in a worker thread: the first call imports
+    CuPy and loads the CUDA driver library, tens of milliseconds the event loop must not
+    wait for (it held a connecting end's loop for 66 ms on an H200)."""
+    global _info
+    if _info is None:
+        _info = await asyncio.to_thread(ipc_info)
+    return _info
+
+
 def allocator_note() -> str | None:
     """Why tensors would go through the staging ring (two copies), if they would."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get(
