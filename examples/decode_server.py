@@ -24,7 +24,7 @@ HTTP API:
   when the prefill server, the pipe or free blocks are unavailable -- never a hang: every
   wait is bounded by ``--request-timeout``.
 * ``GET /health`` -> ``{"status": "ok", "pipe_connected", "kv_blocks": {"total", "free"},
-  "inflight", "abandoned", ...}``; answers while requests run.
+  "inflight", "decoding", "abandoned", ...}``; answers while requests run.
 * ``GET /metrics`` -- Prometheus text: the pipe's figures under ``pipe="decode-to-prefill"``.
 
 At startup a background task connects one pipe to the prefill server, watches it with
@@ -110,6 +110,7 @@ class DecodeServer:
         self.last_error: str | None = None
         self.inflight = 0
         self.abandoned = 0  # requests whose client went away before the answer
+        self.decoding = 0  # requests now generating from their KV blocks
         self._http = httpx.AsyncClient(base_url=args.prefill_url, timeout=args.request_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -216,7 +217,11 @@ class DecodeServer:
             ttft_ms = (max(kv_at, token_at) - t_start) * 1e3
             decoding = asyncio.ensure_future(asyncio.to_thread(
                 self._decode, block_ids, len(ids), int(token[0]), req.max_tokens, stop))
-            tokens, decode_ms = await asyncio.shield(decoding)
+            self.decoding += 1
+            try:
+                tokens, decode_ms = await asyncio.shield(decoding)
+            finally:
+                self.decoding -= 1
         except TimeoutError:
             raise Unavailable(
                 "timeout", f"no KV cache within {self.args.request_timeout}s"
@@ -295,6 +300,7 @@ class DecodeServer:
             "connects": self.connects,
             "last_error": self.last_error,
             "inflight": self.inflight,
+            "decoding": self.decoding,
             "abandoned": self.abandoned,
             "kv_blocks": {"total": self.kv.allocator.num_blocks,
                           "free": self.kv.allocator.num_free},
