@@ -179,11 +179,14 @@ def print_ttft(answers: dict[str, list[dict[str, Any]]], failed: list[dict[str, 
         return statistics.median(r[field] for r in answers[mode]) if answers[mode] else 0.0
 
     n = min(len(rs) for rs in answers.values())
-    print(f"time to first token, {prompt_tokens}-token prompt, median of {n} per mode: "
-          f"layer-by-layer {med('layer', 'ttft_ms'):.1f} ms, whole request "
-          f"{med('whole', 'ttft_ms'):.1f} ms (prefill forward {med('layer', 'prefill_ms'):.1f} / "
-          f"{med('whole', 'prefill_ms'):.1f} ms, KV {answers['layer'][0]['kv_bytes'] / 2**20:.1f} "
-          f"MiB)" if n else "time to first token: no successful request")
+    if not n:
+        print("time to first token: no successful request")
+    else:
+        print(f"time to first token, {prompt_tokens}-token prompt "
+              f"({answers['layer'][0]['kv_bytes'] / 2**20:.1f} MiB of KV), median of {n} "
+              f"per mode: layer-by-layer {med('layer', 'ttft_ms'):.1f} ms, whole request "
+              f"{med('whole', 'ttft_ms'):.1f} ms; of which after the prefill's forward pass "
+              f"{med('layer', 'transfer_ms'):.1f} ms vs {med('whole', 'transfer_ms'):.1f} ms")
     for r in failed:
         print(f"  ttft request failed: {r['status']} {r.get('message', r)}")
 
