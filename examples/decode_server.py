@@ -1,22 +1,35 @@
-"""Decode server: receives KV caches over aiokvpipe and continues generation from them.
+"""Decode server: keeps KV caches in a paged block pool, fed over aiokvpipe, and decodes.
 
 Run::
 
     python examples/decode_server.py --port 8200 --prefill-url http://127.0.0.1:8100 \\
         --pipe-host 127.0.0.1 --pipe-port 8101 --device cpu
 
+The server owns a paged KV pool (``paged_kv``: per layer ``[2, num_blocks, 16, heads,
+head_dim]``, a free list, a block table per request). For each request it allocates the
+prompt's blocks, posts ``recv_blocks(pool, block_ids, key=request_id)`` -- which completes
+when every layer arrived, one ``send_blocks`` per layer or one for all -- and the receive of
+the first token, then asks the prefill server over HTTP to run the prompt. Once the blocks are
+filled, decoding reads them into the model's cache and generates. The blocks go back to the
+free list when the request ends, fails or is abandoned (the client disconnected).
+
 HTTP API:
 
-* ``POST /generate {"prompt", "max_tokens"}`` -> ``{"text", "prompt_tokens", "tokens",
-  "prefill_ms", "kv_bytes", "transfer_ms", "decode_ms", "total_ms", "request_id"}``.
-  ``transfer_ms`` is wall clock from the prefill server starting ``send()`` to this server's
-  ``recv()`` returning (both clocks are the same host's in the demo). 503 with
-  ``{"error", "message"}`` when the prefill server or the pipe is unavailable -- never a hang:
-  every wait is bounded by ``--request-timeout``.
-* ``GET /health`` -> ``{"status": "ok", "pipe_connected": bool, ...}``; answers while requests run.
+* ``POST /generate {"prompt", "max_tokens", "kv_streaming"?}`` -> ``{"text", "prompt_tokens",
+  "tokens", "prefill_ms", "kv_bytes", "transfer_ms", "ttft_ms", "decode_ms", "total_ms",
+  "kv_streaming", "request_id"}``. ``ttft_ms``: from the request's arrival until its KV
+  blocks and first token are here (decoding can start); ``transfer_ms``: of that, the time
+  after the prefill's forward pass ended. ``kv_streaming`` (``"layer"`` or ``"whole"``)
+  overrides the prefill server's default for this request. 503 with ``{"error", "message"}``
+  when the prefill server, the pipe or free blocks are unavailable -- never a hang: every
+  wait is bounded by ``--request-timeout``.
+* ``GET /health`` -> ``{"status": "ok", "pipe_connected", "kv_blocks": {"total", "free"},
+  "inflight", "decoding", "abandoned", ...}``; answers while requests run.
+* ``GET /metrics`` -- Prometheus text: the pipe's figures under ``pipe="decode-to-prefill"``.
 
-At startup a background task connects one pipe to the prefill server and keeps reconnecting it
-whenever it breaks (the prefill server restarted, the network dropped).
+At startup a background task connects one pipe to the prefill server, watches it with
+``pipe.wait_closed()`` and reconnects whenever it ends (the prefill server restarted, the
+network dropped).
 """
 
 from __future__ import annotations
@@ -25,25 +38,29 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Literal, TypeVar
 
 import httpx
 import tinygpt
 import torch
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from paged_kv import OutOfBlocks
 from pipe_common import (
     HELLO_KEY,
-    WATCH_KEY,
     WELCOME_KEY,
     PipeLike,
     add_pipe_args,
-    pipe_opts,
+    build,
+    metrics_response,
+    pipe_options,
     serve,
     text_to_tensor,
+    unless_disconnected,
 )
 from pydantic import BaseModel, Field, model_validator
 
@@ -53,12 +70,15 @@ log = logging.getLogger("decode")
 
 CONNECT_TIMEOUT_S = 2.0  # one connect attempt; the keeper loops forever around it
 RECONNECT_BACKOFF_S = (0.05, 1.0)  # first and largest pause between failed connect attempts
-DRAIN_TIMEOUT_S = 60.0  # how long an abandoned request's KV bundle is waited for, then dropped
+PIPE_NAME = "decode-to-prefill"  # the pipe's label in /metrics (kept across reconnects)
+
+T = TypeVar("T")
 
 
 class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=4096)
     max_tokens: int = Field(default=32, ge=1, le=512)
+    kv_streaming: Literal["layer", "whole"] | None = None  # default: the prefill server's
 
     @model_validator(mode="after")
     def _fits_context(self) -> GenerateRequest:
@@ -83,12 +103,14 @@ class DecodeServer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.decoder_id = args.decoder_id or f"decode-{uuid.uuid4().hex[:12]}"
-        self.model = tinygpt.build_model(args.device, seed=args.seed)
+        self.model, self.kv = build(args)
         self.tokenizer = tinygpt.ByteTokenizer()
         self.pipe: PipeLike | None = None  # set only while connected and welcomed
         self.connects = 0
         self.last_error: str | None = None
         self.inflight = 0
+        self.abandoned = 0  # requests whose client went away before the answer
+        self.decoding = 0  # requests now generating from their KV blocks
         self._http = httpx.AsyncClient(base_url=args.prefill_url, timeout=args.request_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -118,8 +140,8 @@ class DecodeServer:
                 pipe = await aiokvpipe.connect(
                     self.args.pipe_host,
                     self.args.pipe_port,
+                    pipe_options(self.args, PIPE_NAME),
                     connect_timeout=CONNECT_TIMEOUT_S,
-                    **pipe_opts(self.args),
                 )
             except asyncio.CancelledError:
                 raise
@@ -144,7 +166,9 @@ class DecodeServer:
             self.connects += 1
             self.last_error = None
             log.info("pipe to prefill server up (connect #%d)", self.connects)
-            await pipe.recv(key=WATCH_KEY)  # never sent: returns only by raising at pipe end
+            await pipe.wait_closed()  # returns at a graceful close, raises if the pipe broke
+            self.last_error = "the prefill server closed the pipe"
+            log.warning("%s", self.last_error)
         except (aiokvpipe.PipeError, TimeoutError) as exc:
             self.last_error = f"pipe to prefill server ended: {exc!r}"
             log.warning("%s", self.last_error)
@@ -155,9 +179,13 @@ class DecodeServer:
     # -- HTTP side -----------------------------------------------------------------------------
 
     async def generate(self, req: GenerateRequest) -> dict[str, Any]:
-        """Prefill remotely, receive the KV cache by request id, decode here.
+        """Receive the prompt's KV blocks from the prefill server into our pool, then decode.
 
         Raises :class:`Unavailable` (-> 503) when the prefill side cannot serve the request.
+        Cancellation (the client went away): the receives and the prefill request are
+        cancelled (the prefill server then abandons the request too), decoding stops at its
+        next step, and the request's blocks go back to the free list once nothing writes or
+        reads them any more.
         """
         t_start = time.perf_counter()
         pipe = self.pipe
@@ -166,46 +194,69 @@ class DecodeServer:
                 "prefill_unavailable",
                 f"no pipe to the prefill server (reconnecting); last error: {self.last_error}",
             )
+        ids = self.tokenizer.encode(req.prompt)
+        try:
+            block_ids = self.kv.allocator.allocate(self.kv.blocks_for(len(ids)))
+        except OutOfBlocks as exc:
+            raise Unavailable("kv_blocks_exhausted", str(exc)) from None
         request_id = uuid.uuid4().hex
-        # Post the keyed recv before asking for the prefill, so the bundle is claimed the moment
-        # it arrives and the HTTP round trip overlaps the transfer.
-        recv_task = asyncio.create_task(_recv_stamped(pipe, request_id))
-        # Its failure is reported through whoever awaits it; if nobody does any more (request
-        # abandoned, server stopping) it must not be logged as "never retrieved".
-        recv_task.add_done_callback(_consume_outcome)
+        # The receives are posted before the prefill is asked for, so each layer's blocks are
+        # pulled into the pool the moment the prefill server offers them.
+        kv_task = asyncio.create_task(_stamped(
+            pipe.recv_blocks(self.kv.pool, block_ids, key=request_id)))
+        token_task = asyncio.create_task(_stamped(pipe.recv(key=request_id)))
+        prefill_task = asyncio.create_task(self._request_prefill(request_id, req))
+        stop = threading.Event()  # set: the decoding thread stops at its next step
+        decoding: asyncio.Future[tuple[list[int], float]] | None = None
         try:
             async with asyncio.timeout(self.args.request_timeout):
-                info = await self._request_prefill(request_id, req.prompt)
-                # shield: a timeout must not cancel the recv; _abandon() still drains it.
-                bundle, received_at = await asyncio.shield(recv_task)
+                # Whichever fails first fails the request (the others are cancelled below).
+                await asyncio.gather(kv_task, token_task, prefill_task)
+            (_, kv_at), (token, token_at) = kv_task.result(), token_task.result()
+            info = prefill_task.result()
+            ttft_ms = (max(kv_at, token_at) - t_start) * 1e3
+            decoding = asyncio.ensure_future(asyncio.to_thread(
+                self._decode, block_ids, len(ids), int(token[0]), req.max_tokens, stop))
+            self.decoding += 1
+            try:
+                tokens, decode_ms = await asyncio.shield(decoding)
+            finally:
+                self.decoding -= 1
         except TimeoutError:
-            self._abandon(recv_task)
             raise Unavailable(
                 "timeout", f"no KV cache within {self.args.request_timeout}s"
             ) from None
         except aiokvpipe.PipeError as exc:
-            self._abandon(recv_task)
             raise Unavailable("pipe_broken", f"pipe to prefill server failed: {exc!r}") from exc
-        except BaseException:
-            self._abandon(recv_task)
-            raise
-
-        cache, first_token = tinygpt.bundle_to_kv(bundle)
-        tokens, decode_ms = await asyncio.to_thread(self._decode, cache, first_token, req)
+        except ValueError as exc:  # recv_blocks: the prefill's blocks do not fit ours
+            raise Unavailable("kv_refused", f"KV blocks refused: {exc}") from exc
+        finally:
+            stop.set()
+            pending = [t for t in (kv_task, token_task, prefill_task) if not t.done()]
+            for task in pending:
+                task.cancel()
+            # A cancelled recv_blocks returns once nothing writes into the blocks any more.
+            await asyncio.gather(*pending, return_exceptions=True)
+            if token_task.cancelled() or token_task.exception() is not None:
+                pipe.discard(request_id)  # a first token arriving later must not hold credits
+            self._release(block_ids, decoding)
         return {
             "request_id": request_id,
             "text": self.tokenizer.decode(tokens),
-            "prompt_tokens": info["prompt_tokens"],
+            "prompt_tokens": len(ids),
             "tokens": len(tokens),
             "prefill_ms": info["prefill_ms"],
-            "kv_bytes": tinygpt.bundle_nbytes(bundle),
-            "transfer_ms": max(0.0, (received_at - info["sent_at"]) * 1e3),
+            "kv_bytes": self.kv.block_bytes(len(block_ids)),
+            "transfer_ms": max(0.0, ttft_ms - info["prefill_ms"]),
+            "ttft_ms": ttft_ms,
             "decode_ms": decode_ms,
             "total_ms": (time.perf_counter() - t_start) * 1e3,
+            "kv_streaming": info["kv_streaming"],
         }
 
-    async def _request_prefill(self, request_id: str, prompt: str) -> dict[str, Any]:
-        body = {"request_id": request_id, "decoder_id": self.decoder_id, "prompt": prompt}
+    async def _request_prefill(self, request_id: str, req: GenerateRequest) -> dict[str, Any]:
+        body = {"request_id": request_id, "decoder_id": self.decoder_id, "prompt": req.prompt,
+                "kv_streaming": req.kv_streaming}
         try:
             resp = await self._http.post("/prefill", json=body)
         except httpx.HTTPError as exc:
@@ -215,25 +266,28 @@ class DecodeServer:
         info: dict[str, Any] = resp.json()
         return info
 
-    def _abandon(self, recv_task: asyncio.Task[Any]) -> None:
-        """Stop waiting for a request's bundle without leaving it stuck in the pipe: if it is
-        already on its way, keep receiving it (bounded) in the background and drop it."""
-        if recv_task.done():
-            return  # a received bundle is simply dropped
+    def _release(self, block_ids: list[int],
+                 decoding: asyncio.Future[Any] | None) -> None:
+        """Free a finished request's blocks -- when its decoding thread, which reads them, is
+        over (at once if it never started or has ended)."""
+        if decoding is None or decoding.done():
+            self.kv.allocator.free(block_ids)
+            return
 
-        async def drain() -> None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                    await recv_task
+        def over(fut: asyncio.Future[Any]) -> None:
+            if not fut.cancelled():
+                fut.exception()  # abandoned: its outcome is of no interest
+            self.kv.allocator.free(block_ids)
 
-        self._spawn(drain())
+        decoding.add_done_callback(over)
 
-    def _decode(
-        self, cache: Any, first_token: int, req: GenerateRequest
-    ) -> tuple[list[int], float]:
-        """Blocking greedy decode; runs in a worker thread."""
+    def _decode(self, block_ids: list[int], n_prompt: int, first_token: int, max_tokens: int,
+                stop: threading.Event) -> tuple[list[int], float]:
+        """Blocking: the request's blocks into a model cache, then greedy decoding. Runs in a
+        worker thread."""
         t0 = time.perf_counter()
-        tokens = tinygpt.decode(self.model, cache, first_token, req.max_tokens)
+        cache = self.kv.to_cache(block_ids, n_prompt)
+        tokens = tinygpt.decode(self.model, cache, first_token, max_tokens, stop.is_set)
         return tokens, (time.perf_counter() - t0) * 1e3
 
     def health(self) -> dict[str, Any]:
@@ -246,18 +300,17 @@ class DecodeServer:
             "connects": self.connects,
             "last_error": self.last_error,
             "inflight": self.inflight,
+            "decoding": self.decoding,
+            "abandoned": self.abandoned,
+            "kv_blocks": {"total": self.kv.allocator.num_blocks,
+                          "free": self.kv.allocator.num_free},
         }
 
 
-def _consume_outcome(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-async def _recv_stamped(pipe: PipeLike, key: str) -> tuple[dict[str, torch.Tensor], float]:
-    """``pipe.recv(key)`` plus the wall-clock time it returned (for transfer_ms)."""
-    msg = await pipe.recv(key=key)
-    return msg, time.time()
+async def _stamped(work: Awaitable[T]) -> tuple[T, float]:
+    """``await work`` and the ``time.perf_counter()`` at which it returned."""
+    result = await work
+    return result, time.perf_counter()
 
 
 def create_app(args: argparse.Namespace) -> FastAPI:
@@ -278,20 +331,29 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     app = FastAPI(title="aiokvpipe example: decode", lifespan=lifespan)
 
     @app.post("/generate", response_model=None)
-    async def generate(req: GenerateRequest) -> dict[str, Any] | JSONResponse:
+    async def generate(req: GenerateRequest, request: Request) -> dict[str, Any] | JSONResponse:
         assert server is not None
         server.inflight += 1
         try:
-            return await server.generate(req)
+            result = await unless_disconnected(request, server.generate(req))
         except Unavailable as exc:
             return JSONResponse({"error": exc.error, "message": exc.message}, status_code=503)
         finally:
             server.inflight -= 1
+        if result is None:  # nobody will read this answer
+            server.abandoned += 1
+            return JSONResponse({"error": "client_disconnected", "message": "abandoned"},
+                                status_code=499)
+        return result
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         assert server is not None
         return server.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response()
 
     return app
 

@@ -1,29 +1,44 @@
-"""What the prefill and decode servers agree on about their aiokvpipe pipe.
+"""What the prefill and decode servers agree on: their pipe, their KV pools, shared helpers.
 
 One long-lived pipe per decode server, opened by the decoder (``aiokvpipe.connect``) to the
-prefill server's listener. Keys on that pipe:
+prefill server's listener. Each side learns that the pipe ended from ``pipe.wait_closed()``.
+Keys on that pipe:
 
 * ``HELLO_KEY`` (decoder -> prefill, first message): the decoder's id as UTF-8 bytes in a uint8
   tensor, so the prefill server knows which pipe serves which decoder.
 * ``WELCOME_KEY`` (prefill -> decoder, reply): ``None``; sent once the pipe is registered, so
   the decoder never reports "connected" before the prefill server could use the pipe.
-* ``WATCH_KEY``: never sent. Each side keeps a ``recv(key=WATCH_KEY)`` pending; it only ever
-  ends by raising when the pipe dies or closes, which is how a dead peer is noticed.
-* any other key: a request id; the message is that request's KV bundle (see ``tinygpt``).
+* any other key: a request id. The prefill server sends the request's KV blocks with
+  ``send_blocks(key=request_id)`` (one call per layer, or one for all layers) from its own
+  pool, the decode server receives them with one ``recv_blocks(key=request_id)`` into the
+  blocks it allocated in its pool; then the prefill server sends the first generated token,
+  ``send(int64 tensor [token], key=request_id)``.
+
+Both servers build their pools from the model (``paged_kv.PagedKV``), so with the same
+``--model`` they fit; each allocates its own block ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
+import paged_kv
+import tinygpt
 import torch
+from fastapi import Request
+from fastapi.responses import Response
+
+import aiokvpipe
 
 HELLO_KEY = "example/hello"
 WELCOME_KEY = "example/welcome"
-WATCH_KEY = "example/watch"
 TOKEN_ENV = "AIOKVPIPE_TOKEN"
+
+T = TypeVar("T")
 
 
 class PipeLike(Protocol):
@@ -31,6 +46,12 @@ class PipeLike(Protocol):
 
     async def send(self, msg: Any, key: str | None = None) -> None: ...
     async def recv(self, key: str | None = None) -> Any: ...
+    async def send_blocks(self, pool: aiokvpipe.BlockPool, block_ids: object,
+                          key: str | None = None, layers: object = None) -> None: ...
+    async def recv_blocks(self, pool: aiokvpipe.BlockPool, block_ids: object,
+                          key: str | None = None, layers: object = None) -> None: ...
+    def discard(self, key: str | None) -> int: ...
+    async def wait_closed(self) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -54,7 +75,8 @@ def add_pipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, required=True, help="HTTP port")
     parser.add_argument("--device", default="cpu", help="model device: cpu, cuda:0, ...")
     parser.add_argument(
-        "--transport", default="auto", choices=["auto", "tcp", "nccl"], help="pipe data plane"
+        "--transport", default="auto", choices=["auto", "tcp", "nccl", "ipc"],
+        help="pipe data plane"
     )
     parser.add_argument(
         "--token",
@@ -63,6 +85,10 @@ def add_pipe_args(parser: argparse.ArgumentParser) -> None:
              "visible in ps)",
     )
     parser.add_argument("--seed", type=int, default=0, help="model seed; must match the peer")
+    parser.add_argument("--model", default="tiny", choices=sorted(tinygpt.MODELS),
+                        help="model shape; must match the peer")
+    parser.add_argument("--num-blocks", type=int, default=512,
+                        help=f"KV pool size in blocks of {paged_kv.BLOCK_SIZE} tokens")
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -75,9 +101,44 @@ def add_pipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
-def pipe_opts(args: argparse.Namespace) -> dict[str, Any]:
-    """aiokvpipe keyword options from parsed CLI args."""
-    return {"device": args.device, "transport": args.transport, "token": args.token or None}
+def pipe_options(args: argparse.Namespace, name: str) -> aiokvpipe.PipeOptions:
+    """The pipe's options from parsed CLI args; ``name`` labels it in logs and /metrics."""
+    return aiokvpipe.PipeOptions(device=args.device, transport=args.transport,
+                                 token=args.token or None, name=name)
+
+
+def build(args: argparse.Namespace) -> tuple[Any, paged_kv.PagedKV]:
+    """The model and its KV block pool, as ``--model``, ``--seed``, ``--num-blocks`` say."""
+    model = tinygpt.build_model(args.device, seed=args.seed, **tinygpt.MODELS[args.model])
+    return model, paged_kv.PagedKV(model.config, args.num_blocks, device=args.device)
+
+
+def metrics_response() -> Response:
+    """``GET /metrics``: this process's Prometheus registry (aiokvpipe's pipe metrics in it)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def until_disconnected(request: Request) -> None:
+    """Return once the HTTP client of ``request`` has gone away (its body already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work``; if the client disconnects first, cancel it (its own cleanup runs to the
+    end) and return ``None``. This is how an abandoned request frees what it holds at once
+    instead of running on for nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when we are cancelled (server stopping): nothing is left running
+        watcher.cancel()
+        task.cancel()  # no-op once done
+    await asyncio.wait({task})  # its cleanup (freeing blocks, say) has run
+    return None if task.cancelled() else task.result()
 
 
 def serve(app: Any, args: argparse.Namespace) -> None:

@@ -1,17 +1,28 @@
-"""Prefill server: runs prompts through tinygpt and ships their KV caches over aiokvpipe.
+"""Prefill server: runs prompts through tinygpt and streams their KV blocks over aiokvpipe.
 
 Run::
 
     python examples/prefill_server.py --port 8100 --pipe-port 8101 --device cpu
 
+The server keeps its own paged KV pool (``paged_kv``; ``--num-blocks``). A request's prompt is
+run with the KV of each layer copied into blocks the request allocated here as soon as that
+layer's attention wrote it; with ``--kv-streaming layer`` (default) that layer's blocks are
+sent at once (``send_blocks(..., layers=[i])``) while the next layers compute, with ``whole``
+all layers go in one ``send_blocks`` after the forward pass. The decode server says only the
+request id: it receives into its own block ids, paired with ours by the key.
+
 HTTP API:
 
-* ``POST /prefill {"request_id", "decoder_id", "prompt"}`` -- computes the prompt's KV cache,
-  sends it as one dict bundle on ``decoder_id``'s pipe with ``key=request_id`` and answers
-  ``{"prompt_tokens", "prefill_ms", "kv_bytes", "send_ms", "sent_at"}`` once ``send()`` returned
-  (``sent_at``: wall-clock seconds when the send started). 503 with ``{"error", "message"}`` if
-  that decoder has no live pipe or the send fails.
-* ``GET /health`` -- liveness plus the ids of the connected decoders.
+* ``POST /prefill {"request_id", "decoder_id", "prompt", "kv_streaming"?}`` -- computes the
+  prompt's KV cache, sends its blocks on ``decoder_id``'s pipe with ``key=request_id``, then
+  the first generated token (``send(int64 [1], key=request_id)``), and answers
+  ``{"prompt_tokens", "prefill_ms", "kv_bytes", "send_ms", "kv_streaming"}`` (``send_ms``:
+  from the end of the forward pass until the last block left). 503 with
+  ``{"error", "message"}`` if that decoder has no live pipe, the pool is full or a send fails.
+  If the client disconnects first, the request is abandoned: its sends are cancelled, its
+  blocks freed.
+* ``GET /health`` -- liveness, the ids of the connected decoders, the pool's free blocks.
+* ``GET /metrics`` -- Prometheus text: the pipes' figures under ``pipe="prefill-to-decode"``.
 
 Pipes: listens on ``--pipe-host:--pipe-port``; every decode server connects once, introduces
 itself (``pipe_common.HELLO_KEY``) and keeps that pipe for all its requests.
@@ -23,23 +34,27 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import tinygpt
 import torch
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from paged_kv import OutOfBlocks
 from pipe_common import (
     HELLO_KEY,
-    WATCH_KEY,
     WELCOME_KEY,
     PipeLike,
     add_pipe_args,
-    pipe_opts,
+    build,
+    metrics_response,
+    pipe_options,
     serve,
     tensor_to_text,
+    unless_disconnected,
 )
 from pydantic import BaseModel, Field, model_validator
 
@@ -48,13 +63,17 @@ import aiokvpipe
 log = logging.getLogger("prefill")
 
 HELLO_TIMEOUT_S = 10.0  # a peer that connects but never says hello is dropped
-SEND_TIMEOUT_S = 30.0  # bounds one KV send (backpressure from a stuck decoder)
+SEND_TIMEOUT_S = 30.0  # bounds a request's KV sends (backpressure from a stuck decoder)
+PIPE_NAME = "prefill-to-decode"  # the pipes' label in /metrics (shared by every decoder's)
+
+KVStreaming = Literal["layer", "whole"]
 
 
 class PrefillRequest(BaseModel):
     request_id: str = Field(min_length=1, max_length=128)
     decoder_id: str = Field(min_length=1, max_length=128)
     prompt: str = Field(min_length=1, max_length=tinygpt.MAX_POSITIONS)  # bytes checked below
+    kv_streaming: KVStreaming | None = None  # default: the server's --kv-streaming
 
     @model_validator(mode="after")
     def _fits_context(self) -> PrefillRequest:
@@ -68,7 +87,7 @@ class PrefillServer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.model = tinygpt.build_model(args.device, seed=args.seed)
+        self.model, self.kv = build(args)
         self.tokenizer = tinygpt.ByteTokenizer()
         self.decoders: dict[str, PipeLike] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -78,7 +97,7 @@ class PrefillServer:
 
     async def start(self) -> None:
         self._listener = await aiokvpipe.listen(
-            host=self.args.pipe_host, port=self.args.pipe_port, **pipe_opts(self.args)
+            self.args.pipe_host, self.args.pipe_port, pipe_options(self.args, PIPE_NAME)
         )
         log.info("pipe listener on %s:%d", self.args.pipe_host, self._listener.port)
         self._spawn(self._accept_loop())
@@ -131,7 +150,8 @@ class PrefillServer:
                 self._spawn(previous.aclose())
             await pipe.send(None, key=WELCOME_KEY)
             log.info("decoder %s connected", decoder_id)
-            await pipe.recv(key=WATCH_KEY)  # never sent: returns only by raising at pipe end
+            await pipe.wait_closed()  # returns at a graceful close, raises if the pipe broke
+            log.info("pipe of decoder %s closed", decoder_id)
         except (aiokvpipe.PipeError, TimeoutError, ValueError) as exc:
             log.info("pipe of decoder %s ended: %r", decoder_id, exc)
         finally:
@@ -142,39 +162,94 @@ class PrefillServer:
 
     # -- HTTP side -----------------------------------------------------------------------------
 
-    def _compute(self, prompt: str) -> tuple[dict[str, torch.Tensor], int, float]:
-        """Blocking: prompt -> (KV bundle, prompt tokens, prefill ms). Runs in a worker thread."""
-        ids = self.tokenizer.encode(prompt)
-        t0 = time.perf_counter()
-        cache, next_token = tinygpt.prefill(self.model, ids)
-        bundle = tinygpt.kv_to_bundle(cache, next_token)
-        if bundle["k0"].is_cuda:
-            # Only so prefill_ms is honest; the pipe itself orders the send after these kernels.
-            torch.cuda.synchronize(bundle["k0"].device)
-        return bundle, len(ids), (time.perf_counter() - t0) * 1e3
-
     async def prefill(self, req: PrefillRequest) -> JSONResponse:
+        """Run the prompt and ship its KV blocks and first token; see the module docstring.
+
+        Cancellation (the client went away): pending sends are cancelled (an offer the peer
+        has not pulled is taken back), the forward pass stops at its next layer, and the
+        blocks are freed once nothing reads or writes them any more.
+        """
         pipe = self.decoders.get(req.decoder_id)
         if pipe is None:
             return _error(503, "decoder_not_connected", f"no pipe from decoder {req.decoder_id!r}")
-        # The forward pass blocks for milliseconds; a thread keeps the loop (and /health) free.
-        bundle, n_prompt, prefill_ms = await asyncio.to_thread(self._compute, req.prompt)
-        sent_at = time.time()
-        t0 = time.perf_counter()
+        ids = self.tokenizer.encode(req.prompt)
         try:
+            block_ids = self.kv.allocator.allocate(self.kv.blocks_for(len(ids)))
+        except OutOfBlocks as exc:
+            return _error(503, "kv_blocks_exhausted", str(exc))
+        streaming = req.kv_streaming or self.args.kv_streaming
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()  # set: the forward pass gives up at its next layer
+        sends: list[asyncio.Task[None]] = []
+
+        def send(layers: list[int] | None, written: torch.cuda.Event | None = None) -> None:
+            # On the loop. send_blocks reads the blocks after the work queued on the loop
+            # thread's current stream: make that stream wait for the forward thread's writes.
+            if written is not None:
+                torch.cuda.current_stream(written.device).wait_event(written)
+            if not stop.is_set():
+                sends.append(loop.create_task(
+                    pipe.send_blocks(self.kv.pool, block_ids, key=req.request_id, layers=layers)))
+
+        def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            # In the forward's thread, the moment this layer's KV exists.
+            if stop.is_set():
+                raise _Abandoned
+            self.kv.write_layer(layer, block_ids, keys, values)
+            if streaming == "layer":
+                written = None
+                if keys.is_cuda:
+                    written = torch.cuda.Event()
+                    written.record(torch.cuda.current_stream(keys.device))
+                loop.call_soon_threadsafe(send, [layer], written)
+
+        def compute() -> tuple[int, float]:  # blocking: runs in a worker thread
+            t0 = time.perf_counter()
+            _, first_token = tinygpt.prefill(self.model, ids, tinygpt.LayerStreamingCache(on_layer))
+            if self.args.device.startswith("cuda"):
+                torch.cuda.current_stream().synchronize()  # only so prefill_ms is honest
+            return first_token, (time.perf_counter() - t0) * 1e3
+
+        # The forward pass blocks for milliseconds to seconds; a thread keeps the loop serving
+        # the sends, /health and other requests meanwhile.
+        forward = asyncio.ensure_future(asyncio.to_thread(compute))
+        try:
+            first_token, prefill_ms = await asyncio.shield(forward)
+            t_sent = time.perf_counter()
+            if streaming == "whole":
+                send(None)
             async with asyncio.timeout(SEND_TIMEOUT_S):
-                await pipe.send(bundle, key=req.request_id)
+                # Layer sends were queued by the thread before it returned (call_soon_threadsafe
+                # runs callbacks in order), so every layer's task is in `sends` by now.
+                await asyncio.gather(*sends)
+                send_ms = (time.perf_counter() - t_sent) * 1e3
+                await pipe.send(torch.tensor([first_token]), key=req.request_id)
         except (aiokvpipe.PipeError, TimeoutError) as exc:
             return _error(503, "send_failed", f"KV send to {req.decoder_id!r} failed: {exc!r}")
+        finally:
+            stop.set()
+            for task in sends:
+                task.cancel()  # no-op for those done
+            await asyncio.gather(*sends, return_exceptions=True)
+            # The thread may still be in the forward pass (writing these blocks): free them
+            # only when it has finished.
+            forward.add_done_callback(lambda f: self._forward_over(f, block_ids))
         return JSONResponse(
             {
-                "prompt_tokens": n_prompt,
+                "prompt_tokens": len(ids),
                 "prefill_ms": prefill_ms,
-                "kv_bytes": tinygpt.bundle_nbytes(bundle),
-                "send_ms": (time.perf_counter() - t0) * 1e3,
-                "sent_at": sent_at,
+                "kv_bytes": self.kv.block_bytes(len(block_ids)),
+                "send_ms": send_ms,
+                "kv_streaming": streaming,
             }
         )
+
+    def _forward_over(self, forward: asyncio.Future[Any], block_ids: list[int]) -> None:
+        """A request's forward pass has ended: its blocks are free again. Its outcome was
+        either awaited or, if the request was abandoned, is of no interest (``_Abandoned``)."""
+        if not forward.cancelled():
+            forward.exception()
+        self.kv.allocator.free(block_ids)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -183,7 +258,14 @@ class PrefillServer:
             "device": self.args.device,
             "pipe_port": self._listener.port if self._listener is not None else None,
             "decoders": sorted(self.decoders),
+            "kv_blocks": {"total": self.kv.allocator.num_blocks,
+                          "free": self.kv.allocator.num_free},
+            "kv_streaming": self.args.kv_streaming,
         }
+
+
+class _Abandoned(Exception):
+    """Raised inside the forward pass of a request nobody waits for any more."""
 
 
 def _error(status: int, error: str, message: str) -> JSONResponse:
@@ -208,14 +290,19 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     app = FastAPI(title="aiokvpipe example: prefill", lifespan=lifespan)
 
     @app.post("/prefill")
-    async def prefill(req: PrefillRequest) -> JSONResponse:
+    async def prefill(req: PrefillRequest, request: Request) -> Response:
         assert server is not None
-        return await server.prefill(req)
+        resp = await unless_disconnected(request, server.prefill(req))
+        return resp if resp is not None else _error(499, "client_disconnected", "abandoned")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         assert server is not None
         return server.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response()
 
     return app
 
@@ -225,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     add_pipe_args(parser)
     parser.add_argument("--pipe-host", default="127.0.0.1", help="pipe listener bind address")
     parser.add_argument("--pipe-port", type=int, required=True, help="pipe listener port")
+    parser.add_argument(
+        "--kv-streaming", default="layer", choices=["layer", "whole"],
+        help="send each layer's KV blocks as the layer finishes, or all after the forward pass",
+    )
     args = parser.parse_args(argv)
     serve(create_app(args), args)
 

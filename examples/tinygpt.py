@@ -6,9 +6,11 @@ Contract:
   init under a fixed seed; nothing is downloaded), so a KV cache computed by one process is valid
   input for another.
 * :class:`ByteTokenizer` maps UTF-8 bytes 0-255 to token ids 0-255 and back.
-* :func:`prefill` runs the prompt and returns its KV cache plus the first generated token;
-  :func:`kv_to_bundle` / :func:`bundle_to_kv` turn that into the ``dict[str, Tensor]`` an aiokvpipe
-  pipe carries and back; :func:`decode` continues greedy generation from a cache.
+* :func:`prefill` runs the prompt and returns its KV cache plus the first generated token; given
+  a :class:`LayerStreamingCache` it reports each layer's KV the moment that layer wrote it (what
+  lets a prefill server stream layer by layer); :func:`decode` continues greedy generation
+  from a cache. :func:`kv_to_bundle` / :func:`bundle_to_kv` turn a cache into a
+  ``dict[str, Tensor]`` and back (loose tensors, for tests and checks).
 * :func:`generate` is the single-process reference: ``prefill`` then ``decode`` with no transfer.
   Generation split across processes must produce exactly the same tokens.
 
@@ -18,6 +20,7 @@ All model calls are synchronous and compute-bound; servers run them with ``async
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +28,11 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 __all__ = [
     "MAX_POSITIONS",
+    "MODELS",
     "NEXT_TOKEN_KEY",
     "VOCAB_SIZE",
     "ByteTokenizer",
+    "LayerStreamingCache",
     "build_model",
     "bundle_nbytes",
     "bundle_to_kv",
@@ -50,6 +55,14 @@ _ALLOWED_IDS = [10, *range(32, 127)]
 #: know only ``past_key_values``.
 _CACHE_ARG = ("cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters
               else "past_key_values")
+
+
+#: Model shapes both servers can build (``--model``): ``tiny`` for tests and the demo, ``gpt2``
+#: GPT-2 small's shape (12 layers, 12 heads, 768 wide; random weights) for timing figures.
+MODELS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+}
 
 
 class ByteTokenizer:
@@ -108,32 +121,63 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class LayerStreamingCache(DynamicCache):
+    """A ``DynamicCache`` that calls ``on_layer(layer_idx, keys, values)`` as soon as a layer's
+    attention has written its KV during a forward pass (keys/values: ``[batch, heads, seq,
+    head_dim]``), before the next layer runs.
+
+    The callback runs in the thread running the forward, inside it: it should be short (copy
+    the tensors somewhere, hand work to an event loop); what it raises aborts the forward.
+    Attention layers call ``update()`` once per forward, so a prefill reports each layer once.
+    """
+
+    def __init__(self, on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+        super().__init__()
+        self._on_layer = on_layer
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+        *args: Any, **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._on_layer(layer_idx, keys, values)
+        return keys, values
+
+
 @torch.inference_mode()
-def prefill(model: GPT2LMHeadModel, ids: list[int]) -> tuple[DynamicCache, int]:
+def prefill(
+    model: GPT2LMHeadModel, ids: list[int], cache: DynamicCache | None = None
+) -> tuple[DynamicCache, int]:
     """Run the whole prompt once; return its KV cache (``len(ids)`` positions) and the greedy
-    next token. ``ids`` must be non-empty."""
+    next token. ``ids`` must be non-empty. ``cache``: an empty cache to fill (a
+    :class:`LayerStreamingCache`, say); default a fresh ``DynamicCache``."""
     if not ids:
         raise ValueError("prefill needs at least one token")
     input_ids = torch.tensor([ids], dtype=torch.long, device=_device_of(model))
-    cache = DynamicCache()
-    out = model(input_ids=input_ids, use_cache=True, **{_CACHE_ARG: cache})
+    out = model(input_ids=input_ids, use_cache=True,
+                **{_CACHE_ARG: DynamicCache() if cache is None else cache})
     return getattr(out, _CACHE_ARG), _greedy(out.logits)
 
 
 @torch.inference_mode()
 def decode(
-    model: GPT2LMHeadModel, cache: DynamicCache, first_token: int, max_tokens: int
+    model: GPT2LMHeadModel,
+    cache: DynamicCache,
+    first_token: int,
+    max_tokens: int,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[int]:
     """Greedy generation continuing from ``cache`` whose next token is ``first_token``.
 
-    Returns ``max_tokens`` tokens, ``first_token`` first. ``cache`` is extended in place and must
-    live on the model's device.
+    Returns ``max_tokens`` tokens, ``first_token`` first -- fewer if ``should_stop()`` turns
+    true (checked before each step: how a server stops the thread of an abandoned request).
+    ``cache`` is extended in place and must live on the model's device.
     """
     if max_tokens <= 0:
         return []
     device = _device_of(model)
     tokens = [first_token]
-    while len(tokens) < max_tokens:
+    while len(tokens) < max_tokens and not should_stop():
         step = torch.tensor([[tokens[-1]]], dtype=torch.long, device=device)
         out = model(input_ids=step, use_cache=True, **{_CACHE_ARG: cache})
         cache = getattr(out, _CACHE_ARG)

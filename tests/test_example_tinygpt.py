@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import paged_kv
 import tinygpt
 
 PROMPTS = ["Hello, world", "a", "Ünïcødé ✓", "The quick brown fox jumps over the lazy dog. " * 4]
@@ -88,3 +89,68 @@ def test_no_deprecated_cache_argument(model: object) -> None:
         warnings.simplefilter("error", DeprecationWarning)
         cache, first = tinygpt.prefill(model, tok.encode("Hi"))
         tinygpt.decode(model, cache, first, 3)
+
+
+def test_layer_streaming_cache_reports_each_layer_once_in_order_with_its_final_kv(
+    model: object,
+) -> None:
+    tok = tinygpt.ByteTokenizer()
+    reported: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    cache, first = tinygpt.prefill(
+        model, tok.encode("stream me"),
+        tinygpt.LayerStreamingCache(lambda i, k, v: reported.append((i, k.clone(), v.clone()))))
+    plain, plain_first = tinygpt.prefill(model, tok.encode("stream me"))
+    assert first == plain_first
+    assert [i for i, _, _ in reported] == list(range(model.config.n_layer))
+    for (i, k, v), (pk, pv) in zip(reported, tinygpt._layer_kv(plain), strict=True):
+        assert torch.equal(k, pk) and torch.equal(v, pv), i
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_kv_through_two_paged_pools_decodes_as_single_process(model: object, prompt: str
+                                                              ) -> None:
+    """What the servers do: prefill into one pool's blocks layer by layer, blocks copied to
+    other ids of another pool (the pipe's job), decoding from a cache read out of those."""
+    tok = tinygpt.ByteTokenizer()
+    ids = tok.encode(prompt)
+    src = paged_kv.PagedKV(model.config, 64)
+    dst = paged_kv.PagedKV(model.config, 40)
+    dst.allocator.allocate(3)  # so the two ends' ids differ
+    src_ids = src.allocator.allocate(src.blocks_for(len(ids)))
+    dst_ids = dst.allocator.allocate(len(src_ids))[::-1]
+    _, first = tinygpt.prefill(
+        model, ids, tinygpt.LayerStreamingCache(lambda i, k, v: src.write_layer(i, src_ids, k, v)))
+    for layer in range(model.config.n_layer):
+        dst.pool.tensors[layer][:, dst_ids] = src.pool.tensors[layer][:, src_ids]
+    text = tok.decode(tinygpt.decode(model, dst.to_cache(dst_ids, len(ids)), first, 40))
+    assert text == tinygpt.generate(model, tok, prompt, 40)
+
+
+def test_block_allocator_is_all_or_nothing_and_refuses_double_frees() -> None:
+    alloc = paged_kv.BlockAllocator(4)
+    a = alloc.allocate(3)
+    with pytest.raises(paged_kv.OutOfBlocks):
+        alloc.allocate(2)
+    assert alloc.num_free == 1  # the refused allocation took nothing
+    alloc.free(a[:1])
+    with pytest.raises(ValueError):
+        alloc.free(a[:1])  # a double free would hand one block to two requests
+    with pytest.raises(ValueError):
+        alloc.free([a[1], a[1]])
+    assert alloc.num_free == 2
+    alloc.free(a[1:])
+    assert alloc.num_free == 4 and sorted(alloc.allocate(4)) == [0, 1, 2, 3]
+
+
+def test_write_layer_fills_only_the_named_blocks(model: object) -> None:
+    kv = paged_kv.PagedKV(model.config, 8)
+    cfg = model.config
+    keys = torch.randn(1, cfg.n_head, 20, cfg.n_embd // cfg.n_head)
+    kv.write_layer(1, [6, 2], keys, -keys)
+    t = kv.pool.tensors[1]
+    assert not t[:, [0, 1, 3, 4, 5, 7]].any() and not kv.pool.tensors[0].any()
+    assert not t[:, 2, 4:].any()  # the last block's spare slots are zeros
+    k, v = kv.read_layer(1, [6, 2], 20)
+    assert torch.equal(k, keys) and torch.equal(v, -keys)
+    with pytest.raises(ValueError):
+        kv.write_layer(1, [6, 2, 3], keys, keys)  # 20 tokens do not fill 3 blocks of 16

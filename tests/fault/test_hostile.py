@@ -139,8 +139,10 @@ FIRST_FRAME_CASES: dict[str, tuple[bytes, type[BaseException], str]] = {
                               aiokvpipe.ProtocolError, "Transport"),
     "http-request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", aiokvpipe.ProtocolError,
                      "unknown frame type 71"),
+    # 0x16 is a frame type since protocol 3 (OFFER); TLS's version bytes then fill the
+    # flags, which must be zero
     "tls-client-hello": (bytes.fromhex("160301020001") + bytes(300), aiokvpipe.ProtocolError,
-                         "unknown frame type 22"),
+                         "reserved frame bits"),
     "truncated-hello-then-eof": (_HELLO[:30], ConnectionResetError, "closed before"),
     "connect-and-close": (b"", ConnectionResetError, "closed before"),
 }
