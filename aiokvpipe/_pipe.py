@@ -273,14 +273,16 @@ class Pipe:
         arriving now, and those that arrive later (until a ``recv(key)`` asks for the key
         again; the most recent 4,096 discarded keys are remembered).
 
-        Their receive credits go back to the peer at once. Use it when a request is given up:
+        Block offers for the key are refused (the sender's ``send_blocks`` raises
+        ``ValueError`` saying so), now and later. Their receive credits go back to the peer
+        at once. Use it when a request is given up:
         a message that no ``recv()`` will ever claim would otherwise hold its credits for the
         life of the pipe and, with enough of them, stall every sender. Returns how many
         messages were dropped now (later arrivals are dropped silently).
         """
         key = check_key(key)
         self._proto.discard(key)
-        dropped = 0
+        dropped = self._blocks.discard(key)
         ready = self._ready.pop(key, None)
         for item in ready or ():
             self._return_credit(item.cost)

@@ -45,6 +45,8 @@ log = logging.getLogger("aiokvpipe")
 STAGING_BYTES: Final = 64 << 20
 #: Staged chunks one transfer may have in flight at once (so staging memory is bounded).
 CHUNKS_IN_FLIGHT: Final = 2
+#: Why a receiver refuses blocks for a key it gave up (``Pipe.discard``).
+DISCARDED: Final = "the receiver discarded this key"
 
 
 @dataclass(eq=False)
@@ -256,6 +258,9 @@ class BlockExchange:
                 raise ProtocolError(f"POOL {frame.pool_id} describes pool {pool_id}")
             self._peer_pools[frame.pool_id] = layout
         elif isinstance(frame, _wire.Offer):
+            if self._pipe._proto.is_discarded(frame.key):
+                self._refuse(frame, DISCARDED)
+                return
             self._offers_in.setdefault(frame.key, deque()).append(frame)
             self._try_match(frame)
         elif isinstance(frame, _wire.Pull):
@@ -278,6 +283,19 @@ class BlockExchange:
                 incoming.sink.missing.update(incoming.layers)
                 incoming.sink.pending_offers -= 1
 
+    def discard(self, key: str | None) -> int:
+        """The receiver gave ``key`` up: refuse its offers waiting here (their senders hear
+        why); later ones are refused as they come while the key stays discarded."""
+        offers = self._offers_in.pop(key, ())
+        for offer in offers:
+            self._refuse(offer, DISCARDED)
+        return len(offers)
+
+    def _refuse(self, offer: _wire.Offer, why: str) -> None:
+        pipe = self._pipe
+        pipe._write(pipe._proto.send_pull(offer.offer_id, why))
+        pipe.credit_released()
+
     def _try_match(self, offer: _wire.Offer) -> None:
         for sink in self._sinks.get(offer.key, ()):
             if sink.done.done() or not sink.missing.issuperset(offer.layers):
@@ -298,8 +316,7 @@ class BlockExchange:
         except ValueError as exc:
             # A misfit is the callers' error on both ends: this recv_blocks() raises it, the
             # peer's send_blocks() hears why; the pipe goes on.
-            pipe._write(proto.send_pull(offer.offer_id, str(exc)))
-            pipe.credit_released()
+            self._refuse(offer, str(exc))
             sink.done.set_exception(ValueError(str(exc)))
             return
         sink.missing.difference_update(offer.layers)

@@ -190,3 +190,20 @@ async def test_memory_stays_flat_over_a_thousand_requests(pair_factory: PairFact
     grown = _rss() - before
     per_request = 2 * 8 * len(ids) * 4 * 2 * 8 * 4  # bytes moved per request
     assert grown < 8 * per_request + (4 << 20), f"RSS grew by {grown} bytes"
+
+
+async def test_discard_refuses_block_offers_now_and_later(pair_factory: PairFactory) -> None:
+    # A decode side that gives a request up must not leave the prefill's send_blocks waiting
+    # for a pull that never comes.
+    a, b = await pair_factory()
+    src = vllm_pool(8)
+    waiting = asyncio.create_task(a.send_blocks(src, [1], key="gone", layers=[0]))
+    await asyncio.sleep(0.05)  # the offer is at the receiver, unmatched
+    assert b.discard("gone") == 1
+    async with asyncio.timeout(10):
+        with pytest.raises(ValueError, match="discarded"):
+            await waiting
+        with pytest.raises(ValueError, match="discarded"):  # and later offers too
+            await a.send_blocks(src, [1], key="gone", layers=[1])
+    await eventually(lambda: a.stats.send_credits == b._proto.recv_buffer_bytes, 5,
+                     "offer credits back")
