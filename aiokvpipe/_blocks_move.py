@@ -82,21 +82,22 @@ def run_views(pool: BlockPool, tensor_index: int, runs: Sequence[Run], side: Sid
     _check_runs(runs, pool.num_blocks, pool.num_blocks)
     col = 0 if side == "src" else 1
     stride, seg, offsets = tl.block_stride_bytes, tl.segment_bytes, tl.segment_offsets
-    spans: list[list[int]] = []
-    for run in runs:
-        start = run[col]
-        for b in range(start, start + run[2]):
-            base = b * stride
-            for off in offsets:
-                o = base + off
-                if spans and spans[-1][1] == o:
-                    spans[-1][1] = o + seg
-                else:
-                    spans.append([o, o + seg])
-    if not spans:
+    # Every segment's start, in canonical order (a comprehension: this runs for every
+    # tensor of every transfer, thousands of segments each).
+    starts = [b * stride + off for run in runs for b in range(run[col], run[col] + run[2])
+              for off in offsets]
+    if not starts:
         return []
     t = pool.tensors[tensor_index]
     whole = memoryview((ctypes.c_ubyte * tl.span_bytes).from_address(t.data_ptr())).cast("B")
+    if not any(b == a + seg for a, b in zip(starts, starts[1:])):  # nothing adjacent
+        return [whole[a:a + seg] for a in starts]
+    spans: list[list[int]] = []
+    for o in starts:
+        if spans and spans[-1][1] == o:
+            spans[-1][1] = o + seg
+        else:
+            spans.append([o, o + seg])
     return [whole[a:b] for a, b in spans]
 
 

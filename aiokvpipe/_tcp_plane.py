@@ -14,7 +14,9 @@ never delays a credit or a heartbeat.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
+import itertools
 import logging
 import socket
 from collections import deque
@@ -39,6 +41,9 @@ _SPILL_BYTES = 256 * 1024
 #: the receiver's side of TCP and can take in tens of MiB at once: milliseconds in which the
 #: event loop runs nothing else.
 _SEND_SLICE = 4 * 1024 * 1024
+
+#: Views per ``sendmsg`` call at most (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
 
 
 def _hold(keepalive: object, _: object) -> None:
@@ -109,7 +114,7 @@ class _CudaStaging:
 class _Target:
     """One posted receive: the tensors to fill and how far we got."""
 
-    __slots__ = ("tensors", "outs", "views", "index", "offset", "future")
+    __slots__ = ("tensors", "outs", "views", "index", "offset", "future", "_ends")
 
     def __init__(self, tensors: list[torch.Tensor], future: asyncio.Future[list[torch.Tensor]],
                  outs: list[torch.Tensor] | None = None) -> None:
@@ -119,22 +124,49 @@ class _Target:
         self.index = 0
         self.offset = 0
         self.future = future
+        self._ends: list[int] | None = None  # where each view ends in the payload, if asked
 
     def buffer(self) -> memoryview:
         return self.views[self.index][self.offset:]
 
+    def _view_ends(self) -> list[int]:
+        if self._ends is None:
+            self._ends = list(itertools.accumulate(map(len, self.views)))
+        return self._ends
+
+    def buffers(self, max_views: int, max_bytes: int) -> list[memoryview]:
+        """The buffers from where the target stands: the rest of the current view and the
+        whole views after it, at most ``max_views`` of them and about ``max_bytes``."""
+        ends, i = self._view_ends(), self.index
+        end = min(i + max_views, bisect.bisect_left(ends, ends[i] - len(self.views[i])
+                                                    + self.offset + max_bytes) + 1)
+        return [self.views[i][self.offset:], *self.views[i + 1:end]]
+
     def advance(self, n: int) -> bool:
-        """Account ``n`` bytes written; True once every view is full."""
-        self.offset += n
-        while self.index < len(self.views) and self.offset == len(self.views[self.index]):
-            self.index += 1
-            self.offset = 0
+        """Account ``n`` bytes written from where the target stood (across as many views as
+        they fill); True once every view is full."""
+        offset = self.offset + n
+        length = len(self.views[self.index])
+        if offset < length:
+            self.offset = offset
+            return False
+        if offset > length:  # past this view (a scatter read): find the view it ends in
+            ends = self._view_ends()
+            at = ends[self.index] - length + offset
+            self.index = bisect.bisect_right(ends, at)
+            self.offset = at - ends[self.index - 1]
+            return self.index == len(self.views)
+        self.index += 1
+        self.offset = 0
         return self.index == len(self.views)
 
 
 class _PayloadReceiver(asyncio.BufferedProtocol):
-    def __init__(self, plane: TcpPlane) -> None:
+    def __init__(self, plane: TcpPlane, sock: socket.socket | None = None) -> None:
         self._plane = plane
+        # The transport's own socket (it stays the transport's: never closed here), read
+        # directly for scatter receives; see _scatter_read.
+        self._sock = sock
         self._transport: asyncio.Transport | None = None
         self._targets: deque[_Target] = deque()
         self._spill = bytearray(_SPILL_BYTES)
@@ -158,12 +190,33 @@ class _PayloadReceiver(asyncio.BufferedProtocol):
             if target.advance(nbytes):
                 self._targets.popleft()
                 self._plane._received(target)
+            elif self._sock is not None and target.index + 1 < len(target.views):
+                self._scatter_read(target, self._sock)
             return
         # Bytes ahead of their header: hold them and stop reading until post() says where.
         self._spilled += nbytes
         if self._transport is not None and not self._paused:
             self._paused = True
             self._transport.pause_reading()
+
+    def _scatter_read(self, target: _Target, sock: socket.socket) -> None:
+        """Read what the socket holds now into many of ``target``'s views at once.
+
+        A transport reads into one buffer per call (``get_buffer``), so a target of many
+        small views (a CPU pool's blocks: 32 KiB each for an 8B Llama) would cost a system
+        call and a round of callbacks per view. One ``recvmsg_into`` fills up to
+        :data:`_IOV_MAX` views here, on the loop's thread inside the transport's read
+        callback (so nothing else reads the socket meanwhile); at most about
+        :data:`_SEND_SLICE` bytes, so the loop runs between bursts. Errors and the end of
+        the stream are left to the transport, which meets them on its next read.
+        """
+        try:
+            n = sock.recvmsg_into(target.buffers(_IOV_MAX, _SEND_SLICE))[0]
+        except OSError:  # BlockingIOError: nothing more yet; anything else: the transport's
+            return
+        if n and target.advance(n):
+            self._targets.popleft()
+            self._plane._received(target)
 
     def post(self, target: _Target) -> None:
         if self._eof:
@@ -223,12 +276,13 @@ class TcpPlane:
     name = "tcp"
 
     def __init__(self, send_sock: socket.socket, device: torch.device,
-                 on_lost: Callable[[BaseException], None], pool_bytes: int) -> None:
+                 on_lost: Callable[[BaseException], None], pool_bytes: int,
+                 recv_sock: socket.socket | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = send_sock
         self._device = device
         self._on_lost = on_lost
-        self._receiver = _PayloadReceiver(self)
+        self._receiver = _PayloadReceiver(self, recv_sock)
         self._outbox: deque[tuple[Sequence[torch.Tensor], list[torch.cuda.Event | None],
                                   asyncio.Future[None]]] = deque()
         self._outbox_nonempty: asyncio.Future[None] | None = None
@@ -256,7 +310,8 @@ class TcpPlane:
         """``pool_bytes``: how much freed receive memory to keep for reuse."""
         tune_socket(send_sock)
         tune_socket(recv_sock)
-        plane = cls(send_sock, device, on_lost, pool_bytes)
+        plane = cls(send_sock, device, on_lost, pool_bytes,
+                    recv_sock if hasattr(recv_sock, "recvmsg_into") else None)
         await plane._loop.connect_accepted_socket(lambda: plane._receiver, recv_sock)
         return plane
 
@@ -307,6 +362,9 @@ class TcpPlane:
                 continue
             tensors, ready, fut = self._outbox[0]
             try:
+                if tensors and isinstance(tensors[0], memoryview):  # post_send_views
+                    await self._send_views(tensors)
+                    tensors = ()
                 for t, ev in zip(tensors, ready):
                     view, keep = await self._payload_bytes(t, ev)
                     for start in range(0, len(view), _SEND_SLICE):
@@ -327,13 +385,41 @@ class TcpPlane:
             if not fut.done():
                 fut.set_result(None)
 
+    async def _send_views(self, views: Sequence[memoryview]) -> None:
+        """Send ``views`` in order, many per ``sendmsg`` call: a CPU pool's blocks are
+        thousands of small pieces (32 KiB each for an 8B Llama), and one ``sock_sendall``
+        each costs more in Python than the kernel needs to take them. Batches hold at most
+        :data:`_IOV_MAX` views and about :data:`_SEND_SLICE` bytes (the loop runs between
+        them, as between slices). Where the socket takes part of a batch, the rest of the
+        view it stopped in goes with ``sock_sendall``, which waits until it is writable."""
+        loop, sock = self._loop, self._sock
+        if max(map(len, views)) > _SEND_SLICE:  # a staging buffer: cut it in slices
+            views = [v[at:at + _SEND_SLICE] for v in views for at in range(0, len(v),
+                                                                             _SEND_SLICE)]
+        ends = list(itertools.accumulate(map(len, views)))
+        i, n, pos = 0, len(views), 0  # views[i] is the first not sent whole; pos: bytes sent
+        while i < n:
+            end = min(n, i + _IOV_MAX, bisect.bisect_left(ends, pos + _SEND_SLICE) + 1)
+            try:
+                pos += sock.sendmsg(views[i:end])
+            except (BlockingIOError, InterruptedError):
+                pass
+            i = bisect.bisect_right(ends, pos)
+            if i < end:  # the socket is full inside views[i]: wait to send its rest
+                start = ends[i] - len(views[i])
+                await loop.sock_sendall(sock, views[i][pos - start:])
+                pos = ends[i]
+                i += 1
+            elif i < n:
+                # A batch the socket took at once completes without a suspension: let the
+                # loop run between batches.
+                await asyncio.sleep(0)
+
     async def _payload_bytes(self, t: torch.Tensor, ready: torch.cuda.Event | None
                              ) -> tuple[memoryview, torch.Tensor]:
         """The bytes to send for ``t`` and the tensor owning them (hold it while the view is
         used): ``t``'s own memory, or a pinned host copy of a CUDA tensor made after
         ``ready``."""
-        if isinstance(t, memoryview):  # post_send_views: the bytes themselves
-            return t, t
         if ready is not None:
             t = await self._staging.to_host(t, ready)
         return byte_view(t), t

@@ -207,3 +207,46 @@ async def test_discard_refuses_block_offers_now_and_later(pair_factory: PairFact
             await a.send_blocks(src, [1], key="gone", layers=[1])
     await eventually(lambda: a.stats.send_credits == b._proto.recv_buffer_bytes, 5,
                      "offer credits back")
+async def test_thousands_of_scattered_blocks_arrive_intact(pair_factory: PairFactory) -> None:
+    """A CPU pool's request is thousands of small views: sent many per sendmsg, received many
+    per recvmsg_into, across batches, partial sends (37.5 MiB outruns the socket buffers)
+    and reads that end inside a view."""
+    a, b = await pair_factory()
+
+    def pool(num_blocks: int) -> BlockPool:  # 8 KiB K and V segments per block and layer
+        return BlockPool([torch.full((2, num_blocks, 16, 8, 16), SENTINEL) for _ in range(4)],
+                         block_dim=1)
+
+    src, dst = pool(1024), pool(700)
+    g = torch.Generator().manual_seed(5)
+    src_ids = torch.randperm(1024, generator=g)[:600].tolist()
+    dst_ids = torch.randperm(700, generator=g)[:600].tolist()
+    for t in src.tensors:
+        t.copy_(torch.randn(t.shape, generator=g))
+    async with asyncio.timeout(40):
+        for key in ("first", "second"):  # the second finds the plane's state reset
+            await asyncio.gather(a.send_blocks(src, src_ids, key=key),
+                                 b.recv_blocks(dst, dst_ids, key=key))
+    for s_t, d_t in zip(src.tensors, dst.tensors):
+        assert torch.equal(s_t[:, src_ids], d_t[:, dst_ids])
+    assert_untouched(dst, dst_ids)
+
+
+async def test_the_tcp_plane_moves_views_split_differently_on_each_end(
+        pair_factory: PairFactory) -> None:
+    """Bytes posted as views on one end land in views cut elsewhere on the other: a view
+    larger than a send slice (a staging buffer), views of a few bytes, reads that end
+    inside a view and cross many."""
+    a, b = await pair_factory(transport="tcp")
+    payload = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8)
+    out = torch.zeros_like(payload)
+    mv_in, mv_out = memoryview(payload.numpy()), memoryview(out.numpy())
+    cuts_in = [0, 3, 4, 100_000, 5 << 20, 9 << 20]  # one view over 4 MiB, tiny ones
+    cuts_out = [0, *range(1, 2000, 7), 70_001, *range(1 << 20, 9 << 20, 3001), 9 << 20]
+    send_views = [mv_in[x:y] for x, y in zip(cuts_in, cuts_in[1:])]
+    recv_views = [mv_out[x:y] for x, y in zip(cuts_out, cuts_out[1:])]
+    async with asyncio.timeout(20):
+        received = b._plane.post_recv_views(recv_views, keepalive=out)
+        sent = a._plane.post_send_views(send_views, keepalive=payload)
+        await asyncio.gather(sent, received)
+    assert torch.equal(out, payload)

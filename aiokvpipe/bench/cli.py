@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import cpu, gpu, ipc
+from . import blocks, cpu, gpu, ipc
 from .child import child_main
 from .common import have_uvloop
 
@@ -26,8 +26,6 @@ SuiteRun = Callable[[argparse.Namespace, str], int]
 #: To come, each a module and a line here, with the option that selects it:
 #:   ipc:    two processes on one GPU, transport="ipc"; baseline: the consumer copying out of
 #:           the producer's buffer mapped through CUDA IPC (BENCHMARKS.md, "GPU, one host").
-#:   blocks: paged KV, send_blocks/recv_blocks between block pools; baseline: one copy kernel
-#:           over the block ids through CUDA IPC, beside a contiguous copy of the same bytes.
 SUITES: Final[dict[str, SuiteRun]] = {
     "cpu": cpu.run,
     "cuda": ipc.run_cuda,  # ipc on one GPU (or --transport ipc), nccl otherwise
@@ -67,6 +65,7 @@ def add_parser(sub: Any) -> None:
                         "two hosts (NCCL_HOSTID) so it runs over its socket transport. Checks "
                         "our overhead against raw NCCL under the same transport; the figures "
                         "are not NVLink figures")
+    blocks.add_arguments(p)
     p.add_argument("--role", choices=("sender", "receiver"), help=argparse.SUPPRESS)
     p.add_argument("--role-device", default="cpu", help=argparse.SUPPRESS)
     p.set_defaults(func=main)
@@ -91,4 +90,5 @@ def main(args: argparse.Namespace) -> int:
     if args.repeat is not None and args.repeat < 1:
         print("bench: --repeat must be at least 1", file=sys.stderr)
         return 2
-    return SUITES[args.device](args, "uvloop" if use_uvloop else "asyncio")
+    suite = blocks.run if args.blocks else SUITES[args.device]  # --blocks: on cpu or cuda
+    return suite(args, "uvloop" if use_uvloop else "asyncio")

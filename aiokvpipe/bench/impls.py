@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from .block_endpoint import BlocksEndpoint
+from .blocks_ipc_copy import ipc_copy_case
 from .common import Emit, Json
 from .endpoints import CeilingEndpoint, EndpointClass, OursEndpoint, StreamsEndpoint
 from .measure import run_endpoint_case
@@ -46,6 +48,8 @@ IMPLS: Final[dict[str, Impl]] = {
     "nccl-raw": Impl("raw NCCL", raw_nccl_case),
     "ipc-raw": Impl("raw IPC copy", raw_ipc_case),
     "pipe-memory": Impl("GPU memory of one pipe", pipe_memory_case),
+    "blocks": Impl("ours, blocks", _asyncio(BlocksEndpoint)),
+    "blocks-ipc-copy": Impl("CUDA IPC copy", ipc_copy_case),
 }
 
 
