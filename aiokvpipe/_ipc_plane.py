@@ -59,6 +59,7 @@ from . import _cudaipc
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
+from ._plane import in_daemon_thread
 from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -398,7 +399,7 @@ async def export_probe(device: torch.device) -> bytes:
                 _probes[index] = (ptr, _cudaipc.export_memory(ptr))
             return _probes[index][1]
 
-    result: bytes = await _in_thread(make)
+    result: bytes = await in_daemon_thread(make, "aiokvpipe-ipc")
     return result
 
 
@@ -418,7 +419,7 @@ async def probe_opens(handle: bytes, device: torch.device) -> bool:
             _cudaipc.close_memory(ptr)
 
     try:
-        return bool(await _in_thread(attempt))
+        return bool(await in_daemon_thread(attempt, "aiokvpipe-ipc"))
     except Exception as exc:  # CUDARuntimeError, DriverError, ImportError
         log.debug("the peer's ipc probe handle does not open here: %r", exc)
         return False
@@ -428,32 +429,6 @@ def _index(device: torch.device) -> int:
     if device.type != "cuda":
         raise ValueError(f"CUDA IPC needs a CUDA device, not {device}")
     return torch.cuda.current_device() if device.index is None else device.index
-
-
-async def _in_thread(fn: Callable[[], Any]) -> Any:
-    """Run a blocking call in a daemon thread (one that never keeps the interpreter alive)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, exc: BaseException | None) -> None:
-        if not fut.done():
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-
-    def run() -> None:
-        try:
-            result, exc = fn(), None
-        except BaseException as err:
-            result, exc = None, err
-        try:
-            loop.call_soon_threadsafe(settle, result, exc)
-        except RuntimeError:  # the loop has closed: nobody waits any more
-            pass
-
-    threading.Thread(target=run, name="aiokvpipe-ipc", daemon=True).start()
-    return await fut
 
 
 # -- the plane ----------------------------------------------------------------------------------

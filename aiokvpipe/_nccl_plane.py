@@ -28,7 +28,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -37,7 +36,7 @@ from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._nccl_lib import IN_PROGRESS, SUCCESS, NcclError, NcclLib
-from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, settle_like
+from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, in_daemon_thread, settle_like
 from ._wire import NCCL_UNIQUE_ID_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -106,7 +105,7 @@ async def new_unique_ids_async() -> tuple[bytes, bytes]:
     """:func:`new_unique_ids` in a worker thread (``ncclGetUniqueId`` starts NCCL's
     bootstrap: network interface discovery, a listening socket)."""
     await nccl_info_async()
-    ids: tuple[bytes, bytes] = await _in_daemon_thread(new_unique_ids, "aiokvpipe-nccl-id")
+    ids: tuple[bytes, bytes] = await in_daemon_thread(new_unique_ids, "aiokvpipe-nccl-id")
     return ids
 
 
@@ -174,7 +173,7 @@ async def start(server: bool, ids: tuple[bytes, bytes], device: torch.device,
 
     plane: NcclPlane | None = None
     try:
-        comms = await _in_daemon_thread(init, "aiokvpipe-nccl-init",
+        comms = await in_daemon_thread(init, "aiokvpipe-nccl-init",
                                         orphaned=functools.partial(_abort_in_thread, lib))
         for comm in comms:
             await _wait_ready(lib, comm)
@@ -190,39 +189,6 @@ async def start(server: bool, ids: tuple[bytes, bytes], device: torch.device,
         elif comms:
             _abort_in_thread(lib, comms)
         raise
-
-
-async def _in_daemon_thread(fn: Callable[[], Any], name: str,
-                            orphaned: Callable[[Any], None] | None = None) -> Any:
-    """Run a blocking call off the loop in a daemon thread (which never keeps the interpreter
-    from exiting). If the wait is cancelled, ``orphaned`` receives the result when it comes
-    (to release what nobody will use), on the loop or, if the loop is gone, in the thread."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, exc: BaseException | None) -> None:
-        if fut.done():
-            if exc is None and orphaned is not None:
-                orphaned(result)
-            return
-        if exc is not None:
-            fut.set_exception(fresh(exc))
-        else:
-            fut.set_result(result)
-
-    def run() -> None:
-        try:
-            result, exc = fn(), None
-        except BaseException as err:
-            result, exc = None, err
-        try:
-            loop.call_soon_threadsafe(settle, result, exc)
-        except RuntimeError:  # the loop is gone; nobody is waiting any more
-            if exc is None and orphaned is not None:
-                orphaned(result)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await fut
 
 
 # -- the plane --------------------------------------------------------------------------------

@@ -95,11 +95,7 @@ class BlockExchange:
                           layers: object) -> None:
         pipe = self._pipe
         t0 = perf_counter()
-        if not isinstance(pool, BlockPool):
-            raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
-        key = check_key(key)
-        ids = normalize_ids(pool, block_ids, destination=False)
-        chosen = _normalize_layers(pool, layers)
+        key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
         pipe._check_can_send()
         ready = _mark_stream(pool)
         pool_id = self._announce(pool)
@@ -223,11 +219,7 @@ class BlockExchange:
                           layers: object) -> None:
         pipe = self._pipe
         t0 = perf_counter()
-        if not isinstance(pool, BlockPool):
-            raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
-        key = check_key(key)
-        ids = normalize_ids(pool, block_ids, destination=True)
-        chosen = _normalize_layers(pool, layers)
+        key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
         pipe._check_can_recv()
         sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future())
         self._sinks.setdefault(key, []).append(sink)
@@ -434,6 +426,15 @@ class BlockExchange:
                     sink.done.set_exception(fresh(exc))
                     sink.done.exception()
         self._poller.abort(exc)
+
+
+def _checked(pool: object, block_ids: object, key: str | None, layers: object, *,
+             destination: bool) -> tuple[str | None, tuple[int, ...], tuple[int, ...]]:
+    """A block call's arguments, checked before anything moves: (key, ids, tensor indices)."""
+    if not isinstance(pool, BlockPool):
+        raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
+    return (check_key(key), normalize_ids(pool, block_ids, destination=destination),
+            _normalize_layers(pool, layers))
 
 
 def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:

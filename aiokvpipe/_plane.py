@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import torch
 
+from ._errors import fresh
 from ._wire import TensorSpec
 
 T = TypeVar("T")
@@ -125,3 +127,36 @@ def settle_like(dest: asyncio.Future[T], source: asyncio.Future[Any],
         dest.set_exception(exc)
     else:
         dest.set_result(source.result() if value is _FROM_SOURCE else value)
+
+
+async def in_daemon_thread(fn: Callable[[], Any], name: str,
+                            orphaned: Callable[[Any], None] | None = None) -> Any:
+    """Run a blocking call off the loop in a daemon thread (which never keeps the interpreter
+    from exiting). If the wait is cancelled, ``orphaned`` receives the result when it comes
+    (to release what nobody will use), on the loop or, if the loop is gone, in the thread."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if fut.done():
+            if exc is None and orphaned is not None:
+                orphaned(result)
+            return
+        if exc is not None:
+            fut.set_exception(fresh(exc))
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as err:
+            result, exc = None, err
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop is gone; nobody is waiting any more
+            if exc is None and orphaned is not None:
+                orphaned(result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await fut
