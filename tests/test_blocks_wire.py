@@ -15,20 +15,10 @@ from aiokvpipe import ProtocolError
 from aiokvpipe._blocks import BlockPool, PoolLayout, TensorLayout
 from aiokvpipe._blocks_wire import (
     MAX_LAYOUT_BODY,
-    MAX_OFFER_BLOCKS,
-    MAX_OFFER_BODY,
-    MAX_PULL_BODY,
-    Offer,
-    Pull,
-    PullStatus,
     decode_layout,
-    decode_offer,
-    decode_pull,
     encode_layout,
-    encode_offer,
-    encode_pull,
 )
-from aiokvpipe._wire import DTYPE_ITEMSIZE, MAX_ERROR_TEXT_BYTES, MAX_KEY_BYTES
+from aiokvpipe._wire import DTYPE_ITEMSIZE
 
 fast = settings(max_examples=150, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -73,26 +63,9 @@ u32 = st.integers(0, (1 << 32) - 1)
 u64 = st.integers(0, (1 << 64) - 1)
 
 
-@st.composite
-def offers(draw: st.DrawFn) -> Offer:
-    layers = tuple(sorted(draw(st.sets(st.integers(0, 1023), min_size=1, max_size=8))))
-    count = draw(st.integers(0, 50))
-    ids = draw(st.one_of(st.none(), st.lists(st.integers(0, (1 << 32) - 2), min_size=count,
-                                             max_size=count).map(tuple)))
-    key = draw(st.one_of(st.none(), _short_text(MAX_KEY_BYTES, 20)))
-    return Offer(draw(u64), draw(u32), key, layers, count, ids)
-
-
-pulls = st.one_of(
-    st.builds(Pull, u64, st.just(PullStatus.ACCEPT), st.just(""), u64),
-    st.builds(Pull, u64, st.sampled_from(list(PullStatus)[1:]), _short_text(300, 60), u64),
-)
-
 CODECS = {
     "layout": (lambda v: encode_layout(*v), decode_layout,
                st.tuples(u32, layouts()), MAX_LAYOUT_BODY),
-    "offer": (encode_offer, decode_offer, offers(), MAX_OFFER_BODY),
-    "pull": (encode_pull, decode_pull, pulls, MAX_PULL_BODY),
 }
 
 
@@ -182,56 +155,3 @@ def test_layout_limits_are_checked_before_reading() -> None:
         decode_layout(struct.pack(">IBH", 0, 0, 1025))
     with pytest.raises(ProtocolError, match="truncated"):
         decode_layout(struct.pack(">IBH", 0, 0, 1000))
-
-
-def _offer_body(count: int, ids: list[int] | None, layers: tuple[int, ...] = (0,),
-                key: bytes | None = b"k") -> bytes:
-    out = struct.pack(">QIBH", 1, 2, key is not None, len(key or b"")) + (key or b"")
-    out += struct.pack(">H", len(layers)) + struct.pack(f">{len(layers)}H", *layers)
-    out += struct.pack(">IB", count, ids is not None)
-    if ids is not None:
-        out += struct.pack(f">{len(ids)}I", *ids)
-    return out
-
-
-def test_offer_checks() -> None:
-    assert decode_offer(_offer_body(2, [5, 6])) == Offer(1, 2, "k", (0,), 2, (5, 6))
-    assert decode_offer(_offer_body(2, None, key=None)) == Offer(1, 2, None, (0,), 2)
-    with pytest.raises(ProtocolError, match="exceeds"):
-        decode_offer(_offer_body(MAX_OFFER_BLOCKS + 1, None))
-    with pytest.raises(ProtocolError, match="truncated"):
-        decode_offer(_offer_body(3, [1, 2]))
-    with pytest.raises(ProtocolError, match="strictly increasing"):
-        decode_offer(_offer_body(1, None, layers=(2, 2)))
-    with pytest.raises(ProtocolError, match="strictly increasing"):
-        decode_offer(_offer_body(1, None, layers=(3, 1)))
-    with pytest.raises(ProtocolError, match="0 tensors"):
-        decode_offer(_offer_body(1, None, layers=()))
-    with pytest.raises(ProtocolError, match="UTF-8"):
-        decode_offer(_offer_body(1, None, key=b"\xff"))
-    bad_key = struct.pack(">QIBH", 1, 2, 1, MAX_KEY_BYTES + 1)
-    with pytest.raises(ProtocolError, match="key of"):
-        decode_offer(bad_key + bytes(MAX_KEY_BYTES + 20))
-    with pytest.raises(ProtocolError, match="stray"):
-        decode_offer(_offer_body(1, None) + b"\0")
-    # Local construction: ValueError, not ProtocolError.
-    with pytest.raises(ValueError, match="source ids"):
-        Offer(1, 2, None, (0,), 3, (1, 2))
-    with pytest.raises(ValueError, match="offer_id"):
-        Offer(-1, 2, None, (0,), 0)
-
-
-def test_pull_checks() -> None:
-    refused = Pull(9, PullStatus.MISFIT, "pools do not fit: tensor 0 is float16 here")
-    assert decode_pull(encode_pull(refused)) == refused
-    long = Pull(9, PullStatus.INVALID, "é" * 1000)
-    assert len(long.text.encode()) <= MAX_ERROR_TEXT_BYTES  # cut at a character boundary
-    assert decode_pull(encode_pull(long)) == long
-    with pytest.raises(ProtocolError, match="status 9"):
-        decode_pull(struct.pack(">QBQH", 1, 9, 0, 0))
-    with pytest.raises(ProtocolError, match="no text"):
-        decode_pull(struct.pack(">QBQH", 1, 0, 0, 1) + b"x")
-    with pytest.raises(ProtocolError, match="exceeds"):
-        decode_pull(struct.pack(">QBQH", 1, 1, 0, MAX_ERROR_TEXT_BYTES + 1))
-    with pytest.raises(ProtocolError, match="truncated"):
-        decode_pull(struct.pack(">QBQH", 1, 1, 0, 5) + b"abc")
