@@ -48,8 +48,6 @@ class ControlChannel(asyncio.Protocol):
         self._handler: ControlHandler | None = None
         self._lost: BaseException | None = None
         self._write_paused = False
-        #: Frames written since this loop iteration's first write (None: nothing written yet).
-        self._held: list[bytes] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._last_heard = self._loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -114,21 +112,7 @@ class ControlChannel(asyncio.Protocol):
         transport = self._transport
         if self._lost is not None or transport is None or transport.is_closing():
             raise BrokenPipe("control connection is closed") from self._lost
-        if self._held is not None:
-            self._held.append(data)
-            return
-        # The first write of a loop iteration goes out at once (a lone request is not kept
-        # waiting); later ones are held and go out together when the iteration ends: a
-        # task streaming small messages costs one system call per iteration, not per frame.
         transport.write(data)
-        self._held = []
-        self._loop.call_soon(self._flush_held)
-
-    def _flush_held(self) -> None:
-        held, self._held = self._held, None
-        if held and self._lost is None and self._transport is not None \
-                and not self._transport.is_closing():
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     @property
     def write_paused(self) -> bool:
@@ -241,7 +225,6 @@ class ControlChannel(asyncio.Protocol):
 
     def close(self) -> None:
         """Close the connection (after flushing what is queued) and stop the heartbeat."""
-        self._flush_held()
         if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
             self._heartbeat.cancel()
         if self._transport is not None:
@@ -274,7 +257,6 @@ class ControlChannel(asyncio.Protocol):
 
     def say(self, data: bytes) -> None:
         """Write ``data`` (an ERROR frame) if the connection still takes it; never raises."""
-        self._flush_held()
         transport = self._transport
         if self._lost is None and transport is not None and not transport.is_closing():
             transport.write(data)
