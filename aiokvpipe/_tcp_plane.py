@@ -371,7 +371,7 @@ class TcpPlane:
             tensors, ready, fut = self._outbox[0]
             try:
                 if tensors and isinstance(tensors[0], memoryview):  # post_send_views
-                    await self._send_views(tensors)  # type: ignore[arg-type]
+                    await self._send_views(tensors)
                     tensors = ()
                 for t, ev in zip(tensors, ready):
                     view, keep = await self._payload_bytes(t, ev)

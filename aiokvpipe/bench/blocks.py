@@ -228,8 +228,9 @@ def run(args: argparse.Namespace, loop: str) -> int:
     settings = {"blocks": True, **shape, "request_bytes": nbytes, "planes": planes,
                 "seconds": seconds, "repeat": repeat, "ours_loop": loop, "depth": DEPTH,
                 "one_gpu": one_gpu, "wall_s": time.perf_counter() - started}
-    finish(args, info, date, settings, records, errors, summary, targets, [nbytes],
-           list(dict.fromkeys(["blocks", "ours", *(BASELINES[p][0] for p in planes)])), notes, table)
+    impls = list(dict.fromkeys(["blocks", "ours", *(BASELINES[p][0] for p in planes)]))
+    finish(args, info, date, settings, records, errors, summary, targets, [nbytes], impls,
+           notes, table)
     return 1 if errors else 0
 
 
