@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aiokvpipe.bench import common, gpu
+from aiokvpipe.bench import blocks, common, gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,3 +157,59 @@ def test_gpu_plan_builds_without_cuda() -> None:
     assert ours[-1]["kind"] == "keyed" and raw[-1]["kind"] == "tput"
     assert cases[0]["max_nbytes"] >= 1 << 30
     assert all(c["transport"] == "nccl" for c in cases)
+
+
+def test_bench_blocks_tiny_run_on_the_cpu(tmp_path: Path) -> None:
+    """The paged-KV case at a tiny size: our blocks (one call, and a call per layer), our
+    send() and the zero-copy ceiling moving the same bytes, the target row, the JSON."""
+    report = tmp_path / "blocks.json"
+    out = run_cli("bench", "--blocks", "--blocks-pool", "64", "--blocks-request", "16",
+                  "--blocks-layers", "4", "--seconds", "0.2", "--repeat", "1",
+                  "--json", str(report), timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "pools of 64 blocks, scaled down from the issue's 4,096 (--blocks-pool)" in out.stdout
+    assert "16 blocks × 4 layers × K,V × 32 KiB = 4 MiB" in out.stdout
+    rows = {line.split("  ")[0].strip() + "|" + line.split("  ")[1].strip(): line
+            for line in out.stdout.splitlines() if line.startswith("tcp (cpu)")}
+    assert set(rows) == {"tcp (cpu)|ours, blocks: 1 call",
+                         "tcp (cpu)|ours, blocks: 4 calls, a layer each",
+                         "tcp (cpu)|ours, send(): 1 tensor",
+                         "tcp (cpu)|zero-copy ceiling: 1 buffer (baseline)"}, out.stdout
+    target_row = rows["tcp (cpu)|ours, blocks: 1 call"]
+    assert "≥0.75×zero-copy ceiling" in target_row
+    assert target_row.rstrip().endswith(("PASS", "FAIL"))
+    doc = json.loads(report.read_text())
+    assert doc["errors"] == [] and doc["settings"]["request_bytes"] == 4 << 20
+    for impl, label in (("blocks", "tcp: blocks"), ("blocks", "tcp: blocks by layer"),
+                        ("ours", "tcp: one tensor"), ("ceiling", "tcp: one tensor")):
+        figs = doc["summary"][impl][label]
+        assert figs["gbps"] > 0 and figs["nbytes"] == 4 << 20, (impl, label)
+        assert figs["receiver_cpu_s_per_gb"] > 0, (impl, label)
+    for label in ("tcp: blocks", "tcp: blocks by layer"):
+        for side in ("sender", "receiver"):
+            assert doc["summary"]["blocks"][label][f"{side}_lag_p99_ms"] >= 0
+    [target] = doc["targets"]
+    assert target["name"] == "cpu:tcp blocks ours/zero-copy ceiling" and target["target"] == 0.75
+    assert target["value"] > 0 and isinstance(target["pass"], bool)
+
+
+def test_bench_blocks_refuses_what_does_not_apply() -> None:
+    out = run_cli("bench", "--blocks", "--sizes", "1M", timeout=30)
+    assert out.returncode == 2 and "--sizes" in out.stderr
+    out = run_cli("bench", "--blocks", "--blocks-pool", "8", "--blocks-request", "16",
+                  timeout=30)
+    assert out.returncode == 2 and "--blocks-request" in out.stderr
+
+
+def test_blocks_plan_measures_every_plane_beside_its_baseline() -> None:
+    shape = {"pool_blocks": 4096, "request_blocks": 256, "layers": 32}
+    cases = blocks.plan_blocks(blocks.planes_for("cuda", cupy=True, ipc=True), shape, 1.0, 1,
+                               "uvloop")
+    assert [(c["plane"], c["impl"]) for c in cases] == [
+        ("cuda:nccl", "blocks"), ("cuda:nccl", "ours"), ("cuda:nccl", "nccl-raw"),
+        ("cuda:tcp", "blocks"), ("cuda:tcp", "ours"),
+        ("cuda:ipc", "blocks"), ("cuda:ipc", "ours"), ("cuda:ipc", "blocks-ipc-copy")]
+    assert all(c["max_nbytes"] == 512 << 20 for c in cases)  # the issue's 512 MiB request
+    assert all(p["nbytes"] == 512 << 20 for c in cases for p in c["phases"])
+    assert [p.get("by_layer", False) for p in cases[0]["phases"]] == [False, True]
+    assert blocks.planes_for("cuda", cupy=False, ipc=False) == ["cuda:tcp"]

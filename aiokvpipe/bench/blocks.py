@@ -176,7 +176,7 @@ def run(args: argparse.Namespace, loop: str) -> int:
 
         ipc = ipc_info()[0]
     planes = planes_for(device, cupy, ipc)
-    seconds = float(args.seconds or (0.5 if args.quick else 1.0))
+    seconds = float(args.seconds or (0.5 if args.quick else 2.0))  # a request is 512 MiB
     repeat = args.repeat or (1 if args.quick or device == "cuda" else 3)
     cases = plan_blocks(planes, shape, seconds, repeat, loop)
     nbytes = request_nbytes(shape)
