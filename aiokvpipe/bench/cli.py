@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from . import blocks, cpu, gpu, ipc
 from .child import child_main
+from .report import replot
 from .common import have_uvloop
 
 #: Runs a suite: ``(args, event loop for ours)`` → exit status.
@@ -58,6 +59,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw throughput against size (needs matplotlib)")
+    p.add_argument("--replot", metavar="FILE.json",
+                   help="measure nothing: draw --plot from the throughput figures of an "
+                        "earlier run's --json")
     p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=None,
                    help="run our pipe (and the ceiling) on uvloop (default: if installed)")
     p.add_argument("--one-gpu", action="store_true",
@@ -80,6 +84,12 @@ def main(args: argparse.Namespace) -> int:
         print("bench: --plot needs matplotlib, which is not installed here "
               "(pip install matplotlib)", file=sys.stderr)
         return 2
+    if args.replot:
+        if not args.plot:
+            print("bench: --replot needs --plot FILE.png", file=sys.stderr)
+            return 2
+        replot(args.replot, args.plot)
+        return 0
     use_uvloop = have_uvloop() if args.uvloop is None else args.uvloop
     if use_uvloop and not have_uvloop():
         print("bench: --uvloop asked for, but uvloop is not installed", file=sys.stderr)

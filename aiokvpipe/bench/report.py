@@ -228,6 +228,25 @@ def plot(path: str, sizes: list[int], series: dict[str, list[float | None]], tit
     plt.close(fig)
 
 
+def replot(json_path: str, png_path: str) -> None:
+    """Draw throughput against size from a ``--json`` document: one line per implementation,
+    titled with the run's device and date (a picture of a run made elsewhere, a GPU say)."""
+    with open(json_path) as f:
+        doc = json.load(f)
+    points: dict[str, dict[int, float]] = {}
+    for impl, figures in doc["summary"].items():
+        for fig in figures.values():
+            if fig.get("kind") == "tput" and fig.get("gbps"):
+                points.setdefault(impl, {})[fig["nbytes"]] = fig["gbps"]
+    sizes = sorted({n for by_size in points.values() for n in by_size})
+    series: dict[str, list[float | None]] = {
+        impl: [by_size.get(n) for n in sizes] for impl, by_size in points.items()}
+    host = doc.get("host", {})
+    title = (f"aiokvpipe bench {doc.get('date', '')[:10]} · {host.get('device', '')} · "
+             f"{host.get('cpu', '')} · torch {host.get('torch', '')}")
+    plot(png_path, sizes, series, title)
+
+
 def finish(args: argparse.Namespace, info: Json, date: str, settings: Json,
            records: list[Json], errors: list[Json], summary: Summary,
            targets: list[Json], sizes: list[int], impls: list[str], notes: list[str],
