@@ -351,6 +351,7 @@ class Pipe:
             self._proto.start_closing()
             self._fail_waiters(PipeClosed("pipe closed"))
             self._fail_pending_senders(PipeClosed("pipe closed"))
+            self._blocks.closing(PipeClosed("pipe closed"), ours=True)
             self._ensure_closer()
         progress = self._progress()
         while True:
@@ -703,6 +704,7 @@ class Pipe:
 
     def _on_close(self) -> None:
         self._fail_pending_senders(PipeClosed("the peer closed the pipe"))
+        self._blocks.closing(PipeClosed("the peer closed the pipe"), ours=False)
         if not self._incoming:
             self._fail_waiters(PipeClosed("the peer closed the pipe"))
         self._ensure_closer()
@@ -722,8 +724,8 @@ class Pipe:
         # Our half: let posted sends finish, then tell the peer how many messages we sent.
         # Senders still waiting for their turn see the closed state and raise PipeClosed.
         try:
-            while self._sends_in_flight:
-                await asyncio.wait(set(self._sends_in_flight))
+            while self._sends_in_flight or self._blocks.sending:
+                await asyncio.wait(self._sends_in_flight | self._blocks.sending)
             if self._proto.close_received:
                 # Answering the peer's CLOSE: only once all it announced has arrived, so that
                 # our CLOSE tells it that it may tear down without losing a byte in flight.

@@ -87,6 +87,8 @@ class BlockExchange:
         self._offers_in: dict[str | None, deque[_wire.Offer]] = {}
         self._sinks: dict[str | None, list[_Sink]] = {}
         self._incoming: dict[int, _Incoming] = {}
+        #: Block payloads posted and not yet out: a graceful close waits for them.
+        self.sending: set[asyncio.Future[Any]] = set()
         self._poller = EventPoller()
 
     # -- the sending end ------------------------------------------------------------------
@@ -160,7 +162,8 @@ class BlockExchange:
             nbytes = sum(map(len, views))
             await pipe._send_budget.acquire(nbytes)
             try:
-                done = cast(HostBytesPlane, plane).post_send_views(views, keepalive=pool)
+                done = self._sending(cast(HostBytesPlane, plane).post_send_views(
+                    views, keepalive=pool))
                 pipe._write(proto.send_block_data(offer_id))
             except BaseException:
                 pipe._send_budget.release(nbytes)
@@ -203,7 +206,7 @@ class BlockExchange:
                     done = plane.post_send([buf])
                 pipe._write(proto.send_block_data(offer_id))
                 done.add_done_callback(functools.partial(_release, pipe, chunk.nbytes))
-                inflight.append(done)
+                inflight.append(self._sending(done))
             proto.offer_done(offer_id)
             while inflight:
                 await inflight.popleft()
@@ -411,7 +414,29 @@ class BlockExchange:
 
         done.add_done_callback(landed)
 
+    def _sending(self, done: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        self.sending.add(done)
+        done.add_done_callback(self.sending.discard)
+        return done
+
     # -- ending -------------------------------------------------------------------------------
+
+    def closing(self, exc: BaseException, *, ours: bool) -> None:
+        """A graceful close began: calls that can no longer complete raise ``exc``. Ours:
+        no offer of ours will be pulled any more, and no new block will arrive. The peer's:
+        it offers nothing more, so a receive that is waiting for offers ends."""
+        if ours:
+            for fut in self._offers_out.values():
+                if not fut.done():
+                    fut.set_exception(fresh(exc))
+                    fut.exception()
+            self._offers_out.clear()
+        for sinks in self._sinks.values():
+            for sink in sinks:
+                if not sink.done.done() and (ours or not (sink.pending_offers
+                                                          or sink.inflight)):
+                    sink.done.set_exception(fresh(exc))
+                    sink.done.exception()
 
     def fail(self, exc: BaseException) -> None:
         """The pipe ended: every waiting call raises ``exc``."""

@@ -250,3 +250,35 @@ async def test_the_tcp_plane_moves_views_split_differently_on_each_end(
         sent = a._plane.post_send_views(send_views, keepalive=payload)
         await asyncio.gather(sent, received)
     assert torch.equal(out, payload)
+
+
+async def test_a_graceful_close_ends_waiting_block_calls_with_pipe_closed(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    offered = asyncio.create_task(a.send_blocks(src, [1], key="never-pulled"))
+    waiting = asyncio.create_task(b.recv_blocks(dst, [2], key="never-sent"))
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(10):
+        await a.aclose()  # ours: our offer will never be pulled now
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await offered
+        with pytest.raises(aiokvpipe.PipeClosed):  # the peer's: nothing more will come
+            await waiting
+        await b.aclose()
+
+
+async def test_a_graceful_close_delivers_blocks_already_pulled(pair_factory: PairFactory
+                                                               ) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(2048), vllm_pool(2048)
+    ids = list(range(0, 2048, 2))
+    fill_blocks(src, ids[:4], seed=9)
+    receiving = asyncio.create_task(b.recv_blocks(dst, ids, key="big"))
+    sending = asyncio.create_task(a.send_blocks(src, ids, key="big"))
+    async with asyncio.timeout(20):
+        while not a._blocks.sending:  # the pull came and the payload is on its way
+            await asyncio.sleep(0)
+        await asyncio.gather(a.aclose(), sending, receiving)
+        await b.aclose()
+    assert_moved(src, dst, ids, ids)

@@ -15,8 +15,8 @@ from typing import Any, Final
 
 from . import blocks, cpu, gpu, ipc
 from .child import child_main
-from .report import replot
 from .common import have_uvloop
+from .report import replot
 
 #: Runs a suite: ``(args, event loop for ours)`` → exit status.
 SuiteRun = Callable[[argparse.Namespace, str], int]
