@@ -275,10 +275,10 @@ class Pipe:
 
         Block offers for the key are refused (the sender's ``send_blocks`` raises
         ``ValueError`` saying so), now and later. Their receive credits go back to the peer
-        at once. Use it when a request is given up:
-        a message that no ``recv()`` will ever claim would otherwise hold its credits for the
-        life of the pipe and, with enough of them, stall every sender. Returns how many
-        messages were dropped now (later arrivals are dropped silently).
+        at once. Use it when a request is given up: a message that no ``recv()`` will ever
+        claim would otherwise hold its credits for the life of the pipe and, with enough of
+        them, stall every sender. Returns how many messages and block offers were dropped now
+        (later arrivals are dropped silently).
         """
         key = check_key(key)
         self._proto.discard(key)
