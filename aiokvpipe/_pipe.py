@@ -40,7 +40,7 @@ CLOSE_TIMEOUT_S: Final = 10.0
 #: ``send()`` and ``recv()`` often complete without waiting (a small message, one already
 #: arrived). One call in this many yields to the event loop all the same, so that a task
 #: streaming small messages cannot starve the loop: heartbeats, other requests, timers.
-YIELD_EVERY: Final = 64
+YIELD_EVERY: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
