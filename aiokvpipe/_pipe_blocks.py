@@ -439,17 +439,8 @@ class BlockExchange:
                     sink.done.exception()
 
     def fail(self, exc: BaseException) -> None:
-        """The pipe ended: every waiting call raises ``exc``."""
-        for fut in self._offers_out.values():
-            if not fut.done():
-                fut.set_exception(fresh(exc))
-                fut.exception()
-        self._offers_out.clear()
-        for sinks in self._sinks.values():
-            for sink in sinks:
-                if not sink.done.done():
-                    sink.done.set_exception(fresh(exc))
-                    sink.done.exception()
+        """The pipe ended: every waiting call raises ``exc``; stop polling the streams."""
+        self.closing(exc, ours=True)
         self._poller.abort(exc)
 
 

@@ -24,24 +24,14 @@ from typing import Final
 import torch
 
 from .._cudaipc import IPC_HANDLE_BYTES
-from .common import Emit, Json
+from .common import Emit, Json, recv_exactly
 
 _COPY, _COPIED, _END, _ENDED, _BYE = b"c", b"d", b"e", b"f", b"x"
 _HELLO: Final = struct.Struct("<Q")  # the buffer's size, after the IPC handle
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionResetError("the other process closed the connection")
-        data += chunk
-    return data
-
-
 def _expect(sock: socket.socket, byte: bytes) -> None:
-    got = _recv_exactly(sock, 1)
+    got = recv_exactly(sock, 1)
     if got != byte:
         raise RuntimeError(f"expected {byte!r} from the other process, got {got!r}")
 
@@ -73,7 +63,7 @@ def _consumer_phase(sock: socket.socket, dst: int, src: int, nbytes: int, stream
     from .. import _cudaipc
 
     copies, cpu0, t0 = 0, time.process_time(), time.perf_counter()
-    while (what := _recv_exactly(sock, 1)) != _END:
+    while (what := recv_exactly(sock, 1)) != _END:
         if what != _COPY:
             raise RuntimeError(f"unexpected {what!r} from the producer")
         _cudaipc.copy_async(dst, src, nbytes, stream.ptr)  # type: ignore[attr-defined]
@@ -104,8 +94,8 @@ def ipc_copy_case(role: str, device: str, case: Json, emit: Emit) -> list[Json]:
                 sock, _ = server.accept()
             with sock:
                 sock.settimeout(timeout)
-                handle = _recv_exactly(sock, IPC_HANDLE_BYTES)
-                (size,) = _HELLO.unpack(_recv_exactly(sock, _HELLO.size))
+                handle = recv_exactly(sock, IPC_HANDLE_BYTES)
+                (size,) = _HELLO.unpack(recv_exactly(sock, _HELLO.size))
                 if size < nbytes:
                     raise RuntimeError(f"the producer's buffer has {size} bytes, not {nbytes}")
                 dst = _cudaipc.malloc(nbytes, index)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import socket
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -109,3 +110,14 @@ def tput_label(nbytes: int) -> str:
 def case_timeout(phases: Sequence[Json], setup_s: float = 20.0) -> float:
     planned = sum(float(p["seconds"]) + float(p["warmup_s"]) for p in phases)
     return setup_s + 3.0 * planned + 2.0 * len(phases)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a blocking socket (the raw baselines' few bytes of signalling)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError("the other process closed the connection")
+        data += chunk
+    return data

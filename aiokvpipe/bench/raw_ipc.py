@@ -22,7 +22,15 @@ from typing import Any, Final
 
 import torch
 
-from .common import MAX_SAMPLES, MIN_LAT_SAMPLES, Emit, Json, MiB, latency_figures
+from .common import (
+    MAX_SAMPLES,
+    MIN_LAT_SAMPLES,
+    Emit,
+    Json,
+    MiB,
+    latency_figures,
+    recv_exactly,
+)
 
 MAX_RAW_MSGS: Final = 200_000
 _HELLO = struct.Struct(f"<QQ{64}s")  # capacity, offset, handle
@@ -30,16 +38,6 @@ _HELLO = struct.Struct(f"<QQ{64}s")  # capacity, offset, handle
 
 def _count(seconds: float, per_msg: float, floor: int, cap: int) -> int:
     return max(floor, min(cap, int(seconds / max(per_msg, 1e-7))))
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("raw ipc peer went away")
-        buf += chunk
-    return buf
 
 
 def _sender(sock: socket.socket, device: torch.device, case: Json) -> list[Json]:
@@ -51,11 +49,11 @@ def _sender(sock: socket.socket, device: torch.device, case: Json) -> list[Json]
     info = _cudaipc.allocation_of(buf.data_ptr())
     sock.sendall(_HELLO.pack(cap, buf.data_ptr() - info.base,
                              _cudaipc.export_memory(info.base)))
-    _recv_exactly(sock, 1)  # mapped
+    recv_exactly(sock, 1)  # mapped
 
     def one() -> None:
         sock.sendall(b"g")
-        _recv_exactly(sock, 1)
+        recv_exactly(sock, 1)
 
     out = []
     for phase in case["phases"]:
@@ -89,16 +87,16 @@ def _sender(sock: socket.socket, device: torch.device, case: Json) -> list[Json]
 def _receiver(sock: socket.socket, device: torch.device, case: Json) -> list[Json]:
     from .. import _cudaipc
 
-    cap, offset, handle = _HELLO.unpack(_recv_exactly(sock, _HELLO.size))
+    cap, offset, handle = _HELLO.unpack(recv_exactly(sock, _HELLO.size))
     base = _cudaipc.open_memory(handle, device.index or 0)
     out: list[Json] = []
     try:
         dst = torch.empty(cap, dtype=torch.uint8, device=device)
         stream = torch.cuda.Stream(device)
         sock.sendall(b"m")
-        while (n := struct.unpack("<Q", _recv_exactly(sock, 8))[0]):
+        while (n := struct.unpack("<Q", recv_exactly(sock, 8))[0]):
             cpu0, msgs = time.process_time(), 0
-            while (cmd := _recv_exactly(sock, 1)) == b"g":
+            while (cmd := recv_exactly(sock, 1)) == b"g":
                 _cudaipc.copy_async(dst.data_ptr(), base + offset, n, stream.cuda_stream)
                 stream.synchronize()
                 sock.sendall(b"d")
