@@ -199,10 +199,10 @@ Source = BlockPool | MappedPool
 # -- gather / scatter / copy_runs -----------------------------------------------------------
 
 
-def gather(pool: BlockPool, ids: Sequence[int], chunk: Chunk, out: torch.Tensor, *,
+def gather(pool: Source, ids: Sequence[int], chunk: Chunk, out: torch.Tensor, *,
            stream: torch.cuda.Stream | None = None, method: Method = "auto") -> None:
-    """Copy ``chunk``'s blocks (positions into ``ids``) from ``pool`` into
-    ``out[:chunk.nbytes]`` in canonical order.
+    """Copy ``chunk``'s blocks (positions into ``ids``) from ``pool`` (local, or a peer's
+    mapped into this process) into ``out[:chunk.nbytes]`` in canonical order.
 
     ``out``: a contiguous 1-D uint8 tensor on the pool's device (or, for a CUDA pool, in
     pinned host memory) of at least ``chunk.nbytes`` bytes. Enqueued on ``stream``; returns
@@ -249,9 +249,7 @@ def copy_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: Sequence
         else:
             s_dev, d_dev = _to_device(s_idx, dst.device), _to_device(d_idx, dst.device)
             for i in layers:
-                source = (src.byte_view(i) if isinstance(src, MappedPool)
-                          else _byte_view(src.tensors[i], src.layout.tensors[i]))
-                source = source.movedim(src.layout.tensors[i].block_dim, 0)
+                source = _tensor_bytes(src, i).movedim(src.layout.tensors[i].block_dim, 0)
                 target = _byte_view(dst.tensors[i], dst.layout.tensors[i]).movedim(
                     dst.layout.tensors[i].block_dim, 0)
                 target.index_copy_(0, d_dev, source.index_select(0, s_dev))
@@ -369,7 +367,7 @@ def _expand_runs(runs: Sequence[Run]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64)
 
 
-def _move_staged(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf: torch.Tensor, *,
+def _move_staged(pool: Source, ids: Sequence[int], chunk: Chunk, buf: torch.Tensor, *,
                  to_pool: bool, stream: torch.cuda.Stream | None, method: Method) -> None:
     layout = pool.layout
     for s in chunk.segments:
@@ -388,7 +386,7 @@ def _move_staged(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf: torch.T
                 tl = layout.tensors[s.tensor]
                 n = s.stop - s.start
                 idx = _to_device(idx_of[s.start, s.stop], pool.device)
-                view = _byte_view(pool.tensors[s.tensor], tl).movedim(tl.block_dim, 0)
+                view = _tensor_bytes(pool, s.tensor).movedim(tl.block_dim, 0)
                 region = buf[offset:offset + n * tl.block_bytes]
                 if region.device != pool.device:  # pinned host staging of a CUDA pool
                     if to_pool:
@@ -415,18 +413,18 @@ def _segment_ids(ids: Sequence[int], chunk: Chunk) -> dict[tuple[int, int], torc
 def _runs_table(src: Source, dst: BlockPool, layers: Sequence[int], s_idx: torch.Tensor,
                 d_idx: torch.Tensor) -> _Plan:
     """The launch plan of :func:`copy_runs`."""
-    src_ptrs = (src.data_ptrs if isinstance(src, MappedPool)
-                else tuple(t.data_ptr() for t in src.tensors))
+    src_ptrs = _base_ptrs(src)
     jobs = [(_Geom.of(src.layout.tensors[i]), src_ptrs[i],
              _Geom.of(dst.layout.tensors[i]), dst.tensors[i].data_ptr(), 0) for i in layers]
     return _plan(jobs, {0: (s_idx, d_idx)})
 
 
-def _staged_table(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
+def _staged_table(pool: Source, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
                   to_pool: bool) -> _Plan:
     """The launch plan of :func:`gather` (``to_pool`` false) or :func:`scatter` between
     ``chunk``'s blocks and the buffer at ``buf_ptr``."""
     idx_of = _segment_ids(ids, chunk)
+    bases = _base_ptrs(pool)
     jobs: list[_Job] = []
     pairs: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
@@ -435,7 +433,7 @@ def _staged_table(pool: BlockPool, ids: Sequence[int], chunk: Chunk, buf_ptr: in
         key = (s.start, s.stop)
         block_ids, positions = idx_of[key], torch.arange(s.stop - s.start)
         pairs[key] = (positions, block_ids) if to_pool else (block_ids, positions)
-        pool_geom, pool_base = _Geom.of(tl), pool.tensors[s.tensor].data_ptr()
+        pool_geom, pool_base = _Geom.of(tl), bases[s.tensor]
         buf_geom, buf_base = _Geom.packed(tl.block_bytes), buf_ptr + offset
         if to_pool:
             jobs.append((buf_geom, buf_base, pool_geom, pool_base, key))
@@ -450,7 +448,20 @@ def _byte_view(t: torch.Tensor, tl: TensorLayout) -> torch.Tensor:
     return t.unsqueeze(-1).view(torch.uint8)
 
 
-def _check_buffer(pool: BlockPool, buf: torch.Tensor, nbytes: int, what: str) -> None:
+def _tensor_bytes(pool: Source, i: int) -> torch.Tensor:
+    """Tensor ``i`` of a local or mapped pool as uint8 ``(*shape, itemsize)``, no copy."""
+    if isinstance(pool, MappedPool):
+        return pool.byte_view(i)
+    return _byte_view(pool.tensors[i], pool.layout.tensors[i])
+
+
+def _base_ptrs(pool: Source) -> tuple[int, ...]:
+    if isinstance(pool, MappedPool):
+        return pool.data_ptrs
+    return tuple(t.data_ptr() for t in pool.tensors)
+
+
+def _check_buffer(pool: Source, buf: torch.Tensor, nbytes: int, what: str) -> None:
     if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 \
             or not buf.is_contiguous():
         raise TypeError(f"{what} must be a contiguous 1-D uint8 tensor")

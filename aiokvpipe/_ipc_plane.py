@@ -59,7 +59,7 @@ from . import _cudaipc
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
-from ._plane import in_daemon_thread
+from ._plane import in_daemon_thread, settle_like
 from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -91,6 +91,7 @@ class RecordType(enum.IntEnum):
     RETIRE = 3  # producer → consumer: a region will not be named again
     COPY = 4  # producer → consumer: copy these pieces (their data is final)
     ACK = 5  # consumer → producer: this many COPY records done in all
+    POOL = 6  # producer → consumer: where a block pool's tensors lie (regions, offsets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,18 +129,39 @@ class AckRecord:
     copies: int  # COPY records completed since the plane started
 
 
-Record = RegionRecord | RetireRecord | CopyRecord | AckRecord
+class PoolPlace(NamedTuple):
+    region: int
+    offset: int  # of the tensor's first element, from the region's base
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRecord:
+    """Block pool ``pool_id`` (the pipe's id) lies at ``places``, one per tensor, in regions
+    that stay mapped for the plane's life; no places: the pool could not be exported and
+    its blocks travel staged."""
+
+    pool_id: int
+    places: tuple[PoolPlace, ...]
+
+
+Record = RegionRecord | RetireRecord | CopyRecord | AckRecord | PoolRecord
 
 _REGION = struct.Struct(f">BIQ{IPC_HANDLE_BYTES}s")
 _RETIRE = struct.Struct(">BI")
 _COPY_HEAD = struct.Struct(">BBH")  # type, flags (bit 0: last), piece count
 _PIECE = struct.Struct(">IQQ")
 _ACK = struct.Struct(">BQ")
+_POOL_HEAD = struct.Struct(">BIH")  # type, pool id, tensor count
+_PLACE = struct.Struct(">IQ")
+#: Tensors one POOL record may place (a pool of more travels staged).
+MAX_POOL_TENSORS: Final = 4096
 _FIXED: Final = {RecordType.REGION: _REGION.size,
                  RecordType.RETIRE: _RETIRE.size, RecordType.ACK: _ACK.size}
-MAX_RECORD_BYTES: Final = _COPY_HEAD.size + MAX_PIECES * _PIECE.size
+MAX_RECORD_BYTES: Final = max(_COPY_HEAD.size + MAX_PIECES * _PIECE.size,
+                              _POOL_HEAD.size + MAX_POOL_TENSORS * _PLACE.size)
 
-PRODUCER_RECORDS: Final = frozenset({RecordType.REGION, RecordType.RETIRE, RecordType.COPY})
+PRODUCER_RECORDS: Final = frozenset({RecordType.REGION, RecordType.RETIRE, RecordType.COPY,
+                                     RecordType.POOL})
 CONSUMER_RECORDS: Final = frozenset({RecordType.ACK})
 
 
@@ -155,6 +177,11 @@ def encode_record(rec: Record) -> bytes:
         return b"".join(parts)
     if isinstance(rec, AckRecord):
         return _ACK.pack(RecordType.ACK, rec.copies)
+    if isinstance(rec, PoolRecord):
+        if len(rec.places) > MAX_POOL_TENSORS or not 0 <= rec.pool_id < 1 << 32:
+            raise ValueError(f"a POOL record places up to {MAX_POOL_TENSORS} tensors")
+        return b"".join([_POOL_HEAD.pack(RecordType.POOL, rec.pool_id, len(rec.places)),
+                         *(_PLACE.pack(*p) for p in rec.places)])
     if isinstance(rec, RetireRecord):
         return _RETIRE.pack(RecordType.RETIRE, rec.region)
     _check_handle(rec.handle, ValueError)
@@ -213,6 +240,20 @@ class RecordDecoder:
                 if sum(p.nbytes for p in pieces) > MAX_PAYLOAD_BYTES:
                     raise ProtocolError("COPY record beyond the payload limit")
                 out.append(CopyRecord(pieces, bool(flags)))
+            elif kind == RecordType.POOL:
+                if end - pos < _POOL_HEAD.size:
+                    break
+                _, pool_id, count = _POOL_HEAD.unpack_from(buf, pos)
+                if count > MAX_POOL_TENSORS:
+                    raise ProtocolError(f"POOL record with {count} tensors "
+                                        f"(at most {MAX_POOL_TENSORS})")
+                size = _POOL_HEAD.size + count * _PLACE.size
+                if end - pos < size:
+                    break
+                places = tuple(PoolPlace(*_PLACE.unpack_from(buf, pos + _POOL_HEAD.size
+                                                             + i * _PLACE.size))
+                               for i in range(count))
+                out.append(PoolRecord(pool_id, places))
             else:
                 size = _FIXED[RecordType(kind)]
                 if end - pos < size:
@@ -249,6 +290,23 @@ class ConsumerLedger:
     def __init__(self) -> None:
         self.regions: dict[int, int] = {}  # live region → announced size
         self.in_flight = 0
+        self.pools: set[int] = set()
+
+    def pool(self, rec: PoolRecord) -> None:
+        """A pool placed: once per pool id, at most :data:`MAX_REGIONS` pools, each tensor in
+        a live region and starting inside it (the block layer checks that its blocks fit)."""
+        if rec.pool_id in self.pools:
+            raise ProtocolError(f"pool {rec.pool_id} placed twice")
+        if len(self.pools) >= MAX_REGIONS:
+            raise ProtocolError(f"more than {MAX_REGIONS} pools placed")
+        for p in rec.places:
+            size = self.regions.get(p.region)
+            if size is None:
+                raise ProtocolError(f"POOL places a tensor in unknown region {p.region}")
+            if not 0 <= p.offset < size:
+                raise ProtocolError(f"POOL places a tensor at {p.offset}, outside region "
+                                    f"{p.region} of {size} bytes")
+        self.pools.add(rec.pool_id)
 
     def region(self, rec: RegionRecord) -> None:
         if rec.region in self.regions:
@@ -533,7 +591,8 @@ class _Channel(asyncio.Protocol):
 class _Export:
     """An allocation of ours that the peer may map."""
 
-    __slots__ = ("region", "buffer_id", "base", "size", "handle", "announced", "pending")
+    __slots__ = ("region", "buffer_id", "base", "size", "handle", "announced", "pending",
+                 "pinned")
 
     def __init__(self, region: int, buffer_id: int, base: int, size: int, handle: bytes
                  ) -> None:
@@ -544,6 +603,7 @@ class _Export:
         self.handle = handle
         self.announced = False
         self.pending = 0  # parts posted but not yet described: never retire it meanwhile
+        self.pinned = False  # holds a block pool the peer maps for the plane's life
 
 
 class _Part(NamedTuple):
@@ -690,6 +750,8 @@ class IpcPlane:
         self._ack_due = False
         # worker-thread side: region → mapped address (touched in the worker thread only)
         self._thread_maps: dict[int, int] = {}
+        self._pool_sources: dict[int, asyncio.Future[list[tuple[int, int]] | None]] = {}
+        self._pulls = 0  # copies out of the peer's mapped pools (stats)
         #: Done once :meth:`abort` or :meth:`close` has unmapped, freed and dropped everything.
         self.released: asyncio.Future[None] = self._loop.create_future()
 
@@ -734,7 +796,11 @@ class IpcPlane:
                 "mapped_regions": len(self._mappings), "copies_in_flight": len(self._inflight),
                 "ring_bytes": self._ring.space.size if self._ring else 0,
                 "sends_in_flight": len(self._inflight) + len(self._jobs),
-                "receives_pending": len(self._targets) + self._copying}
+                "receives_pending": len(self._targets) + self._copying,
+                "pools_mapped": sum(1 for f in self._pool_sources.values()
+                                    if f.done() and not f.cancelled()
+                                    and f.exception() is None and f.result() is not None),
+                "pulls": self._pulls}
 
     def _guard(self) -> contextlib.AbstractContextManager[Any]:
         """Make the plane's device current for runtime calls that act on the current device
@@ -831,7 +897,7 @@ class IpcPlane:
         ex = _Export(self._new_region(), info.buffer_id, info.base, info.size, handle)
         self._exports[info.buffer_id] = ex
         if len(self._exports) > _MAX_EXPORTS:
-            for bid in [b for b, e in self._exports.items() if not e.pending
+            for bid in [b for b, e in self._exports.items() if not e.pending and not e.pinned
                         ][:len(self._exports) - _MAX_EXPORTS]:
                 self._retire(bid)
         return ex
@@ -1001,6 +1067,43 @@ class IpcPlane:
         if not fut.cancelled() and fut.exception() is None and self._error is None:
             self._flush()
 
+    def export_pool(self, pool_id: int, tensors: Sequence[torch.Tensor]) -> bool:
+        """Let the peer map block pool ``pool_id`` (the pipe's id for it; ``tensors``, one
+        per layer) for the plane's life, so that it copies blocks straight out of it
+        (:meth:`pull`). Returns False, and tells the peer so, when a tensor cannot be
+        exported (ring mode, expandable segments, another device, a failed export): that
+        pool's blocks then travel staged, as messages."""
+        places: list[PoolPlace] = []
+        if (self._error is None and self._mode == "segments"
+                and 0 < len(tensors) <= MAX_POOL_TENSORS
+                and all(t.device == self._device for t in tensors)):
+            try:
+                for t in tensors:
+                    ex = self._pinned_export(t.data_ptr())
+                    if ex is None:
+                        places = []
+                        break
+                    places.append(PoolPlace(ex.region, t.data_ptr() - ex.base))
+            except RuntimeError as exc:  # a CUDA call failed: staged it is
+                log.info("ipc plane: cannot export block pool %d: %s", pool_id, exc)
+                places = []
+        self._emit(encode_record(PoolRecord(pool_id, tuple(places))))
+        self._flush()
+        return bool(places)
+
+    def _pinned_export(self, ptr: int) -> _Export | None:
+        info = _cudaipc.allocation_of(ptr)
+        if not info.exportable:
+            return None
+        ex = self._exports.get(info.buffer_id) or self._export(info)
+        if ex is None:
+            return None
+        ex.pinned = True
+        if not ex.announced:
+            ex.announced = True
+            self._emit(encode_record(RegionRecord(ex.region, ex.size, ex.handle)))
+        return ex
+
     def _on_ack(self, rec: Record) -> None:
         assert isinstance(rec, AckRecord)
         n = rec.copies - self._acked
@@ -1070,8 +1173,75 @@ class IpcPlane:
         self._pump_recv()
         return fut
 
+    def pool_source(self, pool_id: int) -> asyncio.Future[list[tuple[int, int]] | None]:
+        """Where the peer's block pool ``pool_id`` lies here, once its POOL record came and
+        its regions are mapped: per tensor, (the local address of its first element, bytes
+        from there to its region's end); ``None`` if the peer sends that pool staged. Fails
+        if the plane breaks first."""
+        fut = self._pool_sources.get(pool_id)
+        if fut is None:
+            fut = self._pool_sources[pool_id] = self._loop.create_future()
+            if self._error is not None:
+                _fail(fut, self._error)
+        return fut
+
+    def pull(self, launch: Callable[[torch.cuda.Stream], None], nbytes: int,
+             after: torch.cuda.Event | None, keepalive: object) -> asyncio.Future[None]:
+        """Copy out of a mapped pool: ``launch(stream)`` enqueues the copy on the plane's
+        copy stream (after ``after``, an event of the caller's), which the plane waits for
+        before it unmaps anything. The future completes once the copy ran; it fails if the
+        plane breaks. Exceptions of ``launch`` propagate (nothing was enqueued then)."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if self._error is not None:
+            _fail(fut, self._error)
+            return fut
+        self._pulls += 1
+        stream = self._copy_stream
+        with self._guard():
+            if after is not None:
+                stream.wait_event(after)
+            launch(stream)
+        done = self._events.get()
+        done.record(stream)
+        watched = self._copy_poller.watch(done, nbytes // 5, keepalive=keepalive)
+
+        def ran(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._events.put(done)
+            settle_like(fut, f, None)
+
+        watched.add_done_callback(ran)
+        return fut
+
+    def _on_pool(self, rec: PoolRecord) -> None:
+        self._ledger.pool(rec)
+        fut = self.pool_source(rec.pool_id)
+        if not rec.places:
+            if not fut.done():
+                fut.set_result(None)
+            return
+        maps = [self._mappings[p.region] for p in rec.places]
+        sizes = [self._ledger.regions[p.region] for p in rec.places]
+        for m in set(maps):
+            m.users += 1  # pinned: a pool stays mapped until the plane ends
+
+        def placed(_: object) -> None:
+            if fut.done():
+                return
+            if any(m.opened.cancelled() or m.opened.exception() is not None for m in maps):
+                _fail(fut, self._error or ProtocolError(
+                    f"a region of the peer's block pool {rec.pool_id} did not map"))
+                return
+            fut.set_result([(m.opened.result() + p.offset, size - p.offset)
+                            for m, p, size in zip(maps, rec.places, sizes)])
+
+        asyncio.gather(*{m.opened for m in maps}, return_exceptions=True
+                       ).add_done_callback(placed)
+
     def _on_record(self, rec: Record) -> None:
-        if isinstance(rec, CopyRecord):
+        if isinstance(rec, PoolRecord):
+            self._on_pool(rec)
+        elif isinstance(rec, CopyRecord):
             self._ledger.copy(rec)
             maps = tuple(self._mappings[p.region] for p in rec.pieces)
             for m in maps:
@@ -1267,6 +1437,8 @@ class IpcPlane:
                 _fail(sent.job.future, exc)
         for target in self._targets:
             _fail(target.future, exc)
+        for source in self._pool_sources.values():
+            _fail(source, exc)
         self._jobs.clear()
         self._inflight.clear()
         self._targets.clear()
@@ -1285,6 +1457,8 @@ class IpcPlane:
         if self._closing or self._error is not None:
             return
         self._closing = True
+        for source in self._pool_sources.values():
+            _fail(source, ConnectionAbortedError("closed"))
         for chan in (self._send_chan, self._recv_chan):
             if chan is not None:
                 chan.close()

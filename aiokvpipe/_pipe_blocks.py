@@ -10,7 +10,11 @@ callers' futures and moves the bytes, each plane its best way:
 * CUDA pools (nccl, tcp): chunks of at most :data:`STAGING_BYTES` are gathered into a staging
   buffer (pinned host memory for tcp, device memory for nccl), sent, and scattered on arrival;
   both ends cut a transfer into the same chunks.
-* ipc: the receiver copies out of the sender's pool itself, one kernel over all runs.
+* ipc: the sender lets the peer map each CUDA pool once (``IpcPlane.export_pool``) and offers
+  blocks only once its caller's stream has written them; the receiver copies them out of the
+  mapped pool itself with one kernel over all runs (into a pool on another device or on the
+  CPU: gathered through bounded device staging) and answers PULLED once the copy ran, which
+  completes the sender's call. A pool that cannot be exported travels staged, as above.
 """
 
 from __future__ import annotations
@@ -28,10 +32,18 @@ import torch
 from . import _wire
 from ._blocks import BlockPool, PoolLayout, check_counts, check_fits, merge_runs, normalize_ids
 from ._blocks import normalize_layers as _normalize_layers
-from ._blocks_move import Chunk, gather, iter_chunks, run_views, scatter
+from ._blocks_move import (
+    Chunk,
+    MappedPool,
+    copy_runs,
+    gather,
+    iter_chunks,
+    run_views,
+    scatter,
+)
 from ._blocks_wire import decode_layout, encode_layout
 from ._cuda import EventPoller
-from ._errors import ProtocolError, fresh
+from ._errors import PipeError, ProtocolError, fresh
 from ._message import check_key
 from ._plane import DeviceBytesPlane, HostBytesPlane, settle_like
 from ._protocol import offer_cost
@@ -65,6 +77,9 @@ class _Sink:
     #: offers pulled for this call whose payload is still to come
     pending_offers: int = 0
     abandoned: bool = False
+    #: (CUDA pools) after what the caller's stream had queued at the call: copies into the
+    #: pool wait for it
+    after: torch.cuda.Event | None = None
 
 
 @dataclass(eq=False)
@@ -87,9 +102,14 @@ class BlockExchange:
         self._offers_in: dict[str | None, deque[_wire.Offer]] = {}
         self._sinks: dict[str | None, list[_Sink]] = {}
         self._incoming: dict[int, _Incoming] = {}
+        #: Our pools the peer maps and copies out of itself (ipc), and the offers of them
+        #: pulled but not yet copied (the PULLED answer completes them).
+        self._exported: dict[BlockPool, bool] = {}
+        self._copies_out: dict[int, asyncio.Future[str]] = {}
         #: Block payloads posted and not yet out: a graceful close waits for them.
         self.sending: set[asyncio.Future[Any]] = set()
         self._poller = EventPoller()
+        self._ready_poller = EventPoller()
 
     # -- the sending end ------------------------------------------------------------------
 
@@ -101,6 +121,11 @@ class BlockExchange:
         pipe._check_can_send()
         ready = _mark_stream(pool)
         pool_id = self._announce(pool)
+        peer_copies = self._exported.get(pool, False)
+        if peer_copies and ready is not None:
+            # The peer reads the blocks as soon as it pulls: offer them once the caller's
+            # stream has written them. Cancelled here, nothing was offered.
+            await self._ready_poller.watch(ready)
         cost = offer_cost(len(ids), len(chosen))
         await pipe._credits.acquire(cost)
         proto = pipe._proto
@@ -113,23 +138,43 @@ class BlockExchange:
         offer_id, data = proto.send_offer(pool_id, key, chosen, ids)
         pulled: asyncio.Future[str] = pipe._loop.create_future()
         self._offers_out[offer_id] = pulled
+        copied: asyncio.Future[str] | None = None
+        if peer_copies:
+            # Registered now: the PULLED may come in the same read as the PULL.
+            copied = self._copies_out[offer_id] = self._sending(pipe._loop.create_future())
         pipe._write(data)
         try:
             refusal = await pulled
         except asyncio.CancelledError:
             if not pulled.done() or pulled.cancelled():  # not pulled: take it back, unmoved
                 self._offers_out.pop(offer_id, None)
+                self._forget_copy(offer_id)
                 if pipe._error is None:
                     pipe._write(proto.send_retract(offer_id))
                 raise
             refusal = pulled.result()  # pulled as we were cancelled: it is sent whole
+        except BaseException:  # the pipe closed or broke before the peer pulled
+            self._forget_copy(offer_id)
+            raise
         if refusal:
+            self._forget_copy(offer_id)
             raise ValueError(f"the peer refused blocks for key {key!r}: {refusal}")
-        transfer = asyncio.ensure_future(self._send_payload(pool, ids, chosen, offer_id, ready))
-        await asyncio.shield(transfer)
+        if copied is not None:
+            # The peer copies out of our pool; its PULLED says it is done with the blocks.
+            await asyncio.shield(copied)
+        else:
+            transfer = asyncio.ensure_future(self._send_payload(pool, ids, chosen, offer_id,
+                                                                ready))
+            await asyncio.shield(transfer)
         nbytes = pool.layout.block_bytes(chosen) * len(ids)
         pipe._bytes_sent += nbytes
         pipe._metrics.sent(nbytes, perf_counter() - t0)
+
+    def _forget_copy(self, offer_id: int) -> None:
+        """The peer will not copy this offer (refused, or taken back before it pulled)."""
+        fut = self._copies_out.pop(offer_id, None)
+        if fut is not None:
+            fut.cancel()
 
     def _announce(self, pool: BlockPool) -> int:
         pool_id = self._pool_ids.get(pool)
@@ -139,6 +184,9 @@ class BlockExchange:
             pool_id = self._pool_ids[pool] = len(self._pool_ids)
             pipe = self._pipe
             pipe._write(pipe._proto.send_pool(pool_id, encode_layout(pool_id, pool.layout)))
+            export = getattr(pipe._plane, "export_pool", None)
+            self._exported[pool] = bool(export is not None and pool.device.type == "cuda"
+                                        and export(pool_id, pool.tensors))
         return pool_id
 
     async def _send_payload(self, pool: BlockPool, ids: tuple[int, ...],
@@ -224,7 +272,8 @@ class BlockExchange:
         t0 = perf_counter()
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
         pipe._check_can_recv()
-        sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future())
+        sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(),
+                     after=_mark_stream(pool))
         self._sinks.setdefault(key, []).append(sink)
         try:
             for offer in list(self._offers_in.get(key, ())):
@@ -273,6 +322,12 @@ class BlockExchange:
             fut = self._offers_out.pop(frame.offer_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(frame.error)
+        elif isinstance(frame, _wire.Pulled):
+            fut = self._copies_out.pop(frame.offer_id, None)
+            if fut is None:
+                raise ProtocolError(f"PULLED of offer {frame.offer_id}, a pool it cannot map")
+            if not fut.done():
+                fut.set_result("")
         elif isinstance(frame, _wire.BlockData):
             self._block_data(frame.offer_id)
         elif isinstance(frame, _wire.Retract):
@@ -332,9 +387,80 @@ class BlockExchange:
         else:
             chunks = deque(iter_chunks(sink.pool.layout, offer.layers, len(sink.ids),
                                        STAGING_BYTES))
-        self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks)
+        incoming = self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks)
         pipe._write(proto.send_pull(offer.offer_id))
         pipe.credit_released()
+        source = getattr(pipe._plane, "pool_source", None)
+        if source is not None:
+            # ipc: if the sender exported this pool, we copy the blocks out of it ourselves
+            # (no BLOCK_DATA will come); else its chunks arrive staged, as on other planes.
+            source(offer.pool_id).add_done_callback(functools.partial(
+                self._pool_placed, offer, incoming, len(chunks)))
+
+    def _pool_placed(self, offer: _wire.Offer, incoming: _Incoming, chunks: int,
+                     fut: asyncio.Future[list[tuple[int, int]] | None]) -> None:
+        pipe = self._pipe
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the plane broke: so does the pipe
+        places = fut.result()
+        if places is None:
+            return  # the sender could not export the pool: its blocks come staged
+        try:
+            if self._incoming.get(offer.offer_id) is not incoming:
+                return  # retracted as we pulled: the sender may reuse those blocks now
+            if len(incoming.chunks) != chunks:
+                raise ProtocolError(f"BLOCK_DATA for offer {offer.offer_id} of a pool we map")
+            del self._incoming[offer.offer_id]
+            mapped = _mapped_pool(self._peer_pools[offer.pool_id], places, pipe.device)
+            self._track(incoming.sink, self._copy_out(mapped, offer, incoming), incoming,
+                        last=True)
+        except Exception as exc:  # the peer's pool does not fit its mapping, a CUDA error
+            pipe._break(exc)
+
+    def _copy_out(self, mapped: MappedPool, offer: _wire.Offer, incoming: _Incoming
+                  ) -> asyncio.Future[Any]:
+        """Copy an offer's blocks out of the peer's mapped pool into the sink's; then PULLED."""
+        sink, pipe = incoming.sink, self._pipe
+        plane = cast(Any, pipe._plane)
+        done: asyncio.Future[Any]
+        if sink.abandoned:  # the caller gave up before anything was copied: copy nothing
+            done = pipe._loop.create_future()
+            done.set_result(None)
+        elif sink.pool.device == mapped.device:
+            runs = merge_runs(offer.ids, sink.ids)
+            nbytes = sink.pool.layout.block_bytes(incoming.layers) * len(sink.ids)
+            done = plane.pull(
+                lambda stream: copy_runs(mapped, sink.pool, incoming.layers, runs,
+                                         stream=stream),
+                nbytes, sink.after, keepalive=sink.pool)
+        else:  # a pool on the CPU or another GPU: through bounded staging on our device
+            done = asyncio.ensure_future(self._copy_out_staged(mapped, offer, incoming))
+
+        def answer(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is None and pipe._error is None:
+                try:
+                    pipe._write(pipe._proto.send_pulled(offer.offer_id))
+                except PipeError:  # the connection is gone: the pipe broke, and says why
+                    pass
+
+        done.add_done_callback(answer)
+        return done
+
+    async def _copy_out_staged(self, mapped: MappedPool, offer: _wire.Offer,
+                               incoming: _Incoming) -> None:
+        sink, plane = incoming.sink, cast(Any, self._pipe._plane)
+        landing: deque[asyncio.Future[Any]] = deque()
+        for chunk in iter_chunks(sink.pool.layout, incoming.layers, len(sink.ids),
+                                 STAGING_BYTES):
+            while len(landing) >= CHUNKS_IN_FLIGHT:
+                await landing.popleft()
+            buf = torch.empty(chunk.nbytes, dtype=torch.uint8, device=mapped.device)
+            gathered = plane.pull(
+                functools.partial(_gather_on, mapped, offer.ids, chunk, buf),
+                chunk.nbytes, None, keepalive=buf)
+            landing.append(self._unstage(sink, chunk, buf, gathered))
+        while landing:
+            await landing.popleft()
 
     def _block_data(self, offer_id: int) -> None:
         incoming = self._incoming.get(offer_id)
@@ -355,14 +481,23 @@ class BlockExchange:
             done = cast(HostBytesPlane, plane).post_recv_views(views, keepalive=pool)
             self._track(sink, done, incoming, last=not incoming.chunks)
             return
-        landed: asyncio.Future[None] = self._pipe._loop.create_future()
-        cuda = pool.device.type == "cuda"
         if plane.name == "tcp":
-            buf = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=cuda)
+            buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
+                              pin_memory=pool.device.type == "cuda")
             received = cast(HostBytesPlane, plane).post_recv_views([_host_view(buf)], keepalive=buf)
         else:
             buf = torch.empty(chunk.nbytes, dtype=torch.uint8, device=self._pipe.device)
             received = cast(DeviceBytesPlane, plane).post_recv_into([buf])
+        self._track(sink, self._unstage(sink, chunk, buf, received), incoming,
+                    last=not incoming.chunks)
+
+    def _unstage(self, sink: _Sink, chunk: Chunk, buf: torch.Tensor,
+                 received: asyncio.Future[Any]) -> asyncio.Future[None]:
+        """Once ``received`` says ``buf`` holds ``chunk``, scatter it into the sink's pool;
+        the future completes once the blocks are written (or the call was abandoned)."""
+        landed: asyncio.Future[None] = self._pipe._loop.create_future()
+        pool = sink.pool
+        cuda = pool.device.type == "cuda"
 
         def unstage(fut: asyncio.Future[Any]) -> None:
             if fut.cancelled() or fut.exception() is not None:
@@ -378,9 +513,11 @@ class BlockExchange:
             stream = torch.cuda.Stream(buf.device if not cuda else pool.device)
             with torch.cuda.device(stream.device), torch.cuda.stream(stream):
                 if cuda:
+                    if sink.after is not None:
+                        stream.wait_event(sink.after)
                     scatter(pool, sink.ids, chunk, buf, stream=stream)
                     host = None
-                else:  # a CPU pool over nccl: to host memory first
+                else:  # a CPU pool, the chunk on a GPU: to host memory first
                     host = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=True)
                     host.copy_(buf, non_blocking=True)
                 event = torch.cuda.Event()
@@ -395,7 +532,7 @@ class BlockExchange:
             watched.add_done_callback(copied)
 
         received.add_done_callback(unstage)
-        self._track(sink, landed, incoming, last=not incoming.chunks)
+        return landed
 
     def _track(self, sink: _Sink, done: asyncio.Future[Any], incoming: _Incoming,
                last: bool) -> None:
@@ -441,7 +578,13 @@ class BlockExchange:
     def fail(self, exc: BaseException) -> None:
         """The pipe ended: every waiting call raises ``exc``; stop polling the streams."""
         self.closing(exc, ours=True)
+        for fut in self._copies_out.values():  # no PULLED will come
+            if not fut.done():
+                fut.set_exception(fresh(exc))
+                fut.exception()
+        self._copies_out.clear()
         self._poller.abort(exc)
+        self._ready_poller.abort(exc)
 
 
 def _checked(pool: object, block_ids: object, key: str | None, layers: object, *,
@@ -461,6 +604,26 @@ def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(pool.device))
     return event
+
+
+def _mapped_pool(layout: PoolLayout, places: list[tuple[int, int]], device: torch.device
+                 ) -> MappedPool:
+    """The peer's pool as mapped here; :class:`ProtocolError` if a tensor's blocks would
+    reach past the memory its region maps (a peer announcing more than it exported)."""
+    if len(places) != len(layout.tensors):
+        raise ProtocolError(f"the peer placed {len(places)} tensors of a pool of "
+                            f"{len(layout.tensors)}")
+    for tl, (_, room) in zip(layout.tensors, places):
+        reach = (sum((n - 1) * st for n, st in zip(tl.shape, tl.strides)) + 1) * tl.itemsize
+        if reach > room:
+            raise ProtocolError(f"pool tensor {tl.name!r} spans {reach} bytes; its region "
+                                f"maps {room}")
+    return MappedPool(layout, tuple(ptr for ptr, _ in places), device)
+
+
+def _gather_on(mapped: MappedPool, ids: tuple[int, ...], chunk: Chunk, buf: torch.Tensor,
+               stream: torch.cuda.Stream) -> None:
+    gather(mapped, ids, chunk, buf, stream=stream)
 
 
 def _release(pipe: Pipe, nbytes: int, _: object) -> None:

@@ -6,7 +6,8 @@ Modes:
   hold         connect, print "ready", then wait forever (the test kills it)
   blocks N     a CUDA block pool of N blocks (tests/test_pipe_blocks_cuda.py's layout): for
                each unkeyed message {"ids": ...}, receive blocks of key "blocks" into those
-               ids, then send the same blocks back under key "back"
+               ids, then send the same blocks back under key "back"; "blocks N slow" queues
+               a second of GPU work on its stream before each receive
 
 Before connecting it prints "connected <transport>" on stdout. When the test runs both ends on
 one GPU, it sets AIOKVPIPE_TEST_FAKE_UUID and NCCL_HOSTID, so that our handshake and NCCL each
@@ -51,6 +52,9 @@ async def main(port: int, device: str, mode: str, args: list[str]) -> None:
         try:
             while True:
                 ids = (await pipe.recv())["ids"].tolist()
+                if args[1:] == ["slow"]:
+                    # Our stream is busy for about a second: blocks land only after it.
+                    torch.cuda._sleep(2_000_000_000)
                 await pipe.recv_blocks(pool, ids, key="blocks")
                 await pipe.send_blocks(pool, ids, key="back")
         except aiokvpipe.PipeClosed:

@@ -294,6 +294,23 @@ def test_copy_runs_argument_errors() -> None:
     assert not kernel_available(torch.device("cpu"))
 
 
+def test_a_peer_pool_must_lie_inside_the_memory_its_regions_map() -> None:
+    from aiokvpipe._errors import ProtocolError
+    from aiokvpipe._pipe_blocks import _mapped_pool
+
+    # vLLM's [2, num_blocks, ...] laid out with the block dimension outermost in memory
+    t = torch.zeros(8, 2, 4, 3).transpose(0, 1)
+    layout = BlockPool([t, torch.zeros(2, 8, 4, 3)], block_dim=1).layout
+    span = 2 * 8 * 4 * 3 * 4
+    dev = torch.device("cpu")
+    mapped = _mapped_pool(layout, [(4096, span), (1 << 20, span + 9)], dev)
+    assert mapped.data_ptrs == (4096, 1 << 20)
+    with pytest.raises(ProtocolError, match="spans 768 bytes"):
+        _mapped_pool(layout, [(4096, span), (1 << 20, span - 1)], dev)
+    with pytest.raises(ProtocolError, match="placed 1 tensors"):
+        _mapped_pool(layout, [(4096, span)], dev)
+
+
 # -- the kernel's piece tables, applied on the host -------------------------------------------
 
 

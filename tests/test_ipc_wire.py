@@ -19,6 +19,7 @@ from aiokvpipe._ipc_plane import (
     IPC_HANDLE_BYTES,
     MAX_COPIES_IN_FLIGHT,
     MAX_PIECES,
+    MAX_POOL_TENSORS,
     MAX_RECORD_BYTES,
     MAX_REGIONS,
     PRODUCER_RECORDS,
@@ -27,6 +28,8 @@ from aiokvpipe._ipc_plane import (
     CopyRecord,
     IpcPlane,
     Piece,
+    PoolPlace,
+    PoolRecord,
     RecordDecoder,
     RegionRecord,
     RetireRecord,
@@ -48,6 +51,9 @@ PRODUCER_SAMPLES = [
     CopyRecord((Piece(1, 0, 4096),), True),
     CopyRecord((Piece(1, 512, 1), Piece(2, 0, 1 << 30), Piece(1, 0, 7)), False),
     CopyRecord(tuple(Piece(i, i, i + 1) for i in range(MAX_PIECES)), True),
+    PoolRecord(0, ()),  # a pool that travels staged
+    PoolRecord(3, (PoolPlace(1, 0), PoolPlace(1, 1 << 28), PoolPlace((1 << 32) - 1, 7))),
+    PoolRecord((1 << 32) - 1, tuple(PoolPlace(i, i) for i in range(MAX_POOL_TENSORS))),
 ]
 CONSUMER_SAMPLES = [AckRecord(0), AckRecord(1), AckRecord((1 << 64) - 1)]
 
@@ -99,7 +105,7 @@ def test_copy_record_layout_is_fixed() -> None:
 
 
 @pytest.mark.parametrize("data", [
-    b"\x00", b"\x01", b"\x06", b"\xff",  # unknown record types
+    b"\x00", b"\x01", b"\x07", b"\xff",  # unknown record types
     b"\x05" + bytes(8),  # an ACK is the consumer's, never on the producer's socket
     struct.pack(">BBH", 4, 2, 1) + struct.pack(">IQQ", 1, 0, 1),  # flags beyond bit 0
     struct.pack(">BBH", 4, 0, 0),  # no pieces
@@ -110,9 +116,10 @@ def test_copy_record_layout_is_fixed() -> None:
     + struct.pack(">IQQ", 2, 0, 1),  # pieces beyond the payload limit together
     struct.pack(">BIQ", 2, 1, 0) + HANDLE,  # empty region
     struct.pack(">BIQ", 2, 1, MAX_PAYLOAD_BYTES + 1) + HANDLE,
-], ids=["type-0", "type-1", "type-6", "type-255", "ack-on-producer-socket", "flags",
+    struct.pack(">BIH", 6, 0, MAX_POOL_TENSORS + 1),  # a pool of too many tensors
+], ids=["type-0", "type-1", "type-7", "type-255", "ack-on-producer-socket", "flags",
         "no-pieces", "too-many-pieces", "empty-piece", "piece-past-limit", "sum-past-limit",
-        "empty-region", "huge-region"])
+        "empty-region", "huge-region", "pool-too-many"])
 def test_malformed_producer_records_are_protocol_errors(data: bytes) -> None:
     rejected(data)
 
@@ -136,6 +143,9 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
         encode_record(RegionRecord(1, 10, b"short"))
     with pytest.raises(ValueError):
         encode_record(RegionRecord(1, 0, HANDLE))
+    with pytest.raises(ValueError):
+        encode_record(PoolRecord(1, tuple(PoolPlace(1, 0)
+                                          for _ in range(MAX_POOL_TENSORS + 1))))
 
 
 @settings(max_examples=400, deadline=None)
@@ -183,6 +193,18 @@ def test_ledger_refuses_what_was_not_announced(step: object, match: str) -> None
     led = ledger()
     with pytest.raises(ProtocolError, match=match):
         step(led)  # type: ignore[operator]
+
+
+def test_ledger_places_a_pool_once_inside_announced_regions() -> None:
+    led = ledger()
+    led.pool(PoolRecord(0, (PoolPlace(1, 0), PoolPlace(1, 999))))
+    led.pool(PoolRecord(1, ()))
+    with pytest.raises(ProtocolError, match="twice"):
+        led.pool(PoolRecord(0, ()))
+    with pytest.raises(ProtocolError, match="unknown region"):
+        led.pool(PoolRecord(2, (PoolPlace(2, 0),)))
+    with pytest.raises(ProtocolError, match="outside"):
+        led.pool(PoolRecord(3, (PoolPlace(1, 1000),)))
 
 
 def test_ledger_bounds_the_copies_in_flight() -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+from typing import Any
 
 import pytest
 import torch
@@ -85,3 +87,74 @@ async def test_cuda_pools_between_processes(start_peer: object,  # noqa: F811
         await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks"), 60)
         await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
         assert moved(src, back, s_ids, d_ids) and untouched(back, d_ids)
+    if transport == "ipc":
+        # Straight out of the peer's pool, mapped once: one copy per transfer, no staging.
+        stats = peer.pipe._plane.stats
+        assert stats["pools_mapped"] == 1 and stats["pulls"] == 3, stats
+
+
+async def ipc_peer(start: Any, *args: str) -> Any:
+    peer = await start("blocks", "512", *args, transport="ipc", disguise=False)
+    assert peer.pipe.transport == "ipc"
+    return peer
+
+
+async def test_ipc_peer_pulls_each_layer_only_after_our_stream_wrote_it(
+        start_peer: object) -> None:  # noqa: F811
+    peer: Any = await ipc_peer(start_peer)
+    src, back = pool(1024), pool(700)
+    s_ids = torch.randperm(1024)[:100].tolist()
+    d_ids = torch.randperm(700)[:100].tolist()
+    peer_ids = torch.randperm(512)[:100].tolist()
+    randomize(src, s_ids)
+    expected = [t[:, s_ids] + 1 for t in src.tensors]
+    await peer.pipe.send({"ids": torch.tensor(peer_ids)})
+    for layer, t in enumerate(src.tensors):
+        # The layer's last write waits behind a long kernel on our stream: the peer copies
+        # the blocks straight out of our pool, and must see that write.
+        torch.cuda._sleep(100_000_000)
+        t[:, s_ids] += 1
+        await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks", layers=[layer]),
+                               60)
+    await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
+    for e, t in zip(expected, back.tensors):
+        assert torch.equal(e, t[:, d_ids])
+    assert untouched(back, d_ids)
+
+
+async def test_ipc_blocks_from_a_mapped_pool_into_a_cpu_pool(start_peer: object  # noqa: F811
+                                                              ) -> None:
+    peer: Any = await ipc_peer(start_peer)
+    src = pool(1024)
+    back = BlockPool([torch.full((2, 300, 16, 2, 64), SENTINEL, dtype=torch.bfloat16)
+                      for _ in range(4)], block_dim=1)
+    s_ids = torch.randperm(1024)[:120].tolist()
+    d_ids = torch.randperm(300)[:120].tolist()
+    randomize(src, s_ids)
+    await peer.pipe.send({"ids": torch.tensor(torch.randperm(512)[:120].tolist())})
+    await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks"), 60)
+    await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
+    for a, b in zip(src.tensors, back.tensors):
+        assert torch.equal(a[:, s_ids].cpu(), b[:, d_ids])
+    assert untouched(back, d_ids)
+    assert peer.pipe._plane.stats["pulls"] >= 1  # gathered out of the mapped pool
+
+
+async def test_ipc_peer_killed_while_it_pulls_our_blocks(start_peer: object  # noqa: F811
+                                                         ) -> None:
+    peer: Any = await ipc_peer(start_peer, "slow")
+    src = pool(1024)
+    ids = torch.randperm(512)[:200].tolist()
+    await peer.pipe.send({"ids": torch.tensor(ids)})
+    sending = asyncio.create_task(peer.pipe.send_blocks(src, ids, key="blocks"))
+    exchange = peer.pipe._blocks
+    async with asyncio.timeout(30):  # pulled: the peer's copy now waits for its stream
+        while exchange._offers_out or not exchange._copies_out:
+            await asyncio.sleep(0.01)
+    peer.signal(signal.SIGKILL)
+    with pytest.raises(aiokvpipe.BrokenPipe):
+        await asyncio.wait_for(sending, 2)
+    # Our pool is ours again, and the GPU works.
+    src.tensors[0].add_(1)
+    torch.cuda.synchronize()
+
