@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -241,12 +242,12 @@ def copy_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: Sequence
                          f"{dst.device}")
     if not runs or not layers:
         return
-    s_idx, d_idx = _expand_runs(runs)
     kind = _choose(dst.device, method)
     with _on(stream, dst.device):
         if kind == "kernel":
-            _launch(_runs_table(src, dst, layers, s_idx, d_idx), dst.device)
+            _launch_runs(src, dst, layers, tuple((a, b, n) for a, b, n in runs))
         else:
+            s_idx, d_idx = _expand_runs(runs)
             s_dev, d_dev = _to_device(s_idx, dst.device), _to_device(d_idx, dst.device)
             for i in layers:
                 source = _tensor_bytes(src, i).movedim(src.layout.tensors[i].block_dim, 0)
@@ -410,13 +411,62 @@ def _segment_ids(ids: Sequence[int], chunk: Chunk) -> dict[tuple[int, int], torc
     return out
 
 
+def _runs_groups(src: Source, dst: BlockPool, layers: Sequence[int]
+                 ) -> dict[tuple[_Geom, _Geom], list[tuple[int, int]]]:
+    """:func:`copy_runs`' tensors by geometry (source, destination): per kind of tensor,
+    the (source, destination) base addresses. A pool's tensors are usually all alike."""
+    src_ptrs = _base_ptrs(src)
+    groups: dict[tuple[_Geom, _Geom], list[tuple[int, int]]] = {}
+    for i in layers:
+        key = (_Geom.of(src.layout.tensors[i]), _Geom.of(dst.layout.tensors[i]))
+        groups.setdefault(key, []).append((src_ptrs[i], dst.tensors[i].data_ptr()))
+    return groups
+
+
 def _runs_table(src: Source, dst: BlockPool, layers: Sequence[int], s_idx: torch.Tensor,
                 d_idx: torch.Tensor) -> _Plan:
-    """The launch plan of :func:`copy_runs`."""
-    src_ptrs = _base_ptrs(src)
-    jobs = [(_Geom.of(src.layout.tensors[i]), src_ptrs[i],
-             _Geom.of(dst.layout.tensors[i]), dst.tensors[i].data_ptr(), 0) for i in layers]
+    """The launch plan of :func:`copy_runs` as one table (what :func:`_launch_runs` runs,
+    group by group)."""
+    jobs = [(sg, sb, dg, db, 0) for (sg, dg), bases in _runs_groups(src, dst, layers).items()
+            for sb, db in bases]
     return _plan(jobs, {0: (s_idx, d_idx)})
+
+
+#: Piece tables of recent :func:`copy_runs` calls on the device, by (geometries, runs,
+#: device, stream): a request streamed layer by layer plans once, not once per layer. A table
+#: is only read on the stream that uploaded it (so it is there in time), and once evicted
+#: its memory goes back to that stream's pool, reused only after what the stream ran.
+_TABLES: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+_MAX_TABLES: Final = 16
+
+
+def _device_pieces(sg: _Geom, dg: _Geom, runs: tuple[Run, ...], device: torch.device
+                   ) -> torch.Tensor:
+    key = (sg, dg, runs, device, torch.cuda.current_stream(device).cuda_stream)
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table
+    rel = _relative_pieces(sg, dg, *_expand_runs(runs))
+    table = _TABLES[key] = rel.pin_memory().to(device, non_blocking=True)
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return table
+
+
+def _launch_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: tuple[Run, ...]
+                 ) -> None:
+    """:func:`copy_runs` on the kernel: one launch per kind of tensor, on the current
+    stream; only the jobs (two addresses per tensor) go to the device each call."""
+    device = dst.device
+    for (sg, dg), bases in _runs_groups(src, dst, layers).items():
+        pieces = _device_pieces(sg, dg, runs, device)
+        if pieces.shape[0] == 0:
+            continue
+        jobs = torch.tensor([(sb, db, 0, pieces.shape[0]) for sb, db in bases],
+                            dtype=torch.int64)
+        table = jobs.pin_memory().to(device, non_blocking=True)
+        _run_kernel(table.data_ptr(), len(bases), pieces.data_ptr(), pieces.shape[0], device)
 
 
 def _staged_table(pool: Source, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
@@ -606,21 +656,29 @@ def _launch(plan: _Plan, device: torch.device) -> None:
     only past 65,535 jobs)."""
     if plan.pieces.shape[0] == 0 or plan.jobs.shape[0] == 0:
         return
-    import cupy
-    import numpy
 
     n_jobs = plan.jobs.shape[0]
     # One pinned buffer, one host-to-device copy: jobs then pieces.
     both = torch.cat([plan.jobs.reshape(-1), plan.pieces.reshape(-1)]).pin_memory()
     table = both.to(device, non_blocking=True)
-    widest = int(plan.jobs[:, 3].max())
+    _run_kernel(table.data_ptr(), n_jobs, table.data_ptr() + 32 * n_jobs,
+                int(plan.jobs[:, 3].max()), device)
+    # table goes back to torch's caching allocator here: only work on this same stream,
+    # which runs after the kernel, can reuse its memory.
+
+
+def _run_kernel(jobs_ptr: int, n_jobs: int, pieces_ptr: int, widest: int,
+                device: torch.device) -> None:
+    """Launch the copy kernel on the current stream of ``device`` over ``n_jobs`` jobs at
+    ``jobs_ptr`` (device memory), pieces at ``pieces_ptr``; ``widest``: the most pieces of
+    one job (several launches only past 65,535 jobs)."""
+    import cupy
+    import numpy
+
     stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(device.index):
         for first in range(0, n_jobs, _MAX_JOBS_PER_LAUNCH):
             jobs = min(_MAX_JOBS_PER_LAUNCH, n_jobs - first)
             _kernel()((min(widest, _MAX_GRID), jobs), (_THREADS,),
-                      (numpy.uint64(table.data_ptr() + 32 * first),
-                       numpy.uint64(table.data_ptr() + 32 * n_jobs)),
+                      (numpy.uint64(jobs_ptr + 32 * first), numpy.uint64(pieces_ptr)),
                       stream=stream)
-    # table goes back to torch's caching allocator here: only work on this same stream,
-    # which runs after the kernel, can reuse its memory.

@@ -106,6 +106,10 @@ class BlockExchange:
         #: pulled but not yet copied (the PULLED answer completes them).
         self._exported: dict[BlockPool, bool] = {}
         self._copies_out: dict[int, asyncio.Future[str]] = {}
+        #: The peer's pools as mapped here (ipc), and recent merged runs.
+        self._mapped: dict[int, MappedPool] = {}
+        self._runs: dict[tuple[tuple[int, ...], tuple[int, ...]],
+                         tuple[tuple[int, int, int], ...]] = {}
         #: Block payloads posted and not yet out: a graceful close waits for them.
         self.sending: set[asyncio.Future[Any]] = set()
         self._poller = EventPoller()
@@ -411,7 +415,10 @@ class BlockExchange:
             if len(incoming.chunks) != chunks:
                 raise ProtocolError(f"BLOCK_DATA for offer {offer.offer_id} of a pool we map")
             del self._incoming[offer.offer_id]
-            mapped = _mapped_pool(self._peer_pools[offer.pool_id], places, pipe.device)
+            mapped = self._mapped.get(offer.pool_id)
+            if mapped is None:
+                mapped = self._mapped[offer.pool_id] = _mapped_pool(
+                    self._peer_pools[offer.pool_id], places, pipe.device)
             self._track(incoming.sink, self._copy_out(mapped, offer, incoming), incoming,
                         last=True)
         except Exception as exc:  # the peer's pool does not fit its mapping, a CUDA error
@@ -427,7 +434,7 @@ class BlockExchange:
             done = pipe._loop.create_future()
             done.set_result(None)
         elif sink.pool.device == mapped.device:
-            runs = merge_runs(offer.ids, sink.ids)
+            runs = self._runs_of(offer.ids, sink.ids)
             nbytes = sink.pool.layout.block_bytes(incoming.layers) * len(sink.ids)
             done = plane.pull(
                 lambda stream: copy_runs(mapped, sink.pool, incoming.layers, runs,
@@ -445,6 +452,17 @@ class BlockExchange:
 
         done.add_done_callback(answer)
         return done
+
+    def _runs_of(self, src_ids: tuple[int, ...], dst_ids: tuple[int, ...]
+                 ) -> tuple[tuple[int, int, int], ...]:
+        """:func:`merge_runs`, remembered for the last few pairs of id lists: a request
+        streamed layer by layer names the same blocks in every call."""
+        runs = self._runs.get((src_ids, dst_ids))
+        if runs is None:
+            if len(self._runs) >= 8:
+                self._runs.clear()
+            runs = self._runs[src_ids, dst_ids] = merge_runs(src_ids, dst_ids)
+        return runs
 
     async def _copy_out_staged(self, mapped: MappedPool, offer: _wire.Offer,
                                incoming: _Incoming) -> None:

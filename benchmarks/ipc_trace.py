@@ -84,6 +84,30 @@ def instrument() -> None:
     _wrap(torch.cuda.Stream, "query", "Stream.query")
 
 
+def kv_pool() -> aiokvpipe.BlockPool:
+    """The bench's 8B-Llama pool: 32 layers of [2, 4096, 16, 8, 128] bf16."""
+    return aiokvpipe.BlockPool([torch.zeros(2, 4096, 16, 8, 128, dtype=torch.bfloat16,
+                                            device="cuda:0") for _ in range(32)], block_dim=1)
+
+
+async def blocks_report(pipe: aiokvpipe.Pipe, n: int, per_layer: bool) -> None:
+    pool = kv_pool()
+    ids = torch.randperm(pool.num_blocks)[:256].tolist()
+    torch.cuda.synchronize()
+    await pipe.send(torch.tensor([3, n]), "cmd")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if per_layer:
+            for i in range(32):
+                await pipe.send_blocks(pool, ids, layers=[i])
+        else:
+            await pipe.send_blocks(pool, ids)
+    await pipe.recv("events")
+    dt = time.perf_counter() - t0
+    print(f"  blocks, {'32 calls' if per_layer else '1 call'}: {n} requests of 512 MiB: "
+          f"{dt / n * 1e3:.2f} ms each, {n * 512 * 2**20 / dt / 1e9:.0f} GB/s", flush=True)
+
+
 async def child(port: int) -> None:
     instrument()
     pipe = await aiokvpipe.connect("127.0.0.1", port, device="cuda:0", transport="ipc")
@@ -96,6 +120,13 @@ async def child(port: int) -> None:
         if op == 1:
             for _ in range(n):
                 await pipe.send(await pipe.recv())
+        elif op == 3:  # block transfers into a pool like the parent's
+            pool = kv_pool()
+            ids = torch.randperm(pool.num_blocks)[:256].tolist()
+            for _ in range(n):
+                await pipe.recv_blocks(pool, ids)
+            await pipe.send(None, "events")
+            continue
         else:
             for _ in range(n):
                 await pipe.recv()
@@ -146,28 +177,29 @@ def _count(events: list[tuple[str, int]], name: str) -> int:
 
 def stream_report(size: int, n: int, dt: float, mine: list[tuple[str, int]],
                   theirs: list[tuple[str, int]]) -> None:
-    enq = [t for name, t in theirs if name == "IpcPlane._enqueue"]
-    copied = [t for name, t in theirs if name == "IpcPlane._copied"]
-    posts = [t for name, t in mine if name == "IpcPlane.post_send"]
-    acks = [t for name, t in mine if name == "IpcPlane._on_ack"]
-    recs = [t for name, t in theirs if name == "IpcPlane._on_record"]
-    hdrs = [t for name, t in theirs if name == "IpcPlane.post_recv"]
+    def times(events: list[tuple[str, int]], name: str) -> list[int]:
+        return [t for k, t in events if k == name]
+
+    post = times(mine, "IpcPlane.post_send")
+    header = times(theirs, "IpcPlane.post_recv")
+    enq = times(theirs, "IpcPlane._enqueue")
+    copied = times(theirs, "IpcPlane._copied")
+    ended = times(mine, "Pipe.send:end")
     print(f"  {size >> 20} MiB × {n}: {size * n / dt / 1e9:.1f} GB/s; per message "
-          f"{dt / n * 1e6:.1f} µs; posts {len(posts)} records {len(recs)} headers {len(hdrs)} "
-          f"copies {len(enq)} acks {len(acks)} queries P {_count(mine, 'Event.query')} "
-          f"C {_count(theirs, 'Event.query')}")
+          f"{dt / n * 1e6:.1f} µs; counts post {len(post)} header {len(header)} copies "
+          f"{len(enq)}/{len(copied)} sends ended {len(ended)}; Event.query P "
+          f"{_count(mine, 'Event.query')} C {_count(theirs, 'Event.query')}")
+    k = min(map(len, (post, header, enq, copied, ended)))
 
-    def med(a: list[int], b: list[int]) -> str:
-        k = min(len(a), len(b))
-        return f"{statistics.median(y - x for x, y in zip(a[:k], b[:k])) / 1e3:.1f}" if k else "-"
+    def med(a: list[int], b: list[int], shift: int = 0) -> str:
+        d = [b[i + shift] - a[i] for i in range(k - shift)]
+        return f"{statistics.median(d) / 1e3:.1f}" if d else "-"
 
-    print(f"  median µs: post→record {med(posts, recs)}  post→header {med(posts, hdrs)}  "
-          f"record→enqueue {med(recs, enq)}  enqueue→copied(seen) {med(enq, copied)}  "
-          f"copied→ack {med(copied, acks)}")
-    gaps = [b - a for a, b in zip(copied, enq[1:])]
-    if gaps:
-        print("  enqueue of next - previous copy seen done: median "
-              f"{statistics.median(gaps) / 1e3:.1f} µs (negative: queued behind it)")
+    print(f"  median µs per message i: post_send→post_recv(header) {med(post, header)}  "
+          f"post_recv→enqueue {med(header, enq)}  enqueue→copied seen {med(enq, copied)}  "
+          f"copied→send returns {med(copied, ended)}  send returns→post_send of i+1 "
+          f"{med(ended, post, 1)}, of i+2 {med(ended, post, 2)}  copied(i)→enqueue(i+1) "
+          f"{med(copied, enq, 1)}")
 
 
 async def parent(args: argparse.Namespace) -> None:
@@ -178,7 +210,10 @@ async def parent(args: argparse.Namespace) -> None:
         pipe = await asyncio.wait_for(listener.accept(), 60)
         dev = torch.device("cuda", 0)
         print(f"transport {pipe.transport}", flush=True)
-        for size in [parse_size(s) for s in args.sizes.split(",")]:
+        if args.blocks:
+            await blocks_report(pipe, 50, False)
+            await blocks_report(pipe, 20, True)
+        for size in [parse_size(s) for s in args.sizes.split(",") if s]:
             x = torch.ones(size, dtype=torch.uint8, device=dev)
             torch.cuda.synchronize()
             if size <= 1 << 20:
@@ -190,8 +225,9 @@ async def parent(args: argparse.Namespace) -> None:
                     await pipe.recv()
                 mine = list(EVENTS)
                 theirs = json.loads(bytes((await pipe.recv("events")).tolist()))
-                print(f"{size} B ping-pong:")
-                ping_report(mine, theirs, 20)
+                if mine:
+                    print(f"{size} B ping-pong:")
+                    ping_report(mine, theirs, 20)
             else:
                 n = max(16, min(400, (16 << 30) // size))
                 await pipe.send(torch.tensor([2, n], device=dev), "cmd")
@@ -200,7 +236,10 @@ async def parent(args: argparse.Namespace) -> None:
                 await asyncio.gather(*(pipe.send(x) for _ in range(n)))
                 theirs = json.loads(bytes((await pipe.recv("events")).tolist()))
                 dt = time.perf_counter() - t0
-                stream_report(size, n, dt, list(EVENTS), theirs)
+                if EVENTS:
+                    stream_report(size, n, dt, list(EVENTS), theirs)
+                else:
+                    print(f"  {size >> 20} MiB × {n}: {size * n / dt / 1e9:.1f} GB/s")
         await pipe.send(torch.tensor([0, 0], device=dev), "cmd")
         await pipe.aclose()
     finally:
@@ -216,6 +255,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4K,16M,256M")
     ap.add_argument("--rounds", type=int, default=500)
+    ap.add_argument("--blocks", action="store_true", help="also time block transfers")
     ap.add_argument("--child", type=int)
     args = ap.parse_args()
     torch.cuda.set_device(0)
