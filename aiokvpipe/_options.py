@@ -10,6 +10,7 @@ import torch
 
 from ._wire import Transport
 
+KiB: Final = 1 << 10
 MiB: Final = 1 << 20
 
 TransportName = Literal["auto", "ipc", "nccl", "tcp"]
@@ -37,9 +38,11 @@ class PipeOptions:
         Default 512 MiB. A larger message is sent alone.
     recv_buffer_bytes
         Receive credits granted to the peer: bytes that may wait here, received but not yet
-        claimed by ``recv()``. Default 512 MiB. A larger message is accepted alone. On the tcp
-        plane, up to as much again of memory freed by received CPU tensors is kept for reuse
-        (fresh memory costs a page fault per 4 KiB).
+        claimed by ``recv()``; each message counts its payload plus a few hundred bytes of
+        header. Default 512 MiB and 64 KiB, so that two 256 MiB messages fit at once. A
+        larger message is accepted alone. On the tcp plane, up to as much again of memory
+        freed by received CPU tensors is kept for reuse (fresh memory costs a page fault per
+        4 KiB).
     token
         Shared secret both ends must hold (``str`` or ``bytes``); ``None`` reads the
         ``AIOKVPIPE_TOKEN`` environment variable; unset or empty means no authentication.
@@ -78,7 +81,7 @@ class PipeOptions:
     device: str | torch.device = "cpu"
     transport: TransportName = "auto"
     max_inflight_bytes: int = 512 * MiB
-    recv_buffer_bytes: int = 512 * MiB
+    recv_buffer_bytes: int = 512 * MiB + 64 * KiB
     token: str | bytes | None = None
     heartbeat_interval: float | None = 1.0
     heartbeat_timeout: float | None = None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks of one session on a one-GPU machine, in one go: the CUDA tests, then the
 # benchmarks that need a GPU. Logs and JSON go to $OUT (default ./gpu-out); a summary last.
-#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick]
+#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick]   (quick: without the slow extras)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -18,18 +18,23 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     "$(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -1)")")
 }
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > "$OUT/gpu.txt"
-step cuda-tests 200 "$PY" -m pytest -q -p no:cacheprovider -m "(cuda or nccl) and not slow" \
+step cuda-tests 260 "$PY" -m pytest -q -p no:cacheprovider -m "(cuda or nccl) and not slow" \
   tests/test_cuda_nccl.py tests/test_pipe_cuda_tcp.py tests/test_planes_cuda.py \
   tests/test_ipc_cuda.py tests/test_pipe_ipc.py tests/test_pipe_blocks_cuda.py \
   tests/test_blocks.py tests/test_blocks_move.py
 step lifecycle 60 "$PY" benchmarks/lifecycle_lag.py --pipes 2 --json "$OUT/lifecycle.json"
-step bench-ipc 90 "$PY" -m aiokvpipe bench --device cuda --quick --seconds 0.3 \
+step bench-ipc 100 "$PY" -m aiokvpipe bench --device cuda --quick --seconds 0.3 \
   --json "$OUT/bench-ipc.json"
-step blocks-copy 40 "$PY" benchmarks/blocks_copy.py --repeat 10
-step ping-profile 30 "$PY" -m cProfile -s tottime tests/ipc_pipe_ping.py --transport ipc \
-  --sizes 4K
+step bench-blocks 120 "$PY" -m aiokvpipe bench --blocks --device cuda --one-gpu --repeat 1 \
+  --seconds 1 --json "$OUT/bench-blocks.json"
+if [ "${1:-}" != quick ]; then  # the slow extras (about 5 minutes more)
+  step ctx-probe 60 "$PY" benchmarks/ctx_probe.py
+  step kill-trials 300 "$PY" -m pytest -q -p no:cacheprovider -m slow tests/test_pipe_ipc.py \
+    -k kill_trials
+fi
 cat "$OUT/gpu.txt"
 printf '%s\n' "${summary[@]}"
 tail -6 "$OUT/lifecycle.log"
-grep -E "one-way p50|throughput|loop lag|memory" "$OUT/bench-ipc.log" | head -14
-tail -8 "$OUT/blocks-copy.log"
+grep -E "one-way p50|throughput|loop lag|memory|^(tcp|nccl|ipc) " "$OUT/bench-ipc.log" | head -16
+grep -E "^(nccl|tcp|ipc) " "$OUT/bench-blocks.log"
+grep -sE "round trip" "$OUT/ctx-probe.log"

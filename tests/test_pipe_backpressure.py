@@ -150,3 +150,12 @@ async def test_flood_of_empty_messages_is_bounded_by_credits(pair_factory: PairF
     await asyncio.wait_for(blocked, 10)
     await eventually(lambda: b.stats.recv_buffered_messages == window, 5,
                      f"{window} messages buffered: {b.stats}")
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
+def test_default_credits_hold_as_many_messages_as_the_default_send_budget(k: int) -> None:
+    # Credits count each message's header too: with 512 MiB exactly, two 256 MiB messages
+    # did not fit at once, and large messages went one at a time (half the ipc throughput).
+    opts = aiokvpipe.PipeOptions()
+    size = opts.max_inflight_bytes // k
+    assert opts.recv_buffer_bytes >= k * message_cost(size, 1)
