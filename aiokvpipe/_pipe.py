@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import traceback
 from collections import deque
 from ctypes import string_at
 from dataclasses import dataclass
@@ -777,6 +778,12 @@ class Pipe:
         """
         if self._error is not None or self._finished.is_set():
             return
+        if cause.__traceback__ is not None:
+            # Kept without its frames: they hold what the failing call held (the tensors
+            # being sent), and the pipe keeps its error for as long as it lives.
+            log.debug("pipe to %s breaks on %s", self.peer,
+                      "".join(traceback.format_exception(cause)))
+            cause.__traceback__ = None
         err = BrokenPipe(f"pipe to {self.peer} broke: {cause!r}")
         err.__cause__ = cause
         self._error = err
@@ -786,7 +793,7 @@ class Pipe:
         elif _is_local(cause):
             self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL,
                                                        f"{type(cause).__name__}: {cause}")))
-        log.warning("%s", err)
+        log.warning("%s", str(err))  # text: a handler keeping records keeps no objects
         self._metrics.broken(_break_cause(cause))
         self._fail_waiters(err)
         self._blocks.fail(err)

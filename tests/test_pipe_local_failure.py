@@ -259,3 +259,24 @@ async def test_a_dead_peer_is_logged_once_not_per_write(pair_factory: PairFactor
               and r.levelno >= logging.WARNING]
     assert not floods
     assert len([r for r in breaks if str(a.peer) in r.getMessage()]) == 1
+
+
+async def test_a_broken_pipe_keeps_nothing_the_failing_send_held(
+        pair_factory: PairFactory, caplog: pytest.LogCaptureFixture) -> None:
+    # The failure's traceback ran through send(), whose frame holds the tensor; the pipe
+    # keeps its error (and a log handler its records) while the application keeps the pipe.
+    # Neither may keep the tensor: on a GPU that is the KV cache the caller wants freed.
+    import gc
+    import weakref
+
+    caplog.set_level(logging.DEBUG, logger="aiokvpipe")
+    a, _ = await pair_factory()
+    _fail_once(a._plane, "post_send", RuntimeError("CUDA out of memory (staging)"))
+    tensor = torch.full((BIG,), 1.0)
+    alive = weakref.ref(tensor)
+    with pytest.raises(aiokvpipe.BrokenPipe):
+        await a.send(tensor)
+    del tensor
+    gc.collect()
+    assert alive() is None, [type(r).__name__ for r in gc.get_referrers(alive())]
+    assert "breaks on Traceback" in caplog.text  # where it failed is still told
