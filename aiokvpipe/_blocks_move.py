@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -440,17 +441,23 @@ _TABLES: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
 _MAX_TABLES: Final = 16
 
 
+_TABLES_LOCK = threading.Lock()  # pipes on several threads' loops share the cache
+
+
 def _device_pieces(sg: _Geom, dg: _Geom, runs: tuple[Run, ...], device: torch.device
                    ) -> torch.Tensor:
     key = (sg, dg, runs, device, torch.cuda.current_stream(device).cuda_stream)
-    table = _TABLES.get(key)
-    if table is not None:
-        _TABLES.move_to_end(key)
-        return table
+    with _TABLES_LOCK:
+        table = _TABLES.get(key)
+        if table is not None:
+            _TABLES.move_to_end(key)
+            return table
     rel = _relative_pieces(sg, dg, *_expand_runs(runs))
-    table = _TABLES[key] = rel.pin_memory().to(device, non_blocking=True)
-    if len(_TABLES) > _MAX_TABLES:
-        _TABLES.popitem(last=False)
+    table = rel.pin_memory().to(device, non_blocking=True)
+    with _TABLES_LOCK:
+        _TABLES[key] = table
+        if len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
     return table
 
 

@@ -1084,7 +1084,7 @@ class IpcPlane:
                         places = []
                         break
                     places.append(PoolPlace(ex.region, t.data_ptr() - ex.base))
-            except RuntimeError as exc:  # a CUDA call failed: staged it is
+            except Exception as exc:  # a CUDA call failed: staged it is
                 log.info("ipc plane: cannot export block pool %d: %s", pool_id, exc)
                 places = []
         self._emit(encode_record(PoolRecord(pool_id, tuple(places))))

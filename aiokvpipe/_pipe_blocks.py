@@ -11,10 +11,12 @@ callers' futures and moves the bytes, each plane its best way:
   buffer (pinned host memory for tcp, device memory for nccl), sent, and scattered on arrival;
   both ends cut a transfer into the same chunks.
 * ipc: the sender lets the peer map each CUDA pool once (``IpcPlane.export_pool``) and offers
-  blocks only once its caller's stream has written them; the receiver copies them out of the
-  mapped pool itself with one kernel over all runs (into a pool on another device or on the
-  CPU: gathered through bounded device staging) and answers PULLED once the copy ran, which
-  completes the sender's call. A pool that cannot be exported travels staged, as above.
+  blocks only once its caller's stream has written them. The receiver pulls once it knows
+  where the pool lies; the sender, committed by the PULL (it can no longer take the offer
+  back), answers one BLOCK_DATA: "copy now". The receiver copies the blocks out of the mapped
+  pool itself, one kernel over all runs (into a CPU pool: gathered through bounded device
+  staging), and answers PULLED once the copy ran, which completes the sender's call. A pool
+  that cannot be exported travels staged, as above.
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class _Incoming:
     sink: _Sink
     layers: tuple[int, ...]
     chunks: deque[Chunk | None]  # None: one chunk of views, straight into a CPU pool
+    #: the offer's block ids in the sender's pool
+    ids: tuple[int, ...] = ()
+    #: ipc: the sender's pool as mapped here; its one BLOCK_DATA means "copy now"
+    mapped: MappedPool | None = None
 
 
 class BlockExchange:
@@ -122,6 +128,7 @@ class BlockExchange:
         pipe = self._pipe
         t0 = perf_counter()
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
+        _check_device(pipe, pool)
         pipe._check_can_send()
         ready = _mark_stream(pool)
         pool_id = self._announce(pool)
@@ -144,8 +151,8 @@ class BlockExchange:
         self._offers_out[offer_id] = pulled
         copied: asyncio.Future[str] | None = None
         if peer_copies:
-            # Registered now: the PULLED may come in the same read as the PULL.
-            copied = self._copies_out[offer_id] = self._sending(pipe._loop.create_future())
+            # Registered now: the PULL and the PULLED may come in the same read.
+            copied = self._copies_out[offer_id] = pipe._loop.create_future()
         pipe._write(data)
         try:
             refusal = await pulled
@@ -262,10 +269,14 @@ class BlockExchange:
             proto.offer_done(offer_id)
             while inflight:
                 await inflight.popleft()
-        except BaseException as exc:
-            # Part of the payload may have left: the stream is no longer in step.
-            pipe._break(exc if isinstance(exc, Exception) else
-                        ConnectionAbortedError("block transfer cancelled"))
+        except Exception as exc:
+            # Part of the payload may have left: the stream is no longer in step. The caller
+            # gets a copy of the pipe's error: re-raising ``exc`` would chain this frame (its
+            # staging buffer, the pool) into the cause the pipe keeps.
+            pipe._break(exc)
+            raise fresh(pipe._error) if pipe._error is not None else exc
+        except BaseException:
+            pipe._break(ConnectionAbortedError("block transfer cancelled"))
             raise
 
     # -- the receiving end ------------------------------------------------------------------
@@ -275,6 +286,7 @@ class BlockExchange:
         pipe = self._pipe
         t0 = perf_counter()
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
+        _check_device(pipe, pool)
         pipe._check_can_recv()
         sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(),
                      after=_mark_stream(pool))
@@ -288,7 +300,7 @@ class BlockExchange:
             nbytes = pool.layout.block_bytes(chosen) * len(ids)
             pipe._bytes_received += nbytes
             pipe._metrics.received(nbytes, perf_counter() - t0)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the pipe closed or broke
             self._abandon(sink)
             # What is already posted still writes into the pool: wait for it, so that once
             # this call is over nothing touches the named blocks any more.
@@ -317,6 +329,13 @@ class BlockExchange:
                 raise ProtocolError(f"POOL {frame.pool_id} describes pool {pool_id}")
             self._peer_pools[frame.pool_id] = layout
         elif isinstance(frame, _wire.Offer):
+            layout = self._peer_pools[frame.pool_id]
+            if any(not 0 <= i < layout.num_blocks for i in frame.ids):
+                raise ProtocolError(f"offer {frame.offer_id} names blocks outside its pool of "
+                                    f"{layout.num_blocks}")
+            if any(not 0 <= i < len(layout.tensors) for i in frame.layers):
+                raise ProtocolError(f"offer {frame.offer_id} names tensors outside its pool of "
+                                    f"{len(layout.tensors)}")
             if self._pipe._proto.is_discarded(frame.key):
                 self._refuse(frame, DISCARDED)
                 return
@@ -324,7 +343,16 @@ class BlockExchange:
             self._try_match(frame)
         elif isinstance(frame, _wire.Pull):
             fut = self._offers_out.pop(frame.offer_id, None)
-            if fut is not None and not fut.done():
+            copied = self._copies_out.get(frame.offer_id)
+            if fut is None:  # given up here (a close of ours): the peer never copies it
+                return
+            if copied is not None and not frame.error:
+                # Committed (no RETRACT is possible any more): let the peer copy now, whether
+                # or not the caller is still waiting; a close waits for the copy to end.
+                pipe = self._pipe
+                pipe._write(pipe._proto.send_block_data(frame.offer_id))
+                self._sending(copied)
+            if not fut.done():
                 fut.set_result(frame.error)
         elif isinstance(frame, _wire.Pulled):
             fut = self._copies_out.pop(frame.offer_id, None)
@@ -374,7 +402,6 @@ class BlockExchange:
 
     def _pull(self, sink: _Sink, offer: _wire.Offer) -> None:
         pipe = self._pipe
-        proto = pipe._proto
         try:
             check_fits(sink.pool.layout, self._peer_pools[offer.pool_id])
             check_counts(len(sink.ids), len(offer.ids))
@@ -391,62 +418,65 @@ class BlockExchange:
         else:
             chunks = deque(iter_chunks(sink.pool.layout, offer.layers, len(sink.ids),
                                        STAGING_BYTES))
-        incoming = self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks)
-        pipe._write(proto.send_pull(offer.offer_id))
-        pipe.credit_released()
+        incoming = self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks,
+                                                              tuple(offer.ids))
         source = getattr(pipe._plane, "pool_source", None)
-        if source is not None:
-            # ipc: if the sender exported this pool, we copy the blocks out of it ourselves
-            # (no BLOCK_DATA will come); else its chunks arrive staged, as on other planes.
-            source(offer.pool_id).add_done_callback(functools.partial(
-                self._pool_placed, offer, incoming, len(chunks)))
+        if source is None:
+            self._send_pull(offer.offer_id)
+            return
+        # ipc: pull once we know whether the sender exported the pool (we then copy out of
+        # it ourselves on its one BLOCK_DATA) or sends it staged: a BLOCK_DATA must never
+        # come before we know which it means.
+        source(offer.pool_id).add_done_callback(functools.partial(
+            self._pool_placed, offer, incoming))
 
-    def _pool_placed(self, offer: _wire.Offer, incoming: _Incoming, chunks: int,
+    def _send_pull(self, offer_id: int) -> None:
+        pipe = self._pipe
+        pipe._write(pipe._proto.send_pull(offer_id))
+        pipe.credit_released()
+
+    def _pool_placed(self, offer: _wire.Offer, incoming: _Incoming,
                      fut: asyncio.Future[list[tuple[int, int]] | None]) -> None:
         pipe = self._pipe
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.cancelled() or fut.exception() is not None or pipe._error is not None:
             return  # the plane broke: so does the pipe
+        if self._incoming.get(offer.offer_id) is not incoming:
+            return  # the sender took the offer back meanwhile
         places = fut.result()
-        if places is None:
-            return  # the sender could not export the pool: its blocks come staged
         try:
-            if self._incoming.get(offer.offer_id) is not incoming:
-                return  # retracted as we pulled: the sender may reuse those blocks now
-            if len(incoming.chunks) != chunks:
-                raise ProtocolError(f"BLOCK_DATA for offer {offer.offer_id} of a pool we map")
-            del self._incoming[offer.offer_id]
-            mapped = self._mapped.get(offer.pool_id)
-            if mapped is None:
-                mapped = self._mapped[offer.pool_id] = _mapped_pool(
-                    self._peer_pools[offer.pool_id], places, pipe.device)
-            self._track(incoming.sink, self._copy_out(mapped, offer, incoming), incoming,
-                        last=True)
-        except Exception as exc:  # the peer's pool does not fit its mapping, a CUDA error
+            if places is not None:
+                incoming.mapped = self._mapped.get(offer.pool_id)
+                if incoming.mapped is None:
+                    incoming.mapped = self._mapped[offer.pool_id] = _mapped_pool(
+                        self._peer_pools[offer.pool_id], places, pipe.device)
+            self._send_pull(offer.offer_id)
+        except Exception as exc:  # the peer's pool does not fit its mapping; a lost link
             pipe._break(exc)
 
-    def _copy_out(self, mapped: MappedPool, offer: _wire.Offer, incoming: _Incoming
+    def _copy_out(self, mapped: MappedPool, offer_id: int, incoming: _Incoming
                   ) -> asyncio.Future[Any]:
         """Copy an offer's blocks out of the peer's mapped pool into the sink's; then PULLED."""
         sink, pipe = incoming.sink, self._pipe
+        ids = incoming.ids
         plane = cast(Any, pipe._plane)
         done: asyncio.Future[Any]
         if sink.abandoned:  # the caller gave up before anything was copied: copy nothing
             done = pipe._loop.create_future()
             done.set_result(None)
         elif sink.pool.device == mapped.device:
-            runs = self._runs_of(offer.ids, sink.ids)
+            runs = self._runs_of(ids, sink.ids)
             nbytes = sink.pool.layout.block_bytes(incoming.layers) * len(sink.ids)
             done = plane.pull(
                 lambda stream: copy_runs(mapped, sink.pool, incoming.layers, runs,
                                          stream=stream),
                 nbytes, sink.after, keepalive=sink.pool)
-        else:  # a pool on the CPU or another GPU: through bounded staging on our device
-            done = asyncio.ensure_future(self._copy_out_staged(mapped, offer, incoming))
+        else:  # a CPU pool: through bounded staging on our device
+            done = asyncio.ensure_future(self._copy_out_staged(mapped, ids, incoming))
 
         def answer(f: asyncio.Future[Any]) -> None:
             if not f.cancelled() and f.exception() is None and pipe._error is None:
                 try:
-                    pipe._write(pipe._proto.send_pulled(offer.offer_id))
+                    pipe._write(pipe._proto.send_pulled(offer_id))
                 except PipeError:  # the connection is gone: the pipe broke, and says why
                     pass
 
@@ -464,7 +494,7 @@ class BlockExchange:
             runs = self._runs[src_ids, dst_ids] = merge_runs(src_ids, dst_ids)
         return runs
 
-    async def _copy_out_staged(self, mapped: MappedPool, offer: _wire.Offer,
+    async def _copy_out_staged(self, mapped: MappedPool, ids: tuple[int, ...],
                                incoming: _Incoming) -> None:
         sink, plane = incoming.sink, cast(Any, self._pipe._plane)
         landing: deque[asyncio.Future[Any]] = deque()
@@ -472,16 +502,26 @@ class BlockExchange:
                                  STAGING_BYTES):
             while len(landing) >= CHUNKS_IN_FLIGHT:
                 await landing.popleft()
+            if sink.abandoned:  # the caller gave up: copy no more
+                break
             buf = torch.empty(chunk.nbytes, dtype=torch.uint8, device=mapped.device)
+            # The copy stream writes memory allocated on the current stream: after it.
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(mapped.device))
             gathered = plane.pull(
-                functools.partial(_gather_on, mapped, offer.ids, chunk, buf),
-                chunk.nbytes, None, keepalive=buf)
+                functools.partial(_gather_on, mapped, ids, chunk, buf),
+                chunk.nbytes, allocated, keepalive=buf)
             landing.append(self._unstage(sink, chunk, buf, gathered))
         while landing:
             await landing.popleft()
 
     def _block_data(self, offer_id: int) -> None:
         incoming = self._incoming.get(offer_id)
+        if incoming is not None and incoming.mapped is not None:  # "copy now"
+            del self._incoming[offer_id]
+            self._track(incoming.sink, self._copy_out(incoming.mapped, offer_id, incoming),
+                        incoming, last=True)
+            return
         if incoming is None or not incoming.chunks:
             raise ProtocolError(f"more BLOCK_DATA for offer {offer_id} than it has chunks")
         chunk = incoming.chunks.popleft()
@@ -518,6 +558,13 @@ class BlockExchange:
         cuda = pool.device.type == "cuda"
 
         def unstage(fut: asyncio.Future[Any]) -> None:
+            try:
+                unstage_now(fut)
+            except Exception as exc:  # a CUDA error: the call fails (and the pipe breaks)
+                if not landed.done():
+                    landed.set_exception(exc)
+
+        def unstage_now(fut: asyncio.Future[Any]) -> None:
             if fut.cancelled() or fut.exception() is not None:
                 settle_like(landed, fut, None)
                 return
@@ -543,8 +590,12 @@ class BlockExchange:
             watched = self._poller.watch(event, chunk.nbytes, keepalive=(buf, host, stream))
 
             def copied(f: asyncio.Future[None]) -> None:
-                if host is not None and not f.cancelled() and f.exception() is None:
-                    scatter(pool, sink.ids, chunk, host)
+                try:
+                    if host is not None and not f.cancelled() and f.exception() is None:
+                        scatter(pool, sink.ids, chunk, host)
+                except Exception as exc:
+                    if not landed.done():
+                        landed.set_exception(exc)
                 settle_like(landed, f, None)
 
             watched.add_done_callback(copied)
@@ -612,6 +663,16 @@ def _checked(pool: object, block_ids: object, key: str | None, layers: object, *
         raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
     return (check_key(key), normalize_ids(pool, block_ids, destination=destination),
             _normalize_layers(pool, layers))
+
+
+def _check_device(pipe: Pipe, pool: BlockPool) -> None:
+    """The nccl and ipc planes move device memory of the pipe's own GPU: a CUDA pool on
+    another GPU is a ``ValueError`` before anything moves (tcp stages through the host and
+    takes any)."""
+    plane = pipe._plane.name
+    if pool.device.type == "cuda" and plane != "tcp" and pool.device != pipe.device:
+        raise ValueError(f"over {plane}, a CUDA pool must be on the pipe's device "
+                         f"{pipe.device}, not {pool.device}")
 
 
 def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:

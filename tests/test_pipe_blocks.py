@@ -282,3 +282,25 @@ async def test_a_graceful_close_delivers_blocks_already_pulled(pair_factory: Pai
         await asyncio.gather(a.aclose(), sending, receiving)
         await b.aclose()
     assert_moved(src, dst, ids, ids)
+
+
+@pytest.mark.parametrize(("ids", "layers", "what"), [
+    ((0, 16), (0,), "blocks outside its pool of 16"),
+    ((3,), (4,), "tensors outside its pool of 4"),
+])
+async def test_an_offer_outside_the_senders_pool_is_a_protocol_error(
+        pair_factory: PairFactory, ids: tuple[int, ...], layers: tuple[int, ...],
+        what: str) -> None:
+    # The receiver may read the sender's pool at those ids itself (ipc): ids and tensors
+    # beyond the pool the sender described break the pipe, whether or not a recv_blocks
+    # is waiting, and nothing is read.
+    a, b = await pair_factory()
+    src = vllm_pool(16)
+    pool_id = a._blocks._announce(src)
+    _, frame = a._proto.send_offer(pool_id, None, layers, ids)
+    a._write(frame)
+    async with asyncio.timeout(5):
+        with pytest.raises(aiokvpipe.BrokenPipe) as info:
+            await b.wait_closed()
+    assert isinstance(info.value.__cause__, aiokvpipe.ProtocolError)
+    assert what in str(info.value.__cause__)
