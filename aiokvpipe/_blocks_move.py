@@ -184,6 +184,10 @@ class MappedPool:
         """Tensor ``i`` as a uint8 tensor of shape ``(*shape, itemsize)`` over the mapped
         memory (no copy; valid while the mapping is)."""
         tl = self.layout.tensors[i]
+        if self.device.type == "cpu":  # host memory mapped here (shared memory, a test)
+            raw = (ctypes.c_char * tl.span_bytes).from_address(self.data_ptrs[i])
+            return torch.frombuffer(raw, dtype=torch.uint8).as_strided(
+                (*tl.shape, tl.itemsize), (*(st * tl.itemsize for st in tl.strides), 1))
         iface = {
             "shape": (*tl.shape, tl.itemsize),
             "strides": (*(s * tl.itemsize for s in tl.strides), 1),

@@ -195,9 +195,10 @@ class BlockExchange:
             pool_id = self._pool_ids[pool] = len(self._pool_ids)
             pipe = self._pipe
             pipe._write(pipe._proto.send_pool(pool_id, encode_layout(pool_id, pool.layout)))
+            # ipc: the plane exports pools whose memory the peer can map (it says no to
+            # others, which then travel staged)
             export = getattr(pipe._plane, "export_pool", None)
-            self._exported[pool] = bool(export is not None and pool.device.type == "cuda"
-                                        and export(pool_id, pool.tensors))
+            self._exported[pool] = bool(export is not None and export(pool_id, pool.tensors))
         return pool_id
 
     async def _send_payload(self, pool: BlockPool, ids: tuple[int, ...],
@@ -693,10 +694,9 @@ def _mapped_pool(layout: PoolLayout, places: list[tuple[int, int]], device: torc
         raise ProtocolError(f"the peer placed {len(places)} tensors of a pool of "
                             f"{len(layout.tensors)}")
     for tl, (_, room) in zip(layout.tensors, places):
-        reach = (sum((n - 1) * st for n, st in zip(tl.shape, tl.strides)) + 1) * tl.itemsize
-        if reach > room:
-            raise ProtocolError(f"pool tensor {tl.name!r} spans {reach} bytes; its region "
-                                f"maps {room}")
+        if tl.span_bytes > room:
+            raise ProtocolError(f"pool tensor {tl.name!r} spans {tl.span_bytes} bytes; its "
+                                f"region maps {room}")
     return MappedPool(layout, tuple(ptr for ptr, _ in places), device)
 
 
