@@ -6,7 +6,10 @@ parent merges them per round and prints, for each step in order, the median offs
 round's start and how many times it ran per round. For streams of large messages it prints
 the median gap between steps of one message and how busy the copy stream was.
 
-    python benchmarks/ipc_trace.py [--sizes 4K,16M,256M] [--rounds 500]
+    python benchmarks/ipc_trace.py [--sizes 4K,16M,256M] [--rounds 500] [--blocks]
+
+``IPC_TRACE_PLAIN=1``: plain timings without the wrappers; ``IPC_TRACE_PROFILE=DIR``: cProfile
+of both ends, written to DIR.
 
 A development probe (monkeypatching, not a test); ``python -m aiokvpipe bench`` is the
 benchmark.
@@ -66,8 +69,8 @@ def _wrap(cls: Any, attr: str, name: str | None = None) -> None:
 
 
 def instrument() -> None:
-    if os.environ.get("IPC_TRACE_PROFILE"):
-        return  # profiling instead: no wrappers to distort it
+    if os.environ.get("IPC_TRACE_PROFILE") or os.environ.get("IPC_TRACE_PLAIN"):
+        return  # profiling or plain timing instead: no wrappers to distort it
     P = _ipc_plane.IpcPlane
     for attr in ("post_send", "_pump_send", "_job_ready", "_flush", "_gate_fired", "_on_ack",
                  "post_recv", "_on_record", "_pump_recv", "_enqueue", "_copied", "_send_ack"):
@@ -220,13 +223,18 @@ async def parent(args: argparse.Namespace) -> None:
                 n = args.rounds
                 await pipe.send(torch.tensor([1, n + 20], device=dev), "cmd")
                 EVENTS.clear()
+                rts = []
                 for _ in range(n + 20):
+                    t0 = time.perf_counter()
                     await pipe.send(x)
                     await pipe.recv()
+                    rts.append(time.perf_counter() - t0)
                 mine = list(EVENTS)
                 theirs = json.loads(bytes((await pipe.recv("events")).tolist()))
+                rts = sorted(rts[20:])
+                print(f"{size} B ping-pong: one-way p50 {rts[n // 2] / 2e-6:.1f} µs, "
+                      f"p99 {rts[int(n * 0.99)] / 2e-6:.1f} µs")
                 if mine:
-                    print(f"{size} B ping-pong:")
                     ping_report(mine, theirs, 20)
             else:
                 n = max(16, min(400, (16 << 30) // size))
