@@ -734,6 +734,8 @@ class Pipe:
                     # The last payload still arriving; inline messages queue only behind one.
                     last = next(i.payload for i in reversed(self._incoming) if i.payload)
                     await asyncio.wait({last})
+                while self._blocks.receiving:  # blocks announced, still landing
+                    await asyncio.wait(set(self._blocks.receiving))
             if self._error is not None:
                 return
             self._control.write_encoded(self._proto.send_close())
@@ -743,7 +745,7 @@ class Pipe:
 
     def _maybe_finish(self) -> None:
         """Release everything once both CLOSEs are exchanged and every payload arrived."""
-        if self._proto.state is not State.CLOSED or self._incoming:
+        if self._proto.state is not State.CLOSED or self._incoming or self._blocks.receiving:
             return
         if self._finished.is_set() or self._error is not None:
             return

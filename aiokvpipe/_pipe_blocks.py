@@ -45,7 +45,7 @@ from ._blocks_move import (
 )
 from ._blocks_wire import decode_layout, encode_layout
 from ._cuda import EventPoller
-from ._errors import PipeError, ProtocolError, fresh
+from ._errors import PipeClosed, PipeError, ProtocolError, fresh
 from ._message import check_key
 from ._plane import DeviceBytesPlane, HostBytesPlane, settle_like
 from ._protocol import offer_cost
@@ -116,8 +116,10 @@ class BlockExchange:
         self._mapped: dict[int, MappedPool] = {}
         self._runs: dict[tuple[tuple[int, ...], tuple[int, ...]],
                          tuple[tuple[int, int, int], ...]] = {}
-        #: Block payloads posted and not yet out: a graceful close waits for them.
+        #: Block payloads posted and not yet out, and those announced to us and not yet
+        #: written into their pools: a graceful close waits for both.
         self.sending: set[asyncio.Future[Any]] = set()
+        self.receiving: set[asyncio.Future[Any]] = set()
         self._poller = EventPoller()
         self._ready_poller = EventPoller()
 
@@ -607,17 +609,27 @@ class BlockExchange:
     def _track(self, sink: _Sink, done: asyncio.Future[Any], incoming: _Incoming,
                last: bool) -> None:
         sink.inflight.add(done)
+        self.receiving.add(done)
 
         def landed(fut: asyncio.Future[Any]) -> None:
             sink.inflight.discard(fut)
+            self.receiving.discard(fut)
+            pipe = self._pipe
             if fut.cancelled() or fut.exception() is not None:
-                self._pipe._break(fut.exception() or ConnectionAbortedError("receive lost"))
+                pipe._break(fut.exception() or ConnectionAbortedError("receive lost"))
+                if not sink.done.done():  # also when the pipe had already ended
+                    sink.done.set_exception(fresh(pipe._error) if pipe._error is not None
+                                            else PipeClosed("the pipe closed before the "
+                                                            "blocks arrived"))
+                    sink.done.exception()
                 return
             if last:
                 sink.pending_offers -= 1
             if not sink.missing and not sink.pending_offers and not sink.inflight \
                     and not sink.done.done():
                 sink.done.set_result(None)
+            if not self.receiving:
+                pipe._maybe_finish()  # a close may have waited for these blocks
 
         done.add_done_callback(landed)
 
