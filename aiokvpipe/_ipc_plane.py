@@ -59,7 +59,7 @@ from . import _cudaipc
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
-from ._plane import in_daemon_thread, settle_like
+from ._plane import fail_future, in_daemon_thread, settle_like
 from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -1182,7 +1182,7 @@ class IpcPlane:
         if fut is None:
             fut = self._pool_sources[pool_id] = self._loop.create_future()
             if self._error is not None:
-                _fail(fut, self._error)
+                fail_future(fut, self._error)
         return fut
 
     def pull(self, launch: Callable[[torch.cuda.Stream], None], nbytes: int,
@@ -1193,7 +1193,7 @@ class IpcPlane:
         plane breaks. Exceptions of ``launch`` propagate (nothing was enqueued then)."""
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._error is not None:
-            _fail(fut, self._error)
+            fail_future(fut, self._error)
             return fut
         self._pulls += 1
         stream = self._copy_stream
@@ -1229,7 +1229,7 @@ class IpcPlane:
             if fut.done():
                 return
             if any(m.opened.cancelled() or m.opened.exception() is not None for m in maps):
-                _fail(fut, self._error or ProtocolError(
+                fail_future(fut, self._error or ProtocolError(
                     f"a region of the peer's block pool {rec.pool_id} did not map"))
                 return
             fut.set_result([(m.opened.result() + p.offset, size - p.offset)
@@ -1431,14 +1431,14 @@ class IpcPlane:
             return
         self._error = exc
         for job in self._jobs:
-            _fail(job.future, exc)
+            fail_future(job.future, exc)
         for sent in self._inflight:
             if sent.job is not None:
-                _fail(sent.job.future, exc)
+                fail_future(sent.job.future, exc)
         for target in self._targets:
-            _fail(target.future, exc)
+            fail_future(target.future, exc)
         for source in self._pool_sources.values():
-            _fail(source, exc)
+            fail_future(source, exc)
         self._jobs.clear()
         self._inflight.clear()
         self._targets.clear()
@@ -1458,7 +1458,7 @@ class IpcPlane:
             return
         self._closing = True
         for source in self._pool_sources.values():
-            _fail(source, ConnectionAbortedError("closed"))
+            fail_future(source, ConnectionAbortedError("closed"))
         for chan in (self._send_chan, self._recv_chan):
             if chan is not None:
                 chan.close()
@@ -1504,7 +1504,3 @@ def _abort_all(pollers: Sequence[EventPoller], exc: BaseException) -> None:
         poller.abort(exc)
 
 
-def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(fresh(exc))
-        fut.exception()  # its waiter may be gone; do not warn about it

@@ -783,8 +783,9 @@ class Pipe:
         if cause.__traceback__ is not None:
             # Kept without its frames: they hold what the failing call held (the tensors
             # being sent), and the pipe keeps its error for as long as it lives.
-            log.debug("pipe to %s breaks on %s", self.peer,
-                      "".join(traceback.format_exception(cause)))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("pipe to %s breaks on %s", self.peer,
+                          "".join(traceback.format_exception(cause)))
             cause.__traceback__ = None
         err = BrokenPipe(f"pipe to {self.peer} broke: {cause!r}")
         err.__cause__ = cause

@@ -47,7 +47,7 @@ from ._blocks_wire import decode_layout, encode_layout
 from ._cuda import EventPoller
 from ._errors import PipeClosed, PipeError, ProtocolError, fresh
 from ._message import check_key
-from ._plane import DeviceBytesPlane, HostBytesPlane, settle_like
+from ._plane import DeviceBytesPlane, HostBytesPlane, fail_future, settle_like
 from ._protocol import offer_cost
 
 if TYPE_CHECKING:
@@ -388,9 +388,7 @@ class BlockExchange:
         return len(offers)
 
     def _refuse(self, offer: _wire.Offer, why: str) -> None:
-        pipe = self._pipe
-        pipe._write(pipe._proto.send_pull(offer.offer_id, why))
-        pipe.credit_released()
+        self._send_pull(offer.offer_id, why)
 
     def _try_match(self, offer: _wire.Offer) -> None:
         for sink in self._sinks.get(offer.key, ()):
@@ -433,9 +431,10 @@ class BlockExchange:
         source(offer.pool_id).add_done_callback(functools.partial(
             self._pool_placed, offer, incoming))
 
-    def _send_pull(self, offer_id: int) -> None:
+    def _send_pull(self, offer_id: int, error: str = "") -> None:
+        """Take an offer (or refuse it, saying why); its credit goes back either way."""
         pipe = self._pipe
-        pipe._write(pipe._proto.send_pull(offer_id))
+        pipe._write(pipe._proto.send_pull(offer_id, error))
         pipe.credit_released()
 
     def _pool_placed(self, offer: _wire.Offer, incoming: _Incoming,
@@ -617,11 +616,9 @@ class BlockExchange:
             pipe = self._pipe
             if fut.cancelled() or fut.exception() is not None:
                 pipe._break(fut.exception() or ConnectionAbortedError("receive lost"))
-                if not sink.done.done():  # also when the pipe had already ended
-                    sink.done.set_exception(fresh(pipe._error) if pipe._error is not None
-                                            else PipeClosed("the pipe closed before the "
-                                                            "blocks arrived"))
-                    sink.done.exception()
+                # also when the pipe had already ended
+                fail_future(sink.done, pipe._error or PipeClosed(
+                    "the pipe closed before the blocks arrived"))
                 return
             if last:
                 sink.pending_offers -= 1
@@ -646,24 +643,18 @@ class BlockExchange:
         it offers nothing more, so a receive that is waiting for offers ends."""
         if ours:
             for fut in self._offers_out.values():
-                if not fut.done():
-                    fut.set_exception(fresh(exc))
-                    fut.exception()
+                fail_future(fut, exc)
             self._offers_out.clear()
         for sinks in self._sinks.values():
             for sink in sinks:
-                if not sink.done.done() and (ours or not (sink.pending_offers
-                                                          or sink.inflight)):
-                    sink.done.set_exception(fresh(exc))
-                    sink.done.exception()
+                if ours or not (sink.pending_offers or sink.inflight):
+                    fail_future(sink.done, exc)
 
     def fail(self, exc: BaseException) -> None:
         """The pipe ended: every waiting call raises ``exc``; stop polling the streams."""
         self.closing(exc, ours=True)
         for fut in self._copies_out.values():  # no PULLED will come
-            if not fut.done():
-                fut.set_exception(fresh(exc))
-                fut.exception()
+            fail_future(fut, exc)
         self._copies_out.clear()
         self._poller.abort(exc)
         self._ready_poller.abort(exc)

@@ -115,6 +115,14 @@ class OrderedWorker:
 _FROM_SOURCE: Any = object()
 
 
+def fail_future(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail ``fut`` (if still pending) with a copy of ``exc``; its waiter may be gone, so
+    the exception counts as retrieved (no "never retrieved" warning)."""
+    if not fut.done():
+        fut.set_exception(fresh(exc))
+        fut.exception()
+
+
 def settle_like(dest: asyncio.Future[T], source: asyncio.Future[Any],
                 value: T = _FROM_SOURCE) -> None:
     """Complete ``dest`` the way ``source`` completed: cancelled, failed, or with ``value``
