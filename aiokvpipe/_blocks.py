@@ -256,7 +256,7 @@ class BlockPool:
     or names over 255 bytes in UTF-8.
     """
 
-    __slots__ = ("_tensors", "_layout", "_device", "_fingerprint", "__weakref__")
+    __slots__ = ("_tensors", "_layout", "_device", "_fingerprint", "_data_ptrs", "__weakref__")
 
     def __init__(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                  block_dim: int = 1) -> None:
@@ -301,6 +301,8 @@ class BlockPool:
             seen[t.data_ptr()] = i
         self._layout = PoolLayout(tuple(layouts), named)
         self._tensors: tuple[torch.Tensor, ...] = tuple(pool_tensors)
+        #: each tensor's address (fixed: a pool's tensors never change), for the copy plans
+        self._data_ptrs = tuple(seen)
         device = pool_tensors[0].device
         assert device is not None
         self._device: torch.device = device
@@ -416,6 +418,8 @@ def normalize_ids(pool: BlockPool | PoolLayout, ids: object, *,
         out = tuple(ids.tolist())
     elif isinstance(ids, range):
         out = tuple(ids)
+    elif isinstance(ids, list | tuple) and set(map(type, ids)) <= {int}:
+        out = tuple(ids)  # plain ints (the common case), checked in C
     elif isinstance(ids, list | tuple):
         vals = []
         for v in ids:

@@ -29,6 +29,7 @@ the caller's business (what is enqueued runs to completion).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -288,6 +289,26 @@ class _Geom:
         return _Geom(block_bytes, block_bytes, block_bytes, (0,))
 
 
+@functools.lru_cache(maxsize=1024)
+def _geom_of(t: TensorLayout) -> _Geom:
+    """:meth:`_Geom.of`, made once per tensor layout."""
+    return _Geom.of(t)
+
+
+#: Per pool layout (by identity, the layout kept for the check), its tensors' geometries:
+#: a request touches every tensor of a pool, so this is looked up once, not once per tensor.
+_GEOMS: dict[int, tuple[PoolLayout, tuple[_Geom, ...]]] = {}
+
+
+def _geoms(layout: PoolLayout) -> tuple[_Geom, ...]:
+    entry = _GEOMS.get(id(layout))
+    if entry is None or entry[0] is not layout:
+        if len(_GEOMS) >= 256:
+            _GEOMS.clear()
+        entry = _GEOMS[id(layout)] = (layout, tuple(_geom_of(t) for t in layout.tensors))
+    return entry[1]
+
+
 #: (src geometry, src base address, dst geometry, dst base address, key of the id pairs)
 _Job = tuple[_Geom, int, _Geom, int, Any]
 
@@ -420,11 +441,11 @@ def _runs_groups(src: Source, dst: BlockPool, layers: Sequence[int]
                  ) -> dict[tuple[_Geom, _Geom], list[tuple[int, int]]]:
     """:func:`copy_runs`' tensors by geometry (source, destination): per kind of tensor,
     the (source, destination) base addresses. A pool's tensors are usually all alike."""
-    src_ptrs = _base_ptrs(src)
+    src_ptrs, dst_ptrs = _base_ptrs(src), _base_ptrs(dst)
+    src_geoms, dst_geoms = _geoms(src.layout), _geoms(dst.layout)
     groups: dict[tuple[_Geom, _Geom], list[tuple[int, int]]] = {}
     for i in layers:
-        key = (_Geom.of(src.layout.tensors[i]), _Geom.of(dst.layout.tensors[i]))
-        groups.setdefault(key, []).append((src_ptrs[i], dst.tensors[i].data_ptr()))
+        groups.setdefault((src_geoms[i], dst_geoms[i]), []).append((src_ptrs[i], dst_ptrs[i]))
     return groups
 
 
@@ -494,7 +515,7 @@ def _staged_table(pool: Source, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
         key = (s.start, s.stop)
         block_ids, positions = idx_of[key], torch.arange(s.stop - s.start)
         pairs[key] = (positions, block_ids) if to_pool else (block_ids, positions)
-        pool_geom, pool_base = _Geom.of(tl), bases[s.tensor]
+        pool_geom, pool_base = _geom_of(tl), bases[s.tensor]
         buf_geom, buf_base = _Geom.packed(tl.block_bytes), buf_ptr + offset
         if to_pool:
             jobs.append((buf_geom, buf_base, pool_geom, pool_base, key))
@@ -517,9 +538,7 @@ def _tensor_bytes(pool: Source, i: int) -> torch.Tensor:
 
 
 def _base_ptrs(pool: Source) -> tuple[int, ...]:
-    if isinstance(pool, MappedPool):
-        return pool.data_ptrs
-    return tuple(t.data_ptr() for t in pool.tensors)
+    return pool.data_ptrs if isinstance(pool, MappedPool) else pool._data_ptrs
 
 
 def _check_buffer(pool: Source, buf: torch.Tensor, nbytes: int, what: str) -> None:
