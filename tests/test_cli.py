@@ -6,6 +6,7 @@ run is tiny (two sizes, 0.2 s a point) but real: two measured processes, every C
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from aiokvpipe.bench import blocks, common, gpu
+from aiokvpipe.bench import blocks, common, gpu, ipc
+from aiokvpipe.bench.endpoints import OursEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +159,36 @@ def test_gpu_plan_builds_without_cuda() -> None:
     assert ours[-1]["kind"] == "keyed" and raw[-1]["kind"] == "tput"
     assert cases[0]["max_nbytes"] >= 1 << 30
     assert all(c["transport"] == "nccl" for c in cases)
+
+
+def test_ipc_plan_times_ours_as_the_raw_copy_and_as_an_echo() -> None:
+    cases = ipc.plan_ipc([4096, 16 << 20], 1.0, 1, "uvloop")
+    labels = {c["impl"]: [p["label"] for p in c["phases"]] for c in cases}
+    # the raw copy's round trip moves one payload: ours is timed alike (lat1), and as an echo
+    assert labels["ipc-raw"] == ["tput 4 KiB", "tput 16 MiB", "lat1 4 KiB"]
+    assert labels["ours"] == labels["ipc-raw"] + ["lat 4 KiB"]
+
+
+async def test_a_ping_answered_without_payload_round_trips_on_the_cpu() -> None:
+    case = {"transport": "tcp", "depth": 1}
+    port, accept = await OursEndpoint.listen(case, "cpu")
+    sender = await OursEndpoint.connect(case, "cpu", port)
+    receiver = await accept()
+    phase = common.lat_phase(4096, 0.1, reply="none")
+    try:
+        await receiver.prepare(phase)
+        await sender.prepare(phase)
+        echo = asyncio.ensure_future(receiver.echo())
+        async with asyncio.timeout(10):
+            for _ in range(5):
+                await sender.ping()  # waits for the reply without payload
+            await sender.end_echo()
+            assert await echo == 5
+        # the answers carried no payload and nothing else is left unread
+        assert receiver.pipe.stats.bytes_sent == 0
+    finally:
+        await sender.aclose()
+        await receiver.aclose()
 
 
 def test_bench_blocks_tiny_run_on_the_cpu(tmp_path: Path) -> None:

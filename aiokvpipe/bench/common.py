@@ -98,9 +98,14 @@ def tput_phase(label: str, nbytes: int, seconds: float, **extra: Any) -> Json:
             "warmup_s": max(0.05, 0.15 * seconds), "warmup_msgs": 2, **extra}
 
 
-def lat_phase(nbytes: int, seconds: float) -> Json:
-    return {"label": f"lat {format_size(nbytes)}", "kind": "lat", "nbytes": nbytes,
-            "seconds": max(0.1, seconds / 2), "warmup_s": 0.05, "warmup_msgs": 20}
+def lat_phase(nbytes: int, seconds: float, *, reply: str = "echo") -> Json:
+    """A ping-pong phase. ``reply="echo"``: the receiver sends the message back (both ends
+    move the payload); ``"none"``: it answers with a message without payload (only the
+    receiver moves one, as the raw IPC baseline's 1-byte answer), labelled ``lat1``."""
+    label = "lat" if reply == "echo" else "lat1"
+    return {"label": f"{label} {format_size(nbytes)}", "kind": "lat", "nbytes": nbytes,
+            "seconds": max(0.1, seconds / 2), "warmup_s": 0.05, "warmup_msgs": 20,
+            "reply": reply}
 
 
 def tput_label(nbytes: int) -> str:

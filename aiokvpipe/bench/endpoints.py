@@ -125,6 +125,9 @@ def _tune(sock: socket.socket) -> None:
 # ours ------------------------------------------------------------------------------------------
 
 
+_PONG: Final = "pong"  # the key of a ping's answer without payload
+
+
 class OursEndpoint:
     """Our pipe. Receivers get new tensors per message, as an application would."""
 
@@ -133,6 +136,7 @@ class OursEndpoint:
         self._device = device
         self._depth = depth
         self._msg: Any = None
+        self._reply_none = False  # the ping's answer carries no payload (see lat_phase)
 
     @staticmethod
     async def listen(case: Json, device: str) -> tuple[Any, Callable[[], Awaitable[Endpoint]]]:
@@ -155,6 +159,7 @@ class OursEndpoint:
         return OursEndpoint(pipe, device, case["depth"])
 
     async def prepare(self, phase: Json) -> None:
+        self._reply_none = phase.get("reply") == "none"
         layers = phase.get("layers")
         if layers:  # a KV bundle: K and V of each layer, one dict message
             n = int(phase["tensor_bytes"])
@@ -186,7 +191,7 @@ class OursEndpoint:
 
     async def ping(self) -> None:
         await self.pipe.send(self._msg)
-        await self.pipe.recv()
+        await self.pipe.recv(_PONG if self._reply_none else None)
 
     async def end_echo(self) -> None:
         await self.pipe.send(None)
@@ -202,7 +207,10 @@ class OursEndpoint:
     async def echo(self) -> int:
         n = 0
         while (msg := await self.pipe.recv()) is not None:
-            await self.pipe.send(msg)
+            if self._reply_none:
+                await self.pipe.send(None, _PONG)
+            else:
+                await self.pipe.send(msg)
             n += 1
         await self.pipe.send(None)
         return n

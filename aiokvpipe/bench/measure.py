@@ -111,6 +111,7 @@ async def receiver_phases(ep: Endpoint, case: Json) -> list[Json]:
     for phase in case["phases"]:
         kind = phase["kind"]
         if kind == "lat":
+            await ep.prepare(phase)  # how to answer (echo, or a reply without payload)
             results.append({"msgs": await ep.echo()})
         elif kind == "keyed":
             assert isinstance(ep, OursEndpoint)
