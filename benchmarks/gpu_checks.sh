@@ -2,12 +2,17 @@
 # The CUDA checks of one session on a one-GPU machine, in one go: the CUDA tests, then the
 # benchmarks that need a GPU. Logs and JSON go to $OUT (default ./gpu-out); a summary last.
 #   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick]   (quick: without the slow extras)
+# Run from the checkout's root, with the pytest-asyncio wheel in .whl/ if the image lacks it.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
+# The device image lacks pytest-asyncio: install the wheels carried in .whl/ (pip of this
+# python, no index), and import aiokvpipe from this checkout.
+[ -d .whl ] && "$PY" -m pip install -q --no-deps --no-index .whl/*.whl > "$OUT/pip.log" 2>&1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 summary=()
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
