@@ -34,7 +34,7 @@ import itertools
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -480,47 +480,63 @@ def _runs_table(src: Source, dst: BlockPool, layers: Sequence[int], s_idx: torch
     return _plan(jobs, {0: (s_idx, d_idx)})
 
 
-#: Piece tables of recent :func:`copy_runs` calls on the device, by (geometries, runs,
-#: device, stream): a request streamed layer by layer plans once, not once per layer. A table
-#: is only read on the stream that uploaded it (so it is there in time), and once evicted
-#: its memory goes back to that stream's pool, reused only after what the stream ran.
-_TABLES: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
-_MAX_TABLES: Final = 16
-
-
+#: Tables of recent :func:`copy_runs` calls on the device, by what they hold, device and
+#: stream: piece tables by (geometries, runs), so that a request streamed layer by layer
+#: plans once, not once per layer; job tables (two addresses per tensor) by their rows, so
+#: that calls naming the same tensors upload nothing. A table is only read on the stream that
+#: uploaded it (so it is there in time), and once evicted its memory goes back to that
+#: stream's pool, reused only after what the stream ran.
+_TABLES: dict[str, OrderedDict[tuple[Any, ...], torch.Tensor]] = {
+    "pieces": OrderedDict(), "jobs": OrderedDict()}
+#: Per kind at most (piece tables reach hundreds of KiB; job tables are a few hundred bytes,
+#: and a request sent a layer at a time names 32 or more of them).
+_MAX_TABLES: Final = {"pieces": 16, "jobs": 256}
 _TABLES_LOCK = threading.Lock()  # pipes on several threads' loops share the cache
 
 
-def _device_pieces(sg: _Geom, dg: _Geom, runs: tuple[Run, ...], device: torch.device
-                   ) -> torch.Tensor:
-    key = (sg, dg, runs, device, torch.cuda.current_stream(device).cuda_stream)
+def _device_table(kind: str, key: tuple[Any, ...], make: Callable[[], torch.Tensor],
+                  device: torch.device, stream: int) -> torch.Tensor:
+    """The table ``make()`` builds, on ``device`` (uploaded on ``stream``), cached."""
+    key = (*key, device, stream)
+    cache = _TABLES[kind]
     with _TABLES_LOCK:
-        table = _TABLES.get(key)
+        table = cache.get(key)
         if table is not None:
-            _TABLES.move_to_end(key)
+            cache.move_to_end(key)
             return table
-    rel = _relative_pieces(sg, dg, *_expand_runs_np(runs))
-    table = rel.pin_memory().to(device, non_blocking=True)
+    table = make().pin_memory().to(device, non_blocking=True)
     with _TABLES_LOCK:
-        _TABLES[key] = table
-        if len(_TABLES) > _MAX_TABLES:
-            _TABLES.popitem(last=False)
+        cache[key] = table
+        if len(cache) > _MAX_TABLES[kind]:
+            cache.popitem(last=False)
     return table
+
+
+def _pieces_of_runs(sg: _Geom, dg: _Geom, runs: tuple[Run, ...]) -> torch.Tensor:
+    return _relative_pieces(sg, dg, *_expand_runs_np(runs))
+
+
+def _jobs_of(bases: tuple[tuple[int, int], ...], count: int) -> torch.Tensor:
+    """Job rows: per tensor its two base addresses and all ``count`` shared pieces."""
+    return torch.tensor([(sb, db, 0, count) for sb, db in bases], dtype=torch.int64)
 
 
 def _launch_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: tuple[Run, ...]
                  ) -> None:
     """:func:`copy_runs` on the kernel: one launch per kind of tensor, on the current
-    stream; only the jobs (two addresses per tensor) go to the device each call."""
+    stream; tables go to the device only when not uploaded on this stream already."""
     device = dst.device
+    stream = torch.cuda.current_stream(device).cuda_stream
     for (sg, dg), bases in _runs_groups(src, dst, layers).items():
-        pieces = _device_pieces(sg, dg, runs, device)
-        if pieces.shape[0] == 0:
+        pieces = _device_table("pieces", (sg, dg, runs),
+                               functools.partial(_pieces_of_runs, sg, dg, runs), device, stream)
+        count = pieces.shape[0]
+        if count == 0:
             continue
-        jobs = torch.tensor([(sb, db, 0, pieces.shape[0]) for sb, db in bases],
-                            dtype=torch.int64)
-        table = jobs.pin_memory().to(device, non_blocking=True)
-        _run_kernel(table.data_ptr(), len(bases), pieces.data_ptr(), pieces.shape[0], device)
+        rows = tuple(bases)
+        jobs = _device_table("jobs", (rows, count), functools.partial(_jobs_of, rows, count),
+                             device, stream)
+        _run_kernel(jobs.data_ptr(), len(rows), pieces.data_ptr(), count, device)
 
 
 def _staged_table(pool: Source, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
