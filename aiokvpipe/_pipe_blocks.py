@@ -644,8 +644,18 @@ class BlockExchange:
         no offer of ours will be pulled any more, and no new block will arrive. The peer's:
         it offers nothing more, so a receive that is waiting for offers ends."""
         if ours:
-            for fut in self._offers_out.values():
+            pipe = self._pipe
+            for offer_id, fut in self._offers_out.items():
                 fail_future(fut, exc)
+                self._forget_copy(offer_id)
+                if pipe._error is None:
+                    # Given up here: take it back, so that a PULL already on its way (the
+                    # peer's receive came as we closed) does not leave that receive waiting
+                    # for a payload that never comes.
+                    try:
+                        pipe._write(pipe._proto.send_retract(offer_id))
+                    except PipeError:  # the connection is gone: so is the peer's wait
+                        pass
             self._offers_out.clear()
         for sinks in self._sinks.values():
             for sink in sinks:

@@ -258,14 +258,36 @@ async def test_a_graceful_close_ends_waiting_block_calls_with_pipe_closed(
     src, dst = vllm_pool(8), vllm_pool(8)
     offered = asyncio.create_task(a.send_blocks(src, [1], key="never-pulled"))
     waiting = asyncio.create_task(b.recv_blocks(dst, [2], key="never-sent"))
-    await asyncio.sleep(0.05)
     async with asyncio.timeout(10):
+        await a.send(None, key="marker")  # frames arrive in order: b has the offer with it
+        await b.recv(key="marker")
         await a.aclose()  # ours: our offer will never be pulled now
         with pytest.raises(aiokvpipe.PipeClosed):
             await offered
         with pytest.raises(aiokvpipe.PipeClosed):  # the peer's: nothing more will come
             await waiting
         await b.aclose()
+
+
+async def test_a_close_crossing_the_peers_pull_leaves_no_receive_waiting(
+        pair_factory: PairFactory) -> None:
+    # The sender closes while the receiver's PULL of its offer is on the way: the offer is
+    # given up here, so the receiver must not wait for a payload that never comes.
+    a, b = await pair_factory(close_timeout=60.0)
+    src, dst = vllm_pool(8), vllm_pool(8)
+    offered = asyncio.create_task(a.send_blocks(src, [1], key="k"))
+    await a.send(None, key="marker")  # frames arrive in order: b has the offer with it
+    async with asyncio.timeout(10):
+        await b.recv(key="marker")
+        receiving = asyncio.create_task(b.recv_blocks(dst, [2], key="k"))
+        closing = asyncio.create_task(a.aclose())  # runs right after b's PULL is written
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await offered
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await receiving
+        await closing
+        await b.aclose()
+    assert_untouched(dst, [])
 
 
 async def test_a_graceful_close_delivers_blocks_already_pulled(pair_factory: PairFactory
