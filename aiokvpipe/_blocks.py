@@ -250,10 +250,11 @@ class BlockPool:
     ``aiokvpipe._blocks``' docstring (every contiguous tensor is accepted).
 
     The pool references the tensors (no copy); transfers read or write them in place. The
-    tensors must not share memory with each other. Raises ``TypeError`` for a wrong type, an
-    unsupported dtype, a non-strided, nested or meta tensor, or tensors on different
-    devices; ``ValueError`` for differing ``num_blocks``, an unsupported layout, no tensors,
-    or names over 255 bytes in UTF-8.
+    tensors must not share memory with each other, and must stay where they are: their
+    addresses are taken once (do not ``set_()`` them or assign ``.data``; make a new pool).
+    Raises ``TypeError`` for a wrong type, an unsupported dtype, a non-strided, nested or meta
+    tensor, or tensors on different devices; ``ValueError`` for differing ``num_blocks``, an
+    unsupported layout, no tensors, or names over 255 bytes in UTF-8.
     """
 
     __slots__ = ("_tensors", "_layout", "_device", "_fingerprint", "_data_ptrs", "__weakref__")

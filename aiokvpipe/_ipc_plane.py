@@ -1187,6 +1187,8 @@ class IpcPlane:
             return fut
         if self._recv_chan is None or (self._recv_chan.eof and not self._copies):
             exc = ConnectionResetError("ipc signalling connection closed by the peer")
+            if target.allocation is not None:
+                target.allocation.cancel()  # nobody will read it
             fut.set_exception(exc)
             self._lost(exc)
             return fut
@@ -1355,7 +1357,11 @@ class IpcPlane:
                     return
                 if target.allocation.cancelled():
                     return  # the plane is ending (its worker dropped the job)
-                target.allocated(target.allocation.result())  # raises if it failed: ours
+                failed = target.allocation.exception()
+                if failed is not None:  # ours (out of memory, say), whatever its type
+                    self._lost(failed)
+                    return
+                target.allocated(target.allocation.result())
                 target.allocation = None
             nbytes = rec.nbytes
             if nbytes > target.remaining or rec.last != (nbytes == target.remaining):

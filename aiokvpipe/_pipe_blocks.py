@@ -22,6 +22,7 @@ callers' futures and moves the bytes, each plane its best way:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import deque
@@ -162,8 +163,9 @@ class BlockExchange:
             if not pulled.done() or pulled.cancelled():  # not pulled: take it back, unmoved
                 self._offers_out.pop(offer_id, None)
                 self._forget_copy(offer_id)
-                if pipe._error is None:
-                    pipe._write(proto.send_retract(offer_id))
+                if pipe._error is None and not proto.close_sent:
+                    with contextlib.suppress(PipeError):  # gone: nobody waits for it then
+                        pipe._write(proto.send_retract(offer_id))
                 raise
             refusal = pulled.result()  # pulled as we were cancelled: it is sent whole
         except BaseException:  # the pipe closed or broke before the peer pulled
@@ -341,6 +343,8 @@ class BlockExchange:
                                      and max(frame.layers) < len(layout.tensors)):
                 raise ProtocolError(f"offer {frame.offer_id} names tensors outside its pool of "
                                     f"{len(layout.tensors)}")
+            if not self._pipe._proto.offer_waiting(frame.offer_id):
+                return  # taken back in the same read: its RETRACT follows, nothing to do
             if self._pipe._proto.is_discarded(frame.key):
                 self._refuse(frame, DISCARDED)
                 return
@@ -351,14 +355,14 @@ class BlockExchange:
             copied = self._copies_out.get(frame.offer_id)
             if fut is None:  # given up here (a close of ours): the peer never copies it
                 return
+            if not fut.done():  # first: a failed write below must not leave the call waiting
+                fut.set_result(frame.error)
             if copied is not None and not frame.error:
                 # Committed (no RETRACT is possible any more): let the peer copy now, whether
                 # or not the caller is still waiting; a close waits for the copy to end.
                 pipe = self._pipe
-                pipe._write(pipe._proto.send_block_data(frame.offer_id))
                 self._sending(copied)
-            if not fut.done():
-                fut.set_result(frame.error)
+                pipe._write(pipe._proto.send_block_data(frame.offer_id))
         elif isinstance(frame, _wire.Pulled):
             fut = self._copies_out.pop(frame.offer_id, None)
             if fut is None:
@@ -640,23 +644,24 @@ class BlockExchange:
     # -- ending -------------------------------------------------------------------------------
 
     def closing(self, exc: BaseException, *, ours: bool) -> None:
-        """A graceful close began: calls that can no longer complete raise ``exc``. Ours:
-        no offer of ours will be pulled any more, and no new block will arrive. The peer's:
-        it offers nothing more, so a receive that is waiting for offers ends."""
-        if ours:
-            pipe = self._pipe
-            for offer_id, fut in self._offers_out.items():
-                fail_future(fut, exc)
-                self._forget_copy(offer_id)
-                if pipe._error is None:
-                    # Given up here: take it back, so that a PULL already on its way (the
-                    # peer's receive came as we closed) does not leave that receive waiting
-                    # for a payload that never comes.
-                    try:
-                        pipe._write(pipe._proto.send_retract(offer_id))
-                    except PipeError:  # the connection is gone: so is the peer's wait
-                        pass
-            self._offers_out.clear()
+        """A graceful close began: calls that can no longer complete raise ``exc``. Ours: no
+        offer of ours will be pulled any more (we take them back), and no new block will
+        arrive. The peer's: it pulls and offers nothing more (its receives ended with its
+        close), so our offers and a receive that is waiting for offers end."""
+        # Detached first: a failed write below breaks the pipe, which comes back here.
+        offers, self._offers_out = self._offers_out, {}
+        pipe = self._pipe
+        for offer_id, fut in offers.items():
+            fail_future(fut, exc)
+            self._forget_copy(offer_id)
+            if ours and pipe._error is None and not pipe._proto.close_sent:
+                # Given up here: take it back, so that a PULL already on its way (the peer's
+                # receive came as we closed) does not leave that receive waiting for a
+                # payload that never comes.
+                try:
+                    pipe._write(pipe._proto.send_retract(offer_id))
+                except PipeError:  # the connection is gone: so is the peer's wait
+                    pass
         for sinks in self._sinks.values():
             for sink in sinks:
                 if ours or not (sink.pending_offers or sink.inflight):

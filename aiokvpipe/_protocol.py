@@ -60,7 +60,7 @@ class PipeProtocol:
         "next_send_seq", "peer_credit", "credit_outstanding", "credit_owed",
         "next_recv_seq", "recv_buffer_bytes", "credit_held", "payloads_pending",
         "_tombstones", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
-        "_offers_in", "_peer_pools",
+        "_offers_in", "_refused", "_peer_pools",
     )
 
     def __init__(self, *, recv_buffer_bytes: int, peer_credit: int,
@@ -91,6 +91,8 @@ class PipeProtocol:
         self._retracted: OrderedDict[int, None] = OrderedDict()
         self.next_offer_in = 0
         self._offers_in: dict[int, tuple[_OfferState, int]] = {}  # state, credit held
+        #: offers we refused lately: the sender's RETRACT of one may cross our refusal
+        self._refused: OrderedDict[int, None] = OrderedDict()
         self._peer_pools: set[int] = set()
 
     # -- sending --------------------------------------------------------------------------
@@ -325,9 +327,18 @@ class PipeProtocol:
         self.release(entry[1])
         if error:
             del self._offers_in[offer_id]
+            self._refused[offer_id] = None
+            if len(self._refused) > MAX_TOMBSTONES:
+                self._refused.popitem(last=False)
         else:
             self._offers_in[offer_id] = (_OfferState.PULLED, 0)
         return _wire.encode(_wire.Pull(offer_id, error))
+
+    def offer_waiting(self, offer_id: int) -> bool:
+        """Whether the peer's offer still waits for our answer: one retracted in the same
+        read as it came was answered by that RETRACT already."""
+        entry = self._offers_in.get(offer_id)
+        return entry is not None and entry[0] is _OfferState.OFFERED
 
     def send_pulled(self, offer_id: int) -> bytes:
         """We copied a pulled offer out of the peer's pool ourselves (ipc)."""
@@ -363,6 +374,8 @@ class PipeProtocol:
         if isinstance(frame, _wire.Retract):
             entry = self._offers_in.pop(frame.offer_id, None)
             if entry is None:
+                if self._refused.pop(frame.offer_id, False) is None:
+                    return False  # crossed our refusal: nothing to do
                 raise ProtocolError(f"RETRACT of offer {frame.offer_id}, not pending")
             if entry[0] is _OfferState.OFFERED:
                 self.release(entry[1])

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import eventually
 from jsonpeer import JsonPeerProcess
 
 from aiokvpipe import BrokenPipe, ProtocolError, _dtypes
@@ -196,15 +197,24 @@ async def test_large_receive_buffers_are_allocated_off_the_event_loop(
         assert plane is not None
         where: list[str] = []
         real = plane._allocate
+        gate = threading.Event()
 
         def spy(*args: Any) -> Any:
             where.append(threading.current_thread().name)
+            gate.wait(30)  # held until the peer's copy is waiting for this buffer
             return real(*args)
 
         monkeypatch.setattr(plane, "_allocate", spy)
         big = random_tensor(torch.uint8, (8 * MiB,))
         small = random_tensor(torch.uint8, (4096,))
-        for t in (big, small, big):
+        await peer.do("echo", specs=raw(big))
+        back = plane.post_recv([spec(big)])
+        await asyncio.wait_for(plane.post_send([big]), 60)
+        await eventually(lambda: bool(plane._copies), 30, "the echo's COPY waits for the buffer")
+        gate.set()
+        assert same_bits((await asyncio.wait_for(back, 60))[0], big)
+        await peer.expect("echoed")
+        for t in (small, big):
             assert same_bits((await echo(local, peer, [t]))[0], t)
         # a cudaMalloc may take milliseconds: the big ones in the worker, small ones at once
         assert len(where) == 2 and all(w.startswith("aiokvpipe-alloc") for w in where)

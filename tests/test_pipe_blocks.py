@@ -259,8 +259,7 @@ async def test_a_graceful_close_ends_waiting_block_calls_with_pipe_closed(
     offered = asyncio.create_task(a.send_blocks(src, [1], key="never-pulled"))
     waiting = asyncio.create_task(b.recv_blocks(dst, [2], key="never-sent"))
     async with asyncio.timeout(10):
-        await a.send(None, key="marker")  # frames arrive in order: b has the offer with it
-        await b.recv(key="marker")
+        await eventually(lambda: bool(b._blocks._offers_in), 10, "the offer reached b")
         await a.aclose()  # ours: our offer will never be pulled now
         with pytest.raises(aiokvpipe.PipeClosed):
             await offered
@@ -276,9 +275,8 @@ async def test_a_close_crossing_the_peers_pull_leaves_no_receive_waiting(
     a, b = await pair_factory(close_timeout=60.0)
     src, dst = vllm_pool(8), vllm_pool(8)
     offered = asyncio.create_task(a.send_blocks(src, [1], key="k"))
-    await a.send(None, key="marker")  # frames arrive in order: b has the offer with it
     async with asyncio.timeout(10):
-        await b.recv(key="marker")
+        await eventually(lambda: bool(b._blocks._offers_in), 10, "the offer reached b")
         receiving = asyncio.create_task(b.recv_blocks(dst, [2], key="k"))
         closing = asyncio.create_task(a.aclose())  # runs right after b's PULL is written
         with pytest.raises(aiokvpipe.PipeClosed):
@@ -288,6 +286,36 @@ async def test_a_close_crossing_the_peers_pull_leaves_no_receive_waiting(
         await closing
         await b.aclose()
     assert_untouched(dst, [])
+
+
+async def test_an_offer_taken_back_by_a_close_at_once_breaks_nothing(
+        pair_factory: PairFactory) -> None:
+    # a's close takes the offer back right after it went out: b reads the OFFER and its
+    # RETRACT together, and must not answer (refuse: its key is discarded) an offer that
+    # is gone. Both ends close cleanly. (A refusal crossing the RETRACT on the wire:
+    # tests/test_protocol.py.)
+    a, b = await pair_factory()
+    b.discard("gone")
+    offered = asyncio.create_task(a.send_blocks(vllm_pool(8), [1], key="gone"))
+    closing = asyncio.create_task(a.aclose())  # runs right after the OFFER is written
+    async with asyncio.timeout(10):
+        await closing
+        with pytest.raises((aiokvpipe.PipeClosed, ValueError)):
+            await offered
+        await b.aclose()
+    assert (a.state.name, b.state.name) == ("CLOSED", "CLOSED")  # graceful, not broken
+
+
+async def test_the_peers_close_ends_our_offers_it_will_never_pull(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    offered = asyncio.create_task(a.send_blocks(vllm_pool(8), [1], key="k"))
+    async with asyncio.timeout(10):
+        await eventually(lambda: bool(b._blocks._offers_in), 10, "the offer reached b")
+        await b.aclose()
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await offered
+        await a.aclose()
 
 
 async def test_a_graceful_close_delivers_blocks_already_pulled(pair_factory: PairFactory

@@ -383,6 +383,18 @@ def test_a_retract_crossing_the_pull_is_not_an_error() -> None:
         a.receive_data(_wire.encode(_wire.Pull(oid + 5)))
 
 
+def test_a_retract_crossing_a_refusal_is_not_an_error() -> None:
+    a, b = pair()
+    oid, data = offer(a)
+    b.receive_data(a.send_pool(0, b"x") + data)
+    refusal = b.send_pull(oid, "discarded")
+    retract = a.send_retract(oid)  # our close takes the offer back as the refusal comes
+    assert a.receive_data(refusal) == []
+    assert b.receive_data(retract) == []  # crossed its refusal: ignored
+    with pytest.raises(ProtocolError, match="not pending"):  # but only once
+        b.receive_data(_wire.encode(_wire.Retract(oid)))
+
+
 def test_ipc_pull_ends_with_pulled() -> None:
     a, b = pair()
     oid, data = offer(a)
