@@ -59,13 +59,7 @@ from . import _cudaipc
 from ._cuda import EventPoller
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
-from ._plane import (
-    SYNC_ALLOC_BYTES,
-    OrderedWorker,
-    fail_future,
-    in_daemon_thread,
-    settle_like,
-)
+from ._plane import fail_future, in_daemon_thread, settle_like
 from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -655,23 +649,17 @@ class _Mapping:
 class _Target:
     """One posted receive: the tensors and how many of their bytes were copied."""
 
-    __slots__ = ("tensors", "chunks", "index", "offset", "remaining", "future", "allocation")
+    __slots__ = ("tensors", "chunks", "index", "offset", "remaining", "future")
 
     def __init__(self, tensors: list[torch.Tensor],
-                 future: asyncio.Future[list[torch.Tensor]],
-                 allocation: asyncio.Future[list[torch.Tensor]] | None = None) -> None:
-        self.future = future
-        #: the tensors still being allocated in a worker thread (then :meth:`allocated`)
-        self.allocation = allocation
-        self.allocated(tensors)
-
-    def allocated(self, tensors: list[torch.Tensor]) -> None:
+                 future: asyncio.Future[list[torch.Tensor]]) -> None:
         self.tensors = tensors
         self.chunks = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors
                        if t.numel()]
         self.index = 0
         self.offset = 0
         self.remaining = sum(n for _, n in self.chunks)
+        self.future = future
 
 
 class _EventPool:
@@ -729,7 +717,6 @@ class IpcPlane:
         self._error: BaseException | None = None
         self._closing = False
         self._worker = _Worker(self._loop, self._index)
-        self._alloc_worker = OrderedWorker("alloc")  # receive buffers over SYNC_ALLOC_BYTES
         self._events = _EventPool()
         self._send_chan: _Channel | None = None
         self._recv_chan: _Channel | None = None
@@ -1144,11 +1131,6 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        if sum(s.nbytes for s in specs) > SYNC_ALLOC_BYTES:
-            # A large buffer may need a cudaMalloc (milliseconds): not on the loop. The
-            # receive keeps its place in line; copies into it wait for the allocation.
-            allocation = self._alloc_worker.submit(functools.partial(self._allocate, specs))
-            return self._post_target(_Target([], fut, allocation))
         # Allocated on the copy stream: the allocator hands us only memory that stream may
         # write now, and reuses it only after what that stream does with it (our copies).
         dev, stream = self._device, self._copy_stream
@@ -1164,12 +1146,7 @@ class IpcPlane:
         else:
             with torch.cuda.device(dev), torch.cuda.stream(stream):
                 tensors = _empty_like_specs(specs, dev)
-        return self._post_target(_Target(tensors, fut))
-
-    def _allocate(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
-        """Worker thread: :meth:`post_recv`'s tensors, allocated on the copy stream."""
-        with torch.cuda.device(self._device), torch.cuda.stream(self._copy_stream):
-            return _empty_like_specs(specs, self._device)
+        return self._post_target(tensors, fut)
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
         """Receive the next message into ``tensors`` (contiguous, on the plane's device: a
@@ -1178,17 +1155,17 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        return self._post_target(_Target(list(tensors), fut))
+        return self._post_target(list(tensors), fut)
 
-    def _post_target(self, target: _Target) -> asyncio.Future[list[torch.Tensor]]:
-        fut = target.future
-        if not target.remaining and target.allocation is None:
-            fut.set_result(target.tensors)
+    def _post_target(self, tensors: list[torch.Tensor],
+                     fut: asyncio.Future[list[torch.Tensor]]
+                     ) -> asyncio.Future[list[torch.Tensor]]:
+        target = _Target(tensors, fut)
+        if not target.remaining:
+            fut.set_result(tensors)
             return fut
         if self._recv_chan is None or (self._recv_chan.eof and not self._copies):
             exc = ConnectionResetError("ipc signalling connection closed by the peer")
-            if target.allocation is not None:
-                target.allocation.cancel()  # nobody will read it
             fut.set_exception(exc)
             self._lost(exc)
             return fut
@@ -1351,18 +1328,6 @@ class IpcPlane:
                 if m.opened.cancelled() or m.opened.exception() is not None:
                     return  # reported by _opened; the plane is about to break
             target = self._targets[0]
-            if target.allocation is not None:
-                if not target.allocation.done():
-                    self._wait_for(target.allocation)
-                    return
-                if target.allocation.cancelled():
-                    return  # the plane is ending (its worker dropped the job)
-                failed = target.allocation.exception()
-                if failed is not None:  # ours (out of memory, say), whatever its type
-                    self._lost(failed)
-                    return
-                target.allocated(target.allocation.result())
-                target.allocation = None
             nbytes = rec.nbytes
             if nbytes > target.remaining or rec.last != (nbytes == target.remaining):
                 raise ProtocolError(f"COPY of {nbytes} bytes where {target.remaining} bytes of "
@@ -1531,7 +1496,6 @@ class IpcPlane:
 
         self._worker.submit(release).add_done_callback(finished)
         self._worker.stop()
-        self._alloc_worker.shutdown()
         self._exports.clear()
 
 

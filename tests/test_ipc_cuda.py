@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import eventually
 from jsonpeer import JsonPeerProcess
 
 from aiokvpipe import BrokenPipe, ProtocolError, _dtypes
@@ -188,56 +187,6 @@ async def test_messages_of_every_dtype_shape_and_size_round_trip(mode: str) -> N
         assert local.plane is not None
         stats = local.plane.stats
         assert stats["ring_bytes"] == (0 if mode == "segments" else DEFAULT_RING_BYTES)
-
-
-async def test_large_receive_buffers_are_allocated_off_the_event_loop(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    async with pair() as (local, peer):
-        plane = local.plane
-        assert plane is not None
-        where: list[str] = []
-        real = plane._allocate
-        gate = threading.Event()
-
-        def spy(*args: Any) -> Any:
-            where.append(threading.current_thread().name)
-            gate.wait(30)  # held until the peer's copy is waiting for this buffer
-            return real(*args)
-
-        monkeypatch.setattr(plane, "_allocate", spy)
-        big = random_tensor(torch.uint8, (8 * MiB,))
-        small = random_tensor(torch.uint8, (4096,))
-        await peer.do("echo", specs=raw(big))
-        back = plane.post_recv([spec(big)])
-        await asyncio.wait_for(plane.post_send([big]), 60)
-        await eventually(lambda: bool(plane._copies), 30, "the echo's COPY waits for the buffer")
-        gate.set()
-        assert same_bits((await asyncio.wait_for(back, 60))[0], big)
-        await peer.expect("echoed")
-        for t in (small, big):
-            assert same_bits((await echo(local, peer, [t]))[0], t)
-        # a cudaMalloc may take milliseconds: the big ones in the worker, small ones at once
-        assert len(where) == 2 and all(w.startswith("aiokvpipe-alloc") for w in where)
-
-
-async def test_a_failed_receive_allocation_breaks_the_plane_with_the_local_error(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    async with pair() as (local, peer):
-        plane = local.plane
-        assert plane is not None
-        boom = RuntimeError("CUDA out of memory (injected)")
-
-        def fail(*args: Any) -> Any:
-            raise boom
-
-        monkeypatch.setattr(plane, "_allocate", fail)
-        t = random_tensor(torch.uint8, (8 * MiB,))
-        await peer.do("echo", specs=raw(t))
-        back = plane.post_recv([spec(t)])
-        await asyncio.wait_for(plane.post_send([t]), 30)
-        assert await asyncio.wait_for(local.lost, 30) is boom  # ours, not the peer's fault
-        with pytest.raises(BrokenPipe):
-            await asyncio.wait_for(back, 30)
 
 
 async def test_the_copy_waits_for_the_producers_pending_kernels_both_ways() -> None:
