@@ -34,6 +34,7 @@ step bench-blocks 120 "$PY" -m aiokvpipe bench --blocks --device cuda --one-gpu 
   --seconds 1 --json "$OUT/bench-blocks.json"
 if [ "${1:-}" != quick ]; then  # the slow extras (about 5 minutes more)
   step ctx-probe 60 "$PY" benchmarks/ctx_probe.py
+  step blocks-probe 120 "$PY" benchmarks/blocks_probe.py
   step kill-trials 300 "$PY" -m pytest -q -p no:cacheprovider -m slow tests/test_pipe_ipc.py \
     -k kill_trials
 fi
@@ -43,3 +44,4 @@ tail -6 "$OUT/lifecycle.log"
 grep -E "one-way p50|throughput|loop lag|memory|^(tcp|nccl|ipc) " "$OUT/bench-ipc.log" | head -16
 grep -E "^(nccl|tcp|ipc) " "$OUT/bench-blocks.log"
 grep -sE "round trip" "$OUT/ctx-probe.log"
+grep -sE "in flight|baseline" "$OUT/blocks-probe.log"
