@@ -38,6 +38,14 @@ def assert_moved(src: BlockPool, dst: BlockPool, src_ids: list[int], dst_ids: li
             assert torch.equal(src.tensors[i][:, s], dst.tensors[i][:, d]), (i, s, d)
 
 
+async def round_trip(x: aiokvpipe.Pipe, y: aiokvpipe.Pipe) -> None:
+    """x → y → x on the control connection: whatever either end wrote before is processed."""
+    await x.send(None, key="sync")
+    await y.recv(key="sync")
+    await y.send(None, key="sync")
+    await x.recv(key="sync")
+
+
 def assert_untouched(dst: BlockPool, named: list[int], layers: range | list[int] | None = None
                      ) -> None:
     chosen = set(range(len(dst.tensors)) if layers is None else layers)
@@ -143,15 +151,16 @@ async def test_a_send_cancelled_before_the_pull_moves_nothing(pair_factory: Pair
     src, dst = vllm_pool(8), vllm_pool(8)
     fill_blocks(src, [1], seed=4)
     sending = asyncio.create_task(a.send_blocks(src, [1], key="gone"))
-    await asyncio.sleep(0.05)  # the offer is at the peer, unmatched
+    await eventually(lambda: bool(b._blocks._offers_in), 5, "the offer is at b, unmatched")
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sending
     async with asyncio.timeout(10):
         # the retracted offer is never pulled: a later recv for the key waits for a new one
+        await round_trip(a, b)  # the RETRACT was processed
         receiving = asyncio.create_task(b.recv_blocks(dst, [2], key="gone"))
-        await asyncio.sleep(0.05)
-        assert not receiving.done()
+        await round_trip(b, a)  # a PULL of b's, if any, and a's answer were processed
+        assert not receiving.done() and not b._blocks._incoming
         await a.send_blocks(src, [1], key="gone")
         await receiving
     assert_moved(src, dst, [1], [2])
@@ -198,7 +207,7 @@ async def test_discard_refuses_block_offers_now_and_later(pair_factory: PairFact
     a, b = await pair_factory()
     src = vllm_pool(8)
     waiting = asyncio.create_task(a.send_blocks(src, [1], key="gone", layers=[0]))
-    await asyncio.sleep(0.05)  # the offer is at the receiver, unmatched
+    await eventually(lambda: bool(b._blocks._offers_in), 5, "the offer is at b, unmatched")
     assert b.discard("gone") == 1
     async with asyncio.timeout(10):
         with pytest.raises(ValueError, match="discarded"):

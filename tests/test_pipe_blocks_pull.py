@@ -124,7 +124,12 @@ async def test_an_offer_taken_back_while_its_pool_is_being_mapped_is_never_read(
         await sending
     await eventually(lambda: not b._blocks._incoming, 5, "the RETRACT reached the receiver")
     seam.place(0)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the placement's callbacks run
+    async with asyncio.timeout(10):  # a PULL of b's, if any, a's answer and b's copy ran
+        await b.send(None, key="sync")
+        await a.recv(key="sync")
+        await a.send(None, key="sync")
+        await b.recv(key="sync")
     assert seam.pulls == 0 and not receiving.done()
     assert_untouched(dst, [])
     seam.hold_placement = False
