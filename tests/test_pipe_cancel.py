@@ -19,6 +19,7 @@ import torch
 from conftest import PairFactory, eventually
 
 import aiokvpipe
+from aiokvpipe._pipe import YIELD_EVERY
 
 Pair = tuple[aiokvpipe.Pipe, aiokvpipe.Pipe]
 MiB = 1 << 20
@@ -91,6 +92,8 @@ async def test_recv_cancelled_after_hand_over_gives_its_message_back_in_front(
         waiting = asyncio.create_task(b.recv())
         await asyncio.sleep(0)
         received_before = b.stats.messages_received
+        a._calls_since_yield = 0  # the three fit before a's periodic yield
+        assert YIELD_EVERY > 3
         for width in (1, 2, 3):  # each send(empty tensor) completes without yielding
             await a.send(torch.empty(0, width))
         for _ in range(delay):
