@@ -290,12 +290,6 @@ class _Geom:
         return _Geom(block_bytes, block_bytes, block_bytes, (0,))
 
 
-@functools.lru_cache(maxsize=1024)
-def _geom_of(t: TensorLayout) -> _Geom:
-    """:meth:`_Geom.of`, made once per tensor layout."""
-    return _Geom.of(t)
-
-
 #: Per pool layout (by identity, the layout kept for the check), its tensors' geometries:
 #: a request touches every tensor of a pool, so this is looked up once, not once per tensor.
 _GEOMS: dict[int, tuple[PoolLayout, tuple[_Geom, ...]]] = {}
@@ -306,7 +300,7 @@ def _geoms(layout: PoolLayout) -> tuple[_Geom, ...]:
     if entry is None or entry[0] is not layout:
         if len(_GEOMS) >= 256:
             _GEOMS.clear()
-        entry = _GEOMS[id(layout)] = (layout, tuple(_geom_of(t) for t in layout.tensors))
+        entry = _GEOMS[id(layout)] = (layout, tuple(map(_Geom.of, layout.tensors)))
     return entry[1]
 
 
@@ -553,7 +547,7 @@ def _staged_table(pool: Source, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
         key = (s.start, s.stop)
         block_ids, positions = idx_of[key], torch.arange(s.stop - s.start)
         pairs[key] = (positions, block_ids) if to_pool else (block_ids, positions)
-        pool_geom, pool_base = _geom_of(tl), bases[s.tensor]
+        pool_geom, pool_base = _geoms(pool.layout)[s.tensor], bases[s.tensor]
         buf_geom, buf_base = _Geom.packed(tl.block_bytes), buf_ptr + offset
         if to_pool:
             jobs.append((buf_geom, buf_base, pool_geom, pool_base, key))

@@ -162,10 +162,7 @@ class BlockExchange:
         except asyncio.CancelledError:
             if not pulled.done() or pulled.cancelled():  # not pulled: take it back, unmoved
                 self._offers_out.pop(offer_id, None)
-                self._forget_copy(offer_id)
-                if pipe._error is None and not proto.close_sent:
-                    with contextlib.suppress(PipeError):  # gone: nobody waits for it then
-                        pipe._write(proto.send_retract(offer_id))
+                self._take_back(offer_id)
                 raise
             refusal = pulled.result()  # pulled as we were cancelled: it is sent whole
         except BaseException:  # the pipe closed or broke before the peer pulled
@@ -184,6 +181,16 @@ class BlockExchange:
         nbytes = pool.layout.block_bytes(chosen) * len(ids)
         pipe._bytes_sent += nbytes
         pipe._metrics.sent(nbytes, perf_counter() - t0)
+
+    def _take_back(self, offer_id: int) -> None:
+        """An offer of ours given up before the peer pulled it: RETRACT it (while we may still
+        write), so that a PULL already on its way does not leave the peer's receive waiting
+        for a payload that never comes."""
+        self._forget_copy(offer_id)
+        pipe = self._pipe
+        if pipe._error is None and not pipe._proto.close_sent:
+            with contextlib.suppress(PipeError):  # the connection is gone: so is that wait
+                pipe._write(pipe._proto.send_retract(offer_id))
 
     def _forget_copy(self, offer_id: int) -> None:
         """The peer will not copy this offer (refused, or taken back before it pulled)."""
@@ -650,18 +657,12 @@ class BlockExchange:
         close), so our offers and a receive that is waiting for offers end."""
         # Detached first: a failed write below breaks the pipe, which comes back here.
         offers, self._offers_out = self._offers_out, {}
-        pipe = self._pipe
         for offer_id, fut in offers.items():
             fail_future(fut, exc)
-            self._forget_copy(offer_id)
-            if ours and pipe._error is None and not pipe._proto.close_sent:
-                # Given up here: take it back, so that a PULL already on its way (the peer's
-                # receive came as we closed) does not leave that receive waiting for a
-                # payload that never comes.
-                try:
-                    pipe._write(pipe._proto.send_retract(offer_id))
-                except PipeError:  # the connection is gone: so is the peer's wait
-                    pass
+            if ours:
+                self._take_back(offer_id)
+            else:  # the peer closed: it pulls nothing more, and needs no RETRACT
+                self._forget_copy(offer_id)
         for sinks in self._sinks.values():
             for sink in sinks:
                 if ours or not (sink.pending_offers or sink.inflight):

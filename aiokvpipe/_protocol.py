@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from . import _handshake, _wire
 from ._dtypes import DTYPE_OF
@@ -258,10 +258,7 @@ class PipeProtocol:
 
         Bounded (:data:`MAX_TOMBSTONES`, oldest forgotten first).
         """
-        self._tombstones[key] = None
-        self._tombstones.move_to_end(key)
-        if len(self._tombstones) > MAX_TOMBSTONES:
-            self._tombstones.popitem(last=False)
+        _remember(self._tombstones, key)
 
     def undiscard(self, key: str | None) -> None:
         """Someone asks for ``key`` again: its later messages are kept from now on."""
@@ -301,9 +298,7 @@ class PipeProtocol:
         """Give up an offer the peer has not pulled."""
         if self._offers_out.pop(offer_id, None) is not _OfferState.OFFERED:
             raise LocalProtocolError(f"offer {offer_id} cannot be retracted")
-        self._retracted[offer_id] = None
-        if len(self._retracted) > MAX_TOMBSTONES:
-            self._retracted.popitem(last=False)
+        _remember(self._retracted, offer_id)
         return _wire.encode(_wire.Retract(offer_id))
 
     def send_block_data(self, offer_id: int) -> bytes:
@@ -327,9 +322,7 @@ class PipeProtocol:
         self.release(entry[1])
         if error:
             del self._offers_in[offer_id]
-            self._refused[offer_id] = None
-            if len(self._refused) > MAX_TOMBSTONES:
-                self._refused.popitem(last=False)
+            _remember(self._refused, offer_id)
         else:
             self._offers_in[offer_id] = (_OfferState.PULLED, 0)
         return _wire.encode(_wire.Pull(offer_id, error))
@@ -417,6 +410,15 @@ class PipeProtocol:
         """The pipe broke (for any reason): nothing more is sent or accepted."""
         if self.state is not State.CLOSED:
             self.state = State.BROKEN
+
+
+def _remember(tombstones: OrderedDict[Any, None], key: Any) -> None:
+    """Add ``key`` (as the newest) to a bounded set of tombstones: beyond
+    :data:`MAX_TOMBSTONES` the oldest is forgotten."""
+    tombstones[key] = None
+    tombstones.move_to_end(key)
+    if len(tombstones) > MAX_TOMBSTONES:
+        tombstones.popitem(last=False)
 
 
 class _OfferState(enum.Enum):
