@@ -23,7 +23,7 @@ import torch
 from . import _handshake, _ipc_plane, _nccl_plane, _wire
 from ._control import ControlChannel
 from ._cuda import device_uuid_async as device_uuid
-from ._cuda import normalize_device
+from ._cuda import normalize_device_async
 from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
 from ._ipc_plane import host_id
 from ._options import PipeOptions
@@ -431,7 +431,7 @@ async def listen(host: str = "127.0.0.1", port: int = 0, options: PipeOptions | 
     ``ValueError`` for bad options, :class:`~aiokvpipe.PipeError` when the host name does not
     resolve, and ``OSError`` when the address cannot be bound (in use, say)."""
     options = _options(options, opts)
-    device = normalize_device(options.device)
+    device = await normalize_device_async(options.device)
     loop = asyncio.get_running_loop()
     infos = await _resolve(loop, host, port, socket.AI_PASSIVE)
     family, _, _, _, address = infos[0]
@@ -501,7 +501,7 @@ async def connect(host: str, port: int, options: PipeOptions | None = None,
     Cancellation closes whatever was opened.
     """
     options = _options(options, opts)
-    device = normalize_device(options.device)
+    device = await normalize_device_async(options.device)
     loop = asyncio.get_running_loop()
     sock = await _open_socket(loop, host, port, loop.time() + options.connect_timeout)
     async with asyncio.timeout(options.handshake_timeout):

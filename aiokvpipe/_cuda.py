@@ -7,10 +7,12 @@ is actually in play.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
 import torch
@@ -149,16 +151,68 @@ def device_uuid(device: torch.device) -> bytes:
                                                                           .replace("-", ""))
 
 
-def normalize_device(device: str | torch.device) -> torch.device:
-    """``"cuda"`` → the current CUDA device; validates that the device exists."""
+#: The GIL's switch interval while a worker thread runs Python-heavy set-up (importing CuPy:
+#: hundreds of ms of module code): the loop's thread then waits at most this long for the GIL
+#: each time it wakes, instead of the default 5 ms, which alone failed a 2 ms loop-lag target.
+_SETUP_SWITCH_INTERVAL_S: Final = 0.0005
+_short_turns = 0  # bodies of short_gil_turns() running now
+_saved_interval = 0.005  # the interval before the first of them
+
+
+@contextlib.contextmanager
+def short_gil_turns() -> Iterator[None]:
+    """Shorten the GIL's turns while the body awaits set-up work in a thread (nests)."""
+    global _short_turns, _saved_interval
+    if _short_turns == 0:
+        _saved_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(_saved_interval, _SETUP_SWITCH_INTERVAL_S))
+    _short_turns += 1
+    try:
+        yield
+    finally:
+        _short_turns -= 1
+        if _short_turns == 0:
+            sys.setswitchinterval(_saved_interval)
+
+
+async def normalize_device_async(device: str | torch.device) -> torch.device:
+    """:func:`normalize_device` for the event loop: the first CUDA call of a process creates
+    its CUDA context (100 ms and more on an H200 host), so that is done in a worker thread;
+    later calls find it made."""
+    dev = _parse_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_initialized():
+        with short_gil_turns():
+            await asyncio.to_thread(_init_cuda, dev.index)
+    return normalize_device(device)
+
+
+def _init_cuda(index: int | None) -> None:
+    """Worker thread: make the device's context (GIL released), then torch's CUDA state."""
+    from . import _cudaipc
+
+    try:
+        _cudaipc.retain_primary_context(0 if index is None else index)
+    except (OSError, RuntimeError):
+        pass  # no driver, or no such device: normalize_device says so, in torch's words
+    if torch.cuda.is_available():
+        torch.cuda.init()
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be 'cpu' or a CUDA device, not {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or a CUDA device, not {device!r}")
+    return dev
+
+
+def normalize_device(device: str | torch.device) -> torch.device:
+    """``"cuda"`` → the current CUDA device; validates that the device exists."""
+    dev = _parse_device(device)
     if dev.type == "cpu":
         return torch.device("cpu")
-    if dev.type != "cuda":
-        raise ValueError(f"device must be 'cpu' or a CUDA device, not {device!r}")
     if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here")
     index = torch.cuda.current_device() if dev.index is None else dev.index

@@ -75,6 +75,24 @@ def _driver_one() -> Any:
     return fn
 
 
+def retain_primary_context(device_index: int) -> None:
+    """Create (or find) the primary CUDA context of a device, as the runtime would on its
+    first call there: through ctypes, which releases the GIL while the driver works (100 ms
+    and more), unlike torch's first CUDA call. The reference is kept: the runtime uses that
+    same context for the life of the process. ``DriverError``/``OSError`` if it cannot."""
+    lib = _lib()
+    code = lib.cuInit(ctypes.c_uint(0))
+    if code != 0:
+        raise DriverError("cuInit", code)
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    code = lib.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(device_index))
+    if code != 0:
+        raise DriverError("cuDeviceGet", code)
+    code = lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+    if code != 0:
+        raise DriverError("cuDevicePrimaryCtxRetain", code)
+
+
 class Allocation(NamedTuple):
     """The ``cudaMalloc`` allocation that holds a pointer."""
 

@@ -56,7 +56,7 @@ from typing import Any, Final, Literal, NamedTuple
 import torch
 
 from . import _cudaipc
-from ._cuda import EventPoller
+from ._cuda import EventPoller, short_gil_turns
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
 from ._plane import fail_future, in_daemon_thread, settle_like
@@ -417,7 +417,8 @@ async def ipc_info_async() -> tuple[bool, str]:
     wait for (it held a connecting end's loop for 66 ms on an H200)."""
     global _info
     if _info is None:
-        _info = await asyncio.to_thread(ipc_info)
+        with short_gil_turns():
+            _info = await asyncio.to_thread(ipc_info)
     return _info
 
 

@@ -5,7 +5,10 @@ process. Skipped where torch sees no CUDA device."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -228,3 +231,35 @@ async def test_a_failed_copy_to_the_device_breaks_the_pipe(
         async with asyncio.timeout(10):
             await waiting
     assert info.value.__cause__ is boom
+
+
+_FRESH_PROCESS_CONNECT = r"""
+import asyncio, threading, torch, aiokvpipe
+on_main = []
+real = torch.cuda._lazy_init
+def spy():
+    if not torch.cuda.is_initialized():
+        on_main.append(threading.current_thread() is threading.main_thread())
+    return real()
+torch.cuda._lazy_init = spy
+async def main():
+    listener = await aiokvpipe.listen("127.0.0.1", 0, device="cuda", transport="tcp")
+    accepting = asyncio.ensure_future(listener.accept())
+    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda", transport="tcp")
+    b = await accepting
+    await a.send(torch.ones(4, device="cuda"))
+    assert torch.equal(await b.recv(), torch.ones(4, device="cuda"))
+    await a.aclose(); await b.aclose(); await listener.aclose()
+asyncio.run(main())
+print(on_main)
+"""
+
+
+def test_the_first_cuda_pipe_of_a_process_creates_the_context_off_the_loop() -> None:
+    # Creating a process's CUDA context takes 100 ms and more: the first listen()/connect()
+    # must not do it on the event loop's thread.
+    out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CONNECT], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    on_main = out.stdout.strip().splitlines()[-1]
+    assert on_main.startswith("[False") and "True" not in on_main, on_main

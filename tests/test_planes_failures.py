@@ -137,3 +137,17 @@ async def test_ordered_worker_runs_jobs_one_at_a_time_in_order_off_the_loop() ->
     finally:
         release.set()
         worker.shutdown()
+
+
+def test_short_gil_turns_nest_and_restore_the_switch_interval() -> None:
+    import sys
+
+    from aiokvpipe._cuda import short_gil_turns
+
+    before = sys.getswitchinterval()
+    with short_gil_turns():
+        assert sys.getswitchinterval() <= 0.0005
+        with short_gil_turns():
+            assert sys.getswitchinterval() <= 0.0005
+        assert sys.getswitchinterval() <= 0.0005  # the outer body still runs
+    assert sys.getswitchinterval() == before
