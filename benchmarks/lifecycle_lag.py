@@ -20,7 +20,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -41,10 +43,48 @@ def mark(what: str) -> None:
     MARKS.append((time.perf_counter(), what))
 
 
+class StallSampler(threading.Thread):
+    """Watches the ticker from a thread: when it is 2 ms overdue, takes the main thread's
+    stack once, so that each stall is told with the code that held the loop."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.last_tick = time.perf_counter()
+        self.stacks: dict[float, str] = {}  # tick it followed → where the main thread was
+        self._main = threading.main_thread().ident
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        sys.setswitchinterval(0.0002)  # let this thread in while the main one runs Python
+        while not self._stop.wait(0.0005):
+            last = self.last_tick
+            if time.perf_counter() - last > 0.002 and last not in self.stacks:
+                frame = sys._current_frames().get(self._main)
+                self.stacks[last] = _where(frame)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _where(frame: Any) -> str:
+    """The innermost frames of ours (aiokvpipe) and the one they called, shortly."""
+    if frame is None:
+        return "?"
+    summary = traceback.extract_stack(frame)
+    ours = [i for i, f in enumerate(summary) if "aiokvpipe" in f.filename
+            and "benchmarks" not in f.filename]
+    picked = summary[ours[-1]:][:3] if ours else summary[-3:]
+    return " > ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in picked)
+
+
+SAMPLER = StallSampler()
+
+
 async def ticker(lags: list[float], stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         t, began = loop.time(), time.perf_counter()
+        SAMPLER.last_tick = began
         await asyncio.sleep(0.001)
         lag = max(0.0, loop.time() - t - 0.001)
         lags.append(lag)
@@ -59,7 +99,8 @@ def worst_stalls(n: int = 5) -> list[str]:
     for began, lag in sorted(STALLS, key=lambda s: -s[1])[:n]:
         due = began + 0.001
         step = next((w for t, w in reversed(MARKS) if t <= due), "start")
-        out.append(f"{lag * 1e3:.1f} ms in {step!r}")
+        where = SAMPLER.stacks.get(began)
+        out.append(f"{lag * 1e3:.1f} ms in {step!r}" + (f" at {where}" if where else ""))
     return out
 
 
@@ -121,7 +162,7 @@ async def child(port: int, transport: str, pipes: int, device: str) -> None:
         await one_pipe(pipe, None)
     stop.set()
     await tick
-    print(json.dumps({"p99_ms": p99(lags), "ticks": len(lags), "worst": worst_stalls()}),
+    print(json.dumps({"p99_ms": p99(lags), "ticks": len(lags), "worst": worst_stalls(8)}),
           flush=True)
 
 
@@ -157,7 +198,8 @@ async def parent(transport: str, pipes: int, device: str) -> dict[str, Any]:
     return {"transport": kind, "pipes": pipes, "seconds": round(time.perf_counter() - t0, 2),
             "listener_p99_ms": round(p99(lags), 3), "connector_p99_ms":
             round(theirs["p99_ms"], 3), "target_ms": 2.0,
-            "listener_worst": worst_stalls(), "connector_worst": theirs["worst"]}
+            "listener_ticks": len(lags), "connector_ticks": theirs["ticks"],
+            "listener_worst": worst_stalls(8), "connector_worst": theirs["worst"]}
 
 
 def main() -> None:
@@ -169,6 +211,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0", help="cpu: check the probe itself (tcp)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    SAMPLER.start()
     if args.child is not None:
         asyncio.run(child(args.child, args.transports, args.pipes, args.device))
         return
@@ -181,8 +224,10 @@ def main() -> None:
               f"{r['listener_p99_ms']:>16} {r['connector_p99_ms']:>17}  "
               f"{'PASS' if ok else 'FAIL'}")
     for r in rows:  # where the worst stalls of each end happened
-        print(f"{r['transport']} worst stalls, listener: {'; '.join(r['listener_worst'])}")
-        print(f"{r['transport']} worst stalls, connector: {'; '.join(r['connector_worst'])}")
+        for end in ("listener", "connector"):
+            print(f"{r['transport']} {end}, {r[end + '_ticks']} ticks; worst stalls:")
+            for line in r[end + "_worst"]:
+                print(f"    {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu",
