@@ -47,11 +47,10 @@ YIELD_EVERY: Final = 8
 
 #: Receive credit given back to the peer waits up to this long to be returned together with
 #: more (one CREDIT frame, one write here and one read there, for many small messages), or
-#: until it reaches CREDIT_RETURN_SHARE of the window. Returned one message at a time, the
-#: credit frames doubled the syscalls of a stream of 4 KiB messages.
+#: until the protocol says it is due (``credit_return_due``: an eighth of the window).
+#: Returned one message at a time, the credit frames doubled the syscalls of a stream of
+#: 4 KiB messages.
 CREDIT_LINGER_S: Final = 0.001
-#: Owed credit of at least 1/CREDIT_RETURN_SHARE of the window goes back at once.
-CREDIT_RETURN_SHARE: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -693,8 +692,7 @@ class Pipe:
         to CREDIT_LINGER_S for more to join it. A header we send meanwhile carries it all."""
         if self._flush_pending:
             return
-        proto = self._proto
-        if now or proto.credit_owed * CREDIT_RETURN_SHARE >= proto.recv_buffer_bytes:
+        if now or self._proto.credit_return_due:
             self._flush_pending = True
             self._loop.call_soon(self._flush_credit)
         elif self._credit_timer is None:

@@ -29,6 +29,10 @@ from ._wire import Structure, TensorSpec, Transport
 #: message arriving for it much later is kept (holding its credits) instead of dropped.
 MAX_TOMBSTONES: Final = 4096
 
+#: Credit owed to the peer of at least 1/CREDIT_RETURN_SHARE of our window is due at once;
+#: less may wait to be returned together with more (the I/O layer decides how long).
+CREDIT_RETURN_SHARE: Final = 8
+
 
 class State(enum.Enum):
     """Where one end of a pipe stands.
@@ -245,6 +249,11 @@ class PipeProtocol:
         """A received message was claimed or dropped: its credit goes back to the peer with
         our next frame (:meth:`send_credit`, or riding on a header)."""
         self.credit_owed += cost
+
+    @property
+    def credit_return_due(self) -> bool:
+        """Enough credit is owed to the peer that it should go back now, not linger."""
+        return self.credit_owed * CREDIT_RETURN_SHARE >= self.recv_buffer_bytes
 
     @property
     def credit_buffered(self) -> int:

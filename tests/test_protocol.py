@@ -129,6 +129,18 @@ def test_credit_frame_returns_what_is_owed() -> None:
     assert frames == [_wire.Credit(COST)] and a.credit_outstanding == 0
 
 
+def test_credit_is_due_once_an_eighth_of_the_window_is_owed() -> None:
+    a, b = pair(credit=16 * COST)
+    for _ in range(2):
+        b.receive_data(send(a))
+    b.release(COST)
+    assert not b.credit_return_due  # 1/16 of the window: it may linger
+    b.release(COST)
+    assert b.credit_return_due  # 2/16
+    a.receive_data(b.send_credit())
+    assert not b.credit_return_due and a.credit_outstanding == 0
+
+
 @pytest.mark.parametrize("extra", [1, 1 << 30])
 def test_returning_more_credit_than_was_spent_is_a_protocol_error(extra: int) -> None:
     a, _ = pair()
