@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from ._errors import fresh
 
@@ -20,10 +21,13 @@ class ByteBudget:
     * ``abort(exc)`` makes every waiting and later ``acquire`` raise ``exc``.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_release: Callable[[], None] | None = None) -> None:
+        """``on_release`` is called after bytes were given back (and the waiters they let
+        through were served), for whoever takes bytes with :meth:`try_acquire` only."""
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self._capacity = capacity
+        self._on_release = on_release
         self._in_use = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._error: BaseException | None = None
@@ -77,6 +81,8 @@ class ByteBudget:
                     pass
                 # Our departure may unblock whoever queued behind us.
                 self._wake()
+                if self._on_release is not None:
+                    self._on_release()
             raise
 
     def release(self, n: int) -> None:
@@ -91,6 +97,8 @@ class ByteBudget:
         self._in_use -= n
         if self._waiters:
             self._wake()
+        if self._on_release is not None and n:
+            self._on_release()
         return True
 
     def _wake(self) -> None:

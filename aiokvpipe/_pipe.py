@@ -72,6 +72,23 @@ class PipeStats:
     recv_buffered_messages: int
 
 
+@dataclass(eq=False, slots=True)
+class _Queued:
+    """A send() waiting for its turn (see :meth:`Pipe._pump_sends`)."""
+
+    out: Outgoing
+    key: str | None
+    inline: bool
+    cost: int
+    #: send budget the payload holds while in flight (0 for an inline message)
+    held: int
+    #: done once posted: the payload's completion (``None`` for an inline message)
+    posted: asyncio.Future[asyncio.Future[None] | None]
+    #: when the current wait began (metrics)
+    since: float
+    has_budget: bool = False
+
+
 class _Incoming:
     """A message whose header arrived; its payload may still be on the way.
 
@@ -126,14 +143,16 @@ class Pipe:
         # sending
         #: CPU payloads up to this size travel inside their header frame (0: never).
         self._inline_limit = inline_limit
-        self._send_lock = asyncio.Lock()
-        #: send() calls in the slow path (waiting for, or holding, the send lock): while there
-        #: are any, no send may take the fast path and overtake them.
-        self._slow_senders = 0
+        #: send() calls waiting for their turn, in call order: while there are any, no send
+        #: may take the fast path and overtake them. :meth:`_pump_sends` posts them.
+        self._send_queue: deque[_Queued] = deque()
+        self._waiting_writable = False  # _pump_sends is due when the connection drains
+        self._pumping = False
         self._calls_since_yield = 0
-        self._send_budget = ByteBudget(max_inflight_bytes)
-        #: Queues senders for the peer's credit; the protocol keeps the ledger itself.
-        self._credits = ByteBudget(self._proto.peer_credit)
+        self._send_budget = ByteBudget(max_inflight_bytes, on_release=self._pump_sends)
+        #: The peer's credit, also queued for by block transfers; the protocol keeps the
+        #: ledger itself.
+        self._credits = ByteBudget(self._proto.peer_credit, on_release=self._pump_sends)
         self._sends_in_flight: set[asyncio.Future[None]] = set()
         self._bytes_sent = 0
         # receiving
@@ -189,7 +208,7 @@ class Pipe:
         # budget to hold.
         inline = out.nbytes == 0 or (out.nbytes <= self._inline_limit and not out.cuda)
         cost = _wire.message_cost(out.nbytes, len(out.specs))
-        if (inline and not self._slow_senders and not self._control.write_paused
+        if (inline and not self._send_queue and not self._control.write_paused
                 and self._credits.try_acquire(cost)):
             # The fast path: nobody is queued ahead, credits are at hand and the connection
             # takes more. Written without a suspension, so call order holds and cancellation
@@ -202,28 +221,18 @@ class Pipe:
                 # Cancelled here, the message is sent all the same (see the docstring).
                 await asyncio.sleep(0)
             return
-        held = 0 if inline else out.nbytes
-        self._slow_senders += 1
+        # The slow path: wait in line (call order) for the connection, budget and credits.
+        turn = _Queued(out, key, inline, cost, 0 if inline else out.nbytes,
+                       self._loop.create_future(), t0)
+        self._send_queue.append(turn)
+        self._pump_sends()
         try:
-            async with self._send_lock:
-                self._check_can_send()
-                t1 = perf_counter() if self._timed else 0.0
-                await self._send_budget.acquire(held)
-                t2 = perf_counter() if self._timed else 0.0
-                try:
-                    await self._credits.acquire(cost)
-                except BaseException:
-                    self._send_budget.release(held)
-                    raise
-                if self._timed:
-                    self._metrics.waited_budget(t2 - t1)
-                    self._metrics.waited_credits(perf_counter() - t2)
-                # Committed. No await until the payload is posted, so cancellation cannot
-                # split the header from its payload.
-                done = self._post(out, key, inline, cost, held)
-                await self._control.drain()
-        finally:
-            self._slow_senders -= 1
+            done = await turn.posted
+        except asyncio.CancelledError:
+            if not turn.posted.cancelled() and turn.posted.done():
+                raise  # posted already: the message is sent whole (see the docstring)
+            self._leave_queue(turn)
+            raise
         if done is not None:
             await asyncio.shield(done)
         if self._timed:
@@ -456,6 +465,78 @@ class Pipe:
         if self._proto.close_received:
             raise PipeClosed("the peer closed the pipe")
 
+    def _pump_sends(self) -> None:
+        """Post queued sends, oldest first, while the connection takes more and budget and
+        credits allow. Runs whenever one of those frees up: a burst of queued messages then
+        leaves in one loop iteration (one write), not one per iteration as a lock would
+        hand them out."""
+        if not self._send_queue or self._pumping:
+            return  # nobody waits, or called back from inside (a release in _post)
+        self._pumping = True
+        try:
+            self._pump_queue()
+        finally:
+            self._pumping = False
+
+    def _pump_queue(self) -> None:
+        queue = self._send_queue
+        while queue:
+            turn = queue[0]
+            if turn.posted.done():  # its caller gave up (cancelled) and is leaving
+                queue.popleft()
+                continue
+            if self._error is not None or self._closed_here or self._proto.close_received:
+                return  # _fail_queued_senders says why to each
+            if self._control.write_paused:
+                if not self._waiting_writable:
+                    self._waiting_writable = True
+                    self._control.writable().add_done_callback(self._writable_again)
+                return
+            timed = self._timed
+            if not turn.has_budget:
+                if not self._send_budget.try_acquire(turn.held):
+                    return
+                turn.has_budget = True
+                if timed:
+                    now = perf_counter()
+                    self._metrics.waited_budget(now - turn.since)
+                    turn.since = now
+            if not self._credits.try_acquire(turn.cost):
+                return
+            queue.popleft()
+            if timed:
+                self._metrics.waited_credits(perf_counter() - turn.since)
+            try:
+                done = self._post(turn.out, turn.key, turn.inline, turn.cost, turn.held)
+            except Exception as exc:  # the pipe broke (see _post): tell this caller why
+                turn.posted.set_exception(exc)
+                continue
+            turn.posted.set_result(done)
+
+    def _writable_again(self, fut: asyncio.Future[None]) -> None:
+        self._waiting_writable = False
+        if not fut.cancelled() and fut.exception() is None:
+            self._pump_sends()
+        # else: the connection is lost, and with it the pipe; _break fails the queue
+
+    def _leave_queue(self, turn: _Queued) -> None:
+        """A queued send() was cancelled before it was posted: it sends nothing."""
+        try:
+            self._send_queue.remove(turn)
+        except ValueError:
+            pass
+        if turn.has_budget:
+            turn.has_budget = False
+            self._send_budget.release(turn.held)
+        self._pump_sends()  # whoever waited behind it may go now
+
+    def _fail_queued_senders(self, exc: PipeError) -> None:
+        queue, self._send_queue = self._send_queue, deque()
+        for turn in queue:
+            if not turn.posted.done():
+                turn.posted.set_exception(fresh(exc))
+                turn.posted.exception()  # its caller may be gone; do not warn
+
     def _post(self, out: Outgoing, key: str | None, inline: bool, cost: int, held: int
               ) -> asyncio.Future[None] | None:
         """Post the message's payload to the data plane, then write its header (an inline
@@ -524,7 +605,9 @@ class Pipe:
             raise fresh(self._error) if self._error else exc
 
     def _fail_pending_senders(self, exc: PipeError) -> None:
-        # Senders waiting for budget or credits give up; those already posted finish.
+        # Senders waiting for their turn, budget or credits give up; those already posted
+        # finish.
+        self._fail_queued_senders(exc)
         self._send_budget.abort(exc)
         self._credits.abort(exc)
 
@@ -826,8 +909,7 @@ class Pipe:
         self._metrics.broken(_break_cause(cause))
         self._fail_waiters(err)
         self._blocks.fail(err)
-        self._send_budget.abort(err)
-        self._credits.abort(err)
+        self._fail_pending_senders(err)
         self._cancel_credit_timer()
         self._plane.abort(err)
         self._control.abort()
