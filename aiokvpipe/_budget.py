@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
 
 from ._errors import fresh
 
@@ -21,13 +20,10 @@ class ByteBudget:
     * ``abort(exc)`` makes every waiting and later ``acquire`` raise ``exc``.
     """
 
-    def __init__(self, capacity: int, on_release: Callable[[], None] | None = None) -> None:
-        """``on_release`` is called after bytes were given back (and the waiters they let
-        through were served), for whoever takes bytes with :meth:`try_acquire` only."""
+    def __init__(self, capacity: int) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self._capacity = capacity
-        self._on_release = on_release
         self._in_use = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._error: BaseException | None = None
@@ -62,28 +58,44 @@ class ByteBudget:
             raise ValueError(f"cannot acquire a negative byte count ({n})")
         if self._error is not None:
             raise fresh(self._error)
-        if not self._waiters and self._fits(n):
+        if not self._waiters and self._fits(n):  # no future to make when nobody waits
             self._in_use += n
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, fut)
-        self._waiters.append(entry)
+        fut = self.request(n)
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # Granted, but we were cancelled before we could run: give it back.
-                self.release(n)
-            else:
-                try:
-                    self._waiters.remove(entry)
-                except ValueError:
-                    pass
-                # Our departure may unblock whoever queued behind us.
-                self._wake()
-                if self._on_release is not None:
-                    self._on_release()
+            self.withdraw(n, fut)
             raise
+
+    def request(self, n: int) -> asyncio.Future[None]:
+        """Take ``n`` bytes in FIFO order, without awaiting: a future done once they are
+        taken (at once when :meth:`acquire` would not wait), failed once aborted. Give up
+        with :meth:`withdraw`, which returns the bytes if they were taken meanwhile."""
+        if n < 0:
+            raise ValueError(f"cannot acquire a negative byte count ({n})")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._error is not None:
+            fut.set_exception(fresh(self._error))
+        elif not self._waiters and self._fits(n):
+            self._in_use += n
+            fut.set_result(None)
+        else:
+            self._waiters.append((n, fut))
+        return fut
+
+    def withdraw(self, n: int, fut: asyncio.Future[None]) -> None:
+        """Give up a :meth:`request` of ``n`` bytes: bytes granted go back (to the next
+        waiter); a pending request leaves the queue, which may let those behind it in."""
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.release(n)  # granted, not used
+            return
+        fut.cancel()
+        try:
+            self._waiters.remove((n, fut))
+        except ValueError:
+            pass
+        self._wake()
 
     def release(self, n: int) -> None:
         """Give back ``n`` bytes taken by :meth:`acquire`."""
@@ -97,8 +109,6 @@ class ByteBudget:
         self._in_use -= n
         if self._waiters:
             self._wake()
-        if self._on_release is not None and n:
-            self._on_release()
         return True
 
     def _wake(self) -> None:

@@ -86,7 +86,9 @@ class _Queued:
     posted: asyncio.Future[asyncio.Future[None] | None]
     #: when the current wait began (metrics)
     since: float
-    has_budget: bool = False
+    #: its requests of send budget and of credits, once made (see Pipe._admitted)
+    budget: asyncio.Future[None] | None = None
+    credit: asyncio.Future[None] | None = None
 
 
 class _Incoming:
@@ -149,10 +151,10 @@ class Pipe:
         self._waiting_writable = False  # _pump_sends is due when the connection drains
         self._pumping = False
         self._calls_since_yield = 0
-        self._send_budget = ByteBudget(max_inflight_bytes, on_release=self._pump_sends)
-        #: The peer's credit, also queued for by block transfers; the protocol keeps the
-        #: ledger itself.
-        self._credits = ByteBudget(self._proto.peer_credit, on_release=self._pump_sends)
+        self._send_budget = ByteBudget(max_inflight_bytes)
+        #: The peer's credit, queued for by sends and block transfers alike; the protocol
+        #: keeps the ledger itself.
+        self._credits = ByteBudget(self._proto.peer_credit)
         self._sends_in_flight: set[asyncio.Future[None]] = set()
         self._bytes_sent = 0
         # receiving
@@ -465,9 +467,10 @@ class Pipe:
         if self._proto.close_received:
             raise PipeClosed("the peer closed the pipe")
 
-    def _pump_sends(self) -> None:
-        """Post queued sends, oldest first, while the connection takes more and budget and
-        credits allow. Runs whenever one of those frees up: a burst of queued messages then
+    def _pump_sends(self, _: object = None) -> None:
+        """Post queued sends, oldest first, while the connection takes more and each has its
+        send budget and credits (asked for in the budgets' own FIFO, which block transfers
+        share). Runs again whenever one of those frees up: a burst of queued messages then
         leaves in one loop iteration (one write), not one per iteration as a lock would
         hand them out."""
         if not self._send_queue or self._pumping:
@@ -481,30 +484,22 @@ class Pipe:
     def _pump_queue(self) -> None:
         queue = self._send_queue
         while queue:
-            turn = queue[0]
-            if turn.posted.done():  # its caller gave up (cancelled) and is leaving
-                queue.popleft()
-                continue
             if self._error is not None or self._closed_here or self._proto.close_received:
-                return  # _fail_queued_senders says why to each
+                return  # _fail_queued_senders tells each why
+            turn = queue[0]
+            if turn.posted.done():  # cancelled: its caller is leaving (_leave_queue)
+                queue.popleft()
+                self._withdraw(turn)
+                continue
             if self._control.write_paused:
                 if not self._waiting_writable:
                     self._waiting_writable = True
                     self._control.writable().add_done_callback(self._writable_again)
                 return
-            timed = self._timed
-            if not turn.has_budget:
-                if not self._send_budget.try_acquire(turn.held):
-                    return
-                turn.has_budget = True
-                if timed:
-                    now = perf_counter()
-                    self._metrics.waited_budget(now - turn.since)
-                    turn.since = now
-            if not self._credits.try_acquire(turn.cost):
+            if not self._admitted(turn):
                 return
             queue.popleft()
-            if timed:
+            if self._timed:
                 self._metrics.waited_credits(perf_counter() - turn.since)
             try:
                 done = self._post(turn.out, turn.key, turn.inline, turn.cost, turn.held)
@@ -513,6 +508,27 @@ class Pipe:
                 continue
             turn.posted.set_result(done)
 
+    def _admitted(self, turn: _Queued) -> bool:
+        """``turn`` holds its send budget, then its credits (each asked for once; a grant
+        pumps the queue again)."""
+        budget = turn.budget
+        if budget is None:
+            budget = turn.budget = self._send_budget.request(turn.held)
+            if not budget.done():
+                budget.add_done_callback(self._pump_sends)
+        if not budget.done() or budget.exception() is not None:
+            return False  # waiting; or aborted, and the pipe is failing the queue
+        credit = turn.credit
+        if credit is None:
+            if self._timed:
+                now = perf_counter()
+                self._metrics.waited_budget(now - turn.since)
+                turn.since = now
+            credit = turn.credit = self._credits.request(turn.cost)
+            if not credit.done():
+                credit.add_done_callback(self._pump_sends)
+        return credit.done() and credit.exception() is None
+
     def _writable_again(self, fut: asyncio.Future[None]) -> None:
         self._waiting_writable = False
         if not fut.cancelled() and fut.exception() is None:
@@ -520,19 +536,28 @@ class Pipe:
         # else: the connection is lost, and with it the pipe; _break fails the queue
 
     def _leave_queue(self, turn: _Queued) -> None:
-        """A queued send() was cancelled before it was posted: it sends nothing."""
+        """A queued send() was cancelled before it was posted: it sends nothing, and what it
+        was granted goes back."""
         try:
             self._send_queue.remove(turn)
         except ValueError:
             pass
-        if turn.has_budget:
-            turn.has_budget = False
-            self._send_budget.release(turn.held)
+        self._withdraw(turn)
         self._pump_sends()  # whoever waited behind it may go now
+
+    def _withdraw(self, turn: _Queued) -> None:
+        """Give back (once) what a send that will not be posted was granted or asked for."""
+        if turn.budget is not None:
+            self._send_budget.withdraw(turn.held, turn.budget)
+            turn.budget = None
+        if turn.credit is not None:
+            self._credits.withdraw(turn.cost, turn.credit)
+            turn.credit = None
 
     def _fail_queued_senders(self, exc: PipeError) -> None:
         queue, self._send_queue = self._send_queue, deque()
         for turn in queue:
+            self._withdraw(turn)
             if not turn.posted.done():
                 turn.posted.set_exception(fresh(exc))
                 turn.posted.exception()  # its caller may be gone; do not warn

@@ -322,3 +322,40 @@ async def test_negative_counts_are_rejected() -> None:
 def test_capacity_must_be_positive(capacity: int) -> None:
     with pytest.raises(ValueError):
         ByteBudget(capacity)
+
+
+# -- request / withdraw: the FIFO without a task (the pipe's queued sends) --------------------
+
+
+async def test_request_is_granted_at_once_when_free_and_in_fifo_order_with_acquire() -> None:
+    b = ByteBudget(100)
+    first = b.request(60)
+    assert first.done() and b.in_use == 60
+    g = Grants(b)
+    a = await g.queue("acquire", 50)
+    later = b.request(10)  # fits, but must not overtake the waiting acquire
+    assert not later.done() and b.waiting == 2
+    b.release(60)
+    await settle()
+    assert a.done() and later.done() and g.order == ["acquire"]
+    assert b.in_use == 60
+
+
+async def test_withdrawing_a_pending_request_lets_those_behind_it_in() -> None:
+    b = ByteBudget(100)
+    b.request(90)
+    big = b.request(50)
+    small = b.request(10)
+    assert not big.done() and not small.done()
+    b.withdraw(50, big)
+    assert big.cancelled() and small.done() and b.in_use == 100 and b.waiting == 0
+
+
+async def test_withdrawing_a_granted_request_gives_its_bytes_back() -> None:
+    b = ByteBudget(100)
+    b.request(100)
+    r = b.request(40)
+    b.release(100)
+    assert r.done() and b.in_use == 40
+    b.withdraw(40, r)
+    assert b.in_use == 0

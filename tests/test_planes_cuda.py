@@ -22,8 +22,12 @@ class _AbortOnlyNccl:
 
     def __init__(self) -> None:
         self.aborted: list[int] = []
+        #: Holds the abort thread until the test has seen it (an instant abort let it end
+        #: before threading.enumerate() looked: the test failed once on the H200).
+        self.go = threading.Event()
 
     def abort(self, comm: int) -> int:
+        self.go.wait(10)
         self.aborted.append(comm)
         return 0
 
@@ -42,6 +46,7 @@ async def test_nccl_abort_waits_for_the_planes_streams_not_the_whole_device() ->
     aborting = [t for t in threading.enumerate()
                 if t not in before and t.name == "aiokvpipe-nccl-abort"]
     assert aborting, "abort() started no abort thread"
+    lib.go.set()
     for t in aborting:
         t.join(5)
         assert not t.is_alive(), "abort waits for the application's stream"
