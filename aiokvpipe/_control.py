@@ -29,8 +29,8 @@ _EARLY_BYTES_HIGH: Final = 256 * 1024
 #: Bytes handed to the pipe per loop iteration at most (then reading waits for the next).
 #: 4 KiB messages on the 2-core VM: 256 KiB is about 2 ms of work.
 _TURN_BYTES: Final = 256 * 1024
-#: Frames gathered within one loop iteration are written once they reach this many bytes.
-_CORK_BYTES: Final = 256 * 1024
+#: Frames gathered by hold() are written once they reach this many bytes.
+_HOLD_BYTES: Final = 256 * 1024
 
 
 class ControlHandler(Protocol):
@@ -57,10 +57,9 @@ class ControlChannel(asyncio.Protocol):
         self._handler: ControlHandler | None = None
         self._lost: BaseException | None = None
         self._write_paused = False
-        #: Frames written during this loop iteration after its first write (None: nothing
-        #: written yet this iteration), and their size.
-        self._corked: list[bytes] | None = None
-        self._corked_bytes = 0
+        #: Frames gathered between hold() and release() (None: writes go out at once).
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._last_heard = self._loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -135,32 +134,34 @@ class ControlChannel(asyncio.Protocol):
         transport = self._transport
         if self._lost is not None or transport is None or transport.is_closing():
             raise BrokenPipe("control connection is closed") from self._lost
-        corked = self._corked
-        if corked is None:
-            # The first write of this loop iteration goes out at once (no latency added to
-            # a lone message); later ones are gathered and written together at the end of
-            # the iteration: one system call for a burst of small messages, not one each.
+        held = self._held
+        if held is None:
             transport.write(data)
-            self._corked = []
-            self._loop.call_soon(self._uncork)
             return
-        corked.append(data)
-        self._corked_bytes += len(data)
-        if self._corked_bytes >= _CORK_BYTES:
-            self._uncork_now()
+        held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes >= _HOLD_BYTES:
+            self._write_held()
 
-    def _uncork(self) -> None:
-        self._uncork_now()
-        self._corked = None
+    def hold(self) -> None:
+        """Gather what is written from now until :meth:`release` (in this same call, never
+        across an await) into one write: a burst of frames then costs one system call."""
+        if self._held is None:
+            self._held = []
 
-    def _uncork_now(self) -> None:
-        corked = self._corked
-        if corked:
-            self._corked = []
-            self._corked_bytes = 0
+    def release(self) -> None:
+        """Write what :meth:`hold` gathered, and write at once again."""
+        self._write_held()
+        self._held = None
+
+    def _write_held(self) -> None:
+        held = self._held
+        if held:
+            self._held = []
+            self._held_bytes = 0
             transport = self._transport
             if self._lost is None and transport is not None and not transport.is_closing():
-                transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
+                transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     @property
     def write_paused(self) -> bool:
@@ -287,7 +288,7 @@ class ControlChannel(asyncio.Protocol):
         if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
             self._heartbeat.cancel()
         if self._transport is not None:
-            self._uncork_now()  # what was written goes out before the close
+            self._write_held()  # what was written goes out before the close
             self._transport.close()
 
     def abort(self) -> None:
@@ -330,7 +331,7 @@ class ControlChannel(asyncio.Protocol):
         """Write ``data`` (an ERROR frame) if the connection still takes it; never raises."""
         transport = self._transport
         if self._lost is None and transport is not None and not transport.is_closing():
-            self._uncork_now()  # after what was written before it
+            self._write_held()  # after what was written before it
             transport.write(data)
 
     def _fail(self, exc: BaseException) -> None:

@@ -476,10 +476,14 @@ class Pipe:
         if not self._send_queue or self._pumping:
             return  # nobody waits, or called back from inside (a release in _post)
         self._pumping = True
+        # Posted together, written together: one system call for the burst. Nothing waits
+        # for a later loop iteration (the pump returns before anyone awaits).
+        self._control.hold()
         try:
             self._pump_queue()
         finally:
             self._pumping = False
+            self._control.release()
 
     def _pump_queue(self) -> None:
         queue = self._send_queue
@@ -505,6 +509,7 @@ class Pipe:
                 done = self._post(turn.out, turn.key, turn.inline, turn.cost, turn.held)
             except Exception as exc:  # the pipe broke (see _post): tell this caller why
                 turn.posted.set_exception(exc)
+                turn.posted.exception()  # cancelled before it resumes, it reads none
                 continue
             turn.posted.set_result(done)
 
