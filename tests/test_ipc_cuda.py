@@ -9,6 +9,7 @@ pairs (one per direction). Skipped without a CUDA device or CuPy. Run on a GPU m
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -250,6 +251,9 @@ async def test_producer_killed_mid_transfer_fails_the_receive_fast_and_leaves_cu
 async def test_consumer_killed_fails_the_send_fast_and_frees_its_memory() -> None:
     async with pair() as (local, peer):
         assert local.plane is not None
+        # What earlier tests left for the collector must not be freed during this one: on
+        # the H200 (15:30) 189 MB of it went meanwhile and the count fell below the baseline.
+        gc.collect()
         baseline = torch.cuda.memory_allocated(DEV)
         t = torch.full((256 * MiB,), 5, dtype=torch.uint8, device=DEV)
         sent = local.plane.post_send([t])  # the peer never posts the receive
@@ -264,7 +268,7 @@ async def test_consumer_killed_fails_the_send_fast_and_frees_its_memory() -> Non
         t.fill_(6)  # ours again
         assert int(t[-1]) == 6
         del t, sent
-        assert torch.cuda.memory_allocated(DEV) == baseline
+        assert torch.cuda.memory_allocated(DEV) <= baseline  # all 256 MiB of it back
         usable_gpu()
 
 
