@@ -306,10 +306,9 @@ class ControlChannel(asyncio.Protocol):
 
     def _end_turn(self) -> None:
         self._turn_bytes = 0
-        if self._turn_paused:
-            self._turn_paused = False
-            if not self._reading_paused:
-                self._pause_transport(False)
+        self._turn_paused = False
+        if not self._reading_paused:
+            self._pause_transport(False)
 
     def _set_reading(self, on: bool) -> None:
         self._reading_paused = not on

@@ -149,7 +149,6 @@ class Pipe:
         #: may take the fast path and overtake them. :meth:`_pump_sends` posts them.
         self._send_queue: deque[_Queued] = deque()
         self._waiting_writable = False  # _pump_sends is due when the connection drains
-        self._pumping = False
         self._calls_since_yield = 0
         self._send_budget = ByteBudget(max_inflight_bytes)
         #: The peer's credit, queued for by sends and block transfers alike; the protocol
@@ -473,16 +472,15 @@ class Pipe:
         share). Runs again whenever one of those frees up: a burst of queued messages then
         leaves in one loop iteration (one write), not one per iteration as a lock would
         hand them out."""
-        if not self._send_queue or self._pumping:
-            return  # nobody waits, or called back from inside (a release in _post)
-        self._pumping = True
+        if not self._send_queue:
+            return
         # Posted together, written together: one system call for the burst. Nothing waits
-        # for a later loop iteration (the pump returns before anyone awaits).
+        # for a later loop iteration (the pump returns before anyone awaits). Grants and
+        # drains reach the pump through future callbacks, never from inside it.
         self._control.hold()
         try:
             self._pump_queue()
         finally:
-            self._pumping = False
             self._control.release()
 
     def _pump_queue(self) -> None:
@@ -516,23 +514,24 @@ class Pipe:
     def _admitted(self, turn: _Queued) -> bool:
         """``turn`` holds its send budget, then its credits (each asked for once; a grant
         pumps the queue again)."""
-        budget = turn.budget
-        if budget is None:
-            budget = turn.budget = self._send_budget.request(turn.held)
-            if not budget.done():
-                budget.add_done_callback(self._pump_sends)
-        if not budget.done() or budget.exception() is not None:
-            return False  # waiting; or aborted, and the pipe is failing the queue
-        credit = turn.credit
-        if credit is None:
+        if turn.budget is None:
+            turn.budget = self._ask(self._send_budget, turn.held)
+        if not _granted(turn.budget):
+            return False
+        if turn.credit is None:
             if self._timed:
                 now = perf_counter()
                 self._metrics.waited_budget(now - turn.since)
                 turn.since = now
-            credit = turn.credit = self._credits.request(turn.cost)
-            if not credit.done():
-                credit.add_done_callback(self._pump_sends)
-        return credit.done() and credit.exception() is None
+            turn.credit = self._ask(self._credits, turn.cost)
+        return _granted(turn.credit)
+
+    def _ask(self, budget: ByteBudget, n: int) -> asyncio.Future[None]:
+        """Request ``n`` bytes of ``budget``; a later grant pumps the queue again."""
+        fut = budget.request(n)
+        if not fut.done():
+            fut.add_done_callback(self._pump_sends)
+        return fut
 
     def _writable_again(self, fut: asyncio.Future[None]) -> None:
         self._waiting_writable = False
@@ -946,6 +945,12 @@ class Pipe:
         if self._closer is not None and self._closer is not asyncio.current_task():
             self._closer.cancel()
         self._finished.set()
+
+
+def _granted(request: asyncio.Future[None]) -> bool:
+    """A budget request was granted (not still waiting, nor failed by an abort: then the
+    pipe is failing the queue)."""
+    return request.done() and request.exception() is None
 
 
 def _break_cause(cause: BaseException) -> BreakCause:
