@@ -26,6 +26,7 @@ import contextlib
 import functools
 import logging
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -427,14 +428,15 @@ class BlockExchange:
             return
         sink.missing.difference_update(offer.layers)
         sink.pending_offers += 1
+        source = getattr(pipe._plane, "pool_source", None)
+        chunks: deque[Chunk | None] = deque()
         if sink.pool.device.type == "cpu" and pipe._plane.name == "tcp":
-            chunks: deque[Chunk | None] = deque([None])
-        else:
-            chunks = deque(iter_chunks(sink.pool.layout, offer.layers, len(sink.ids),
-                                       STAGING_BYTES))
+            chunks.append(None)
+        elif source is None:
+            chunks.extend(self._chunks(sink, offer.layers))
+        # (ipc: cut into chunks only if the pool turns out to travel staged)
         incoming = self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks,
                                                               tuple(offer.ids))
-        source = getattr(pipe._plane, "pool_source", None)
         if source is None:
             self._send_pull(offer.offer_id)
             return
@@ -443,6 +445,11 @@ class BlockExchange:
         # come before we know which it means.
         source(offer.pool_id).add_done_callback(functools.partial(
             self._pool_placed, offer, incoming))
+
+    @staticmethod
+    def _chunks(sink: _Sink, layers: Sequence[int]) -> Iterator[Chunk]:
+        """A staged transfer's chunks, cut as the sender cuts them."""
+        return iter_chunks(sink.pool.layout, layers, len(sink.ids), STAGING_BYTES)
 
     def _send_pull(self, offer_id: int, error: str = "") -> None:
         """Take an offer (or refuse it, saying why); its credit goes back either way."""
@@ -464,6 +471,8 @@ class BlockExchange:
                 if incoming.mapped is None:
                     incoming.mapped = self._mapped[offer.pool_id] = _mapped_pool(
                         self._peer_pools[offer.pool_id], places, pipe.device)
+            else:
+                incoming.chunks.extend(self._chunks(incoming.sink, incoming.layers))
             self._send_pull(offer.offer_id)
         except Exception as exc:  # the peer's pool does not fit its mapping; a lost link
             pipe._break(exc)
@@ -699,11 +708,17 @@ def _check_device(pipe: Pipe, pool: BlockPool) -> None:
 
 def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:
     """For a CUDA pool, an event after the work queued on the caller's stream now: the blocks
-    are read only once what the caller queued to write them has run."""
+    are read only once what the caller queued to write them has run. None when that stream
+    is idle (everything it was given has run): on one GPU shared by two processes, an event
+    recorded by the sender is work in its context, which waits for the GPU to switch over
+    from the receiver's copies (hundreds of µs each request, with several in flight)."""
     if pool.device.type != "cuda":
         return None
+    stream = torch.cuda.current_stream(pool.device)
+    if stream.query():
+        return None
     event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(pool.device))
+    event.record(stream)
     return event
 
 
