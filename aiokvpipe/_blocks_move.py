@@ -239,28 +239,30 @@ def copy_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: Sequence
     ``dst`` (``ValueError`` otherwise, as for a run outside either pool). Returns without
     waiting; the source must not change and stay mapped until the stream has run the copy.
     """
-    check_fits(dst.layout, src.layout)
-    _check_runs(runs, src.num_blocks, dst.num_blocks)
     if isinstance(src, MappedPool) and src.device != dst.device:
         raise ValueError(f"the mapped pool is on {src.device}, the destination on "
                          f"{dst.device}")
     if isinstance(src, BlockPool) and src.device != dst.device:
         raise ValueError(f"copy_runs copies within one device, not {src.device} → "
                          f"{dst.device}")
+    kind = _choose(dst.device, method) if runs and layers else "torch"
+    if kind == "kernel":
+        handle = (stream if stream is not None
+                  else torch.cuda.current_stream(dst.device)).cuda_stream
+        _prepared_launch(src, dst, tuple(layers), runs, handle).run()
+        return
+    check_fits(dst.layout, src.layout)
+    _check_runs(runs, src.num_blocks, dst.num_blocks)
     if not runs or not layers:
         return
-    kind = _choose(dst.device, method)
     with _on(stream, dst.device):
-        if kind == "kernel":
-            _launch_runs(src, dst, layers, tuple((a, b, n) for a, b, n in runs))
-        else:
-            s_idx, d_idx = _expand_runs(runs)
-            s_dev, d_dev = _to_device(s_idx, dst.device), _to_device(d_idx, dst.device)
-            for i in layers:
-                source = _tensor_bytes(src, i).movedim(src.layout.tensors[i].block_dim, 0)
-                target = _byte_view(dst.tensors[i], dst.layout.tensors[i]).movedim(
-                    dst.layout.tensors[i].block_dim, 0)
-                target.index_copy_(0, d_dev, source.index_select(0, s_dev))
+        s_idx, d_idx = _expand_runs(runs)
+        s_dev, d_dev = _to_device(s_idx, dst.device), _to_device(d_idx, dst.device)
+        for i in layers:
+            source = _tensor_bytes(src, i).movedim(src.layout.tensors[i].block_dim, 0)
+            target = _byte_view(dst.tensors[i], dst.layout.tensors[i]).movedim(
+                dst.layout.tensors[i].block_dim, 0)
+            target.index_copy_(0, d_dev, source.index_select(0, s_dev))
 
 
 def kernel_available(device: torch.device) -> bool:
@@ -515,22 +517,70 @@ def _jobs_of(bases: tuple[tuple[int, int], ...], count: int) -> torch.Tensor:
     return torch.tensor([(sb, db, 0, count) for sb, db in bases], dtype=torch.int64)
 
 
-def _launch_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: tuple[Run, ...]
-                 ) -> None:
-    """:func:`copy_runs` on the kernel: one launch per kind of tensor, on the current
-    stream; tables go to the device only when not uploaded on this stream already."""
+class _Launch:
+    """A :func:`copy_runs` call on the kernel, checked and planned: its kernel launches
+    (tables on the device, uploaded on its stream) and what it was made from, held so that a
+    later call from the same objects can be recognised by identity (ids are not reused while
+    an object is held). It holds no pool memory: layouts, base addresses and runs only."""
+
+    __slots__ = ("made_of", "calls", "tables", "device")
+
+    def __init__(self, made_of: tuple[object, ...], device: torch.device) -> None:
+        self.made_of = made_of
+        self.calls: list[tuple[int, int, int, int, int]] = []
+        self.tables: list[torch.Tensor] = []
+        self.device = device
+
+    def run(self) -> None:
+        for call in self.calls:
+            _run_kernel(*call, self.device)
+
+
+#: Recent :func:`copy_runs` calls on the kernel, by the identities of what they were made
+#: from: a request's layers, and requests that reuse a slot's blocks, check and plan once
+#: (on an H200 the checks and lookups of a 256-block request took longer than its copy).
+_LAUNCHES: OrderedDict[tuple[int, ...], _Launch] = OrderedDict()
+_MAX_LAUNCHES: Final = 64
+
+
+def _prepared_launch(src: Source, dst: BlockPool, layers: tuple[int, ...],
+                     runs: Sequence[Run], stream: int) -> _Launch:
+    """The launch of ``copy_runs(src, dst, layers, runs)`` on ``stream``: from the cache when
+    made from the same objects, else checked (``ValueError`` as :func:`copy_runs` says) and
+    planned."""
+    # Only a tuple is known not to change under us (merge_runs' runs are tuples).
+    cacheable = type(runs) is tuple
+    made_of = (src.layout, dst.layout, _base_ptrs(src), _base_ptrs(dst), runs)
+    key = (*map(id, made_of), *layers, stream)
+    if cacheable:
+        with _TABLES_LOCK:
+            launch = _LAUNCHES.get(key)
+            if launch is not None and all(a is b for a, b in zip(launch.made_of, made_of)):
+                _LAUNCHES.move_to_end(key)
+                return launch
+    check_fits(dst.layout, src.layout)
+    _check_runs(runs, src.num_blocks, dst.num_blocks)
     device = dst.device
-    stream = torch.cuda.current_stream(device).cuda_stream
+    launch = _Launch(made_of, device)
+    frozen = tuple((a, b, n) for a, b, n in runs)
     for (sg, dg), bases in _runs_groups(src, dst, layers).items():
-        pieces = _device_table("pieces", (sg, dg, runs),
-                               functools.partial(_pieces_of_runs, sg, dg, runs), device, stream)
+        pieces = _device_table("pieces", (sg, dg, frozen),
+                               functools.partial(_pieces_of_runs, sg, dg, frozen), device,
+                               stream)
         count = pieces.shape[0]
         if count == 0:
             continue
         rows = tuple(bases)
         jobs = _device_table("jobs", (rows, count), functools.partial(_jobs_of, rows, count),
                              device, stream)
-        _run_kernel(jobs.data_ptr(), len(rows), pieces.data_ptr(), count, device)
+        launch.tables += [pieces, jobs]
+        launch.calls.append((jobs.data_ptr(), len(rows), pieces.data_ptr(), count, stream))
+    if cacheable:
+        with _TABLES_LOCK:
+            _LAUNCHES[key] = launch
+            if len(_LAUNCHES) > _MAX_LAUNCHES:
+                _LAUNCHES.popitem(last=False)
+    return launch
 
 
 def _staged_table(pool: Source, ids: Sequence[int], chunk: Chunk, buf_ptr: int,
@@ -724,23 +774,24 @@ def _launch(plan: _Plan, device: torch.device) -> None:
     both = torch.cat([plan.jobs.reshape(-1), plan.pieces.reshape(-1)]).pin_memory()
     table = both.to(device, non_blocking=True)
     _run_kernel(table.data_ptr(), n_jobs, table.data_ptr() + 32 * n_jobs,
-                int(plan.jobs[:, 3].max()), device)
+                int(plan.jobs[:, 3].max()), torch.cuda.current_stream(device).cuda_stream,
+                device)
     # table goes back to torch's caching allocator here: only work on this same stream,
     # which runs after the kernel, can reuse its memory.
 
 
-def _run_kernel(jobs_ptr: int, n_jobs: int, pieces_ptr: int, widest: int,
+def _run_kernel(jobs_ptr: int, n_jobs: int, pieces_ptr: int, widest: int, stream: int,
                 device: torch.device) -> None:
-    """Launch the copy kernel on the current stream of ``device`` over ``n_jobs`` jobs at
+    """Launch the copy kernel on ``stream`` (a handle) of ``device`` over ``n_jobs`` jobs at
     ``jobs_ptr`` (device memory), pieces at ``pieces_ptr``; ``widest``: the most pieces of
     one job (several launches only past 65,535 jobs)."""
     import cupy
     import numpy
 
-    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream)
+    cupy_stream = _cupy_stream(stream)
     with cupy.cuda.Device(device.index):
         for first in range(0, n_jobs, _MAX_JOBS_PER_LAUNCH):
             jobs = min(_MAX_JOBS_PER_LAUNCH, n_jobs - first)
             _kernel()((min(widest, _MAX_GRID), jobs), (_THREADS,),
                       (numpy.uint64(jobs_ptr + 32 * first), numpy.uint64(pieces_ptr)),
-                      stream=stream)
+                      stream=cupy_stream)

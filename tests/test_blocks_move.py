@@ -463,6 +463,47 @@ def test_cuda_copy_from_a_mapped_pool_on_a_side_stream() -> None:
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_repeated_copies_reuse_their_plan_but_never_across_pools() -> None:
+    """copy_runs on the kernel checks and plans a call once per (layouts, pools, runs,
+    layers, stream): a later pool at the same address, other layers, or runs outside a
+    smaller pool must not reuse it, and the cache must not keep a pool alive."""
+    import gc
+    import weakref
+
+    pytest.importorskip("cupy")
+    src = BlockPool([torch.randn(2, 16, 4, 8, device="cuda") for _ in range(3)], block_dim=1)
+    runs = merge_runs([3, 4, 9], [0, 1, 5])
+
+    def fresh_dst(blocks: int = 8) -> BlockPool:
+        return BlockPool([torch.zeros(2, blocks, 4, 8, device="cuda") for _ in range(3)],
+                         block_dim=1)
+
+    def check(dst: BlockPool, layers: tuple[int, ...]) -> None:
+        torch.cuda.synchronize()
+        for i in range(3):
+            for s, d in ((3, 0), (4, 1), (9, 5)):
+                want = src.tensors[i][:, s] if i in layers else torch.zeros_like(
+                    src.tensors[i][:, s])
+                assert torch.equal(dst.tensors[i][:, d], want)
+
+    dst = fresh_dst()
+    copy_runs(src, dst, (0, 2), runs, method="kernel")
+    copy_runs(src, dst, (0, 2), runs, method="kernel")  # the cached plan
+    check(dst, (0, 2))
+    gone = weakref.ref(dst)
+    del dst
+    gc.collect()
+    assert gone() is None  # the plan holds no pool
+    torch.cuda.synchronize()
+    dst = fresh_dst()  # the caching allocator may hand out the same addresses
+    copy_runs(src, dst, (1,), runs, method="kernel")
+    check(dst, (1,))
+    with pytest.raises(ValueError, match="outside the pools"):
+        copy_runs(src, fresh_dst(4), (1,), runs, method="kernel")
+
+
+@pytest.mark.cuda
+@cuda
 def test_cuda_odd_sizes_take_the_narrow_copies() -> None:
     pytest.importorskip("cupy")
     # 3-byte segments: neither 16- nor 4-byte aligned.
