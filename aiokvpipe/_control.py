@@ -34,7 +34,10 @@ _HOLD_BYTES: Final = 256 * 1024
 
 
 class ControlHandler(Protocol):
-    def on_data(self, data: bytes | bytearray | memoryview) -> None: ...
+    def on_data(self, data: bytes | bytearray | memoryview) -> bool:
+        """Take bytes from the peer. True: some were kept for the next loop iteration (a
+        turn's worth of work was done): call again then, with new bytes or none."""
+        ...
 
     def on_connection_lost(self, exc: BaseException) -> None: ...
 
@@ -54,6 +57,10 @@ class ControlChannel(asyncio.Protocol):
         #: pauses again at _TURN_BYTES.
         self._turn_bytes = 0
         self._turn_paused = False
+        #: The handler kept bytes back for the next iteration (see ControlHandler.on_data);
+        #: bytes read meanwhile wait here for that iteration too (reading is paused then).
+        self._handler_more = False
+        self._waiting = bytearray()
         self._handler: ControlHandler | None = None
         self._lost: BaseException | None = None
         self._write_paused = False
@@ -79,20 +86,19 @@ class ControlChannel(asyncio.Protocol):
             return
         handler = self._handler
         if handler is not None:
-            try:
-                handler.on_data(data)
-            except Exception as exc:  # a handler that raises has broken the pipe: say why
-                self._fail(exc)
+            if self._handler_more:  # it did a turn's work: these wait for the next turn
+                self._waiting += data
                 return
+            self._hand(handler, data)
             self._turn_bytes += len(data)
-            if self._turn_bytes >= _TURN_BYTES and not self._turn_paused:
+            if (self._handler_more or self._turn_bytes >= _TURN_BYTES) \
+                    and not self._turn_paused:
                 # libuv reads a ready socket up to 32 times per loop iteration: at 4 KiB a
                 # message that was thousands of messages handled, tens of ms without a turn
                 # for anything else. Reading waits for the next iteration once this much
-                # came in (counted since the last such wait: no per-read callback).
-                self._turn_paused = True
-                self._pause_transport(True)
-                self._loop.call_soon(self._end_turn)
+                # came in (counted since the last such wait: no per-read callback), or once
+                # the handler kept bytes back, having done a turn's work.
+                self._end_turn_soon()
             return
         self._early += data
         if len(self._early) >= _EARLY_BYTES_HIGH and not self._reading_paused:
@@ -233,11 +239,11 @@ class ControlChannel(asyncio.Protocol):
         if self._reading_paused:
             self._set_reading(True)
         if self._lost is None and early:
-            try:
-                handler.on_data(early)
-            except Exception as exc:
-                self._fail(exc)
+            self._hand(handler, early)
+            if self._lost is not None:
                 return
+            if self._handler_more:
+                self._end_turn_soon()
         if self._lost is not None:
             handler.on_connection_lost(self._lost)
 
@@ -304,9 +310,28 @@ class ControlChannel(asyncio.Protocol):
         if self._early_waiter is not None and not self._early_waiter.done():
             self._early_waiter.set_result(None)
 
+    def _hand(self, handler: ControlHandler, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._handler_more = handler.on_data(data)
+        except Exception as exc:  # a handler that raises has broken the pipe: say why
+            self._handler_more = False
+            self._fail(exc)
+
+    def _end_turn_soon(self) -> None:
+        self._turn_paused = True
+        self._pause_transport(True)
+        self._loop.call_soon(self._end_turn)
+
     def _end_turn(self) -> None:
         self._turn_bytes = 0
         self._turn_paused = False
+        handler = self._handler
+        if self._handler_more and handler is not None and self._lost is None:
+            waiting, self._waiting = self._waiting, bytearray()
+            self._hand(handler, waiting)  # and what it kept back last turn
+            if self._handler_more:
+                self._end_turn_soon()
+                return
         if not self._reading_paused:
             self._pause_transport(False)
 

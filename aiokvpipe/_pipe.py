@@ -45,6 +45,12 @@ CLOSE_TIMEOUT_S: Final = 10.0
 #: 10–11 ms at 16, 4.3–5.0 ms at 8, with throughput no lower (A/B, three rounds each).
 YIELD_EVERY: Final = 8
 
+#: Frames acted on per loop iteration at most, weighed by ``_wire.FRAME_WEIGHT``: 256 message
+#: headers, or 16 frames of block transfers (each a match, a copy or an answer). The rest of
+#: what was read waits for the next iteration: 256 offers of a request streamed a layer at a
+#: time, eight requests in flight, had held an H200 host's loop for 30 ms.
+TURN_BUDGET: Final = 256
+
 #: Receive credit given back to the peer waits up to this long to be returned together with
 #: more (one CREDIT frame, one write here and one read there, for many small messages), or
 #: until the protocol says it is due (``credit_return_due``: an eighth of the window).
@@ -650,10 +656,12 @@ class Pipe:
         if self._proto.close_received and not self._incoming:
             raise PipeClosed("the peer closed the pipe and everything it sent was received")
 
-    def on_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Called by the control channel with each chunk of bytes from the peer."""
+    def on_data(self, data: bytes | bytearray | memoryview) -> bool:
+        """Called by the control channel with each chunk of bytes from the peer. Acts on a
+        turn's worth of frames (:data:`TURN_BUDGET`) and keeps the rest: True then, and the
+        channel calls again next loop iteration."""
         try:
-            frames = self._proto.receive_data(data)
+            frames = self._proto.receive_data(data, TURN_BUDGET)
             for frame in frames:
                 ftype = type(frame)
                 if ftype is _wire.Header:
@@ -668,6 +676,8 @@ class Pipe:
                     self._blocks.on_frame(frame)
         except Exception as exc:  # the peer broke a rule, or something failed here
             self._break(exc)
+            return False
+        return self._proto.backlogged
 
     def _on_header(self, h: _wire.Header) -> None:
         item_cost = _wire.message_cost(h.nbytes, len(h.tensors))

@@ -157,7 +157,8 @@ class PipeProtocol:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[_wire.Frame]:
+    def receive_data(self, data: bytes | bytearray | memoryview, budget: int | None = None
+                     ) -> list[_wire.Frame]:
         """Feed bytes from the peer; returns the frames the I/O layer must act on, in order:
 
         * :class:`~aiokvpipe._wire.Header` -- a message arrived (validated; its credit is
@@ -170,11 +171,15 @@ class PipeProtocol:
         Heartbeats are consumed here. Raises :class:`ProtocolError` when the peer broke a
         rule and :class:`PeerFailure` when it reported a failure of its own; the protocol is
         then ``BROKEN``.
+
+        ``budget``: decode only frames of about this much work (``FrameDecoder.feed``); the
+        rest is kept, unparsed, and :attr:`backlogged` says so until a later call (with more
+        bytes or none) takes it.
         """
         if self.state is State.BROKEN:
             return []
         try:
-            frames = self._decoder.feed(data)
+            frames = self._decoder.feed(data, budget)
             out: list[_wire.Frame] = []
             for frame in frames:
                 ftype = type(frame)
@@ -206,6 +211,11 @@ class PipeProtocol:
         except (ProtocolError, PeerFailure):
             self.state = State.BROKEN
             raise
+
+    @property
+    def backlogged(self) -> bool:
+        """Bytes received are kept unparsed (a budget ran out): feed again, even nothing."""
+        return self.state is not State.BROKEN and self._decoder.backlogged
 
     def _credit_returned(self, n: int) -> None:
         if n > self.credit_outstanding:

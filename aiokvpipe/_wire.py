@@ -812,31 +812,59 @@ def shape_fits(shape: tuple[int, ...], itemsize: int) -> bool:
     return True
 
 
+#: What decoding a frame of each type sets in motion, in units of a message header's: a block
+#: transfer's frame makes its receiver check ids, plan or launch a copy and answer (tens of
+#: µs), a header mostly a dictionary lookup. :meth:`FrameDecoder.feed`'s budget counts these.
+FRAME_WEIGHT: Final = {t: 16 if t >= FrameType.POOL else 1 for t in FrameType}
+
+
 class FrameDecoder:
     """Incremental decoder: ``feed()`` bytes as they arrive, get whole frames back.
 
     Buffers at most one frame (its length is checked from the prefix before the body is
-    accepted), so memory stays bounded whatever the peer sends.
+    accepted), so memory stays bounded whatever the peer sends; with a budget, also the
+    rest of the bytes it was given (:attr:`backlogged`), until fed again.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._need: tuple[FrameType, int] | None = None
         self._specs_cache: SpecsCache = {}
+        #: Bytes given but not parsed yet: a budget ran out (whole frames first).
+        self._rest = b""
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+    @property
+    def backlogged(self) -> bool:
+        """A budget stopped the last :meth:`feed` before the end of what it was given."""
+        return bool(self._rest)
+
+    def feed(self, data: bytes | bytearray | memoryview, budget: int | None = None
+             ) -> list[Frame]:
+        """The frames completed by ``data`` (and the bytes held from earlier calls).
+
+        ``budget``: stop once the frames decoded weigh this much (:data:`FRAME_WEIGHT`; one
+        frame at least) and keep the rest for the next call, which may bring no new bytes:
+        how the I/O layer bounds the work of one event-loop iteration.
+        """
+        if self._rest:
+            data = self._rest + bytes(data) if len(data) else self._rest
+            self._rest = b""
         frames: list[Frame] = []
         view = memoryview(data) if type(data) is bytes else memoryview(data).cast("B")
         pos, end = 0, len(view)
+        spent = 0
         if self._buf or self._need is not None:
             # A frame was cut at the end of the last chunk: complete it with only the bytes
             # it lacks, then parse the rest of this chunk in place. (Appending the whole
             # chunk and cutting frames off the buffer's front moved every later byte once
             # per frame: with 4 KiB frames, tens of KiB of memmove per message.)
-            pos = self._complete_held(view, frames)
+            pos, spent = self._complete_held(view, frames)
         # Whole frames are parsed straight from ``data``; only a trailing partial frame is
         # copied into the buffer.
         while end - pos >= FRAME_PREFIX_BYTES:
+            if budget is not None and spent >= budget:
+                self._rest = bytes(view[pos:])
+                return frames
             raw_type, flags, reserved, length = _FRAME_PREFIX.unpack_from(view, pos)
             known = _KNOWN_TYPES.get(raw_type)
             if known is None or flags or reserved or length > known[1]:
@@ -848,33 +876,35 @@ class FrameDecoder:
                 self._buf += view[start:]
                 return frames
             frames.append(self._decode(known[0], view[start:stop]))
+            spent += FRAME_WEIGHT[known[0]]
             pos = stop
         if pos < end:
             self._buf += view[pos:]
         return frames
 
-    def _complete_held(self, view: memoryview, frames: list[Frame]) -> int:
+    def _complete_held(self, view: memoryview, frames: list[Frame]) -> tuple[int, int]:
         """Take from ``view`` what the held partial frame lacks; decode the frame once whole.
-        Returns how many bytes of ``view`` were taken (all of it while still incomplete)."""
+        Returns how many bytes of ``view`` were taken (all of it while still incomplete) and
+        the weight of the frame decoded (0 if none)."""
         pos = 0
         if self._need is None:  # the prefix itself was cut
             pos = FRAME_PREFIX_BYTES - len(self._buf)
             self._buf += view[:pos]
             if len(self._buf) < FRAME_PREFIX_BYTES:
-                return len(view)
+                return len(view), 0
             self._need = decode_prefix(self._buf)
             self._buf.clear()
         ftype, length = self._need
         stop = pos + length - len(self._buf)
         self._buf += view[pos:stop]
         if len(self._buf) < length:
-            return len(view)
+            return len(view), 0
         # A read-only copy: the specs cache hashes it, and it must not pin the buffer.
         held = memoryview(bytes(self._buf))
         self._buf.clear()
         self._need = None
         frames.append(self._decode(ftype, held))
-        return min(stop, len(view))
+        return min(stop, len(view)), FRAME_WEIGHT[ftype]
 
     def _decode(self, ftype: FrameType, body: memoryview) -> Frame:
         if ftype is _HEADER_INLINE or ftype is _HEADER:

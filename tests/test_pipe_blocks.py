@@ -363,3 +363,54 @@ async def test_an_offer_outside_the_senders_pool_is_a_protocol_error(
             await b.wait_closed()
     assert isinstance(info.value.__cause__, aiokvpipe.ProtocolError)
     assert what in str(info.value.__cause__)
+
+
+async def test_a_flood_of_offers_is_handled_a_bounded_number_per_loop_iteration(
+        pair_factory: PairFactory) -> None:
+    # Each block frame sets work in motion (a match, a copy, an answer): eight requests
+    # streamed a layer at a time put 256 offers in one read, which held an H200 host's loop
+    # for 30 ms. A receiver acts on TURN_BUDGET's worth per loop iteration (16 block frames).
+    from aiokvpipe import _pipe, _wire
+
+    a, b = await pair_factory()
+    src, dst = vllm_pool(64), vllm_pool(64)
+    b_transport = b._control._transport
+    assert b_transport is not None
+    b_transport.pause_reading()
+    n = 200
+    sends = [asyncio.create_task(a.send_blocks(src, [i % 64], key=f"k{i}")) for i in range(n)]
+    await round_trip_written(a, n)
+    handled: list[int] = []
+    count = 0
+    on_frame = b._blocks.on_frame
+
+    def counting(frame: _wire.Frame) -> None:
+        nonlocal count
+        count += 1
+        on_frame(frame)
+
+    b._blocks.on_frame = counting  # type: ignore[method-assign]
+
+    def turn() -> None:  # runs once per loop iteration
+        nonlocal count
+        handled.append(count)
+        count = 0
+        asyncio.get_running_loop().call_soon(turn)
+
+    asyncio.get_running_loop().call_soon(turn)
+    b_transport.resume_reading()
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(b.recv_blocks(dst, [i % 64], key=f"k{i}") for i in range(n)),
+                             *sends)
+    per_turn = _pipe.TURN_BUDGET // _wire.FRAME_WEIGHT[_wire.FrameType.OFFER]
+    assert per_turn == 16
+    # A read and the continuation of a backlog can fall in one iteration (uvloop runs what
+    # a read schedules before it polls again): two turns' worth at most. Without the
+    # budget, the offers' read alone was 200.
+    assert max(handled) <= 2 * per_turn, f"{handled} block frames per loop iteration"
+    assert sum(handled) >= n  # the offers (and the pool's description) went through
+
+
+async def round_trip_written(a: aiokvpipe.Pipe, n: int) -> None:
+    """Wait until ``a`` has written ``n`` offers (they wait, unread, at the peer)."""
+    await eventually(lambda: len(a._blocks._offers_out) == n, 10, f"{n} offers written")

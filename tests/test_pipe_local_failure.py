@@ -196,8 +196,9 @@ class _Sink:
         self.data = bytearray()
         self.lost: BaseException | None = None
 
-    def on_data(self, data: bytes | bytearray | memoryview) -> None:
+    def on_data(self, data: bytes | bytearray | memoryview) -> bool:
         self.data += data
+        return False
 
     def on_connection_lost(self, exc: BaseException) -> None:
         self.lost = exc

@@ -3,8 +3,8 @@
 * A small send() hands its frame to the connection before it returns (nothing waits for the
   loop to turn).
 * Senders queued behind backpressure are posted together, in one write, once the connection
-  drains, and later sends take the fast path again (a lock handing the turn on one loop iteration at a
-  time kept a busy sender in a one-message-per-write regime for good).
+  drains, and later sends take the fast path again (a lock handing the turn on one loop
+  iteration at a time kept a busy sender in a one-message-per-write regime for good).
 * A receiver with a backlog handles a bounded amount of it per loop iteration (libuv reads a
   ready socket up to 32 times per iteration: thousands of 4 KiB messages in one go).
 """

@@ -10,6 +10,8 @@ import struct
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiokvpipe import ProtocolError, _wire
 from aiokvpipe._wire import (
@@ -238,6 +240,39 @@ def test_stream_split_at_every_offset_decodes_the_same() -> None:
         out = dec.feed(stream[:cut]) + dec.feed(stream[cut:])
         assert out == frames, cut
         assert dec.buffered == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(order=st.permutations(range(len(SAMPLES))), cuts=st.lists(st.integers(0, 4000),
+                                                                  max_size=6),
+       budget=st.integers(1, 40))
+def test_a_budget_keeps_the_rest_for_later_and_loses_nothing(
+        order: list[int], cuts: list[int], budget: int) -> None:
+    frames = [SAMPLES[i] for i in order]
+    stream = b"".join(encode(f) for f in frames)
+    dec, out, pos = FrameDecoder(), [], 0
+    for end in sorted({min(c, len(stream)) for c in cuts} | {len(stream)}):
+        got = dec.feed(stream[pos:end], budget)
+        pos = end
+        while True:
+            # Never more than the budget's worth (one frame at least) in one call.
+            assert sum(_wire.FRAME_WEIGHT[_wire.decode_prefix(encode(f)[:FRAME_PREFIX_BYTES])[0]]
+                       for f in got[:-1]) < budget
+            out += got
+            if not dec.backlogged:
+                break
+            got = dec.feed(b"", budget)
+    assert out == frames
+    assert dec.buffered == 0 and not dec.backlogged
+
+
+def test_block_frames_weigh_more_than_message_headers() -> None:
+    offers = [SAMPLE_FRAMES[k] for k in SAMPLE_FRAMES if isinstance(SAMPLE_FRAMES[k], Offer)]
+    stream = b"".join(encode(offers[0]) for _ in range(40))
+    dec = FrameDecoder()
+    assert len(dec.feed(stream, 256)) == 16 and dec.backlogged
+    headers = b"".join(encode(Credit(i + 1)) for i in range(300))
+    assert len(FrameDecoder().feed(headers, 256)) == 256
 
 
 def test_partial_frame_is_held_until_complete() -> None:
