@@ -485,8 +485,9 @@ def _runs_table(src: Source, dst: BlockPool, layers: Sequence[int], s_idx: torch
 _TABLES: dict[str, OrderedDict[tuple[Any, ...], torch.Tensor]] = {
     "pieces": OrderedDict(), "jobs": OrderedDict()}
 #: Per kind at most (piece tables reach hundreds of KiB; job tables are a few hundred bytes,
-#: and a request sent a layer at a time names 32 or more of them).
-_MAX_TABLES: Final = {"pieces": 16, "jobs": 256}
+#: and a request sent a layer at a time names 32 or more of them: 8 such requests in flight,
+#: 256).
+_MAX_TABLES: Final = {"pieces": 16, "jobs": 1024}
 _TABLES_LOCK = threading.Lock()  # pipes on several threads' loops share the cache
 
 
@@ -540,7 +541,7 @@ class _Launch:
 #: from: a request's layers, and requests that reuse a slot's blocks, check and plan once
 #: (on an H200 the checks and lookups of a 256-block request took longer than its copy).
 _LAUNCHES: OrderedDict[tuple[int, ...], _Launch] = OrderedDict()
-_MAX_LAUNCHES: Final = 64
+_MAX_LAUNCHES: Final = 1024  # small: a few ints and table references each
 
 
 def _prepared_launch(src: Source, dst: BlockPool, layers: tuple[int, ...],
