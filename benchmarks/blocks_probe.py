@@ -51,6 +51,7 @@ def ids_for(seed: int, slot: int) -> list[int]:
 def dump(pr: cProfile.Profile, who: str) -> None:
     out = io.StringIO()
     pstats.Stats(pr, stream=out).sort_stats("cumtime").print_stats(30)
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(25)
     print(f"==== cProfile, {who}\n{out.getvalue()}", flush=True)
 
 

@@ -34,7 +34,7 @@ from typing import Final
 
 import torch
 
-from .block_endpoint import KV_BLOCK_BYTES, request_nbytes
+from .block_endpoint import KV_BLOCK_BYTES, request_nbytes, slots_for
 from .common import DEPTH, ONE_GPU_ENV, Json, case_timeout, format_size, tput_phase
 from .report import Summary, both_sides, finish, fmt, host_info, ratio, render_table, summarize
 from .report import verdict as verdict_of
@@ -176,6 +176,11 @@ def run(args: argparse.Namespace, loop: str) -> int:
 
         ipc = ipc_info()[0]
     planes = planes_for(device, cupy, ipc)
+    transport = getattr(args, "transport", "auto")
+    if transport != "auto":  # one plane only
+        planes = [p for p in planes if p.endswith(":" + transport)]
+        if not planes:
+            return _refuse(f"--transport {transport} cannot run here with --device {device}")
     seconds = float(args.seconds or (0.5 if args.quick else 2.0))  # a request is 512 MiB
     repeat = args.repeat or (1 if args.quick or device == "cuda" else 3)
     cases = plan_blocks(planes, shape, seconds, repeat, loop)
@@ -218,8 +223,9 @@ def run(args: argparse.Namespace, loop: str) -> int:
          f"32 KiB = {format_size(nbytes)}, at random ids; pools of {shape['pool_blocks']} "
          f"blocks{issue}: {format_size(pool_bytes)} per process"),
         (f"ours on {loop}; {repeat} repeat(s) × {seconds:g} s per point, medians; blocks: "
-         "one request in flight; send() and baselines: the request's bytes as one buffer, "
-         f"{DEPTH} sends in flight (ours, ceiling)"),
+         f"{slots_for({**shape, 'depth': DEPTH})} requests in flight, each on blocks of its "
+         "own; send() and baselines: the request's bytes as one buffer, "
+         f"{DEPTH} sends in flight (ours, ceiling; raw baselines one at a time)"),
         ("÷ baseline: ÷ the plane's one-buffer baseline (on cuda tcp: our send()); snd/rcv = "
          "sender/receiver process; loop lag is ours' only (raw baselines have no loop)"),
     ]

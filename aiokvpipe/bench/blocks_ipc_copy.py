@@ -3,8 +3,10 @@
 As BENCHMARKS.md defines the ipc baseline ("GPU, one host"): the consumer (the receiving
 process) copies out of the producer's buffer, mapped once through CUDA IPC
 (``cudaIpcGetMemHandle``/``cudaIpcOpenMemHandle``), with one ``cudaMemcpyAsync`` device to
-device on its own stream, then synchronises; one byte of socket signalling each way per
-message (producer: "copy", consumer: "copied"). Both buffers are plain ``cudaMalloc``
+device on its own stream; one byte of socket signalling each way per message (producer:
+"copy", consumer: "copied"). The producer keeps as many copies asked for as ours keeps
+requests in flight (the case's depth), and the consumer answers a copy once the next one is
+queued behind it, so the copies run back to back as ours can. Both buffers are plain ``cudaMalloc``
 allocations of the phase's size, so it is the same bytes as the block case's request, moved as
 one contiguous copy.
 
@@ -16,10 +18,12 @@ imported lazily (through ``aiokvpipe._cudaipc``): importing this module works wi
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
-from typing import Final
+from collections import deque
+from typing import Any, Final
 
 import torch
 
@@ -36,21 +40,26 @@ def _expect(sock: socket.socket, byte: bytes) -> None:
         raise RuntimeError(f"expected {byte!r} from the other process, got {got!r}")
 
 
-def _producer_phase(sock: socket.socket, phase: Json) -> Json:
-    def copy_once() -> None:
-        sock.sendall(_COPY)
-        _expect(sock, _COPIED)
+def _producer_phase(sock: socket.socket, phase: Json, window: int) -> Json:
+    """Keep ``window`` copies asked for and not yet answered, as ours keeps requests in
+    flight; the clock stops at the last answer of the timed copies."""
+    def run(until: float, at_least: int) -> tuple[int, float]:
+        asked = answered = 0
+        while asked < window and (asked < at_least or time.perf_counter() < until):
+            sock.sendall(_COPY)
+            asked += 1
+        while answered < asked:
+            _expect(sock, _COPIED)
+            answered += 1
+            if asked < at_least or time.perf_counter() < until:
+                sock.sendall(_COPY)
+                asked += 1
+        return asked, time.perf_counter()
 
-    n, warm_end = 0, time.perf_counter() + float(phase["warmup_s"])
-    while n < int(phase["warmup_msgs"]) or time.perf_counter() < warm_end:
-        copy_once()
-        n += 1
+    run(time.perf_counter() + float(phase["warmup_s"]), int(phase["warmup_msgs"]))
     cpu0, t0 = time.process_time(), time.perf_counter()
-    deadline, msgs = t0 + float(phase["seconds"]), 0
-    while msgs < 1 or time.perf_counter() < deadline:
-        copy_once()
-        msgs += 1
-    elapsed = time.perf_counter() - t0
+    msgs, t1 = run(t0 + float(phase["seconds"]), 1)
+    elapsed = t1 - t0
     sock.sendall(_END)
     _expect(sock, _ENDED)
     nbytes = msgs * int(phase["nbytes"])
@@ -60,20 +69,46 @@ def _producer_phase(sock: socket.socket, phase: Json) -> Json:
 
 def _consumer_phase(sock: socket.socket, dst: int, src: int, nbytes: int, stream: object
                     ) -> Json:
+    """Per "copy": enqueue the copy, then wait for the one before it and answer for that:
+    the next copy is queued on the GPU while the last one runs, so copies run back to back
+    whenever the producer keeps two or more asked for."""
+    import cupy as cp
+
     from .. import _cudaipc
 
+    pending: deque[Any] = deque()
+
+    def answer_oldest() -> None:
+        pending.popleft().synchronize()
+        sock.sendall(_COPIED)
+
     copies, cpu0, t0 = 0, time.process_time(), time.perf_counter()
-    while (what := recv_exactly(sock, 1)) != _END:
+    while True:
+        what = recv_exactly(sock, 1)
+        if what == _END:
+            while pending:
+                answer_oldest()
+            break
         if what != _COPY:
             raise RuntimeError(f"unexpected {what!r} from the producer")
         _cudaipc.copy_async(dst, src, nbytes, stream.ptr)  # type: ignore[attr-defined]
-        stream.synchronize()  # type: ignore[attr-defined]
-        sock.sendall(_COPIED)
+        done = cp.cuda.Event(block=False, disable_timing=True)
+        done.record(stream)
+        pending.append(done)
         copies += 1
+        # Answer all but the newest; the newest too once nothing else was asked for (the
+        # producer then waits for it).
+        while len(pending) > 1 or (pending and _idle(sock)):
+            answer_oldest()
     sock.sendall(_ENDED)
     # Warm-up and timed copies both land here: the figures that count are the sender's.
     return {"msgs": copies, "elapsed_s": time.perf_counter() - t0,
             "cpu_s": time.process_time() - cpu0}
+
+
+def _idle(sock: socket.socket) -> bool:
+    """Whether nothing from the producer is waiting to be read."""
+    return not select.select([sock], [], [], 0)[0]
 
 
 def ipc_copy_case(role: str, device: str, case: Json, emit: Emit) -> list[Json]:
@@ -119,7 +154,8 @@ def ipc_copy_case(role: str, device: str, case: Json, emit: Emit) -> list[Json]:
             with socket.create_connection(("127.0.0.1", int(case["rendezvous"])),
                                           timeout=timeout) as sock:
                 sock.sendall(handle + _HELLO.pack(nbytes))
-                results = [_producer_phase(sock, phase) for phase in case["phases"]]
+                window = max(1, int(case.get("depth", 1)))
+                results = [_producer_phase(sock, phase, window) for phase in case["phases"]]
                 _expect(sock, _BYE)  # the consumer unmapped our buffer: it may be freed
                 return results
         finally:

@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
                    help="cuda only: ipc = two processes on cuda:0, the ipc plane against the "
                         "raw CUDA IPC copy, and the GPU memory one pipe costs per transport; "
                         "nccl = the nccl suite; auto (default): ipc on a one-GPU machine "
-                        "unless --one-gpu, nccl otherwise")
+                        "unless --one-gpu, nccl otherwise. With --blocks: that plane only")
     p.add_argument("--sizes", default=None,
                    help=f"comma-separated message sizes (default {cpu.CPU_SIZES} on cpu, "
                         f"{gpu.GPU_SIZES} on cuda, {ipc.IPC_SIZES} for ipc)")
