@@ -63,7 +63,10 @@ STAGING_BYTES: Final = 64 << 20
 CHUNKS_IN_FLIGHT: Final = 2
 #: Why a receiver refuses blocks for a key it gave up (``Pipe.discard``).
 DISCARDED: Final = "the receiver discarded this key"
-#: A CPU pool's views are made layer by layer; the loop runs after about this many.
+#: A CPU pool's views are made layer by layer, at most about this many per loop iteration
+#: for all the calls of a pipe together (each view is a slice; a 4,096-token layer of an 8B
+#: Llama is 512 of them): 32 calls sending a layer each, woken by their PULLs in one
+#: iteration, held the 2-core VM's loop for 13–27 ms.
 VIEWS_PER_STEP: Final = 2048
 
 
@@ -116,8 +119,10 @@ class BlockExchange:
         self._copies_out: dict[int, asyncio.Future[str]] = {}
         #: The peer's pools as mapped here (ipc), and recent merged runs.
         self._mapped: dict[int, MappedPool] = {}
-        self._runs: dict[tuple[tuple[int, ...], tuple[int, ...]],
+        self._runs: dict[tuple[tuple[int, ...] | None, tuple[int, ...] | None],
                          tuple[tuple[int, int, int], ...]] = {}
+        #: Views of CPU pools made in this loop iteration by all calls (see VIEWS_PER_STEP).
+        self._turn_views = 0
         #: Block payloads posted and not yet out, and those announced to us and not yet
         #: written into their pools: a graceful close waits for both.
         self.sending: set[asyncio.Future[Any]] = set()
@@ -220,16 +225,14 @@ class BlockExchange:
         plane = pipe._plane
         proto = pipe._proto
         if pool.device.type == "cpu" and plane.name == "tcp":
-            runs = merge_runs(ids, range(len(ids)))
+            runs = self._runs_of(ids, None)
             views: list[memoryview] = []
-            step_end = VIEWS_PER_STEP
             for i in layers:
-                if len(views) >= step_end:
-                    step_end = len(views) + VIEWS_PER_STEP
-                    # Thousands of views (a 4,096-token request of an 8B Llama: 16,384) take
-                    # tens of ms to make: let the loop run between layers. Nothing is
-                    # posted yet, so the payload stream stays in step.
-                    await asyncio.sleep(0)
+                # Thousands of views (a 4,096-token request of an 8B Llama: 16,384) take tens
+                # of ms to make: the loop runs between layers once a turn's worth is made.
+                # Nothing is posted yet, so the payload stream stays in step.
+                await self._room_for_views(len(runs) * len(pool.layout.tensors[i]
+                                                          .segment_offsets))
                 views += run_views(pool, i, runs, "src")
             nbytes = sum(map(len, views))
             await pipe._send_budget.acquire(nbytes)
@@ -507,16 +510,32 @@ class BlockExchange:
         done.add_done_callback(answer)
         return done
 
-    def _runs_of(self, src_ids: tuple[int, ...], dst_ids: tuple[int, ...]
+    def _runs_of(self, src_ids: tuple[int, ...] | None, dst_ids: tuple[int, ...] | None
                  ) -> tuple[tuple[int, int, int], ...]:
         """:func:`merge_runs`, remembered for the last few pairs of id lists: a request
-        streamed layer by layer names the same blocks in every call."""
+        streamed layer by layer names the same blocks in every call. ``None`` for one side:
+        the positions ``0..n-1`` (a run of this pool against a packed stream)."""
         runs = self._runs.get((src_ids, dst_ids))
         if runs is None:
-            if len(self._runs) >= 8:
+            if len(self._runs) >= 16:
                 self._runs.clear()
-            runs = self._runs[src_ids, dst_ids] = merge_runs(src_ids, dst_ids)
+            n = len(src_ids if src_ids is not None else dst_ids or ())
+            runs = self._runs[src_ids, dst_ids] = merge_runs(
+                range(n) if src_ids is None else src_ids,
+                range(n) if dst_ids is None else dst_ids)
         return runs
+
+    async def _room_for_views(self, n: int) -> None:
+        """Wait until this loop iteration has room for ``n`` more views (VIEWS_PER_STEP per
+        iteration for all calls of the pipe; a call alone may go over once)."""
+        while self._turn_views and self._turn_views + n > VIEWS_PER_STEP:
+            await asyncio.sleep(0)
+        if not self._turn_views:
+            self._pipe._loop.call_soon(self._new_view_turn)
+        self._turn_views += n
+
+    def _new_view_turn(self) -> None:
+        self._turn_views = 0
 
     async def _copy_out_staged(self, mapped: MappedPool, ids: tuple[int, ...],
                                incoming: _Incoming) -> None:
@@ -556,7 +575,7 @@ class BlockExchange:
         plane = self._pipe._plane
         pool = sink.pool
         if chunk is None:  # a CPU pool on tcp: straight into its blocks (a scratch if abandoned)
-            runs = merge_runs(range(len(sink.ids)), sink.ids)
+            runs = self._runs_of(None, sink.ids)
             views = [v for i in incoming.layers for v in run_views(pool, i, runs, "dst")]
             if sink.abandoned:
                 views = [memoryview(bytearray(sum(len(v) for v in views)))]
