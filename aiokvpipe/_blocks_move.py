@@ -247,9 +247,8 @@ def copy_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: Sequence
                          f"{dst.device}")
     kind = _choose(dst.device, method) if runs and layers else "torch"
     if kind == "kernel":
-        handle = (stream if stream is not None
-                  else torch.cuda.current_stream(dst.device)).cuda_stream
-        _prepared_launch(src, dst, tuple(layers), runs, handle).run()
+        _prepared_launch(src, dst, tuple(layers), runs, stream if stream is not None
+                         else torch.cuda.current_stream(dst.device)).run()
         return
     check_fits(dst.layout, src.layout)
     _check_runs(runs, src.num_blocks, dst.num_blocks)
@@ -486,7 +485,7 @@ _TABLES: dict[str, OrderedDict[tuple[Any, ...], torch.Tensor]] = {
     "pieces": OrderedDict(), "jobs": OrderedDict()}
 #: Per kind at most (piece tables reach hundreds of KiB; job tables are a few hundred bytes,
 #: and a request sent a layer at a time names 32 or more of them: 8 such requests in flight,
-#: 256).
+#: 256). Planned calls (_LAUNCHES) keep theirs too.
 _MAX_TABLES: Final = {"pieces": 16, "jobs": 1024}
 _TABLES_LOCK = threading.Lock()  # pipes on several threads' loops share the cache
 
@@ -537,50 +536,66 @@ class _Launch:
             _run_kernel(*call, self.device)
 
 
-#: Recent :func:`copy_runs` calls on the kernel, by the identities of what they were made
-#: from: a request's layers, and requests that reuse a slot's blocks, check and plan once
-#: (on an H200 the checks and lookups of a 256-block request took longer than its copy).
-_LAUNCHES: OrderedDict[tuple[int, ...], _Launch] = OrderedDict()
-_MAX_LAUNCHES: Final = 1024  # small: a few ints and table references each
+#: Recent :func:`copy_runs` calls on the kernel, planned once: by the runs they copy (the
+#: object, as merge_runs made it and the pipe remembers it), then by the identities of the
+#: pools, layers and stream. A request's layers, and requests that reuse a slot's blocks,
+#: check and plan once (on an H200 the checks and lookups of a 256-block request took longer
+#: than its copy). The plans hold their tables on the device: as many runs are kept as piece
+#: tables are (a few hundred KiB each at most), each with a bounded number of calls.
+_LAUNCHES: OrderedDict[int, tuple[Sequence[Run], dict[tuple[int, ...], _Launch]]] = \
+    OrderedDict()
+_MAX_PLANNED_RUNS: Final = 16
+_MAX_LAUNCHES_PER_RUNS: Final = 1024  # a few ints and table references each
 
 
 def _prepared_launch(src: Source, dst: BlockPool, layers: tuple[int, ...],
-                     runs: Sequence[Run], stream: int) -> _Launch:
+                     runs: Sequence[Run], stream: torch.cuda.Stream) -> _Launch:
     """The launch of ``copy_runs(src, dst, layers, runs)`` on ``stream``: from the cache when
     made from the same objects, else checked (``ValueError`` as :func:`copy_runs` says) and
-    planned."""
+    planned, its tables uploaded on ``stream`` (the stream that reads them)."""
     # Only a tuple is known not to change under us (merge_runs' runs are tuples).
     cacheable = type(runs) is tuple
-    made_of = (src.layout, dst.layout, _base_ptrs(src), _base_ptrs(dst), runs)
-    key = (*map(id, made_of), *layers, stream)
+    made_of = (src.layout, dst.layout, _base_ptrs(src), _base_ptrs(dst))
+    handle = stream.cuda_stream
+    key = (*map(id, made_of), *layers, handle)
     if cacheable:
         with _TABLES_LOCK:
-            launch = _LAUNCHES.get(key)
-            if launch is not None and all(a is b for a, b in zip(launch.made_of, made_of)):
-                _LAUNCHES.move_to_end(key)
-                return launch
+            entry = _LAUNCHES.get(id(runs))
+            if entry is not None and entry[0] is runs:
+                _LAUNCHES.move_to_end(id(runs))
+                launch = entry[1].get(key)
+                if launch is not None and all(a is b for a, b in zip(launch.made_of, made_of)):
+                    return launch
     check_fits(dst.layout, src.layout)
     _check_runs(runs, src.num_blocks, dst.num_blocks)
     device = dst.device
     launch = _Launch(made_of, device)
     frozen = tuple((a, b, n) for a, b, n in runs)
-    for (sg, dg), bases in _runs_groups(src, dst, layers).items():
-        pieces = _device_table("pieces", (sg, dg, frozen),
-                               functools.partial(_pieces_of_runs, sg, dg, frozen), device,
-                               stream)
-        count = pieces.shape[0]
-        if count == 0:
-            continue
-        rows = tuple(bases)
-        jobs = _device_table("jobs", (rows, count), functools.partial(_jobs_of, rows, count),
-                             device, stream)
-        launch.tables += [pieces, jobs]
-        launch.calls.append((jobs.data_ptr(), len(rows), pieces.data_ptr(), count, stream))
+    with torch.cuda.stream(stream):  # the tables go up on the stream the kernel runs on
+        for (sg, dg), bases in _runs_groups(src, dst, layers).items():
+            pieces = _device_table("pieces", (sg, dg, frozen),
+                                   functools.partial(_pieces_of_runs, sg, dg, frozen),
+                                   device, handle)
+            count = pieces.shape[0]
+            if count == 0:
+                continue
+            rows = tuple(bases)
+            jobs = _device_table("jobs", (rows, count),
+                                 functools.partial(_jobs_of, rows, count), device, handle)
+            launch.tables += [pieces, jobs]
+            launch.calls.append((jobs.data_ptr(), len(rows), pieces.data_ptr(), count,
+                                 handle))
     if cacheable:
         with _TABLES_LOCK:
-            _LAUNCHES[key] = launch
-            if len(_LAUNCHES) > _MAX_LAUNCHES:
-                _LAUNCHES.popitem(last=False)
+            entry = _LAUNCHES.get(id(runs))
+            if entry is None or entry[0] is not runs:
+                entry = _LAUNCHES[id(runs)] = (runs, {})
+                if len(_LAUNCHES) > _MAX_PLANNED_RUNS:
+                    _LAUNCHES.popitem(last=False)
+            launches = entry[1]
+            launches[key] = launch
+            if len(launches) > _MAX_LAUNCHES_PER_RUNS:
+                del launches[next(iter(launches))]
     return launch
 
 

@@ -109,6 +109,12 @@ class ControlChannel(asyncio.Protocol):
         return False  # close the transport; connection_lost reports it
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # What was read comes first: a backlog the handler kept for later turns (a peer's
+        # last messages and its CLOSE, say) is acted on before the loss is reported.
+        handler = self._handler
+        while self._handler_more and handler is not None and self._lost is None:
+            waiting, self._waiting = self._waiting, bytearray()
+            self._hand(handler, waiting)
         self._fail(exc if exc is not None else ConnectionResetError("peer closed the connection"))
 
     def pause_writing(self) -> None:

@@ -830,8 +830,9 @@ class FrameDecoder:
         self._buf = bytearray()
         self._need: tuple[FrameType, int] | None = None
         self._specs_cache: SpecsCache = {}
-        #: Bytes given but not parsed yet: a budget ran out (whole frames first).
+        #: Bytes given but not parsed yet, from ``_rest_pos`` on: a budget ran out.
         self._rest = b""
+        self._rest_pos = 0
 
     @property
     def backlogged(self) -> bool:
@@ -846,12 +847,15 @@ class FrameDecoder:
         frame at least) and keep the rest for the next call, which may bring no new bytes:
         how the I/O layer bounds the work of one event-loop iteration.
         """
-        if self._rest:
-            data = self._rest + bytes(data) if len(data) else self._rest
-            self._rest = b""
+        rest, pos = self._rest, self._rest_pos
+        self._rest, self._rest_pos = b"", 0
+        if rest and len(data):  # (the I/O layer holds new bytes back while backlogged)
+            rest, pos = rest[pos:] + bytes(data), 0
         frames: list[Frame] = []
-        view = memoryview(data) if type(data) is bytes else memoryview(data).cast("B")
-        pos, end = 0, len(view)
+        view = memoryview(rest or data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        end = len(view)
         spent = 0
         if self._buf or self._need is not None:
             # A frame was cut at the end of the last chunk: complete it with only the bytes
@@ -862,8 +866,9 @@ class FrameDecoder:
         # Whole frames are parsed straight from ``data``; only a trailing partial frame is
         # copied into the buffer.
         while end - pos >= FRAME_PREFIX_BYTES:
-            if budget is not None and spent >= budget:
-                self._rest = bytes(view[pos:])
+            if budget is not None and spent >= budget and frames:
+                # Kept as bytes and an offset: a long backlog is not copied once per turn.
+                self._rest, self._rest_pos = (rest, pos) if rest else (bytes(view[pos:]), 0)
                 return frames
             raw_type, flags, reserved, length = _FRAME_PREFIX.unpack_from(view, pos)
             known = _KNOWN_TYPES.get(raw_type)

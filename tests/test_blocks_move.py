@@ -487,8 +487,21 @@ def test_cuda_repeated_copies_reuse_their_plan_but_never_across_pools() -> None:
                 assert torch.equal(dst.tensors[i][:, d], want)
 
     dst = fresh_dst()
-    copy_runs(src, dst, (0, 2), runs, method="kernel")
-    copy_runs(src, dst, (0, 2), runs, method="kernel")  # the cached plan
+    checks = 0
+    check_runs = _blocks_move._check_runs
+
+    def counting(*args: object) -> None:
+        nonlocal checks
+        checks += 1
+        check_runs(*args)  # type: ignore[arg-type]
+
+    _blocks_move._check_runs = counting  # type: ignore[assignment]
+    try:
+        copy_runs(src, dst, (0, 2), runs, method="kernel")
+        copy_runs(src, dst, (0, 2), runs, method="kernel")  # the cached plan
+    finally:
+        _blocks_move._check_runs = check_runs
+    assert checks == 1
     check(dst, (0, 2))
     gone = weakref.ref(dst)
     del dst
@@ -500,6 +513,27 @@ def test_cuda_repeated_copies_reuse_their_plan_but_never_across_pools() -> None:
     check(dst, (1,))
     with pytest.raises(ValueError, match="outside the pools"):
         copy_runs(src, fresh_dst(4), (1,), runs, method="kernel")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_a_new_plan_is_uploaded_on_the_stream_that_copies() -> None:
+    """The tables of a call planned anew go up on the stream the kernel runs on: uploaded on
+    a busy current stream, the kernel on a side stream read them before they arrived (an
+    illegal memory access on the H200)."""
+    pytest.importorskip("cupy")
+    src = BlockPool([torch.randn(2, 64, 4, 8, device="cuda") for _ in range(2)], block_dim=1)
+    dst = BlockPool([torch.zeros(2, 64, 4, 8, device="cuda") for _ in range(2)], block_dim=1)
+    src_ids, dst_ids = [7, 3, 40, 41, 9], [0, 63, 5, 6, 20]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda._sleep(200_000_000)  # the current stream is busy for a while
+    copy_runs(src, dst, (0, 1), merge_runs(src_ids, dst_ids), stream=side, method="kernel")
+    side.synchronize()
+    for i in range(2):
+        for s_, d in zip(src_ids, dst_ids, strict=True):
+            assert torch.equal(dst.tensors[i][:, d], src.tensors[i][:, s_])
+    torch.cuda.synchronize()
 
 
 @pytest.mark.cuda

@@ -140,6 +140,25 @@ async def test_ipc_blocks_from_a_mapped_pool_into_a_cpu_pool(start_peer: object 
     assert peer.pipe._plane.stats["pulls"] >= 1  # gathered out of the mapped pool
 
 
+async def test_ipc_a_pool_that_cannot_be_mapped_travels_staged(start_peer: object  # noqa: F811
+                                                                 ) -> None:
+    # A CPU pool is not exported: the peer cuts the transfer into staging chunks (only then:
+    # for a mapped pool it copies straight out of it) and receives them as messages.
+    peer: Any = await ipc_peer(start_peer)
+    src = BlockPool([torch.full((2, 1024, 16, 2, 64), SENTINEL, dtype=torch.bfloat16)
+                     for _ in range(4)], block_dim=1)
+    back = pool(700)
+    s_ids = torch.randperm(1024)[:150].tolist()
+    d_ids = torch.randperm(700)[:150].tolist()
+    randomize(src, s_ids)
+    await peer.pipe.send({"ids": torch.tensor(torch.randperm(512)[:150].tolist())})
+    await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks"), 60)
+    await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
+    for a, b in zip(src.tensors, back.tensors):
+        assert torch.equal(a[:, s_ids], b[:, d_ids].cpu())
+    assert untouched(back, d_ids)
+
+
 async def test_ipc_peer_killed_while_it_pulls_our_blocks(start_peer: object  # noqa: F811
                                                          ) -> None:
     peer: Any = await ipc_peer(start_peer, "slow")

@@ -204,6 +204,57 @@ class _Sink:
         self.lost = exc
 
 
+class _Budgeted(_Sink):
+    """A handler that takes at most ``per_turn`` bytes per call and keeps the rest back, as
+    the pipe does with a turn's budget of frames."""
+
+    def __init__(self, per_turn: int) -> None:
+        super().__init__()
+        self.per_turn = per_turn
+        self.kept = bytearray()
+        self.calls = 0
+        self.lost_after = -1
+
+    def on_data(self, data: bytes | bytearray | memoryview) -> bool:
+        self.calls += 1
+        self.kept += data
+        self.data += self.kept[:self.per_turn]
+        del self.kept[:self.per_turn]
+        return bool(self.kept)
+
+    def on_connection_lost(self, exc: BaseException) -> None:
+        self.lost_after = len(self.data)
+        super().on_connection_lost(exc)
+
+
+async def test_a_handler_that_keeps_bytes_back_is_called_again_next_iteration() -> None:
+    ch = ControlChannel()
+    transport = _Transport()
+    ch.connection_made(transport)
+    ch.attach(sink := _Budgeted(100))
+    ch.data_received(bytes(range(250)))
+    assert bytes(sink.data) == bytes(range(100)) and transport.paused  # one turn's worth
+    ch.data_received(b"\xff" * 10)  # read in the same iteration: waits its turn, in order
+    assert len(sink.data) == 100
+    await asyncio.sleep(0)
+    assert bytes(sink.data) == bytes(range(200)) and transport.paused
+    await asyncio.sleep(0)
+    assert bytes(sink.data) == bytes(range(250)) + b"\xff" * 10
+    assert not sink.kept and not transport.paused  # all taken: reading goes on
+
+
+async def test_bytes_kept_back_are_handled_before_the_loss_is_reported() -> None:
+    # A peer's last messages and CLOSE, read in one go and then its connection closing: the
+    # pipe must see them all before it hears of the loss, or it breaks instead of closing.
+    ch = ControlChannel()
+    ch.connection_made(_Transport())
+    ch.attach(sink := _Budgeted(100))
+    ch.data_received(bytes(1000))
+    ch.connection_lost(None)
+    assert len(sink.data) == 1000 and sink.lost_after == 1000
+    assert isinstance(sink.lost, ConnectionResetError)
+
+
 async def test_a_busy_client_reading_ready_and_many_messages_at_once_is_not_flooded() -> None:
     # Hole 3: frames after READY counted against the handshake's early-frame limit; a client
     # whose loop stalled right after connecting read READY plus 64 or more messages in one

@@ -173,14 +173,21 @@ class BlocksEndpoint:
                 k += 1
 
         tasks = [loop.create_task(slot(s)) for s in range(self._slots)]
+        end = loop.create_task(pipe.recv(key=_END_KEY))
         try:
-            counts = [int(c) for c in await pipe.recv(key=_END_KEY)]
+            waiting: set[asyncio.Future[Any]] = {end, *tasks}
+            while not end.done():  # a slot that fails (its recv_blocks raised) ends it now
+                done, waiting = await asyncio.wait(waiting,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    t.result()
+            counts = [int(c) for c in await end]
             for s, entry in enumerate(current):
                 if entry is not None and entry[0] >= counts[s]:
                     entry[1].cancel()
             await asyncio.gather(*tasks)
         finally:
-            for t in tasks:
+            for t in (end, *tasks):
                 t.cancel()
         if received != sum(counts):
             raise RuntimeError(f"received {received} requests, the sender sent {sum(counts)}")

@@ -108,7 +108,9 @@ def _consumer_phase(sock: socket.socket, dst: int, src: int, nbytes: int, stream
 
 def _idle(sock: socket.socket) -> bool:
     """Whether nothing from the producer is waiting to be read."""
-    return not select.select([sock], [], [], 0)[0]
+    poller = select.poll()  # (select() fails for descriptors past 1,023)
+    poller.register(sock, select.POLLIN)
+    return not poller.poll(0)
 
 
 def ipc_copy_case(role: str, device: str, case: Json, emit: Emit) -> list[Json]:
