@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.timeout(120),
 SENTINEL = -7.0
 
 
-def pool(num_blocks: int, fill: float = SENTINEL) -> BlockPool:
+def pool(num_blocks: int, fill: float = SENTINEL, device: str = "cuda:0") -> BlockPool:
     return BlockPool([torch.full((2, num_blocks, 16, 2, 64), fill, dtype=torch.bfloat16,
-                                 device="cuda:0") for _ in range(4)], block_dim=1)
+                                 device=device) for _ in range(4)], block_dim=1)
 
 
 def randomize(p: BlockPool, ids: list[int]) -> None:
@@ -122,18 +122,24 @@ async def test_ipc_peer_pulls_each_layer_only_after_our_stream_wrote_it(
     assert untouched(back, d_ids)
 
 
+async def there_and_back(peer: Any, src: BlockPool, back: BlockPool, n: int
+                         ) -> tuple[list[int], list[int]]:
+    """``n`` random blocks of ``src`` to the peer's pool, and the peer's back into ``back``
+    (the peer's "blocks" mode); returns the ids of each end."""
+    s_ids = torch.randperm(src.num_blocks)[:n].tolist()
+    d_ids = torch.randperm(back.num_blocks)[:n].tolist()
+    randomize(src, s_ids)
+    await peer.pipe.send({"ids": torch.tensor(torch.randperm(512)[:n].tolist())})
+    await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks"), 60)
+    await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
+    return s_ids, d_ids
+
+
 async def test_ipc_blocks_from_a_mapped_pool_into_a_cpu_pool(start_peer: object  # noqa: F811
                                                               ) -> None:
     peer: Any = await ipc_peer(start_peer)
-    src = pool(1024)
-    back = BlockPool([torch.full((2, 300, 16, 2, 64), SENTINEL, dtype=torch.bfloat16)
-                      for _ in range(4)], block_dim=1)
-    s_ids = torch.randperm(1024)[:120].tolist()
-    d_ids = torch.randperm(300)[:120].tolist()
-    randomize(src, s_ids)
-    await peer.pipe.send({"ids": torch.tensor(torch.randperm(512)[:120].tolist())})
-    await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks"), 60)
-    await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
+    src, back = pool(1024), pool(300, device="cpu")
+    s_ids, d_ids = await there_and_back(peer, src, back, 120)
     for a, b in zip(src.tensors, back.tensors):
         assert torch.equal(a[:, s_ids].cpu(), b[:, d_ids])
     assert untouched(back, d_ids)
@@ -145,15 +151,8 @@ async def test_ipc_a_pool_that_cannot_be_mapped_travels_staged(start_peer: objec
     # A CPU pool is not exported: the peer cuts the transfer into staging chunks (only then:
     # for a mapped pool it copies straight out of it) and receives them as messages.
     peer: Any = await ipc_peer(start_peer)
-    src = BlockPool([torch.full((2, 1024, 16, 2, 64), SENTINEL, dtype=torch.bfloat16)
-                     for _ in range(4)], block_dim=1)
-    back = pool(700)
-    s_ids = torch.randperm(1024)[:150].tolist()
-    d_ids = torch.randperm(700)[:150].tolist()
-    randomize(src, s_ids)
-    await peer.pipe.send({"ids": torch.tensor(torch.randperm(512)[:150].tolist())})
-    await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks"), 60)
-    await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
+    src, back = pool(1024, device="cpu"), pool(700)
+    s_ids, d_ids = await there_and_back(peer, src, back, 150)
     for a, b in zip(src.tensors, back.tensors):
         assert torch.equal(a[:, s_ids], b[:, d_ids].cpu())
     assert untouched(back, d_ids)
