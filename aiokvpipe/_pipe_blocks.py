@@ -66,8 +66,9 @@ DISCARDED: Final = "the receiver discarded this key"
 #: A CPU pool's views are made layer by layer, at most about this many per loop iteration
 #: for all the calls of a pipe together (each view is a slice; a 4,096-token layer of an 8B
 #: Llama is 512 of them): 32 calls sending a layer each, woken by their PULLs in one
-#: iteration, held the 2-core VM's loop for 13–27 ms.
-VIEWS_PER_STEP: Final = 2048
+#: iteration, held the 2-core VM's loop for 13–27 ms. With 2,048 a request's sender still
+#: lagged 4.2–6.6 ms (p99) there, with 1,024 3.7–4.0 ms.
+VIEWS_PER_STEP: Final = 1024
 
 
 @dataclass(eq=False)
