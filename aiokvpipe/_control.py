@@ -111,10 +111,8 @@ class ControlChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # What was read comes first: a backlog the handler kept for later turns (a peer's
         # last messages and its CLOSE, say) is acted on before the loss is reported.
-        handler = self._handler
-        while self._handler_more and handler is not None and self._lost is None:
-            waiting, self._waiting = self._waiting, bytearray()
-            self._hand(handler, waiting)
+        while self._handler_more and self._lost is None:
+            self._hand_waiting()
         self._fail(exc if exc is not None else ConnectionResetError("peer closed the connection"))
 
     def pause_writing(self) -> None:
@@ -323,6 +321,12 @@ class ControlChannel(asyncio.Protocol):
             self._handler_more = False
             self._fail(exc)
 
+    def _hand_waiting(self) -> None:
+        """Hand the handler what was read while it had a backlog (it goes on with that too)."""
+        assert self._handler is not None  # a backlog is the handler's
+        waiting, self._waiting = self._waiting, bytearray()
+        self._hand(self._handler, waiting)
+
     def _end_turn_soon(self) -> None:
         self._turn_paused = True
         self._pause_transport(True)
@@ -331,10 +335,8 @@ class ControlChannel(asyncio.Protocol):
     def _end_turn(self) -> None:
         self._turn_bytes = 0
         self._turn_paused = False
-        handler = self._handler
-        if self._handler_more and handler is not None and self._lost is None:
-            waiting, self._waiting = self._waiting, bytearray()
-            self._hand(handler, waiting)  # and what it kept back last turn
+        if self._handler_more and self._lost is None:
+            self._hand_waiting()
             if self._handler_more:
                 self._end_turn_soon()
                 return

@@ -520,7 +520,9 @@ class BlockExchange:
         if runs is None:
             if len(self._runs) >= 16:
                 self._runs.clear()
-            n = len(src_ids if src_ids is not None else dst_ids or ())
+            named = src_ids if src_ids is not None else dst_ids
+            assert named is not None  # one side names the blocks
+            n = len(named)
             runs = self._runs[src_ids, dst_ids] = merge_runs(
                 range(n) if src_ids is None else src_ids,
                 range(n) if dst_ids is None else dst_ids)
