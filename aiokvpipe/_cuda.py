@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
 import torch
@@ -121,6 +122,97 @@ class EventPoller:
             if not fut.done():
                 fut.set_exception(fresh(exc))
                 fut.exception()  # its waiter may be gone; do not warn about it
+
+
+#: Stream objects by (stream id, device index): what :func:`current_stream` hands out.
+_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
+#: Distinct current streams remembered at most (an application uses a handful).
+_MAX_STREAMS: Final = 256
+
+
+def current_stream(device: torch.device) -> torch.cuda.Stream:
+    """``torch.cuda.current_stream(device)`` for the per-message paths.
+
+    torch's own builds a new ``Stream`` object through several Python helpers each call:
+    9–12 µs a call on an H200 host while two processes share the GPU (2026-12-02), twice per
+    received message over ipc. A stream id names one CUDA stream for the life of the
+    process (torch never destroys pool streams; an external stream's id is its handle), so
+    the object made for an id is reused. ``device`` must carry its index.
+    """
+    index = device.index
+    if index is None:
+        return torch.cuda.current_stream(device)
+    sid, dev_index, dev_type = torch._C._cuda_getCurrentStream(index)
+    key = (sid, dev_index)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        if len(_STREAMS) >= _MAX_STREAMS:
+            _STREAMS.clear()
+        stream = _STREAMS[key] = torch.cuda.Stream(stream_id=sid, device_index=dev_index,
+                                                   device_type=dev_type)
+    return stream
+
+
+#: Side streams no plane holds, per device index, idle: their last owner waited for them.
+#: Streams made by :func:`side_streams` are never destroyed but kept here for the next
+#: plane, so a process makes only as many as it once had planes open at the same time.
+_SPARE: dict[int, list[torch.cuda.Stream]] = {}
+_spare_lock = threading.Lock()
+
+
+async def side_streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
+    """``n`` CUDA streams of ``device`` for a plane's own copies, none made on the event
+    loop: spare ones first, new ones in a worker thread through the driver (torch's first
+    side stream of a process makes its stream pool with the GIL held: 2–8 ms of loop lag at
+    every pipe's set-up on an H200 host, 2026-12-02). Give them back with
+    :func:`recycle_streams` once idle."""
+    index = _index_of(device)
+    with _spare_lock:
+        spare = _SPARE.setdefault(index, [])
+        taken = [spare.pop() for _ in range(min(n, len(spare)))]
+    if len(taken) < n:
+        from . import _cudaipc
+
+        try:
+            handles = await asyncio.to_thread(_cudaipc.create_streams, index, n - len(taken))
+        except BaseException:
+            recycle_streams(taken)
+            raise
+        dev = torch.device("cuda", index)
+        taken += [torch.cuda.ExternalStream(h, device=dev) for h in handles]
+    return taken
+
+
+def recycle_streams(streams: Sequence[torch.cuda.Stream]) -> None:
+    """Keep ``streams`` (from :func:`side_streams`, with nothing queued on them any more)
+    for the next plane. Thread-safe: a plane's release thread calls it after synchronising.
+    """
+    with _spare_lock:
+        for stream in streams:
+            _SPARE.setdefault(stream.device_index, []).append(stream)
+
+
+def recycle_when_idle(streams: Sequence[torch.cuda.Stream]) -> None:
+    """:func:`recycle_streams` once the work queued on ``streams`` has ended, waited for in
+    a daemon thread (never on the loop). A stream that cannot be synchronised (a broken
+    context) is dropped."""
+    if not streams:
+        return
+
+    def wait_then_recycle() -> None:
+        try:
+            for stream in streams:
+                stream.synchronize()
+        except Exception as exc:  # noqa: BLE001 -- dropped, as documented
+            log.debug("side streams not recycled: %r", exc)
+            return
+        recycle_streams(streams)
+
+    threading.Thread(target=wait_then_recycle, name="aiokvpipe-streams", daemon=True).start()
+
+
+def _index_of(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def cuda_available() -> bool:

@@ -80,6 +80,11 @@ def retain_primary_context(device_index: int) -> None:
     first call there: through ctypes, which releases the GIL while the driver works (100 ms
     and more), unlike torch's first CUDA call. The reference is kept: the runtime uses that
     same context for the life of the process. ``DriverError``/``OSError`` if it cannot."""
+    _primary_context(device_index)
+
+
+@functools.cache
+def _primary_context(device_index: int) -> ctypes.c_void_p:
     lib = _lib()
     code = lib.cuInit(ctypes.c_uint(0))
     if code != 0:
@@ -91,6 +96,31 @@ def retain_primary_context(device_index: int) -> None:
     code = lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
     if code != 0:
         raise DriverError("cuDevicePrimaryCtxRetain", code)
+    return ctx
+
+
+#: ``CU_STREAM_NON_BLOCKING``: no implicit ordering with the legacy default stream, as torch's
+#: own side streams.
+_STREAM_NON_BLOCKING: Final = 1
+
+
+def create_streams(device_index: int, n: int) -> list[int]:
+    """``n`` new CUDA streams of the device's primary context, as ``cudaStream_t`` ints.
+    Through the driver by ctypes, which releases the GIL: torch makes a device's stream pool
+    (64 streams) on its first side stream, 2–8 ms with the GIL held (2026-12-02, H200).
+    Call it in a worker thread; the streams are never destroyed (see ``_cuda``)."""
+    lib = _lib()
+    code = lib.cuCtxSetCurrent(_primary_context(device_index))
+    if code != 0:
+        raise DriverError("cuCtxSetCurrent", code)
+    out = []
+    for _ in range(n):
+        stream = ctypes.c_void_p()
+        code = lib.cuStreamCreate(ctypes.byref(stream), ctypes.c_uint(_STREAM_NON_BLOCKING))
+        if code != 0:
+            raise DriverError("cuStreamCreate", code)
+        out.append(int(stream.value or 0))
+    return out
 
 
 class Allocation(NamedTuple):

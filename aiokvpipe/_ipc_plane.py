@@ -56,7 +56,7 @@ from typing import Any, Final, Literal, NamedTuple
 import torch
 
 from . import _cudaipc
-from ._cuda import EventPoller, short_gil_turns
+from ._cuda import EventPoller, current_stream, recycle_streams, short_gil_turns, side_streams
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
 from ._plane import fail_future, in_daemon_thread, settle_like
@@ -708,7 +708,7 @@ class IpcPlane:
     name = "ipc"
 
     def __init__(self, device: torch.device, on_lost: Callable[[BaseException], None],
-                 mode: Mode, ring_bytes: int) -> None:
+                 mode: Mode, ring_bytes: int, streams: Sequence[torch.cuda.Stream]) -> None:
         self._loop = asyncio.get_running_loop()
         self._device = device
         self._index = _index(device)
@@ -722,7 +722,7 @@ class IpcPlane:
         self._send_chan: _Channel | None = None
         self._recv_chan: _Channel | None = None
         # producer
-        self._send_stream = torch.cuda.Stream(device)
+        self._send_stream, self._copy_stream = streams  # made off the loop (side_streams)
         self._jobs: deque[_Job] = deque()  # posted, not yet wholly described
         self._inflight: deque[_Sent] = deque()  # described, not yet acknowledged
         self._acked = 0
@@ -739,7 +739,6 @@ class IpcPlane:
         self._out = bytearray()
         self._warned_unexportable = False
         # consumer
-        self._copy_stream = torch.cuda.Stream(device)
         self._copy_poller = EventPoller()
         self._ledger = ConsumerLedger()
         self._mappings: dict[int, _Mapping] = {}
@@ -778,16 +777,25 @@ class IpcPlane:
         if ring_bytes < _ALIGN * 4:
             raise ValueError(f"ring_bytes must be at least {_ALIGN * 4}")
         _cudaipc.runtime()  # ImportError now, not on the first message
-        plane = cls(device, on_lost, mode, ring_bytes)
+        streams = await side_streams(device, 2)
+        try:
+            plane = cls(device, on_lost, mode, ring_bytes, streams)
+        except BaseException:
+            recycle_streams(streams)
+            raise
         loop = plane._loop
         for sock in (send_sock, recv_sock):
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _, plane._send_chan = await loop.connect_accepted_socket(
-            lambda: _Channel(plane, CONSUMER_RECORDS, plane._on_ack, "send"), send_sock)
-        _, plane._recv_chan = await loop.connect_accepted_socket(
-            lambda: _Channel(plane, PRODUCER_RECORDS, plane._on_record, "recv"), recv_sock)
+        try:
+            _, plane._send_chan = await loop.connect_accepted_socket(
+                lambda: _Channel(plane, CONSUMER_RECORDS, plane._on_ack, "send"), send_sock)
+            _, plane._recv_chan = await loop.connect_accepted_socket(
+                lambda: _Channel(plane, PRODUCER_RECORDS, plane._on_record, "recv"), recv_sock)
+        except BaseException as exc:
+            plane.abort(exc)  # its release gives the streams back
+            raise
         return plane
 
     @property
@@ -823,7 +831,7 @@ class IpcPlane:
         dev = self._device
         # No device context: each call below names the device or stream it acts on (entering
         # torch.cuda.device costs microseconds a message).
-        caller = torch.cuda.current_stream(dev)
+        caller = current_stream(dev)
         staged = [t for t in tensors if t.numel()]
         if any(t.device != dev for t in staged):
             with self._guard():
@@ -1138,7 +1146,7 @@ class IpcPlane:
         if torch.cuda.current_device() == self._index:
             # Switching the current stream by hand: torch.cuda.stream()'s context costs
             # several times more, and set_stream is exact when the device is current.
-            prev = torch.cuda.current_stream(dev)
+            prev = current_stream(dev)
             torch.cuda.set_stream(stream)
             try:
                 tensors = _empty_like_specs(specs, dev)
@@ -1478,6 +1486,8 @@ class IpcPlane:
                 copy_stream.synchronize()
             except Exception as err:  # a broken context: unmapping below still matters
                 log.debug("ipc plane: synchronize at release: %r", err)
+            else:
+                recycle_streams((send_stream, copy_stream))
             for region, ptr in list(self._thread_maps.items()):
                 try:
                     _cudaipc.close_memory(ptr)

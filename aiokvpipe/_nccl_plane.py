@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _nccl_lib
-from ._cuda import EventPoller
+from ._cuda import (
+    EventPoller,
+    current_stream,
+    recycle_streams,
+    recycle_when_idle,
+    side_streams,
+)
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._nccl_lib import IN_PROGRESS, SUCCESS, NcclError, NcclLib
@@ -179,7 +185,8 @@ async def start(server: bool, ids: tuple[bytes, bytes], device: torch.device,
             await _wait_ready(lib, comm)
         s2c, c2s = comms
         send_comm, recv_comm = (s2c, c2s) if server else (c2s, s2c)
-        plane = NcclPlane(lib, send_comm, recv_comm, device, on_lost)
+        streams = await side_streams(device, 2)
+        plane = NcclPlane(lib, send_comm, recv_comm, device, on_lost, streams)
         comms = []  # the plane owns them now
         await plane._open_connections()
         return plane
@@ -215,12 +222,12 @@ class _Lane:
     group and awaited through an event recorded after it."""
 
     def __init__(self, lib: NcclLib, comm: int, device: torch.device, sending: bool,
-                 on_error: Callable[[BaseException], None]) -> None:
+                 on_error: Callable[[BaseException], None], stream: torch.cuda.Stream) -> None:
         self.lib = lib
         self.comm = comm
         self.device = device
         self.sending = sending
-        self.stream = torch.cuda.Stream(device)
+        self.stream = stream  # made off the loop (side_streams)
         self.poller = EventPoller(on_error)
         self._on_error = on_error
         self._queue: deque[_Op] = deque()
@@ -341,12 +348,13 @@ class NcclPlane:
     name = "nccl"
 
     def __init__(self, lib: NcclLib, send_comm: int, recv_comm: int, device: torch.device,
-                 on_lost: Callable[[BaseException], None]) -> None:
+                 on_lost: Callable[[BaseException], None],
+                 streams: Sequence[torch.cuda.Stream]) -> None:
         self._lib = lib
         self._device = device
         self._on_lost = on_lost
-        self._send = _Lane(lib, send_comm, device, True, self._lost)
-        self._recv = _Lane(lib, recv_comm, device, False, self._lost)
+        self._send = _Lane(lib, send_comm, device, True, self._lost, streams[0])
+        self._recv = _Lane(lib, recv_comm, device, False, self._lost, streams[1])
         self._alloc_worker = OrderedWorker("alloc")
         self._error: BaseException | None = None
         self._closed = False
@@ -379,7 +387,7 @@ class NcclPlane:
         with torch.cuda.device(self._device):
             # Everything the caller queued on its stream (the data, .contiguous() copies)
             # happens before NCCL reads the memory.
-            caller = torch.cuda.current_stream(self._device)
+            caller = current_stream(self._device)
             staged = [self._on_device(t) for t in tensors if t.numel()]
             after = torch.cuda.Event()
             after.record(caller)
@@ -466,11 +474,14 @@ class NcclPlane:
         def release() -> None:
             # The communicators are aborted: the kernels on our streams end. Once they have,
             # the memory the pollers keep alive may go.
+            idle = []
             for lane in lanes:
                 try:
                     lane.stream.synchronize()
+                    idle.append(lane.stream)
                 except Exception as err:  # noqa: BLE001
                     log.debug("synchronize after abort: %r", err)
+            recycle_streams(idle)
             try:
                 for lane in lanes:
                     loop.call_soon_threadsafe(lane.poller.abort, exc)
@@ -487,6 +498,7 @@ class NcclPlane:
         self._closed = True
         self._alloc_worker.shutdown()
         lib, comms = self._lib, [self._send.comm, self._recv.comm]
+        streams = [self._send.stream, self._recv.stream]
 
         def teardown() -> None:
             for comm in comms:
@@ -503,6 +515,7 @@ class NcclPlane:
                 except Exception as err:  # noqa: BLE001
                     log.debug("NCCL teardown failed (%r); aborting the communicator", err)
                     lib.abort(comm)
+            recycle_when_idle(streams)
 
         threading.Thread(target=teardown, name="aiokvpipe-nccl-close", daemon=True).start()
 

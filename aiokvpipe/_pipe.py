@@ -23,6 +23,7 @@ from . import _wire
 from ._blocks import BlockPool
 from ._budget import ByteBudget
 from ._control import ControlChannel, HeartbeatMissed
+from ._cuda import current_stream
 from ._dtypes import DTYPE_OF
 from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolError, fresh
 from ._hostmem import byte_view
@@ -796,7 +797,7 @@ class Pipe:
             self._metrics.received(item.nbytes, perf_counter() - t0)
         tensors = item.tensors
         if self._on_cuda and tensors:
-            stream = torch.cuda.current_stream(self.device)
+            stream = current_stream(self.device)
             for t in tensors:
                 # The allocator must not reuse this memory while the caller's stream uses it.
                 t.record_stream(stream)

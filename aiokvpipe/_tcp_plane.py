@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._cuda import EventPoller
+from ._cuda import EventPoller, current_stream, recycle_when_idle, side_streams
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._hostmem import HostBufferPool, byte_view
@@ -69,11 +69,16 @@ class _CudaStaging:
     outgoing tensors are allocated in ``worker``'s thread, never on the event loop.
     """
 
-    def __init__(self, on_error: Callable[[BaseException], None], worker: OrderedWorker
-                 ) -> None:
+    def __init__(self, on_error: Callable[[BaseException], None], worker: OrderedWorker,
+                 device: torch.device, streams: Sequence[torch.cuda.Stream]) -> None:
         self._streams: dict[tuple[str, int], tuple[torch.cuda.Stream, EventPoller]] = {}
         self._on_error = on_error
         self._worker = worker
+        #: The plane's device's two streams, made off the loop (side_streams); a tensor on
+        #: another GPU gets torch's side streams, made when first needed.
+        self._own = list(streams)
+        for direction, stream in zip(("d2h", "h2d"), self._own):
+            self._streams[(direction, device.index or 0)] = (stream, EventPoller(on_error))
 
     def stream(self, direction: str, device: torch.device) -> tuple[torch.cuda.Stream,
                                                                     EventPoller]:
@@ -115,6 +120,12 @@ class _CudaStaging:
     def abort(self, exc: BaseException) -> None:
         for _, poller in self._streams.values():
             poller.abort(exc)
+        self.release()
+
+    def release(self) -> None:
+        """Give the plane's own streams back for reuse, once their copies have ended."""
+        own, self._own = self._own, []
+        recycle_when_idle(own)
 
 
 class _Target:
@@ -295,7 +306,8 @@ class TcpPlane:
 
     def __init__(self, send_sock: socket.socket, device: torch.device,
                  on_lost: Callable[[BaseException], None], pool_bytes: int,
-                 recv_sock: socket.socket | None = None) -> None:
+                 recv_sock: socket.socket | None = None,
+                 streams: Sequence[torch.cuda.Stream] = ()) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = send_sock
         self._device = device
@@ -307,9 +319,7 @@ class TcpPlane:
         self._sender = self._loop.create_task(self._send_loop())
         self._stage_worker = OrderedWorker("stage")
         self._alloc_worker = OrderedWorker("alloc")
-        self._staging = _CudaStaging(self._lost, self._stage_worker)
-        if device.type == "cuda":
-            self._staging.stream("h2d", device)  # receive buffers are allocated on it
+        self._staging = _CudaStaging(self._lost, self._stage_worker, device, streams)
         self._pool = HostBufferPool(pool_bytes)
         # Receives whose buffers are being allocated, oldest first: posted in this order.
         self._allocating: deque[tuple[asyncio.Future[_Target], asyncio.Future[
@@ -328,9 +338,15 @@ class TcpPlane:
         """``pool_bytes``: how much freed receive memory to keep for reuse."""
         tune_socket(send_sock)
         tune_socket(recv_sock)
+        # CUDA receive buffers are allocated on the h2d stream: both made before the plane.
+        streams = await side_streams(device, 2) if device.type == "cuda" else []
         plane = cls(send_sock, device, on_lost, pool_bytes,
-                    recv_sock if hasattr(recv_sock, "recvmsg_into") else None)
-        await plane._loop.connect_accepted_socket(lambda: plane._receiver, recv_sock)
+                    recv_sock if hasattr(recv_sock, "recvmsg_into") else None, streams)
+        try:
+            await plane._loop.connect_accepted_socket(lambda: plane._receiver, recv_sock)
+        except BaseException as exc:
+            plane.abort(exc)
+            raise
         return plane
 
     # -- sending ------------------------------------------------------------------------------
@@ -350,7 +366,7 @@ class TcpPlane:
             ev = None
             if t.is_cuda:
                 ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(t.device))
+                ev.record(current_stream(t.device))
             ready.append(ev)
         self._outbox.append((tensors, ready, fut))
         if self._outbox_nonempty is not None and not self._outbox_nonempty.done():
@@ -608,3 +624,4 @@ class TcpPlane:
         self._stage_worker.shutdown()
         self._alloc_worker.shutdown()
         self._receiver.fail(ConnectionAbortedError("data plane closed"))
+        self._staging.release()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
+import aiokvpipe
+from aiokvpipe import _cuda, _cudaipc
 from aiokvpipe._nccl_plane import NcclPlane
 
 pytestmark = [
@@ -35,7 +39,8 @@ class _AbortOnlyNccl:
 async def test_nccl_abort_waits_for_the_planes_streams_not_the_whole_device() -> None:
     lib = _AbortOnlyNccl()
     lost: list[BaseException] = []
-    plane = NcclPlane(lib, 1, 2, torch.device("cuda", 0), lost.append)  # type: ignore[arg-type]
+    plane = NcclPlane(lib, 1, 2, torch.device("cuda", 0), lost.append,  # type: ignore[arg-type]
+                      [torch.cuda.Stream(), torch.cuda.Stream()])
     app = torch.cuda.Stream()
     with torch.cuda.stream(app):
         torch.cuda._sleep(20_000_000_000)  # ~10 s of the application's own work
@@ -52,3 +57,80 @@ async def test_nccl_abort_waits_for_the_planes_streams_not_the_whole_device() ->
         assert not t.is_alive(), "abort waits for the application's stream"
     assert lib.aborted == [1, 2]
     assert not app_done.query(), "the application's stream finished first: test too short"
+
+
+DEV = torch.device("cuda", 0)
+
+
+def test_current_stream_is_torchs_current_stream() -> None:
+    side = torch.cuda.Stream(DEV)
+    external = torch.cuda.ExternalStream(torch.cuda.Stream(DEV).cuda_stream, device=DEV)
+    assert _cuda.current_stream(DEV) == torch.cuda.current_stream(DEV)
+    for stream in (side, external, side):
+        with torch.cuda.stream(stream):
+            got = _cuda.current_stream(DEV)
+            assert got == torch.cuda.current_stream(DEV)
+            assert got.cuda_stream == stream.cuda_stream
+    assert _cuda.current_stream(DEV) == torch.cuda.current_stream(DEV)
+
+
+class _StreamSpy:
+    """Counts the streams made through the driver, and on which threads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.made: list[int] = []
+        self.threads: set[str] = set()
+        real = _cudaipc.create_streams
+
+        def create_streams(index: int, n: int) -> list[int]:
+            self.threads.add(threading.current_thread().name)
+            out = real(index, n)
+            self.made.extend(out)
+            return out
+
+        monkeypatch.setattr(_cudaipc, "create_streams", create_streams)
+        monkeypatch.setattr(_cuda, "_SPARE", {})  # what earlier tests gave back is not ours
+
+
+async def test_side_streams_are_made_off_the_loop_work_and_are_reused_once_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = _StreamSpy(monkeypatch)
+    first = await _cuda.side_streams(DEV, 2)
+    assert len(spy.made) == 2 and threading.current_thread().name not in spy.threads
+    x = torch.ones(1 << 20, device=DEV)
+    with torch.cuda.stream(first[0]):
+        torch.cuda._sleep(50_000_000)
+        y = x * 2
+    _cuda.recycle_when_idle(first)
+    deadline = time.monotonic() + 10
+    while len(_cuda._SPARE.get(0, ())) < 2:  # recycled only after the sleep kernel ended
+        assert time.monotonic() < deadline, "the idle streams never came back"
+        await asyncio.sleep(0.01)
+    assert float(y.sum()) == 2 * (1 << 20)
+    second = await _cuda.side_streams(DEV, 2)
+    assert {s.cuda_stream for s in second} == {s.cuda_stream for s in first}
+    assert len(spy.made) == 2, "a spare stream was not reused"
+
+
+async def test_cuda_pipes_make_their_streams_off_the_loop_and_reuse_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = _StreamSpy(monkeypatch)
+    for round_ in range(2):
+        listener = await aiokvpipe.listen("127.0.0.1", 0, device=DEV, transport="tcp")
+        accepting = asyncio.ensure_future(listener.accept())
+        a = await aiokvpipe.connect("127.0.0.1", listener.port, device=DEV, transport="tcp")
+        b = await accepting
+        await listener.aclose()
+        x = torch.arange(1 << 16, device=DEV)
+        await a.send(x)
+        assert torch.equal(await b.recv(), x)
+        await a.aclose()
+        await b.aclose()
+        if round_ == 0:
+            assert len(spy.made) == 4  # two staging streams at each end
+            deadline = time.monotonic() + 10
+            while len(_cuda._SPARE.get(0, ())) < 4:
+                assert time.monotonic() < deadline, "closed pipes kept their streams"
+                await asyncio.sleep(0.01)
+    assert len(spy.made) == 4, "the second pair made new streams instead of reusing them"
+    assert threading.current_thread().name not in spy.threads
