@@ -28,9 +28,12 @@ the caller's business (what is enqueued runs to completion).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ctypes
 import functools
 import itertools
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -41,6 +44,9 @@ from typing import Any, Final, Literal
 import torch
 
 from ._blocks import BlockPool, PoolLayout, Run, TensorLayout, check_fits
+from ._cuda import short_gil_turns
+
+log = logging.getLogger("aiokvpipe")
 
 __all__ = [
     "MAX_PIECE_BYTES",
@@ -54,6 +60,7 @@ __all__ = [
     "scatter",
     "copy_runs",
     "kernel_available",
+    "prepare_kernel",
 ]
 
 #: Pieces longer than this are split, so one thread block never copies more (load balance).
@@ -267,6 +274,49 @@ def copy_runs(src: Source, dst: BlockPool, layers: Sequence[int], runs: Sequence
 def kernel_available(device: torch.device) -> bool:
     """Whether the copy kernel can run on ``device`` (a CUDA device and CuPy)."""
     return device.type == "cuda" and _kernel() is not None
+
+
+#: Per device index: done once CuPy is imported and the copy kernel compiled there.
+_prepared: dict[int, concurrent.futures.Future[None]] = {}
+_prepared_lock = threading.Lock()
+
+
+async def prepare_kernel(device: torch.device) -> None:
+    """Import CuPy and compile the copy kernel for ``device`` in a worker thread, once per
+    process and device; at once when that is done (no suspension: calls keep their order).
+
+    Without it the first block transfer did both on the event loop: CuPy's import (hundreds
+    of ms in a process that had not imported it) and NVRTC's compile or its disk cache. A
+    failure is not raised here: the kernel is then unavailable and the torch path runs."""
+    if device.type != "cuda":
+        return
+    index = torch.cuda.current_device() if device.index is None else device.index
+    fut = _prepared.get(index)
+    if fut is None:
+        with _prepared_lock:
+            fut = _prepared.get(index)
+            if fut is None:
+                fut = _prepared[index] = concurrent.futures.Future()
+                threading.Thread(target=_compile_kernel, args=(index, fut), daemon=True,
+                                 name="aiokvpipe-kernel").start()
+    if not fut.done():
+        with short_gil_turns():
+            await asyncio.wrap_future(fut)
+
+
+def _compile_kernel(index: int, done: concurrent.futures.Future[None]) -> None:
+    try:
+        kernel = _kernel()
+        compile_now = getattr(kernel, "compile", None)  # else the first launch compiles
+        if compile_now is not None:
+            import cupy
+
+            with cupy.cuda.Device(index):
+                compile_now()
+    except Exception as exc:  # noqa: BLE001 - reported by the launch, or the torch path runs
+        log.debug("copy kernel not prepared on cuda:%d: %r", index, exc)
+    finally:
+        done.set_result(None)
 
 
 # -- internals ------------------------------------------------------------------------------

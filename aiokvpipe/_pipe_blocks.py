@@ -42,6 +42,7 @@ from ._blocks_move import (
     copy_runs,
     gather,
     iter_chunks,
+    prepare_kernel,
     run_views,
     scatter,
 )
@@ -139,6 +140,8 @@ class BlockExchange:
         t0 = perf_counter()
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
         _check_device(pipe, pool)
+        pipe._check_can_send()
+        await _prepare_kernels(pipe.device, pool.device)
         pipe._check_can_send()
         ready = _mark_stream(pool)
         pool_id = self._announce(pool)
@@ -304,6 +307,8 @@ class BlockExchange:
         t0 = perf_counter()
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
         _check_device(pipe, pool)
+        pipe._check_can_recv()
+        await _prepare_kernels(pipe.device, pool.device)
         pipe._check_can_recv()
         sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(),
                      after=_mark_stream(pool))
@@ -716,6 +721,14 @@ def _checked(pool: object, block_ids: object, key: str | None, layers: object, *
         raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
     return (check_key(key), normalize_ids(pool, block_ids, destination=destination),
             _normalize_layers(pool, layers))
+
+
+async def _prepare_kernels(pipe_device: torch.device, pool_device: torch.device) -> None:
+    """The copy kernel of each GPU a block call may use (gathers and scatters run on the
+    pool's, staging on the pipe's), made off the loop before the first call uses it."""
+    await prepare_kernel(pool_device)
+    if pipe_device != pool_device:
+        await prepare_kernel(pipe_device)
 
 
 def _check_device(pipe: Pipe, pool: BlockPool) -> None:

@@ -176,3 +176,41 @@ async def test_ipc_peer_killed_while_it_pulls_our_blocks(start_peer: object  # n
     src.tensors[0].add_(1)
     torch.cuda.synchronize()
 
+
+
+async def test_the_copy_kernel_is_made_off_the_loop_before_the_first_block_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cupy")
+    import threading
+
+    from aiokvpipe import _blocks_move
+
+    made_on: list[str] = []
+    real = _blocks_move._kernel
+
+    def kernel() -> Any:
+        if not _blocks_move._kernel_cache:  # this call imports CuPy and makes the kernel
+            made_on.append(threading.current_thread().name)
+        return real()
+
+    # A process that never made it: CuPy's import and the compile are still to come.
+    monkeypatch.setattr(_blocks_move, "_kernel", kernel)
+    monkeypatch.setattr(_blocks_move, "_kernel_cache", [])
+    monkeypatch.setattr(_blocks_move, "_prepared", {})
+    listener = await aiokvpipe.listen(device="cuda:0")
+    accept = asyncio.create_task(listener.accept())
+    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
+    b = await accept
+    try:
+        src, dst = pool(64), pool(64)
+        randomize(src, [1, 2, 3])
+        receiving = asyncio.create_task(b.recv_blocks(dst, [4, 5, 6], key="k"))
+        await a.send_blocks(src, [1, 2, 3], key="k")
+        await asyncio.wait_for(receiving, 60)
+        assert moved(src, dst, [1, 2, 3], [4, 5, 6])
+        assert made_on == ["aiokvpipe-kernel"], f"the kernel was made on {made_on}"
+        assert _blocks_move.kernel_available(torch.device("cuda", 0))
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await listener.aclose()
