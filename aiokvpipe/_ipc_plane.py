@@ -405,7 +405,7 @@ def ipc_info() -> tuple[bool, str]:
         return False, f"cannot load the CUDA driver library: {exc}"
     if host_id() == bytes(HOST_ID_BYTES):
         return False, "cannot tell which host this is (/proc/sys/kernel/random/boot_id)"
-    return True, "CUDA IPC available (CuPy " + _cupy_version() + ")"
+    return True, f"CUDA IPC available (CUDA runtime {_runtime_version()} through CuPy)"
 
 
 _info: tuple[bool, str] | None = None
@@ -432,12 +432,12 @@ def allocator_note() -> str | None:
     return None
 
 
-def _cupy_version() -> str:
+def _runtime_version() -> str:
+    """The CUDA runtime version CuPy's bindings use, as "13.0" (no CUDA context needed)."""
     try:
-        import cupy
-
-        return str(cupy.__version__)
-    except Exception:
+        v = int(_cudaipc.runtime().runtimeGetVersion())
+        return f"{v // 1000}.{v % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - only for the message
         return "?"
 
 

@@ -322,3 +322,18 @@ async def test_memory_smaller_than_announced_is_refused_and_probes_prove_ipc() -
             assert isinstance(exc, ProtocolError)
             assert "announced" in str(exc)
         usable_gpu()
+
+
+def test_the_ipc_plane_loads_cupys_runtime_bindings_without_the_cupy_package() -> None:
+    # Importing the cupy package took 160-406 ms on an H200 host, and even in a worker
+    # thread held the GIL (the event loop) in chunks over 2 ms at every first connection.
+    script = ("import sys; from aiokvpipe import _ipc_plane, _cudaipc\n"
+              "ok, why = _ipc_plane.ipc_info(); rt = _cudaipc.runtime()\n"
+              "rt.setDevice(0); ptr = rt.malloc(1 << 20); rt.free(ptr)\n"
+              "print(ok, 'cupy' in sys.modules, why)")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[:2] == ["True", "False"], out.stdout
