@@ -60,6 +60,7 @@ __all__ = [
     "scatter",
     "copy_runs",
     "kernel_available",
+    "kernel_prepared",
     "prepare_kernel",
 ]
 
@@ -281,13 +282,22 @@ _prepared: dict[int, concurrent.futures.Future[None]] = {}
 _prepared_lock = threading.Lock()
 
 
+def kernel_prepared(device: torch.device) -> bool:
+    """Whether :func:`prepare_kernel` has nothing (more) to do for ``device``."""
+    if device.type != "cuda":
+        return True
+    fut = _prepared.get(torch.cuda.current_device() if device.index is None else device.index)
+    return fut is not None and fut.done()
+
+
 async def prepare_kernel(device: torch.device) -> None:
     """Import CuPy and compile the copy kernel for ``device`` in a worker thread, once per
-    process and device; at once when that is done (no suspension: calls keep their order).
+    process and device; returns at once when that is done.
 
     Without it the first block transfer did both on the event loop: CuPy's import (hundreds
     of ms in a process that had not imported it) and NVRTC's compile or its disk cache. A
-    failure is not raised here: the kernel is then unavailable and the torch path runs."""
+    failure is not raised here: the kernel is then unavailable and the torch path runs.
+    Cancelling one waiter leaves the preparation, and every other waiter, alone."""
     if device.type != "cuda":
         return
     index = torch.cuda.current_device() if device.index is None else device.index
@@ -297,6 +307,7 @@ async def prepare_kernel(device: torch.device) -> None:
             fut = _prepared.get(index)
             if fut is None:
                 fut = _prepared[index] = concurrent.futures.Future()
+                fut.set_running_or_notify_cancel()  # a waiter's cancel cannot cancel it now
                 threading.Thread(target=_compile_kernel, args=(index, fut), daemon=True,
                                  name="aiokvpipe-kernel").start()
     if not fut.done():
@@ -313,8 +324,10 @@ def _compile_kernel(index: int, done: concurrent.futures.Future[None]) -> None:
 
             with cupy.cuda.Device(index):
                 compile_now()
-    except Exception as exc:  # noqa: BLE001 - reported by the launch, or the torch path runs
-        log.debug("copy kernel not prepared on cuda:%d: %r", index, exc)
+    except Exception as exc:  # noqa: BLE001 - the torch path runs instead
+        log.info("the block copy kernel does not compile on cuda:%d (%r): block transfers "
+                 "use torch's indexing", index, exc)
+        _kernel_cache[:] = [None]
     finally:
         done.set_result(None)
 

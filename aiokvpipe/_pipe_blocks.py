@@ -42,6 +42,7 @@ from ._blocks_move import (
     copy_runs,
     gather,
     iter_chunks,
+    kernel_prepared,
     prepare_kernel,
     run_views,
     scatter,
@@ -109,6 +110,8 @@ class BlockExchange:
 
     def __init__(self, pipe: Pipe) -> None:
         self._pipe = pipe
+        self._kernel_gate = asyncio.Lock()
+        self._kernel_waiters = 0  # block calls waiting for the copy kernel (or behind them)
         self._pool_ids: dict[BlockPool, int] = {}
         self._peer_pools: dict[int, PoolLayout] = {}
         self._offers_out: dict[int, asyncio.Future[str]] = {}
@@ -132,6 +135,22 @@ class BlockExchange:
         self._poller = EventPoller()
         self._ready_poller = EventPoller()
 
+    async def _kernels_ready(self, pool: BlockPool) -> None:
+        """The copy kernel of each GPU this call may use (gathers and scatters run on the
+        pool's, staging on the pipe's), made off the loop (:func:`prepare_kernel`). Calls
+        that wait for it go through a lock, which is FIFO, and so do calls made while any
+        still waits: block calls keep their order. Once made: no suspension."""
+        devices = (pool.device, self._pipe.device)
+        if not self._kernel_waiters and all(kernel_prepared(d) for d in devices):
+            return
+        self._kernel_waiters += 1
+        try:
+            async with self._kernel_gate:
+                for device in dict.fromkeys(devices):
+                    await prepare_kernel(device)
+        finally:
+            self._kernel_waiters -= 1
+
     # -- the sending end ------------------------------------------------------------------
 
     async def send_blocks(self, pool: BlockPool, block_ids: object, key: str | None,
@@ -141,9 +160,9 @@ class BlockExchange:
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
         _check_device(pipe, pool)
         pipe._check_can_send()
-        await _prepare_kernels(pipe.device, pool.device)
+        ready = _mark_stream(pool)  # what the caller's stream has queued at the call
+        await self._kernels_ready(pool)
         pipe._check_can_send()
-        ready = _mark_stream(pool)
         pool_id = self._announce(pool)
         peer_copies = self._exported.get(pool, False)
         if peer_copies and ready is not None:
@@ -308,10 +327,10 @@ class BlockExchange:
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
         _check_device(pipe, pool)
         pipe._check_can_recv()
-        await _prepare_kernels(pipe.device, pool.device)
+        after = _mark_stream(pool)  # what the caller's stream has queued at the call
+        await self._kernels_ready(pool)
         pipe._check_can_recv()
-        sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(),
-                     after=_mark_stream(pool))
+        sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(), after=after)
         self._sinks.setdefault(key, []).append(sink)
         try:
             for offer in list(self._offers_in.get(key, ())):
@@ -721,14 +740,6 @@ def _checked(pool: object, block_ids: object, key: str | None, layers: object, *
         raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
     return (check_key(key), normalize_ids(pool, block_ids, destination=destination),
             _normalize_layers(pool, layers))
-
-
-async def _prepare_kernels(pipe_device: torch.device, pool_device: torch.device) -> None:
-    """The copy kernel of each GPU a block call may use (gathers and scatters run on the
-    pool's, staging on the pipe's), made off the loop before the first call uses it."""
-    await prepare_kernel(pool_device)
-    if pipe_device != pool_device:
-        await prepare_kernel(pipe_device)
 
 
 def _check_device(pipe: Pipe, pool: BlockPool) -> None:

@@ -9,8 +9,11 @@ with ``memmove``; the kernel itself runs in the ``cuda``-marked tests.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import math
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import pytest
@@ -555,3 +558,31 @@ def test_segment_dataclasses() -> None:
     c = Chunk((Segment(0, 0, 2),), 8)
     assert c == Chunk((Segment(0, 0, 2),), 8)
     assert hash(c) == hash(Chunk((Segment(0, 0, 2),), 8))
+
+
+async def test_a_cancelled_waiter_leaves_the_kernels_preparation_to_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The thread and futures only (no GPU needed): the compile itself is held by an event.
+    release = threading.Event()
+    calls: list[int] = []
+
+    def compile_kernel(index: int, done: Future[None]) -> None:
+        calls.append(index)
+        release.wait(10)
+        done.set_result(None)
+
+    monkeypatch.setattr(_blocks_move, "_compile_kernel", compile_kernel)
+    monkeypatch.setattr(_blocks_move, "_prepared", {})
+    dev = torch.device("cuda", 0)
+    first = asyncio.ensure_future(_blocks_move.prepare_kernel(dev))
+    second = asyncio.ensure_future(_blocks_move.prepare_kernel(dev))
+    await asyncio.sleep(0)  # both are now waiting for the one preparation
+    assert not _blocks_move.kernel_prepared(dev)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    release.set()
+    await asyncio.wait_for(second, 10)  # not cancelled with the first
+    assert _blocks_move.kernel_prepared(dev) and calls == [0]
+    await _blocks_move.prepare_kernel(dev)  # done: nothing more
+    assert calls == [0]

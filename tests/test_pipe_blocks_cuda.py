@@ -189,11 +189,11 @@ async def test_the_copy_kernel_is_made_off_the_loop_before_the_first_block_call(
     real = _blocks_move._kernel
 
     def kernel() -> Any:
-        if not _blocks_move._kernel_cache:  # this call imports CuPy and makes the kernel
+        if not _blocks_move._kernel_cache:  # this call makes the kernel (and compiles it)
             made_on.append(threading.current_thread().name)
         return real()
 
-    # A process that never made it: CuPy's import and the compile are still to come.
+    # As in a process that never made it (CuPy itself is imported here already).
     monkeypatch.setattr(_blocks_move, "_kernel", kernel)
     monkeypatch.setattr(_blocks_move, "_kernel_cache", [])
     monkeypatch.setattr(_blocks_move, "_prepared", {})
