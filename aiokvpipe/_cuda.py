@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -173,14 +174,27 @@ async def side_streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
     if len(taken) < n:
         from . import _cudaipc
 
+        making = asyncio.ensure_future(
+            asyncio.to_thread(_cudaipc.create_streams, index, n - len(taken)))
         try:
-            handles = await asyncio.to_thread(_cudaipc.create_streams, index, n - len(taken))
+            handles = await asyncio.shield(making)
         except BaseException:
             recycle_streams(taken)
+            # Cancelled (a connect timeout): what the thread still makes is kept, not lost.
+            making.add_done_callback(functools.partial(_keep_made, index))
             raise
-        dev = torch.device("cuda", index)
-        taken += [torch.cuda.ExternalStream(h, device=dev) for h in handles]
+        taken += _wrap(index, handles)
     return taken
+
+
+def _wrap(index: int, handles: Sequence[int]) -> list[torch.cuda.Stream]:
+    dev = torch.device("cuda", index)
+    return [torch.cuda.ExternalStream(h, device=dev) for h in handles]
+
+
+def _keep_made(index: int, making: asyncio.Future[list[int]]) -> None:
+    if not making.cancelled() and making.exception() is None:
+        recycle_streams(_wrap(index, making.result()))
 
 
 def recycle_streams(streams: Sequence[torch.cuda.Stream]) -> None:
@@ -189,7 +203,9 @@ def recycle_streams(streams: Sequence[torch.cuda.Stream]) -> None:
     """
     with _spare_lock:
         for stream in streams:
-            _SPARE.setdefault(stream.device_index, []).append(stream)
+            spare = _SPARE.setdefault(stream.device_index, [])
+            if all(s.cuda_stream != stream.cuda_stream for s in spare):  # never twice
+                spare.append(stream)
 
 
 def recycle_when_idle(streams: Sequence[torch.cuda.Stream]) -> None:

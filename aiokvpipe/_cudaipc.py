@@ -114,18 +114,27 @@ def create_streams(device_index: int, n: int) -> list[int]:
     """``n`` new CUDA streams of the device's primary context, as ``cudaStream_t`` ints.
     Through the driver by ctypes, which releases the GIL: torch makes a device's stream pool
     (64 streams) on its first side stream, 2–8 ms with the GIL held (2026-12-02, H200).
-    Call it in a worker thread; the streams are never destroyed (see ``_cuda``)."""
+    Call it in a worker thread; the streams are never destroyed (see ``_cuda``), except those
+    made before a failure, which are. The thread's current context is left as it was."""
     lib = _lib()
-    code = lib.cuCtxSetCurrent(_primary_context(device_index))
+    code = lib.cuCtxPushCurrent_v2(_primary_context(device_index))
     if code != 0:
-        raise DriverError("cuCtxSetCurrent", code)
-    out = []
-    for _ in range(n):
-        stream = ctypes.c_void_p()
-        code = lib.cuStreamCreate(ctypes.byref(stream), ctypes.c_uint(_STREAM_NON_BLOCKING))
-        if code != 0:
-            raise DriverError("cuStreamCreate", code)
-        out.append(int(stream.value or 0))
+        raise DriverError("cuCtxPushCurrent_v2", code)
+    out: list[int] = []
+    try:
+        for _ in range(n):
+            stream = ctypes.c_void_p()
+            code = lib.cuStreamCreate(ctypes.byref(stream),
+                                      ctypes.c_uint(_STREAM_NON_BLOCKING))
+            if code != 0 or not stream.value:
+                raise DriverError("cuStreamCreate", code)
+            out.append(int(stream.value))
+    except BaseException:
+        for handle in out:
+            lib.cuStreamDestroy_v2(ctypes.c_void_p(handle))
+        raise
+    finally:
+        lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
     return out
 
 

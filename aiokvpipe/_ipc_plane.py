@@ -784,11 +784,11 @@ class IpcPlane:
             recycle_streams(streams)
             raise
         loop = plane._loop
-        for sock in (send_sock, recv_sock):
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            for sock in (send_sock, recv_sock):
+                sock.setblocking(False)
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _, plane._send_chan = await loop.connect_accepted_socket(
                 lambda: _Channel(plane, CONSUMER_RECORDS, plane._on_ack, "send"), send_sock)
             _, plane._recv_chan = await loop.connect_accepted_socket(

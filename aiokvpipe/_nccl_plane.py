@@ -462,7 +462,7 @@ class NcclPlane:
 
         Waits (in a daemon thread) only for the plane's own streams, never for the device:
         the application's streams may be stuck on the same dead peer."""
-        if self._error is not None:
+        if self._error is not None or self._closed:  # closed: its teardown owns the rest
             return
         self._error = exc
         self._alloc_worker.shutdown()

@@ -24,7 +24,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._cuda import EventPoller, current_stream, recycle_when_idle, side_streams
+from ._cuda import (
+    EventPoller,
+    current_stream,
+    recycle_streams,
+    recycle_when_idle,
+    side_streams,
+)
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._hostmem import HostBufferPool, byte_view
@@ -77,6 +83,7 @@ class _CudaStaging:
         #: The plane's device's two streams, made off the loop (side_streams); a tensor on
         #: another GPU gets torch's side streams, made when first needed.
         self._own = list(streams)
+        self._released = False
         for direction, stream in zip(("d2h", "h2d"), self._own):
             self._streams[(direction, device.index or 0)] = (stream, EventPoller(on_error))
 
@@ -85,6 +92,8 @@ class _CudaStaging:
         """The side stream (and its poller) for ``"d2h"`` or ``"h2d"`` copies on ``device``;
         create it on the event loop's thread."""
         key = (direction, device.index or 0)
+        if self._released:  # the plane ended: its streams may be another plane's by now
+            raise ConnectionAbortedError("data plane closed")
         if key not in self._streams:
             self._streams[key] = (torch.cuda.Stream(device), EventPoller(self._on_error))
         return self._streams[key]
@@ -124,6 +133,7 @@ class _CudaStaging:
 
     def release(self) -> None:
         """Give the plane's own streams back for reuse, once their copies have ended."""
+        self._released = True
         own, self._own = self._own, []
         recycle_when_idle(own)
 
@@ -340,8 +350,12 @@ class TcpPlane:
         tune_socket(recv_sock)
         # CUDA receive buffers are allocated on the h2d stream: both made before the plane.
         streams = await side_streams(device, 2) if device.type == "cuda" else []
-        plane = cls(send_sock, device, on_lost, pool_bytes,
-                    recv_sock if hasattr(recv_sock, "recvmsg_into") else None, streams)
+        try:
+            plane = cls(send_sock, device, on_lost, pool_bytes,
+                        recv_sock if hasattr(recv_sock, "recvmsg_into") else None, streams)
+        except BaseException:
+            recycle_streams(streams)
+            raise
         try:
             await plane._loop.connect_accepted_socket(lambda: plane._receiver, recv_sock)
         except BaseException as exc:

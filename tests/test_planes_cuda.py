@@ -36,7 +36,9 @@ class _AbortOnlyNccl:
         return 0
 
 
-async def test_nccl_abort_waits_for_the_planes_streams_not_the_whole_device() -> None:
+async def test_nccl_abort_waits_for_the_planes_streams_not_the_whole_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cuda, "_SPARE", {})  # torch's streams below must not be kept as spare
     lib = _AbortOnlyNccl()
     lost: list[BaseException] = []
     plane = NcclPlane(lib, 1, 2, torch.device("cuda", 0), lost.append,  # type: ignore[arg-type]
@@ -99,14 +101,19 @@ async def test_side_streams_are_made_off_the_loop_work_and_are_reused_once_idle(
     assert len(spy.made) == 2 and threading.current_thread().name not in spy.threads
     x = torch.ones(1 << 20, device=DEV)
     with torch.cuda.stream(first[0]):
-        torch.cuda._sleep(50_000_000)
+        torch.cuda._sleep(100_000_000)
         y = x * 2
+        queued = torch.cuda.Event()
+        queued.record(first[0])
     _cuda.recycle_when_idle(first)
     deadline = time.monotonic() + 10
-    while len(_cuda._SPARE.get(0, ())) < 2:  # recycled only after the sleep kernel ended
+    while len(_cuda._SPARE.get(0, ())) < 2:
         assert time.monotonic() < deadline, "the idle streams never came back"
         await asyncio.sleep(0.01)
+    assert queued.query(), "recycled while work was still queued on the stream"
     assert float(y.sum()) == 2 * (1 << 20)
+    _cuda.recycle_streams(first)  # given back twice: kept once
+    assert len(_cuda._SPARE[0]) == 2
     second = await _cuda.side_streams(DEV, 2)
     assert {s.cuda_stream for s in second} == {s.cuda_stream for s in first}
     assert len(spy.made) == 2, "a spare stream was not reused"
