@@ -51,6 +51,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from paged_kv import OutOfBlocks
 from pipe_common import (
+    CLIENT_KEEPALIVE_EXPIRY_S,
     HELLO_KEY,
     WELCOME_KEY,
     PipeLike,
@@ -111,7 +112,9 @@ class DecodeServer:
         self.inflight = 0
         self.abandoned = 0  # requests whose client went away before the answer
         self.decoding = 0  # requests now generating from their KV blocks
-        self._http = httpx.AsyncClient(base_url=args.prefill_url, timeout=args.request_timeout)
+        self._http = httpx.AsyncClient(
+            base_url=args.prefill_url, timeout=args.request_timeout,
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY_S))
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:

@@ -24,7 +24,7 @@ import argparse
 import asyncio
 import os
 from collections.abc import Awaitable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import paged_kv
 import tinygpt
@@ -141,6 +141,14 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     return None if task.cancelled() else task.result()
 
 
+#: How long the servers keep an idle HTTP connection open (uvicorn's default, made explicit).
+SERVER_KEEP_ALIVE_S: Final = 5.0
+#: A client of these servers drops its idle connections sooner: with both at 5 s, a request
+#: sent on a connection the server was closing at that moment failed with ReadError (seen
+#: once in the e2e tests on the loaded 2-core VM, 2026-12-02: a 503 "prefill_unavailable").
+CLIENT_KEEPALIVE_EXPIRY_S: Final = SERVER_KEEP_ALIVE_S / 2
+
+
 def serve(app: Any, args: argparse.Namespace) -> None:
     """Run a server's app under uvicorn with the shared options (``add_pipe_args``)."""
     import logging
@@ -151,4 +159,5 @@ def serve(app: Any, args: argparse.Namespace) -> None:
     # On SIGTERM, requests still running after the grace period are cancelled (their queued
     # forward passes with them) so a stop under load is prompt.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.graceful_timeout)
+                timeout_graceful_shutdown=args.graceful_timeout,
+                timeout_keep_alive=int(SERVER_KEEP_ALIVE_S))
