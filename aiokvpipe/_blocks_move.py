@@ -44,7 +44,7 @@ from typing import Any, Final, Literal
 import torch
 
 from ._blocks import BlockPool, PoolLayout, Run, TensorLayout, check_fits
-from ._cuda import short_gil_turns
+from ._cuda import device_index, short_gil_turns
 
 log = logging.getLogger("aiokvpipe")
 
@@ -286,7 +286,7 @@ def kernel_prepared(device: torch.device) -> bool:
     """Whether :func:`prepare_kernel` has nothing (more) to do for ``device``."""
     if device.type != "cuda":
         return True
-    fut = _prepared.get(torch.cuda.current_device() if device.index is None else device.index)
+    fut = _prepared.get(device_index(device))
     return fut is not None and fut.done()
 
 
@@ -300,7 +300,7 @@ async def prepare_kernel(device: torch.device) -> None:
     Cancelling one waiter leaves the preparation, and every other waiter, alone."""
     if device.type != "cuda":
         return
-    index = torch.cuda.current_device() if device.index is None else device.index
+    index = device_index(device)
     fut = _prepared.get(index)
     if fut is None:
         with _prepared_lock:

@@ -167,7 +167,7 @@ async def side_streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
     side stream of a process makes its stream pool with the GIL held: 2–8 ms of loop lag at
     every pipe's set-up on an H200 host, 2026-12-02). Give them back with
     :func:`recycle_streams` once idle."""
-    index = _index_of(device)
+    index = device_index(device)
     with _spare_lock:
         spare = _SPARE.setdefault(index, [])
         taken = [spare.pop() for _ in range(min(n, len(spare)))]
@@ -227,7 +227,8 @@ def recycle_when_idle(streams: Sequence[torch.cuda.Stream]) -> None:
     threading.Thread(target=wait_then_recycle, name="aiokvpipe-streams", daemon=True).start()
 
 
-def _index_of(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
+    """The index of a CUDA device (``cuda`` alone: the current one)."""
     return torch.cuda.current_device() if device.index is None else device.index
 
 

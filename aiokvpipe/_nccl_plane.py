@@ -36,7 +36,6 @@ from ._cuda import (
     EventPoller,
     current_stream,
     recycle_streams,
-    recycle_when_idle,
     side_streams,
 )
 from ._dtypes import dtype_of
@@ -515,7 +514,14 @@ class NcclPlane:
                 except Exception as err:  # noqa: BLE001
                     log.debug("NCCL teardown failed (%r); aborting the communicator", err)
                     lib.abort(comm)
-            recycle_when_idle(streams)
+            idle = []
+            for stream in streams:  # this thread may wait: no second thread for it
+                try:
+                    stream.synchronize()
+                    idle.append(stream)
+                except Exception as err:  # noqa: BLE001 -- dropped: a broken context
+                    log.debug("synchronize after close: %r", err)
+            recycle_streams(idle)
 
         threading.Thread(target=teardown, name="aiokvpipe-nccl-close", daemon=True).start()
 
