@@ -73,7 +73,7 @@ def test_bench_cpu_tiny_run(tmp_path: Path) -> None:
     assert doc["errors"] == [] and doc["date"] and doc["command"]
     impls = ["ours", "streams-asyncio", "ceiling"]
     if importlib.util.find_spec("uvloop"):
-        impls.append("streams-uvloop")
+        impls += ["streams-uvloop", "streams-tensors"]
     for impl in impls:
         figs = doc["summary"][impl]
         for size in ("4 KiB", "1 MiB"):

@@ -1,5 +1,6 @@
-"""The CPU suite (``bench``, ``--device cpu``): the tcp plane beside asyncio streams and the
-zero-copy ceiling, two processes on 127.0.0.1.
+"""The CPU suite (``bench``, ``--device cpu``): the tcp plane beside asyncio streams (also with
+tensors for messages, where small ones are measured) and the zero-copy ceiling, two processes
+on 127.0.0.1.
 
 Cases of all implementations are interleaved within each repeat, so drifting noise on a shared
 machine hits them alike; figures are medians over the repeats.
@@ -28,7 +29,10 @@ from .suite import run_and_report, seconds_per_point, sizes_or_none
 CPU_SIZES: Final = "4K,1M,16M,64M"
 #: Latency is measured at the benchmarked sizes up to this one.
 LAT_MAX_NBYTES: Final = 1 * MiB
-BASELINES: Final = ("streams-asyncio", "streams-uvloop", "ceiling")
+BASELINES: Final = ("streams-asyncio", "streams-uvloop", "streams-tensors", "ceiling")
+#: The streams with tensors for messages run where small messages are measured: they say what
+#: delivering tensors costs on top of bytes, which only matters there.
+TENSOR_STREAMS_MAX_NBYTES: Final = 64 * KiB
 
 
 def plan_cpu(sizes: list[int], seconds: float, repeat: int, ours_loop: str) -> list[Json]:
@@ -37,6 +41,8 @@ def plan_cpu(sizes: list[int], seconds: float, repeat: int, ours_loop: str) -> l
     impls = [("ours", ours_loop), ("streams-asyncio", "asyncio")]
     if have_uvloop():
         impls.append(("streams-uvloop", "uvloop"))
+        if min(sizes) <= TENSOR_STREAMS_MAX_NBYTES:
+            impls.append(("streams-tensors", "uvloop"))
     impls.append(("ceiling", ours_loop))
     common = {"phases": phases, "max_nbytes": max(sizes), "depth": DEPTH,
               "transport": "tcp", "timeout_s": case_timeout(phases)}

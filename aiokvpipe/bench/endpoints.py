@@ -2,7 +2,8 @@
 
 Each implementation a case can name in a measured process is an :class:`Endpoint` (or, for
 blocking baselines such as raw NCCL, a module of its own: :mod:`.raw_nccl`). CPU baselines
-(BENCHMARKS.md): naive asyncio streams, on asyncio's loop and on uvloop, and the zero-copy
+(BENCHMARKS.md): naive asyncio streams, on asyncio's loop and on uvloop (and on uvloop with
+tensors for messages: :class:`TensorStreamsEndpoint`), and the zero-copy
 "ceiling" (a ``BufferedProtocol`` receiving into preallocated memory, the sender
 ``loop.sock_sendall`` of memoryviews, a 1-byte ack per message).
 
@@ -19,6 +20,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from ctypes import string_at
 from typing import Any, Final, Protocol
 
 import torch
@@ -283,8 +285,9 @@ class StreamsEndpoint(_FramedEndpoint):
         self._reader, self._writer = reader, writer
         self._server, self._serving = server, serving
 
-    @staticmethod
-    async def listen(case: Json, device: str) -> tuple[Any, Callable[[], Awaitable[Endpoint]]]:
+    @classmethod
+    async def listen(cls, case: Json, device: str
+                     ) -> tuple[Any, Callable[[], Awaitable[Endpoint]]]:
         loop = asyncio.get_running_loop()
         rounds = _Rounds()
         conn: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
@@ -301,13 +304,13 @@ class StreamsEndpoint(_FramedEndpoint):
 
         async def accept() -> Endpoint:
             r, w = await conn
-            serving = loop.create_task(StreamsEndpoint._serve(r, w, rounds))
-            return StreamsEndpoint(r, w, rounds, server, serving)
+            serving = loop.create_task(cls._serve(r, w, rounds))
+            return cls(r, w, rounds, server, serving)
 
         return port, accept
 
-    @staticmethod
-    async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    @classmethod
+    async def _serve(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      rounds: _Rounds) -> None:
         count = 0
         try:
@@ -320,25 +323,39 @@ class StreamsEndpoint(_FramedEndpoint):
                     rounds.complete(count)
                     count = 0
                     continue
-                data = await reader.readexactly(n)
+                received = cls._received(await reader.readexactly(n))
                 count += 1
                 if kind == _ECHO:
                     writer.write(header)
-                    writer.write(data)
+                    writer.write(cls._bytes_of(received))
                     await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             rounds.fail(exc)
 
-    @staticmethod
-    async def connect(case: Json, device: str, port: Any) -> Endpoint:
+    @classmethod
+    async def connect(cls, case: Json, device: str, port: Any) -> Endpoint:
         reader, writer = await asyncio.open_connection("127.0.0.1", int(port))
-        return StreamsEndpoint(reader, writer)
+        return cls(reader, writer)
+
+    @staticmethod
+    def _received(data: bytes) -> Any:
+        """What the receiver makes of a payload: here the bytes as they came."""
+        return data
+
+    @staticmethod
+    def _bytes_of(received: Any) -> bytes | memoryview:
+        """The bytes to send of a payload :meth:`_received` made."""
+        return received  # type: ignore[no-any-return]
+
+    def _message(self) -> bytes | memoryview:
+        """The payload of the next message sent."""
+        return self._payload
 
     async def stream(self, seconds: float, min_msgs: int) -> int:
         w, sent, deadline = self._writer, 0, time.perf_counter() + seconds
         while sent < min_msgs or time.perf_counter() < deadline:
             w.write(self._data_hdr)
-            w.write(self._payload)
+            w.write(self._message())
             await w.drain()
             sent += 1
         await self.end_echo()
@@ -346,10 +363,10 @@ class StreamsEndpoint(_FramedEndpoint):
 
     async def ping(self) -> None:
         self._writer.write(self._echo_hdr)
-        self._writer.write(self._payload)
+        self._writer.write(self._message())
         await self._writer.drain()
         _, n = _split_header(await self._reader.readexactly(_HEADER.size))
-        await self._reader.readexactly(n)
+        self._received(await self._reader.readexactly(n))
 
     async def end_echo(self) -> None:
         self._writer.write(_header(_END, 0))
@@ -366,6 +383,33 @@ class StreamsEndpoint(_FramedEndpoint):
             self._serving.cancel()
         if self._server is not None:
             self._server.close()
+
+
+class TensorStreamsEndpoint(StreamsEndpoint):
+    """The same streams, but each message is a tensor, as ours: the sender writes a CPU
+    tensor's bytes (``ctypes.string_at``, as our inline path does), the receiver copies each
+    payload into a new buffer and makes it a tensor (``torch.frombuffer``). No checks,
+    sequence numbers, credits or keys: what delivering tensors costs on top of bytes, the
+    floor for any pipe of tensors in Python."""
+
+    _tensor: torch.Tensor
+
+    async def prepare(self, phase: Json) -> None:
+        await super().prepare(phase)
+        self._tensor = torch.zeros(phase_nbytes(phase), dtype=torch.uint8)
+
+    def _message(self) -> bytes | memoryview:
+        t = self._tensor
+        return string_at(t.data_ptr(), t.numel())
+
+    @staticmethod
+    def _received(data: bytes) -> Any:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(
+            0, dtype=torch.uint8)
+
+    @staticmethod
+    def _bytes_of(received: Any) -> bytes | memoryview:
+        return string_at(received.data_ptr(), received.numel())
 
 
 # the zero-copy ceiling --------------------------------------------------------------------------

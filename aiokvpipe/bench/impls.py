@@ -18,7 +18,13 @@ from typing import Final
 from .block_endpoint import BlocksEndpoint
 from .blocks_ipc_copy import ipc_copy_case
 from .common import Emit, Json
-from .endpoints import CeilingEndpoint, EndpointClass, OursEndpoint, StreamsEndpoint
+from .endpoints import (
+    CeilingEndpoint,
+    EndpointClass,
+    OursEndpoint,
+    StreamsEndpoint,
+    TensorStreamsEndpoint,
+)
 from .measure import run_endpoint_case
 from .raw_ipc import pipe_memory_case, raw_ipc_case
 from .raw_nccl import raw_nccl_case
@@ -44,6 +50,7 @@ IMPLS: Final[dict[str, Impl]] = {
     "ours": Impl("ours", _asyncio(OursEndpoint)),
     "streams-asyncio": Impl("asyncio streams", _asyncio(StreamsEndpoint)),
     "streams-uvloop": Impl("uvloop streams", _asyncio(StreamsEndpoint)),
+    "streams-tensors": Impl("tensor streams (uvloop)", _asyncio(TensorStreamsEndpoint)),
     "ceiling": Impl("ceiling", _asyncio(CeilingEndpoint)),
     "nccl-raw": Impl("raw NCCL", raw_nccl_case),
     "ipc-raw": Impl("raw IPC copy", raw_ipc_case),
