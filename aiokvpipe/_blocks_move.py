@@ -306,10 +306,20 @@ async def prepare_kernel(device: torch.device) -> None:
         with _prepared_lock:
             fut = _prepared.get(index)
             if fut is None:
-                fut = _prepared[index] = concurrent.futures.Future()
+                fut = concurrent.futures.Future()
                 fut.set_running_or_notify_cancel()  # a waiter's cancel cannot cancel it now
-                threading.Thread(target=_compile_kernel, args=(index, fut), daemon=True,
-                                 name="aiokvpipe-kernel").start()
+                try:
+                    threading.Thread(target=_compile_kernel, args=(index, fut), daemon=True,
+                                     name="aiokvpipe-kernel").start()
+                except RuntimeError as exc:
+                    # No thread to be had (a process at its limit). Kept only once started:
+                    # a future that no thread completes would hold every later block call
+                    # of this device. The first launch makes the kernel instead, on the
+                    # loop as before; a later call tries a thread again.
+                    log.warning("cannot start a thread to make the block copy kernel on "
+                                "cuda:%d (%s): it is made at its first launch", index, exc)
+                    return
+                _prepared[index] = fut
     if not fut.done():
         with short_gil_turns():
             await asyncio.wrap_future(fut)

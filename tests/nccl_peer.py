@@ -53,7 +53,13 @@ async def main(port: int, device: str, mode: str, args: list[str]) -> None:
             while True:
                 ids = (await pipe.recv())["ids"].tolist()
                 if args[1:] == ["slow"]:
-                    # Our stream is busy for about a second: blocks land only after it.
+                    # Our stream is busy for about a second: blocks land only after it. The
+                    # copy kernel is made first (CuPy's import and a compile, which the pull
+                    # waits for): made during the sleep, it could outlast it, and the window
+                    # between our pull and its end, which the test watches, would close.
+                    from aiokvpipe import _blocks_move
+
+                    await _blocks_move.prepare_kernel(torch.device(device))
                     torch.cuda._sleep(2_000_000_000)
                 await pipe.recv_blocks(pool, ids, key="blocks")
                 await pipe.send_blocks(pool, ids, key="back")

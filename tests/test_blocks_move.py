@@ -586,3 +586,29 @@ async def test_a_cancelled_waiter_leaves_the_kernels_preparation_to_the_others(
     assert _blocks_move.kernel_prepared(dev) and calls == [0]
     await _blocks_move.prepare_kernel(dev)  # done: nothing more
     assert calls == [0]
+
+
+async def test_a_thread_that_cannot_start_leaves_no_preparation_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A preparation recorded before its thread started, when the start fails, was never
+    # completed: every later block call of the device waited for it forever.
+    calls: list[int] = []
+
+    def compile_kernel(index: int, done: Future[None]) -> None:
+        calls.append(index)
+        done.set_result(None)
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_blocks_move, "_compile_kernel", compile_kernel)
+    monkeypatch.setattr(_blocks_move, "_prepared", {})
+    dev = torch.device("cuda", 0)
+    with monkeypatch.context() as m:
+        m.setattr(_blocks_move.threading, "Thread", NoThread)
+        await asyncio.wait_for(_blocks_move.prepare_kernel(dev), 5)  # returns, raises nothing
+    assert not _blocks_move.kernel_prepared(dev) and calls == []
+    await asyncio.wait_for(_blocks_move.prepare_kernel(dev), 5)  # threads start again
+    assert _blocks_move.kernel_prepared(dev) and calls == [0]
+

@@ -168,6 +168,8 @@ async def test_ipc_peer_killed_while_it_pulls_our_blocks(start_peer: object  # n
     exchange = peer.pipe._blocks
     async with asyncio.timeout(30):  # pulled: the peer's copy now waits for its stream
         while exchange._offers_out or not exchange._copies_out:
+            # Done already: the peer's copy did not wait (the window this test needs is gone).
+            assert not sending.done(), f"the transfer ended before the kill: {sending!r}"
             await asyncio.sleep(0.01)
     peer.signal(signal.SIGKILL)
     with pytest.raises(aiokvpipe.BrokenPipe):
