@@ -611,4 +611,3 @@ async def test_a_thread_that_cannot_start_leaves_no_preparation_behind(
     assert not _blocks_move.kernel_prepared(dev) and calls == []
     await asyncio.wait_for(_blocks_move.prepare_kernel(dev), 5)  # threads start again
     assert _blocks_move.kernel_prepared(dev) and calls == [0]
-

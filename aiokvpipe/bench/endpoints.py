@@ -399,8 +399,7 @@ class TensorStreamsEndpoint(StreamsEndpoint):
         self._tensor = torch.zeros(phase_nbytes(phase), dtype=torch.uint8)
 
     def _message(self) -> bytes | memoryview:
-        t = self._tensor
-        return string_at(t.data_ptr(), t.numel())
+        return self._bytes_of(self._tensor)
 
     @staticmethod
     def _received(data: bytes) -> Any:
@@ -409,7 +408,7 @@ class TensorStreamsEndpoint(StreamsEndpoint):
 
     @staticmethod
     def _bytes_of(received: Any) -> bytes | memoryview:
-        return string_at(received.data_ptr(), received.numel())
+        return string_at(received.data_ptr(), received.numel())  # a uint8 tensor's bytes
 
 
 # the zero-copy ceiling --------------------------------------------------------------------------
