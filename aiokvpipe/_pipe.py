@@ -12,6 +12,7 @@ import functools
 import logging
 import traceback
 from collections import deque
+from collections.abc import Sequence
 from ctypes import string_at
 from dataclasses import dataclass
 from time import perf_counter
@@ -103,21 +104,28 @@ class _Incoming:
 
     It keeps what ``recv()`` needs from the header, not the header itself: an inline header
     is a view of the bytes it arrived in, which must not stay alive.
+
+    An inline payload waits as a copy of its bytes (``inline``); its tensors are made when
+    it is claimed. Messages queue by the thousand when the application falls behind, and
+    each long-lived object the garbage collector tracks makes its full collections come
+    sooner (with torch loaded, 60-100 ms each): a bytearray is not tracked, a tensor and a
+    list are.
     """
 
     __slots__ = ("key", "structure", "specs", "nbytes", "cost", "payload", "tensors",
-                 "discarded")
+                 "inline", "discarded")
 
     def __init__(self, header: _wire.Header, cost: int,
                  payload: asyncio.Future[list[torch.Tensor]] | None,
-                 tensors: list[torch.Tensor] | None = None) -> None:
+                 inline: bytearray | None = None) -> None:
         self.key = header.key
         self.structure = header.structure
         self.specs = header.tensors
         self.nbytes = header.nbytes
         self.cost = cost
         self.payload = payload
-        self.tensors: list[torch.Tensor] = tensors if tensors is not None else []
+        self.tensors: Sequence[torch.Tensor] = ()  # a payload's, once it arrived
+        self.inline = inline
         self.discarded = False
 
 
@@ -682,8 +690,14 @@ class Pipe:
 
     def _on_header(self, h: _wire.Header) -> None:
         item_cost = _wire.message_cost(h.nbytes, len(h.tensors))
-        if h.inline is not None:
-            item = _Incoming(h, item_cost, None, self._unpack_inline(h))
+        inline = h.inline
+        if inline is not None:
+            # Messages without payload bytes (None, empty tensors) travel inline on every
+            # plane; payload bytes only to a CPU receiver (see _connect: inline_limit).
+            if h.nbytes and self._on_cuda:
+                raise ProtocolError("inline payload sent to a CUDA receiver")
+            # One copy out of the received bytes (at most 64 KiB): those must not stay alive.
+            item = _Incoming(h, item_cost, None, bytearray(inline) if h.nbytes else None)
         else:
             # A failure to allocate here is ours, not the peer's: it breaks the pipe with
             # its own cause, and the peer is told that we failed (not that it misbehaved).
@@ -699,29 +713,26 @@ class Pipe:
         else:  # nothing ahead of it: deliver now, not a loop iteration later
             self._arrived(item)
 
-    def _unpack_inline(self, h: _wire.Header) -> list[torch.Tensor]:
-        # Messages without payload bytes (None, empty tensors) travel inline on every plane;
-        # payload bytes only to a CPU receiver (see _connect: inline_limit).
-        if h.nbytes and self._on_cuda:
-            raise ProtocolError("inline payload sent to a CUDA receiver")
-        assert h.inline is not None
-        # One copy out of the received bytes (at most 64 KiB); the tensors are views of it.
-        buf = bytearray(h.inline)
-        if len(h.tensors) == 1 and h.nbytes:  # the common case, without count and offset
-            spec = h.tensors[0]
+    def _unpack_inline(self, specs: tuple[_wire.TensorSpec, ...], buf: bytearray | None
+                       ) -> list[torch.Tensor]:
+        """The tensors of an inline payload: views of ``buf``, the copy made on arrival."""
+        if buf is not None and len(specs) == 1:  # the common case, without count and offset
+            spec = specs[0]
             t = torch.frombuffer(buf, dtype=DTYPE_OF[spec.dtype])
             return [t if len(spec.shape) == 1 else t.view(spec.shape)]
         tensors, offset = [], 0
-        for spec in h.tensors:
+        for spec in specs:
             dtype = DTYPE_OF[spec.dtype]  # the protocol checked that it is known
             n = spec.nbytes
             if n and offset % spec.itemsize == 0:
+                assert buf is not None
                 t = torch.frombuffer(buf, dtype=dtype, count=n // spec.itemsize, offset=offset)
                 if len(spec.shape) != 1:
                     t = t.view(spec.shape)
             else:  # empty, or not aligned for its dtype after an odd-sized tensor: a copy
                 t = torch.empty(spec.shape, dtype=dtype, device=self.device)
                 if n:
+                    assert buf is not None
                     byte_view(t)[:] = memoryview(buf)[offset:offset + n]
             offset += n
             tensors.append(t)
@@ -760,7 +771,7 @@ class Pipe:
         self._messages_received += 1
         self._bytes_received += item.nbytes
         if item.discarded:
-            item.tensors = []
+            item.tensors, item.inline = (), None
             self._return_credit(item.cost)
         else:
             self._deliver(item)
@@ -776,7 +787,9 @@ class Pipe:
                     del self._waiters[key]
                 return
         self._waiters.pop(key, None)
-        ready = self._ready.setdefault(key, deque())
+        ready = self._ready.get(key)
+        if ready is None:
+            ready = self._ready[key] = deque()
         if front:
             ready.appendleft(item)
         else:
@@ -795,7 +808,8 @@ class Pipe:
         self._return_credit(item.cost)
         if self._timed:
             self._metrics.received(item.nbytes, perf_counter() - t0)
-        tensors = item.tensors
+        tensors = (self._unpack_inline(item.specs, item.inline) if item.payload is None
+                   else item.tensors)
         if self._on_cuda and tensors:
             stream = current_stream(self.device)
             for t in tensors:
