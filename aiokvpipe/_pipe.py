@@ -262,7 +262,8 @@ class Pipe:
         that was :meth:`discard`-ed takes it back: its later messages are kept again.
 
         Raises :class:`PipeClosed` once the pipe is closed and no matching message remains,
-        :class:`BrokenPipe` if it broke.
+        :class:`BrokenPipe` if it broke. A failure here to make a small message's tensors
+        (``MemoryError``) is raised as it is; the message then stays first in line.
 
         Cancellation is safe: a cancelled ``recv()`` takes nothing; a message it would have
         received goes to the next matching ``recv()``, in order.
@@ -697,6 +698,7 @@ class Pipe:
             if h.nbytes and self._on_cuda:
                 raise ProtocolError("inline payload sent to a CUDA receiver")
             # One copy out of the received bytes (at most 64 KiB): those must not stay alive.
+            # The tensors are made when the message is claimed (see _Incoming).
             item = _Incoming(h, item_cost, None, bytearray(inline) if h.nbytes else None)
         else:
             # A failure to allocate here is ours, not the peer's: it breaks the pipe with
@@ -805,11 +807,19 @@ class Pipe:
         return item
 
     def _claim(self, item: _Incoming, t0: float) -> Message:
+        if item.payload is None:
+            try:
+                tensors = self._unpack_inline(item.specs, item.inline)
+            except BaseException:
+                # Ours to fail (out of memory, say), not the peer's: nothing is lost, the
+                # message stays first in line, and its credit stays held until it is taken.
+                self._deliver(item, front=True)
+                raise
+        else:
+            tensors = item.tensors
         self._return_credit(item.cost)
         if self._timed:
             self._metrics.received(item.nbytes, perf_counter() - t0)
-        tensors = (self._unpack_inline(item.specs, item.inline) if item.payload is None
-                   else item.tensors)
         if self._on_cuda and tensors:
             stream = current_stream(self.device)
             for t in tensors:

@@ -136,7 +136,7 @@ async def test_messages_waiting_unclaimed_hold_few_objects_the_gc_tracks(
     # collector: a receiver that fell behind by thousands of messages paid for them in full
     # collections (a fifth of its time in the 4 KiB benchmark). Now a message waits as its
     # record and a bytearray (untracked); the tensor is made when it is claimed.
-    a, b = await pair_factory()
+    a, b = await pair_factory(recv_buffer_bytes=64 << 20)  # room for all of them
     n = 1000
     gc.collect()
     before = len(gc.get_objects())
@@ -149,3 +149,32 @@ async def test_messages_waiting_unclaimed_hold_few_objects_the_gc_tracks(
     got = [await asyncio.wait_for(b.recv(), 5) for _ in range(n)]
     assert [seq_of(t) for t in got] == list(range(n))
     assert all(t.dtype == torch.uint8 and t.shape == (4096,) for t in got)
+
+
+async def test_a_failure_to_make_a_claimed_messages_tensors_loses_nothing(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A waiting message's tensors are made when recv() claims it. An out-of-memory at that
+    # moment (faked at the one call that makes them: it cannot be caused for real at one
+    # exact moment) once took the message out of line and returned its credit: the next
+    # recv() got the message after it, and the pipe looked healthy.
+    a, b = await pair_factory()
+    for i in range(3):
+        await a.send(seq(i))
+    await eventually(lambda: b.stats.messages_received == 3, 10, "every message arrived")
+    real = torch.frombuffer
+    failures = [MemoryError("out of memory making the tensor")]
+
+    def frombuffer_failing_once(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "frombuffer", frombuffer_failing_once)
+    with pytest.raises(MemoryError):
+        await asyncio.wait_for(b.recv(), 5)
+    assert not b.closed and b.state.name == "OPEN"
+    got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(3)]
+    assert got == [0, 1, 2]  # nothing lost, order kept
+    # Its credit went back only once it was taken: the sender can fill the window again.
+    await asyncio.wait_for(a.send(seq(3)), 5)
+    assert seq_of(await asyncio.wait_for(b.recv(), 5)) == 3
