@@ -807,6 +807,7 @@ class Pipe:
         return item
 
     def _claim(self, item: _Incoming, t0: float) -> Message:
+        tensors: Sequence[torch.Tensor]
         if item.payload is None:
             try:
                 tensors = self._unpack_inline(item.specs, item.inline)
