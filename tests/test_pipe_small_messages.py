@@ -175,6 +175,6 @@ async def test_a_failure_to_make_a_claimed_messages_tensors_loses_nothing(
     assert not b.closed and b.state.name == "OPEN"
     got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(3)]
     assert got == [0, 1, 2]  # nothing lost, order kept
-    # Its credit went back only once it was taken: the sender can fill the window again.
+    # And the pipe goes on carrying messages after the failure.
     await asyncio.wait_for(a.send(seq(3)), 5)
     assert seq_of(await asyncio.wait_for(b.recv(), 5)) == 3
