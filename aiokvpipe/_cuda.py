@@ -52,24 +52,30 @@ class EventPoller:
     """
 
     def __init__(self, on_error: Callable[[BaseException], None] | None = None) -> None:
-        self._pending: deque[tuple[Queryable, asyncio.Future[None], float, object]] = deque()
+        self._pending: deque[tuple[Queryable, asyncio.Future[None], float, object,
+                                   Callable[[asyncio.Future[None]], object] | None]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._on_error = on_error
 
-    def watch(self, event: Queryable, nbytes: int = 0, keepalive: object = None
+    def watch(self, event: Queryable, nbytes: int = 0, keepalive: object = None,
+              then: Callable[[asyncio.Future[None]], object] | None = None
               ) -> asyncio.Future[None]:
         """A future that completes once ``event`` has completed.
 
         ``keepalive`` (tensors, say) is referenced until then, so memory a stream still uses
-        is not freed under it.
+        is not freed under it. ``then(future)`` is called once it is done, as a done callback
+        would be, but on success from the poll itself: a loop iteration sooner than a done
+        callback, which asyncio schedules for the next one.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         if self._error is not None:
             fut.set_exception(fresh(self._error))
+            if then is not None:
+                fut.add_done_callback(then)
             return fut
-        self._pending.append((event, fut, nbytes / _OPTIMISTIC_BYTES_PER_S, keepalive))
+        self._pending.append((event, fut, nbytes / _OPTIMISTIC_BYTES_PER_S, keepalive, then))
         if self._task is None:
             self._task = loop.create_task(self._run())
         return fut
@@ -77,7 +83,7 @@ class EventPoller:
     async def _run(self) -> None:
         try:
             while self._pending:
-                event, fut, expected, _ = self._pending[0]
+                event, fut, expected, _, then = self._pending[0]
                 started = time.perf_counter()
                 while not event.query():
                     elapsed = time.perf_counter() - started
@@ -90,6 +96,8 @@ class EventPoller:
                 self._pending.popleft()
                 if not fut.done():
                     fut.set_result(None)
+                    if then is not None:
+                        _call(then, fut)
         except Exception as exc:  # query() failed: nothing on this stream can be awaited
             self._task = None
             self.fail_pending(exc)
@@ -104,10 +112,8 @@ class EventPoller:
         """Fail every pending and later future with ``exc`` now, but keep polling and keep
         the referenced memory until :meth:`abort` (the stream may still be using it)."""
         self._error = exc
-        for _, fut, _, _ in self._pending:
-            if not fut.done():
-                fut.set_exception(fresh(exc))
-                fut.exception()  # its waiter may be gone; do not warn about it
+        for _, fut, _, _, then in self._pending:
+            _fail(fut, exc, then)
 
     def abort(self, exc: BaseException) -> None:
         """Stop polling; every pending and later future fails with ``exc``.
@@ -119,10 +125,28 @@ class EventPoller:
         if self._task is not None:
             self._task.cancel()
         while self._pending:
-            _, fut, _, _ = self._pending.popleft()
-            if not fut.done():
-                fut.set_exception(fresh(exc))
-                fut.exception()  # its waiter may be gone; do not warn about it
+            _, fut, _, _, then = self._pending.popleft()
+            _fail(fut, exc, then)
+
+
+def _fail(fut: asyncio.Future[None], exc: BaseException,
+          then: Callable[[asyncio.Future[None]], object] | None) -> None:
+    if not fut.done():
+        fut.set_exception(fresh(exc))
+        fut.exception()  # its waiter may be gone; do not warn about it
+        if then is not None:  # scheduled, as a done callback: failures come from abort paths
+            fut.get_loop().call_soon(then, fut)
+
+
+def _call(then: Callable[[asyncio.Future[None]], object], fut: asyncio.Future[None]) -> None:
+    """Run a ``then`` callback from the poll; its errors are the loop's to report, as a done
+    callback's would be, never the poller's (which would take them for a failed query)."""
+    try:
+        then(fut)
+    except Exception as exc:
+        fut.get_loop().call_exception_handler({
+            "message": "Exception in an event poller's callback", "exception": exc,
+            "future": fut})
 
 
 #: Stream objects by (stream id, device index): what :func:`current_stream` hands out.

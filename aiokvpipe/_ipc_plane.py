@@ -1038,8 +1038,7 @@ class IpcPlane:
                 if not job.ready.query():
                     if not self._watching_ready:
                         self._watching_ready = True
-                        self._ready_poller.watch(job.ready).add_done_callback(
-                            self._job_ready)
+                        self._ready_poller.watch(job.ready, then=self._job_ready)
                     break
                 job.is_ready = True
             if not self._describe(job):
@@ -1061,7 +1060,7 @@ class IpcPlane:
             if gate is not None and not gate.query():
                 if not self._watching_gate:
                     self._watching_gate = True
-                    self._gate_poller.watch(gate).add_done_callback(self._gate_fired)
+                    self._gate_poller.watch(gate, then=self._gate_fired)
                 break
             self._gated.popleft()
             if gate is not None:
@@ -1356,9 +1355,9 @@ class IpcPlane:
         self._copying += 1
         # The poller sleeps until an op of this size could have ended at 500 GB/s; a copy
         # within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep the copy.
-        watched = self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors)
-        watched.add_done_callback(functools.partial(self._copied, rec, maps, done,
-                                                    target if rec.last else None))
+        self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors,
+                                then=functools.partial(self._copied, rec, maps, done,
+                                                       target if rec.last else None))
 
     @staticmethod
     def _copy_pieces(rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target,

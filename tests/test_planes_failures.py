@@ -112,6 +112,60 @@ async def test_event_poller_without_a_callback_still_fails_its_futures() -> None
         await asyncio.wait_for(fut, 5)
 
 
+async def test_event_poller_calls_then_from_the_poll_before_any_done_callback() -> None:
+    """``then`` runs as the poll sees the event fire, a loop iteration before the future's
+    done callbacks (which asyncio schedules): that iteration is on every CUDA receive's
+    path. Exactly once, with the future it completed."""
+    poller = EventPoller()
+    order: list[str] = []
+    def then(f: asyncio.Future[None]) -> None:
+        # Run inside the poller's own task: not scheduled as a callback (those run outside
+        # any task, an iteration later).
+        in_poll = asyncio.current_task() is poller._task is not None
+        order.append(f"then done={f.done()} in_poll={in_poll}")
+
+    fut = poller.watch(_Event(fires_after=1), then=then)
+    fut.add_done_callback(lambda f: order.append("callback"))
+    await asyncio.wait_for(fut, 5)
+    await asyncio.sleep(0)  # let the scheduled done callback run
+    assert order == ["then done=True in_poll=True", "callback"]
+
+
+async def test_event_poller_fails_then_once_and_survives_a_then_that_raises() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[BaseException] = []
+    loop.set_exception_handler(lambda _, ctx: reported.append(ctx["exception"]))
+    try:
+        poller = EventPoller()
+        boom = ValueError("a bug in a then callback")
+
+        def bad(_: asyncio.Future[None]) -> None:
+            raise boom
+
+        poller.watch(_Event(fires_after=0), then=bad)
+        # The poller goes on: the next event completes, and the error went to the loop.
+        assert await asyncio.wait_for(poller.watch(_Event(fires_after=1)), 5) is None
+        assert reported == [boom]
+        # Failed pending watches get their then once (scheduled), never again on firing.
+        calls: list[asyncio.Future[None]] = []
+        event = _Event(fires_after=None)
+        fut = poller.watch(event, then=calls.append)
+        await asyncio.sleep(0)
+        poller.fail_pending(RuntimeError("plane broke"))
+        event.fires_after = 0  # it fires after all; the poller still polls it
+        while poller._pending:
+            await asyncio.sleep(0)
+        assert calls == [fut]
+        with pytest.raises(RuntimeError, match="plane broke"):
+            fut.result()
+        later = poller.watch(_Event(fires_after=0), then=calls.append)
+        await asyncio.sleep(0)
+        assert calls == [fut, later] and later.exception() is not None
+        poller.abort(RuntimeError("aborted"))
+    finally:
+        loop.set_exception_handler(None)
+
+
 # -- the ordered worker ---------------------------------------------------------------------------
 
 
