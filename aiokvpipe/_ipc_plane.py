@@ -18,7 +18,8 @@ Consumer (``post_recv``): regions are mapped once (``cudaIpcOpenMemHandle``, up 
 in a worker thread, never on the loop) and cached until the producer retires them. A
 ``COPY`` names data that is already final, so nothing on our stream waits for the peer's GPU
 work and a producer that dies cannot wedge it. The consumer copies on its own stream into
-fresh tensors, records an event, completes the receive once the event fired (the tensors
+fresh tensors (from the pool of the current stream if that is idle, so a caller on it needs
+no ``record_stream``; else from the copy stream's), records an event, completes the receive once the event fired (the tensors
 are then safe on any stream), and acks.
 
 Signalling runs over two connected sockets, one per direction, as the tcp plane's: the
@@ -59,7 +60,7 @@ from . import _cudaipc
 from ._cuda import EventPoller, current_stream, recycle_streams, short_gil_turns, side_streams
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
-from ._plane import fail_future, in_daemon_thread, settle_like
+from ._plane import Received, fail_future, in_daemon_thread, settle_like
 from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -1139,13 +1140,20 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        # Allocated on the copy stream: the allocator hands us only memory that stream may
-        # write now, and reuses it only after what that stream does with it (our copies).
         dev, stream = self._device, self._copy_stream
         if torch.cuda.current_device() == self._index:
-            # Switching the current stream by hand: torch.cuda.stream()'s context costs
-            # several times more, and set_stream is exact when the device is current.
             prev = current_stream(dev)
+            if prev.query():
+                # The current stream is idle: memory the allocator hands it is in use by none
+                # of its work, so our copy stream may write it at once. A caller receiving on
+                # this stream (as most do) then needs no record_stream (see Received). The
+                # tensors go to the caller only once the copy has run.
+                return self._post_target(Received(_empty_like_specs(specs, dev), prev), fut)
+            # Busy: allocated on the copy stream, not to wait for the caller's work. The
+            # allocator hands us only memory that stream may write now, and reuses it only
+            # after what that stream does with it (our copies). Switching the current stream
+            # by hand: torch.cuda.stream()'s context costs several times more, and
+            # set_stream is exact when the device is current.
             torch.cuda.set_stream(stream)
             try:
                 tensors = _empty_like_specs(specs, dev)

@@ -30,7 +30,7 @@ from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolErr
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._pipe_blocks import BlockExchange
-from ._plane import DataPlane
+from ._plane import DataPlane, Received
 from ._protocol import PipeProtocol, State
 from ._wire import Structure
 from .metrics import BreakCause, PipeMetrics
@@ -823,9 +823,12 @@ class Pipe:
             self._metrics.received(item.nbytes, perf_counter() - t0)
         if self._on_cuda and tensors:
             stream = current_stream(self.device)
-            for t in tensors:
-                # The allocator must not reuse this memory while the caller's stream uses it.
-                t.record_stream(stream)
+            home = tensors.stream if type(tensors) is Received else None
+            if home is not stream and home != stream:
+                for t in tensors:
+                    # The allocator must not reuse this memory while the caller's stream
+                    # uses it.
+                    t.record_stream(stream)
         if item.structure is Structure.TENSOR:
             return tensors[0]
         return rebuild(item.structure, item.specs, tensors)

@@ -81,6 +81,19 @@ class DeviceBytesPlane(DataPlane, Protocol):
         ...
 
 
+class Received(list[torch.Tensor]):
+    """A payload's tensors (what ``post_recv``'s future may yield) with the CUDA stream they
+    were allocated on. A caller who receives on that same stream needs no ``record_stream``,
+    which costs the caching allocator a CUDA event per tensor: recorded when the tensor is
+    freed, polled on the next allocation. A plain list means: allocated on another stream."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
+        super().__init__(tensors)
+        self.stream = stream
+
+
 #: Receive buffers up to this size are allocated on the event loop (from the allocators'
 #: caches, a few microseconds); larger ones in the plane's allocation thread.
 SYNC_ALLOC_BYTES: Final = 1 << 20

@@ -11,7 +11,8 @@ Commands (``name`` names one of this process's pipes):
   {"op": "echo", "name": n}                   receive and send back, until the pipe ends
   {"op": "sink", "name": n}                   receive and drop, until the pipe ends
   {"op": "stream", "name": n, "nbytes": b, "count": c} send c messages of b bytes (byte i of
-                                               message k is k % 251) → "streamed" or "failed"
+                                               message k is k % 251) → "streamed" or "failed";
+                                               with "keys": [...], message k has key keys[k]
   {"op": "serve", "name": n}                  a prefill: answer each request (a tensor
                                                [id, nbytes] with key "req") with nbytes of
                                                value id % 251 under key "r<id>"
@@ -85,11 +86,12 @@ class Peer:
         except aiokvpipe.PipeError as exc:
             say("sink_ended", name=name, error=type(exc).__name__)
 
-    async def stream(self, name: str, nbytes: int, count: int) -> None:
+    async def stream(self, name: str, nbytes: int, count: int,
+                     keys: list[str] | None = None) -> None:
         pipe = self.pipes[name]
         try:
             for k in range(count):
-                await pipe.send(payload(nbytes, k))
+                await pipe.send(payload(nbytes, k), keys[k] if keys else None)
             say("streamed", name=name)
         except aiokvpipe.PipeError as exc:
             say("failed", name=name, error=type(exc).__name__, at=time.monotonic())
@@ -170,7 +172,8 @@ async def main() -> None:
         elif op == "sink":
             peer.spawn(peer.sink(cmd["name"]))
         elif op == "stream":
-            peer.spawn(peer.stream(cmd["name"], int(cmd["nbytes"]), int(cmd["count"])))
+            peer.spawn(peer.stream(cmd["name"], int(cmd["nbytes"]), int(cmd["count"]),
+                                   cmd.get("keys")))
         elif op == "serve":
             peer.spawn(peer.serve(cmd["name"]))
         elif op == "requests":

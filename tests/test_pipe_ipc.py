@@ -170,6 +170,43 @@ async def test_auto_picks_ipc_between_processes_and_every_structure_round_trips(
         await close(pipe)
 
 
+#: GPU clock cycles of torch.cuda._sleep that keep a stream busy for ~0.2 s (at <= 2 GHz).
+BUSY_CYCLES = 400_000_000
+
+
+async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_for_it() -> None:
+    """A message that arrives while our current stream is idle is received into memory of
+    that stream's pool, and a recv() on the same stream skips record_stream. Claimed on
+    another stream, its memory must still not be reused while that stream reads it."""
+    async with peers(1) as (peer,):
+        pipe = await pipe_to(peer)
+        assert pipe.transport == "ipc"
+        n = 4 * MiB
+        torch.cuda.synchronize(DEV)  # our current (the default) stream is idle
+        await peer.do("stream", name="p", nbytes=n, count=2, keys=["first", "second"])
+        second = await asyncio.wait_for(pipe.recv("second"), 30)
+        consumer = torch.cuda.Stream(DEV)
+        with torch.cuda.stream(consumer):
+            # "first" came before "second" on the one wire: it waits, and is claimed here.
+            first = await asyncio.wait_for(pipe.recv("first"), 30)
+            torch.cuda._sleep(BUSY_CYCLES)  # the consumer is busy: the sum runs much later
+            total = first.sum(dtype=torch.int64)
+        where = first.data_ptr()
+        del first  # dropped at once, still to be read by `consumer`
+        # Allocations on the stream it arrived on: none may get its memory before the sum ran.
+        clobbers = []
+        for _ in range(32):
+            clobbers.append(torch.full((n,), 250, dtype=torch.uint8, device=DEV))
+            if clobbers[-1].data_ptr() == where:
+                break
+        reused = clobbers[-1].data_ptr() == where
+        consumer.synchronize()
+        assert int(total) == 0, (f"the message's memory was overwritten while a stream read "
+                                 f"it (reused by an allocation: {reused})")
+        assert bool((second == 1).all())
+        await close(pipe)
+
+
 async def test_auto_picks_tcp_within_one_process() -> None:
     # The listener cannot open a handle its own process exported: no ipc, and no failure.
     listener = await aiokvpipe.listen("127.0.0.1", 0, device=DEV)
