@@ -19,8 +19,8 @@ in a worker thread, never on the loop) and cached until the producer retires the
 ``COPY`` names data that is already final, so nothing on our stream waits for the peer's GPU
 work and a producer that dies cannot wedge it. The consumer copies on its own stream into
 fresh tensors (from the pool of the current stream if that is idle, so a caller on it needs
-no ``record_stream``; else from the copy stream's), records an event, completes the receive once the event fired (the tensors
-are then safe on any stream), and acks.
+no ``record_stream``; else from the copy stream's), records an event, completes the receive
+once the event fired (the tensors are then safe on any stream), and acks.
 
 Signalling runs over two connected sockets, one per direction, as the tcp plane's: the
 producer writes records and reads acks on its socket, the consumer the other way round.

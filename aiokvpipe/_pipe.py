@@ -823,8 +823,10 @@ class Pipe:
             self._metrics.received(item.nbytes, perf_counter() - t0)
         if self._on_cuda and tensors:
             stream = current_stream(self.device)
+            # (Not `home != stream` alone: torch's streams compare unequal to nothing, None
+            # included.)
             home = tensors.stream if type(tensors) is Received else None
-            if home is not stream and home != stream:
+            if home is None or (home is not stream and home != stream):
                 for t in tensors:
                     # The allocator must not reuse this memory while the caller's stream
                     # uses it.

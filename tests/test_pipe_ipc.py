@@ -193,14 +193,19 @@ async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_fo
             total = first.sum(dtype=torch.int64)
         where = first.data_ptr()
         del first  # dropped at once, still to be read by `consumer`
-        # Allocations on the stream it arrived on: none may get its memory before the sum ran.
+        # Allocations on the stream it arrived on (best fit: the smaller free blocks go
+        # first) until one overlaps its memory: none may, before the sum ran.
         clobbers = []
-        for _ in range(32):
+        reused = False
+        for _ in range(256):
             clobbers.append(torch.full((n,), 250, dtype=torch.uint8, device=DEV))
-            if clobbers[-1].data_ptr() == where:
+            at = clobbers[-1].data_ptr()
+            if at < where + n and where < at + n:
+                reused = True
                 break
-        reused = clobbers[-1].data_ptr() == where
+        busy = not consumer.query()
         consumer.synchronize()
+        assert busy, "the consumer's stream was idle already: the test proves nothing"
         assert int(total) == 0, (f"the message's memory was overwritten while a stream read "
                                  f"it (reused by an allocation: {reused})")
         assert bool((second == 1).all())
