@@ -182,30 +182,45 @@ async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_fo
         pipe = await pipe_to(peer)
         assert pipe.transport == "ipc"
         n = 4 * MiB
+        consumer = torch.cuda.Stream(DEV)
+        # Both streams' caches filled and the kernels used below loaded now: a cudaMalloc or
+        # a kernel's lazy loading while the consumer sleeps would wait for the whole device
+        # (both synchronise), and the test would prove nothing.
+        with torch.cuda.stream(consumer):
+            total = torch.zeros((), dtype=torch.int64, device=DEV)
+            total += torch.full((n,), 250, dtype=torch.uint8, device=DEV).sum(dtype=torch.int64)
+            total.zero_()
+        spare = [torch.empty(n, dtype=torch.uint8, device=DEV) for _ in range(40)]
+        del spare
         torch.cuda.synchronize(DEV)  # our current (the default) stream is idle
         await peer.do("stream", name="p", nbytes=n, count=2, keys=["first", "second"])
         second = await asyncio.wait_for(pipe.recv("second"), 30)
-        consumer = torch.cuda.Stream(DEV)
         with torch.cuda.stream(consumer):
-            # "first" came before "second" on the one wire: it waits, and is claimed here.
-            first = await asyncio.wait_for(pipe.recv("first"), 30)
-            torch.cuda._sleep(BUSY_CYCLES)  # the consumer is busy: the sum runs much later
-            total = first.sum(dtype=torch.int64)
+            # "first" came before "second" on the one wire: it waits, and recv() returns it
+            # without waiting (not through wait_for, whose task would hold the tensor).
+            first = await pipe.recv("first")
+            on_consumer = torch.cuda.current_stream(DEV) == consumer
+            t_sleep = time.perf_counter()
+            torch.cuda._sleep(5 * BUSY_CYCLES)  # the consumer is busy: the sum runs ~1 s later
+            total += first.sum(dtype=torch.int64)
         where = first.data_ptr()
         del first  # dropped at once, still to be read by `consumer`
         # Allocations on the stream it arrived on (best fit: the smaller free blocks go
         # first) until one overlaps its memory: none may, before the sum ran.
         clobbers = []
         reused = False
-        for _ in range(256):
+        for _ in range(32):  # from the spare blocks: no cudaMalloc
             clobbers.append(torch.full((n,), 250, dtype=torch.uint8, device=DEV))
             at = clobbers[-1].data_ptr()
             if at < where + n and where < at + n:
                 reused = True
                 break
         busy = not consumer.query()
+        t_query = time.perf_counter() - t_sleep
         consumer.synchronize()
-        assert busy, "the consumer's stream was idle already: the test proves nothing"
+        t_sync = time.perf_counter() - t_sleep
+        assert busy, ("the consumer's stream was idle already: the test proves nothing "
+                      f"{on_consumer=} {t_query=:.3f} {t_sync=:.3f} {reused=}")
         assert int(total) == 0, (f"the message's memory was overwritten while a stream read "
                                  f"it (reused by an allocation: {reused})")
         assert bool((second == 1).all())
