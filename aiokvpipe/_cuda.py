@@ -64,9 +64,10 @@ class EventPoller:
         """A future that completes once ``event`` has completed.
 
         ``keepalive`` (tensors, say) is referenced until then, so memory a stream still uses
-        is not freed under it. ``then(future)`` is called once it is done, as a done callback
-        would be, but on success from the poll itself: a loop iteration sooner than a done
-        callback, which asyncio schedules for the next one.
+        is not freed under it. ``then(future)`` is called exactly once: from the poll itself
+        when the event fired (a loop iteration sooner than a done callback, which asyncio
+        schedules for the next one), else scheduled once polling failed or was aborted. A
+        future its holder cancelled still gets its ``then``, at one of those moments.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -93,11 +94,12 @@ class EventPoller:
                         await asyncio.sleep(0)
                     else:
                         await asyncio.sleep(_SLEEP_GRANULARITY_S)
-                self._pending.popleft()
+                # Its `then` as it is now: fail_pending may have run it already meanwhile.
+                then = self._pending.popleft()[4]
                 if not fut.done():
                     fut.set_result(None)
-                    if then is not None:
-                        _call(then, fut)
+                if then is not None:  # also for a future its holder cancelled
+                    _call(then, fut)
         except Exception as exc:  # query() failed: nothing on this stream can be awaited
             self._task = None
             self.fail_pending(exc)
@@ -114,6 +116,8 @@ class EventPoller:
         self._error = exc
         for _, fut, _, _, then in self._pending:
             _fail(fut, exc, then)
+        # Polled on (the memory stays referenced), but each `then` ran once already.
+        self._pending = deque(entry[:4] + (None,) for entry in self._pending)
 
     def abort(self, exc: BaseException) -> None:
         """Stop polling; every pending and later future fails with ``exc``.
@@ -134,16 +138,19 @@ def _fail(fut: asyncio.Future[None], exc: BaseException,
     if not fut.done():
         fut.set_exception(fresh(exc))
         fut.exception()  # its waiter may be gone; do not warn about it
-        if then is not None:  # scheduled, as a done callback: failures come from abort paths
-            fut.get_loop().call_soon(then, fut)
+    if then is not None:  # scheduled, as a done callback: failures come from abort paths
+        fut.get_loop().call_soon(then, fut)
 
 
 def _call(then: Callable[[asyncio.Future[None]], object], fut: asyncio.Future[None]) -> None:
     """Run a ``then`` callback from the poll; its errors are the loop's to report, as a done
-    callback's would be, never the poller's (which would take them for a failed query)."""
+    callback's would be (asyncio's handles let only these two through), never the poller's,
+    which would take them for a failed query or die of them."""
     try:
         then(fut)
-    except Exception as exc:
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
         fut.get_loop().call_exception_handler({
             "message": "Exception in an event poller's callback", "exception": exc,
             "future": fut})

@@ -146,6 +146,19 @@ async def test_event_poller_fails_then_once_and_survives_a_then_that_raises() ->
         # The poller goes on: the next event completes, and the error went to the loop.
         assert await asyncio.wait_for(poller.watch(_Event(fires_after=1)), 5) is None
         assert reported == [boom]
+
+        def cancelling(_: asyncio.Future[None]) -> None:
+            raise asyncio.CancelledError  # a BaseException: must not end the poller either
+
+        poller.watch(_Event(fires_after=0), then=cancelling)
+        assert await asyncio.wait_for(poller.watch(_Event(fires_after=1)), 5) is None
+        assert len(reported) == 2 and isinstance(reported[1], asyncio.CancelledError)
+        # A future its holder cancelled still gets its then, once, when the event fires.
+        calls_of_cancelled: list[asyncio.Future[None]] = []
+        dropped = poller.watch(_Event(fires_after=2), then=calls_of_cancelled.append)
+        dropped.cancel()
+        assert await asyncio.wait_for(poller.watch(_Event(fires_after=0)), 5) is None
+        assert calls_of_cancelled == [dropped]
         # Failed pending watches get their then once (scheduled), never again on firing.
         calls: list[asyncio.Future[None]] = []
         event = _Event(fires_after=None)
@@ -161,6 +174,15 @@ async def test_event_poller_fails_then_once_and_survives_a_then_that_raises() ->
         later = poller.watch(_Event(fires_after=0), then=calls.append)
         await asyncio.sleep(0)
         assert calls == [fut, later] and later.exception() is not None
+        # Aborted: a pending watch's then runs once, with the abort's error.
+        aborted_calls: list[asyncio.Future[None]] = []
+        other = EventPoller()
+        pending = other.watch(_Event(fires_after=None), then=aborted_calls.append)
+        other.abort(RuntimeError("aborted"))
+        await asyncio.sleep(0)
+        assert aborted_calls == [pending]
+        with pytest.raises(RuntimeError, match="aborted"):
+            pending.result()
         poller.abort(RuntimeError("aborted"))
     finally:
         loop.set_exception_handler(None)
