@@ -20,7 +20,8 @@ in a worker thread, never on the loop) and cached until the producer retires the
 work and a producer that dies cannot wedge it. The consumer copies on its own stream into
 fresh tensors (from the pool of the current stream if that is idle, so a caller on it needs
 no ``record_stream``; else from the copy stream's), records an event, completes the receive
-once the event fired (the tensors are then safe on any stream), and acks.
+once the event fired (the copy is then complete; the pipe keeps the tensors for the
+caller's stream), and acks.
 
 Signalling runs over two connected sockets, one per direction, as the tcp plane's: the
 producer writes records and reads acks on its socket, the consumer the other way round.
@@ -651,11 +652,14 @@ class _Mapping:
 class _Target:
     """One posted receive: the tensors and how many of their bytes were copied."""
 
-    __slots__ = ("tensors", "chunks", "index", "offset", "remaining", "future")
+    __slots__ = ("tensors", "chunks", "index", "offset", "remaining", "future", "after")
 
     def __init__(self, tensors: list[torch.Tensor],
-                 future: asyncio.Future[list[torch.Tensor]]) -> None:
+                 future: asyncio.Future[list[torch.Tensor]],
+                 after: torch.cuda.Event | None = None) -> None:
         self.tensors = tensors
+        #: the copy stream waits for this before its first copy into the tensors
+        self.after = after
         self.chunks = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors
                        if t.numel()]
         self.index = 0
@@ -1143,12 +1147,16 @@ class IpcPlane:
         dev, stream = self._device, self._copy_stream
         if torch.cuda.current_device() == self._index:
             prev = current_stream(dev)
+            tensors = _empty_like_specs(specs, dev)
             if prev.query():
-                # The current stream is idle: memory the allocator hands it is in use by none
-                # of its work, so our copy stream may write it at once. A caller receiving on
-                # this stream (as most do) then needs no record_stream (see Received). The
-                # tensors go to the caller only once the copy has run.
-                return self._post_target(Received(_empty_like_specs(specs, dev), prev), fut)
+                # Idle after the allocation: the work that used this memory before it was
+                # freed was queued before that, and has run, so our copy stream may write it
+                # at once. (Checked after, not before: another thread may queue work and
+                # free memory in between.) A caller receiving on this stream (as most do)
+                # then needs no record_stream (see Received). The tensors go to the caller
+                # only once the copy has run.
+                return self._post_target(Received(tensors, prev), fut)
+            del tensors  # never written: back to that stream's pool at once
             # Busy: allocated on the copy stream, not to wait for the caller's work. The
             # allocator hands us only memory that stream may write now, and reuses it only
             # after what that stream does with it (our copies). Switching the current stream
@@ -1166,17 +1174,26 @@ class IpcPlane:
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
         """Receive the next message into ``tensors`` (contiguous, on the plane's device: a
-        block transfer's staging), in order with :meth:`post_recv`."""
+        block transfer's staging), in order with :meth:`post_recv`. The copy into them
+        waits for the work queued so far on the current stream: they may come from its
+        pool, in memory its pending work still uses."""
         fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        return self._post_target(list(tensors), fut)
+        caller = (current_stream(self._device) if torch.cuda.current_device() == self._index
+                  else torch.cuda.current_stream(self._device))
+        after = None
+        if not caller.query():
+            after = torch.cuda.Event()
+            after.record(caller)
+        return self._post_target(list(tensors), fut, after)
 
     def _post_target(self, tensors: list[torch.Tensor],
-                     fut: asyncio.Future[list[torch.Tensor]]
+                     fut: asyncio.Future[list[torch.Tensor]],
+                     after: torch.cuda.Event | None = None
                      ) -> asyncio.Future[list[torch.Tensor]]:
-        target = _Target(tensors, fut)
+        target = _Target(tensors, fut, after)
         if not target.remaining:
             fut.set_result(tensors)
             return fut
@@ -1356,16 +1373,24 @@ class IpcPlane:
     def _enqueue(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target) -> None:
         stream = self._copy_stream
         handle = stream.cuda_stream
-        with self._guard():
-            self._copy_pieces(rec, maps, target, handle)
-        done = self._events.get()
-        done.record(stream)
-        self._copying += 1
-        # The poller sleeps until an op of this size could have ended at 500 GB/s; a copy
-        # within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep the copy.
-        self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors,
-                                then=functools.partial(self._copied, rec, maps, done,
-                                                       target if rec.last else None))
+        try:
+            with self._guard():
+                if target.after is not None:  # its memory's earlier users (post_recv_into)
+                    stream.wait_event(target.after)
+                    target.after = None
+                self._copy_pieces(rec, maps, target, handle)
+        finally:
+            # Also when a copy failed part-way: those enqueued may still run, and the
+            # target's memory (another stream's, maybe) must stay ours until the plane's
+            # release has waited for this stream.
+            done = self._events.get()
+            done.record(stream)
+            self._copying += 1
+            # The poller sleeps until an op of this size could have ended at 500 GB/s; a
+            # copy within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep it.
+            self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors,
+                                    then=functools.partial(self._copied, rec, maps, done,
+                                                           target if rec.last else None))
 
     @staticmethod
     def _copy_pieces(rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target,

@@ -206,7 +206,8 @@ class _Op:
 
     #: Its buffers: None while they are allocated in the worker thread.
     tensors: list[torch.Tensor] | None
-    #: The caller's stream at post time (sends): the op waits for it on the lane's stream.
+    #: The caller's stream at post time (sends, receives into given tensors): the op waits
+    #: for it on the lane's stream.
     after: torch.cuda.Event | None
     done: asyncio.Future[None]
     keepalive: object = None
@@ -438,7 +439,12 @@ class NcclPlane:
         if failed is not None:
             done.set_exception(fresh(failed))
             return done
-        self._recv.submit(_Op(list(tensors), None, done))
+        # They may come from the current stream's pool, in memory its pending work still
+        # uses: NCCL writes them after that work.
+        with torch.cuda.device(self._device):
+            after = torch.cuda.Event()
+            after.record(current_stream(self._device))
+        self._recv.submit(_Op(list(tensors), after, done))
         return done
 
     def _allocate(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:

@@ -77,7 +77,9 @@ class DeviceBytesPlane(DataPlane, Protocol):
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
         """Receive the next payload into ``tensors`` (on the plane's device), in order with
-        :meth:`post_recv`."""
+        :meth:`post_recv`. The plane writes them only after the work queued so far on the
+        caller's current stream (they may be memory that work still uses, freed to that
+        stream's pool)."""
         ...
 
 
@@ -85,7 +87,8 @@ class Received(list[torch.Tensor]):
     """A payload's tensors (what ``post_recv``'s future may yield) with the CUDA stream they
     were allocated on. A caller who receives on that same stream needs no ``record_stream``,
     which costs the caching allocator a CUDA event per tensor: recorded when the tensor is
-    freed, polled on the next allocation. A plain list means: allocated on another stream."""
+    freed, polled on the next allocation. A plain list vouches for no stream: the pipe keeps
+    its tensors for the caller's stream (``record_stream``) whatever it is."""
 
     __slots__ = ("stream",)
 

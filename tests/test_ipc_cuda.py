@@ -211,6 +211,26 @@ async def test_the_copy_waits_for_the_producers_pending_kernels_both_ways() -> N
         assert (await peer.expect("checked"))["ok"] is True
 
 
+async def test_a_receive_into_given_memory_waits_for_the_callers_pending_work() -> None:
+    """A block transfer's staging buffer comes from the caller's stream's pool, where work
+    still queued may use that memory: the copy into it must come after that work."""
+    async with pair() as (local, peer):
+        assert local.plane is not None
+        buf = torch.zeros(1 << 20, dtype=torch.int32, device=DEV)
+        torch.cuda._sleep(1)  # its kernel loaded now (a lazy load would synchronise)
+        torch.cuda.synchronize(DEV)
+        torch.cuda._sleep(SLEEP_1S)  # a second of the caller's own work, then it writes 9
+        buf.fill_(9)
+        got = local.plane.post_recv_into([buf])
+        await peer.do("send", specs=raw(buf), fill=7)
+        await asyncio.wait_for(got, 30)
+        await peer.expect("posted")
+        await peer.expect("sent")
+        torch.cuda.synchronize(DEV)
+        assert int(buf.min()) == int(buf.max()) == 7, ("the copy was overwritten by work "
+                                                       "queued before it on our stream")
+
+
 async def test_expandable_segments_fall_back_to_the_staging_ring() -> None:
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     async with pair(peer_env=env) as (local, peer):

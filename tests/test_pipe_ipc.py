@@ -29,6 +29,7 @@ from jsonpeer import JsonPeerProcess
 import aiokvpipe
 from aiokvpipe import BrokenPipe
 from aiokvpipe._ipc_plane import ipc_info
+from aiokvpipe._plane import Received
 
 pytestmark = [
     pytest.mark.cuda,
@@ -174,13 +175,26 @@ async def test_auto_picks_ipc_between_processes_and_every_structure_round_trips(
 BUSY_CYCLES = 400_000_000
 
 
-async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_for_it() -> None:
+async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_for_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A message that arrives while our current stream is idle is received into memory of
     that stream's pool, and a recv() on the same stream skips record_stream. Claimed on
     another stream, its memory must still not be reused while that stream reads it."""
     async with peers(1) as (peer,):
         pipe = await pipe_to(peer)
         assert pipe.transport == "ipc"
+        # Which receives took the path under test (memory of the idle default stream).
+        on_default: list[bool] = []
+        post_recv = pipe._plane.post_recv
+
+        def spy(specs: Any) -> Any:
+            fut = post_recv(specs)
+            default = torch.cuda.default_stream(DEV)
+            fut.add_done_callback(lambda f: on_default.append(
+                type(f.result()) is Received and f.result().stream == default))
+            return fut
+
+        monkeypatch.setattr(pipe._plane, "post_recv", spy)
         n = 4 * MiB
         consumer = torch.cuda.Stream(DEV)
         # Both streams' caches filled and the kernels used below loaded now: a cudaMalloc or
@@ -195,6 +209,7 @@ async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_fo
         torch.cuda.synchronize(DEV)  # our current (the default) stream is idle
         await peer.do("stream", name="p", nbytes=n, count=2, keys=["first", "second"])
         second = await asyncio.wait_for(pipe.recv("second"), 30)
+        assert on_default == [True, True], "the messages did not take the path under test"
         with torch.cuda.stream(consumer):
             # "first" came before "second" on the one wire: it waits, and recv() returns it
             # without waiting (not through wait_for, whose task would hold the tensor).

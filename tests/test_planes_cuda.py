@@ -64,6 +64,56 @@ async def test_nccl_abort_waits_for_the_planes_streams_not_the_whole_device(
 DEV = torch.device("cuda", 0)
 
 
+class _WritingNccl:
+    """NCCL at its narrowest seam: a receive writes ``value`` into its buffer on the stream it
+    is given, as NCCL's kernel would (two real ranks need two processes, and what is under
+    test is only the order of that write on the plane's stream)."""
+
+    def __init__(self, buf: torch.Tensor, value: int) -> None:
+        self.buf, self.value = buf, value
+
+    def group_start(self) -> int:
+        return 0
+
+    def group_end(self) -> int:
+        return 0
+
+    def recv(self, ptr: int, nbytes: int, peer: int, comm: int, stream: int) -> int:
+        assert ptr == self.buf.data_ptr()
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=DEV)):
+            self.buf.fill_(self.value)
+        return 0
+
+    def abort(self, comm: int) -> int:
+        return 0
+
+
+async def test_nccl_receives_into_given_memory_after_the_callers_pending_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block transfer's staging buffer comes from the caller's stream's pool, where work
+    still queued may use that memory: the plane's write must come after it."""
+    monkeypatch.setattr(_cuda, "_SPARE", {})  # torch's streams below must not be kept as spare
+    buf = torch.zeros(1 << 20, dtype=torch.int32, device=DEV)
+    torch.cuda._sleep(1)  # its kernel loaded now (a lazy load would synchronise the device)
+    torch.cuda.synchronize(DEV)
+    lost: list[BaseException] = []
+    plane = NcclPlane(_WritingNccl(buf, 7), 1, 2, DEV, lost.append,  # type: ignore[arg-type]
+                      [torch.cuda.Stream(), torch.cuda.Stream()])
+    try:
+        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of the caller's own work, then it writes 9
+        buf.fill_(9)
+        await asyncio.wait_for(plane.post_recv_into([buf]), 30)
+        torch.cuda.synchronize(DEV)
+        assert int(buf.min()) == int(buf.max()) == 7, "the receive was overwritten by work " \
+            "queued before it on the caller's stream"
+        assert not lost
+    finally:
+        before = set(threading.enumerate())
+        plane.abort(RuntimeError("test over"))
+        for t in set(threading.enumerate()) - before:  # its streams back before _SPARE is
+            t.join(10)
+
+
 def test_current_stream_is_torchs_current_stream() -> None:
     side = torch.cuda.Stream(DEV)
     external = torch.cuda.ExternalStream(torch.cuda.Stream(DEV).cuda_stream, device=DEV)
