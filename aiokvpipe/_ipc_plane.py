@@ -1147,16 +1147,17 @@ class IpcPlane:
         dev, stream = self._device, self._copy_stream
         if torch.cuda.current_device() == self._index:
             prev = current_stream(dev)
-            tensors = _empty_like_specs(specs, dev)
             if prev.query():
-                # Idle after the allocation: the work that used this memory before it was
-                # freed was queued before that, and has run, so our copy stream may write it
-                # at once. (Checked after, not before: another thread may queue work and
-                # free memory in between.) A caller receiving on this stream (as most do)
-                # then needs no record_stream (see Received). The tensors go to the caller
-                # only once the copy has run.
-                return self._post_target(Received(tensors, prev), fut)
-            del tensors  # never written: back to that stream's pool at once
+                tensors = _empty_like_specs(specs, dev)
+                if prev.query():
+                    # Idle after the allocation: the work that used this memory before it
+                    # was freed was queued before that, and has run, so our copy stream may
+                    # write it at once. (Checked again after: another thread may queue work
+                    # and free memory in between.) A caller receiving on this stream (as
+                    # most do) then needs no record_stream (see Received). The tensors go to
+                    # the caller only once the copy has run.
+                    return self._post_target(Received(tensors, prev), fut)
+                del tensors  # never written: back to that stream's pool at once
             # Busy: allocated on the copy stream, not to wait for the caller's work. The
             # allocator hands us only memory that stream may write now, and reuses it only
             # after what that stream does with it (our copies). Switching the current stream
@@ -1181,9 +1182,10 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        caller = (current_stream(self._device) if torch.cuda.current_device() == self._index
-                  else torch.cuda.current_stream(self._device))
+        caller = current_stream(self._device)
         after = None
+        # (While that work runs, this and every later copy wait: a busy caller's stream holds
+        # staged block transfers up, as it holds up sends.)
         if not caller.query():
             after = torch.cuda.Event()
             after.record(caller)
@@ -1379,18 +1381,29 @@ class IpcPlane:
                     stream.wait_event(target.after)
                     target.after = None
                 self._copy_pieces(rec, maps, target, handle)
-        finally:
-            # Also when a copy failed part-way: those enqueued may still run, and the
-            # target's memory (another stream's, maybe) must stay ours until the plane's
-            # release has waited for this stream.
-            done = self._events.get()
-            done.record(stream)
-            self._copying += 1
-            # The poller sleeps until an op of this size could have ended at 500 GB/s; a
-            # copy within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep it.
-            self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors,
-                                    then=functools.partial(self._copied, rec, maps, done,
-                                                           target if rec.last else None))
+        except BaseException as exc:
+            # A copy failed part-way: the target is never delivered, half copied. Those
+            # enqueued may still run, and its memory (another stream's pool, maybe) must
+            # stay ours until the plane's release has waited for this stream.
+            fail_future(target.future, exc)
+            try:
+                self._watch_copy(rec, maps, target)
+            except Exception as err:  # a broken context: the copy's error is what counts
+                log.debug("ipc plane: recording a failed copy's event: %r", err)
+            raise
+        self._watch_copy(rec, maps, target)
+
+    def _watch_copy(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target
+                    ) -> None:
+        stream = self._copy_stream
+        done = self._events.get()
+        done.record(stream)
+        self._copying += 1
+        # The poller sleeps until an op of this size could have ended at 500 GB/s; a copy
+        # within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep the copy.
+        self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors,
+                                then=functools.partial(self._copied, rec, maps, done,
+                                                       target if rec.last else None))
 
     @staticmethod
     def _copy_pieces(rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target,

@@ -432,7 +432,8 @@ class NcclPlane:
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
         """Receive the next payload into ``tensors`` (contiguous, on the plane's device; a
-        block transfer's staging buffer): in posting order with :meth:`post_recv`."""
+        block transfer's staging buffer): in posting order with :meth:`post_recv`. NCCL
+        writes them after the work queued so far on the current stream."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         failed = self._error or self._recv.error
@@ -440,10 +441,14 @@ class NcclPlane:
             done.set_exception(fresh(failed))
             return done
         # They may come from the current stream's pool, in memory its pending work still
-        # uses: NCCL writes them after that work.
-        with torch.cuda.device(self._device):
-            after = torch.cuda.Event()
-            after.record(current_stream(self._device))
+        # uses: NCCL writes them after that work (which holds this and later receives up,
+        # as a busy caller's stream holds up sends).
+        after = None
+        caller = current_stream(self._device)
+        if not caller.query():
+            with torch.cuda.device(self._device):
+                after = torch.cuda.Event()
+                after.record(caller)
         self._recv.submit(_Op(list(tensors), after, done))
         return done
 

@@ -215,14 +215,31 @@ async def test_a_receive_into_given_memory_waits_for_the_callers_pending_work() 
     """A block transfer's staging buffer comes from the caller's stream's pool, where work
     still queued may use that memory: the copy into it must come after that work."""
     async with pair() as (local, peer):
-        assert local.plane is not None
+        plane = local.plane
+        assert plane is not None
         buf = torch.zeros(1 << 20, dtype=torch.int32, device=DEV)
-        torch.cuda._sleep(1)  # its kernel loaded now (a lazy load would synchronise)
+        # One receive first: the peer's memory mapped and every kernel and copy path loaded
+        # now (a mapping or a lazy load while our stream sleeps would synchronise it).
+        torch.cuda._sleep(1)
+        warm = plane.post_recv_into([buf])
+        await peer.do("send", specs=raw(buf), fill=5)
+        await asyncio.wait_for(warm, 30)
+        await peer.expect("posted")
+        await peer.expect("sent")
         torch.cuda.synchronize(DEV)
+        mapped = len(plane._mappings)
         torch.cuda._sleep(SLEEP_1S)  # a second of the caller's own work, then it writes 9
         buf.fill_(9)
-        got = local.plane.post_recv_into([buf])
+        got = plane.post_recv_into([buf])
         await peer.do("send", specs=raw(buf), fill=7)
+
+        async def enqueued() -> None:  # the peer's record came, and the copy is enqueued
+            while plane._targets:
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(enqueued(), 30)
+        assert not torch.cuda.current_stream(DEV).query(), "too late: the test proves nothing"
+        assert len(plane._mappings) == mapped  # nothing new mapped while our stream slept
         await asyncio.wait_for(got, 30)
         await peer.expect("posted")
         await peer.expect("sent")

@@ -191,7 +191,8 @@ async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_fo
             fut = post_recv(specs)
             default = torch.cuda.default_stream(DEV)
             fut.add_done_callback(lambda f: on_default.append(
-                type(f.result()) is Received and f.result().stream == default))
+                f.exception() is None and type(f.result()) is Received
+                and f.result().stream == default))
             return fut
 
         monkeypatch.setattr(pipe._plane, "post_recv", spy)

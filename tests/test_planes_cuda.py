@@ -102,7 +102,9 @@ async def test_nccl_receives_into_given_memory_after_the_callers_pending_work(
     try:
         torch.cuda._sleep(1_000_000_000)  # ~0.5 s of the caller's own work, then it writes 9
         buf.fill_(9)
-        await asyncio.wait_for(plane.post_recv_into([buf]), 30)
+        received = plane.post_recv_into([buf])  # enqueued at once (the stand-in's write too)
+        assert not torch.cuda.current_stream(DEV).query(), "too short: the test proves nothing"
+        await asyncio.wait_for(received, 30)
         torch.cuda.synchronize(DEV)
         assert int(buf.min()) == int(buf.max()) == 7, "the receive was overwritten by work " \
             "queued before it on the caller's stream"
