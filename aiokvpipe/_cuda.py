@@ -185,6 +185,18 @@ def current_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def after_pending_work(device: torch.device) -> torch.cuda.Event | None:
+    """An event recorded after the work queued so far on ``device``'s current stream, for a
+    plane's stream to wait on before it writes memory that work may still use (memory
+    freed to that stream's pool and handed out again); ``None`` when the stream is idle."""
+    caller = current_stream(device)
+    if caller.query():
+        return None
+    event = torch.cuda.Event()
+    event.record(caller)  # on the stream's own device (torch guards it)
+    return event
+
+
 #: Side streams no plane holds, per device index, idle: their last owner waited for them.
 #: Streams made by :func:`side_streams` are never destroyed but kept here for the next
 #: plane, so a process makes only as many as it once had planes open at the same time.

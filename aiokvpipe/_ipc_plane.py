@@ -58,7 +58,14 @@ from typing import Any, Final, Literal, NamedTuple
 import torch
 
 from . import _cudaipc
-from ._cuda import EventPoller, current_stream, recycle_streams, short_gil_turns, side_streams
+from ._cuda import (
+    EventPoller,
+    after_pending_work,
+    current_stream,
+    recycle_streams,
+    short_gil_turns,
+    side_streams,
+)
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
 from ._plane import Received, fail_future, in_daemon_thread, settle_like
@@ -1182,14 +1189,9 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        caller = current_stream(self._device)
-        after = None
         # (While that work runs, this and every later copy wait: a busy caller's stream holds
         # staged block transfers up, as it holds up sends.)
-        if not caller.query():
-            after = torch.cuda.Event()
-            after.record(caller)
-        return self._post_target(list(tensors), fut, after)
+        return self._post_target(list(tensors), fut, after_pending_work(self._device))
 
     def _post_target(self, tensors: list[torch.Tensor],
                      fut: asyncio.Future[list[torch.Tensor]],

@@ -34,6 +34,7 @@ import torch
 from . import _nccl_lib
 from ._cuda import (
     EventPoller,
+    after_pending_work,
     current_stream,
     recycle_streams,
     side_streams,
@@ -443,13 +444,7 @@ class NcclPlane:
         # They may come from the current stream's pool, in memory its pending work still
         # uses: NCCL writes them after that work (which holds this and later receives up,
         # as a busy caller's stream holds up sends).
-        after = None
-        caller = current_stream(self._device)
-        if not caller.query():
-            with torch.cuda.device(self._device):
-                after = torch.cuda.Event()
-                after.record(caller)
-        self._recv.submit(_Op(list(tensors), after, done))
+        self._recv.submit(_Op(list(tensors), after_pending_work(self._device), done))
         return done
 
     def _allocate(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
