@@ -6,7 +6,7 @@ parent merges them per round and prints, for each step in order, the median offs
 round's start and how many times it ran per round. For streams of large messages it prints
 the median gap between steps of one message and how busy the copy stream was.
 
-    python benchmarks/ipc_trace.py [--sizes 4K,16M,256M] [--rounds 500] [--blocks]
+    python benchmarks/ipc_trace.py [--sizes 4K,16M,256M] [--rounds 500] [--blocks] [--reply none]
 
 ``IPC_TRACE_PLAIN=1``: plain timings without the wrappers; ``IPC_TRACE_PROFILE=DIR``: cProfile
 of both ends, written to DIR.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import aiokvpipe  # noqa: E402
-from aiokvpipe import _control, _ipc_plane, _pipe  # noqa: E402
+from aiokvpipe import _control, _cuda, _cudaipc, _ipc_plane, _pipe  # noqa: E402
 
 EVENTS: list[tuple[str, int]] = []
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -85,6 +85,10 @@ def instrument() -> None:
     _wrap(_ipc_plane._Channel, "data_received", "ipcsock.data_received")
     _wrap(torch.cuda.Event, "query", "Event.query")
     _wrap(torch.cuda.Stream, "query", "Stream.query")
+    _wrap(_ipc_plane, "_empty_like_specs", "empty")
+    _wrap(_cudaipc, "copy_async", "copy_async")
+    _wrap(_cuda.EventPoller, "watch")
+    _wrap(_cuda.EventPoller, "_run")
 
 
 def kv_pool() -> aiokvpipe.BlockPool:
@@ -123,6 +127,10 @@ async def child(port: int) -> None:
         if op == 1:
             for _ in range(n):
                 await pipe.send(await pipe.recv())
+        elif op == 4:  # the answer without payload, as the bench's lat1
+            for _ in range(n):
+                await pipe.recv()
+                await pipe.send(None, "pong")
         elif op == 3:  # block transfers into a pool like the parent's
             pool = kv_pool()
             ids = torch.randperm(pool.num_blocks)[:256].tolist()
@@ -221,13 +229,14 @@ async def parent(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
             if size <= 1 << 20:
                 n = args.rounds
-                await pipe.send(torch.tensor([1, n + 20], device=dev), "cmd")
+                lat1 = args.reply == "none"
+                await pipe.send(torch.tensor([4 if lat1 else 1, n + 20], device=dev), "cmd")
                 EVENTS.clear()
                 rts = []
                 for _ in range(n + 20):
                     t0 = time.perf_counter()
                     await pipe.send(x)
-                    await pipe.recv()
+                    await pipe.recv("pong" if lat1 else None)
                     rts.append(time.perf_counter() - t0)
                 mine = list(EVENTS)
                 theirs = json.loads(bytes((await pipe.recv("events")).tolist()))
@@ -264,6 +273,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="4K,16M,256M")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--blocks", action="store_true", help="also time block transfers")
+    ap.add_argument("--reply", choices=("echo", "none"), default="echo",
+                    help="small sizes: the child echoes the message, or answers without "
+                         "payload (the bench's lat1)")
     ap.add_argument("--child", type=int)
     args = ap.parse_args()
     torch.cuda.set_device(0)

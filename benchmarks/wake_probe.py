@@ -3,6 +3,7 @@
 For a tiny op (a 4 KiB copy) and a large one (a 256 MiB copy) on a side stream, the time from
 the launch to the loop running the completion, and the CPU time spent, per way of waiting:
 
+- spin: ``event.query()`` in a tight loop, the loop blocked (the floor);
 - poll: ``event.query()`` on every loop iteration (``asyncio.sleep(0)``);
 - thread-spin / thread-block: a worker thread in ``event.synchronize()`` (a spinning or a
   blocking-sync event), then ``loop.call_soon_threadsafe``;
@@ -58,6 +59,11 @@ def main() -> None:
                 ev.record(stream)
                 while not ev.query():
                     await asyncio.sleep(0)
+            elif way == "spin":  # no loop iteration between the launch and the completion
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                while not ev.query():
+                    pass
             elif way.startswith("thread"):
                 ev = torch.cuda.Event(blocking=way == "thread-block")
                 ev.record(stream)
@@ -82,7 +88,7 @@ def main() -> None:
                 base.append(time.perf_counter() - t0)
             base.sort()
             print(f"{'synchronize':<14} {n:>8} {base[100] * 1e6:>8.1f} {base[198] * 1e6:>8.1f}")
-            for way in ("poll", "thread-spin", "thread-block", "hostfunc"):
+            for way in ("spin", "poll", "thread-spin", "thread-block", "hostfunc"):
                 for _ in range(20):
                     await once(way, n)
                 c0 = time.process_time()
