@@ -51,11 +51,36 @@ def parse_size(text: str) -> int:
 # -- consumer (child process) --------------------------------------------------------------------
 
 
-class Consumer(asyncio.Protocol):
+class Words(asyncio.Protocol):
+    """A connection carrying 8-byte words: ``word`` is called for each, ``words_done`` after
+    each read."""
+
+    buf = bytearray()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        pos = 0
+        while len(self.buf) - pos >= 8:
+            self.word(U64.unpack_from(self.buf, pos)[0])
+            pos += 8
+        del self.buf[:pos]
+        self.words_done()
+
+    def word(self, value: int) -> None:
+        raise NotImplementedError
+
+    def words_done(self) -> None:
+        pass
+
+
+class Consumer(Words):
     def __init__(self, base: int, stream: torch.cuda.Stream, answer_from_task: bool) -> None:
         self.base, self.stream, self.handle = base, stream, stream.cuda_stream
         self.answer_from_task = answer_from_task
-        self.buf = bytearray()
         self.copying: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()
         self.events: list[torch.cuda.Event] = []
         self.waiters: deque[asyncio.Future[torch.Tensor]] = deque()
@@ -64,24 +89,17 @@ class Consumer(asyncio.Protocol):
         self.done = asyncio.get_running_loop().create_future()
         self.loop = asyncio.get_running_loop()
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+    def word(self, n: int) -> None:
+        if n == 0:
+            self.done.set_result(None)
+            return
+        t = torch.empty(n, dtype=torch.uint8, device=DEV)  # the idle current stream's
+        _cudaipc.copy_async(t.data_ptr(), self.base, n, self.handle)
+        ev = self.events.pop() if self.events else torch.cuda.Event()
+        ev.record(self.stream)
+        self.copying.append((ev, t))
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        pos = 0
-        while len(self.buf) - pos >= 8:
-            (n,) = U64.unpack_from(self.buf, pos)
-            pos += 8
-            if n == 0:
-                self.done.set_result(None)
-                continue
-            t = torch.empty(n, dtype=torch.uint8, device=DEV)  # the idle current stream's
-            _cudaipc.copy_async(t.data_ptr(), self.base, n, self.handle)
-            ev = self.events.pop() if self.events else torch.cuda.Event()
-            ev.record(self.stream)
-            self.copying.append((ev, t))
-        del self.buf[:pos]
+    def words_done(self) -> None:
         if self.copying and not self.polling:
             self.polling = True
             self.loop.call_soon(self.poll)
@@ -161,23 +179,13 @@ def child(port: int, kind: str) -> None:
 # -- producer (parent) ---------------------------------------------------------------------------
 
 
-class Producer(asyncio.Protocol):
+class Producer(Words):
     def __init__(self) -> None:
         self.pending: deque[asyncio.Future[None]] = deque()
-        self.buf = bytearray()
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        pos = 0
-        while len(self.buf) - pos >= 8:
-            (acks,) = U64.unpack_from(self.buf, pos)
-            pos += 8
-            for _ in range(acks):
-                self.pending.popleft().set_result(None)
-        del self.buf[:pos]
+    def word(self, acks: int) -> None:
+        for _ in range(acks):
+            self.pending.popleft().set_result(None)
 
     def send(self, n: int) -> asyncio.Future[None]:
         fut = asyncio.get_running_loop().create_future()
