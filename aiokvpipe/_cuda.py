@@ -20,7 +20,6 @@ from typing import Any, Final, Protocol
 import torch
 
 from ._errors import fresh
-from ._plane import call_then
 
 log = logging.getLogger("aiokvpipe")
 
@@ -100,7 +99,7 @@ class EventPoller:
                 if not fut.done():
                     fut.set_result(None)
                 if then is not None:  # also for a future its holder cancelled
-                    call_then(then, fut)
+                    _call(then, fut)
         except Exception as exc:  # query() failed: nothing on this stream can be awaited
             self._task = None
             self.fail_pending(exc)
@@ -141,6 +140,20 @@ def _fail(fut: asyncio.Future[None], exc: BaseException,
         fut.exception()  # its waiter may be gone; do not warn about it
     if then is not None:  # scheduled, as a done callback: failures come from abort paths
         fut.get_loop().call_soon(then, fut)
+
+
+def _call(then: Callable[[asyncio.Future[None]], object], fut: asyncio.Future[None]) -> None:
+    """Run a ``then`` callback from the poll; its errors are the loop's to report, as a done
+    callback's would be (asyncio's handles let only these two through), never the poller's,
+    which would take them for a failed query or die of them."""
+    try:
+        then(fut)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        fut.get_loop().call_exception_handler({
+            "message": "Exception in an event poller's callback", "exception": exc,
+            "future": fut})
 
 
 #: Stream objects by (stream id, device index): what :func:`current_stream` hands out.

@@ -68,15 +68,7 @@ from ._cuda import (
 )
 from ._dtypes import dtype_of
 from ._errors import PipeError, ProtocolError, fresh
-from ._plane import (
-    Received,
-    Then,
-    complete_now,
-    fail_future,
-    in_daemon_thread,
-    settle_like,
-    then_later,
-)
+from ._plane import Received, fail_future, in_daemon_thread, settle_like
 from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -634,17 +626,14 @@ class _Part(NamedTuple):
 class _Job:
     """One posted send: its parts, how far they were described, its completion."""
 
-    __slots__ = ("parts", "index", "offset", "future", "then", "ready", "is_ready",
-                 "keepalive")
+    __slots__ = ("parts", "index", "offset", "future", "ready", "is_ready", "keepalive")
 
     def __init__(self, parts: list[_Part], future: asyncio.Future[None],
-                 ready: torch.cuda.Event | None, keepalive: object,
-                 then: Then | None = None) -> None:
+                 ready: torch.cuda.Event | None, keepalive: object) -> None:
         self.parts = parts
         self.index = 0
         self.offset = 0
         self.future = future
-        self.then = then
         self.ready = ready  # recorded on the caller's stream at post time; None: idle then
         self.is_ready = ready is None
         self.keepalive = keepalive
@@ -670,14 +659,12 @@ class _Mapping:
 class _Target:
     """One posted receive: the tensors and how many of their bytes were copied."""
 
-    __slots__ = ("tensors", "chunks", "index", "offset", "remaining", "future", "then",
-                 "after")
+    __slots__ = ("tensors", "chunks", "index", "offset", "remaining", "future", "after")
 
     def __init__(self, tensors: list[torch.Tensor],
                  future: asyncio.Future[list[torch.Tensor]],
-                 after: torch.cuda.Event | None = None, then: Then | None = None) -> None:
+                 after: torch.cuda.Event | None = None) -> None:
         self.tensors = tensors
-        self.then = then
         #: the copy stream waits for this before its first copy into the tensors
         self.after = after
         self.chunks = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors
@@ -845,14 +832,11 @@ class IpcPlane:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def post_send(self, tensors: Sequence[torch.Tensor], then: Then | None = None
-                  ) -> asyncio.Future[None]:
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
         """Queue a message's payload. Stream-ordered: the peer copies what the caller's
         current stream will have written. The future completes once the peer has copied
-        everything (the tensors may then be reused) and fails if the plane breaks; ``then``
-        runs from the peer's acknowledgement itself (see :func:`complete_now`)."""
+        everything (the tensors may then be reused) and fails if the plane breaks."""
         fut: asyncio.Future[None] = self._loop.create_future()
-        then_later(fut, then)
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
@@ -884,7 +868,7 @@ class IpcPlane:
         if not caller.query():  # an idle stream has written everything already
             ready = self._events.get()
             ready.record(caller)
-        self._jobs.append(_Job(parts, fut, ready, (tensors, staged), then))
+        self._jobs.append(_Job(parts, fut, ready, (tensors, staged)))
         self._pump_send()
         return fut
 
@@ -1153,20 +1137,17 @@ class IpcPlane:
                 assert self._ring is not None
                 for _ in range(sent.ring_spans):
                     self._ring.space.release()
-            if sent.job is not None:
-                complete_now(sent.job.future, None, sent.job.then)
+            if sent.job is not None and not sent.job.future.done():
+                sent.job.future.set_result(None)
         if n:
             self._pump_send()
 
     # -- receiving -------------------------------------------------------------------------------
 
-    def post_recv(self, specs: Sequence[TensorSpec], then: Then | None = None
-                  ) -> asyncio.Future[list[torch.Tensor]]:
+    def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
         """Queue the receipt of the next message into new tensors on the plane's device; the
-        future yields them once copied (safe on any stream), and fails if the plane breaks;
-        ``then`` runs from the poll that saw the copy done (see :func:`complete_now`)."""
+        future yields them once copied (safe on any stream), and fails if the plane breaks."""
         fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
-        then_later(fut, then)
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
@@ -1182,7 +1163,7 @@ class IpcPlane:
                     # and free memory in between.) A caller receiving on this stream (as
                     # most do) then needs no record_stream (see Received). The tensors go to
                     # the caller only once the copy has run.
-                    return self._post_target(Received(tensors, prev), fut, then=then)
+                    return self._post_target(Received(tensors, prev), fut)
                 del tensors  # never written: back to that stream's pool at once
             # Busy: allocated on the copy stream, not to wait for the caller's work. The
             # allocator hands us only memory that stream may write now, and reuses it only
@@ -1197,7 +1178,7 @@ class IpcPlane:
         else:
             with torch.cuda.device(dev), torch.cuda.stream(stream):
                 tensors = _empty_like_specs(specs, dev)
-        return self._post_target(tensors, fut, then=then)
+        return self._post_target(tensors, fut)
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
         """Receive the next message into ``tensors`` (contiguous, on the plane's device: a
@@ -1214,9 +1195,9 @@ class IpcPlane:
 
     def _post_target(self, tensors: list[torch.Tensor],
                      fut: asyncio.Future[list[torch.Tensor]],
-                     after: torch.cuda.Event | None = None, then: Then | None = None
+                     after: torch.cuda.Event | None = None
                      ) -> asyncio.Future[list[torch.Tensor]]:
-        target = _Target(tensors, fut, after, then)
+        target = _Target(tensors, fut, after)
         if not target.remaining:
             fut.set_result(tensors)
             return fut
@@ -1468,8 +1449,8 @@ class IpcPlane:
         elif not self._ack_due:
             self._ack_due = True
             self._loop.call_soon(self._send_ack)
-        if target is not None:
-            complete_now(target.future, target.tensors, target.then)
+        if target is not None and not target.future.done():
+            target.future.set_result(target.tensors)
 
     def _send_ack(self) -> None:
         # Coalesced: one ACK per loop iteration, however many copies completed in it.

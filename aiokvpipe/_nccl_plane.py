@@ -42,14 +42,7 @@ from ._cuda import (
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._nccl_lib import IN_PROGRESS, SUCCESS, NcclError, NcclLib
-from ._plane import (
-    SYNC_ALLOC_BYTES,
-    OrderedWorker,
-    Then,
-    in_daemon_thread,
-    settle_like,
-    then_later,
-)
+from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, in_daemon_thread, settle_like
 from ._wire import NCCL_UNIQUE_ID_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -386,10 +379,8 @@ class NcclPlane:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def post_send(self, tensors: Sequence[torch.Tensor], then: Then | None = None
-                  ) -> asyncio.Future[None]:
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        then_later(fut, then)
         failed = self._error or self._send.error
         if failed is not None:
             fut.set_exception(fresh(failed))
@@ -413,14 +404,11 @@ class NcclPlane:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def post_recv(self, specs: Sequence[TensorSpec], then: Then | None = None
-                  ) -> asyncio.Future[list[torch.Tensor]]:
+    def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
         """See :meth:`DataPlane.post_recv`: buffers over ``SYNC_ALLOC_BYTES`` in all are
-        allocated in a worker thread; receives are enqueued in posting order. ``then`` runs
-        as a done callback."""
+        allocated in a worker thread; receives are enqueued in posting order."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[torch.Tensor]] = loop.create_future()
-        then_later(fut, then)
         failed = self._error or self._recv.error
         if failed is not None:
             fut.set_exception(fresh(failed))

@@ -30,7 +30,7 @@ from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolErr
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._pipe_blocks import BlockExchange
-from ._plane import DataPlane, Received, settle_like
+from ._plane import DataPlane, Received
 from ._protocol import PipeProtocol, State
 from ._wire import Structure
 from .metrics import BreakCause, PipeMetrics
@@ -250,8 +250,7 @@ class Pipe:
             self._leave_queue(turn)
             raise
         if done is not None:
-            # Not the plane's future: a cancelled caller leaves the transfer running.
-            await done
+            await asyncio.shield(done)
         if self._timed:
             self._metrics.sent(out.nbytes, perf_counter() - t0)
 
@@ -586,10 +585,9 @@ class Pipe:
     def _post(self, out: Outgoing, key: str | None, inline: bool, cost: int, held: int
               ) -> asyncio.Future[None] | None:
         """Post the message's payload to the data plane, then write its header (an inline
-        payload inside it, the credits we owe riding along) in one write. Returns what the
-        caller awaits, done once the payload is out; ``None`` for an inline message. The
-        caller holds ``cost`` of credit and ``held`` bytes of send budget; they are released
-        when the payload is out.
+        payload inside it, the credits we owe riding along) in one write. Returns the
+        payload's completion, ``None`` for an inline message. The caller holds ``cost`` of
+        credit and ``held`` bytes of send budget; they are released when the payload is out.
 
         The payload goes first: if the plane cannot take it, no header has left, and the pipe
         breaks (a plane that failed half-way may have started moving bytes that no header
@@ -598,15 +596,9 @@ class Pipe:
         proto = self._proto
         proto.spend(cost)
         done: asyncio.Future[None] | None = None
-        sent: asyncio.Future[None] | None = None
         if not inline:
-            # What the caller awaits: completed with the plane's future, from the plane where
-            # it can (a loop iteration sooner than a done callback, and sooner again than
-            # shielding the plane's future, which send() must not cancel).
-            sent = self._loop.create_future()
             try:
-                done = self._plane.post_send(out.tensors, functools.partial(
-                    self._send_done, nbytes=out.nbytes, sent=sent))
+                done = self._plane.post_send(out.tensors)
             except Exception as exc:
                 proto.refund(cost)
                 self._credits.release(cost)
@@ -633,12 +625,12 @@ class Pipe:
             self._bytes_sent += out.nbytes
             return None
         self._sends_in_flight.add(done)
+        done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
         if self._timed:
             self._metrics.inflight(self._send_budget.in_use)
-        return sent
+        return done
 
-    def _send_done(self, fut: asyncio.Future[None], nbytes: int,
-                   sent: asyncio.Future[None]) -> None:
+    def _send_done(self, fut: asyncio.Future[None], nbytes: int) -> None:
         self._sends_in_flight.discard(fut)
         self._send_budget.release(nbytes)
         if self._timed:
@@ -648,9 +640,6 @@ class Pipe:
             self._break(fut.exception() or ConnectionAbortedError("payload send cancelled"))
         else:
             self._bytes_sent += nbytes
-        settle_like(sent, fut)
-        if not sent.cancelled():
-            sent.exception()  # its caller may be gone (a header never written): no warning
 
     def _write(self, data: bytes) -> None:
         """Write encoded frames; a lost connection breaks the pipe and raises BrokenPipe."""
@@ -714,13 +703,12 @@ class Pipe:
         else:
             # A failure to allocate here is ours, not the peer's: it breaks the pipe with
             # its own cause, and the peer is told that we failed (not that it misbehaved).
-            # _on_payload runs once the payload is in, straight from the plane where it can
-            # (never from inside post_recv: the item is queued first).
-            item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors, self._on_payload))
+            item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors))
         if self._proto.is_discarded(h.key):
             item.discarded = True
         if item.payload is not None:
             self._incoming.append(item)
+            item.payload.add_done_callback(self._on_payload)
             return
         if self._incoming:  # behind a payload still arriving: keep the order
             self._incoming.append(item)

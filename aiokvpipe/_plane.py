@@ -18,30 +18,24 @@ from ._errors import fresh
 from ._wire import TensorSpec
 
 T = TypeVar("T")
-#: A completion callback: called with the future once it is done, exactly once.
-Then = Callable[[asyncio.Future[Any]], object]
 
 
 class DataPlane(Protocol):
     #: ``"tcp"`` or ``"nccl"``, as reported in ``Pipe.stats``.
     name: str
 
-    def post_send(self, tensors: Sequence[torch.Tensor], then: Then | None = None
-                  ) -> asyncio.Future[None]:
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
         """Queue the payload of the next outgoing message (contiguous tensors, in order).
 
         Called synchronously from ``send()`` in the caller's task, so a CUDA plane can order
         itself after work already queued on the caller's current stream. The future completes
-        once the tensors' memory may be reused, and fails if the plane breaks. ``then``: see
-        :func:`complete_now`.
+        once the tensors' memory may be reused, and fails if the plane breaks.
         """
         ...
 
-    def post_recv(self, specs: Sequence[TensorSpec], then: Then | None = None
-                  ) -> asyncio.Future[list[torch.Tensor]]:
+    def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
         """Queue the receipt of the next incoming payload into new tensors on the pipe's
-        device; the future yields them once their contents are final. ``then``: see
-        :func:`complete_now`.
+        device; the future yields them once their contents are final.
 
         Never raises and never blocks: large buffers are allocated in a worker thread, in
         order. If the allocation fails, the future fails with that local error (a
@@ -135,43 +129,6 @@ class OrderedWorker:
 
 
 _FROM_SOURCE: Any = object()
-
-
-def call_then(then: Then, fut: asyncio.Future[Any]) -> None:
-    """Run a completion callback now, from inside the plane or poller that completed ``fut``:
-    its errors are the loop's to report, as a done callback's would be (asyncio's handles let
-    only these two through), never the caller's, which would take them for its own failure
-    or die of them."""
-    try:
-        then(fut)
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException as exc:
-        fut.get_loop().call_exception_handler({
-            "message": "Exception in a completion callback", "exception": exc,
-            "future": fut})
-
-
-def then_later(fut: asyncio.Future[Any], then: Then | None) -> None:
-    """Register a plane call's ``then`` as ``fut``'s done callback: it runs a loop iteration
-    after ``fut`` completes, unless :func:`complete_now` completes ``fut`` and runs it at
-    once. Either way exactly once, and never from inside the call that posted ``fut``."""
-    if then is not None:
-        fut.add_done_callback(then)
-
-
-def complete_now(fut: asyncio.Future[T], result: T, then: Then | None) -> None:
-    """Set ``fut``'s result (if it is still pending) and run its ``then`` (registered by
-    :func:`then_later`) at once, from this call: a loop iteration sooner than the done callback
-    would run, a hop each message would otherwise pay on its way to the caller."""
-    if fut.done():
-        return
-    if then is None:
-        fut.set_result(result)
-        return
-    fut.remove_done_callback(then)
-    fut.set_result(result)
-    call_then(then, fut)
 
 
 def fail_future(fut: asyncio.Future[Any], exc: BaseException) -> None:

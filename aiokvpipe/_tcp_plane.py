@@ -34,7 +34,7 @@ from ._cuda import (
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._hostmem import HostBufferPool, byte_view
-from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, Then, settle_like, then_later
+from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, settle_like
 from ._wire import TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -365,10 +365,8 @@ class TcpPlane:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def post_send(self, tensors: Sequence[torch.Tensor], then: Then | None = None
-                  ) -> asyncio.Future[None]:
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self._loop.create_future()
-        then_later(fut, then)
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
@@ -488,15 +486,12 @@ class TcpPlane:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def post_recv(self, specs: Sequence[TensorSpec], then: Then | None = None
-                  ) -> asyncio.Future[list[torch.Tensor]]:
+    def post_recv(self, specs: Sequence[TensorSpec]) -> asyncio.Future[list[torch.Tensor]]:
         """See :meth:`DataPlane.post_recv`. CPU receivers get pooled host memory at once;
         CUDA receivers need pinned staging and device memory, allocated in a worker thread
         when large. Receives are handed to the socket reader strictly in posting order; bytes
-        arriving meanwhile wait in the reader's bounded spill buffer. ``then`` runs as a done
-        callback."""
+        arriving meanwhile wait in the reader's bounded spill buffer."""
         fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
-        then_later(fut, then)
         failed = self._error or self._recv_failed
         if failed is not None:
             fut.set_exception(fresh(failed))

@@ -190,48 +190,6 @@ async def test_messages_of_every_dtype_shape_and_size_round_trip(mode: str) -> N
         assert stats["ring_bytes"] == (0 if mode == "segments" else DEFAULT_RING_BYTES)
 
 
-async def test_completions_run_where_the_transfer_ends_not_a_loop_iteration_later(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A send's ``then`` runs from the peer's acknowledgement itself, a receive's from the
-    poll that saw its copy done: a loop iteration before a done callback would, a hop on
-    every message's way to its caller. Never from inside the post; exactly once."""
-    async with pair() as (local, peer):
-        plane = local.plane
-        assert plane is not None and plane._send_chan is not None
-        inside: list[str] = []
-        copied, on_ack = plane._copied, plane._send_chan._on_record
-
-        def copied_spy(*args: Any) -> None:
-            inside.append("copied")
-            try:
-                copied(*args)
-            finally:
-                inside.pop()
-
-        def ack_spy(rec: Any) -> None:
-            inside.append("ack")
-            try:
-                on_ack(rec)
-            finally:
-                inside.pop()
-
-        monkeypatch.setattr(plane, "_copied", copied_spy)
-        monkeypatch.setattr(plane._send_chan, "_on_record", ack_spy)
-        calls: list[tuple[str, list[str], bool]] = []
-        t = random_tensor(torch.uint8, (4096,))
-        await peer.do("echo", specs=raw(t))
-        back = plane.post_recv([spec(t)], lambda f: calls.append(
-            ("recv", list(inside), f.done())))
-        sent = plane.post_send([t], lambda f: calls.append(("send", list(inside), f.done())))
-        assert calls == []
-        await asyncio.wait_for(sent, 60)
-        (got,) = await asyncio.wait_for(back, 60)
-        await peer.expect("echoed")
-        # A done callback registered before the awaiting task's has run by now: once.
-        assert calls == [("send", ["ack"], True), ("recv", ["copied"], True)]
-        assert same_bits(got, t)
-
-
 async def test_the_copy_waits_for_the_producers_pending_kernels_both_ways() -> None:
     async with pair() as (local, peer):
         assert local.plane is not None

@@ -187,8 +187,8 @@ async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_fo
         on_default: list[bool] = []
         post_recv = pipe._plane.post_recv
 
-        def spy(specs: Any, then: Any = None) -> Any:
-            fut = post_recv(specs, then)
+        def spy(specs: Any) -> Any:
+            fut = post_recv(specs)
             default = torch.cuda.default_stream(DEV)
             fut.add_done_callback(lambda f: on_default.append(
                 f.exception() is None and type(f.result()) is Received

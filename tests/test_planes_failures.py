@@ -18,7 +18,7 @@ from conftest import PairFactory
 
 import aiokvpipe
 from aiokvpipe._cuda import EventPoller
-from aiokvpipe._plane import OrderedWorker, complete_now, then_later
+from aiokvpipe._plane import OrderedWorker
 
 Pair = tuple[aiokvpipe.Pipe, aiokvpipe.Pipe]
 MiB = 1 << 20
@@ -184,50 +184,6 @@ async def test_event_poller_fails_then_once_and_survives_a_then_that_raises() ->
         with pytest.raises(RuntimeError, match="aborted"):
             pending.result()
         poller.abort(RuntimeError("aborted"))
-    finally:
-        loop.set_exception_handler(None)
-
-
-async def test_complete_now_runs_then_at_once_and_every_other_end_runs_it_later_once() -> None:
-    """A plane that completes a posted future with complete_now runs the caller's ``then``
-    from that very call, a loop iteration before asyncio's done callbacks (a hop on every
-    message's way to its caller). A future that ends any other way (failed, cancelled, done
-    at once) runs it as a done callback. Exactly once either way."""
-    loop = asyncio.get_running_loop()
-    calls: list[object] = []
-    fut: asyncio.Future[int] = loop.create_future()
-    then_later(fut, calls.append)
-    fut.add_done_callback(lambda f: calls.append("done callback"))
-    assert calls == []  # registering runs nothing
-    complete_now(fut, 5, calls.append)
-    assert calls == [fut] and fut.result() == 5  # at once, the result set
-    await asyncio.sleep(0)  # the scheduled done callbacks run
-    assert calls == [fut, "done callback"]  # and then not again
-    complete_now(fut, 6, calls.append)  # done already: nothing
-    assert fut.result() == 5 and calls == [fut, "done callback"]
-
-    calls.clear()
-    failed: asyncio.Future[int] = loop.create_future()
-    then_later(failed, calls.append)
-    failed.set_exception(RuntimeError("plane broke"))
-    assert calls == []  # not from inside the failing call
-    await asyncio.sleep(0)
-    complete_now(failed, 1, calls.append)
-    await asyncio.sleep(0)
-    assert calls == [failed]
-
-    reported: list[BaseException] = []
-    loop.set_exception_handler(lambda _, ctx: reported.append(ctx["exception"]))
-    try:
-        boom = ValueError("a bug in a then callback")
-
-        def bad(_: asyncio.Future[int]) -> None:
-            raise boom
-
-        raising: asyncio.Future[int] = loop.create_future()
-        then_later(raising, bad)
-        complete_now(raising, 7, bad)  # the plane completing it is not the one to fail
-        assert raising.result() == 7 and reported == [boom]
     finally:
         loop.set_exception_handler(None)
 
