@@ -1039,7 +1039,7 @@ class IpcPlane:
             return
         self._ring = _Ring(ptr, self._ring_bytes, self._new_region(), handle)
         self._emit(encode_record(RegionRecord(self._ring.region, self._ring_bytes, handle)))
-        self._pump_send()
+        self._or_lost(self._pump_send)
 
     def _pump_send(self) -> None:
         """Describe queued jobs in order, each once its data is ready; then write."""
@@ -1064,7 +1064,16 @@ class IpcPlane:
     def _job_ready(self, fut: asyncio.Future[None]) -> None:
         self._watching_ready = False
         if not fut.cancelled() and fut.exception() is None:
-            self._pump_send()
+            self._or_lost(self._pump_send)
+
+    def _or_lost(self, pump: Callable[[], None]) -> None:
+        """Run ``pump`` from a callback (a poll, a worker's result): a CUDA error there (an
+        event query, a staging copy) breaks the plane with that cause. Raised, it would go to
+        the loop's exception handler and leave every send waiting for ever."""
+        try:
+            pump()
+        except Exception as exc:
+            self._lost(exc)
 
     def _flush(self) -> None:
         while self._gated:
@@ -1085,7 +1094,7 @@ class IpcPlane:
     def _gate_fired(self, fut: asyncio.Future[None]) -> None:
         self._watching_gate = False
         if not fut.cancelled() and fut.exception() is None and self._error is None:
-            self._flush()
+            self._or_lost(self._flush)
 
     def export_pool(self, pool_id: int, tensors: Sequence[torch.Tensor]) -> bool:
         """Let the peer map block pool ``pool_id`` (the pipe's id for it; ``tensors``, one

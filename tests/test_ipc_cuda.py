@@ -211,6 +211,35 @@ async def test_the_copy_waits_for_the_producers_pending_kernels_both_ways() -> N
         assert (await peer.expect("checked"))["ok"] is True
 
 
+async def test_a_cuda_error_once_the_callers_stream_has_written_breaks_the_plane(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send posted while the caller's stream is still writing is described later, from the
+    poller's callback. A CUDA error there (an event query, a staging copy) must break the
+    plane with that cause; raised, it went to the loop's exception handler and the send
+    waited for ever."""
+    async with pair() as (local, peer):
+        plane = local.plane
+        assert plane is not None
+        boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        described: list[object] = []
+
+        def failing(job: object) -> bool:
+            described.append(job)
+            raise boom
+
+        t = torch.zeros(MiB, dtype=torch.uint8, device=DEV)
+        torch.cuda.synchronize(DEV)
+        monkeypatch.setattr(plane, "_describe", failing)
+        torch.cuda._sleep(SLEEP_1S // 10)  # our stream is busy: the send waits for it
+        t.fill_(3)
+        sent = plane.post_send([t])
+        assert described == [] and not sent.done(), "the send did not wait for our stream"
+        assert await asyncio.wait_for(local.lost, 30) is boom
+        assert len(described) == 1
+        with pytest.raises(BrokenPipe):
+            await asyncio.wait_for(sent, 30)
+
+
 async def test_a_receive_into_given_memory_waits_for_the_callers_pending_work() -> None:
     """A block transfer's staging buffer comes from the caller's stream's pool, where work
     still queued may use that memory: the copy into it must come after that work."""
