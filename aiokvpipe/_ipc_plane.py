@@ -738,9 +738,11 @@ class IpcPlane:
         self._jobs: deque[_Job] = deque()  # posted, not yet wholly described
         self._inflight: deque[_Sent] = deque()  # described, not yet acknowledged
         self._acked = 0
-        self._ready_poller = EventPoller()  # the head job's data (on the caller's stream)
+        # A failed poll (a CUDA error) breaks the plane with its cause: the callbacks below
+        # only see their future fail, and every send and receive would wait for ever.
+        self._ready_poller = EventPoller(self._lost)  # the head job's data (caller's stream)
         self._watching_ready = False
-        self._gate_poller = EventPoller()  # ring copies on our send stream
+        self._gate_poller = EventPoller(self._lost)  # ring copies on our send stream
         self._gated: deque[tuple[torch.cuda.Event | None, bytes]] = deque()
         self._watching_gate = False
         self._exports: OrderedDict[int, _Export] = OrderedDict()  # by CUDA buffer id
@@ -751,7 +753,7 @@ class IpcPlane:
         self._out = bytearray()
         self._warned_unexportable = False
         # consumer
-        self._copy_poller = EventPoller()
+        self._copy_poller = EventPoller(self._lost)
         self._ledger = ConsumerLedger()
         self._mappings: dict[int, _Mapping] = {}
         self._copies: deque[tuple[CopyRecord, tuple[_Mapping, ...]]] = deque()

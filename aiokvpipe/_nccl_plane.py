@@ -34,6 +34,7 @@ import torch
 from . import _nccl_lib
 from ._cuda import (
     EventPoller,
+    Queryable,
     after_pending_work,
     current_stream,
     recycle_streams,
@@ -304,9 +305,16 @@ class _Lane:
         self.pump()
 
     def _watch(self, op: _Op) -> None:
-        with torch.cuda.device(self.device):
-            done = torch.cuda.Event()
-            done.record(self.stream)
+        done: Queryable
+        try:
+            with torch.cuda.device(self.device):
+                done = torch.cuda.Event()
+                done.record(self.stream)
+        except Exception as exc:  # noqa: BLE001  -- a CUDA error, after NCCL took the op
+            # Watched all the same, through an event that reports the error: the poller
+            # fails the op and breaks the plane, and keeps the op's memory until the plane's
+            # streams are done with it. (Raised, it left the op waiting for ever.)
+            done = _Failed(exc)
         # The tensors stay referenced until NCCL is done with them, so the caching allocator
         # cannot hand their memory to anyone else meanwhile.
         watched = self.poller.watch(done, op.nbytes, keepalive=(op.tensors, op.keepalive))
@@ -340,6 +348,17 @@ class _Lane:
             self._busy = None
         self._fail_queued(exc)
         self.poller.fail_pending(exc)
+
+
+class _Failed:
+    """An op's completion that cannot be awaited: polling it raises the error that prevented
+    recording its event."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self._exc = exc
+
+    def query(self) -> bool:
+        raise self._exc
 
 
 class NcclPlane:

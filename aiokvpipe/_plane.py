@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 
 class DataPlane(Protocol):
-    #: ``"tcp"`` or ``"nccl"``, as reported in ``Pipe.stats``.
+    #: ``"tcp"``, ``"nccl"`` or ``"ipc"``, as reported in ``Pipe.stats``.
     name: str
 
     def post_send(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[None]:

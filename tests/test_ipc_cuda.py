@@ -240,6 +240,66 @@ async def test_a_cuda_error_once_the_callers_stream_has_written_breaks_the_plane
             await asyncio.wait_for(sent, 30)
 
 
+async def test_a_failed_poll_of_the_callers_stream_breaks_the_plane_with_its_cause() -> None:
+    """The event a send waits on (the caller's stream writing its data) cannot be queried
+    (a CUDA error): the plane breaks with that error. The poller used to log it, and the
+    send, and every send after it, waited for ever."""
+    async with pair() as (local, peer):
+        plane = local.plane
+        assert plane is not None
+        boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        t = torch.zeros(MiB, dtype=torch.uint8, device=DEV)
+        torch.cuda.synchronize(DEV)
+        torch.cuda._sleep(SLEEP_1S // 10)  # our stream is busy: the send waits for it
+        t.fill_(3)
+        sent = plane.post_send([t])
+        assert len(plane._jobs) == 1 and plane._jobs[0].ready is not None, \
+            "the send did not wait for our stream"
+
+        def failing() -> bool:
+            raise boom
+
+        plane._jobs[0].ready.query = failing  # type: ignore[method-assign]
+        assert await asyncio.wait_for(local.lost, 30) is boom
+        with pytest.raises(BrokenPipe):
+            await asyncio.wait_for(sent, 30)
+
+
+async def test_a_failed_poll_of_a_copy_breaks_the_plane_with_its_cause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy's completion cannot be queried (a CUDA error): the plane breaks with that
+    error, and the receive fails with it. It used to fail the receive with "ipc plane
+    closed", blaming the connection, and a message of several records could hang."""
+    async with pair() as (local, peer):
+        plane = local.plane
+        assert plane is not None
+        boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        pool = plane._events
+
+        def failing() -> bool:
+            raise boom
+
+        class FailingEvents:
+            """The plane's event pool, handing out events whose query fails (this plane
+            only receives here: the one event it takes is its copy's)."""
+
+            def get(self) -> torch.cuda.Event:
+                event = pool.get()
+                event.query = failing  # type: ignore[method-assign]
+                return event
+
+            def put(self, event: torch.cuda.Event) -> None:
+                pool.put(event)
+
+        monkeypatch.setattr(plane, "_events", FailingEvents())
+        t = torch.empty(MiB, dtype=torch.uint8, device=DEV)
+        got = plane.post_recv([spec(t)])
+        await peer.do("send", specs=raw(t), fill=5)
+        assert await asyncio.wait_for(local.lost, 30) is boom
+        with pytest.raises(BrokenPipe):
+            await asyncio.wait_for(got, 30)
+
+
 async def test_a_receive_into_given_memory_waits_for_the_callers_pending_work() -> None:
     """A block transfer's staging buffer comes from the caller's stream's pool, where work
     still queued may use that memory: the copy into it must come after that work."""

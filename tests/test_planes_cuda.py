@@ -116,6 +116,40 @@ async def test_nccl_receives_into_given_memory_after_the_callers_pending_work(
             t.join(10)
 
 
+async def test_nccl_a_cuda_error_recording_an_ops_end_fails_it_and_breaks_the_plane(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL took the op, then the event that marks its end cannot be recorded (a CUDA
+    error): the op fails with that error and the plane breaks. Raised from the pump, it left
+    the op never watched, its future (and every later receive) waiting for ever."""
+    monkeypatch.setattr(_cuda, "_SPARE", {})  # torch's streams below must not be kept as spare
+    buf = torch.zeros(1 << 20, dtype=torch.int32, device=DEV)
+    torch.cuda.synchronize(DEV)
+    lost: list[BaseException] = []
+    plane = NcclPlane(_WritingNccl(buf, 7), 1, 2, DEV, lost.append,  # type: ignore[arg-type]
+                      [torch.cuda.Stream(), torch.cuda.Stream()])
+    lane_stream = plane._recv.stream
+    boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+    real_record = torch.cuda.Event.record
+
+    def record(self: torch.cuda.Event, stream: torch.cuda.Stream | None = None) -> None:
+        if stream is lane_stream:  # only the op's end, on the plane's receive stream
+            raise boom
+        real_record(self, stream)
+
+    monkeypatch.setattr(torch.cuda.Event, "record", record)
+    try:
+        received = plane.post_recv_into([buf])
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(received, 30)
+        assert lost == [boom]
+    finally:
+        monkeypatch.undo()
+        before = set(threading.enumerate())
+        plane.abort(RuntimeError("test over"))
+        for t in set(threading.enumerate()) - before:
+            t.join(10)
+
+
 def test_current_stream_is_torchs_current_stream() -> None:
     side = torch.cuda.Stream(DEV)
     external = torch.cuda.ExternalStream(torch.cuda.Stream(DEV).cuda_stream, device=DEV)
