@@ -355,7 +355,7 @@ class PipeProtocol:
     def send_pulled(self, offer_id: int) -> bytes:
         """We copied a pulled offer out of the peer's pool ourselves (ipc)."""
         entry = self._offers_in.pop(offer_id, None)
-        if entry is None or entry[0] is not _OfferState.PULLED:
+        if entry is None or entry[0] is _OfferState.OFFERED:
             raise LocalProtocolError(f"offer {offer_id} was not pulled")
         return _wire.encode(_wire.Pulled(offer_id))
 
@@ -389,13 +389,18 @@ class PipeProtocol:
                 if self._refused.pop(frame.offer_id, False) is None:
                     return False  # crossed our refusal: nothing to do
                 raise ProtocolError(f"RETRACT of offer {frame.offer_id}, not pending")
+            if entry[0] is _OfferState.SENDING:
+                # Sent after our PULL reached the peer (its BLOCK_DATA says so): a RETRACT
+                # that crosses the PULL comes before any BLOCK_DATA.
+                raise ProtocolError(f"RETRACT of offer {frame.offer_id} after its BLOCK_DATA")
             if entry[0] is _OfferState.OFFERED:
                 self.release(entry[1])
             return True
         if isinstance(frame, _wire.BlockData):
             entry = self._offers_in.get(frame.offer_id)
-            if entry is None or entry[0] is not _OfferState.PULLED:
+            if entry is None or entry[0] is _OfferState.OFFERED:
                 raise ProtocolError(f"BLOCK_DATA for offer {frame.offer_id}, not pulled")
+            self._offers_in[frame.offer_id] = (_OfferState.SENDING, 0)
             return True
         # a PULL or PULLED about one of our offers
         assert isinstance(frame, (_wire.Pull, _wire.Pulled))
@@ -443,6 +448,8 @@ def _remember(tombstones: OrderedDict[Any, None], key: Any) -> None:
 class _OfferState(enum.Enum):
     OFFERED = "offered"
     PULLED = "pulled"
+    #: Its BLOCK_DATA came (an offer of the peer's only): the peer is committed to it.
+    SENDING = "sending"
 
 
 _BLOCK_FRAMES: Final = frozenset({_wire.PoolInfo, _wire.Offer, _wire.Pull, _wire.BlockData,

@@ -412,9 +412,25 @@ def test_ipc_pull_ends_with_pulled() -> None:
     oid, data = offer(a)
     b.receive_data(a.send_pool(0, b"x") + data)
     a.receive_data(b.send_pull(oid))
+    assert b.receive_data(a.send_block_data(oid)) == [_wire.BlockData(oid)]  # "copy now"
     assert a.receive_data(b.send_pulled(oid)) == [_wire.Pulled(oid)]
     with pytest.raises(ProtocolError):
         a.receive_data(_wire.encode(_wire.Pulled(oid)))
+    with pytest.raises(LocalProtocolError):  # once
+        b.send_pulled(oid)
+
+
+def test_a_retract_after_block_data_is_a_protocol_error() -> None:
+    """The peer sends BLOCK_DATA only once our PULL reached it, committed to the offer: a
+    RETRACT after it crossed nothing. Taken as a crossing, it dropped the offer, and the
+    PULLED of the copy we made of it failed here as our own error."""
+    a, b = pair()
+    oid, data = offer(a)
+    b.receive_data(a.send_pool(0, b"x") + data)
+    a.receive_data(b.send_pull(oid))
+    b.receive_data(a.send_block_data(oid))
+    with pytest.raises(ProtocolError, match="after its BLOCK_DATA"):
+        b.receive_data(_wire.encode(_wire.Retract(oid)))
 
 
 def test_offers_out_of_sequence_are_protocol_errors() -> None:
