@@ -313,7 +313,9 @@ class _Lane:
         except Exception as exc:  # noqa: BLE001  -- a CUDA error, after NCCL took the op
             # Watched all the same, through an event that reports the error: the poller
             # fails the op and breaks the plane, and keeps the op's memory until the plane's
-            # streams are done with it. (Raised, it left the op waiting for ever.)
+            # streams are done with it. (Raised, it left the op waiting for ever.) Nothing
+            # more is enqueued meanwhile.
+            self.error = exc
             done = _Failed(exc)
         # The tensors stay referenced until NCCL is done with them, so the caching allocator
         # cannot hand their memory to anyone else meanwhile.

@@ -384,7 +384,7 @@ class PipeProtocol:
             self._offers_in[frame.offer_id] = (_OfferState.OFFERED, cost)
             return True
         if isinstance(frame, _wire.Retract):
-            entry = self._offers_in.pop(frame.offer_id, None)
+            entry = self._offers_in.get(frame.offer_id)
             if entry is None:
                 if self._refused.pop(frame.offer_id, False) is None:
                     return False  # crossed our refusal: nothing to do
@@ -393,6 +393,7 @@ class PipeProtocol:
                 # Sent after our PULL reached the peer (its BLOCK_DATA says so): a RETRACT
                 # that crosses the PULL comes before any BLOCK_DATA.
                 raise ProtocolError(f"RETRACT of offer {frame.offer_id} after its BLOCK_DATA")
+            del self._offers_in[frame.offer_id]
             if entry[0] is _OfferState.OFFERED:
                 self.release(entry[1])
             return True

@@ -143,7 +143,9 @@ async def test_nccl_a_cuda_error_recording_an_ops_end_fails_it_and_breaks_the_pl
             await asyncio.wait_for(received, 30)
         assert lost == [boom]
     finally:
-        monkeypatch.undo()
+        # Only the patch of record: _SPARE stays empty until the plane has given its streams
+        # back (torch's pool streams must not be kept as spare).
+        monkeypatch.setattr(torch.cuda.Event, "record", real_record)
         before = set(threading.enumerate())
         plane.abort(RuntimeError("test over"))
         for t in set(threading.enumerate()) - before:
