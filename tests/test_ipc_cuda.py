@@ -211,6 +211,23 @@ async def test_the_copy_waits_for_the_producers_pending_kernels_both_ways() -> N
         assert (await peer.expect("checked"))["ok"] is True
 
 
+def injected_cuda_error() -> RuntimeError:
+    return RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+
+def send_behind_our_busy_stream(plane: IpcPlane) -> asyncio.Future[None]:
+    """Post a 1 MiB send that our stream is still writing: the plane waits for it (the job's
+    ``ready`` event) and takes the send up again from the poller's callback."""
+    t = torch.zeros(MiB, dtype=torch.uint8, device=DEV)
+    torch.cuda.synchronize(DEV)
+    torch.cuda._sleep(SLEEP_1S // 10)  # our stream is busy for ~0.1 s, then writes t
+    t.fill_(3)
+    sent = plane.post_send([t])
+    assert len(plane._jobs) == 1 and plane._jobs[0].ready is not None, \
+        "the send did not wait for our stream"
+    return sent
+
+
 async def test_a_cuda_error_once_the_callers_stream_has_written_breaks_the_plane(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A send posted while the caller's stream is still writing is described later, from the
@@ -220,20 +237,14 @@ async def test_a_cuda_error_once_the_callers_stream_has_written_breaks_the_plane
     async with pair() as (local, peer):
         plane = local.plane
         assert plane is not None
-        boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        boom = injected_cuda_error()
         described: list[object] = []
 
         def failing(job: object) -> bool:
             described.append(job)
             raise boom
 
-        t = torch.zeros(MiB, dtype=torch.uint8, device=DEV)
-        torch.cuda.synchronize(DEV)
-        torch.cuda._sleep(SLEEP_1S // 10)  # our stream is busy: the send waits for it
-        t.fill_(3)
-        sent = plane.post_send([t])
-        assert len(plane._jobs) == 1 and plane._jobs[0].ready is not None, \
-            "the send did not wait for our stream"
+        sent = send_behind_our_busy_stream(plane)
         monkeypatch.setattr(plane, "_describe", failing)
         assert await asyncio.wait_for(local.lost, 30) is boom
         assert len(described) == 1
@@ -248,19 +259,15 @@ async def test_a_failed_poll_of_the_callers_stream_breaks_the_plane_with_its_cau
     async with pair() as (local, peer):
         plane = local.plane
         assert plane is not None
-        boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
-        t = torch.zeros(MiB, dtype=torch.uint8, device=DEV)
-        torch.cuda.synchronize(DEV)
-        torch.cuda._sleep(SLEEP_1S // 10)  # our stream is busy: the send waits for it
-        t.fill_(3)
-        sent = plane.post_send([t])
-        assert len(plane._jobs) == 1 and plane._jobs[0].ready is not None, \
-            "the send did not wait for our stream"
+        boom = injected_cuda_error()
+        sent = send_behind_our_busy_stream(plane)
 
         def failing() -> bool:
             raise boom
 
-        plane._jobs[0].ready.query = failing  # type: ignore[method-assign]
+        ready = plane._jobs[0].ready
+        assert ready is not None
+        ready.query = failing  # type: ignore[method-assign]
         assert await asyncio.wait_for(local.lost, 30) is boom
         with pytest.raises(BrokenPipe):
             await asyncio.wait_for(sent, 30)
@@ -274,7 +281,7 @@ async def test_a_failed_poll_of_a_copy_breaks_the_plane_with_its_cause(
     async with pair() as (local, peer):
         plane = local.plane
         assert plane is not None
-        boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        boom = injected_cuda_error()
         pool = plane._events
 
         def failing() -> bool:
