@@ -1506,6 +1506,10 @@ class IpcPlane:
             fail_future(target.future, exc)
         for source in self._pool_sources.values():
             fail_future(source, exc)
+        # Ring copies queued on our send stream may still read these sends' tensors (their
+        # copies onto this device, held by nobody else): kept until that stream is idle.
+        sending = [job.keepalive for job in self._jobs]
+        sending += [sent.job.keepalive for sent in self._inflight if sent.job is not None]
         self._jobs.clear()
         self._inflight.clear()
         self._targets.clear()
@@ -1517,7 +1521,8 @@ class IpcPlane:
         for chan in (self._send_chan, self._recv_chan):
             if chan is not None:
                 chan.abort()
-        self._release(lambda: _abort_all((self._copy_poller, self._gate_poller), exc))
+        self._release(lambda: _abort_all((self._copy_poller, self._gate_poller), exc),
+                      keepalive=sending)
 
     def close(self) -> None:
         """Graceful end (nothing in flight): close the sockets, unmap and free off the loop."""
@@ -1533,7 +1538,9 @@ class IpcPlane:
         self._release(lambda: _abort_all((self._copy_poller, self._gate_poller),
                                          ConnectionAbortedError("closed")))
 
-    def _release(self, then: Callable[[], object]) -> None:
+    def _release(self, then: Callable[[], object], keepalive: object = None) -> None:
+        """Unmap, free and drop in the worker once our streams are idle; ``keepalive``
+        (memory they may still read) is dropped only then."""
         ring, self._ring = self._ring, None
         send_stream, copy_stream, index = self._send_stream, self._copy_stream, self._index
         self._mappings.clear()
@@ -1559,6 +1566,8 @@ class IpcPlane:
                     log.debug("ipc plane: freeing the ring: %r", err)
 
         def finished(_: asyncio.Future[None]) -> None:
+            nonlocal keepalive
+            keepalive = None
             then()
             if not self.released.done():
                 self.released.set_result(None)

@@ -132,8 +132,11 @@ class BlockExchange:
         #: written into their pools: a graceful close waits for both.
         self.sending: set[asyncio.Future[Any]] = set()
         self.receiving: set[asyncio.Future[Any]] = set()
-        self._poller = EventPoller()
-        self._ready_poller = EventPoller()
+        # A failed poll is a CUDA error, which no later call on this device escapes: the
+        # pipe breaks with it (else the poller kept failing block calls with a stale error
+        # while the pipe looked healthy).
+        self._poller = EventPoller(pipe._break)
+        self._ready_poller = EventPoller(pipe._break)
 
     async def _kernels_ready(self, pool: BlockPool) -> None:
         """The copy kernel of each GPU this call may use (gathers and scatters run on the
@@ -168,7 +171,11 @@ class BlockExchange:
         if peer_copies and ready is not None:
             # The peer reads the blocks as soon as it pulls: offer them once the caller's
             # stream has written them. Cancelled here, nothing was offered.
-            await self._ready_poller.watch(ready)
+            try:
+                await self._ready_poller.watch(ready)
+            except Exception:
+                pipe._check_can_send()  # the failed poll broke the pipe: BrokenPipe
+                raise
         cost = offer_cost(len(ids), len(chosen))
         await pipe._credits.acquire(cost)
         proto = pipe._proto

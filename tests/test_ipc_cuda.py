@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -306,6 +307,32 @@ async def test_a_failed_poll_of_a_copy_breaks_the_plane_with_its_cause(
         assert await asyncio.wait_for(local.lost, 30) is boom
         with pytest.raises(BrokenPipe):
             await asyncio.wait_for(got, 30)
+
+
+async def test_an_abort_keeps_a_staged_send_until_our_streams_are_idle() -> None:
+    """A send's tensor from another device is copied onto ours for it, a copy nobody else
+    holds; in ring mode the plane's send stream reads it into the ring. An abort must not
+    drop it while that stream may still read it (the allocator would hand the memory to new
+    work meanwhile): only the release, once our streams are idle, does."""
+    async with pair("ring") as (local, peer):
+        plane = local.plane
+        assert plane is not None
+        t = random_tensor(torch.uint8, (MiB,))
+        assert same_bits((await echo(local, peer, [t]))[0], t)  # the ring is made now
+        sent = plane.post_send([torch.ones(8 * MiB, dtype=torch.uint8)])
+        job = plane._jobs[0] if plane._jobs else plane._inflight[-1].job
+        assert job is not None
+        staged = weakref.ref(job.keepalive[1][0])
+        assert staged().device == DEV  # type: ignore[union-attr]
+        del job
+        plane.abort(BrokenPipe("test: abort"))
+        gc.collect()
+        assert staged() is not None, "dropped while our send stream may still read it"
+        await asyncio.wait_for(plane.released, 30)
+        gc.collect()
+        assert staged() is None
+        with pytest.raises(BrokenPipe):
+            await sent
 
 
 async def test_a_receive_into_given_memory_waits_for_the_callers_pending_work() -> None:

@@ -122,6 +122,40 @@ async def test_ipc_peer_pulls_each_layer_only_after_our_stream_wrote_it(
     assert untouched(back, d_ids)
 
 
+async def test_ipc_a_failed_poll_of_our_stream_breaks_the_pipe_with_its_cause(
+        start_peer: object, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The event after our stream's pending writes cannot be queried (a CUDA error) while a
+    block send waits to offer: the pipe breaks with that error, the call raises BrokenPipe.
+    The poller used to hand the raw error to this call and to every later one, the pipe
+    looking healthy."""
+    peer: Any = await ipc_peer(start_peer)
+    src = pool(1024)
+    ids = torch.randperm(512)[:50].tolist()
+    boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    class Failing:
+        def query(self) -> bool:
+            raise boom
+
+    poller = peer.pipe._blocks._ready_poller
+    real = poller.watch
+    waited: list[object] = []
+
+    def watch(event: object, *args: Any, **kwargs: Any) -> Any:
+        waited.append(event)
+        return real(Failing(), *args, **kwargs)
+
+    monkeypatch.setattr(poller, "watch", watch)
+    await peer.pipe.send({"ids": torch.tensor(ids)})
+    torch.cuda._sleep(100_000_000)  # our stream busy: the send waits for its event
+    with pytest.raises(aiokvpipe.BrokenPipe) as raised:
+        await asyncio.wait_for(peer.pipe.send_blocks(src, ids, key="blocks"), 30)
+    assert len(waited) == 1, "the send did not wait for our stream"
+    assert raised.value.__cause__ is boom
+    assert peer.pipe.state.name == "BROKEN"
+    torch.cuda.synchronize()
+
+
 async def there_and_back(peer: Any, src: BlockPool, back: BlockPool, n: int
                          ) -> tuple[list[int], list[int]]:
     """``n`` random blocks of ``src`` to the peer's pool, and the peer's back into ``back``
