@@ -237,6 +237,18 @@ class Pipe:
                 # Cancelled here, the message is sent all the same (see the docstring).
                 await asyncio.sleep(0)
             return
+        if (not inline and not self._send_queue and not self._control.write_paused
+                and self._send_budget.try_acquire(out.nbytes)):
+            # The same for a payload (a CUDA message, say) when its budget and credits are at
+            # hand: posted now, with no turn in the queue and no futures to grant them.
+            if self._credits.try_acquire(cost):
+                done = self._post(out, key, False, cost, out.nbytes)
+                assert done is not None
+                await asyncio.shield(done)
+                if self._timed:
+                    self._metrics.sent(out.nbytes, perf_counter() - t0)
+                return
+            self._send_budget.release(out.nbytes)
         # The slow path: wait in line (call order) for the connection, budget and credits.
         turn = _Queued(out, key, inline, cost, 0 if inline else out.nbytes,
                        self._loop.create_future(), t0)
