@@ -44,7 +44,9 @@ class EventPoller:
     rate adapts: while the op is surely still running (its size over an optimistic bandwidth)
     the poller sleeps in 1 ms steps; around the expected end it polls on every loop iteration
     (so small messages complete in microseconds); if the op overruns it backs off to 1 ms
-    polls, and an idle poller has no task at all, so an idle pipe costs no CPU.
+    polls, and an idle poller schedules nothing, so an idle pipe costs no CPU. Polls are
+    plain loop callbacks, not a task: a task's creation and steps cost several times more,
+    on every CUDA receive's path.
 
     If polling fails (``query()`` raises: a CUDA error), every pending and later future fails
     with that error and ``on_error`` is called with it once, so the owner can break; the
@@ -54,7 +56,9 @@ class EventPoller:
     def __init__(self, on_error: Callable[[BaseException], None] | None = None) -> None:
         self._pending: deque[tuple[Queryable, asyncio.Future[None], float, object,
                                    Callable[[asyncio.Future[None]], object] | None]] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._handle: asyncio.Handle | None = None  # the next poll, once scheduled
+        self._in_poll = False
+        self._started = 0.0  # when the oldest event became the oldest
         self._error: BaseException | None = None
         self._on_error = on_error
 
@@ -76,39 +80,43 @@ class EventPoller:
             if then is not None:
                 fut.add_done_callback(then)
             return fut
+        if not self._pending:
+            self._started = time.perf_counter()
         self._pending.append((event, fut, nbytes / _OPTIMISTIC_BYTES_PER_S, keepalive, then))
-        if self._task is None:
-            self._task = loop.create_task(self._run())
+        if self._handle is None and not self._in_poll:
+            self._handle = loop.call_soon(self._poll)
         return fut
 
-    async def _run(self) -> None:
+    def _poll(self) -> None:
+        self._handle = None
+        self._in_poll = True  # a `then` that watches more must not schedule a second poll
+        pending = self._pending
         try:
-            while self._pending:
-                event, fut, expected, _, then = self._pending[0]
-                started = time.perf_counter()
-                while not event.query():
-                    elapsed = time.perf_counter() - started
-                    if elapsed < expected - 1.5 * _SLEEP_GRANULARITY_S:
-                        await asyncio.sleep(_SLEEP_GRANULARITY_S)
-                    elif elapsed < expected + _SPIN_S:
-                        await asyncio.sleep(0)
-                    else:
-                        await asyncio.sleep(_SLEEP_GRANULARITY_S)
+            while pending:
+                event, fut, expected, _, then = pending[0]
+                if not event.query():
+                    elapsed = time.perf_counter() - self._started
+                    loop = fut.get_loop()
+                    if expected - 1.5 * _SLEEP_GRANULARITY_S <= elapsed < expected + _SPIN_S:
+                        self._handle = loop.call_soon(self._poll)
+                    else:  # surely still running, or overrunning: back off
+                        self._handle = loop.call_later(_SLEEP_GRANULARITY_S, self._poll)
+                    return
                 # Its `then` as it is now: fail_pending may have run it already meanwhile.
-                then = self._pending.popleft()[4]
+                then = pending.popleft()[4]
+                self._started = time.perf_counter()
                 if not fut.done():
                     fut.set_result(None)
                 if then is not None:  # also for a future its holder cancelled
                     _call(then, fut)
         except Exception as exc:  # query() failed: nothing on this stream can be awaited
-            self._task = None
             self.fail_pending(exc)
             if self._on_error is not None:
                 self._on_error(exc)
             else:
                 log.error("CUDA event poller failed: %r", exc)
         finally:
-            self._task = None
+            self._in_poll = False
 
     def fail_pending(self, exc: BaseException) -> None:
         """Fail every pending and later future with ``exc`` now, but keep polling and keep
@@ -126,8 +134,9 @@ class EventPoller:
         touch it (after the NCCL communicator was aborted, or the device synchronised).
         """
         self._error = exc
-        if self._task is not None:
-            self._task.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
         while self._pending:
             _, fut, _, _, then = self._pending.popleft()
             _fail(fut, exc, then)

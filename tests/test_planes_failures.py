@@ -119,9 +119,8 @@ async def test_event_poller_calls_then_from_the_poll_before_any_done_callback() 
     poller = EventPoller()
     order: list[str] = []
     def then(f: asyncio.Future[None]) -> None:
-        # Run inside the poller's own task: not scheduled as a callback (those run outside
-        # any task, an iteration later).
-        in_poll = asyncio.current_task() is poller._task is not None
+        # Run inside the poll itself: not scheduled as a done callback (an iteration later).
+        in_poll = poller._in_poll
         order.append(f"then done={f.done()} in_poll={in_poll}")
 
     fut = poller.watch(_Event(fires_after=1), then=then)
@@ -129,6 +128,21 @@ async def test_event_poller_calls_then_from_the_poll_before_any_done_callback() 
     await asyncio.wait_for(fut, 5)
     await asyncio.sleep(0)  # let the scheduled done callback run
     assert order == ["then done=True in_poll=True", "callback"]
+
+
+async def test_event_poller_polls_once_per_iteration_when_a_then_watches_more() -> None:
+    """A ``then`` that watches the next event (a receive's copy completing, the next one
+    enqueued) must not start a second round of polls beside the running one: each would
+    query every loop iteration, doubling the poller's cost for as long as events flow."""
+    poller = EventPoller()
+    later = _Event(fires_after=None)
+    poller.watch(_Event(fires_after=0), then=lambda _: poller.watch(later))
+    iterations = 50
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+    # One query per loop iteration at most (fewer if the loop stalled into the back-off).
+    assert 1 <= later.polls <= iterations + 1
+    poller.abort(RuntimeError("test over"))
 
 
 async def test_event_poller_fails_then_once_and_survives_a_then_that_raises() -> None:
