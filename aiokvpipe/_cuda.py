@@ -124,8 +124,11 @@ class EventPoller:
         self._error = exc
         for _, fut, _, _, then in self._pending:
             _fail(fut, exc, then)
-        # Polled on (the memory stays referenced), but each `then` ran once already.
-        self._pending = deque(entry[:4] + (None,) for entry in self._pending)
+        # Polled on (the memory stays referenced), but each `then` ran once already. In
+        # place: a poll running now (this may be called from a `then`) holds the deque.
+        entries = [entry[:4] + (None,) for entry in self._pending]
+        self._pending.clear()
+        self._pending.extend(entries)
 
     def abort(self, exc: BaseException) -> None:
         """Stop polling; every pending and later future fails with ``exc``.

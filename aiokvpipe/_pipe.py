@@ -242,6 +242,9 @@ class Pipe:
             # The same for a payload (a CUDA message, say) when its budget and credits are at
             # hand: posted now, with no turn in the queue and no futures to grant them.
             if self._credits.try_acquire(cost):
+                if self._timed:  # no wait, counted as the queue would count it
+                    self._metrics.waited_budget(0.0)
+                    self._metrics.waited_credits(0.0)
                 done = self._post(out, key, False, cost, out.nbytes)
                 assert done is not None
                 await asyncio.shield(done)

@@ -145,6 +145,30 @@ async def test_event_poller_polls_once_per_iteration_when_a_then_watches_more() 
     poller.abort(RuntimeError("test over"))
 
 
+async def test_event_poller_then_failing_the_rest_calls_each_then_once() -> None:
+    """A ``then`` that fails the poller's pending watches (a plane breaking as a copy
+    completes) runs inside the poll: every other watch's ``then`` still runs exactly once,
+    none is left unpolled, and an abort leaves nothing scheduled."""
+    poller = EventPoller()
+    calls: list[str] = []
+    fired = _Event(fires_after=0)
+    never = _Event(fires_after=None)
+
+    def first(_: asyncio.Future[None]) -> None:
+        calls.append("first")
+        poller.fail_pending(RuntimeError("plane broke"))
+
+    poller.watch(_Event(fires_after=0), then=first)
+    poller.watch(fired, then=lambda _: calls.append("fired"))
+    poller.watch(never, then=lambda _: calls.append("never"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sorted(calls) == ["fired", "first", "never"]
+    assert never.polls >= 1 and poller._pending  # still polled: its memory stays referenced
+    poller.abort(RuntimeError("test over"))
+    assert poller._handle is None and not poller._pending
+
+
 async def test_event_poller_fails_then_once_and_survives_a_then_that_raises() -> None:
     loop = asyncio.get_running_loop()
     reported: list[BaseException] = []
