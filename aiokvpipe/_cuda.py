@@ -58,7 +58,7 @@ class EventPoller:
                                    Callable[[asyncio.Future[None]], object] | None]] = deque()
         self._handle: asyncio.Handle | None = None  # the next poll, once scheduled
         self._in_poll = False
-        self._started = 0.0  # when the oldest event became the oldest
+        self._started: float | None = None  # when the oldest event was first polled
         self._error: BaseException | None = None
         self._on_error = on_error
 
@@ -80,8 +80,6 @@ class EventPoller:
             if then is not None:
                 fut.add_done_callback(then)
             return fut
-        if not self._pending:
-            self._started = time.perf_counter()
         self._pending.append((event, fut, nbytes / _OPTIMISTIC_BYTES_PER_S, keepalive, then))
         if self._handle is None and not self._in_poll:
             self._handle = loop.call_soon(self._poll)
@@ -94,6 +92,10 @@ class EventPoller:
         try:
             while pending:
                 event, fut, expected, _, then = pending[0]
+                if self._started is None:
+                    # From its first poll, not its watch: a loop that stalled in between
+                    # must not make an event look overdue (and polled only every 1 ms).
+                    self._started = time.perf_counter()
                 if not event.query():
                     elapsed = time.perf_counter() - self._started
                     loop = fut.get_loop()
@@ -104,7 +106,7 @@ class EventPoller:
                     return
                 # Its `then` as it is now: fail_pending may have run it already meanwhile.
                 then = pending.popleft()[4]
-                self._started = time.perf_counter()
+                self._started = None
                 if not fut.done():
                     fut.set_result(None)
                 if then is not None:  # also for a future its holder cancelled

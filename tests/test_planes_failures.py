@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pipe_peer
 import pytest
@@ -142,6 +143,22 @@ async def test_event_poller_polls_once_per_iteration_when_a_then_watches_more() 
         await asyncio.sleep(0)
     # One query per loop iteration at most (fewer if the loop stalled into the back-off).
     assert 1 <= later.polls <= iterations + 1
+    poller.abort(RuntimeError("test over"))
+
+
+async def test_event_poller_times_an_event_from_its_first_poll_not_its_watch() -> None:
+    """A loop that stalls between a watch and its first poll (an engine holding the GIL)
+    must not make the event look overdue: the poller then polls it on every loop iteration
+    around its expected end, not once a millisecond."""
+    loop = asyncio.get_running_loop()
+    poller = EventPoller()
+    loop.call_soon(time.sleep, 0.01)  # runs just before the first poll
+    event = _Event(fires_after=None)
+    poller.watch(event)
+    await asyncio.sleep(0)  # the stall, then the first poll, ran
+    assert event.polls == 1
+    assert poller._handle is not None  # polled on: the next iteration, not a timer
+    assert not isinstance(poller._handle, asyncio.TimerHandle), "backed off to 1 ms polls"
     poller.abort(RuntimeError("test over"))
 
 
