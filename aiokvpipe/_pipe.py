@@ -224,37 +224,24 @@ class Pipe:
         # budget to hold.
         inline = out.nbytes == 0 or (out.nbytes <= self._inline_limit and not out.cuda)
         cost = _wire.message_cost(out.nbytes, len(out.specs))
-        if (inline and not self._send_queue and not self._control.write_paused
-                and self._credits.try_acquire(cost)):
-            # The fast path: nobody is queued ahead, credits are at hand and the connection
-            # takes more. Written without a suspension, so call order holds and cancellation
-            # cannot split anything.
-            self._post(out, key, True, cost, 0)
+        held = 0 if inline else out.nbytes  # send budget: a payload's bytes until it is out
+        if (not self._send_queue and not self._control.write_paused
+                and self._acquire_now(held, cost)):
+            # The fast path: nobody is queued ahead, budget and credits are at hand and the
+            # connection takes more. Posted without a suspension, so call order holds and
+            # cancellation cannot split anything; no turn in the queue, no futures to grant.
+            done = self._post(out, key, inline, cost, held)
+            if done is not None:
+                await asyncio.shield(done)
             if self._timed:
                 self._metrics.sent(out.nbytes, perf_counter() - t0)
-            if self._yield_due():
+            if done is None and self._yield_due():
                 # After the write: yielding first would let a later send() overtake this one.
                 # Cancelled here, the message is sent all the same (see the docstring).
                 await asyncio.sleep(0)
             return
-        if (not inline and not self._send_queue and not self._control.write_paused
-                and self._send_budget.try_acquire(out.nbytes)):
-            # The same for a payload (a CUDA message, say) when its budget and credits are at
-            # hand: posted now, with no turn in the queue and no futures to grant them.
-            if self._credits.try_acquire(cost):
-                if self._timed:  # no wait, counted as the queue would count it
-                    self._metrics.waited_budget(0.0)
-                    self._metrics.waited_credits(0.0)
-                done = self._post(out, key, False, cost, out.nbytes)
-                assert done is not None
-                await asyncio.shield(done)
-                if self._timed:
-                    self._metrics.sent(out.nbytes, perf_counter() - t0)
-                return
-            self._send_budget.release(out.nbytes)
         # The slow path: wait in line (call order) for the connection, budget and credits.
-        turn = _Queued(out, key, inline, cost, 0 if inline else out.nbytes,
-                       self._loop.create_future(), t0)
+        turn = _Queued(out, key, inline, cost, held, self._loop.create_future(), t0)
         self._send_queue.append(turn)
         self._pump_sends()
         try:
@@ -496,6 +483,20 @@ class Pipe:
             raise PipeClosed("pipe closed")
         if self._proto.close_received:
             raise PipeClosed("the peer closed the pipe")
+
+    def _acquire_now(self, held: int, cost: int) -> bool:
+        """Take ``held`` bytes of send budget (none for an inline message, which holds none)
+        and ``cost`` of credits if nobody waits for either and both fit; else take nothing."""
+        if held and not self._send_budget.try_acquire(held):
+            return False
+        if not self._credits.try_acquire(cost):
+            if held:
+                self._send_budget.release(held)
+            return False
+        if held and self._timed:  # no wait, counted as the queue would count it
+            self._metrics.waited_budget(0.0)
+            self._metrics.waited_credits(0.0)
+        return True
 
     def _pump_sends(self, _: object = None) -> None:
         """Post queued sends, oldest first, while the connection takes more and each has its
