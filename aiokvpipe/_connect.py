@@ -386,8 +386,10 @@ class Listener:
                 c2s, s2c = await _unless_lost(ch, asyncio.gather(
                     pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
                     pending.sockets[_wire.Direction.SERVER_TO_CLIENT]))
-                plane = await _start_socket_plane(transport, s2c, c2s, self._device, late,
-                                                  self._opts)
+                plane = await TcpPlane.start(s2c, c2s, self._device, late,
+                                             self._opts.recv_buffer_bytes)
+            elif transport == _wire.Transport.IPC:
+                plane = await _ipc_plane.IpcPlane.start(self._device, late)
             else:
                 assert ids is not None
                 plane = await _unless_lost(ch, _nccl_plane.start(True, ids, self._device, late))
@@ -534,7 +536,9 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
                 await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
                                                                      direction)))
             c2s, s2c = data_socks
-            plane = await _start_socket_plane(accept.transport, c2s, s2c, device, late, opts)
+            plane = await TcpPlane.start(c2s, s2c, device, late, opts.recv_buffer_bytes)
+        elif accept.transport == _wire.Transport.IPC:
+            plane = await _ipc_plane.IpcPlane.start(device, late)
         else:
             assert accept.nccl_ids is not None  # the codec guarantees ids with nccl
             plane = await _unless_lost(ch, _nccl_plane.start(False, accept.nccl_ids, device,
@@ -554,16 +558,8 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
 
 
 #: Planes whose payload travels over the session's own pair of ATTACH connections (ipc's
-#: carry its records and acknowledgements).
-_SOCKET_PLANES: Final = (_wire.Transport.TCP, _wire.Transport.IPC)
-
-
-async def _start_socket_plane(transport: _wire.Transport, send_sock: socket.socket,
-                              recv_sock: socket.socket, device: torch.device,
-                              late: _LateBreak, opts: PipeOptions) -> DataPlane:
-    if transport == _wire.Transport.IPC:
-        return await _ipc_plane.IpcPlane.start(send_sock, recv_sock, device, late)
-    return await TcpPlane.start(send_sock, recv_sock, device, late, opts.recv_buffer_bytes)
+#: records ride on the control connection: it needs none).
+_SOCKET_PLANES: Final = (_wire.Transport.TCP,)
 
 
 def _options(options: PipeOptions | None, overrides: dict[str, Any]) -> PipeOptions:

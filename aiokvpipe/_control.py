@@ -153,11 +153,14 @@ class ControlChannel(asyncio.Protocol):
         if self._held_bytes >= _HOLD_BYTES:
             self._write_held()
 
-    def hold(self) -> None:
+    def hold(self) -> bool:
         """Gather what is written from now until :meth:`release` (in this same call, never
-        across an await) into one write: a burst of frames then costs one system call."""
+        across an await) into one write: a burst of frames then costs one system call.
+        False if a hold is on already: its owner releases, not this caller."""
         if self._held is None:
             self._held = []
+            return True
+        return False
 
     def release(self) -> None:
         """Write what :meth:`hold` gathered, and write at once again."""

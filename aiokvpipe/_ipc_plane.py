@@ -23,13 +23,15 @@ no ``record_stream``; else from the copy stream's), records an event, completes 
 once the event fired (the copy is then complete; the pipe keeps the tensors for the
 caller's stream), and acks.
 
-Signalling runs over two connected sockets, one per direction, as the tcp plane's: the
-producer writes records and reads acks on its socket, the consumer the other way round.
-Records are ``struct`` layouts with bounded counts (:class:`RecordDecoder`); anything
-malformed, a region never announced, too many copies in flight, a piece outside its region,
-a handle that does not open or that maps less memory than announced raises
-:class:`ProtocolError`, reported through ``on_lost`` (the pipe then breaks); nothing is ever
-unpickled.
+Signalling rides on the pipe's control connection, in SIGNAL frames (``signal(data)``
+out, :meth:`IpcPlane.on_signal` in): a message's COPY record and its header leave in one
+write and arrive in one read, and acknowledgements share the connection with the credits.
+(Two sockets of the plane's own, one per direction, halved the message rate: a second read
+and write a message at each end.) Records are ``struct`` layouts with bounded counts
+(:class:`RecordDecoder`); anything malformed, a region never announced, too many copies in
+flight, a piece outside its region, a handle that does not open or that maps less memory
+than announced raises :class:`ProtocolError` out of :meth:`~IpcPlane.on_signal` or through
+``on_lost`` (the pipe then breaks); nothing is ever unpickled.
 
 Also here, for the handshake: :func:`host_id`, :func:`ipc_info`, :func:`export_probe` and
 :func:`probe_opens` (the listener proves that it can open the client's handles before it
@@ -45,7 +47,6 @@ import functools
 import logging
 import os
 import queue
-import socket
 import struct
 import sys
 import threading
@@ -169,9 +170,6 @@ _FIXED: Final = {RecordType.REGION: _REGION.size,
 MAX_RECORD_BYTES: Final = max(_COPY_HEAD.size + MAX_PIECES * _PIECE.size,
                               _POOL_HEAD.size + MAX_POOL_TENSORS * _PLACE.size)
 
-PRODUCER_RECORDS: Final = frozenset({RecordType.REGION, RecordType.RETIRE, RecordType.COPY,
-                                     RecordType.POOL})
-CONSUMER_RECORDS: Final = frozenset({RecordType.ACK})
 
 
 def encode_record(rec: Record) -> bytes:
@@ -212,14 +210,14 @@ def _check_piece(p: Piece, err: type[Exception]) -> None:
 
 
 class RecordDecoder:
-    """Incremental decoder of one direction's records: ``feed()`` bytes, get records back.
-
-    ``accept``: the record types this end may receive. Holds at most one partial record
-    (:data:`MAX_RECORD_BYTES`); anything malformed raises :class:`ProtocolError`.
+    """Incremental decoder of the peer's records (each end is producer and consumer at once,
+    on one ordered stream): ``feed()`` bytes, get records back. Holds at most one partial
+    record (:data:`MAX_RECORD_BYTES`); anything malformed raises :class:`ProtocolError`.
     """
 
-    def __init__(self, accept: frozenset[RecordType]) -> None:
-        self._accept = frozenset(int(t) for t in accept)
+    _KNOWN: Final = frozenset(int(t) for t in RecordType)
+
+    def __init__(self) -> None:
         self._buf = bytearray()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
@@ -229,7 +227,7 @@ class RecordDecoder:
         pos, end = 0, len(buf)
         while pos < end:
             kind = buf[pos]
-            if kind not in self._accept:
+            if kind not in self._KNOWN:
                 raise ProtocolError(f"unexpected ipc record type {kind}")
             if kind == RecordType.COPY:
                 if end - pos < _COPY_HEAD.size:
@@ -555,49 +553,6 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
         fut.set_result(result)
 
 
-class _Channel(asyncio.Protocol):
-    """One signalling socket: records in through a :class:`RecordDecoder`, records out."""
-
-    def __init__(self, plane: IpcPlane, accept: frozenset[RecordType],
-                 on_record: Callable[[Record], None], direction: str) -> None:
-        self._plane = plane
-        self._decoder = RecordDecoder(accept)
-        self._on_record = on_record
-        self.direction = direction
-        self.transport: asyncio.Transport | None = None
-        self.eof = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            for rec in self._decoder.feed(data):
-                self._on_record(rec)
-        except (ProtocolError, PipeError, RuntimeError) as exc:
-            self._plane._lost(exc)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.eof = True
-        self._plane._channel_lost(self, exc)
-
-    def write(self, data: bytes | bytearray) -> None:
-        if self.transport is not None and data:
-            self.transport.write(data)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
 class _Export:
     """An allocation of ours that the peer may map."""
 
@@ -731,8 +686,8 @@ class IpcPlane:
         self._closing = False
         self._worker = _Worker(self._loop, self._index)
         self._events = _EventPool()
-        self._send_chan: _Channel | None = None
-        self._recv_chan: _Channel | None = None
+        self._signal: Callable[[bytes], None] = _unattached
+        self._decoder = RecordDecoder()
         # producer
         self._send_stream, self._copy_stream = streams  # made off the loop (side_streams)
         self._jobs: deque[_Job] = deque()  # posted, not yet wholly described
@@ -770,19 +725,17 @@ class IpcPlane:
         self.released: asyncio.Future[None] = self._loop.create_future()
 
     @classmethod
-    async def start(cls, send_sock: socket.socket, recv_sock: socket.socket,
-                    device: torch.device, on_lost: Callable[[BaseException], None], *,
+    async def start(cls, device: torch.device, on_lost: Callable[[BaseException], None], *,
                     mode: Mode = "segments", ring_bytes: int = DEFAULT_RING_BYTES
                     ) -> IpcPlane:
-        """Start the plane on two connected sockets (one per direction, as the tcp plane's).
+        """Start the plane; its owner then :meth:`attach_signals` before the first post.
 
-        ``send_sock`` carries our records and the peer's acks for what we send;
-        ``recv_sock`` the peer's records and our acks. ``device``: the CUDA device received
-        tensors land on (and sent ones are staged to). ``on_lost(exc)`` is called once when
-        the plane cannot go on (peer gone, protocol violated, a handle that does not open);
-        the owner then calls :meth:`abort`. ``mode``: ``"segments"`` maps the caching
-        allocator's segments (one copy) and stages only what cannot be exported;
-        ``"ring"`` stages everything through a ``ring_bytes`` staging ring (two copies).
+        ``device``: the CUDA device received tensors land on (and sent ones are staged to).
+        ``on_lost(exc)`` is called once when the plane cannot go on (a handle that does not
+        open, a CUDA error in a callback); the owner then calls :meth:`abort`, as it does
+        when its connection to the peer is lost. ``mode``: ``"segments"`` maps the caching
+        allocator's segments (one copy) and stages only what cannot be exported; ``"ring"``
+        stages everything through a ``ring_bytes`` staging ring (two copies).
         """
         if device.type != "cuda":
             raise ValueError("the ipc plane needs a CUDA device")
@@ -793,24 +746,28 @@ class IpcPlane:
         _cudaipc.runtime()  # ImportError now, not on the first message
         streams = await side_streams(device, 2)
         try:
-            plane = cls(device, on_lost, mode, ring_bytes, streams)
+            return cls(device, on_lost, mode, ring_bytes, streams)
         except BaseException:
             recycle_streams(streams)
             raise
-        loop = plane._loop
-        try:
-            for sock in (send_sock, recv_sock):
-                sock.setblocking(False)
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _, plane._send_chan = await loop.connect_accepted_socket(
-                lambda: _Channel(plane, CONSUMER_RECORDS, plane._on_ack, "send"), send_sock)
-            _, plane._recv_chan = await loop.connect_accepted_socket(
-                lambda: _Channel(plane, PRODUCER_RECORDS, plane._on_record, "recv"), recv_sock)
-        except BaseException as exc:
-            plane.abort(exc)  # its release gives the streams back
-            raise
-        return plane
+
+    def attach_signals(self, write: Callable[[bytes], None]) -> None:
+        """``write(data)`` carries our records to the peer, in order; it never raises (the
+        pipe writes them in SIGNAL frames on its control connection). The owner hands the
+        peer's records to :meth:`on_signal`."""
+        self._signal = write
+
+    def on_signal(self, data: bytes | bytearray | memoryview) -> None:
+        """The peer's records, in the order it signalled them (any split: a record cut at
+        the end of ``data`` waits for the rest). Raises :class:`ProtocolError` for anything
+        malformed or out of place, and a CUDA error of ours as it is: the owner breaks."""
+        if self._error is not None or self._closing:
+            return
+        for rec in self._decoder.feed(data):
+            if type(rec) is AckRecord:
+                self._on_ack(rec)
+            else:
+                self._on_record(rec)
 
     @property
     def stats(self) -> dict[str, int | str]:
@@ -853,11 +810,6 @@ class IpcPlane:
                           for t in staged]
         if not staged:
             fut.set_result(None)
-            return fut
-        if self._send_chan is None or self._send_chan.eof:
-            exc = ConnectionResetError("ipc signalling connection closed by the peer")
-            fut.set_exception(exc)
-            self._lost(exc)
             return fut
         try:
             parts = [self._part(t) for t in staged]
@@ -1089,9 +1041,9 @@ class IpcPlane:
             if gate is not None:
                 self._events.put(gate)
             self._out += data
-        if self._out and self._send_chan is not None:
-            self._send_chan.write(self._out)
-            self._out = bytearray()
+        if self._out:
+            out, self._out = bytes(self._out), bytearray()
+            self._signal(out)
 
     def _gate_fired(self, fut: asyncio.Future[None]) -> None:
         self._watching_gate = False
@@ -1212,11 +1164,6 @@ class IpcPlane:
         if not target.remaining:
             fut.set_result(tensors)
             return fut
-        if self._recv_chan is None or (self._recv_chan.eof and not self._copies):
-            exc = ConnectionResetError("ipc signalling connection closed by the peer")
-            fut.set_exception(exc)
-            self._lost(exc)
-            return fut
         self._targets.append(target)
         self._pump_recv()
         return fut
@@ -1308,7 +1255,7 @@ class IpcPlane:
             m.retired = True
             if not m.users:
                 self._close_mapping(m)
-        else:  # the decoder accepts nothing else on this socket
+        else:  # on_signal routes acks to _on_ack, and the decoder knows no other type
             raise ProtocolError(f"unexpected record {rec!r}")
 
     def _open(self, rec: RegionRecord) -> int:
@@ -1466,24 +1413,10 @@ class IpcPlane:
     def _send_ack(self) -> None:
         # Coalesced: one ACK per loop iteration, however many copies completed in it.
         self._ack_due = False
-        if self._recv_chan is not None and self._error is None:
-            self._recv_chan.write(encode_record(AckRecord(self._completed)))
+        if self._error is None and not self._closing:
+            self._signal(encode_record(AckRecord(self._completed)))
 
     # -- ending ----------------------------------------------------------------------------------
-
-    def _channel_lost(self, chan: _Channel, exc: Exception | None) -> None:
-        if self._closing or self._error is not None:
-            return
-        if chan is self._send_chan:
-            busy = bool(self._jobs or self._inflight)
-        else:
-            busy = bool(self._copies or self._targets or self._copying)
-        if exc is None and not busy:
-            # A clean end between messages is how a graceful close looks; a later post finds
-            # the connection gone.
-            return
-        self._lost(exc or ConnectionResetError(
-            f"ipc signalling connection ({chan.direction}) closed mid-transfer"))
 
     def _lost(self, exc: BaseException) -> None:
         if self._closing or self._error is not None:
@@ -1518,22 +1451,16 @@ class IpcPlane:
         self._copy_poller.fail_pending(exc)
         self._gate_poller.fail_pending(exc)
         self._gated.clear()
-        for chan in (self._send_chan, self._recv_chan):
-            if chan is not None:
-                chan.abort()
         self._release(lambda: _abort_all((self._copy_poller, self._gate_poller), exc),
                       keepalive=sending)
 
     def close(self) -> None:
-        """Graceful end (nothing in flight): close the sockets, unmap and free off the loop."""
+        """Graceful end (nothing in flight): unmap and free off the loop."""
         if self._closing or self._error is not None:
             return
         self._closing = True
         for source in self._pool_sources.values():
             fail_future(source, ConnectionAbortedError("closed"))
-        for chan in (self._send_chan, self._recv_chan):
-            if chan is not None:
-                chan.close()
         self._ready_poller.abort(ConnectionAbortedError("closed"))
         self._release(lambda: _abort_all((self._copy_poller, self._gate_poller),
                                          ConnectionAbortedError("closed")))
@@ -1575,6 +1502,10 @@ class IpcPlane:
         self._worker.submit(release).add_done_callback(finished)
         self._worker.stop()
         self._exports.clear()
+
+
+def _unattached(data: bytes) -> None:
+    raise RuntimeError("ipc plane: signalled before attach_signals()")
 
 
 def _abort_all(pollers: Sequence[EventPoller], exc: BaseException) -> None:

@@ -12,11 +12,11 @@ import functools
 import logging
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ctypes import string_at
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Final
+from typing import Final, cast
 
 import torch
 
@@ -30,7 +30,7 @@ from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolErr
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._pipe_blocks import BlockExchange
-from ._plane import DataPlane, Received
+from ._plane import DataPlane, Received, SignallingPlane
 from ._protocol import PipeProtocol, State
 from ._wire import Structure
 from .metrics import BreakCause, PipeMetrics
@@ -149,8 +149,11 @@ class Pipe:
         self._loop = asyncio.get_running_loop()
         self._control = control
         self._plane = plane
+        #: The plane's records travel as SIGNAL frames on our connection (ipc).
+        self._on_signal: Callable[[bytes], None] | None = getattr(plane, "on_signal", None)
         self._proto = PipeProtocol(recv_buffer_bytes=recv_buffer_bytes,
-                                   peer_credit=peer_credits)
+                                   peer_credit=peer_credits,
+                                   signals=self._on_signal is not None)
         self.device: Final = device
         self._on_cuda = device.type == "cuda"
         self.peer: Final = control.peer
@@ -186,6 +189,8 @@ class Pipe:
         self._closer: asyncio.Task[None] | None = None
         self._error: BrokenPipe | None = None
         self._blocks = BlockExchange(self)
+        if self._on_signal is not None:
+            cast(SignallingPlane, plane).attach_signals(self._signal)
         control.attach(self)
         if heartbeat_interval is not None and self._error is None:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
@@ -230,7 +235,16 @@ class Pipe:
             # The fast path: nobody is queued ahead, budget and credits are at hand and the
             # connection takes more. Posted without a suspension, so call order holds and
             # cancellation cannot split anything; no turn in the queue, no futures to grant.
-            done = self._post(out, key, inline, cost, held)
+            if self._on_signal is not None and not inline:
+                # The plane's record (the payload's description) and the header: one write.
+                holding = self._control.hold()
+                try:
+                    done = self._post(out, key, inline, cost, held)
+                finally:
+                    if holding:
+                        self._control.release()
+            else:
+                done = self._post(out, key, inline, cost, held)
             if done is not None:
                 await asyncio.shield(done)
             if self._timed:
@@ -509,11 +523,12 @@ class Pipe:
         # Posted together, written together: one system call for the burst. Nothing waits
         # for a later loop iteration (the pump returns before anyone awaits). Grants and
         # drains reach the pump through future callbacks, never from inside it.
-        self._control.hold()
+        holding = self._control.hold()
         try:
             self._pump_queue()
         finally:
-            self._control.release()
+            if holding:
+                self._control.release()
 
     def _pump_queue(self) -> None:
         queue = self._send_queue
@@ -657,6 +672,16 @@ class Pipe:
         else:
             self._bytes_sent += nbytes
 
+    def _signal(self, data: bytes) -> None:
+        """Write the data plane's records, in SIGNAL frames in order with ours. Never raises:
+        a lost connection breaks the pipe through the channel, which reports it."""
+        frames = self._proto.send_signal(data)
+        if frames:
+            try:
+                self._control.write_encoded(frames)
+            except BrokenPipe:
+                pass
+
     def _write(self, data: bytes) -> None:
         """Write encoded frames; a lost connection breaks the pipe and raises BrokenPipe."""
         try:
@@ -694,6 +719,9 @@ class Pipe:
                     if frame.credit:  # type: ignore[union-attr]
                         self._credits.release(frame.credit)  # type: ignore[union-attr]
                     self._on_header(frame)  # type: ignore[arg-type]
+                elif ftype is _wire.Signal:
+                    assert self._on_signal is not None  # the protocol let it through
+                    self._on_signal(frame.data)  # type: ignore[union-attr]
                 elif ftype is _wire.Credit:
                     self._credits.release(frame.nbytes)  # type: ignore[union-attr]
                 elif ftype is _wire.Close:

@@ -83,6 +83,21 @@ class DeviceBytesPlane(DataPlane, Protocol):
         ...
 
 
+class SignallingPlane(DataPlane, Protocol):
+    """A plane whose own records travel on the pipe's control connection (ipc), in SIGNAL
+    frames and in order with the pipe's frames: one connection, one write and one read for
+    a message's header and its payload's description."""
+
+    def attach_signals(self, write: Callable[[bytes], None]) -> None:
+        """From now on, write records to the peer with ``write`` (which never raises)."""
+        ...
+
+    def on_signal(self, data: bytes) -> None:
+        """Records from the peer; raises ``ProtocolError`` for bad ones, and errors of its
+        own as they are: the pipe breaks."""
+        ...
+
+
 class Received(list[torch.Tensor]):
     """A payload's tensors (what ``post_recv``'s future may yield) with the CUDA stream they
     were allocated on. A caller who receives on that same stream needs no ``record_stream``,

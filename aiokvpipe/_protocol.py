@@ -56,7 +56,8 @@ class PipeProtocol:
     """The rules of an open pipe, for one end.
 
     ``recv_buffer_bytes`` is the credit this end granted the peer in the handshake;
-    ``peer_credit`` the credit the peer granted us.
+    ``peer_credit`` the credit the peer granted us. ``signals``: the data plane signals on
+    this connection (ipc): SIGNAL frames are its records; on any other pipe they break it.
     """
 
     __slots__ = (
@@ -64,12 +65,13 @@ class PipeProtocol:
         "next_send_seq", "peer_credit", "credit_outstanding", "credit_owed",
         "next_recv_seq", "recv_buffer_bytes", "credit_held", "payloads_pending",
         "_tombstones", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
-        "_offers_in", "_refused", "_peer_pools",
+        "_offers_in", "_refused", "_peer_pools", "signals",
     )
 
     def __init__(self, *, recv_buffer_bytes: int, peer_credit: int,
-                 decoder: _wire.FrameDecoder | None = None) -> None:
+                 decoder: _wire.FrameDecoder | None = None, signals: bool = False) -> None:
         self.state = State.OPEN
+        self.signals = signals
         self.close_sent = False
         self.close_received = False
         self._decoder = decoder if decoder is not None else _wire.FrameDecoder()
@@ -150,6 +152,19 @@ class PipeProtocol:
         self._maybe_closed()
         return _wire.encode(_wire.Close(self.next_send_seq))
 
+    def send_signal(self, data: bytes) -> bytes:
+        """SIGNAL frames carrying the data plane's records ``data`` (split as long as it
+        takes); ``b""`` once the pipe is broken or closed: nothing more goes out then."""
+        if not self.signals:
+            raise LocalProtocolError("this pipe's data plane does not signal")
+        if self.state in (State.BROKEN, State.CLOSED) or not data:
+            return b""
+        step = _wire.MAX_SIGNAL_BYTES
+        if len(data) <= step:
+            return _wire.encode_signal(data)
+        return b"".join(_wire.encode_signal(data[i:i + step])
+                        for i in range(0, len(data), step))
+
     def start_closing(self) -> None:
         """Our end decided to close: no new message may be sent from now on."""
         if self.state is State.OPEN:
@@ -167,6 +182,8 @@ class PipeProtocol:
         * :class:`~aiokvpipe._wire.Credit` -- the peer returned this much credit
           (validated against :attr:`credit_outstanding`, already deducted).
         * :class:`~aiokvpipe._wire.Close` -- the peer will send nothing more.
+        * :class:`~aiokvpipe._wire.Signal` -- records for the data plane (only when
+          ``signals``; they may follow the peer's CLOSE: acknowledgements of what we sent).
 
         Heartbeats are consumed here. Raises :class:`ProtocolError` when the peer broke a
         rule and :class:`PeerFailure` when it reported a failure of its own; the protocol is
@@ -192,6 +209,11 @@ class PipeProtocol:
                 elif ftype is _wire.Credit:
                     assert isinstance(frame, _wire.Credit)
                     self._credit_returned(frame.nbytes)
+                    out.append(frame)
+                elif ftype is _wire.Signal:
+                    if not self.signals:
+                        raise ProtocolError("SIGNAL frame on a pipe whose data plane takes "
+                                            "none")
                     out.append(frame)
                 elif ftype is _wire.Heartbeat:
                     continue

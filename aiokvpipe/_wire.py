@@ -27,7 +27,7 @@ from typing import Any, Final, NoReturn, TypeVar
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-PROTOCOL_VERSION: Final = 3  # 3: block transfers; ERROR INTERNAL means "peer failed"
+PROTOCOL_VERSION: Final = 4  # 4: ipc signals on the control connection; 3: block transfers
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
@@ -80,6 +80,7 @@ class FrameType(enum.IntEnum):
     BLOCK_DATA = 24  # the offer's payload follows on the data plane now
     RETRACT = 25  # the sender gave up an offer not yet pulled
     PULLED = 26  # the receiver copied the blocks itself (ipc): the sender may reuse them
+    SIGNAL = 27  # the data plane's own records (ipc: regions, copies, acks), in stream order
 
 
 class Transport(enum.IntEnum):
@@ -291,6 +292,18 @@ class Close:
         _check_u("messages", self.messages, 64)
 
 
+#: Bytes of plane records one SIGNAL frame may carry (an ipc record is at most ~48 KiB).
+MAX_SIGNAL_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """Records of the data plane (ipc), opaque to the pipe: they travel on the control
+    connection, in order with the headers, and the plane decodes and checks them itself."""
+
+    data: bytes
+
+
 #: Limits on block transfers: one offer names at most this many blocks (a 2M-token request
 #: of 16-token blocks), a pool's description is at most this long.
 MAX_OFFER_BLOCKS: Final = 1 << 17
@@ -361,7 +374,7 @@ class Pulled:
 
 
 Frame = (Hello | Auth | Accept | Ready | Attach | Error | Header | Credit | Heartbeat | Close
-         | PoolInfo | Offer | Pull | BlockData | Retract | Pulled)
+         | PoolInfo | Offer | Pull | BlockData | Retract | Pulled | Signal)
 
 #: What one message costs against the receiver's credits beyond its payload: the header and
 #: bookkeeping it holds while unclaimed. Charging it bounds memory even for a flood of empty
@@ -468,6 +481,8 @@ def encode(frame: Frame) -> bytes:
         body, ftype = b"", FrameType.HEARTBEAT
     elif isinstance(frame, Close):
         body, ftype = _U64.pack(frame.messages), FrameType.CLOSE
+    elif isinstance(frame, Signal):
+        return encode_signal(frame.data)
     elif isinstance(frame, Offer):
         key = b"" if frame.key is None else frame.key.encode()
         if len(key) > MAX_KEY_BYTES:
@@ -495,6 +510,14 @@ def encode(frame: Frame) -> bytes:
 def encode_credit(nbytes: int) -> bytes:
     """A CREDIT frame (the hot path's: no Credit object is built)."""
     return _CREDIT_FRAME.pack(FrameType.CREDIT, 0, 0, 8, nbytes)
+
+
+def encode_signal(data: bytes | bytearray) -> bytes:
+    """A SIGNAL frame carrying ``data`` (at most :data:`MAX_SIGNAL_BYTES`)."""
+    if not 0 < len(data) <= MAX_SIGNAL_BYTES:
+        raise ValueError(f"a SIGNAL frame carries 1 to {MAX_SIGNAL_BYTES} bytes, "
+                         f"not {len(data)}")
+    return _FRAME_PREFIX.pack(FrameType.SIGNAL, 0, 0, len(data)) + data
 
 
 def encode_header(seq: int, key: str | None, structure: Structure,
@@ -578,11 +601,13 @@ MAX_BODY: Final[dict[FrameType, int]] = {
     FrameType.PULLED: 8,
     FrameType.HEARTBEAT: 0,
     FrameType.CLOSE: 8,
+    FrameType.SIGNAL: MAX_SIGNAL_BYTES,
 }
 
 
 _HEADER: Final = FrameType.HEADER
 _HEADER_INLINE: Final = FrameType.HEADER_INLINE
+_SIGNAL: Final = FrameType.SIGNAL
 
 #: raw type byte → (frame type, largest body): one lookup checks a prefix.
 _KNOWN_TYPES: Final = {int(t): (t, MAX_BODY[t]) for t in FrameType}
@@ -658,6 +683,10 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
                       ErrorCode.INTERNAL, text)
     elif ftype is FrameType.CLOSE:
         frame = Close(r.u64())
+    elif ftype is FrameType.SIGNAL:
+        if not body:
+            raise ProtocolError("an empty SIGNAL frame")
+        frame = Signal(bytes(r.take(len(body))))
     elif ftype is FrameType.OFFER:
         offer_id, pool_id, key_len, nlayers, nids = r.unpack(_OFFER_FIXED)
         key = None
@@ -819,7 +848,8 @@ def shape_fits(shape: tuple[int, ...], itemsize: int) -> bool:
 #: What decoding a frame of each type sets in motion, in units of a message header's: a block
 #: transfer's frame makes its receiver check ids, plan or launch a copy and answer (tens of
 #: µs), a header mostly a dictionary lookup. :meth:`FrameDecoder.feed`'s budget counts these.
-FRAME_WEIGHT: Final = {t: 16 if t >= FrameType.POOL else 1 for t in FrameType}
+FRAME_WEIGHT: Final = {t: 16 if FrameType.POOL <= t <= FrameType.PULLED else 1
+                       for t in FrameType}
 
 
 class FrameDecoder:
@@ -918,6 +948,8 @@ class FrameDecoder:
     def _decode(self, ftype: FrameType, body: memoryview) -> Frame:
         if ftype is _HEADER_INLINE or ftype is _HEADER:
             return _decode_header(body, ftype is _HEADER_INLINE, self._specs_cache)
+        if ftype is _SIGNAL and len(body):  # one a message on an ipc pipe: no reader built
+            return Signal(body.tobytes())
         return decode_body(ftype, body)
 
     @property

@@ -81,14 +81,14 @@ def instrument() -> None:
     _wrap(_pipe.Pipe, "_on_payload")
     _wrap(_pipe.Pipe, "_flush_credit")
     _wrap(_control.ControlChannel, "write_encoded")
-    _wrap(_ipc_plane._Channel, "write", "ipcsock.write")
-    _wrap(_ipc_plane._Channel, "data_received", "ipcsock.data_received")
+    _wrap(P, "on_signal")
+    _wrap(_pipe.Pipe, "_signal")
     _wrap(torch.cuda.Event, "query", "Event.query")
     _wrap(torch.cuda.Stream, "query", "Stream.query")
     _wrap(_ipc_plane, "_empty_like_specs", "empty")
     _wrap(_cudaipc, "copy_async", "copy_async")
     _wrap(_cuda.EventPoller, "watch")
-    _wrap(_cuda.EventPoller, "_run")
+    _wrap(_cuda.EventPoller, "_poll")
 
 
 def kv_pool() -> aiokvpipe.BlockPool:

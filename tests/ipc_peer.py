@@ -1,7 +1,8 @@
-"""The other end of tests/test_ipc_cuda.py: an IpcPlane on two inherited sockets, driven by
-JSON-line commands on stdin, answering with JSON-line events on stdout.
+"""The other end of tests/test_ipc_cuda.py: an IpcPlane signalling over an inherited socket
+(``ipc_link.py``), driven by JSON-line commands on stdin, answering with JSON-line events on
+stdout.
 
-    python tests/ipc_peer.py SEND_FD RECV_FD DEVICE MODE
+    python tests/ipc_peer.py SOCK_FD DEVICE MODE
 
 Commands: ``{"op": "echo", "specs": [[code, shape], ...]}`` receives one message and sends
 it back; ``{"op": "send", "specs": ..., "fill": v, "sleep_cycles": n}`` sends tensors whose
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from ipc_link import plane_on_socket  # noqa: E402
 
 from aiokvpipe import _dtypes  # noqa: E402
 from aiokvpipe._ipc_plane import IpcPlane, export_probe  # noqa: E402
@@ -40,12 +43,11 @@ def specs_of(raw: list[list[Any]]) -> list[TensorSpec]:
 
 
 async def main() -> None:
-    send_fd, recv_fd, device_name, mode = sys.argv[1:5]
+    sock_fd, device_name, mode = sys.argv[1:4]
     device = torch.device(device_name)
     torch.cuda.set_device(device)
     loop = asyncio.get_running_loop()
-    send_sock = socket.socket(fileno=int(send_fd))
-    recv_sock = socket.socket(fileno=int(recv_fd))
+    sock = socket.socket(fileno=int(sock_fd))
     plane: IpcPlane | None = None
 
     def lost(exc: BaseException) -> None:
@@ -53,7 +55,7 @@ async def main() -> None:
         if plane is not None:
             plane.abort(exc)
 
-    plane = await IpcPlane.start(send_sock, recv_sock, device, lost, mode=mode)  # type: ignore[arg-type]
+    plane, link = await plane_on_socket(sock, device, lost, mode=mode)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     say("ready", pid=__import__("os").getpid())
@@ -84,6 +86,7 @@ async def main() -> None:
                 say("exported", handle=(await export_probe(device)).hex())
             elif op == "exit":
                 plane.close()
+                link.abort()
                 await plane.released
                 say("bye")
                 return

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from ipc_link import plane_on_socket  # noqa: E402
 
 from aiokvpipe import _cudaipc  # noqa: E402
 from aiokvpipe._ipc_plane import IpcPlane  # noqa: E402
@@ -213,12 +215,10 @@ def trace_plane(plane: IpcPlane) -> None:
     plane._enqueue = wrap("enqueued", plane._enqueue, after=True)  # type: ignore[method-assign]
     plane._copied = wrap("copied", plane._copied)  # type: ignore[method-assign]
     plane._send_ack = wrap("ack_out", plane._send_ack)  # type: ignore[method-assign]
-    # Records leave through the send channel's write; what arrives is seen as decoded.
-    send_chan, recv_chan = plane._send_chan, plane._recv_chan
-    assert send_chan is not None and recv_chan is not None
-    send_chan.write = wrap("rec_out", send_chan.write, after=True)  # type: ignore[method-assign]
-    send_chan._on_record = wrap("ack_in", send_chan._on_record)  # type: ignore[method-assign]
-    recv_chan._on_record = wrap("rec_in", recv_chan._on_record)  # type: ignore[method-assign]
+    # Records leave through the attached writer; what arrives is seen as decoded.
+    plane._signal = wrap("rec_out", plane._signal, after=True)
+    plane._on_ack = wrap("ack_in", plane._on_ack)  # type: ignore[method-assign]
+    plane._on_record = wrap("rec_in", plane._on_record)  # type: ignore[method-assign]
 
 
 async def plane_consumer(ctl: Line, plane: IpcPlane, msg: dict[str, Any]) -> None:
@@ -298,10 +298,10 @@ def micro() -> dict[str, float]:
 
 async def run_planes(role: str, ctl: Line, socks: list[socket.socket], sizes: list[int],
                      results: dict[str, Any]) -> None:
-    """``socks``: this end's (send, recv) sockets for each mode in turn."""
+    """``socks``: this end's signalling socket for each mode in turn."""
     for m, mode in enumerate(MODES):
-        plane = await IpcPlane.start(socks[2 * m], socks[2 * m + 1], torch.device("cuda", 0),
-                                     lost, mode=mode)  # type: ignore[arg-type]
+        plane, link = await plane_on_socket(socks[m], torch.device("cuda", 0), lost,
+                                            mode=mode)
         trace_plane(plane)
         for size in sizes:
             if role == "producer":
@@ -313,6 +313,7 @@ async def run_planes(role: str, ctl: Line, socks: list[socket.socket], sizes: li
             else:
                 await plane_consumer(ctl, plane, await ctl.arecv())
         plane.close()
+        link.abort()
         await plane.released
 
 
@@ -342,10 +343,9 @@ def main() -> None:
     ours: list[socket.socket] = []
     theirs: list[socket.socket] = []
     for _ in MODES:
-        p_send, c_recv = socket.socketpair()
-        c_send, p_recv = socket.socketpair()
-        ours += [p_send, p_recv]
-        theirs += [c_send, c_recv]
+        mine, other = socket.socketpair()
+        ours.append(mine)
+        theirs.append(other)
     child_arg = ",".join(str(s.fileno()) for s in [ctl_b, *theirs])
     child = subprocess.Popen([sys.executable, __file__, "--sizes", args.sizes,
                               "--child", child_arg],

@@ -1,7 +1,8 @@
 """The ipc plane through real CUDA IPC between two real processes on one GPU.
 
-The test process runs one IpcPlane, ``tests/ipc_peer.py`` the other, joined by two socket
-pairs (one per direction). Skipped without a CUDA device or CuPy. Run on a GPU machine:
+The test process runs one IpcPlane, ``tests/ipc_peer.py`` the other, their records carried
+both ways by one socket pair (``tests/ipc_link.py``, as a pipe's control connection carries
+them). Skipped without a CUDA device or CuPy. Run on a GPU machine:
 
     python -m pytest -q -m cuda tests/test_ipc_cuda.py
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from ipc_link import plane_on_socket
 from jsonpeer import JsonPeerProcess
 
 from aiokvpipe import BrokenPipe, ProtocolError, _dtypes
@@ -88,29 +90,30 @@ class Local:
 @asynccontextmanager
 async def pair(mode: str = "segments", peer_mode: str | None = None,
                peer_env: dict[str, str] | None = None) -> AsyncIterator[tuple[Local, Peer]]:
-    our_send, peer_recv = socket.socketpair()
-    peer_send, our_recv = socket.socketpair()
+    ours, theirs = socket.socketpair()
     stderr = tempfile.NamedTemporaryFile(prefix="ipc-peer-", suffix=".log", delete=False)
     env = {**os.environ, **(peer_env or {})}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(PEER), str(peer_send.fileno()), str(peer_recv.fileno()), "cuda:0",
+        sys.executable, str(PEER), str(theirs.fileno()), "cuda:0",
         peer_mode or mode, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=stderr, pass_fds=(peer_send.fileno(), peer_recv.fileno()), env=env)
-    peer_send.close()
-    peer_recv.close()
+        stderr=stderr, pass_fds=(theirs.fileno(),), env=env)
+    theirs.close()
     peer = Peer(JsonPeerProcess(proc, "ipc peer", Path(stderr.name)))
     local = Local()
+    link = None
     try:
         await peer.expect("ready", timeout=120)
-        local.plane = await IpcPlane.start(our_send, our_recv, DEV, local.on_lost,
-                                           mode=mode)  # type: ignore[arg-type]
+        local.plane, link = await plane_on_socket(ours, DEV, local.on_lost, mode=mode)
         yield local, peer
     finally:
         if proc.returncode is None:
             proc.kill()
         await asyncio.wait_for(proc.wait(), 30)
-        if local.plane is not None:
+        if link is None or local.plane is None:
+            ours.close()
+        else:
             local.plane.abort(BrokenPipe("test over"))
+            link.abort()
             await asyncio.wait_for(local.plane.released, 30)
         stderr.close()
         os.unlink(stderr.name)
@@ -436,17 +439,16 @@ async def test_consumer_killed_fails_the_send_fast_and_frees_its_memory() -> Non
 @asynccontextmanager
 async def raw_producer() -> AsyncIterator[tuple[Local, socket.socket]]:
     """Our plane as the consumer of a hand-written producer's records."""
-    our_send, their_recv = socket.socketpair()
-    their_send, our_recv = socket.socketpair()
+    ours, theirs = socket.socketpair()
     local = Local()
-    local.plane = await IpcPlane.start(our_send, our_recv, DEV, local.on_lost)
+    local.plane, link = await plane_on_socket(ours, DEV, local.on_lost)
     try:
-        yield local, their_send
+        yield local, theirs
     finally:
         local.plane.abort(BrokenPipe("test over"))
+        link.abort()
         await asyncio.wait_for(local.plane.released, 10)
-        for s in (their_send, their_recv):
-            s.close()
+        theirs.close()
 
 
 async def test_a_handle_that_does_not_open_is_a_protocol_error_not_a_crash() -> None:

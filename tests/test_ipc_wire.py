@@ -5,7 +5,6 @@ handshake helpers' answers without CUDA."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 
 import pytest
@@ -15,14 +14,12 @@ from hypothesis import strategies as st
 
 from aiokvpipe import ProtocolError
 from aiokvpipe._ipc_plane import (
-    CONSUMER_RECORDS,
     IPC_HANDLE_BYTES,
     MAX_COPIES_IN_FLIGHT,
     MAX_PIECES,
     MAX_POOL_TENSORS,
     MAX_RECORD_BYTES,
     MAX_REGIONS,
-    PRODUCER_RECORDS,
     AckRecord,
     ConsumerLedger,
     CopyRecord,
@@ -58,18 +55,9 @@ PRODUCER_SAMPLES = [
 CONSUMER_SAMPLES = [AckRecord(0), AckRecord(1), AckRecord((1 << 64) - 1)]
 
 
-def producer_decoder() -> RecordDecoder:
-    """What a consumer reads: the producer's records."""
-    return RecordDecoder(PRODUCER_RECORDS)
-
-
-def consumer_decoder() -> RecordDecoder:
-    return RecordDecoder(CONSUMER_RECORDS)
-
-
-def rejected(data: bytes, decoder: RecordDecoder | None = None) -> None:
+def rejected(data: bytes) -> None:
     with pytest.raises(ProtocolError):
-        (decoder or producer_decoder()).feed(data)
+        RecordDecoder().feed(data)
 
 
 # -- codec --------------------------------------------------------------------------------------
@@ -78,8 +66,8 @@ def rejected(data: bytes, decoder: RecordDecoder | None = None) -> None:
 @pytest.mark.parametrize("rec", PRODUCER_SAMPLES, ids=lambda r: type(r).__name__)
 def test_producer_record_round_trips_whole_and_byte_by_byte(rec: object) -> None:
     data = encode_record(rec)  # type: ignore[arg-type]
-    assert producer_decoder().feed(data) == [rec]
-    dec = producer_decoder()
+    assert RecordDecoder().feed(data) == [rec]
+    dec = RecordDecoder()
     got = []
     for i in range(len(data)):
         got += dec.feed(data[i:i + 1])
@@ -90,12 +78,19 @@ def test_producer_record_round_trips_whole_and_byte_by_byte(rec: object) -> None
 
 @pytest.mark.parametrize("rec", CONSUMER_SAMPLES)
 def test_ack_round_trips(rec: AckRecord) -> None:
-    assert consumer_decoder().feed(encode_record(rec)) == [rec]
+    assert RecordDecoder().feed(encode_record(rec)) == [rec]
 
 
 def test_many_records_in_one_feed_come_out_in_order() -> None:
     data = b"".join(encode_record(r) for r in PRODUCER_SAMPLES)
-    assert producer_decoder().feed(data + data[:5]) == PRODUCER_SAMPLES
+    assert RecordDecoder().feed(data + data[:5]) == PRODUCER_SAMPLES
+
+
+def test_both_ends_records_share_one_stream_in_order() -> None:
+    # One connection carries a producer's records and its acks of the other direction.
+    recs = [PRODUCER_SAMPLES[0], CONSUMER_SAMPLES[1], *PRODUCER_SAMPLES[1:3], CONSUMER_SAMPLES[2]]
+    data = b"".join(encode_record(r) for r in recs)
+    assert RecordDecoder().feed(data) == recs
 
 
 def test_copy_record_layout_is_fixed() -> None:
@@ -106,7 +101,6 @@ def test_copy_record_layout_is_fixed() -> None:
 
 @pytest.mark.parametrize("data", [
     b"\x00", b"\x01", b"\x07", b"\xff",  # unknown record types
-    b"\x05" + bytes(8),  # an ACK is the consumer's, never on the producer's socket
     struct.pack(">BBH", 4, 2, 1) + struct.pack(">IQQ", 1, 0, 1),  # flags beyond bit 0
     struct.pack(">BBH", 4, 0, 0),  # no pieces
     struct.pack(">BBH", 4, 0, MAX_PIECES + 1),  # too many, refused before buffering
@@ -117,16 +111,11 @@ def test_copy_record_layout_is_fixed() -> None:
     struct.pack(">BIQ", 2, 1, 0) + HANDLE,  # empty region
     struct.pack(">BIQ", 2, 1, MAX_PAYLOAD_BYTES + 1) + HANDLE,
     struct.pack(">BIH", 6, 0, MAX_POOL_TENSORS + 1),  # a pool of too many tensors
-], ids=["type-0", "type-1", "type-7", "type-255", "ack-on-producer-socket", "flags",
+], ids=["type-0", "type-1", "type-7", "type-255", "flags",
         "no-pieces", "too-many-pieces", "empty-piece", "piece-past-limit", "sum-past-limit",
         "empty-region", "huge-region", "pool-too-many"])
 def test_malformed_producer_records_are_protocol_errors(data: bytes) -> None:
     rejected(data)
-
-
-@pytest.mark.parametrize("data", [b"\x04", b"\x03" + bytes(4), b"\x02" + bytes(76)])
-def test_producer_records_are_refused_on_the_ack_socket(data: bytes) -> None:
-    rejected(data, consumer_decoder())
 
 
 def test_a_too_long_copy_is_refused_from_its_head_alone() -> None:
@@ -151,14 +140,13 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.binary(max_size=64), max_size=8))
 def test_arbitrary_bytes_give_records_or_protocol_errors_only(chunks: list[bytes]) -> None:
-    for accept in (PRODUCER_RECORDS, CONSUMER_RECORDS):
-        dec = RecordDecoder(accept)
-        try:
-            for chunk in chunks:
-                dec.feed(chunk)
-                assert dec.buffered <= MAX_RECORD_BYTES
-        except ProtocolError:
-            pass
+    dec = RecordDecoder()
+    try:
+        for chunk in chunks:
+            dec.feed(chunk)
+            assert dec.buffered <= MAX_RECORD_BYTES
+    except ProtocolError:
+        pass
 
 
 # -- the consumer's ledger ----------------------------------------------------------------------
@@ -295,12 +283,7 @@ async def test_without_cuda_a_probe_does_not_open_and_raises_nothing() -> None:
 
 
 async def test_the_plane_refuses_a_cpu_device() -> None:
-    a, b = socket.socketpair()
-    try:
-        with pytest.raises(ValueError, match="CUDA"):
-            await IpcPlane.start(a, b, torch.device("cpu"), lambda exc: None)
-    finally:
-        a.close()
-        b.close()
+    with pytest.raises(ValueError, match="CUDA"):
+        await IpcPlane.start(torch.device("cpu"), lambda exc: None)
     assert IPC_HANDLE_BYTES == 64
     await asyncio.sleep(0)

@@ -226,6 +226,48 @@ def test_our_own_misuse_is_a_local_error() -> None:
     assert a.state is State.BROKEN
 
 
+# -- the data plane's signals (ipc) ------------------------------------------------------------
+
+
+def signalling_pair() -> tuple[PipeProtocol, PipeProtocol]:
+    return (PipeProtocol(recv_buffer_bytes=1 << 20, peer_credit=1 << 20, signals=True),
+            PipeProtocol(recv_buffer_bytes=1 << 20, peer_credit=1 << 20, signals=True))
+
+
+def test_signals_come_out_in_order_with_the_headers() -> None:
+    a, b = signalling_pair()
+    frames = b.receive_data(a.send_signal(b"copy-0") + send(a) + a.send_signal(b"ack"))
+    assert [type(f) for f in frames] == [_wire.Signal, _wire.Header, _wire.Signal]
+    assert frames[0] == _wire.Signal(b"copy-0") and frames[2] == _wire.Signal(b"ack")
+
+
+def test_a_signal_on_a_pipe_without_them_is_a_protocol_error() -> None:
+    a, _ = signalling_pair()
+    _, b = pair()
+    with pytest.raises(ProtocolError, match="SIGNAL"):
+        b.receive_data(a.send_signal(b"x"))
+    assert b.state is State.BROKEN
+    with pytest.raises(LocalProtocolError):
+        b.send_signal(b"x")  # ours cannot signal either
+
+
+def test_signals_may_follow_the_peers_close_and_none_leave_a_broken_pipe() -> None:
+    # The last acknowledgements of what we sent come after the peer's CLOSE.
+    a, b = signalling_pair()
+    assert b.receive_data(a.send_close() + a.send_signal(b"ack")) == [
+        _wire.Close(0), _wire.Signal(b"ack")]
+    a.fail()
+    assert a.send_signal(b"late") == b""
+
+
+def test_a_long_signal_is_split_into_frames_that_join_up_again() -> None:
+    a, b = signalling_pair()
+    data = bytes(range(256)) * (_wire.MAX_SIGNAL_BYTES // 128 + 3)
+    frames = b.receive_data(a.send_signal(data))
+    assert len(frames) == 3
+    assert b"".join(f.data for f in frames) == data  # type: ignore[union-attr]
+
+
 # -- errors from the peer ----------------------------------------------------------------------
 
 

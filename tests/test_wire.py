@@ -52,6 +52,7 @@ from aiokvpipe._wire import (
     Pulled,
     Ready,
     Retract,
+    Signal,
     Structure,
     TensorSpec,
     Transport,
@@ -183,6 +184,8 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
     "block-data": BlockData(6),
     "retract": Retract(7),
     "pulled": Pulled((1 << 64) - 1),
+    "signal": Signal(b"\x05" + bytes(8)),
+    "signal-max": Signal(bytes(range(256)) * (_wire.MAX_SIGNAL_BYTES // 256)),
 }
 SAMPLE_IDS = list(SAMPLE_FRAMES)
 SAMPLES = list(SAMPLE_FRAMES.values())
@@ -191,7 +194,7 @@ SAMPLES = list(SAMPLE_FRAMES.values())
 def test_samples_cover_every_frame_type() -> None:
     kinds = {type(f) for f in SAMPLES}
     assert kinds == {Hello, Auth, Accept, Ready, Attach, Error, Header, Credit, Heartbeat, Close,
-                     PoolInfo, Offer, Pull, BlockData, Retract, Pulled}
+                     PoolInfo, Offer, Pull, BlockData, Retract, Pulled, Signal}
     types = {_wire.decode_prefix(encode(f)[:FRAME_PREFIX_BYTES])[0] for f in SAMPLES}
     assert types == set(FrameType)
 
@@ -540,7 +543,19 @@ def test_attach_with_unknown_direction_is_rejected(direction: int) -> None:
 # -- truncation and trailing bytes ------------------------------------------------------------
 
 # Bodies whose length is not implied by the frame length: every strict prefix is malformed.
-FIXED_LAYOUT = [(k, f) for k, f in SAMPLE_FRAMES.items() if not isinstance(f, (Auth, Error))]
+FIXED_LAYOUT = [(k, f) for k, f in SAMPLE_FRAMES.items()
+                if not isinstance(f, (Auth, Error, Signal))]  # (a signal's bytes are the plane's)
+
+
+def test_a_signal_frame_carries_1_to_max_bytes() -> None:
+    assert FrameDecoder().feed(raw_frame(FrameType.SIGNAL, b"\x01")) == [Signal(b"\x01")]
+    with pytest.raises(ProtocolError, match="empty SIGNAL"):
+        FrameDecoder().feed(raw_frame(FrameType.SIGNAL, b""))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        FrameDecoder().feed(raw_frame(FrameType.SIGNAL, bytes(_wire.MAX_SIGNAL_BYTES + 1)))
+    for n in (0, _wire.MAX_SIGNAL_BYTES + 1):
+        with pytest.raises(ValueError):
+            _wire.encode_signal(bytes(n))
 
 
 @pytest.mark.parametrize("frame", [f for _, f in FIXED_LAYOUT], ids=[k for k, _ in FIXED_LAYOUT])
@@ -562,7 +577,8 @@ def test_error_frame_too_short_for_its_code_is_rejected(n: int) -> None:
     assert_rejected(raw_frame(FrameType.ERROR, b"\x00" * n))
 
 
-NOT_ERROR = [(k, f) for k, f in SAMPLE_FRAMES.items() if not isinstance(f, Error)]
+# (A signal's body is opaque: every byte of it is the plane's.)
+NOT_ERROR = [(k, f) for k, f in SAMPLE_FRAMES.items() if not isinstance(f, (Error, Signal))]
 
 
 @pytest.mark.parametrize("frame", [f for _, f in NOT_ERROR], ids=[k for k, _ in NOT_ERROR])
