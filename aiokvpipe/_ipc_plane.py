@@ -764,6 +764,8 @@ class IpcPlane:
         if self._error is not None or self._closing:
             return
         for rec in self._decoder.feed(data):
+            if self._error is not None:  # a record before this one broke the plane
+                return
             if type(rec) is AckRecord:
                 self._on_ack(rec)
             else:
@@ -811,13 +813,9 @@ class IpcPlane:
         if not staged:
             fut.set_result(None)
             return fut
-        try:
-            parts = [self._part(t) for t in staged]
-        except RuntimeError as exc:
-            # The header is already on the wire: the peer waits for this payload.
-            fut.set_exception(exc)
-            self._lost(exc)
-            return fut
+        # A CUDA error naming or exporting an allocation propagates: nothing was described
+        # to the peer, and the pipe breaks before it writes the header.
+        parts = [self._part(t) for t in staged]
         ready: torch.cuda.Event | None = None
         if not caller.query():  # an idle stream has written everything already
             ready = self._events.get()

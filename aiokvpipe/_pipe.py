@@ -986,8 +986,9 @@ class Pipe:
             return
         if self._proto.close_received and self._proto.close_sent:
             # Both CLOSEs were exchanged: the peer may close its end as soon as it has all we
-            # sent, while its last payloads are still on their way to us. The data plane
-            # reports them lost if they are; a deadline bounds the wait.
+            # sent, while its last payloads are still on their way to us (tcp's data
+            # connections). The data plane reports them lost if they are; a deadline bounds
+            # the wait.
             self._loop.call_later(self._close_timeout, self._close_overdue)
             return
         self._break(exc)

@@ -499,7 +499,7 @@ def _remote_error(frame: _wire.Error) -> Exception:
 #                             ◀────      HELLO(nonce, caps)
 #   AUTH(proof)               ────▶      verify; choose the data plane
 #                             ◀────      ACCEPT(proof, session, transport, nccl ids) | ERROR
-#   verify; set up the plane             set up the plane (tcp/ipc: the ATTACH connections)
+#   verify; set up the plane             set up the plane (tcp: the ATTACH connections)
 #                             ◀────      READY
 #   (the pipe is open: what follows READY is the pipe's)
 

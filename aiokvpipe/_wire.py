@@ -850,6 +850,16 @@ def shape_fits(shape: tuple[int, ...], itemsize: int) -> bool:
 #: µs), a header mostly a dictionary lookup. :meth:`FrameDecoder.feed`'s budget counts these.
 FRAME_WEIGHT: Final = {t: 16 if FrameType.POOL <= t <= FrameType.PULLED else 1
                        for t in FrameType}
+#: A SIGNAL frame weighs one more per this many bytes: one carries one ipc record a message,
+#: but up to 64 KiB of them (regions to map, copies to launch).
+SIGNAL_BYTES_PER_WEIGHT: Final = 4096
+
+
+def frame_weight(ftype: FrameType, length: int) -> int:
+    """What a frame of ``length`` body bytes weighs against a turn's budget."""
+    if ftype is _SIGNAL:
+        return 1 + length // SIGNAL_BYTES_PER_WEIGHT
+    return FRAME_WEIGHT[ftype]
 
 
 class FrameDecoder:
@@ -915,7 +925,7 @@ class FrameDecoder:
                 self._buf += view[start:]
                 return frames
             frames.append(self._decode(known[0], view[start:stop]))
-            spent += FRAME_WEIGHT[known[0]]
+            spent += frame_weight(known[0], length)
             pos = stop
         if pos < end:
             self._buf += view[pos:]
@@ -943,7 +953,7 @@ class FrameDecoder:
         self._buf.clear()
         self._need = None
         frames.append(self._decode(ftype, held))
-        return min(stop, len(view)), FRAME_WEIGHT[ftype]
+        return min(stop, len(view)), frame_weight(ftype, length)
 
     def _decode(self, ftype: FrameType, body: memoryview) -> Frame:
         if ftype is _HEADER_INLINE or ftype is _HEADER:

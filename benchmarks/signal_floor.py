@@ -1,7 +1,8 @@
 """What a second signalling socket costs per message (development probe, no GPU).
 
-The ipc plane's messages travel as the pipe's header on the control connection and a COPY
-record on the plane's own socket, which also carries the acknowledgements back. This probe
+The ipc plane's messages travelled as the pipe's header on the control connection and a COPY
+record on the plane's own socket, which also carried the acknowledgements back (until they
+moved onto the control connection, as SIGNAL frames, after this probe). This probe
 moves nothing but that signalling between two processes on uvloop, in the two shapes:
 
 - one socket: a 16-byte header that says everything; acknowledgements come back on it;

@@ -24,6 +24,7 @@ class SignalLink(asyncio.Protocol):
         self.plane = plane
         self.transport: asyncio.Transport | None = None
         self._on_lost = on_lost
+        self._lost = False  # reported once, as a pipe breaks once
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -32,13 +33,20 @@ class SignalLink(asyncio.Protocol):
         try:
             self.plane.on_signal(data)
         except Exception as exc:  # the pipe breaks on these
-            self._on_lost(exc)
+            self.lost(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         stats = self.plane.stats
-        if exc is not None or stats["sends_in_flight"] or stats["receives_pending"]:
-            self._on_lost(exc or ConnectionResetError("signalling connection closed"))
+        busy = stats["sends_in_flight"] or stats["receives_pending"] or self.plane._copies
+        if exc is not None or busy:
+            self.lost(exc or ConnectionResetError("signalling connection closed"))
+
+    def lost(self, exc: BaseException) -> None:
+        if not self._lost:
+            self._lost = True
+            self.abort()
+            self._on_lost(exc)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -57,12 +65,13 @@ async def plane_on_socket(sock: socket.socket, device: torch.device,
     link: SignalLink | None = None
 
     def lost(exc: BaseException) -> None:
-        if link is not None:
-            link.abort()
-        on_lost(exc)
+        if link is None:
+            on_lost(exc)
+        else:
+            link.lost(exc)
 
     plane = await IpcPlane.start(device, lost, **options)
-    link = SignalLink(plane, lost)
+    link = SignalLink(plane, on_lost)
     sock.setblocking(False)
     try:
         await asyncio.get_running_loop().connect_accepted_socket(lambda: link, sock)

@@ -260,7 +260,7 @@ def test_a_budget_keeps_the_rest_for_later_and_loses_nothing(
         pos = end
         while True:
             # Never more than the budget's worth (one frame at least) in one call.
-            assert sum(_wire.FRAME_WEIGHT[_wire.decode_prefix(encode(f)[:FRAME_PREFIX_BYTES])[0]]
+            assert sum(_wire.frame_weight(*_wire.decode_prefix(encode(f)[:FRAME_PREFIX_BYTES]))
                        for f in got[:-1]) < budget
             out += got
             if not dec.backlogged:
@@ -268,6 +268,15 @@ def test_a_budget_keeps_the_rest_for_later_and_loses_nothing(
             got = dec.feed(b"", budget)
     assert out == frames
     assert dec.buffered == 0 and not dec.backlogged
+
+
+def test_a_signal_frame_weighs_by_its_size() -> None:
+    small, full = Signal(b"\x05" + bytes(8)), Signal(bytes(_wire.MAX_SIGNAL_BYTES))
+    dec = FrameDecoder()
+    assert len(dec.feed(encode(small) * 40, budget=8)) == 8  # one a message, as a header
+    assert dec.feed(b"", budget=100) and not dec.backlogged
+    assert len(dec.feed(encode(full) * 3, budget=17)) == 1  # 64 KiB weighs 17
+    assert len(dec.feed(b"", budget=40)) == 2
 
 
 def test_block_frames_weigh_more_than_message_headers() -> None:
