@@ -1,0 +1,93 @@
+"""One ipc pipe between two processes on cuda:0, nothing else in them: a stream of 16 MiB
+messages (8 sends in flight) or 4 KiB ping-pongs answered without payload, for sampling
+profilers (development probe; ``python -m aiokvpipe bench`` is the benchmark).
+
+    python benchmarks/ipc_stream.py tput|lat recv PORT &
+    python benchmarks/ipc_stream.py tput|lat send PORT SECONDS
+
+Wrap either in ``py-spy record --nonblocking --format raw -o FILE --``. ``IPC_STREAM_GC=freeze``
+freezes the collector's objects after start-up; ``IPC_STREAM_TURN=N`` sets the pipe's turn
+budget (frames handled per loop iteration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import uvloop  # noqa: E402
+
+import aiokvpipe  # noqa: E402
+from aiokvpipe import _pipe  # noqa: E402
+
+
+async def receive(mode: str, port: int) -> None:
+    listener = await aiokvpipe.listen("127.0.0.1", port, device="cuda:0", transport="ipc")
+    pipe = await listener.accept()
+    while (await pipe.recv()) is not None:
+        if mode == "lat":
+            await pipe.send(None, "pong")
+    await pipe.aclose()
+    await listener.aclose()
+
+
+async def send(mode: str, port: int, seconds: float) -> None:
+    pipe = await aiokvpipe.connect("127.0.0.1", port, device="cuda:0", transport="ipc",
+                                   connect_timeout=60)
+    n = 16 << 20 if mode == "tput" else 4096
+    x = torch.zeros(n, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    for _ in range(50):  # warm-up
+        await pipe.send(x)
+        if mode == "lat":
+            await pipe.recv("pong")
+    end = time.perf_counter() + seconds
+    if mode == "tput":
+        count = 0
+
+        async def one() -> None:
+            nonlocal count
+            while time.perf_counter() < end:
+                await pipe.send(x)
+                count += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(8)))
+        print(f"16 MiB: {count * n / (time.perf_counter() - t0) / 1e9:.1f} GB/s "
+              f"({count} messages)", flush=True)
+    else:
+        rts = []
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            await pipe.send(x)
+            await pipe.recv("pong")
+            rts.append(time.perf_counter() - t0)
+        rts.sort()
+        print(f"4 KiB one way p50 {rts[len(rts) // 2] / 2e-6:.1f} µs", flush=True)
+    await pipe.send(None)
+    await pipe.aclose()
+
+
+def main() -> None:
+    mode, role, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.cuda.set_device(0)
+    if os.environ.get("IPC_STREAM_TURN"):
+        _pipe.TURN_BUDGET = int(os.environ["IPC_STREAM_TURN"])  # type: ignore[misc]
+    if os.environ.get("IPC_STREAM_GC") == "freeze":
+        gc.collect()
+        gc.freeze()
+    if role == "recv":
+        uvloop.run(receive(mode, port))
+    else:
+        uvloop.run(send(mode, port, float(sys.argv[4])))
+
+
+if __name__ == "__main__":
+    main()
