@@ -414,3 +414,4 @@ async def test_a_flood_of_offers_is_handled_a_bounded_number_per_loop_iteration(
 async def round_trip_written(a: aiokvpipe.Pipe, n: int) -> None:
     """Wait until ``a`` has written ``n`` offers (they wait, unread, at the peer)."""
     await eventually(lambda: len(a._blocks._offers_out) == n, 10, f"{n} offers written")
+
