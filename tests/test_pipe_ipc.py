@@ -400,3 +400,26 @@ async def test_two_prefills_two_decodes_on_one_gpu() -> None:
             await d.do("requests", names=["p1"], nbytes=MiB, seconds=0.3)
             rep = (await d.event("requests"))["pipes"]
             assert rep["p1"]["error"] is None and rep["p1"]["msgs"] > 0, rep
+
+
+async def test_a_cuda_error_naming_a_sends_memory_breaks_the_pipe_before_its_header(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plane cannot name the allocation of a tensor being sent (a CUDA error): nothing
+    of the message leaves, send() raises BrokenPipe with that error as its cause, and the
+    peer is told that we failed. It used to raise the protocol's internal LocalProtocolError
+    (the plane broke the pipe, then the pipe went on to write the header)."""
+    from aiokvpipe import _cudaipc
+
+    async with peers(1) as (peer,):
+        pipe = await pipe_to(peer)
+        assert pipe.transport == "ipc"
+        boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+        def failing(ptr: int) -> int:
+            raise boom
+
+        monkeypatch.setattr(_cudaipc, "buffer_id_of", failing)
+        with pytest.raises(BrokenPipe) as raised:
+            await asyncio.wait_for(pipe.send(torch.ones(4096, device=DEV)), 30)
+        assert raised.value.__cause__ is boom
+        assert pipe.state.name == "BROKEN"
