@@ -16,7 +16,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -377,7 +377,7 @@ class Listener:
             ids = (await _nccl_plane.new_unique_ids_async()
                    if transport == _wire.Transport.NCCL else None)
             late = _LateBreak()
-            if transport in _SOCKET_PLANES:
+            if transport == _wire.Transport.TCP:
                 pending = _PendingSession({d: self._loop.create_future()
                                            for d in _wire.Direction})
                 self._sessions[session_id] = pending
@@ -529,7 +529,7 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
                 ch.write(answer)
         accept = shake.accept
         late = _LateBreak()
-        if accept.transport in _SOCKET_PLANES:
+        if accept.transport == _wire.Transport.TCP:
             for direction in _wire.Direction:
                 s = await _open_socket(loop, host, port, loop.time())
                 data_socks.append(s)
@@ -555,11 +555,6 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
         if isinstance(exc, OSError) and not isinstance(exc, (PipeError, TimeoutError)):
             raise BrokenPipe(f"{host}:{port} dropped the handshake") from exc
         raise
-
-
-#: Planes whose payload travels over the session's own pair of ATTACH connections (ipc's
-#: records ride on the control connection: it needs none).
-_SOCKET_PLANES: Final = (_wire.Transport.TCP,)
 
 
 def _options(options: PipeOptions | None, overrides: dict[str, Any]) -> PipeOptions:

@@ -235,16 +235,7 @@ class Pipe:
             # The fast path: nobody is queued ahead, budget and credits are at hand and the
             # connection takes more. Posted without a suspension, so call order holds and
             # cancellation cannot split anything; no turn in the queue, no futures to grant.
-            if self._on_signal is not None and not inline:
-                # The plane's record (the payload's description) and the header: one write.
-                holding = self._control.hold()
-                try:
-                    done = self._post(out, key, inline, cost, held)
-                finally:
-                    if holding:
-                        self._control.release()
-            else:
-                done = self._post(out, key, inline, cost, held)
+            done = self._post(out, key, inline, cost, held)
             if done is not None:
                 await asyncio.shield(done)
             if self._timed:
@@ -624,6 +615,19 @@ class Pipe:
         breaks (a plane that failed half-way may have started moving bytes that no header
         announces; the peer would file them under the next message's key).
         """
+        if inline:
+            return self._post_now(out, key, True, cost, held)
+        # A plane that signals (ipc) describes the payload on our connection: its record and
+        # the header leave in one write. (A pump's burst holds already: then it releases.)
+        holding = self._control.hold()
+        try:
+            return self._post_now(out, key, False, cost, held)
+        finally:
+            if holding:
+                self._control.release()
+
+    def _post_now(self, out: Outgoing, key: str | None, inline: bool, cost: int, held: int
+                  ) -> asyncio.Future[None] | None:
         proto = self._proto
         proto.spend(cost)
         done: asyncio.Future[None] | None = None
