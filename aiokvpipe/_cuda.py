@@ -51,9 +51,15 @@ class EventPoller:
     If polling fails (``query()`` raises: a CUDA error), every pending and later future fails
     with that error and ``on_error`` is called with it once, so the owner can break; the
     referenced memory is kept until :meth:`abort`.
+
+    ``after_pass()``, if given, is called at the end of each poll that saw at least one event
+    complete, after their ``then`` callbacks: an owner that answers completions (the ipc
+    plane's acknowledgement) answers them all at once, at once, and not a loop iteration
+    later, behind whatever else that iteration has to do.
     """
 
-    def __init__(self, on_error: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, on_error: Callable[[BaseException], None] | None = None,
+                 after_pass: Callable[[], object] | None = None) -> None:
         self._pending: deque[tuple[Queryable, asyncio.Future[None], float, object,
                                    Callable[[asyncio.Future[None]], object] | None]] = deque()
         self._handle: asyncio.Handle | None = None  # the next poll, once scheduled
@@ -61,6 +67,7 @@ class EventPoller:
         self._started: float | None = None  # when the oldest event was first polled
         self._error: BaseException | None = None
         self._on_error = on_error
+        self._after_pass = after_pass
 
     def watch(self, event: Queryable, nbytes: int = 0, keepalive: object = None,
               then: Callable[[asyncio.Future[None]], object] | None = None
@@ -89,6 +96,7 @@ class EventPoller:
         self._handle = None
         self._in_poll = True  # a `then` that watches more must not schedule a second poll
         pending = self._pending
+        completed = False
         try:
             while pending:
                 event, fut, expected, _, then = pending[0]
@@ -103,10 +111,11 @@ class EventPoller:
                         self._handle = loop.call_soon(self._poll)
                     else:  # surely still running, or overrunning: back off
                         self._handle = loop.call_later(_SLEEP_GRANULARITY_S, self._poll)
-                    return
+                    break
                 # Its `then` as it is now: fail_pending may have run it already meanwhile.
                 then = pending.popleft()[4]
                 self._started = None
+                completed = True
                 if not fut.done():
                     fut.set_result(None)
                 if then is not None:  # also for a future its holder cancelled
@@ -119,6 +128,8 @@ class EventPoller:
                 log.error("CUDA event poller failed: %r", exc)
         finally:
             self._in_poll = False
+        if completed and self._after_pass is not None and self._error is None:
+            self._after_pass()  # its errors are its owner's: the loop's handler reports them
 
     def fail_pending(self, exc: BaseException) -> None:
         """Fail every pending and later future with ``exc`` now, but keep polling and keep

@@ -131,6 +131,33 @@ async def test_event_poller_calls_then_from_the_poll_before_any_done_callback() 
     assert order == ["then done=True in_poll=True", "callback"]
 
 
+async def test_event_poller_after_pass_answers_a_polls_completions_together_at_its_end(
+        ) -> None:
+    """``after_pass`` runs once per poll that completed events, after all their ``then``
+    callbacks and inside that poll (the ipc plane acknowledges every copy the poll saw done
+    at once: deferred to the next loop iteration, the acknowledgement waited behind the
+    headers read meanwhile while the sender idled). A poll that completes nothing, or fails,
+    does not call it."""
+    order: list[str] = []
+    poller = EventPoller(after_pass=lambda: order.append("after"))
+    events = [_Event(fires_after=0), _Event(fires_after=0), _Event(fires_after=2)]
+    futs = [poller.watch(e, then=lambda _, i=i: order.append(f"then {i}"))
+            for i, e in enumerate(events)]
+    futs[0].add_done_callback(lambda _: order.append("next iteration"))
+    await asyncio.wait_for(futs[1], 5)
+    # The first poll completed two events and answered them together, in that poll (before
+    # the done callbacks it scheduled for the next loop iteration).
+    assert order[:4] == ["then 0", "then 1", "after", "next iteration"]
+    await asyncio.wait_for(futs[2], 5)
+    assert order[4:] == ["then 2", "after"]
+    assert events[2].polls == 3  # two polls that completed nothing: no after_pass for them
+    broken = poller.watch(_Event(error=RuntimeError("query failed")))
+    with pytest.raises(RuntimeError, match="query failed"):
+        await asyncio.wait_for(broken, 5)
+    assert len(order) == 6
+    poller.abort(RuntimeError("test over"))
+
+
 async def test_event_poller_polls_once_per_iteration_when_a_then_watches_more() -> None:
     """A ``then`` that watches the next event (a receive's copy completing, the next one
     enqueued) must not start a second round of polls beside the running one: each would
