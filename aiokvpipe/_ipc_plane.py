@@ -131,7 +131,10 @@ class CopyRecord:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pieces)
+        pieces = self.pieces
+        if len(pieces) == 1:  # the common case: a whole tensor in one allocation
+            return pieces[0].nbytes
+        return sum(p.nbytes for p in pieces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ _REGION = struct.Struct(f">BIQ{IPC_HANDLE_BYTES}s")
 _RETIRE = struct.Struct(">BI")
 _COPY_HEAD = struct.Struct(">BBH")  # type, flags (bit 0: last), piece count
 _PIECE = struct.Struct(">IQQ")
+_COPY_ONE = struct.Struct(">BBHIQQ")  # a COPY record of one piece: _COPY_HEAD, then _PIECE
 _ACK = struct.Struct(">BQ")
 _POOL_HEAD = struct.Struct(">BIH")  # type, pool id, tensor count
 _PLACE = struct.Struct(">IQ")
@@ -240,6 +244,12 @@ class RecordDecoder:
                 size = _COPY_HEAD.size + count * _PIECE.size
                 if end - pos < size:
                     break
+                if count == 1:  # every message of one tensor: no generators (µs a record)
+                    piece = Piece(*_PIECE.unpack_from(buf, pos + _COPY_HEAD.size))
+                    _check_piece(piece, ProtocolError)  # also bounds it by the payload limit
+                    out.append(CopyRecord((piece,), flags == 1))
+                    pos += size
+                    continue
                 pieces = tuple(Piece(*_PIECE.unpack_from(buf, pos + _COPY_HEAD.size + i * 20))
                                for i in range(count))
                 for p in pieces:
@@ -622,11 +632,16 @@ class _Target:
         self.tensors = tensors
         #: the copy stream waits for this before its first copy into the tensors
         self.after = after
-        self.chunks = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors
-                       if t.numel()]
+        chunks: list[tuple[int, int]] = []
+        remaining = 0
+        for t in tensors:
+            if n := t.numel() * t.element_size():
+                chunks.append((t.data_ptr(), n))
+                remaining += n
+        self.chunks = chunks
         self.index = 0
         self.offset = 0
-        self.remaining = sum(n for _, n in self.chunks)
+        self.remaining = remaining
         self.future = future
 
 
@@ -807,10 +822,12 @@ class IpcPlane:
         # torch.cuda.device costs microseconds a message).
         caller = current_stream(dev)
         staged = [t for t in tensors if t.numel()]
-        if any(t.device != dev for t in staged):
-            with self._guard():
-                staged = [t if t.device == dev else t.to(dev, non_blocking=True)
-                          for t in staged]
+        for t in staged:
+            if t.device != dev:
+                with self._guard():
+                    staged = [t if t.device == dev else t.to(dev, non_blocking=True)
+                              for t in staged]
+                break
         if not staged:
             fut.set_result(None)
             return fut
@@ -894,6 +911,25 @@ class IpcPlane:
     def _describe(self, job: _Job) -> bool:
         """Emit COPY records for as much of ``job`` (whose data is ready) as the in-flight
         bound and ring space allow; True once all of it is described."""
+        parts = job.parts
+        if (len(parts) == 1 and parts[0].export is not None and not job.index
+                and len(self._inflight) < MAX_COPIES_IN_FLIGHT):
+            # Most messages: one tensor in one exported allocation, one piece (the loop
+            # below, for the general case, costs several times more).
+            part = parts[0]
+            ex = part.export
+            assert ex is not None and not job.offset
+            if not ex.announced:
+                ex.announced = True
+                self._emit(encode_record(RegionRecord(ex.region, ex.size, ex.handle)))
+            # In range by construction: a live export's region id, an offset inside its
+            # allocation, and 1 to MAX_PAYLOAD_BYTES bytes (the pipe bounds a message).
+            self._emit(_COPY_ONE.pack(RecordType.COPY, 1, 1, ex.region, part.offset,
+                                      part.nbytes))
+            ex.pending -= 1
+            job.index = 1
+            self._inflight.append(_Sent(0, job))
+            return True
         while len(self._inflight) < MAX_COPIES_IN_FLIGHT:
             pieces: list[Piece] = []
             ring_copies: list[tuple[int, int, int]] = []
@@ -1233,15 +1269,22 @@ class IpcPlane:
                        ).add_done_callback(placed)
 
     def _on_record(self, rec: Record) -> None:
-        if isinstance(rec, PoolRecord):
-            self._on_pool(rec)
-        elif isinstance(rec, CopyRecord):
+        if type(rec) is CopyRecord:  # one a message: first
             self._ledger.copy(rec)
-            maps = tuple(self._mappings[p.region] for p in rec.pieces)
-            for m in maps:
+            pieces = rec.pieces
+            if len(pieces) == 1:
+                m = self._mappings[pieces[0].region]
                 m.users += 1
+                maps: tuple[_Mapping, ...] = (m,)
+            else:
+                maps = tuple(self._mappings[p.region] for p in pieces)
+                for m in maps:
+                    m.users += 1
             self._copies.append((rec, maps))
-            self._pump_recv()
+            if self._targets:  # else its header, which follows, posts the target and pumps
+                self._pump_recv()
+        elif isinstance(rec, PoolRecord):
+            self._on_pool(rec)
         elif isinstance(rec, RegionRecord):
             self._ledger.region(rec)
             opened = self._worker.submit(functools.partial(self._open, rec))
@@ -1332,14 +1375,12 @@ class IpcPlane:
                 self._targets.popleft()
 
     def _enqueue(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target) -> None:
-        stream = self._copy_stream
-        handle = stream.cuda_stream
         try:
-            with self._guard():
-                if target.after is not None:  # its memory's earlier users (post_recv_into)
-                    stream.wait_event(target.after)
-                    target.after = None
-                self._copy_pieces(rec, maps, target, handle)
+            if torch.cuda.current_device() == self._index:  # as it mostly is: no context
+                self._enqueue_now(rec, maps, target)
+            else:
+                with torch.cuda.device(self._index):
+                    self._enqueue_now(rec, maps, target)
         except BaseException as exc:
             # A copy failed part-way: the target is never delivered, half copied. Those
             # enqueued may still run, and its memory (another stream's pool, maybe) must
@@ -1351,6 +1392,14 @@ class IpcPlane:
                 log.debug("ipc plane: recording a failed copy's event: %r", err)
             raise
         self._watch_copy(rec, maps, target)
+
+    def _enqueue_now(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target
+                     ) -> None:
+        stream = self._copy_stream
+        if target.after is not None:  # its memory's earlier users (post_recv_into)
+            stream.wait_event(target.after)
+            target.after = None
+        self._copy_pieces(rec, maps, target, stream.cuda_stream)
 
     def _watch_copy(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target
                     ) -> None:

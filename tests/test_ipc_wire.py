@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from aiokvpipe import ProtocolError
 from aiokvpipe._ipc_plane import (
+    _COPY_ONE,
     IPC_HANDLE_BYTES,
     MAX_COPIES_IN_FLIGHT,
     MAX_PIECES,
@@ -96,6 +97,8 @@ def test_both_ends_records_share_one_stream_in_order() -> None:
 def test_copy_record_layout_is_fixed() -> None:
     data = encode_record(CopyRecord((Piece(9, 4096, 100),), True))
     assert data == struct.pack(">BBH", 4, 1, 1) + struct.pack(">IQQ", 9, 4096, 100)
+    # The producer's one-piece fast path writes that same layout in one pack.
+    assert _COPY_ONE.pack(4, 1, 1, 9, 4096, 100) == data
     assert encode_record(AckRecord(5)) == b"\x05" + (5).to_bytes(8, "big")
 
 
