@@ -1,13 +1,17 @@
 """One ipc pipe between two processes on cuda:0, nothing else in them: a stream of 16 MiB
 messages (8 sends in flight) or 4 KiB ping-pongs answered without payload, for sampling
-profilers (development probe; ``python -m aiokvpipe bench`` is the benchmark).
+profilers (development probe; ``python -m aiokvpipe bench`` is the benchmark). Each end
+prints the CPU time it spent per message (``time.process_time``, all its threads): in a
+stream, a figure steadier than the rate on a shared host, and the bound on it when an end
+is busy all the time.
 
     python benchmarks/ipc_stream.py tput|lat recv PORT &
     python benchmarks/ipc_stream.py tput|lat send PORT SECONDS
 
 Wrap either in ``py-spy record --nonblocking --format raw -o FILE --``. ``IPC_STREAM_GC=freeze``
 freezes the collector's objects after start-up; ``IPC_STREAM_TURN=N`` sets the pipe's turn
-budget (frames handled per loop iteration).
+budget (frames handled per loop iteration); ``IPC_STREAM_BYTES=N``, the streamed message's
+size (16 MiB).
 """
 
 from __future__ import annotations
@@ -31,9 +35,15 @@ from aiokvpipe import _pipe  # noqa: E402
 async def receive(mode: str, port: int) -> None:
     listener = await aiokvpipe.listen("127.0.0.1", port, device="cuda:0", transport="ipc")
     pipe = await listener.accept()
+    count, cpu0 = -50, 0.0  # counted from the end of the sender's warm-up
     while (await pipe.recv()) is not None:
+        count += 1
+        if count == 0:
+            cpu0 = time.process_time()
         if mode == "lat":
             await pipe.send(None, "pong")
+    print(f"receiver: {(time.process_time() - cpu0) / max(count, 1) * 1e6:.1f} µs CPU a "
+          f"message ({count} messages)", flush=True)
     await pipe.aclose()
     await listener.aclose()
 
@@ -41,7 +51,7 @@ async def receive(mode: str, port: int) -> None:
 async def send(mode: str, port: int, seconds: float) -> None:
     pipe = await aiokvpipe.connect("127.0.0.1", port, device="cuda:0", transport="ipc",
                                    connect_timeout=60)
-    n = 16 << 20 if mode == "tput" else 4096
+    n = int(os.environ.get("IPC_STREAM_BYTES", 16 << 20)) if mode == "tput" else 4096
     x = torch.zeros(n, dtype=torch.uint8, device="cuda:0")
     torch.cuda.synchronize()
     for _ in range(50):  # warm-up
@@ -49,6 +59,7 @@ async def send(mode: str, port: int, seconds: float) -> None:
         if mode == "lat":
             await pipe.recv("pong")
     end = time.perf_counter() + seconds
+    cpu0 = time.process_time()
     if mode == "tput":
         count = 0
 
@@ -60,8 +71,10 @@ async def send(mode: str, port: int, seconds: float) -> None:
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(8)))
-        print(f"16 MiB: {count * n / (time.perf_counter() - t0) / 1e9:.1f} GB/s "
-              f"({count} messages)", flush=True)
+        dt = time.perf_counter() - t0
+        print(f"{n} B: {count * n / dt / 1e9:.1f} GB/s, {dt / count * 1e6:.1f} µs a message "
+              f"({count} messages); sender: "
+              f"{(time.process_time() - cpu0) / count * 1e6:.1f} µs CPU a message", flush=True)
     else:
         rts = []
         while time.perf_counter() < end:
