@@ -5,7 +5,10 @@ handshake helpers' answers without CUDA."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
+from collections import deque
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,6 +35,9 @@ from aiokvpipe._ipc_plane import (
     RegionRecord,
     RetireRecord,
     RingSpace,
+    _Export,
+    _Job,
+    _Part,
     encode_record,
     host_id,
     ipc_info,
@@ -100,6 +106,29 @@ def test_copy_record_layout_is_fixed() -> None:
     # The producer's one-piece fast path writes that same layout in one pack.
     assert _COPY_ONE.pack(4, 1, 1, 9, 4096, 100) == data
     assert encode_record(AckRecord(5)) == b"\x05" + (5).to_bytes(8, "big")
+
+
+def test_a_one_piece_send_is_described_as_the_general_encoder_would() -> None:
+    """The producer's fast path (a message of one tensor in one exported allocation)
+    announces the region once, before its first COPY, then writes one COPY record, last,
+    naming region, offset and length: byte for byte what ``encode_record`` makes of them.
+    (Its one struct with the arguments in another order would pass every other CPU test.)
+    Run on a bare host object: ``_describe``'s fast path touches only these attributes."""
+    host = SimpleNamespace(_inflight=deque(), _gated=deque(), _out=bytearray())
+    host._emit = functools.partial(IpcPlane._emit, host)
+    ex = _Export(7, 1234, 0x10000, 1 << 20, HANDLE)
+    jobs = [_Job([_Part(0x10000 + off, n, ex, off)], None, None, None)  # type: ignore[arg-type]
+            for off, n in ((4096, 8192), (0, 1 << 20))]
+    ex.pending = len(jobs)
+    for job in jobs:
+        assert IpcPlane._describe(host, job)  # type: ignore[arg-type]
+        assert job.index == 1 and job.offset == 0
+    assert bytes(host._out) == b"".join([
+        encode_record(RegionRecord(7, 1 << 20, HANDLE)),
+        encode_record(CopyRecord((Piece(7, 4096, 8192),), True)),
+        encode_record(CopyRecord((Piece(7, 0, 1 << 20),), True))])
+    assert ex.announced and ex.pending == 0
+    assert [(sent.ring_spans, sent.job) for sent in host._inflight] == [(0, j) for j in jobs]
 
 
 @pytest.mark.parametrize("data", [

@@ -151,10 +151,13 @@ async def test_event_poller_after_pass_answers_a_polls_completions_together_at_i
     await asyncio.wait_for(futs[2], 5)
     assert order[4:] == ["then 2", "after"]
     assert events[2].polls == 3  # two polls that completed nothing: no after_pass for them
+    # A poll that completes one event and then fails on the next: the poller is broken, its
+    # owner told through on_error; nothing is answered.
+    poller.watch(_Event(fires_after=0), then=lambda _: order.append("then 3"))
     broken = poller.watch(_Event(error=RuntimeError("query failed")))
     with pytest.raises(RuntimeError, match="query failed"):
         await asyncio.wait_for(broken, 5)
-    assert len(order) == 6
+    assert order[6:] == ["then 3"]
     poller.abort(RuntimeError("test over"))
 
 
