@@ -54,8 +54,8 @@ class EventPoller:
 
     ``after_pass()``, if given, is called at the end of each poll that saw at least one event
     complete, after their ``then`` callbacks: an owner that answers completions (the ipc
-    plane's acknowledgement) answers them all at once, at once, and not a loop iteration
-    later, behind whatever else that iteration has to do.
+    plane's acknowledgement) answers them all together, in that same poll, not a loop
+    iteration later behind whatever else that iteration has to do.
     """
 
     def __init__(self, on_error: Callable[[BaseException], None] | None = None,

@@ -1,7 +1,7 @@
 """One ipc pipe between two processes on cuda:0, nothing else in them: a stream of 16 MiB
 messages (8 sends in flight) or 4 KiB ping-pongs answered without payload, for sampling
-profilers (development probe; ``python -m aiokvpipe bench`` is the benchmark). Each end
-prints the CPU time it spent per message (``time.process_time``, all its threads): in a
+profilers (development probe; ``python -m aiokvpipe bench`` is the benchmark). In a stream
+each end prints the CPU time it spent per message (``time.process_time``, all its threads): in a
 stream, a figure steadier than the rate on a shared host, and the bound on it when an end
 is busy all the time.
 
@@ -31,19 +31,22 @@ import uvloop  # noqa: E402
 import aiokvpipe  # noqa: E402
 from aiokvpipe import _pipe  # noqa: E402
 
+WARM_UP = 50  # messages sent before anything is timed
+
 
 async def receive(mode: str, port: int) -> None:
     listener = await aiokvpipe.listen("127.0.0.1", port, device="cuda:0", transport="ipc")
     pipe = await listener.accept()
-    count, cpu0 = -50, 0.0  # counted from the end of the sender's warm-up
+    count, cpu0 = -WARM_UP, 0.0  # counted from the end of the sender's warm-up
     while (await pipe.recv()) is not None:
         count += 1
         if count == 0:
             cpu0 = time.process_time()
         if mode == "lat":
             await pipe.send(None, "pong")
-    print(f"receiver: {(time.process_time() - cpu0) / max(count, 1) * 1e6:.1f} µs CPU a "
-          f"message ({count} messages)", flush=True)
+    if count > 0:
+        print(f"receiver: {(time.process_time() - cpu0) / count * 1e6:.1f} µs CPU a message "
+              f"({count} messages)", flush=True)
     await pipe.aclose()
     await listener.aclose()
 
@@ -54,7 +57,7 @@ async def send(mode: str, port: int, seconds: float) -> None:
     n = int(os.environ.get("IPC_STREAM_BYTES", 16 << 20)) if mode == "tput" else 4096
     x = torch.zeros(n, dtype=torch.uint8, device="cuda:0")
     torch.cuda.synchronize()
-    for _ in range(50):  # warm-up
+    for _ in range(WARM_UP):
         await pipe.send(x)
         if mode == "lat":
             await pipe.recv("pong")
@@ -71,7 +74,7 @@ async def send(mode: str, port: int, seconds: float) -> None:
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(8)))
-        dt = time.perf_counter() - t0
+        dt, count = time.perf_counter() - t0, max(count, 1)
         print(f"{n} B: {count * n / dt / 1e9:.1f} GB/s, {dt / count * 1e6:.1f} µs a message "
               f"({count} messages); sender: "
               f"{(time.process_time() - cpu0) / count * 1e6:.1f} µs CPU a message", flush=True)
