@@ -804,7 +804,7 @@ class IpcPlane:
         """Make the plane's device current for runtime calls that act on the current device
         (``cudaMemcpyAsync``, ``to()``); free when it already is, as it mostly is."""
         if torch.cuda.current_device() == self._index:
-            return contextlib.nullcontext()
+            return _CURRENT_DEVICE  # one reusable no-op: nothing made per message
         return torch.cuda.device(self._index)
 
     # -- sending ---------------------------------------------------------------------------------
@@ -822,12 +822,10 @@ class IpcPlane:
         # torch.cuda.device costs microseconds a message).
         caller = current_stream(dev)
         staged = [t for t in tensors if t.numel()]
-        for t in staged:
-            if t.device != dev:
-                with self._guard():
-                    staged = [t if t.device == dev else t.to(dev, non_blocking=True)
-                              for t in staged]
-                break
+        if any(t.device != dev for t in staged):
+            with self._guard():
+                staged = [t if t.device == dev else t.to(dev, non_blocking=True)
+                          for t in staged]
         if not staged:
             fut.set_result(None)
             return fut
@@ -1375,12 +1373,14 @@ class IpcPlane:
                 self._targets.popleft()
 
     def _enqueue(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target) -> None:
+        stream = self._copy_stream
+        handle = stream.cuda_stream
         try:
-            if torch.cuda.current_device() == self._index:  # as it mostly is: no context
-                self._enqueue_now(rec, maps, target)
-            else:
-                with torch.cuda.device(self._index):
-                    self._enqueue_now(rec, maps, target)
+            with self._guard():
+                if target.after is not None:  # its memory's earlier users (post_recv_into)
+                    stream.wait_event(target.after)
+                    target.after = None
+                self._copy_pieces(rec, maps, target, handle)
         except BaseException as exc:
             # A copy failed part-way: the target is never delivered, half copied. Those
             # enqueued may still run, and its memory (another stream's pool, maybe) must
@@ -1392,14 +1392,6 @@ class IpcPlane:
                 log.debug("ipc plane: recording a failed copy's event: %r", err)
             raise
         self._watch_copy(rec, maps, target)
-
-    def _enqueue_now(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target
-                     ) -> None:
-        stream = self._copy_stream
-        if target.after is not None:  # its memory's earlier users (post_recv_into)
-            stream.wait_event(target.after)
-            target.after = None
-        self._copy_pieces(rec, maps, target, stream.cuda_stream)
 
     def _watch_copy(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target
                     ) -> None:
@@ -1550,6 +1542,10 @@ class IpcPlane:
         self._worker.submit(release).add_done_callback(finished)
         self._worker.stop()
         self._exports.clear()
+
+
+#: What :meth:`IpcPlane._guard` enters when the plane's device is current already.
+_CURRENT_DEVICE: Final = contextlib.nullcontext()
 
 
 def _unattached(data: bytes) -> None:
