@@ -722,9 +722,10 @@ class IpcPlane:
         self._ring_pending: asyncio.Future[Any] | None = None
         self._out = bytearray()
         self._warned_unexportable = False
+        self._noted = 0  # payloads described in their header (post_send_noted)
         # consumer
         # Copies completed in one poll are acknowledged together at its end (after_pass).
-        self._copy_poller = EventPoller(self._lost, after_pass=self._send_ack)
+        self._copy_poller = EventPoller(self._lost, after_pass=self._after_copies)
         self._ledger = ConsumerLedger()
         self._mappings: dict[int, _Mapping] = {}
         self._copies: deque[tuple[CopyRecord, tuple[_Mapping, ...]]] = deque()
@@ -733,6 +734,8 @@ class IpcPlane:
         self._waiting = False
         self._completed = 0
         self._ack_due = False
+        self._received: Callable[[], object] | None = None
+        self._received_due = False
         # worker-thread side: region → mapped address (touched in the worker thread only)
         self._thread_maps: dict[int, int] = {}
         self._pool_sources: dict[int, asyncio.Future[list[tuple[int, int]] | None]] = {}
@@ -767,11 +770,14 @@ class IpcPlane:
             recycle_streams(streams)
             raise
 
-    def attach_signals(self, write: Callable[[bytes], None]) -> None:
+    def attach_signals(self, write: Callable[[bytes], None],
+                       received: Callable[[], object] | None = None) -> None:
         """``write(data)`` carries our records to the peer, in order; it never raises (the
         pipe writes them in SIGNAL frames on its control connection). The owner hands the
-        peer's records to :meth:`on_signal`."""
+        peer's records to :meth:`on_signal`. ``received()``, if given, is called at the end
+        of each poll that completed a receive, after its future (and the acknowledgement)."""
         self._signal = write
+        self._received = received
 
     def on_signal(self, data: bytes | bytearray | memoryview) -> None:
         """The peer's records, in the order it signalled them (any split: a record cut at
@@ -789,7 +795,9 @@ class IpcPlane:
 
     @property
     def stats(self) -> dict[str, int | str]:
-        """What the plane holds: its mode, regions exported and mapped, ring bytes."""
+        """What the plane holds: its mode, regions exported and mapped, ring bytes; and what
+        it did: copies out of mapped pools (``pulls``), sends described in their header
+        (``copies_noted``)."""
         return {"mode": self._mode, "exported_regions": len(self._exports),
                 "mapped_regions": len(self._mappings), "copies_in_flight": len(self._inflight),
                 "ring_bytes": self._ring.space.size if self._ring else 0,
@@ -798,7 +806,7 @@ class IpcPlane:
                 "pools_mapped": sum(1 for f in self._pool_sources.values()
                                     if f.done() and not f.cancelled()
                                     and f.exception() is None and f.result() is not None),
-                "pulls": self._pulls}
+                "pulls": self._pulls, "copies_noted": self._noted}
 
     def _guard(self) -> contextlib.AbstractContextManager[Any]:
         """Make the plane's device current for runtime calls that act on the current device
@@ -813,10 +821,22 @@ class IpcPlane:
         """Queue a message's payload. Stream-ordered: the peer copies what the caller's
         current stream will have written. The future completes once the peer has copied
         everything (the tensors may then be reused) and fails if the plane breaks."""
+        return self._post_send(tensors, False)[0]
+
+    def post_send_noted(self, tensors: Sequence[torch.Tensor]
+                        ) -> tuple[asyncio.Future[None], bytes | None]:
+        """:meth:`post_send`; and when the payload is one piece of an announced region,
+        ready now and next in line, its description as a note for the message's header
+        (:meth:`post_recv_noted` at the peer) instead of a COPY record: one frame less to
+        write and to read a message. The pipe must write that header next."""
+        return self._post_send(tensors, True)
+
+    def _post_send(self, tensors: Sequence[torch.Tensor], noted: bool
+                   ) -> tuple[asyncio.Future[None], bytes | None]:
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._error is not None:
             fut.set_exception(fresh(self._error))
-            return fut
+            return fut, None
         dev = self._device
         # No device context: each call below names the device or stream it acts on (entering
         # torch.cuda.device costs microseconds a message).
@@ -828,7 +848,7 @@ class IpcPlane:
                           for t in staged]
         if not staged:
             fut.set_result(None)
-            return fut
+            return fut, None
         # A CUDA error naming or exporting an allocation propagates: nothing was described
         # to the peer, and the pipe breaks before it writes the header.
         parts = [self._part(t) for t in staged]
@@ -836,9 +856,17 @@ class IpcPlane:
         if not caller.query():  # an idle stream has written everything already
             ready = self._events.get()
             ready.record(caller)
-        self._jobs.append(_Job(parts, fut, ready, (tensors, staged)))
+        job = _Job(parts, fut, ready, (tensors, staged))
+        if noted and ready is None and not self._jobs and not self._gated and self._one(job):
+            # Nothing of ours is queued to go after the header: the note (read at the peer
+            # along with the header) keeps the records' order.
+            note = _PIECE.pack(*self._take_one(job))
+            self._noted += 1
+            self._flush()  # a region announced just now leaves ahead of the header
+            return fut, note
+        self._jobs.append(job)
         self._pump_send()
-        return fut
+        return fut, None
 
     def _part(self, t: torch.Tensor) -> _Part:
         ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
@@ -909,25 +937,12 @@ class IpcPlane:
     def _describe(self, job: _Job) -> bool:
         """Emit COPY records for as much of ``job`` (whose data is ready) as the in-flight
         bound and ring space allow; True once all of it is described."""
-        parts = job.parts
-        if (len(parts) == 1 and parts[0].export is not None and not job.index
-                and len(self._inflight) < MAX_COPIES_IN_FLIGHT):
+        if self._one(job):
             # Most messages: one tensor in one exported allocation, one piece (the loop
             # below, for the general case, costs several times more).
-            part = parts[0]
-            ex = part.export
-            assert ex is not None and not job.offset
-            if not ex.announced:
-                ex.announced = True
-                self._emit(encode_record(RegionRecord(ex.region, ex.size, ex.handle)))
-            # In range by construction: a live export's region id, an offset inside its
-            # allocation, and 1 to MAX_PAYLOAD_BYTES bytes (the pipe bounds a message).
-            self._emit(_COPY_ONE.pack(RecordType.COPY, 1, 1, ex.region, part.offset,
-                                      part.nbytes))
-            ex.pending -= 1
-            job.index = 1
-            self._inflight.append(_Sent(0, job))
+            self._emit(_COPY_ONE.pack(RecordType.COPY, 1, 1, *self._take_one(job)))
             return True
+        parts = job.parts
         while len(self._inflight) < MAX_COPIES_IN_FLIGHT:
             pieces: list[Piece] = []
             ring_copies: list[tuple[int, int, int]] = []
@@ -985,6 +1000,27 @@ class IpcPlane:
             if last:
                 return True
         return False
+
+    def _one(self, job: _Job) -> bool:
+        """``job`` is one piece of an exported allocation, not yet described, and may go."""
+        return (len(job.parts) == 1 and job.parts[0].export is not None and not job.index
+                and len(self._inflight) < MAX_COPIES_IN_FLIGHT)
+
+    def _take_one(self, job: _Job) -> tuple[int, int, int]:
+        """Describe a job that is :meth:`_one` as sent (its region announced first, if it
+        was not yet); returns its piece: region, offset, bytes."""
+        part = job.parts[0]
+        ex = part.export
+        assert ex is not None and not job.offset
+        if not ex.announced:
+            ex.announced = True
+            self._emit(encode_record(RegionRecord(ex.region, ex.size, ex.handle)))
+        ex.pending -= 1
+        job.index = 1
+        self._inflight.append(_Sent(0, job))
+        # In range by construction: a live export's region id, an offset inside its
+        # allocation, and 1 to MAX_PAYLOAD_BYTES bytes (the pipe bounds a message).
+        return ex.region, part.offset, part.nbytes
 
     def _emit(self, data: bytes, gate: torch.cuda.Event | None = None) -> None:
         """Queue bytes for the peer, in order; with ``gate``, not before it has fired."""
@@ -1176,6 +1212,20 @@ class IpcPlane:
                 tensors = _empty_like_specs(specs, dev)
         return self._post_target(tensors, fut)
 
+    def post_recv_noted(self, specs: Sequence[TensorSpec], note: bytes
+                        ) -> asyncio.Future[list[torch.Tensor]]:
+        """:meth:`post_recv` of a message whose header carried the peer's ``note`` (see
+        :meth:`post_send_noted`): a COPY of one piece, the whole message. Raises
+        :class:`ProtocolError` for a bad note."""
+        if self._error is None and not self._closing:
+            if len(note) != _PIECE.size:
+                raise ProtocolError(f"a note of {len(note)} bytes; a COPY note is "
+                                    f"{_PIECE.size}")
+            piece = Piece(*_PIECE.unpack(note))
+            _check_piece(piece, ProtocolError)
+            self._on_copy(CopyRecord((piece,), True))
+        return self.post_recv(specs)
+
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
         """Receive the next message into ``tensors`` (contiguous, on the plane's device: a
         block transfer's staging), in order with :meth:`post_recv`. The copy into them
@@ -1268,19 +1318,7 @@ class IpcPlane:
 
     def _on_record(self, rec: Record) -> None:
         if type(rec) is CopyRecord:  # one a message: first
-            self._ledger.copy(rec)
-            pieces = rec.pieces
-            if len(pieces) == 1:
-                m = self._mappings[pieces[0].region]
-                m.users += 1
-                maps: tuple[_Mapping, ...] = (m,)
-            else:
-                maps = tuple(self._mappings[p.region] for p in pieces)
-                for m in maps:
-                    m.users += 1
-            self._copies.append((rec, maps))
-            if self._targets:  # else its header, which follows, posts the target and pumps
-                self._pump_recv()
+            self._on_copy(rec)
         elif isinstance(rec, PoolRecord):
             self._on_pool(rec)
         elif isinstance(rec, RegionRecord):
@@ -1297,6 +1335,21 @@ class IpcPlane:
                 self._close_mapping(m)
         else:  # on_signal routes acks to _on_ack, and the decoder knows no other type
             raise ProtocolError(f"unexpected record {rec!r}")
+
+    def _on_copy(self, rec: CopyRecord) -> None:
+        self._ledger.copy(rec)
+        pieces = rec.pieces
+        if len(pieces) == 1:
+            m = self._mappings[pieces[0].region]
+            m.users += 1
+            maps: tuple[_Mapping, ...] = (m,)
+        else:
+            maps = tuple(self._mappings[p.region] for p in pieces)
+            for m in maps:
+                m.users += 1
+        self._copies.append((rec, maps))
+        if self._targets:  # else its header, which follows, posts the target and pumps
+            self._pump_recv()
 
     def _open(self, rec: RegionRecord) -> int:
         """Worker thread: map a region; refuse one smaller than announced."""
@@ -1447,14 +1500,19 @@ class IpcPlane:
         self._ack_due = True
         if target is not None and not target.future.done():
             target.future.set_result(target.tensors)
+            self._received_due = True
 
-    def _send_ack(self) -> None:
-        # One ACK per poll, however many copies completed in it.
-        if not self._ack_due:
-            return  # the poll completed pulls only
-        self._ack_due = False
-        if self._error is None and not self._closing:
-            self._signal(encode_record(AckRecord(self._completed)))
+    def _after_copies(self) -> None:
+        # One ACK per poll, however many copies completed in it; then the owner delivers
+        # what they completed.
+        if self._ack_due:  # (not when the poll completed pulls only)
+            self._ack_due = False
+            if self._error is None and not self._closing:
+                self._signal(encode_record(AckRecord(self._completed)))
+        if self._received_due:
+            self._received_due = False
+            if self._received is not None:
+                self._received()
 
     # -- ending ----------------------------------------------------------------------------------
 

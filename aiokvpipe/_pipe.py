@@ -189,8 +189,10 @@ class Pipe:
         self._closer: asyncio.Task[None] | None = None
         self._error: BrokenPipe | None = None
         self._blocks = BlockExchange(self)
+        #: The plane says when payloads completed (ipc): no callback per payload future.
+        self._told_received = self._on_signal is not None
         if self._on_signal is not None:
-            cast(SignallingPlane, plane).attach_signals(self._signal)
+            cast(SignallingPlane, plane).attach_signals(self._signal, self._deliver_arrived)
         control.attach(self)
         if heartbeat_interval is not None and self._error is None:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
@@ -631,16 +633,21 @@ class Pipe:
         proto = self._proto
         proto.spend(cost)
         done: asyncio.Future[None] | None = None
+        note = None
         if not inline:
             try:
-                done = self._plane.post_send(out.tensors)
+                if self._on_signal is None:
+                    done = self._plane.post_send(out.tensors)
+                else:  # the payload's description rides in the header (ipc)
+                    done, note = cast(SignallingPlane, self._plane).post_send_noted(
+                        out.tensors)
             except Exception as exc:
                 proto.refund(cost)
                 self._credits.release(cost)
                 self._send_budget.release(held)
                 self._break(exc)
                 raise fresh(self._error) if self._error else exc
-        head = proto.send_header(key, out.structure, out.specs, out.nbytes, inline)
+        head = proto.send_header(key, out.structure, out.specs, out.nbytes, inline, note)
         if inline and out.nbytes:
             # One copy, into the frame: the tensors are free again when send() returns.
             if len(out.tensors) == 1:  # the common case: half the cost of the join below
@@ -751,12 +758,19 @@ class Pipe:
         else:
             # A failure to allocate here is ours, not the peer's: it breaks the pipe with
             # its own cause, and the peer is told that we failed (not that it misbehaved).
-            item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors))
+            note = h.note
+            item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors) if note is None
+                             else cast(SignallingPlane, self._plane).post_recv_noted(
+                                 h.tensors, note))
         if self._proto.is_discarded(h.key):
             item.discarded = True
         if item.payload is not None:
             self._incoming.append(item)
-            item.payload.add_done_callback(self._on_payload)
+            # A plane that says when payloads completed delivers them in that same poll, a
+            # loop iteration before a done callback would; a failed one breaks the pipe
+            # through on_lost, and _deliver_arrived breaks it too.
+            if not self._told_received or item.payload.done():
+                item.payload.add_done_callback(self._on_payload)
             return
         if self._incoming:  # behind a payload still arriving: keep the order
             self._incoming.append(item)

@@ -88,13 +88,30 @@ class SignallingPlane(DataPlane, Protocol):
     frames and in order with the pipe's frames: one connection, one write and one read for
     a message's header and its payload's description."""
 
-    def attach_signals(self, write: Callable[[bytes], None]) -> None:
-        """From now on, write records to the peer with ``write`` (which never raises)."""
+    def attach_signals(self, write: Callable[[bytes], None],
+                       received: Callable[[], object] | None = None) -> None:
+        """From now on, write records to the peer with ``write`` (which never raises); and
+        call ``received()`` once receives completed (their futures are done), so that the
+        owner delivers them at once rather than from their futures' callbacks, a loop
+        iteration later."""
         ...
 
     def on_signal(self, data: bytes) -> None:
         """Records from the peer; raises ``ProtocolError`` for bad ones, and errors of its
         own as they are: the pipe breaks."""
+        ...
+
+    def post_send_noted(self, tensors: Sequence[torch.Tensor]
+                        ) -> tuple[asyncio.Future[None], bytes | None]:
+        """:meth:`post_send`, and the note that describes the payload to the peer's plane
+        in the message's header (``None``: the plane describes it in its own records). The
+        pipe must put a note in the very header it writes next."""
+        ...
+
+    def post_recv_noted(self, specs: Sequence[TensorSpec], note: bytes
+                        ) -> asyncio.Future[list[torch.Tensor]]:
+        """:meth:`post_recv` of a message whose header carried the peer's ``note``; raises
+        ``ProtocolError`` for a bad note."""
         ...
 
 

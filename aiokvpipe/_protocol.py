@@ -109,18 +109,22 @@ class PipeProtocol:
         return self.state is State.OPEN
 
     def send_header(self, key: str | None, structure: Structure, specs: Sequence[TensorSpec],
-                    nbytes: int, inline: bool) -> bytes:
+                    nbytes: int, inline: bool, note: bytes | None = None) -> bytes:
         """Commit the next message: its header frame (the start of it, when ``inline``: its
-        payload bytes must follow in the same write). The credits we owe ride along.
+        payload bytes must follow in the same write). The credits we owe ride along, and
+        ``note``, the data plane's description of the payload (only a plane that signals).
 
         The caller has reserved ``message_cost(nbytes, len(specs))`` of credit
         (:meth:`spend`) and must write the bytes returned, in order, before anything else.
         """
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot send a message in state {self.state.name}")
+        if note is not None and not self.signals:
+            raise LocalProtocolError("this pipe's data plane takes no notes")
         credit, self.credit_owed = self.credit_owed, 0
         self.credit_held -= credit
-        head = _wire.encode_header(self.next_send_seq, key, structure, specs, inline, credit)
+        head = _wire.encode_header(self.next_send_seq, key, structure, specs, inline, credit,
+                                   note)
         self.next_send_seq += 1
         return head
 
@@ -248,6 +252,8 @@ class PipeProtocol:
     def _header(self, h: _wire.Header) -> None:
         if self.close_received:
             raise ProtocolError("message header after the peer's CLOSE")
+        if h.note is not None and not self.signals:
+            raise ProtocolError("a header with a note on a pipe whose data plane takes none")
         if h.seq != self.next_recv_seq:
             raise ProtocolError(f"header #{h.seq} where #{self.next_recv_seq} was due")
         for spec in h.tensors:

@@ -27,7 +27,7 @@ from typing import Any, Final, NoReturn, TypeVar
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-PROTOCOL_VERSION: Final = 4  # 4: ipc signals on the control connection; 3: block transfers
+PROTOCOL_VERSION: Final = 5  # 5: a data plane's note in a header; 4: ipc signals; 3: blocks
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
@@ -53,6 +53,10 @@ FRAME_PREFIX_BYTES: Final = _FRAME_PREFIX.size
 #: Payloads up to this size may travel inside their header frame (HEADER_INLINE): one write,
 #: one read, no data-plane round. Small enough never to hold a control frame up for long.
 MAX_INLINE_PAYLOAD: Final = 64 * 1024
+
+#: Bytes a HEADER_NOTED frame's note may hold: a data plane's description of the payload (the
+#: ipc plane's: which piece of which exported region to copy, 20 bytes).
+MAX_NOTE_BYTES: Final = 64
 
 #: Largest possible HEADER body: every field at its limit.
 MAX_HEADER_BODY: Final = (
@@ -81,6 +85,7 @@ class FrameType(enum.IntEnum):
     RETRACT = 25  # the sender gave up an offer not yet pulled
     PULLED = 26  # the receiver copied the blocks itself (ipc): the sender may reuse them
     SIGNAL = 27  # the data plane's own records (ipc: regions, copies, acks), in stream order
+    HEADER_NOTED = 28  # a HEADER carrying the data plane's note on its payload (ipc: where)
 
 
 class Transport(enum.IntEnum):
@@ -258,6 +263,10 @@ class Header:
     #: Receive credits the sender returns along with this message (a CREDIT frame's worth,
     #: without the frame: a request/response pair then costs one frame each way).
     credit: int = 0
+    #: The data plane's note on where the payload is (1 to MAX_NOTE_BYTES bytes, opaque here;
+    #: only a plane that signals sends or takes one), so that the payload's description
+    #: travels in the header's own frame; ``None``: the plane describes it on its own.
+    note: bytes | None = None
     nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -470,7 +479,9 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, Header):
         if frame.inline is None:
             return encode_header(frame.seq, frame.key, frame.structure, frame.tensors,
-                                 credit=frame.credit)
+                                 credit=frame.credit, note=frame.note)
+        if frame.note is not None:
+            raise ValueError("an inline message carries no note")
         if len(frame.inline) != frame.nbytes:
             raise ValueError("an inline payload must be exactly the message's bytes")
         return encode_header(frame.seq, frame.key, frame.structure, frame.tensors,
@@ -521,9 +532,11 @@ def encode_signal(data: bytes | bytearray) -> bytes:
 
 
 def encode_header(seq: int, key: str | None, structure: Structure,
-                  specs: Sequence[TensorSpec], inline: bool = False, credit: int = 0) -> bytes:
+                  specs: Sequence[TensorSpec], inline: bool = False, credit: int = 0,
+                  note: bytes | None = None) -> bytes:
     """A HEADER frame; with ``inline``, the start of a HEADER_INLINE frame, which the
-    message's payload bytes (``sum(spec.nbytes)``) must follow at once.
+    message's payload bytes (``sum(spec.nbytes)``) must follow at once; with ``note`` (not
+    with ``inline``), a HEADER_NOTED frame ending in ``note length u8 | note``.
 
     The send path of every message: no Header object is built and no payload is copied, so
     the caller can write the head and the tensors' bytes together. Body layout::
@@ -560,7 +573,14 @@ def encode_header(seq: int, key: str | None, structure: Structure,
         if nbytes > MAX_INLINE_PAYLOAD:
             raise ValueError(f"an inline payload is at most {MAX_INLINE_PAYLOAD} bytes, "
                              f"not {nbytes}")
+        if note is not None:
+            raise ValueError("an inline message carries no note")
         ftype, length = FrameType.HEADER_INLINE, length + nbytes
+    elif note is not None:
+        if not 0 < len(note) <= MAX_NOTE_BYTES:
+            raise ValueError(f"a note holds 1 to {MAX_NOTE_BYTES} bytes, not {len(note)}")
+        parts.append(_U8.pack(len(note)) + note)
+        ftype, length = FrameType.HEADER_NOTED, length + 1 + len(note)
     else:
         ftype = FrameType.HEADER
     parts[0] = _HEADER_HEAD.pack(ftype, 0, 0, length, seq, credit, key_len, structure, count,
@@ -592,6 +612,7 @@ MAX_BODY: Final[dict[FrameType, int]] = {
     FrameType.ERROR: 2 + MAX_ERROR_TEXT_BYTES,
     FrameType.HEADER: MAX_HEADER_BODY,
     FrameType.HEADER_INLINE: MAX_HEADER_BODY + MAX_INLINE_PAYLOAD,
+    FrameType.HEADER_NOTED: MAX_HEADER_BODY + 1 + MAX_NOTE_BYTES,
     FrameType.CREDIT: 8,
     FrameType.POOL: 8 + MAX_LAYOUT_BYTES,
     FrameType.OFFER: 20 + MAX_KEY_BYTES + 2 * MAX_TENSORS + 4 * MAX_OFFER_BLOCKS,
@@ -607,6 +628,8 @@ MAX_BODY: Final[dict[FrameType, int]] = {
 
 _HEADER: Final = FrameType.HEADER
 _HEADER_INLINE: Final = FrameType.HEADER_INLINE
+_HEADER_NOTED: Final = FrameType.HEADER_NOTED
+_HEADERS: Final = frozenset((_HEADER, _HEADER_INLINE, _HEADER_NOTED))
 _SIGNAL: Final = FrameType.SIGNAL
 
 #: raw type byte → (frame type, largest body): one lookup checks a prefix.
@@ -643,8 +666,8 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
 
     A HEADER_INLINE frame's payload is returned as a view of ``body``, not a copy.
     """
-    if ftype is FrameType.HEADER_INLINE or ftype is FrameType.HEADER:
-        return _decode_header(memoryview(body).cast("B"), ftype is FrameType.HEADER_INLINE)
+    if ftype in _HEADERS:
+        return _decode_header(memoryview(body).cast("B"), ftype)
     r = _Reader(body, ftype)
     frame: Frame
     if ftype is FrameType.CREDIT:
@@ -724,7 +747,8 @@ _CACHED_SPECS_BYTES: Final = 1024
 SpecsCache = dict[bytes, tuple[Structure, tuple[TensorSpec, ...], int]]
 
 
-def _decode_header(mv: memoryview, inline: bool, cache: SpecsCache | None = None) -> Header:
+def _decode_header(mv: memoryview, ftype: FrameType, cache: SpecsCache | None = None
+                   ) -> Header:
     # The hot path of every message: straight offsets into the body, no helper calls per
     # field. Every read is bounds-checked by struct/indexing, reported as truncation.
     try:
@@ -767,18 +791,25 @@ def _decode_header(mv: memoryview, inline: bool, cache: SpecsCache | None = None
         except IndexError:
             raise ProtocolError("truncated HEADER frame") from None
         pos += key_len
-    payload = None
-    if inline:
+    payload = note = None
+    if ftype is _HEADER_NOTED:
+        if pos >= len(mv):
+            raise ProtocolError("truncated HEADER_NOTED frame")
+        n = mv[pos]
+        if not 0 < n <= MAX_NOTE_BYTES:
+            raise ProtocolError(f"note of {n} bytes (1 to {MAX_NOTE_BYTES})")
+        note = mv[pos + 1:pos + 1 + n].tobytes()
+        pos += 1 + n
+    elif ftype is _HEADER_INLINE:
         if total > MAX_INLINE_PAYLOAD:
             raise ProtocolError(f"inline payload of {total} bytes exceeds {MAX_INLINE_PAYLOAD}")
         payload = mv[pos:pos + total]
         pos += total
     if pos != len(mv):
-        what = "HEADER_INLINE" if inline else "HEADER"
         if pos > len(mv):
-            raise ProtocolError(f"truncated {what} frame")
-        raise ProtocolError(f"{len(mv) - pos} stray bytes in {what}")
-    return Header(seq, key, structure, specs, payload, credit)
+            raise ProtocolError(f"truncated {ftype.name} frame")
+        raise ProtocolError(f"{len(mv) - pos} stray bytes in {ftype.name}")
+    return Header(seq, key, structure, specs, payload, credit, note)
 
 
 def _decode_specs(mv: memoryview, pos: int, count: int, is_dict: bool
@@ -956,8 +987,8 @@ class FrameDecoder:
         return min(stop, len(view)), frame_weight(ftype, length)
 
     def _decode(self, ftype: FrameType, body: memoryview) -> Frame:
-        if ftype is _HEADER_INLINE or ftype is _HEADER:
-            return _decode_header(body, ftype is _HEADER_INLINE, self._specs_cache)
+        if ftype in _HEADERS:
+            return _decode_header(body, ftype, self._specs_cache)
         if ftype is _SIGNAL and len(body):  # one a message on an ipc pipe: no reader built
             return Signal(body.tobytes())
         return decode_body(ftype, body)

@@ -214,7 +214,7 @@ def trace_plane(plane: IpcPlane) -> None:
         return wrapped
     plane._enqueue = wrap("enqueued", plane._enqueue, after=True)  # type: ignore[method-assign]
     plane._copied = wrap("copied", plane._copied)  # type: ignore[method-assign]
-    plane._send_ack = wrap("ack_out", plane._send_ack)  # type: ignore[method-assign]
+    plane._after_copies = wrap("ack_out", plane._after_copies)  # type: ignore[method-assign]
     # Records leave through the attached writer; what arrives is seen as decoded.
     plane._signal = wrap("rec_out", plane._signal, after=True)
     plane._on_ack = wrap("ack_in", plane._on_ack)  # type: ignore[method-assign]

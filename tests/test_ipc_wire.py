@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from aiokvpipe import ProtocolError
 from aiokvpipe._ipc_plane import (
     _COPY_ONE,
+    _PIECE,
     IPC_HANDLE_BYTES,
     MAX_COPIES_IN_FLIGHT,
     MAX_PIECES,
@@ -116,6 +117,8 @@ def test_a_one_piece_send_is_described_as_the_general_encoder_would() -> None:
     Run on a bare host object: ``_describe``'s fast path touches only these attributes."""
     host = SimpleNamespace(_inflight=deque(), _gated=deque(), _out=bytearray())
     host._emit = functools.partial(IpcPlane._emit, host)
+    host._one = functools.partial(IpcPlane._one, host)
+    host._take_one = functools.partial(IpcPlane._take_one, host)
     ex = _Export(7, 1234, 0x10000, 1 << 20, HANDLE)
     jobs = [_Job([_Part(0x10000 + off, n, ex, off)], None, None, None)  # type: ignore[arg-type]
             for off, n in ((4096, 8192), (0, 1 << 20))]
@@ -129,6 +132,27 @@ def test_a_one_piece_send_is_described_as_the_general_encoder_would() -> None:
         encode_record(CopyRecord((Piece(7, 0, 1 << 20),), True))])
     assert ex.announced and ex.pending == 0
     assert [(sent.ring_spans, sent.job) for sent in host._inflight] == [(0, j) for j in jobs]
+
+
+def _bare_consumer() -> IpcPlane:
+    """An IpcPlane with only what checking a note touches (the real one needs a GPU)."""
+    plane = IpcPlane.__new__(IpcPlane)
+    plane._error, plane._closing, plane._ledger = None, False, ConsumerLedger()
+    return plane
+
+
+@pytest.mark.parametrize("note, match", [
+    (b"", "a note of 0 bytes"),
+    (_PIECE.pack(1, 0, 16) + b"\x00", "a note of 21 bytes"),
+    (_PIECE.pack(1, 0, 0), "piece of 0 bytes"),
+    (_PIECE.pack(1, MAX_PAYLOAD_BYTES, 1), "out of range"),
+    (_PIECE.pack(1, 0, 16), "unknown region 1"),  # never announced
+], ids=["empty", "long", "empty-piece", "past-limit", "unannounced"])
+def test_a_bad_note_is_a_protocol_error_before_anything_is_posted(note: bytes, match: str
+                                                                  ) -> None:
+    plane = _bare_consumer()
+    with pytest.raises(ProtocolError, match=match):
+        plane.post_recv_noted((), note)
 
 
 @pytest.mark.parametrize("data", [

@@ -243,6 +243,41 @@ async def test_a_message_claimed_on_another_stream_than_it_arrived_on_is_kept_fo
         await close(pipe)
 
 
+async def test_a_ready_payload_is_described_in_its_header_and_never_overtakes_one_queued(
+        ) -> None:
+    """A send whose data is ready and that nothing of ours waits ahead of carries its copy's
+    description in its header (one frame); one whose stream is busy is described by a
+    record once its data is ready; and a ready send behind such a one waits its turn. If
+    it went ahead in its header, the peer would pair its copy with the earlier message and
+    deliver one message's bytes under the other (same sizes: no error would say so)."""
+    async with peers(1) as (peer,):
+        pipe = await pipe_to(peer)
+        assert pipe.transport == "ipc"
+        await peer.do("echo", name="p")
+        noted = lambda: pipe._plane.stats["copies_noted"]  # noqa: E731
+        a, b, c, d = (rand(torch.uint8, MiB) for _ in range(4))
+        busy = torch.cuda.Stream(DEV)
+        torch.cuda.synchronize(DEV)
+        await pipe.send(a)  # our stream is idle: a note
+        assert noted() == 1
+        assert same(a, await asyncio.wait_for(pipe.recv(), 30))
+        with torch.cuda.stream(busy):
+            torch.cuda._sleep(BUSY_CYCLES // 4)
+            send_b = asyncio.ensure_future(pipe.send(b))
+            await asyncio.sleep(0)  # posted now, on the busy stream: waits for it
+        send_c = asyncio.ensure_future(pipe.send(c))  # the idle default stream: ready
+        await asyncio.sleep(0)
+        assert not busy.query(), "the stream was idle already: the test proves nothing"
+        await asyncio.wait_for(asyncio.gather(send_b, send_c), 30)
+        assert noted() == 1  # b by record once ready, c by record behind it
+        assert same(b, await asyncio.wait_for(pipe.recv(), 30))
+        assert same(c, await asyncio.wait_for(pipe.recv(), 30))
+        await pipe.send(d)
+        assert noted() == 2
+        assert same(d, await asyncio.wait_for(pipe.recv(), 30))
+        await close(pipe)
+
+
 async def test_auto_picks_tcp_within_one_process() -> None:
     # The listener cannot open a handle its own process exported: no ipc, and no failure.
     listener = await aiokvpipe.listen("127.0.0.1", 0, device=DEV)

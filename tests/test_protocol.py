@@ -251,6 +251,30 @@ def test_a_signal_on_a_pipe_without_them_is_a_protocol_error() -> None:
         b.send_signal(b"x")  # ours cannot signal either
 
 
+def test_a_note_rides_in_its_header_in_order_with_the_signals() -> None:
+    a, b = signalling_pair()
+    data = (a.send_signal(b"region") + a.send_header(None, Structure.TENSOR, [SPEC], 16,
+                                                     False, b"copy-1")
+            + send(a))
+    frames = b.receive_data(data)
+    assert [type(f) for f in frames] == [_wire.Signal, _wire.Header, _wire.Header]
+    assert frames[1].note == b"copy-1" and frames[2].note is None  # type: ignore[union-attr]
+    assert [f.seq for f in frames[1:]] == [0, 1]  # type: ignore[union-attr]
+
+
+def test_a_note_on_a_pipe_without_signals_is_a_protocol_error() -> None:
+    a, _ = signalling_pair()
+    _, b = pair()
+    noted = a.send_header(None, Structure.TENSOR, [SPEC], 16, False, b"x")
+    with pytest.raises(ProtocolError, match="note"):
+        b.receive_data(noted)
+    assert b.state is State.BROKEN
+    c, _ = pair()
+    with pytest.raises(LocalProtocolError, match="note"):  # ours cannot send one either
+        c.send_header(None, Structure.TENSOR, [SPEC], 16, False, b"x")
+    assert c.next_send_seq == 0  # nothing was committed
+
+
 def test_signals_may_follow_the_peers_close_and_none_leave_a_broken_pipe() -> None:
     # The last acknowledgements of what we sent come after the peer's CLOSE.
     a, b = signalling_pair()

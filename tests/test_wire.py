@@ -167,6 +167,10 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
     "header-with-credit": Header(8, None, Structure.TENSOR, (spec(U8, (4,)),), None, 1 << 40),
     "header-inline-with-credit-max": Header(9, "r", Structure.TENSOR, (spec(U8, (2,)),),
                                             b"ab", (1 << 64) - 1),
+    "header-noted": Header(10, "req-3", Structure.TENSOR, (spec(U8, (1 << 24,)),), None, 5,
+                           bytes(range(20))),
+    "header-noted-max": Header(11, None, Structure.LIST, (spec(F32, (2,)), spec(U8, (0,))),
+                               note=b"\xff" * _wire.MAX_NOTE_BYTES),
     "credit-0": Credit(0),
     "credit-max": Credit((1 << 64) - 1),
     "heartbeat": Heartbeat(),
@@ -757,6 +761,50 @@ def test_message_cost_is_strictly_increasing_in_payload_and_tensor_count() -> No
         costs = [message_cost(p, t) for t in counts]
         assert costs == sorted(costs) and len(set(costs)) == len(costs)
 
+
+
+# -- notes (a data plane's description of the payload, in the header) ------------------------
+
+
+def _noted_body(note_len: int, note: bytes) -> bytes:
+    plain = encode(Header(0, None, Structure.TENSOR, (spec(U8, (10,)),)))[FRAME_PREFIX_BYTES:]
+    return plain + bytes([note_len]) + note
+
+
+@pytest.mark.parametrize("note_len, note, match", [
+    (0, b"", "note of 0 bytes"),
+    (_wire.MAX_NOTE_BYTES + 1, bytes(_wire.MAX_NOTE_BYTES + 1), "note of 65 bytes"),
+    (20, bytes(19), "truncated HEADER_NOTED"),
+    (20, bytes(21), "stray bytes in HEADER_NOTED"),
+    (None, b"", "truncated HEADER_NOTED"),  # no length byte at all
+], ids=["empty", "too-long", "short", "long", "missing"])
+def test_a_malformed_note_is_a_protocol_error(note_len: int | None, note: bytes,
+                                              match: str) -> None:
+    body = (_noted_body(note_len, note) if note_len is not None
+            else _noted_body(0, b"")[:-1])
+    with pytest.raises(ProtocolError, match=match):
+        decode_one(raw_frame(FrameType.HEADER_NOTED, body))
+
+
+def test_a_note_longer_than_the_limit_is_refused_from_the_prefix() -> None:
+    # The frame's declared length alone exceeds what a noted header may hold.
+    too_long = _wire.MAX_BODY[FrameType.HEADER_NOTED] + 1
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(struct.pack(">BBHI", FrameType.HEADER_NOTED, 0, 0, too_long))
+
+
+@pytest.mark.parametrize("note", [b"", bytes(_wire.MAX_NOTE_BYTES + 1)], ids=["empty", "long"])
+def test_encoder_refuses_a_note_the_decoder_would(note: bytes) -> None:
+    with pytest.raises(ValueError, match="note"):
+        encode(Header(0, None, Structure.TENSOR, (spec(U8, (4,)),), note=note))
+
+
+def test_an_inline_message_carries_no_note() -> None:
+    with pytest.raises(ValueError, match="no note"):
+        encode(Header(0, None, Structure.TENSOR, (spec(U8, (2,)),), b"ab", note=b"x"))
+    with pytest.raises(ValueError, match="no note"):
+        _wire.encode_header(0, None, Structure.TENSOR, (spec(U8, (2,)),), inline=True,
+                            note=b"x")
 
 
 # -- inline payloads ---------------------------------------------------------------------------
