@@ -609,6 +609,15 @@ class _Sent(NamedTuple):
     job: _Job | None  # set on a message's last record
 
 
+class _Copy(NamedTuple):
+    """A COPY record's copies, enqueued on the copy stream, awaited."""
+
+    rec: CopyRecord
+    maps: tuple[_Mapping, ...]
+    target: _Target | None  # set on a message's last record: its receive completes then
+    keepalive: list[torch.Tensor]  # the memory the copies write
+
+
 class _Mapping:
     """A peer region as this process sees it."""
 
@@ -731,6 +740,9 @@ class IpcPlane:
         self._copies: deque[tuple[CopyRecord, tuple[_Mapping, ...]]] = deque()
         self._targets: deque[_Target] = deque()  # posted, not yet wholly copied into
         self._copying = 0  # copies enqueued, not yet completed
+        #: Copies enqueued while the owner handles one read (hold_copies), awaited as one.
+        self._batch: list[_Copy] | None = None
+        self._stranded: list[list[_Copy]] = []  # never awaited (a CUDA error): kept to release
         self._waiting = False
         self._completed = 0
         self._ack_due = False
@@ -1448,15 +1460,43 @@ class IpcPlane:
 
     def _watch_copy(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target
                     ) -> None:
-        stream = self._copy_stream
-        done = self._events.get()
-        done.record(stream)
         self._copying += 1
+        copy = _Copy(rec, maps, target if rec.last else None, target.tensors)
+        if self._batch is not None:
+            self._batch.append(copy)  # awaited with the rest of the read's (release_copies)
+            return
+        self._watch_batch([copy])
+
+    def _watch_batch(self, batch: list[_Copy]) -> None:
+        """Await ``batch``, copies enqueued one after the other on our copy stream, with one
+        event recorded after the last of them (a stream runs its work in order)."""
+        done = self._events.get()
+        done.record(self._copy_stream)
+        nbytes = batch[0].rec.nbytes if len(batch) == 1 else sum(c.rec.nbytes for c in batch)
         # The poller sleeps until an op of this size could have ended at 500 GB/s; a copy
         # within one GPU runs at ~2 TB/s, so announce a fifth: never oversleep the copy.
-        self._copy_poller.watch(done, rec.nbytes // 5, keepalive=target.tensors,
-                                then=functools.partial(self._copied, rec, maps, done,
-                                                       target if rec.last else None))
+        self._copy_poller.watch(done, nbytes // 5, keepalive=batch,
+                                then=functools.partial(self._copied, batch, done))
+
+    def hold_copies(self) -> None:
+        """The owner hands us a read's worth of headers and records: await the copies they
+        enqueue together, with one event and one poll, at :meth:`release_copies` (called
+        in the same loop iteration), instead of an event and a completion each."""
+        if self._batch is None:
+            self._batch = []
+
+    def release_copies(self) -> None:
+        """Start awaiting the copies enqueued since :meth:`hold_copies`. Never raises: a CUDA
+        error recording the event breaks the plane (on_lost)."""
+        batch, self._batch = self._batch, None
+        if batch:
+            try:
+                self._watch_batch(batch)
+            except Exception as exc:
+                # Those copies' targets are never delivered; their memory stays referenced
+                # (batch) until the plane's release has waited for the copy stream.
+                self._stranded.append(batch)
+                self._lost(exc)
 
     @staticmethod
     def _copy_pieces(rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target,
@@ -1477,30 +1517,34 @@ class IpcPlane:
                     target.index += 1
                     target.offset = 0
 
-    def _copied(self, rec: CopyRecord, maps: tuple[_Mapping, ...], done: torch.cuda.Event,
-                target: _Target | None, fut: asyncio.Future[None]) -> None:
-        self._copying -= 1
+    def _copied(self, batch: list[_Copy], done: torch.cuda.Event,
+                fut: asyncio.Future[None]) -> None:
+        self._copying -= len(batch)
         if fut.cancelled() or (exc := fut.exception()) is not None:
-            if target is not None and not target.future.done():
-                target.future.set_exception(fresh(self._error or ConnectionAbortedError(
-                    "ipc plane closed")))
-                target.future.exception()
+            for copy in batch:
+                target = copy.target
+                if target is not None and not target.future.done():
+                    target.future.set_exception(fresh(self._error or ConnectionAbortedError(
+                        "ipc plane closed")))
+                    target.future.exception()
             return
         del exc
         self._events.put(done)
-        self._ledger.copied()
-        for m in maps:
-            m.users -= 1
-            if m.retired and not m.users:
-                self._close_mapping(m)
-        self._completed += 1
+        for copy in batch:
+            self._ledger.copied()
+            for m in copy.maps:
+                m.users -= 1
+                if m.retired and not m.users:
+                    self._close_mapping(m)
+            self._completed += 1
+            target = copy.target
+            if target is not None and not target.future.done():
+                target.future.set_result(target.tensors)
+                self._received_due = True
         # Acknowledged at the end of this poll (the poller's after_pass), with every copy it
         # saw complete: not a loop iteration later, where it waited behind the headers read
         # meanwhile (hundreds of µs at 16 MiB, the sender idle).
         self._ack_due = True
-        if target is not None and not target.future.done():
-            target.future.set_result(target.tensors)
-            self._received_due = True
 
     def _after_copies(self) -> None:
         # One ACK per poll, however many copies completed in it; then the owner delivers
@@ -1539,8 +1583,11 @@ class IpcPlane:
             fail_future(source, exc)
         # Ring copies queued on our send stream may still read these sends' tensors (their
         # copies onto this device, held by nobody else): kept until that stream is idle.
-        sending = [job.keepalive for job in self._jobs]
+        sending: list[object] = [job.keepalive for job in self._jobs]
         sending += [sent.job.keepalive for sent in self._inflight if sent.job is not None]
+        # Copies enqueued but never awaited may still write these receives' memory.
+        sending += [self._batch or (), self._stranded]
+        self._batch = None
         self._jobs.clear()
         self._inflight.clear()
         self._targets.clear()

@@ -191,8 +191,9 @@ class Pipe:
         self._blocks = BlockExchange(self)
         #: The plane says when payloads completed (ipc): no callback per payload future.
         self._told_received = self._on_signal is not None
-        if self._on_signal is not None:
-            cast(SignallingPlane, plane).attach_signals(self._signal, self._deliver_arrived)
+        self._signalling = cast(SignallingPlane, plane) if self._on_signal is not None else None
+        if self._signalling is not None:
+            self._signalling.attach_signals(self._signal, self._deliver_arrived)
         control.attach(self)
         if heartbeat_interval is not None and self._error is None:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
@@ -722,6 +723,9 @@ class Pipe:
         """Called by the control channel with each chunk of bytes from the peer. Acts on a
         turn's worth of frames (:data:`TURN_BUDGET`) and keeps the rest: True then, and the
         channel calls again next loop iteration."""
+        plane = self._signalling
+        if plane is not None:  # (ipc) the copies this read starts are awaited together
+            plane.hold_copies()
         try:
             frames = self._proto.receive_data(data, TURN_BUDGET)
             for frame in frames:
@@ -742,6 +746,9 @@ class Pipe:
         except Exception as exc:  # the peer broke a rule, or something failed here
             self._break(exc)
             return False
+        finally:
+            if plane is not None:
+                plane.release_copies()
         return self._proto.backlogged
 
     def _on_header(self, h: _wire.Header) -> None:

@@ -101,6 +101,15 @@ class SignallingPlane(DataPlane, Protocol):
         own as they are: the pipe breaks."""
         ...
 
+    def hold_copies(self) -> None:
+        """The pipe hands the plane one read's frames: receives they start may complete
+        together (:meth:`release_copies`, in the same loop iteration, always called)."""
+        ...
+
+    def release_copies(self) -> None:
+        """End of :meth:`hold_copies`; never raises."""
+        ...
+
     def post_send_noted(self, tensors: Sequence[torch.Tensor]
                         ) -> tuple[asyncio.Future[None], bytes | None]:
         """:meth:`post_send`, and the note that describes the payload to the peer's plane

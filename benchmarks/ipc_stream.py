@@ -11,7 +11,7 @@ is busy all the time.
 Wrap either in ``py-spy record --nonblocking --format raw -o FILE --``. ``IPC_STREAM_GC=freeze``
 freezes the collector's objects after start-up; ``IPC_STREAM_TURN=N`` sets the pipe's turn
 budget (frames handled per loop iteration); ``IPC_STREAM_BYTES=N``, the streamed message's
-size (16 MiB).
+size (16 MiB); ``IPC_STREAM_DEPTH=N``, the sends in flight (8).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import aiokvpipe  # noqa: E402
 from aiokvpipe import _pipe  # noqa: E402
 
 WARM_UP = 50  # messages sent before anything is timed
+DEPTH = int(os.environ.get("IPC_STREAM_DEPTH", 8))  # sends in flight in a stream
 
 
 async def receive(mode: str, port: int) -> None:
@@ -73,7 +74,7 @@ async def send(mode: str, port: int, seconds: float) -> None:
                 count += 1
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(8)))
+        await asyncio.gather(*(one() for _ in range(DEPTH)))
         dt, count = time.perf_counter() - t0, max(count, 1)
         print(f"{n} B: {count * n / dt / 1e9:.1f} GB/s, {dt / count * 1e6:.1f} µs a message "
               f"({count} messages); sender: "
