@@ -85,6 +85,10 @@ MAX_REGIONS: Final = 1024
 _MAX_EXPORTS: Final = 512
 #: Default size of the staging ring (allocated only when a tensor needs it).
 DEFAULT_RING_BYTES: Final = 128 << 20
+#: Bytes of copies awaited together at most (one read's, see :meth:`IpcPlane.hold_copies`):
+#: a receive waits behind at most this much copying started after it in the same read
+#: (~30 µs at the ~2 TB/s of a copy within one GPU).
+_BATCH_BYTES: Final = 64 << 20
 #: Ring bytes per COPY record at most: small enough that the consumer starts copying a large
 #: message early, large enough that the per-record cost (GPU work alternating between the
 #: two processes' contexts, ~0.1 ms) is amortised.
@@ -742,6 +746,7 @@ class IpcPlane:
         self._copying = 0  # copies enqueued, not yet completed
         #: Copies enqueued while the owner handles one read (hold_copies), awaited as one.
         self._batch: list[_Copy] | None = None
+        self._batch_bytes = 0
         self._stranded: list[list[_Copy]] = []  # never awaited (a CUDA error): kept to release
         self._waiting = False
         self._completed = 0
@@ -837,10 +842,11 @@ class IpcPlane:
 
     def post_send_noted(self, tensors: Sequence[torch.Tensor]
                         ) -> tuple[asyncio.Future[None], bytes | None]:
-        """:meth:`post_send`; and when the payload is one piece of an announced region,
-        ready now and next in line, its description as a note for the message's header
-        (:meth:`post_recv_noted` at the peer) instead of a COPY record: one frame less to
-        write and to read a message. The pipe must write that header next."""
+        """:meth:`post_send`; and when the payload is one piece of an exported region
+        (announced to the peer by now), ready now and next in line, its description as a
+        note for the message's header (:meth:`post_recv_noted` at the peer) instead of a
+        COPY record: one frame less to write and to read a message. The pipe must write
+        that header next."""
         return self._post_send(tensors, True)
 
     def _post_send(self, tensors: Sequence[torch.Tensor], noted: bool
@@ -1228,13 +1234,18 @@ class IpcPlane:
                         ) -> asyncio.Future[list[torch.Tensor]]:
         """:meth:`post_recv` of a message whose header carried the peer's ``note`` (see
         :meth:`post_send_noted`): a COPY of one piece, the whole message. Raises
-        :class:`ProtocolError` for a bad note."""
+        :class:`ProtocolError` for a bad note, before anything is posted."""
         if self._error is None and not self._closing:
             if len(note) != _PIECE.size:
                 raise ProtocolError(f"a note of {len(note)} bytes; a COPY note is "
                                     f"{_PIECE.size}")
             piece = Piece(*_PIECE.unpack(note))
             _check_piece(piece, ProtocolError)
+            nbytes = specs[0].nbytes if len(specs) == 1 else sum(s.nbytes for s in specs)
+            if piece.nbytes != nbytes:
+                # Else its copy would wait for (and fill) the next message's target.
+                raise ProtocolError(f"a note of {piece.nbytes} bytes on a message of "
+                                    f"{nbytes}")
             self._on_copy(CopyRecord((piece,), True))
         return self.post_recv(specs)
 
@@ -1415,7 +1426,7 @@ class IpcPlane:
             return
         try:
             self._pump_recv_now()
-        except (ProtocolError, RuntimeError) as exc:
+        except Exception as exc:  # raised in a callback, it would leave receives waiting
             self._lost(exc)
 
     def _pump_recv_now(self) -> None:
@@ -1438,6 +1449,11 @@ class IpcPlane:
                 self._targets.popleft()
 
     def _enqueue(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target) -> None:
+        if self._batch and self._batch_bytes + rec.nbytes > _BATCH_BYTES:
+            # This copy would hold up the receives ahead of it in the batch: those are
+            # awaited on their own, with an event recorded before it is enqueued.
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            self._await_copies(batch)
         stream = self._copy_stream
         handle = stream.cuda_stream
         try:
@@ -1464,12 +1480,22 @@ class IpcPlane:
         copy = _Copy(rec, maps, target if rec.last else None, target.tensors)
         if self._batch is not None:
             self._batch.append(copy)  # awaited with the rest of the read's (release_copies)
+            self._batch_bytes += rec.nbytes
             return
-        self._watch_batch([copy])
+        self._await_copies([copy])
+
+    def _await_copies(self, batch: list[_Copy]) -> None:
+        """Await ``batch``, copies enqueued one after the other on our copy stream, with one
+        event recorded after the last of them (a stream runs its work in order). If the
+        event cannot be recorded (a CUDA error, raised), the batch's memory is kept until
+        the plane's release has waited for the copy stream."""
+        try:
+            self._watch_batch(batch)
+        except BaseException:
+            self._stranded.append(batch)
+            raise
 
     def _watch_batch(self, batch: list[_Copy]) -> None:
-        """Await ``batch``, copies enqueued one after the other on our copy stream, with one
-        event recorded after the last of them (a stream runs its work in order)."""
         done = self._events.get()
         done.record(self._copy_stream)
         nbytes = batch[0].rec.nbytes if len(batch) == 1 else sum(c.rec.nbytes for c in batch)
@@ -1488,14 +1514,11 @@ class IpcPlane:
     def release_copies(self) -> None:
         """Start awaiting the copies enqueued since :meth:`hold_copies`. Never raises: a CUDA
         error recording the event breaks the plane (on_lost)."""
-        batch, self._batch = self._batch, None
+        batch, self._batch, self._batch_bytes = self._batch, None, 0
         if batch:
             try:
-                self._watch_batch(batch)
-            except Exception as exc:
-                # Those copies' targets are never delivered; their memory stays referenced
-                # (batch) until the plane's release has waited for the copy stream.
-                self._stranded.append(batch)
+                self._await_copies(batch)
+            except Exception as exc:  # those receives are never delivered: the plane breaks
                 self._lost(exc)
 
     @staticmethod
@@ -1530,17 +1553,20 @@ class IpcPlane:
             return
         del exc
         self._events.put(done)
-        for copy in batch:
-            self._ledger.copied()
-            for m in copy.maps:
-                m.users -= 1
-                if m.retired and not m.users:
-                    self._close_mapping(m)
-            self._completed += 1
-            target = copy.target
-            if target is not None and not target.future.done():
-                target.future.set_result(target.tensors)
-                self._received_due = True
+        try:
+            for copy in batch:
+                self._ledger.copied()
+                for m in copy.maps:
+                    m.users -= 1
+                    if m.retired and not m.users:
+                        self._close_mapping(m)
+                self._completed += 1
+                target = copy.target
+                if target is not None and not target.future.done():
+                    target.future.set_result(target.tensors)
+                    self._received_due = True
+        except Exception as err:  # (closing a mapping) the rest would wait for ever: break
+            self._lost(err)
         # Acknowledged at the end of this poll (the poller's after_pass), with every copy it
         # saw complete: not a loop iteration later, where it waited behind the headers read
         # meanwhile (hundreds of µs at 16 MiB, the sender idle).
@@ -1586,6 +1612,10 @@ class IpcPlane:
         sending: list[object] = [job.keepalive for job in self._jobs]
         sending += [sent.job.keepalive for sent in self._inflight if sent.job is not None]
         # Copies enqueued but never awaited may still write these receives' memory.
+        for batch in (self._batch or [], *self._stranded):
+            for copy in batch:
+                if copy.target is not None:
+                    fail_future(copy.target.future, exc)
         sending += [self._batch or (), self._stranded]
         self._batch = None
         self._jobs.clear()

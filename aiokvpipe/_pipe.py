@@ -189,8 +189,8 @@ class Pipe:
         self._closer: asyncio.Task[None] | None = None
         self._error: BrokenPipe | None = None
         self._blocks = BlockExchange(self)
-        #: The plane says when payloads completed (ipc): no callback per payload future.
-        self._told_received = self._on_signal is not None
+        #: The plane, if it signals (ipc): it describes payloads in notes and records, says
+        #: when payloads completed (no callback per payload future) and batches a read's.
         self._signalling = cast(SignallingPlane, plane) if self._on_signal is not None else None
         if self._signalling is not None:
             self._signalling.attach_signals(self._signal, self._deliver_arrived)
@@ -637,11 +637,10 @@ class Pipe:
         note = None
         if not inline:
             try:
-                if self._on_signal is None:
+                if self._signalling is None:
                     done = self._plane.post_send(out.tensors)
                 else:  # the payload's description rides in the header (ipc)
-                    done, note = cast(SignallingPlane, self._plane).post_send_noted(
-                        out.tensors)
+                    done, note = self._signalling.post_send_noted(out.tensors)
             except Exception as exc:
                 proto.refund(cost)
                 self._credits.release(cost)
@@ -766,9 +765,12 @@ class Pipe:
             # A failure to allocate here is ours, not the peer's: it breaks the pipe with
             # its own cause, and the peer is told that we failed (not that it misbehaved).
             note = h.note
-            item = _Incoming(h, item_cost, self._plane.post_recv(h.tensors) if note is None
-                             else cast(SignallingPlane, self._plane).post_recv_noted(
-                                 h.tensors, note))
+            if note is None:
+                payload = self._plane.post_recv(h.tensors)
+            else:  # the protocol took a note only on a pipe whose plane signals
+                assert self._signalling is not None
+                payload = self._signalling.post_recv_noted(h.tensors, note)
+            item = _Incoming(h, item_cost, payload)
         if self._proto.is_discarded(h.key):
             item.discarded = True
         if item.payload is not None:
@@ -776,7 +778,7 @@ class Pipe:
             # A plane that says when payloads completed delivers them in that same poll, a
             # loop iteration before a done callback would; a failed one breaks the pipe
             # through on_lost, and _deliver_arrived breaks it too.
-            if not self._told_received or item.payload.done():
+            if self._signalling is None or item.payload.done():
                 item.payload.add_done_callback(self._on_payload)
             return
         if self._incoming:  # behind a payload still arriving: keep the order

@@ -121,10 +121,12 @@ class PipeProtocol:
             raise LocalProtocolError(f"cannot send a message in state {self.state.name}")
         if note is not None and not self.signals:
             raise LocalProtocolError("this pipe's data plane takes no notes")
-        credit, self.credit_owed = self.credit_owed, 0
-        self.credit_held -= credit
+        credit = self.credit_owed
+        # Encoded before anything is committed: a ValueError leaves the credit owed.
         head = _wire.encode_header(self.next_send_seq, key, structure, specs, inline, credit,
                                    note)
+        self.credit_owed = 0
+        self.credit_held -= credit
         self.next_send_seq += 1
         return head
 
@@ -252,8 +254,12 @@ class PipeProtocol:
     def _header(self, h: _wire.Header) -> None:
         if self.close_received:
             raise ProtocolError("message header after the peer's CLOSE")
-        if h.note is not None and not self.signals:
-            raise ProtocolError("a header with a note on a pipe whose data plane takes none")
+        if h.note is not None:
+            if not self.signals:
+                raise ProtocolError("a header with a note on a pipe whose data plane takes "
+                                    "none")
+            if not h.nbytes:  # (a message without payload bytes travels inline)
+                raise ProtocolError("a header with a note and no payload")
         if h.seq != self.next_recv_seq:
             raise ProtocolError(f"header #{h.seq} where #{self.next_recv_seq} was due")
         for spec in h.tensors:

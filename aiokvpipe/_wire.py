@@ -543,7 +543,8 @@ def encode_header(seq: int, key: str | None, structure: Structure,
 
         seq u64 | credit u64 | key length u16 (0xFFFF: no key) | structure u8 | count u32
         | specs length u32 | specs: count × (name length u8 | name | dtype u8 | ndim u8
-        | ndim × u64) | key | inline payload
+        | ndim × u64) | key | inline payload (HEADER_INLINE) or note length u8 | note
+        (HEADER_NOTED)
 
     The specs come as one run of bytes whose length is known up front, so that a receiver can
     recognise the specs of a recurring message without parsing them again.
@@ -878,9 +879,11 @@ def shape_fits(shape: tuple[int, ...], itemsize: int) -> bool:
 
 #: What decoding a frame of each type sets in motion, in units of a message header's: a block
 #: transfer's frame makes its receiver check ids, plan or launch a copy and answer (tens of
-#: µs), a header mostly a dictionary lookup. :meth:`FrameDecoder.feed`'s budget counts these.
-FRAME_WEIGHT: Final = {t: 16 if FrameType.POOL <= t <= FrameType.PULLED else 1
-                       for t in FrameType}
+#: µs), a header mostly a dictionary lookup; a noted header also launches its copy (as a
+#: header and the SIGNAL frame it replaces would). :meth:`FrameDecoder.feed`'s budget counts
+#: these.
+FRAME_WEIGHT: Final = {t: 16 if FrameType.POOL <= t <= FrameType.PULLED
+                       else 2 if t is FrameType.HEADER_NOTED else 1 for t in FrameType}
 #: A SIGNAL frame weighs one more per this many bytes: one carries one ipc record a message,
 #: but up to 64 KiB of them (regions to map, copies to launch).
 SIGNAL_BYTES_PER_WEIGHT: Final = 4096

@@ -11,7 +11,14 @@ two versions of the package on one machine, alternated (the host sets the absolu
 - ``tput``: 4 KiB messages, 8 sends in flight (the bench's throughput shape);
 - ``lat``: a 4 KiB message answered by one without payload (the bench's one-way shape).
 
+``--check`` makes it a test of that path instead: messages from 64 tensors in turn, each its
+own allocation and each of its own bytes, checked on arrival, in order; one stream query in
+five finds the stream busy and every event completes only at its second query, so that
+sends also go by record (after their data is "ready"), behind one another and between
+notes, and copies are polled more than once. It prints how many went each way.
+
     python benchmarks/ipc_python_path.py tput|lat [MESSAGES] [--repeat N] [--profile KEY]
+        [--check]
 
 Never import this from the package: it patches ``torch.cuda`` for the whole process.
 """
@@ -23,6 +30,7 @@ import asyncio
 import cProfile
 import ctypes
 import pstats
+import random
 import socket
 import sys
 import time
@@ -69,9 +77,33 @@ class _Done:
         pass
 
 
-def fake_cuda() -> None:
+class _Late(_Done):
+    """``--check``: an event that completes at its second query after being recorded."""
+
+    def __init__(self) -> None:
+        self._queried = True
+
+    def record(self, stream: object = None) -> None:
+        self._queried = False
+
+    def query(self) -> bool:
+        done, self._queried = self._queried, True
+        return done
+
+
+class _Busy(_Done):
+    """``--check``: a stream busy at one query in five, drawn from a seeded generator (a
+    fixed period would fall on the same call of each message's sequence)."""
+
+    def __init__(self) -> None:
+        self._draw = random.Random(5).random
+
+    def query(self) -> bool:
+        return self._draw() >= 0.2
+
+def fake_cuda(check: bool) -> None:
     """Replace the CUDA calls the ipc plane makes (see the module docstring)."""
-    stream = _Done()
+    stream = _Busy() if check else _Done()
     patches: dict[object, dict[str, object]] = {
         _cudaipc: {
             "allocation_of": _allocation_of,
@@ -88,7 +120,7 @@ def fake_cuda() -> None:
             "recycle_streams": lambda streams: None,
             "after_pending_work": lambda device: None,
         },
-        torch.cuda: {"current_device": lambda: 0, "Event": _Done,
+        torch.cuda: {"current_device": lambda: 0, "Event": _Late if check else _Done,
                      "set_stream": lambda stream: None},
     }
     for owner, names in patches.items():
@@ -116,21 +148,37 @@ async def pipe_pair() -> tuple[Pipe, Pipe]:
     return pipes[0], pipes[1]
 
 
-async def run(mode: str, n: int, repeat: int, profile: str | None) -> None:
+async def run(mode: str, n: int, repeat: int, profile: str | None, check: bool) -> None:
     a, b = await pipe_pair()
-    x = torch.zeros(4096, dtype=torch.uint8)
-    _ALLOCATIONS[x.data_ptr()] = (1, x.numel())
+    # With --check, 64 tensors (allocations) of distinct bytes in turn; a tensor is sent
+    # again only after its earlier send completed (8 in flight at most).
+    xs = [torch.full((4096,), i, dtype=torch.uint8) for i in range(64 if check else 1)]
+    for i, x in enumerate(xs):
+        _ALLOCATIONS[x.data_ptr()] = (i + 1, x.numel())
+    sent, received = [0], [0]
 
     async def receive(count: int) -> None:
         for _ in range(count):
-            await b.recv()
+            got = await b.recv()
+            if check:
+                assert isinstance(got, torch.Tensor)
+                due = received[0] % len(xs)
+                if not (got.numel() == 4096 and int(got[0]) == int(got[-1]) == due):
+                    raise AssertionError(f"message {received[0]} holds {int(got[0])}, "
+                                         f"{due} was sent")
+            received[0] += 1
             if mode == "lat":
                 await b.send(None, "pong")
+
+    def next_tensor() -> torch.Tensor:
+        x = xs[sent[0] % len(xs)]
+        sent[0] += 1
+        return x
 
     async def send(count: int) -> None:
         if mode == "lat":
             for _ in range(count):
-                await a.send(x)
+                await a.send(next_tensor())
                 await a.recv("pong")
             return
         left = [count]
@@ -138,7 +186,7 @@ async def run(mode: str, n: int, repeat: int, profile: str | None) -> None:
         async def one() -> None:
             while left[0] > 0:
                 left[0] -= 1
-                await a.send(x)
+                await a.send(next_tensor())
 
         await asyncio.gather(*(one() for _ in range(DEPTH)))
 
@@ -158,6 +206,11 @@ async def run(mode: str, n: int, repeat: int, profile: str | None) -> None:
           f"{runs[len(runs) // 2]:.1f} ({repeat} runs of {n}{', profiled' if prof else ''})")
     if prof:
         pstats.Stats(prof).sort_stats(profile or "tottime").print_stats(40)
+    if check:
+        noted = a._plane.stats["copies_noted"]  # type: ignore[attr-defined]
+        copied = b._plane._completed  # type: ignore[attr-defined]
+        print(f"checked {received[0]} messages in order: {noted} described in their "
+              f"header, {copied - noted} by record")
     await a.aclose()
     await b.aclose()
 
@@ -168,9 +221,10 @@ def main() -> None:
     ap.add_argument("messages", nargs="?", type=int, default=4000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", metavar="KEY", help="cProfile, sorted by KEY (tottime, ...)")
+    ap.add_argument("--check", action="store_true", help="test the path (see above)")
     args = ap.parse_args()
-    fake_cuda()
-    uvloop.run(run(args.mode, args.messages, args.repeat, args.profile))
+    fake_cuda(args.check)
+    uvloop.run(run(args.mode, args.messages, args.repeat, args.profile, args.check))
 
 
 if __name__ == "__main__":

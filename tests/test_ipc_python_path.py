@@ -1,8 +1,8 @@
 """``benchmarks/ipc_python_path.py`` (the ipc pipe's Python with CUDA faked at the driver seam)
-runs on a machine without a GPU: the probe keeps working, and the ipc plane's path through
-the pipe (notes in headers, records, batched completions, acknowledgements, delivery, credits)
-carries thousands of messages end to end in one process. The real planes run on a GPU
-(tests/test_pipe_ipc.py)."""
+runs on a machine without a GPU, and with ``--check`` carries messages of distinct bytes
+through two real ipc pipes in one process, in order: sends described in their header and by
+record (from streams found busy), one behind the other, copies awaited in batches, polled,
+acknowledged and delivered. The real planes run on a GPU (tests/test_pipe_ipc.py)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,18 @@ PROBE = Path(__file__).resolve().parent.parent / "benchmarks" / "ipc_python_path
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["tput", "lat"])
-def test_the_ipc_python_path_probe_moves_its_messages(mode: str) -> None:
-    done = subprocess.run([sys.executable, str(PROBE), mode, "500", "--repeat", "2"],
-                          capture_output=True, text=True, timeout=100)
+def test_the_ipc_python_path_carries_every_message_whole_and_in_order(mode: str) -> None:
+    done = subprocess.run([sys.executable, str(PROBE), mode, "500", "--repeat", "2",
+                           "--check"], capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "broke" not in done.stderr, done.stderr  # a pipe that broke logs it
-    found = re.search(rf"^{mode}: CPU µs a message, both ends: min ([0-9.]+), median "
-                      r"([0-9.]+) \(2 runs of 500\)$", done.stdout, re.M)
-    assert found, done.stdout
-    assert 0 < float(found[1]) <= float(found[2])
+    timing = re.search(rf"^{mode}: CPU µs a message, both ends: min ([0-9.]+), median "
+                       r"([0-9.]+) \(2 runs of 500\)$", done.stdout, re.M)
+    assert timing, done.stdout
+    assert 0 < float(timing[1]) <= float(timing[2])
+    ways = re.search(r"^checked (\d+) messages in order: (\d+) described in their header, "
+                     r"(\d+) by record$", done.stdout, re.M)
+    assert ways, done.stdout
+    checked, noted, recorded = map(int, ways.groups())
+    assert checked == 300 + 2 * 500  # the warm-up and both runs
+    assert noted > 0 and recorded > 0  # both ways were taken, between each other

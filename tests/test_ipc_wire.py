@@ -44,7 +44,7 @@ from aiokvpipe._ipc_plane import (
     ipc_info,
     probe_opens,
 )
-from aiokvpipe._wire import MAX_PAYLOAD_BYTES
+from aiokvpipe._wire import MAX_PAYLOAD_BYTES, TensorSpec
 
 HANDLE = bytes(range(64))
 OTHER = bytes(range(1, 65))
@@ -141,18 +141,26 @@ def _bare_consumer() -> IpcPlane:
     return plane
 
 
+SIXTEEN = (TensorSpec(0, (16,), 1),)  # uint8 × 16: the message the notes below arrive on
+
+
 @pytest.mark.parametrize("note, match", [
     (b"", "a note of 0 bytes"),
     (_PIECE.pack(1, 0, 16) + b"\x00", "a note of 21 bytes"),
     (_PIECE.pack(1, 0, 0), "piece of 0 bytes"),
     (_PIECE.pack(1, MAX_PAYLOAD_BYTES, 1), "out of range"),
+    # Its copy would be left over, and fill the next message's receive: never delivered
+    # under another message's header, whatever its size.
+    (_PIECE.pack(1, 0, 32), "a note of 32 bytes on a message of 16"),
+    (_PIECE.pack(1, 0, 8), "a note of 8 bytes on a message of 16"),
     (_PIECE.pack(1, 0, 16), "unknown region 1"),  # never announced
-], ids=["empty", "long", "empty-piece", "past-limit", "unannounced"])
+], ids=["empty", "long", "empty-piece", "past-limit", "larger", "smaller", "unannounced"])
 def test_a_bad_note_is_a_protocol_error_before_anything_is_posted(note: bytes, match: str
                                                                   ) -> None:
     plane = _bare_consumer()
     with pytest.raises(ProtocolError, match=match):
-        plane.post_recv_noted((), note)
+        plane.post_recv_noted(SIXTEEN, note)
+    assert plane._ledger.in_flight == 0  # no copy was taken on
 
 
 @pytest.mark.parametrize("data", [

@@ -262,6 +262,26 @@ def test_a_note_rides_in_its_header_in_order_with_the_signals() -> None:
     assert [f.seq for f in frames[1:]] == [0, 1]  # type: ignore[union-attr]
 
 
+def test_a_note_on_a_message_without_payload_is_a_protocol_error() -> None:
+    # Such a message travels inline; a note there would leave a copy to be paired with the
+    # next message's receive.
+    a, b = signalling_pair()
+    noted = _wire.encode_header(0, None, Structure.NONE, [], False, 0, bytes(20))
+    with pytest.raises(ProtocolError, match="no payload"):
+        b.receive_data(noted)
+    assert b.state is State.BROKEN
+
+
+def test_a_header_that_cannot_be_encoded_commits_nothing() -> None:
+    a, b = signalling_pair()
+    b.receive_data(send(a))
+    b.payload_done()
+    b.release(COST)
+    with pytest.raises(ValueError, match="note"):
+        b.send_header(None, Structure.TENSOR, [SPEC], 16, False, bytes(65))
+    assert b.credit_owed == COST and b.next_send_seq == 0  # still owed, nothing sent
+
+
 def test_a_note_on_a_pipe_without_signals_is_a_protocol_error() -> None:
     a, _ = signalling_pair()
     _, b = pair()

@@ -283,6 +283,13 @@ def test_a_signal_frame_weighs_by_its_size() -> None:
     assert len(dec.feed(b"", budget=40)) == 2
 
 
+def test_a_noted_header_weighs_a_header_and_the_signal_it_replaces() -> None:
+    noted = encode(Header(0, None, Structure.TENSOR, (spec(U8, (16,)),), note=bytes(20)))
+    dec = FrameDecoder()
+    assert len(dec.feed(noted * 10, budget=8)) == 4  # a copy launched each: weight 2
+    assert len(dec.feed(b"", budget=100)) == 6
+
+
 def test_block_frames_weigh_more_than_message_headers() -> None:
     offers = [SAMPLE_FRAMES[k] for k in SAMPLE_FRAMES if isinstance(SAMPLE_FRAMES[k], Offer)]
     stream = b"".join(encode(offers[0]) for _ in range(40))
