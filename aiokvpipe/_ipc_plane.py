@@ -6,8 +6,10 @@ once as a CUDA IPC memory handle and announced as a *region*; tensors whose allo
 be exported (torch's ``expandable_segments``) are first copied into a *staging ring*, a plain
 ``cudaMalloc`` buffer exported once. An event is recorded on the caller's stream; once it has
 fired (polled from the loop; at once when the data was already written) a small fixed-layout
-``COPY`` record (region, offset, bytes per piece) goes to the peer. The send completes when
-the peer acknowledges the copy: the memory may then be reused.
+``COPY`` record (region, offset, bytes per piece) goes to the peer. Most sends, one tensor
+whose data is written already with nothing of ours queued ahead, put that description in
+their own header instead, as a 20-byte note (:meth:`IpcPlane.post_send_noted`). The send
+completes when the peer acknowledges the copy: the memory may then be reused.
 
 Readiness travels as that record rather than as an interprocess CUDA event: with one
 interprocess event recorded and queried per message, a first version took ~0.4 ms per message
@@ -21,7 +23,8 @@ work and a producer that dies cannot wedge it. The consumer copies on its own st
 fresh tensors (from the pool of the current stream if that is idle, so a caller on it needs
 no ``record_stream``; else from the copy stream's), records an event, completes the receive
 once the event fired (the copy is then complete; the pipe keeps the tensors for the
-caller's stream), and acks.
+caller's stream), and acks. The copies one read of the connection starts are awaited with
+one event, up to 64 MiB of them (:meth:`IpcPlane.hold_copies`).
 
 Signalling rides on the pipe's control connection, in SIGNAL frames (``signal(data)``
 out, :meth:`IpcPlane.on_signal` in): a message's COPY record and its header leave in one

@@ -183,8 +183,9 @@ class PipeProtocol:
         """Feed bytes from the peer; returns the frames the I/O layer must act on, in order:
 
         * :class:`~aiokvpipe._wire.Header` -- a message arrived (validated; its credit is
-          held). Post its payload, then call :meth:`payload_done`; a message whose key is
-          discarded (:meth:`is_discarded`) is dropped with :meth:`release`.
+          held). Post its payload (with its ``note``, if any, only ever on a pipe whose
+          plane signals), then call :meth:`payload_done`; a message whose key is discarded
+          (:meth:`is_discarded`) is dropped with :meth:`release`.
         * :class:`~aiokvpipe._wire.Credit` -- the peer returned this much credit
           (validated against :attr:`credit_outstanding`, already deducted).
         * :class:`~aiokvpipe._wire.Close` -- the peer will send nothing more.
