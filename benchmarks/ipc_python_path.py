@@ -13,9 +13,11 @@ two versions of the package on one machine, alternated (the host sets the absolu
 
 ``--check`` makes it a test of that path instead: messages from 64 tensors in turn, each its
 own allocation and each of its own bytes, checked on arrival, in order; one stream query in
-five finds the stream busy and every event completes only at its second query, so that
+five finds the stream busy and every event completes only at its third query, so that
 sends also go by record (after their data is "ready"), behind one another and between
-notes, and copies are polled more than once. It prints how many went each way.
+notes, and copies are polled more than once; one tensor in seven cannot be exported and goes
+through the staging ring (two copies, its record waiting for the first). It prints how many
+went each way.
 
     python benchmarks/ipc_python_path.py tput|lat [MESSAGES] [--repeat N] [--profile KEY]
         [--check]
@@ -48,15 +50,25 @@ from aiokvpipe._pipe import Pipe  # noqa: E402
 CPU = torch.device("cpu")
 WINDOW = (512 << 20) + (64 << 10)  # the default receive credits
 DEPTH = 8
-#: CPU memory standing in for CUDA allocations: base → (buffer id, size).
-_ALLOCATIONS: dict[int, tuple[int, int]] = {}
+#: CPU memory standing in for CUDA allocations: base → (buffer id, size, exportable).
+_ALLOCATIONS: dict[int, tuple[int, int, bool]] = {}
+_BUFFERS: list[ctypes.Array[ctypes.c_char]] = []  # what _malloc handed out, kept alive
 
 
 def _allocation_of(ptr: int) -> _cudaipc.Allocation:
-    for base, (buffer_id, size) in _ALLOCATIONS.items():
+    for base, (buffer_id, size, exportable) in _ALLOCATIONS.items():
         if base <= ptr < base + size:
-            return _cudaipc.Allocation(buffer_id, base, size, True)
+            return _cudaipc.Allocation(buffer_id, base, size, exportable)
     raise RuntimeError(f"no allocation holds {ptr:#x}")
+
+
+def _malloc(nbytes: int, index: int) -> int:
+    """The staging ring's ``cudaMalloc``."""
+    buffer = ctypes.create_string_buffer(nbytes)
+    _BUFFERS.append(buffer)
+    base = ctypes.addressof(buffer)
+    _ALLOCATIONS[base] = (1000 + len(_BUFFERS), nbytes, True)
+    return base
 
 
 class _Done:
@@ -78,17 +90,20 @@ class _Done:
 
 
 class _Late(_Done):
-    """``--check``: an event that completes at its second query after being recorded."""
+    """``--check``: an event that completes at its third query after being recorded (a send
+    may then be posted while an earlier one's ring copy, queried once, is still running)."""
 
     def __init__(self) -> None:
-        self._queried = True
+        self._pending = 0
 
     def record(self, stream: object = None) -> None:
-        self._queried = False
+        self._pending = 2
 
     def query(self) -> bool:
-        done, self._queried = self._queried, True
-        return done
+        if self._pending:
+            self._pending -= 1
+            return False
+        return True
 
 
 class _Busy(_Done):
@@ -113,6 +128,8 @@ def fake_cuda(check: bool) -> None:
             "close_memory": lambda ptr: None,
             "copy_async": lambda dst, src, n, stream: ctypes.memmove(dst, src, n),
             "set_device": lambda index: None,
+            "malloc": _malloc,
+            "free": lambda ptr, index: None,
         },
         _ipc_plane: {
             "_index": lambda device: 0,
@@ -151,10 +168,12 @@ async def pipe_pair() -> tuple[Pipe, Pipe]:
 async def run(mode: str, n: int, repeat: int, profile: str | None, check: bool) -> None:
     a, b = await pipe_pair()
     # With --check, 64 tensors (allocations) of distinct bytes in turn; a tensor is sent
-    # again only after its earlier send completed (8 in flight at most).
+    # again only after its earlier send completed (8 in flight at most). One in seven
+    # cannot be exported (as under expandable segments): it goes through the staging ring,
+    # its record gated on the ring copy's event, while the others go by note or record.
     xs = [torch.full((4096,), i, dtype=torch.uint8) for i in range(64 if check else 1)]
     for i, x in enumerate(xs):
-        _ALLOCATIONS[x.data_ptr()] = (i + 1, x.numel())
+        _ALLOCATIONS[x.data_ptr()] = (i + 1, x.numel(), not check or i % 7 != 3)
     sent, received = [0], [0]
 
     async def receive(count: int) -> None:
@@ -209,8 +228,9 @@ async def run(mode: str, n: int, repeat: int, profile: str | None, check: bool) 
     if check:
         noted = a._plane.stats["copies_noted"]  # type: ignore[attr-defined]
         copied = b._plane._completed  # type: ignore[attr-defined]
+        ring = a._plane.stats["ring_bytes"]  # type: ignore[attr-defined]
         print(f"checked {received[0]} messages in order: {noted} described in their "
-              f"header, {copied - noted} by record")
+              f"header, {copied - noted} by record; staging ring {ring} bytes")
     await a.aclose()
     await b.aclose()
 
