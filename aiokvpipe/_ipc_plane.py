@@ -213,6 +213,25 @@ def _check_handle(handle: bytes, err: type[Exception]) -> None:
         raise err(f"an IPC handle is {IPC_HANDLE_BYTES} bytes, not {len(handle)}")
 
 
+def encode_note(region: int, offset: int, nbytes: int) -> bytes:
+    """A header's note naming the message's one piece (:meth:`IpcPlane.post_send_noted`)."""
+    return _PIECE.pack(region, offset, nbytes)
+
+
+def decode_note(note: bytes) -> Piece:
+    """The piece a header's note names; :class:`ProtocolError` if it is malformed."""
+    if len(note) != _PIECE.size:
+        raise ProtocolError(f"a note of {len(note)} bytes; a COPY note is {_PIECE.size}")
+    return _piece_at(note, 0)
+
+
+def _piece_at(buf: bytes | bytearray, pos: int) -> Piece:
+    """The piece encoded at ``pos``, checked (also bounded by the payload limit)."""
+    piece = Piece(*_PIECE.unpack_from(buf, pos))
+    _check_piece(piece, ProtocolError)
+    return piece
+
+
 def _check_piece(p: Piece, err: type[Exception]) -> None:
     if p.nbytes < 1 or p.offset < 0 or p.offset + p.nbytes > MAX_PAYLOAD_BYTES:
         raise err(f"piece of {p.nbytes} bytes at {p.offset} out of range")
@@ -252,9 +271,8 @@ class RecordDecoder:
                 if end - pos < size:
                     break
                 if count == 1:  # every message of one tensor: no generators (µs a record)
-                    piece = Piece(*_PIECE.unpack_from(buf, pos + _COPY_HEAD.size))
-                    _check_piece(piece, ProtocolError)  # also bounds it by the payload limit
-                    out.append(CopyRecord((piece,), flags == 1))
+                    out.append(CopyRecord((_piece_at(buf, pos + _COPY_HEAD.size),),
+                                          flags == 1))
                     pos += size
                     continue
                 pieces = tuple(Piece(*_PIECE.unpack_from(buf, pos + _COPY_HEAD.size + i * 20))
@@ -881,7 +899,7 @@ class IpcPlane:
         if noted and ready is None and not self._jobs and not self._gated and self._one(job):
             # Nothing of ours is queued to go after the header: the note (read at the peer
             # along with the header) keeps the records' order.
-            note = _PIECE.pack(*self._take_one(job))
+            note = encode_note(*self._take_one(job))
             self._noted += 1
             self._flush()  # a region announced just now leaves ahead of the header
             return fut, note
@@ -1239,11 +1257,7 @@ class IpcPlane:
         :meth:`post_send_noted`): a COPY of one piece, the whole message. Raises
         :class:`ProtocolError` for a bad note, before anything is posted."""
         if self._error is None and not self._closing:
-            if len(note) != _PIECE.size:
-                raise ProtocolError(f"a note of {len(note)} bytes; a COPY note is "
-                                    f"{_PIECE.size}")
-            piece = Piece(*_PIECE.unpack(note))
-            _check_piece(piece, ProtocolError)
+            piece = decode_note(note)
             nbytes = specs[0].nbytes if len(specs) == 1 else sum(s.nbytes for s in specs)
             if piece.nbytes != nbytes:
                 # Else its copy would wait for (and fill) the next message's target.
@@ -1548,11 +1562,9 @@ class IpcPlane:
         self._copying -= len(batch)
         if fut.cancelled() or (exc := fut.exception()) is not None:
             for copy in batch:
-                target = copy.target
-                if target is not None and not target.future.done():
-                    target.future.set_exception(fresh(self._error or ConnectionAbortedError(
-                        "ipc plane closed")))
-                    target.future.exception()
+                if copy.target is not None:
+                    fail_future(copy.target.future,
+                                self._error or ConnectionAbortedError("ipc plane closed"))
             return
         del exc
         self._events.put(done)

@@ -480,12 +480,10 @@ def encode(frame: Frame) -> bytes:
         if frame.inline is None:
             return encode_header(frame.seq, frame.key, frame.structure, frame.tensors,
                                  credit=frame.credit, note=frame.note)
-        if frame.note is not None:
-            raise ValueError("an inline message carries no note")
         if len(frame.inline) != frame.nbytes:
             raise ValueError("an inline payload must be exactly the message's bytes")
         return encode_header(frame.seq, frame.key, frame.structure, frame.tensors,
-                             inline=True, credit=frame.credit) + frame.inline
+                             inline=True, credit=frame.credit, note=frame.note) + frame.inline
     elif isinstance(frame, Credit):
         return encode_credit(frame.nbytes)
     elif isinstance(frame, Heartbeat):
