@@ -1222,6 +1222,10 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
+        return self._post_target(self._allocate(specs), fut)
+
+    def _allocate(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
+        """New tensors for a message of ``specs``, for our copy stream to write at once."""
         dev, stream = self._device, self._copy_stream
         if torch.cuda.current_device() == self._index:
             prev = current_stream(dev)
@@ -1234,7 +1238,7 @@ class IpcPlane:
                     # and free memory in between.) A caller receiving on this stream (as
                     # most do) then needs no record_stream (see Received). The tensors go to
                     # the caller only once the copy has run.
-                    return self._post_target(Received(tensors, prev), fut)
+                    return Received(tensors, prev)
                 del tensors  # never written: back to that stream's pool at once
             # Busy: allocated on the copy stream, not to wait for the caller's work. The
             # allocator hands us only memory that stream may write now, and reuses it only
@@ -1249,7 +1253,7 @@ class IpcPlane:
         else:
             with torch.cuda.device(dev), torch.cuda.stream(stream):
                 tensors = _empty_like_specs(specs, dev)
-        return self._post_target(tensors, fut)
+        return tensors
 
     def post_recv_noted(self, specs: Sequence[TensorSpec], note: bytes
                         ) -> asyncio.Future[list[torch.Tensor]]:
@@ -1263,7 +1267,20 @@ class IpcPlane:
                 # Else its copy would wait for (and fill) the next message's target.
                 raise ProtocolError(f"a note of {piece.nbytes} bytes on a message of "
                                     f"{nbytes}")
-            self._on_copy(CopyRecord((piece,), True))
+            rec = CopyRecord((piece,), True)
+            m = self._mappings.get(piece.region)
+            if (self._copies or self._targets or self._waiting or m is None
+                    or not m.opened.done() or m.opened.cancelled()
+                    or m.opened.exception() is not None):
+                self._on_copy(rec)  # behind others, or its region not mapped yet: in turn
+                return self.post_recv(specs)
+            # Most messages: nothing waits ahead and the region is mapped; the copy is
+            # enqueued now, without a turn through the queues and the pump.
+            self._ledger.copy(rec)
+            m.users += 1
+            fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
+            self._enqueue(rec, (m,), _Target(self._allocate(specs), fut))
+            return fut
         return self.post_recv(specs)
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:

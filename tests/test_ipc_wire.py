@@ -138,6 +138,7 @@ def _bare_consumer() -> IpcPlane:
     """An IpcPlane with only what checking a note touches (the real one needs a GPU)."""
     plane = IpcPlane.__new__(IpcPlane)
     plane._error, plane._closing, plane._ledger = None, False, ConsumerLedger()
+    plane._mappings, plane._copies, plane._targets, plane._waiting = {}, deque(), deque(), False
     return plane
 
 
