@@ -768,6 +768,10 @@ class IpcPlane:
         #: Copies enqueued while the owner handles one read (hold_copies), awaited as one.
         self._batch: list[_Copy] | None = None
         self._batch_bytes = 0
+        #: Noted receives posted meanwhile, allocated and enqueued together at the read's end
+        #: (rec, mapping, specs, future).
+        self._deferred: list[tuple[CopyRecord, _Mapping, Sequence[TensorSpec],
+                                   asyncio.Future[list[torch.Tensor]]]] = []
         self._stranded: list[list[_Copy]] = []  # never awaited (a CUDA error): kept to release
         self._waiting = False
         self._completed = 0
@@ -1222,24 +1226,25 @@ class IpcPlane:
         if self._error is not None:
             fut.set_exception(fresh(self._error))
             return fut
-        return self._post_target(self._allocate(specs), fut)
+        return self._post_target(self._allocate((specs,))[0], fut)
 
-    def _allocate(self, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
-        """New tensors for a message of ``specs``, for our copy stream to write at once."""
+    def _allocate(self, messages: Sequence[Sequence[TensorSpec]]) -> list[list[torch.Tensor]]:
+        """New tensors for each message of ``messages``, for our copy stream to write at once:
+        all of them under one look at the caller's stream (two queries, not two each)."""
         dev, stream = self._device, self._copy_stream
         if torch.cuda.current_device() == self._index:
             prev = current_stream(dev)
             if prev.query():
-                tensors = _empty_like_specs(specs, dev)
+                made = [_empty_like_specs(specs, dev) for specs in messages]
                 if prev.query():
-                    # Idle after the allocation: the work that used this memory before it
+                    # Idle after the allocations: the work that used this memory before it
                     # was freed was queued before that, and has run, so our copy stream may
                     # write it at once. (Checked again after: another thread may queue work
                     # and free memory in between.) A caller receiving on this stream (as
                     # most do) then needs no record_stream (see Received). The tensors go to
                     # the caller only once the copy has run.
-                    return Received(tensors, prev)
-                del tensors  # never written: back to that stream's pool at once
+                    return [Received(tensors, prev) for tensors in made]
+                del made  # never written: back to that stream's pool at once
             # Busy: allocated on the copy stream, not to wait for the caller's work. The
             # allocator hands us only memory that stream may write now, and reuses it only
             # after what that stream does with it (our copies). Switching the current stream
@@ -1247,41 +1252,62 @@ class IpcPlane:
             # set_stream is exact when the device is current.
             torch.cuda.set_stream(stream)
             try:
-                tensors = _empty_like_specs(specs, dev)
+                return [_empty_like_specs(specs, dev) for specs in messages]
             finally:
                 torch.cuda.set_stream(prev)
-        else:
-            with torch.cuda.device(dev), torch.cuda.stream(stream):
-                tensors = _empty_like_specs(specs, dev)
-        return tensors
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            return [_empty_like_specs(specs, dev) for specs in messages]
 
     def post_recv_noted(self, specs: Sequence[TensorSpec], note: bytes
                         ) -> asyncio.Future[list[torch.Tensor]]:
         """:meth:`post_recv` of a message whose header carried the peer's ``note`` (see
         :meth:`post_send_noted`): a COPY of one piece, the whole message. Raises
         :class:`ProtocolError` for a bad note, before anything is posted."""
-        if self._error is None and not self._closing:
-            piece = decode_note(note)
-            nbytes = specs[0].nbytes if len(specs) == 1 else sum(s.nbytes for s in specs)
-            if piece.nbytes != nbytes:
-                # Else its copy would wait for (and fill) the next message's target.
-                raise ProtocolError(f"a note of {piece.nbytes} bytes on a message of "
-                                    f"{nbytes}")
-            rec = CopyRecord((piece,), True)
-            m = self._mappings.get(piece.region)
-            if (self._copies or self._targets or self._waiting or m is None
-                    or not m.opened.done() or m.opened.cancelled()
-                    or m.opened.exception() is not None):
-                self._on_copy(rec)  # behind others, or its region not mapped yet: in turn
-                return self.post_recv(specs)
-            # Most messages: nothing waits ahead and the region is mapped; the copy is
-            # enqueued now, without a turn through the queues and the pump.
-            self._ledger.copy(rec)
-            m.users += 1
-            fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
-            self._enqueue(rec, (m,), _Target(self._allocate(specs), fut))
-            return fut
-        return self.post_recv(specs)
+        if self._error is not None or self._closing:
+            return self.post_recv(specs)
+        piece = decode_note(note)
+        nbytes = specs[0].nbytes if len(specs) == 1 else sum(s.nbytes for s in specs)
+        if piece.nbytes != nbytes:
+            # Else its copy would wait for (and fill) the next message's target.
+            raise ProtocolError(f"a note of {piece.nbytes} bytes on a message of {nbytes}")
+        rec = CopyRecord((piece,), True)
+        m = self._mappings.get(piece.region)
+        if (self._copies or self._targets or self._waiting or m is None
+                or not m.opened.done() or m.opened.cancelled()
+                or m.opened.exception() is not None):
+            self._on_copy(rec)  # behind others, or its region not mapped yet: in turn
+            return self.post_recv(specs)
+        # Most messages: nothing waits ahead and the region is mapped. The copy needs no
+        # turn through the queues and the pump, and while the owner holds a read's copies
+        # (hold_copies) it is allocated and enqueued with the read's others, together.
+        self._ledger.copy(rec)
+        m.users += 1  # from now: a RETIRE read meanwhile must not unmap it under the copy
+        fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
+        if self._batch is not None:
+            self._deferred.append((rec, m, specs, fut))
+        else:
+            self._enqueue(rec, (m,), _Target(self._allocate((specs,))[0], fut))
+        return fut
+
+    def _enqueue_deferred(self) -> None:
+        """Allocate and enqueue the noted receives deferred while a read was handled, in
+        their order and before any copy posted after them."""
+        deferred, self._deferred = self._deferred, []
+        try:
+            made = self._allocate([specs for _, _, specs, _ in deferred])
+        except BaseException as exc:  # ours (out of memory): those receives never complete
+            for rec, m, _, fut in deferred:
+                m.users -= 1
+                fail_future(fut, exc)
+            raise
+        for i, (rec, m, _, fut) in enumerate(deferred):
+            try:
+                self._enqueue(rec, (m,), _Target(made[i], fut))
+            except BaseException as exc:  # (a CUDA error) the rest are never enqueued
+                for _, later_map, _, later in deferred[i + 1:]:
+                    later_map.users -= 1
+                    fail_future(later, exc)
+                raise
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
         """Receive the next message into ``tensors`` (contiguous, on the plane's device: a
@@ -1464,6 +1490,8 @@ class IpcPlane:
             self._lost(exc)
 
     def _pump_recv_now(self) -> None:
+        if self._deferred:  # posted before any copy queued here: enqueued first, in order
+            self._enqueue_deferred()
         while self._copies and self._targets:
             rec, maps = self._copies[0]
             for m in maps:
@@ -1548,6 +1576,11 @@ class IpcPlane:
     def release_copies(self) -> None:
         """Start awaiting the copies enqueued since :meth:`hold_copies`. Never raises: a CUDA
         error recording the event breaks the plane (on_lost)."""
+        if self._deferred:
+            try:
+                self._enqueue_deferred()
+            except Exception as exc:  # those receives are never delivered: the plane breaks
+                self._lost(exc)
         batch, self._batch, self._batch_bytes = self._batch, None, 0
         if batch:
             try:
@@ -1637,6 +1670,9 @@ class IpcPlane:
                 fail_future(sent.job.future, exc)
         for target in self._targets:
             fail_future(target.future, exc)
+        for _, _, _, fut in self._deferred:
+            fail_future(fut, exc)
+        self._deferred.clear()
         for source in self._pool_sources.values():
             fail_future(source, exc)
         # Ring copies queued on our send stream may still read these sends' tensors (their

@@ -139,6 +139,7 @@ def _bare_consumer() -> IpcPlane:
     plane = IpcPlane.__new__(IpcPlane)
     plane._error, plane._closing, plane._ledger = None, False, ConsumerLedger()
     plane._mappings, plane._copies, plane._targets, plane._waiting = {}, deque(), deque(), False
+    plane._batch, plane._deferred = None, []
     return plane
 
 
