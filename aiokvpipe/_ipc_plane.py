@@ -639,8 +639,8 @@ class _Copy(NamedTuple):
 
     rec: CopyRecord
     maps: tuple[_Mapping, ...]
-    target: _Target | None  # set on a message's last record: its receive completes then
-    keepalive: list[torch.Tensor]  # the memory the copies write
+    future: asyncio.Future[list[torch.Tensor]] | None  # a message's last: done with it
+    tensors: list[torch.Tensor]  # the memory the copies write: the future's result
 
 
 class _Mapping:
@@ -1286,7 +1286,8 @@ class IpcPlane:
         if self._batch is not None:
             self._deferred.append((rec, m, specs, fut))
         else:
-            self._enqueue(rec, (m,), _Target(self._allocate((specs,))[0], fut))
+            self._enqueue_noted(rec, m, self._allocate((specs,))[0], fut,
+                                self._copy_stream.cuda_stream)
         return fut
 
     def _enqueue_deferred(self) -> None:
@@ -1300,9 +1301,10 @@ class IpcPlane:
                 m.users -= 1
                 fail_future(fut, exc)
             raise
+        handle = self._copy_stream.cuda_stream
         for i, (rec, m, _, fut) in enumerate(deferred):
             try:
-                self._enqueue(rec, (m,), _Target(made[i], fut))
+                self._enqueue_noted(rec, m, made[i], fut, handle)
             except BaseException as exc:  # (a CUDA error) the rest are never enqueued
                 for _, later_map, _, later in deferred[i + 1:]:
                     later_map.users -= 1
@@ -1510,12 +1512,34 @@ class IpcPlane:
             if rec.last:
                 self._targets.popleft()
 
-    def _enqueue(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target) -> None:
-        if self._batch and self._batch_bytes + rec.nbytes > _BATCH_BYTES:
+    def _make_room(self, nbytes: int) -> None:
+        if self._batch and self._batch_bytes + nbytes > _BATCH_BYTES:
             # This copy would hold up the receives ahead of it in the batch: those are
             # awaited on their own, with an event recorded before it is enqueued.
             batch, self._batch, self._batch_bytes = self._batch, [], 0
             self._await_copies(batch)
+
+    def _enqueue_noted(self, rec: CopyRecord, m: _Mapping, tensors: list[torch.Tensor],
+                       fut: asyncio.Future[list[torch.Tensor]], handle: int) -> None:
+        """:meth:`_enqueue` of a noted message's copy (one piece, from ``m``); into one
+        tensor (most messages) by one launch, without a :class:`_Target` to cut the piece
+        into chunks."""
+        if len(tensors) != 1:
+            self._enqueue(rec, (m,), _Target(tensors, fut))
+            return
+        piece = rec.pieces[0]  # its bytes are the tensor's: post_recv_noted checked them
+        self._make_room(piece.nbytes)
+        try:
+            with self._guard():
+                _cudaipc.copy_async(tensors[0].data_ptr(), m.opened.result() + piece.offset,
+                                    piece.nbytes, handle)
+        except BaseException as exc:
+            self._copy_failed(exc, _Copy(rec, (m,), fut, tensors))
+            raise
+        self._watch_copy(_Copy(rec, (m,), fut, tensors))
+
+    def _enqueue(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target) -> None:
+        self._make_room(rec.nbytes)
         stream = self._copy_stream
         handle = stream.cuda_stream
         try:
@@ -1525,24 +1549,27 @@ class IpcPlane:
                     target.after = None
                 self._copy_pieces(rec, maps, target, handle)
         except BaseException as exc:
-            # A copy failed part-way: the target is never delivered, half copied. Those
-            # enqueued may still run, and its memory (another stream's pool, maybe) must
-            # stay ours until the plane's release has waited for this stream.
-            fail_future(target.future, exc)
-            try:
-                self._watch_copy(rec, maps, target)
-            except Exception as err:  # a broken context: the copy's error is what counts
-                log.debug("ipc plane: recording a failed copy's event: %r", err)
+            self._copy_failed(exc, _Copy(rec, maps, target.future, target.tensors))
             raise
-        self._watch_copy(rec, maps, target)
+        self._watch_copy(_Copy(rec, maps, target.future if rec.last else None,
+                               target.tensors))
 
-    def _watch_copy(self, rec: CopyRecord, maps: tuple[_Mapping, ...], target: _Target
-                    ) -> None:
+    def _copy_failed(self, exc: BaseException, copy: _Copy) -> None:
+        # A copy failed part-way: its message is never delivered, half copied. Those
+        # enqueued may still run, and its memory (another stream's pool, maybe) must stay
+        # ours until the plane's release has waited for this stream.
+        assert copy.future is not None
+        fail_future(copy.future, exc)
+        try:
+            self._watch_copy(copy)
+        except Exception as err:  # a broken context: the copy's error is what counts
+            log.debug("ipc plane: recording a failed copy's event: %r", err)
+
+    def _watch_copy(self, copy: _Copy) -> None:
         self._copying += 1
-        copy = _Copy(rec, maps, target if rec.last else None, target.tensors)
         if self._batch is not None:
             self._batch.append(copy)  # awaited with the rest of the read's (release_copies)
-            self._batch_bytes += rec.nbytes
+            self._batch_bytes += copy.rec.nbytes
             return
         self._await_copies([copy])
 
@@ -1612,8 +1639,8 @@ class IpcPlane:
         self._copying -= len(batch)
         if fut.cancelled() or (exc := fut.exception()) is not None:
             for copy in batch:
-                if copy.target is not None:
-                    fail_future(copy.target.future,
+                if copy.future is not None:
+                    fail_future(copy.future,
                                 self._error or ConnectionAbortedError("ipc plane closed"))
             return
         del exc
@@ -1626,9 +1653,9 @@ class IpcPlane:
                     if m.retired and not m.users:
                         self._close_mapping(m)
                 self._completed += 1
-                target = copy.target
-                if target is not None and not target.future.done():
-                    target.future.set_result(target.tensors)
+                future = copy.future
+                if future is not None and not future.done():
+                    future.set_result(copy.tensors)
                     self._received_due = True
         except Exception as err:  # (closing a mapping) the rest would wait for ever: break
             self._lost(err)
@@ -1682,8 +1709,8 @@ class IpcPlane:
         # Copies enqueued but never awaited may still write these receives' memory.
         for batch in (self._batch or [], *self._stranded):
             for copy in batch:
-                if copy.target is not None:
-                    fail_future(copy.target.future, exc)
+                if copy.future is not None:
+                    fail_future(copy.future, exc)
         sending += [self._batch or (), self._stranded]
         self._batch = None
         self._jobs.clear()
