@@ -1,11 +1,16 @@
 """``benchmarks/ipc_python_path.py`` (the ipc pipe's Python with CUDA faked at the driver seam)
 runs on a machine without a GPU, and with ``--check`` carries messages of distinct bytes
 through two real ipc pipes in one process, in order: sends described in their header and by
-record (from streams found busy, or through the staging ring), one behind the other, copies
-awaited in batches, polled, acknowledged and delivered. A note that went ahead of a record
-still queued or still waiting for its ring copy would deliver one message's bytes under
-another's header: the check fails with either condition of ``_post_send`` removed. The
-real planes run on a GPU (tests/test_pipe_ipc.py)."""
+record (from streams found busy, through the staging ring, or of two pieces), one behind the
+other, copies awaited in batches, polled, acknowledged and delivered. Copies run late, as on
+a GPU (when an event recorded after them is seen complete), and the sender overwrites a
+tensor as soon as its send() returns. A note that went ahead of a record still queued or
+still waiting for its ring copy would deliver one message's bytes under another's header:
+the ``tput`` check fails with either condition of ``_post_send`` removed. A copy enqueued
+behind a later message's (``_pump_recv_now`` not enqueueing the deferred noted receives
+first) is acknowledged before it ran and delivers the overwritten bytes: it fails then too
+(``lat`` has one message in flight, and catches neither). The real planes run on a GPU
+(tests/test_pipe_ipc.py)."""
 
 from __future__ import annotations
 
