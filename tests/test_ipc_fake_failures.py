@@ -31,7 +31,7 @@ _ALLOCATION_FAILS = textwrap.dedent("""
     probe._ALLOCATIONS[x.data_ptr()] = (1, x.numel(), True)
 
     async def main():
-        a, b = await probe.pipe_pair()
+        a, b = await probe.pipe_pair(False)
         await a.send(x)  # maps the region; later sends carry their copy in the header
         assert int((await b.recv())[0]) == 7
         boom = MemoryError("no memory for the payload (injected)")
