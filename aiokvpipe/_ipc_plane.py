@@ -70,7 +70,7 @@ from ._cuda import (
     short_gil_turns,
     side_streams,
 )
-from ._dtypes import dtype_of
+from ._dtypes import DTYPE_OF
 from ._errors import PipeError, ProtocolError, fresh
 from ._plane import Received, fail_future, in_daemon_thread, settle_like
 from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
@@ -700,12 +700,8 @@ class _EventPool:
 
 
 def _empty_like_specs(specs: Sequence[TensorSpec], device: torch.device) -> list[torch.Tensor]:
-    tensors = []
-    for s in specs:
-        dtype = dtype_of(s.dtype)
-        assert dtype is not None, "the pipe checks dtypes before posting"
-        tensors.append(torch.empty(s.shape, dtype=dtype, device=device))
-    return tensors
+    # (The pipe checked that each dtype is known here before posting.)
+    return [torch.empty(s.shape, dtype=DTYPE_OF[s.dtype], device=device) for s in specs]
 
 
 class _Ring:
@@ -1286,8 +1282,9 @@ class IpcPlane:
         if self._batch is not None:
             self._deferred.append((rec, m, specs, fut))
         else:
-            self._enqueue_noted(rec, m, self._allocate((specs,))[0], fut,
-                                self._copy_stream.cuda_stream)
+            tensors = self._allocate((specs,))[0]
+            with self._guard():
+                self._enqueue_noted(rec, m, tensors, fut, self._copy_stream.cuda_stream)
         return fut
 
     def _enqueue_deferred(self) -> None:
@@ -1302,14 +1299,17 @@ class IpcPlane:
                 fail_future(fut, exc)
             raise
         handle = self._copy_stream.cuda_stream
-        for i, (rec, m, _, fut) in enumerate(deferred):
-            try:
-                self._enqueue_noted(rec, m, made[i], fut, handle)
-            except BaseException as exc:  # (a CUDA error) the rest are never enqueued
-                for _, later_map, _, later in deferred[i + 1:]:
-                    later_map.users -= 1
-                    fail_future(later, exc)
-                raise
+        i = 0
+        try:
+            with self._guard():
+                for i, (rec, m, _, fut) in enumerate(deferred):
+                    self._enqueue_noted(rec, m, made[i], fut, handle)
+        except BaseException as exc:  # (a CUDA error) the rest are never enqueued
+            fail_future(deferred[i][3], exc)  # (if the failed copy's own handling did not)
+            for _, later_map, _, later in deferred[i + 1:]:
+                later_map.users -= 1
+                fail_future(later, exc)
+            raise
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:
         """Receive the next message into ``tensors`` (contiguous, on the plane's device: a
@@ -1523,16 +1523,16 @@ class IpcPlane:
                        fut: asyncio.Future[list[torch.Tensor]], handle: int) -> None:
         """:meth:`_enqueue` of a noted message's copy (one piece, from ``m``); into one
         tensor (most messages) by one launch, without a :class:`_Target` to cut the piece
-        into chunks."""
+        into chunks. The caller made the plane's device current (:meth:`_guard`)."""
         if len(tensors) != 1:
             self._enqueue(rec, (m,), _Target(tensors, fut))
             return
-        piece = rec.pieces[0]  # its bytes are the tensor's: post_recv_noted checked them
-        self._make_room(piece.nbytes)
+        _, offset, nbytes = rec.pieces[0]  # the tensor's bytes: post_recv_noted checked
+        if self._batch and self._batch_bytes + nbytes > _BATCH_BYTES:
+            self._make_room(nbytes)
         try:
-            with self._guard():
-                _cudaipc.copy_async(tensors[0].data_ptr(), m.opened.result() + piece.offset,
-                                    piece.nbytes, handle)
+            _cudaipc.copy_async(tensors[0].data_ptr(), m.opened.result() + offset, nbytes,
+                                handle)
         except BaseException as exc:
             self._copy_failed(exc, _Copy(rec, (m,), fut, tensors))
             raise
