@@ -840,7 +840,7 @@ class IpcPlane:
                 "mapped_regions": len(self._mappings), "copies_in_flight": len(self._inflight),
                 "ring_bytes": self._ring.space.size if self._ring else 0,
                 "sends_in_flight": len(self._inflight) + len(self._jobs),
-                "receives_pending": len(self._targets) + self._copying,
+                "receives_pending": len(self._targets) + len(self._deferred) + self._copying,
                 "pools_mapped": sum(1 for f in self._pool_sources.values()
                                     if f.done() and not f.cancelled()
                                     and f.exception() is None and f.result() is not None),
@@ -1294,9 +1294,8 @@ class IpcPlane:
         try:
             made = self._allocate([specs for _, _, specs, _ in deferred])
         except BaseException as exc:  # ours (out of memory): those receives never complete
-            for rec, m, _, fut in deferred:
-                m.users -= 1
-                fail_future(fut, exc)
+            for _, _, _, never in deferred:
+                fail_future(never, exc)
             raise
         handle = self._copy_stream.cuda_stream
         i = 0
@@ -1304,11 +1303,11 @@ class IpcPlane:
             with self._guard():
                 for i, (rec, m, _, fut) in enumerate(deferred):
                     self._enqueue_noted(rec, m, made[i], fut, handle)
-        except BaseException as exc:  # (a CUDA error) the rest are never enqueued
-            fail_future(deferred[i][3], exc)  # (if the failed copy's own handling did not)
-            for _, later_map, _, later in deferred[i + 1:]:
-                later_map.users -= 1
-                fail_future(later, exc)
+        except BaseException as exc:  # (a CUDA error) this one and the rest never complete
+            # The plane breaks (our caller's on_lost): its release closes every mapping,
+            # whatever its users, once the copy stream is idle.
+            for _, _, _, never in deferred[i:]:
+                fail_future(never, exc)  # (a no-op for one whose copy failed and said so)
             raise
 
     def post_recv_into(self, tensors: Sequence[torch.Tensor]) -> asyncio.Future[Any]:

@@ -1,0 +1,184 @@
+"""Scenarios of the ipc pipe's receive path on a machine without a GPU, for
+``tests/test_ipc_fake_receive.py``: two real ipc pipes in one process with CUDA faked at the
+driver seam as ``benchmarks/ipc_python_path.py --check`` fakes it (copies run late, when an
+event recorded after them is seen complete), the caller's stream idle. Run as a script (the
+fake patches ``torch.cuda`` for the whole process): ``python ipc_fake_receive.py SCENARIO``;
+it prints ``ok: ...`` and exits 0, or fails with an AssertionError saying what went wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import ipc_python_path as probe  # noqa: E402
+import torch  # noqa: E402
+import uvloop  # noqa: E402
+
+import aiokvpipe  # noqa: E402
+from aiokvpipe import _cudaipc, _ipc_plane  # noqa: E402
+from aiokvpipe._dtypes import code_of  # noqa: E402
+from aiokvpipe._ipc_plane import IpcPlane, encode_note  # noqa: E402
+from aiokvpipe._pipe import Pipe  # noqa: E402
+from aiokvpipe._wire import TensorSpec  # noqa: E402
+
+probe.fake_cuda(True)
+_IDLE = probe._Stream()
+setattr(_ipc_plane, "current_stream", lambda device: _IDLE)  # never busy: deterministic
+X = torch.full((4096,), 7, dtype=torch.uint8)
+probe._ALLOCATIONS[X.data_ptr()] = (1, X.numel(), True)
+#: How many receives each flush of deferred receives (IpcPlane._enqueue_deferred) carried.
+FLUSHED: list[int] = []
+_enqueue_deferred = IpcPlane._enqueue_deferred
+
+
+def _counted(self: IpcPlane) -> None:
+    FLUSHED.append(len(self._deferred))
+    _enqueue_deferred(self)
+
+
+setattr(IpcPlane, "_enqueue_deferred", _counted)
+BOOM = MemoryError("no memory for the payload (injected)")
+
+
+def _fail(*args: object) -> Any:
+    raise BOOM
+
+
+async def _pair() -> tuple[Pipe, Pipe, list[dict[str, Any]]]:
+    """Two pipes, the region of X mapped at b (one message moved), and a list collecting
+    what reaches the loop's exception handler."""
+    loop = asyncio.get_running_loop()
+    leaked: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: leaked.append(context))
+    a, b = await probe.pipe_pair(True)
+    await a.send(X)
+    assert int((await asyncio.wait_for(b.recv(), 5))[0]) == 7
+    FLUSHED.clear()
+    return a, b, leaked
+
+
+async def _broken_with(b: Pipe, cause: BaseException, receives: list[asyncio.Future[Any]]
+                       ) -> None:
+    for got in await asyncio.wait_for(asyncio.gather(*receives, return_exceptions=True), 5):
+        assert isinstance(got, aiokvpipe.BrokenPipe), f"recv() gave {got!r}"
+        assert got.__cause__ is cause, f"cause {got.__cause__!r}, not {cause!r}"
+    await asyncio.wait_for(b._plane.released, 5)  # type: ignore[attr-defined]
+
+
+async def allocation() -> str:
+    """A failed allocation of a read's noted receives breaks the pipe with that local cause
+    (not a ProtocolError) and fails the receive waiting for the message."""
+    a, b, leaked = await _pair()
+    setattr(b._plane, "_allocate", _fail)
+    waiting = asyncio.ensure_future(b.recv())
+    try:
+        await asyncio.wait_for(a.send(X), 5)
+    except aiokvpipe.BrokenPipe:
+        pass  # b may break the pipe before the send completes
+    await _broken_with(b, BOOM, [waiting])
+    assert FLUSHED == [1], f"the receive was not deferred to the read's end: {FLUSHED}"
+    assert not leaked, leaked
+    await a.aclose()
+    return "the pipe broke with the MemoryError"
+
+
+async def launch() -> str:
+    """A copy launch failing in the middle of a read's deferred receives (the 2nd of 4)
+    fails all four receives with its cause; nothing leaks to the loop; the plane releases."""
+    a, b, leaked = await _pair()
+    failure = RuntimeError("cudaMemcpyAsync failed (injected)")
+    launches = [0]
+    copy_late = _cudaipc.copy_async
+
+    def copy(dst: int, src: int, n: int, stream: int) -> None:
+        launches[0] += 1
+        if launches[0] == 2:
+            raise failure
+        copy_late(dst, src, n, stream)
+
+    setattr(_cudaipc, "copy_async", copy)
+    receives = [asyncio.ensure_future(b.recv()) for _ in range(4)]
+    sends = asyncio.gather(*(a.send(X) for _ in range(4)), return_exceptions=True)
+    await _broken_with(b, failure, receives)
+    assert FLUSHED == [4], f"expected one read of four deferred receives: {FLUSHED}"
+    await asyncio.wait_for(sends, 5)
+    assert not leaked, leaked
+    await a.aclose()
+    return "four receives failed with the launch's error"
+
+
+async def release_never_raises() -> str:
+    """release_copies (called in Pipe.on_data's finally) never raises: a deferred receive
+    that cannot be allocated breaks the plane through on_lost instead."""
+    a, b, leaked = await _pair()
+    plane = b._plane
+    assert isinstance(plane, IpcPlane)
+    region = next(iter(plane._mappings))
+    spec = TensorSpec(code_of(torch.uint8), (4096,), 1, "")
+    setattr(plane, "_allocate", _fail)
+    plane.hold_copies()
+    fut = plane.post_recv_noted([spec], encode_note(region, 0, 4096))
+    plane.release_copies()  # must not raise
+    assert fut.done() and isinstance(fut.exception(), MemoryError), fut
+    assert b._error is not None and b._error.__cause__ is BOOM, repr(b._error)
+    assert not leaked, leaked
+    await a.aclose()
+    return "release_copies returned; the pipe broke with the MemoryError"
+
+
+async def retire() -> str:
+    """A noted receive deferred to the read's end keeps its region mapped: the peer's RETIRE
+    of that region (its memory freed and made again, a new buffer id), read in the same
+    read, unmaps it only after the copy out of it ran."""
+    a, b, leaked = await _pair()
+    ran = [0]
+    closes: list[tuple[int, int]] = []  # (region, copies run when its unmapping was asked)
+
+    def copy(dst: int, src: int, n: int, stream: int) -> None:
+        def run() -> None:  # queued, as the probe's copies: it runs late
+            ran[0] += 1
+            ctypes.memmove(dst, src, n)
+        probe._STREAMS[stream].launch(run)
+
+    setattr(_cudaipc, "copy_async", copy)
+    close_mapping = IpcPlane._close_mapping
+
+    def closing(self: IpcPlane, m: Any) -> None:
+        closes.append((m.region, ran[0]))
+        close_mapping(self, m)
+
+    setattr(IpcPlane, "_close_mapping", closing)
+    first_region = next(iter(b._plane._mappings))  # type: ignore[attr-defined]
+
+    async def remade() -> None:
+        probe._ALLOCATIONS[X.data_ptr()] = (2, X.numel(), True)  # freed, made again
+        await a.send(X)
+
+    sends = asyncio.gather(a.send(X), remade())
+    got = [await asyncio.wait_for(b.recv(), 5) for _ in range(2)]
+    await asyncio.wait_for(sends, 5)
+    assert all(int(t[0]) == 7 for t in got)
+    assert FLUSHED and FLUSHED[0] == 1, f"the first receive was not deferred: {FLUSHED}"
+    first = [copies for region, copies in closes if region == first_region]
+    assert first, f"region {first_region} was never unmapped: {closes}"
+    assert first[0] >= 1, (f"region {first_region} was unmapped before the copy out of it "
+                           f"ran ({first[0]} copies had run)")
+    assert not leaked, leaked
+    await a.aclose()
+    await b.aclose()
+    return f"region {first_region} unmapped after its copy ran"
+
+
+SCENARIOS: dict[str, Callable[[], Any]] = {
+    "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
+    "retire": retire}
+
+if __name__ == "__main__":
+    print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))
