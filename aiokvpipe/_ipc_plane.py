@@ -24,7 +24,11 @@ fresh tensors (from the pool of the current stream if that is idle, so a caller 
 no ``record_stream``; else from the copy stream's), records an event, completes the receive
 once the event fired (the copy is then complete; the pipe keeps the tensors for the
 caller's stream), and acks. The copies one read of the connection starts are awaited with
-one event, up to 64 MiB of them (:meth:`IpcPlane.hold_copies`).
+one event, up to 64 MiB of them (:meth:`IpcPlane.hold_copies`). Most messages describe
+their copy in their own header (:meth:`IpcPlane.post_recv_noted`); those of one read, with
+nothing queued ahead, are allocated together at the read's end and their copies launched
+back to back; a copy queued by record launches them first, so copies complete in the order
+the producer sent them, which its acknowledgement counts rely on.
 
 Signalling rides on the pipe's control connection, in SIGNAL frames (``signal(data)``
 out, :meth:`IpcPlane.on_signal` in): a message's COPY record and its header leave in one
