@@ -1272,44 +1272,36 @@ class IpcPlane:
             raise ProtocolError(f"a note of {piece.nbytes} bytes on a message of {nbytes}")
         rec = CopyRecord((piece,), True)
         m = self._mappings.get(piece.region)
-        if (self._copies or self._targets or self._waiting or m is None
-                or not m.opened.done() or m.opened.cancelled()
+        if (self._batch is None or self._copies or self._targets or self._waiting
+                or m is None or not m.opened.done() or m.opened.cancelled()
                 or m.opened.exception() is not None):
-            self._on_copy(rec)  # behind others, or its region not mapped yet: in turn
+            # Outside a read, behind others, or its region not mapped yet: in turn.
+            self._on_copy(rec)
             return self.post_recv(specs)
-        # Most messages: nothing waits ahead and the region is mapped. The copy needs no
-        # turn through the queues and the pump, and while the owner holds a read's copies
-        # (hold_copies) it is allocated and enqueued with the read's others, together.
+        # Most messages: the owner holds a read's copies (hold_copies), nothing waits ahead
+        # and the region is mapped. The copy needs no turn through the queues and the pump:
+        # it is allocated and enqueued with the read's others, together, at the read's end.
         self._ledger.copy(rec)
         m.users += 1  # from now: a RETIRE read meanwhile must not unmap it under the copy
         fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
-        if self._batch is not None:
-            self._deferred.append((rec, m, specs, fut))
-        else:
-            tensors = self._allocate((specs,))[0]
-            with self._guard():
-                self._enqueue_noted(rec, m, tensors, fut, self._copy_stream.cuda_stream)
+        self._deferred.append((rec, m, specs, fut))
         return fut
 
     def _enqueue_deferred(self) -> None:
         """Allocate and enqueue the noted receives deferred while a read was handled, in
         their order and before any copy posted after them."""
         deferred, self._deferred = self._deferred, []
-        try:
-            made = self._allocate([specs for _, _, specs, _ in deferred])
-        except BaseException as exc:  # ours (out of memory): those receives never complete
-            for _, _, _, never in deferred:
-                fail_future(never, exc)
-            raise
-        handle = self._copy_stream.cuda_stream
         i = 0
         try:
+            made = self._allocate([specs for _, _, specs, _ in deferred])
+            handle = self._copy_stream.cuda_stream
             with self._guard():
                 for i, (rec, m, _, fut) in enumerate(deferred):
                     self._enqueue_noted(rec, m, made[i], fut, handle)
-        except BaseException as exc:  # (a CUDA error) this one and the rest never complete
-            # The plane breaks (our caller's on_lost): its release closes every mapping,
-            # whatever its users, once the copy stream is idle.
+        except BaseException as exc:
+            # Ours (out of memory), or a CUDA error: this receive and the rest never
+            # complete. The plane breaks (our caller's on_lost); its release closes every
+            # mapping, whatever its users, once the copy stream is idle.
             for _, _, _, never in deferred[i:]:
                 fail_future(never, exc)  # (a no-op for one whose copy failed and said so)
             raise
@@ -1531,8 +1523,7 @@ class IpcPlane:
             self._enqueue(rec, (m,), _Target(tensors, fut))
             return
         _, offset, nbytes = rec.pieces[0]  # the tensor's bytes: post_recv_noted checked
-        if self._batch and self._batch_bytes + nbytes > _BATCH_BYTES:
-            self._make_room(nbytes)
+        self._make_room(nbytes)
         try:
             _cudaipc.copy_async(tensors[0].data_ptr(), m.opened.result() + offset, nbytes,
                                 handle)
