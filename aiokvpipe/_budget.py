@@ -47,8 +47,11 @@ class ByteBudget:
     def try_acquire(self, n: int) -> bool:
         """Take ``n`` bytes now if :meth:`acquire` would not wait; False (taking nothing)
         otherwise, or once aborted."""
-        if self._error is None and not self._waiters and self._fits(n):
-            self._in_use += n
+        # (_fits written out: this runs for every message sent)
+        in_use = self._in_use
+        if (self._error is None and not self._waiters
+                and (in_use + n <= self._capacity or in_use == 0)):
+            self._in_use = in_use + n
             return True
         return False
 
@@ -99,17 +102,11 @@ class ByteBudget:
 
     def release(self, n: int) -> None:
         """Give back ``n`` bytes taken by :meth:`acquire`."""
-        if not self.release_at_most(n):
-            raise ValueError(f"releasing {n} bytes but only {self._in_use} are held")
-
-    def release_at_most(self, n: int) -> bool:
-        """Give back ``n`` bytes if that many are held; False (changing nothing) if not."""
         if n < 0 or n > self._in_use:
-            return False
+            raise ValueError(f"releasing {n} bytes but only {self._in_use} are held")
         self._in_use -= n
         if self._waiters:
             self._wake()
-        return True
 
     def _wake(self) -> None:
         while self._waiters:

@@ -63,7 +63,9 @@ class ControlChannel(asyncio.Protocol):
         self._waiting = bytearray()
         self._handler: ControlHandler | None = None
         self._lost: BaseException | None = None
-        self._write_paused = False
+        #: The transport's buffer is over its high-water mark: :meth:`drain` would wait. (An
+        #: attribute, not a property: every send() reads it.)
+        self.write_paused = False
         #: Frames gathered between hold() and release() (None: writes go out at once).
         self._held: list[bytes] | None = None
         self._held_bytes = 0
@@ -116,10 +118,10 @@ class ControlChannel(asyncio.Protocol):
         self._fail(exc if exc is not None else ConnectionResetError("peer closed the connection"))
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         waiters, self._drain_waiters = self._drain_waiters, []
         for fut in waiters:
             if not fut.done():
@@ -176,11 +178,6 @@ class ControlChannel(asyncio.Protocol):
             if self._lost is None and transport is not None and not transport.is_closing():
                 transport.write(held[0] if len(held) == 1 else b"".join(held))
 
-    @property
-    def write_paused(self) -> bool:
-        """The transport's buffer is over its high-water mark: :meth:`drain` would wait."""
-        return self._write_paused
-
     async def drain(self) -> None:
         """Wait while the kernel's send buffer is full (bounded control-frame backlog).
 
@@ -188,7 +185,7 @@ class ControlChannel(asyncio.Protocol):
         """
         if self._lost is not None:
             raise BrokenPipe("control connection is closed") from self._lost
-        if self._write_paused:
+        if self.write_paused:
             await self.writable()
 
     def writable(self) -> asyncio.Future[None]:
@@ -199,7 +196,7 @@ class ControlChannel(asyncio.Protocol):
             err = BrokenPipe("control connection is closed")
             err.__cause__ = self._lost
             fut.set_exception(err)
-        elif not self._write_paused:
+        elif not self.write_paused:
             fut.set_result(None)
         else:
             self._drain_waiters.append(fut)

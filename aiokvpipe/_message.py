@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import torch
@@ -14,6 +13,8 @@ from ._wire import (
     MAX_NAME_BYTES,
     MAX_NDIM,
     MAX_TENSORS,
+    MESSAGE_OVERHEAD_BYTES,
+    TENSOR_OVERHEAD_BYTES,
     Structure,
     TensorSpec,
     shape_fits,
@@ -22,16 +23,23 @@ from ._wire import (
 Message = None | torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]
 
 
-@dataclass(slots=True)  # not frozen: built per message, and frozen costs 3x (treat as immutable)
 class Outgoing:
-    """A validated message ready for the wire: contiguous tensors and their specs."""
+    """A validated message ready for the wire: contiguous tensors and their specs. Built per
+    message (a plain slotted class: treat it as immutable)."""
 
-    structure: Structure
-    tensors: tuple[torch.Tensor, ...]
-    specs: tuple[TensorSpec, ...]
-    nbytes: int
-    #: some tensor is on a CUDA device
-    cuda: bool = False
+    __slots__ = ("structure", "tensors", "specs", "nbytes", "cuda", "cost")
+
+    def __init__(self, structure: Structure, tensors: tuple[torch.Tensor, ...],
+                 specs: tuple[TensorSpec, ...], nbytes: int, cuda: bool = False) -> None:
+        self.structure = structure
+        self.tensors = tensors
+        self.specs = specs
+        self.nbytes = nbytes
+        #: some tensor is on a CUDA device
+        self.cuda = cuda
+        #: the credits it holds at the receiver (:func:`~aiokvpipe._wire.message_cost`,
+        #: written out: one call less per message)
+        self.cost = nbytes + MESSAGE_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES * len(specs)
 
 
 _NONE = Outgoing(Structure.NONE, (), (), 0)
@@ -62,7 +70,8 @@ def flatten(msg: object) -> Outgoing:
             and msg.is_contiguous() and not (msg.is_conj() or msg.is_neg())):
         # The common case, checked cheaply: one plain dense tensor, sent as it is, with the
         # spec of an earlier message of its dtype and shape.
-        spec = _known_spec(msg.dtype, msg.shape)
+        dtype, shape = msg.dtype, msg.shape
+        spec = _SPECS.get((dtype, shape)) or _known_spec(dtype, shape)
         if spec is not None:
             return Outgoing(Structure.TENSOR, (msg,), (spec,), spec.nbytes, cuda)
     if isinstance(msg, torch.Tensor):

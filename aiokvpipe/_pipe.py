@@ -226,19 +226,23 @@ class Pipe:
         if key is not None:
             key = check_key(key)
         out = flatten(msg)
-        self._check_can_send()
+        if self._error is not None or self._closed_here or self._proto.close_received:
+            self._check_can_send()  # raises, saying why
         # A small CPU message (and any empty one) is copied into its header frame: once that
         # is written the tensors are free again, with no payload to wait for and no send
         # budget to hold.
-        inline = out.nbytes == 0 or (out.nbytes <= self._inline_limit and not out.cuda)
-        cost = _wire.message_cost(out.nbytes, len(out.specs))
-        held = 0 if inline else out.nbytes  # send budget: a payload's bytes until it is out
+        nbytes = out.nbytes
+        inline = nbytes == 0 or (nbytes <= self._inline_limit and not out.cuda)
+        cost = out.cost
+        held = 0 if inline else nbytes  # send budget: a payload's bytes until it is out
         if (not self._send_queue and not self._control.write_paused
-                and self._acquire_now(held, cost)):
+                and (self._credits.try_acquire(cost) if inline
+                     else self._acquire_now(held, cost))):
             # The fast path: nobody is queued ahead, budget and credits are at hand and the
             # connection takes more. Posted without a suspension, so call order holds and
             # cancellation cannot split anything; no turn in the queue, no futures to grant.
-            done = self._post(out, key, inline, cost, held)
+            done = (self._post_now(out, key, True, cost, 0) if inline
+                    else self._post(out, key, False, cost, held))
             if done is not None:
                 await asyncio.shield(done)
             if self._timed:
@@ -751,7 +755,7 @@ class Pipe:
         return self._proto.backlogged
 
     def _on_header(self, h: _wire.Header) -> None:
-        item_cost = _wire.message_cost(h.nbytes, len(h.tensors))
+        item_cost = h.cost
         inline = h.inline
         if inline is not None:
             # Messages without payload bytes (None, empty tensors) travel inline on every
@@ -771,7 +775,7 @@ class Pipe:
                 assert self._signalling is not None
                 payload = self._signalling.post_recv_noted(h.tensors, note)
             item = _Incoming(h, item_cost, payload)
-        if self._proto.is_discarded(h.key):
+        if self._proto.discarded_keys and self._proto.is_discarded(h.key):
             item.discarded = True
         if item.payload is not None:
             self._incoming.append(item)
@@ -788,11 +792,8 @@ class Pipe:
 
     def _unpack_inline(self, specs: tuple[_wire.TensorSpec, ...], buf: bytearray | None
                        ) -> list[torch.Tensor]:
-        """The tensors of an inline payload: views of ``buf``, the copy made on arrival."""
-        if buf is not None and len(specs) == 1:  # the common case, without count and offset
-            spec = specs[0]
-            t = torch.frombuffer(buf, dtype=DTYPE_OF[spec.dtype])
-            return [t if len(spec.shape) == 1 else t.view(spec.shape)]
+        """The tensors of an inline payload: views of ``buf``, the copy made on arrival
+        (:meth:`_claim` makes a lone tensor's itself)."""
         tensors, offset = [], 0
         for spec in specs:
             dtype = DTYPE_OF[spec.dtype]  # the protocol checked that it is known
@@ -879,9 +880,16 @@ class Pipe:
 
     def _claim(self, item: _Incoming, t0: float) -> Message:
         tensors: Sequence[torch.Tensor]
+        specs = item.specs
         if item.payload is None:
+            buf = item.inline
             try:
-                tensors = self._unpack_inline(item.specs, item.inline)
+                if buf is not None and len(specs) == 1:  # the common case, without a call
+                    spec = specs[0]
+                    t = torch.frombuffer(buf, dtype=DTYPE_OF[spec.dtype])
+                    tensors = (t if len(spec.shape) == 1 else t.view(spec.shape),)
+                else:
+                    tensors = self._unpack_inline(specs, buf)
             except BaseException:
                 # Ours to fail (out of memory, say), not the peer's: nothing is lost, the
                 # message stays first in line, and its credit stays held until it is taken.
@@ -907,8 +915,10 @@ class Pipe:
         return rebuild(item.structure, item.specs, tensors)
 
     def _return_credit(self, n: int) -> None:
-        self._proto.release(n)
-        self.credit_released()
+        due = self._proto.release(n)
+        # Most releases find a return already scheduled or lingering: no call for those.
+        if not self._flush_pending and (due or self._credit_timer is None):
+            self.credit_released(now=due)
 
     def credit_released(self, now: bool = False) -> None:
         """Credit is owed to the peer: send it soon. Coalesced: once it reaches an eighth of

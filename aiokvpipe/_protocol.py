@@ -64,8 +64,8 @@ class PipeProtocol:
         "state", "close_sent", "close_received", "_decoder",
         "next_send_seq", "peer_credit", "credit_outstanding", "credit_owed",
         "next_recv_seq", "recv_buffer_bytes", "credit_held", "payloads_pending",
-        "_tombstones", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
-        "_offers_in", "_refused", "_peer_pools", "signals",
+        "discarded_keys", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
+        "_offers_in", "_refused", "_peer_pools", "signals", "backlogged",
     )
 
     def __init__(self, *, recv_buffer_bytes: int, peer_credit: int,
@@ -75,6 +75,8 @@ class PipeProtocol:
         self.close_sent = False
         self.close_received = False
         self._decoder = decoder if decoder is not None else _wire.FrameDecoder()
+        #: Bytes received are kept unparsed (a budget ran out): feed again, even nothing.
+        self.backlogged = False
         # sending
         self.next_send_seq = 0
         #: Credit the peer granted us (its ``recv_buffer_bytes``).
@@ -90,7 +92,9 @@ class PipeProtocol:
         self.credit_owed = 0
         #: Headers whose payload has not been reported complete (:meth:`payload_done`).
         self.payloads_pending = 0
-        self._tombstones: OrderedDict[str | None, None] = OrderedDict()
+        #: Keys given up (:meth:`discard`), bounded; read it, change it only through the
+        #: methods (an empty one spares the I/O layer a call per message).
+        self.discarded_keys: OrderedDict[str | None, None] = OrderedDict()
         # block transfers (see the section below)
         self.next_offer_id = 0
         self._offers_out: dict[int, _OfferState] = {}
@@ -202,15 +206,20 @@ class PipeProtocol:
         """
         if self.state is State.BROKEN:
             return []
+        decoder = self._decoder
         try:
-            frames = self._decoder.feed(data, budget)
+            frames = decoder.feed(data, budget)
+            self.backlogged = decoder.backlogged
             out: list[_wire.Frame] = []
             for frame in frames:
                 ftype = type(frame)
                 if ftype is _wire.Header:
                     assert isinstance(frame, _wire.Header)
-                    if frame.credit:
-                        self._credit_returned(frame.credit)
+                    credit = frame.credit
+                    if credit:  # (_credit_returned written out: most headers carry some)
+                        if credit > self.credit_outstanding:
+                            self._credit_returned(credit)  # raises
+                        self.credit_outstanding -= credit
                     self._header(frame)
                     out.append(frame)
                 elif ftype is _wire.Credit:
@@ -239,12 +248,8 @@ class PipeProtocol:
             return out
         except (ProtocolError, PeerFailure):
             self.state = State.BROKEN
+            self.backlogged = False
             raise
-
-    @property
-    def backlogged(self) -> bool:
-        """Bytes received are kept unparsed (a budget ran out): feed again, even nothing."""
-        return self.state is not State.BROKEN and self._decoder.backlogged
 
     def _credit_returned(self, n: int) -> None:
         if n > self.credit_outstanding:
@@ -266,7 +271,7 @@ class PipeProtocol:
         for spec in h.tensors:
             if spec.dtype not in DTYPE_OF:
                 raise ProtocolError(f"dtype code {spec.dtype} is not supported by this torch")
-        cost = _wire.message_cost(h.nbytes, len(h.tensors))
+        cost = h.cost
         # An oversize message is allowed only when the peer had every credit back.
         if self.credit_held and self.credit_held + cost > self.recv_buffer_bytes:
             raise ProtocolError("peer sent beyond the receive credits it was granted")
@@ -288,12 +293,16 @@ class PipeProtocol:
     def payload_done(self) -> None:
         """A message's payload arrived whole (inline ones at once)."""
         self.payloads_pending -= 1
-        self._maybe_closed()
+        if self.close_sent:
+            self._maybe_closed()
 
-    def release(self, cost: int) -> None:
+    def release(self, cost: int) -> bool:
         """A received message was claimed or dropped: its credit goes back to the peer with
-        our next frame (:meth:`send_credit`, or riding on a header)."""
-        self.credit_owed += cost
+        our next frame (:meth:`send_credit`, or riding on a header). Returns
+        :attr:`credit_return_due`, which the I/O layer asks after every release."""
+        owed = self.credit_owed + cost
+        self.credit_owed = owed
+        return owed * CREDIT_RETURN_SHARE >= self.recv_buffer_bytes
 
     @property
     def credit_return_due(self) -> bool:
@@ -312,15 +321,15 @@ class PipeProtocol:
 
         Bounded (:data:`MAX_TOMBSTONES`, oldest forgotten first).
         """
-        _remember(self._tombstones, key)
+        _remember(self.discarded_keys, key)
 
     def undiscard(self, key: str | None) -> None:
         """Someone asks for ``key`` again: its later messages are kept from now on."""
-        if self._tombstones:
-            self._tombstones.pop(key, None)
+        if self.discarded_keys:
+            self.discarded_keys.pop(key, None)
 
     def is_discarded(self, key: str | None) -> bool:
-        return bool(self._tombstones) and key in self._tombstones
+        return bool(self.discarded_keys) and key in self.discarded_keys
 
     # -- block transfers ------------------------------------------------------------------
     #
@@ -470,6 +479,7 @@ class PipeProtocol:
         """The pipe broke (for any reason): nothing more is sent or accepted."""
         if self.state is not State.CLOSED:
             self.state = State.BROKEN
+        self.backlogged = False
 
 
 def _remember(tombstones: OrderedDict[Any, None], key: Any) -> None:

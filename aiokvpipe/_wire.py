@@ -222,6 +222,13 @@ class Error:
                 errors="ignore"))
 
 
+#: What one message costs against the receiver's credits beyond its payload: the header and
+#: bookkeeping it holds while unclaimed. Charging it bounds memory even for a flood of empty
+#: (``None``) messages. Both ends compute it the same way.
+MESSAGE_OVERHEAD_BYTES: Final = 256
+TENSOR_OVERHEAD_BYTES: Final = 64
+
+
 # The three frames of every message's hot path are built per message on both ends: they are
 # plain slotted dataclasses, not frozen ones (three times cheaper to build). Treat them as
 # immutable all the same.
@@ -248,32 +255,48 @@ class TensorSpec:
         self.nbytes = n
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Header:
     """Announces one message; its payload follows on the data plane, tensor after tensor."""
 
     seq: int
     key: str | None
     structure: Structure
-    tensors: tuple[TensorSpec, ...] = field(default=())
+    tensors: tuple[TensorSpec, ...]
     #: The payload itself, for a small message sent inline; ``None``: it follows on the
     #: data plane. A decoded header's inline payload is a view of the received bytes: copy
     #: it out, do not keep it.
-    inline: bytes | memoryview | None = None
+    inline: bytes | memoryview | None
     #: Receive credits the sender returns along with this message (a CREDIT frame's worth,
     #: without the frame: a request/response pair then costs one frame each way).
-    credit: int = 0
+    credit: int
     #: The data plane's note on where the payload is (1 to MAX_NOTE_BYTES bytes, opaque here;
     #: only a plane that signals sends or takes one), so that the payload's description
     #: travels in the header's own frame; ``None``: the plane describes it on its own.
-    note: bytes | None = None
+    note: bytes | None
+    #: Payload bytes, and the credits the message holds (:func:`message_cost`).
     nbytes: int = field(init=False, repr=False, compare=False)
+    cost: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        n = 0
-        for t in self.tensors:
-            n += t.nbytes
-        self.nbytes = n
+    # Written out, not generated with a __post_init__: one call less for every message
+    # received, and the decoder passes the payload size it computed.
+    def __init__(self, seq: int, key: str | None, structure: Structure,
+                 tensors: tuple[TensorSpec, ...] = (), inline: bytes | memoryview | None = None,
+                 credit: int = 0, note: bytes | None = None, nbytes: int | None = None
+                 ) -> None:
+        self.seq = seq
+        self.key = key
+        self.structure = structure
+        self.tensors = tensors
+        self.inline = inline
+        self.credit = credit
+        self.note = note
+        if nbytes is None:
+            nbytes = 0
+            for t in tensors:
+                nbytes += t.nbytes
+        self.nbytes = nbytes
+        self.cost = nbytes + MESSAGE_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES * len(tensors)
 
 
 @dataclass(slots=True)
@@ -384,13 +407,6 @@ class Pulled:
 
 Frame = (Hello | Auth | Accept | Ready | Attach | Error | Header | Credit | Heartbeat | Close
          | PoolInfo | Offer | Pull | BlockData | Retract | Pulled | Signal)
-
-#: What one message costs against the receiver's credits beyond its payload: the header and
-#: bookkeeping it holds while unclaimed. Charging it bounds memory even for a flood of empty
-#: (``None``) messages. Both ends compute it the same way.
-MESSAGE_OVERHEAD_BYTES: Final = 256
-TENSOR_OVERHEAD_BYTES: Final = 64
-
 
 def message_cost(payload_bytes: int, tensors: int) -> int:
     """Credits one message consumes at the receiver until it is claimed by ``recv()``."""
@@ -808,7 +824,7 @@ def _decode_header(mv: memoryview, ftype: FrameType, cache: SpecsCache | None = 
         if pos > len(mv):
             raise ProtocolError(f"truncated {ftype.name} frame")
         raise ProtocolError(f"{len(mv) - pos} stray bytes in {ftype.name}")
-    return Header(seq, key, structure, specs, payload, credit, note)
+    return Header(seq, key, structure, specs, payload, credit, note, total)
 
 
 def _decode_specs(mv: memoryview, pos: int, count: int, is_dict: bool
@@ -909,11 +925,10 @@ class FrameDecoder:
         #: Bytes given but not parsed yet, from ``_rest_pos`` on: a budget ran out.
         self._rest = b""
         self._rest_pos = 0
+        #: A budget stopped the last :meth:`feed` before the end of what it was given (an
+        #: attribute, not a property: the I/O layer reads it after every read).
+        self.backlogged = False
 
-    @property
-    def backlogged(self) -> bool:
-        """A budget stopped the last :meth:`feed` before the end of what it was given."""
-        return bool(self._rest)
 
     def feed(self, data: bytes | bytearray | memoryview, budget: int | None = None
              ) -> list[Frame]:
@@ -925,6 +940,7 @@ class FrameDecoder:
         """
         rest, pos = self._rest, self._rest_pos
         self._rest, self._rest_pos = b"", 0
+        self.backlogged = False
         if rest and len(data):  # (the I/O layer holds new bytes back while backlogged)
             rest, pos = rest[pos:] + bytes(data), 0
         frames: list[Frame] = []
@@ -945,6 +961,7 @@ class FrameDecoder:
             if budget is not None and spent >= budget and frames:
                 # Kept as bytes and an offset: a long backlog is not copied once per turn.
                 self._rest, self._rest_pos = (rest, pos) if rest else (bytes(view[pos:]), 0)
+                self.backlogged = True
                 return frames
             raw_type, flags, reserved, length = _FRAME_PREFIX.unpack_from(view, pos)
             known = _KNOWN_TYPES.get(raw_type)
@@ -956,8 +973,13 @@ class FrameDecoder:
                 self._need = known[0], length
                 self._buf += view[start:]
                 return frames
-            frames.append(self._decode(known[0], view[start:stop]))
-            spent += frame_weight(known[0], length)
+            ftype = known[0]
+            if ftype in _HEADERS:  # every message's frame: decoded and weighed in place
+                frames.append(_decode_header(view[start:stop], ftype, self._specs_cache))
+                spent += FRAME_WEIGHT[ftype]
+            else:
+                frames.append(self._decode(ftype, view[start:stop]))
+                spent += frame_weight(ftype, length)
             pos = stop
         if pos < end:
             self._buf += view[pos:]
