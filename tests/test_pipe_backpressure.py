@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pipe_peer
 import pytest
@@ -188,6 +189,39 @@ async def test_credit_for_small_messages_goes_back_in_few_frames(
     await eventually(lambda: a.stats.send_credits == b._proto.recv_buffer_bytes, 5,
                      "every credit back at the sender")
     assert frames <= n // 20, f"{frames} CREDIT frames for {n} messages"
+
+
+async def test_a_request_answered_at_once_arms_no_linger_timer(
+        pair_factory: PairFactory) -> None:
+    # Credit claimed here rides on the answer's header: a lingering return would find nothing
+    # to send. Armed at every claim, the 1 ms timers fired every few round trips, and their
+    # wake-ups cost a 4 KiB ping-pong a quarter of its round trip (2-core VM).
+    a, b = await pair_factory()
+    loop = asyncio.get_running_loop()
+    armed: list[object] = []
+    call_later = loop.call_later
+
+    def counting(delay: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        if getattr(callback, "__self__", None) in (a, b):
+            armed.append(callback)
+        return call_later(delay, callback, *args, **kwargs)
+
+    loop.call_later = counting  # type: ignore[method-assign]
+    try:
+        msg = torch.ones(256, dtype=torch.uint8)
+        async with asyncio.timeout(10):  # (not wait_for: its task would answer a turn later)
+            for _ in range(50):
+                await a.send(msg)
+                await b.send(await b.recv())  # the answer, in the step that claimed
+                assert torch.equal(await a.recv(), msg)
+        for _ in range(3):  # the ends' last checks run
+            await asyncio.sleep(0)
+    finally:
+        loop.call_later = call_later  # type: ignore[method-assign]
+    # Only a's last claim is owed: nothing took it along, so it lingers, once.
+    assert len(armed) <= 1, f"{len(armed)} linger timers armed: {armed[:4]}"
+    await eventually(lambda: b.stats.send_credits == a._proto.recv_buffer_bytes, 5,
+                     "the last answer's credit back at b")
 
 
 async def test_a_message_that_needs_every_credit_back_is_not_stalled_by_lingering_credit(
