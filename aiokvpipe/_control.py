@@ -66,6 +66,9 @@ class ControlChannel(asyncio.Protocol):
         #: The transport's buffer is over its high-water mark: :meth:`drain` would wait. (An
         #: attribute, not a property: every send() reads it.)
         self.write_paused = False
+        #: Frames written with write_soon(): they lead the next write, or go out by
+        #: themselves at the next loop iteration (None: none waiting).
+        self._soon: list[bytes] | None = None
         #: Frames gathered between hold() and release() (None: writes go out at once).
         self._held: list[bytes] | None = None
         self._held_bytes = 0
@@ -146,6 +149,9 @@ class ControlChannel(asyncio.Protocol):
         transport = self._transport
         if self._lost is not None or transport is None or transport.is_closing():
             raise BrokenPipe("control connection is closed") from self._lost
+        if self._soon is not None:  # frames written earlier go first, in this same write
+            data = b"".join([*self._soon, data])
+            self._soon = None
         held = self._held
         if held is None:
             transport.write(data)
@@ -154,6 +160,26 @@ class ControlChannel(asyncio.Protocol):
         self._held_bytes += len(data)
         if self._held_bytes >= _HOLD_BYTES:
             self._write_held()
+
+    def write_soon(self, data: bytes) -> None:
+        """Queue encoded frames to lead the next write, or to go out by themselves at the next
+        loop iteration if nothing is written before. An acknowledgement so shares one write,
+        and one wake-up of the peer, with the answer its receiver writes at once. Never
+        raises: a lost connection is the channel's to report."""
+        if self._lost is not None:
+            return
+        if self._soon is None:
+            self._soon = [data]
+            self._loop.call_soon(self._flush_soon)
+        else:
+            self._soon.append(data)
+
+    def _flush_soon(self) -> None:
+        if self._soon is not None:
+            try:
+                self.write_encoded(b"")
+            except BrokenPipe:
+                self._soon = None  # the connection is gone: its loss is reported
 
     def hold(self) -> bool:
         """Gather what is written from now until :meth:`release` (in this same call, never
@@ -298,6 +324,7 @@ class ControlChannel(asyncio.Protocol):
         if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
             self._heartbeat.cancel()
         if self._transport is not None:
+            self._flush_soon()
             self._write_held()  # what was written goes out before the close
             self._transport.close()
 
@@ -363,7 +390,8 @@ class ControlChannel(asyncio.Protocol):
         """Write ``data`` (an ERROR frame) if the connection still takes it; never raises."""
         transport = self._transport
         if self._lost is None and transport is not None and not transport.is_closing():
-            self._write_held()  # after what was written before it
+            self._flush_soon()  # after what was written before it
+            self._write_held()
             transport.write(data)
 
     def _fail(self, exc: BaseException) -> None:

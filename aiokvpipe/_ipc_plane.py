@@ -736,6 +736,7 @@ class IpcPlane:
         self._worker = _Worker(self._loop, self._index)
         self._events = _EventPool()
         self._signal: Callable[[bytes], None] = _unattached
+        self._signal_soon: Callable[[bytes], None] = _unattached
         self._decoder = RecordDecoder()
         # producer
         self._send_stream, self._copy_stream = streams  # made off the loop (side_streams)
@@ -813,12 +814,18 @@ class IpcPlane:
             raise
 
     def attach_signals(self, write: Callable[[bytes], None],
-                       received: Callable[[], object] | None = None) -> None:
+                       received: Callable[[], object] | None = None,
+                       write_soon: Callable[[bytes], None] | None = None) -> None:
         """``write(data)`` carries our records to the peer, in order; it never raises (the
         pipe writes them in SIGNAL frames on its control connection). The owner hands the
         peer's records to :meth:`on_signal`. ``received()``, if given, is called at the end
-        of each poll that completed a receive, after its future (and the acknowledgement)."""
+        of each poll that completed a receive, after its future and before the
+        acknowledgement.
+        ``write_soon`` (default: ``write``) carries the acknowledgements: they may wait for
+        the owner's next write until the next loop iteration, so that the answer a
+        receiver writes at once goes out with them, in one write."""
         self._signal = write
+        self._signal_soon = write_soon if write_soon is not None else write
         self._received = received
 
     def on_signal(self, data: bytes | bytearray | memoryview) -> None:
@@ -1659,16 +1666,17 @@ class IpcPlane:
         self._ack_due = True
 
     def _after_copies(self) -> None:
-        # One ACK per poll, however many copies completed in it; then the owner delivers
-        # what they completed.
-        if self._ack_due:  # (not when the poll completed pulls only)
-            self._ack_due = False
-            if self._error is None and not self._closing:
-                self._signal(encode_record(AckRecord(self._completed)))
+        # The owner delivers what the copies completed; then one ACK for the poll, however
+        # many copies completed in it. It leads the owner's next write: a caller woken by
+        # the delivery (scheduled first) and answering at once sends it with its answer.
         if self._received_due:
             self._received_due = False
             if self._received is not None:
                 self._received()
+        if self._ack_due:  # (not when the poll completed pulls only)
+            self._ack_due = False
+            if self._error is None and not self._closing:
+                self._signal_soon(encode_record(AckRecord(self._completed)))
 
     # -- ending ----------------------------------------------------------------------------------
 

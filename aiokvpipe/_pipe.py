@@ -197,7 +197,8 @@ class Pipe:
         #: when payloads completed (no callback per payload future) and batches a read's.
         self._signalling = cast(SignallingPlane, plane) if self._on_signal is not None else None
         if self._signalling is not None:
-            self._signalling.attach_signals(self._signal, self._deliver_arrived)
+            self._signalling.attach_signals(self._signal, self._deliver_arrived,
+                                            self._signal_soon)
         control.attach(self)
         if heartbeat_interval is not None and self._error is None:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
@@ -700,6 +701,13 @@ class Pipe:
                 self._control.write_encoded(frames)
             except BrokenPipe:
                 pass
+
+    def _signal_soon(self, data: bytes) -> None:
+        """:meth:`_signal`, leading our next write if one comes before the next loop
+        iteration (an acknowledgement, with the answer to the message it acknowledges)."""
+        frames = self._proto.send_signal(data)
+        if frames:
+            self._control.write_soon(frames)
 
     def _write(self, data: bytes) -> None:
         """Write encoded frames; a lost connection breaks the pipe and raises BrokenPipe."""

@@ -89,11 +89,14 @@ class SignallingPlane(DataPlane, Protocol):
     a message's header and its payload's description."""
 
     def attach_signals(self, write: Callable[[bytes], None],
-                       received: Callable[[], object] | None = None) -> None:
+                       received: Callable[[], object] | None = None,
+                       write_soon: Callable[[bytes], None] | None = None) -> None:
         """From now on, write records to the peer with ``write`` (which never raises); and
         call ``received()`` once receives completed (their futures are done), so that the
         owner delivers them at once rather than from their futures' callbacks, a loop
-        iteration later."""
+        iteration later. ``write_soon`` (default ``write``) carries records that may wait
+        for the owner's next write, at most until the next loop iteration (in order with
+        the rest)."""
         ...
 
     def on_signal(self, data: bytes) -> None:

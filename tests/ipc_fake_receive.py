@@ -176,9 +176,53 @@ async def retire() -> str:
     return f"region {first_region} unmapped after its copy ran"
 
 
+class _Writes:
+    """The writes reaching a pipe's control transport (uvloop's transports are C objects:
+    the channel's reference is wrapped, not the class)."""
+
+    def __init__(self, pipe: Pipe) -> None:
+        self.data: list[bytes] = []
+        self._transport: Any = pipe._control._transport
+        pipe._control._transport = self  # type: ignore[assignment]
+
+    def write(self, data: bytes) -> None:
+        self.data.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def answer() -> str:
+    """The receiver answers a message at once: the acknowledgement of its copy and the
+    answer reach the sender in one write (one wake-up there, not two)."""
+    a, b, leaked = await _pair()
+
+    async def answering() -> torch.Tensor:
+        got = await b.recv()
+        await b.send(None, key="answer")
+        return got
+
+    for _ in range(1000):  # the credit of _pair's message goes back first (it lingers)
+        if not b._proto.credit_owed:
+            break
+        await asyncio.sleep(0.001)
+    task = asyncio.create_task(answering())
+    writes = _Writes(b)
+    await asyncio.wait_for(a.send(X), 5)
+    assert await asyncio.wait_for(a.recv("answer"), 5) is None
+    assert int((await task)[0]) == 7
+    assert len(writes.data) == 1, (f"{len(writes.data)} writes for the acknowledgement and "
+                                   f"the answer: {[len(d) for d in writes.data]} bytes")
+    assert not leaked, leaked
+    await a.aclose()
+    await b.aclose()
+    return f"acknowledgement and answer in one write of {len(writes.data[0])} bytes"
+
+
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
-    "retire": retire}
+    "retire": retire, "answer": answer}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))

@@ -1,8 +1,8 @@
 """The ipc pipe's receive path on a machine without a GPU: failures and unmapping around the
-receives deferred to a read's end, through two real ipc pipes with CUDA faked at the driver
-seam (``tests/ipc_fake_receive.py`` says how; each scenario runs in its own process, as the
-fake patches ``torch.cuda``). The real planes run on a GPU (tests/test_pipe_ipc.py,
-tests/test_ipc_cuda.py)."""
+receives deferred to a read's end, and an acknowledgement leaving with the answer, through
+two real ipc pipes with CUDA faked at the driver seam (``tests/ipc_fake_receive.py`` says
+how; each scenario runs in its own process, as the fake patches ``torch.cuda``). The real
+planes run on a GPU (tests/test_pipe_ipc.py, tests/test_ipc_cuda.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parent / "ipc_fake_receive.py"
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("scenario", ["allocation", "launch", "release_never_raises",
-                                      "retire"])
+                                      "retire", "answer"])
 def test_deferred_receives(scenario: str) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), scenario], capture_output=True,
                           text=True, timeout=50)

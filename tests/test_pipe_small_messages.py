@@ -22,7 +22,7 @@ import torch
 from conftest import PairFactory, eventually
 
 import aiokvpipe
-from aiokvpipe import _control
+from aiokvpipe import _control, _wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,6 +42,7 @@ class WriteSpy:
 
     def __init__(self, pipe: aiokvpipe.Pipe) -> None:
         self.writes = 0
+        self.data: list[bytes] = []
         transport: Any = pipe._control._transport
         self._transport = transport
         self._write = transport.write
@@ -50,6 +51,7 @@ class WriteSpy:
 
     def write(self, data: bytes) -> None:
         self.writes += 1
+        self.data.append(bytes(data))
         self._write(data)
 
     def __getattr__(self, name: str) -> Any:
@@ -67,6 +69,24 @@ async def test_a_small_send_hands_its_frame_to_the_connection_before_it_returns(
         assert spy.writes == i + 1
     got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(3)]
     assert got == [0, 1, 2]
+
+
+async def test_frames_written_soon_lead_the_next_write_or_leave_by_themselves(
+        pair_factory: PairFactory) -> None:
+    # (How an ipc receiver's acknowledgement leaves with its answer: one wake-up of the peer.)
+    a, b = await pair_factory()
+    spy = WriteSpy(a)
+    beat = _wire.encode(_wire.Heartbeat())
+    a._control.write_soon(beat)
+    await a.send(seq(0))  # the fast path: written in this same step
+    assert spy.writes == 1 and spy.data[0].startswith(beat), spy.data
+    assert seq_of(await asyncio.wait_for(b.recv(), 5)) == 0
+    writes = spy.writes
+    a._control.write_soon(beat)
+    a._control.write_soon(beat)
+    assert spy.writes == writes  # nothing else written: they wait for the next iteration
+    await asyncio.sleep(0)
+    assert spy.data[writes:] == [beat + beat], spy.data[writes:]
 
 
 async def test_queued_senders_leave_together_when_the_connection_drains(
