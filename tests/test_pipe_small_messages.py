@@ -22,7 +22,7 @@ import torch
 from conftest import PairFactory, eventually
 
 import aiokvpipe
-from aiokvpipe import _control, _wire
+from aiokvpipe import _control, _pipe, _wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,6 +71,25 @@ async def test_a_small_send_hands_its_frame_to_the_connection_before_it_returns(
     assert got == [0, 1, 2]
 
 
+async def test_an_answer_after_a_receive_that_waited_never_yields(
+        pair_factory: PairFactory) -> None:
+    # A fast send() yields once in YIELD_EVERY calls in a row, so that a task streaming small
+    # messages cannot starve the loop; a receive that waited let the loop turn, so a server
+    # answering each request at once never pays for that yield (a loop turn and a wake-up
+    # more, every eighth answer).
+    a, b = await pair_factory()
+    msg = seq(1)
+    for i in range(3 * _pipe.YIELD_EVERY):
+        receiving = asyncio.create_task(b.recv())
+        await asyncio.sleep(0)  # b waits for the request
+        await a.send(msg)
+        request = await asyncio.wait_for(receiving, 5)
+        answer = b.send(request)
+        with pytest.raises(StopIteration):  # done without suspending
+            answer.send(None)
+        assert seq_of(await asyncio.wait_for(a.recv(), 5)) == 1, i
+
+
 async def test_frames_written_soon_lead_the_next_write_or_leave_by_themselves(
         pair_factory: PairFactory) -> None:
     # (How an ipc receiver's acknowledgement leaves with its answer: one wake-up of the peer.)
@@ -87,6 +106,24 @@ async def test_frames_written_soon_lead_the_next_write_or_leave_by_themselves(
     assert spy.writes == writes  # nothing else written: they wait for the next iteration
     await asyncio.sleep(0)
     assert spy.data[writes:] == [beat + beat], spy.data[writes:]
+
+
+async def test_frames_written_soon_leave_before_a_close_or_an_error(
+        pair_factory: PairFactory) -> None:
+    beat = _wire.encode(_wire.Heartbeat())
+    a, b = await pair_factory()
+    spy = WriteSpy(a)
+    a._control.write_soon(beat)
+    a._control.say(b"error")  # (say writes its bytes as they are)
+    assert spy.data == [beat, b"error"], spy.data
+    c, d = await pair_factory()
+    spy = WriteSpy(c)
+    c._control.write_soon(beat)
+    c._control.close()  # in the same step: the flush scheduled for later would be too late
+    assert spy.data == [beat], spy.data
+    c._control.write_soon(beat)  # and nothing after the close
+    await asyncio.sleep(0)
+    assert spy.data == [beat], spy.data
 
 
 async def test_queued_senders_leave_together_when_the_connection_drains(
