@@ -1669,6 +1669,9 @@ class IpcPlane:
         # The owner delivers what the copies completed; then one ACK for the poll, however
         # many copies completed in it. It leads the owner's next write: a caller woken by
         # the delivery (scheduled first) and answering at once sends it with its answer.
+        # The delivery may break the pipe or finish its close; then no ACK goes out, which
+        # loses nothing: a broken pipe fails every send, and a close completes only after
+        # the peer's sends did, each on its ACK, so no copy of this poll is still owed one.
         if self._received_due:
             self._received_due = False
             if self._received is not None:

@@ -205,6 +205,7 @@ class PipeProtocol:
         bytes or none) takes it.
         """
         if self.state is State.BROKEN:
+            self.backlogged = False
             return []
         decoder = self._decoder
         try:
@@ -215,11 +216,8 @@ class PipeProtocol:
                 ftype = type(frame)
                 if ftype is _wire.Header:
                     assert isinstance(frame, _wire.Header)
-                    credit = frame.credit
-                    if credit:  # (_credit_returned written out: most headers carry some)
-                        if credit > self.credit_outstanding:
-                            self._credit_returned(credit)  # raises
-                        self.credit_outstanding -= credit
+                    if frame.credit:
+                        self._credit_returned(frame.credit)
                     self._header(frame)
                     out.append(frame)
                 elif ftype is _wire.Credit:
@@ -300,9 +298,8 @@ class PipeProtocol:
         """A received message was claimed or dropped: its credit goes back to the peer with
         our next frame (:meth:`send_credit`, or riding on a header). Returns
         :attr:`credit_return_due`, which the I/O layer asks after every release."""
-        owed = self.credit_owed + cost
-        self.credit_owed = owed
-        return owed * CREDIT_RETURN_SHARE >= self.recv_buffer_bytes
+        self.credit_owed += cost
+        return self.credit_return_due
 
     @property
     def credit_return_due(self) -> bool:
@@ -476,7 +473,8 @@ class PipeProtocol:
             self.state = State.CLOSED
 
     def fail(self) -> None:
-        """The pipe broke (for any reason): nothing more is sent or accepted."""
+        """The pipe broke (for any reason): nothing more is sent or accepted, and nothing
+        kept is left to feed (:attr:`backlogged`: the I/O layer stops asking)."""
         if self.state is not State.CLOSED:
             self.state = State.BROKEN
         self.backlogged = False

@@ -279,7 +279,8 @@ class Header:
     cost: int = field(init=False, repr=False, compare=False)
 
     # Written out, not generated with a __post_init__: one call less for every message
-    # received, and the decoder passes the payload size it computed.
+    # received. ``nbytes`` is for the decoder, which computed (and bounded) the payload size
+    # already; it must equal the tensors' sum. The cost is message_cost(), written out.
     def __init__(self, seq: int, key: str | None, structure: Structure,
                  tensors: tuple[TensorSpec, ...] = (), inline: bytes | memoryview | None = None,
                  credit: int = 0, note: bytes | None = None, nbytes: int | None = None
@@ -928,7 +929,6 @@ class FrameDecoder:
         #: A budget stopped the last :meth:`feed` before the end of what it was given (an
         #: attribute, not a property: the I/O layer reads it after every read).
         self.backlogged = False
-
 
     def feed(self, data: bytes | bytearray | memoryview, budget: int | None = None
              ) -> list[Frame]:

@@ -203,10 +203,11 @@ async def answer() -> str:
         await b.send(None, key="answer")
         return got
 
-    for _ in range(1000):  # the credit of _pair's message goes back first (it lingers)
-        if not b._proto.credit_owed:
-            break
-        await asyncio.sleep(0.001)
+    # The credit of _pair's message goes back first, on a header (else it lingers, and
+    # its CREDIT frame could come in the middle of what is counted).
+    await b.send(None, key="settle")
+    assert await asyncio.wait_for(a.recv("settle"), 5) is None
+    assert not b._proto.credit_owed
     task = asyncio.create_task(answering())
     writes = _Writes(b)
     await asyncio.wait_for(a.send(X), 5)

@@ -4,9 +4,11 @@ tests/test_protocol.py does). Frames go in as bytes; what comes out is checked."
 from __future__ import annotations
 
 import pytest
+import torch
 
 from aiokvpipe import _wire
 from aiokvpipe._errors import AuthenticationError, PeerFailure, PipeError, ProtocolError
+from aiokvpipe._message import flatten
 from aiokvpipe._protocol import (
     MAX_TOMBSTONES,
     ClientHandshake,
@@ -55,6 +57,36 @@ def test_bytes_fed_one_at_a_time_give_the_same_frames() -> None:
     for i in range(len(data)):
         frames += b.receive_data(data[i:i + 1])
     assert [f.seq for f in frames] == [0, 1, 2]  # type: ignore[union-attr]
+
+
+def test_bytes_kept_by_a_budget_are_backlogged_until_fed_or_the_pipe_breaks() -> None:
+    # The I/O layer feeds again while this says so: stale after a break, it would feed a
+    # broken protocol for ever (the connection's last reads loop on it).
+    a, b = pair()
+    data = send(a) + send(a) + send(a)
+    assert len(b.receive_data(data, budget=1)) == 1 and b.backlogged
+    assert len(b.receive_data(b"", budget=1)) == 1 and b.backlogged
+    assert len(b.receive_data(b"", budget=1)) == 1 and not b.backlogged
+    b.receive_data(send(a) + send(a), budget=1)
+    assert b.backlogged
+    b.fail()
+    assert not b.backlogged
+    assert b.receive_data(b"", budget=1) == [] and not b.backlogged
+
+
+def test_both_ends_charge_a_message_the_same_credit() -> None:
+    # A header's cost, an outgoing message's and message_cost() are one rule written out
+    # three times (no call per message): each end must charge exactly what the other does.
+    for msg in (None, torch.zeros(3), [torch.ones(2, 5), torch.zeros(0)],
+                {"k": torch.ones(4, dtype=torch.float16), "v": torch.zeros(7, 2)}):
+        out = flatten(msg)
+        a, b = pair()
+        a.spend(out.cost)
+        head = a.send_header(None, out.structure, out.specs, out.nbytes, False)
+        (h,) = b.receive_data(head)
+        assert isinstance(h, _wire.Header)
+        assert out.cost == h.cost == _wire.message_cost(out.nbytes, len(out.specs))
+        assert b.credit_held == out.cost
 
 
 @pytest.mark.parametrize("seq", [1, 5, 2**40])
