@@ -46,20 +46,30 @@ async def test_recv_cancelled_before_anything_arrives_takes_nothing(pipe_pair: P
 @pytest.mark.parametrize("nbytes", [0, 8, 100_000], ids=["none", "small", "100k"])
 async def test_recv_cancelled_after_its_message_was_handed_over_passes_it_on(
         pipe_pair: Pair, nbytes: int) -> None:
-    """Cancel a waiting recv() a growing number of loop iterations after the message was sent.
-    One of these lands between "the pipe handed the message to this recv" and "the recv's task
-    resumed": the cancelled recv must give it back to the next recv(), in order."""
+    """Cancel a waiting recv() a growing number of loop iterations after the message's send
+    began. One of these lands between "the pipe handed the message to this recv" and "the
+    recv's task resumed": the cancelled recv must give it back to the next recv(), in order.
+
+    Counted from the send's start, not its end: a payload's send() returns once its bytes are
+    out, and the receiver may have taken the message by then (how many iterations that takes
+    depends on the kernel: counted from the end, the window was hit at one delay at most,
+    and once, in a full run, at none). The window is one iteration wide and the delivery's
+    iteration varies a little from message to message: a sweep that missed it runs again."""
     a, b = pipe_pair
     handed_over_then_cancelled = 0
-    for delay in range(30):
+    for delay in [d for _ in range(3) for d in range(40)]:  # up to three sweeps, until a hit
+        if handed_over_then_cancelled and delay == 0:
+            break
         waiting = asyncio.create_task(b.recv())
         await asyncio.sleep(0)
         received_before = b.stats.messages_received
-        await a.send(None if nbytes == 0 else pipe_peer.seq_tensor(delay, nbytes))
+        sending = asyncio.create_task(
+            a.send(None if nbytes == 0 else pipe_peer.seq_tensor(delay, nbytes)))
         for _ in range(delay):
             await asyncio.sleep(0)  # step the loop: the cancel lands at a different point
         handed_over = b.stats.messages_received > received_before and not waiting.done()
         waiting.cancel()
+        await asyncio.wait_for(sending, 10)
         try:
             first = await waiting
         except asyncio.CancelledError:
