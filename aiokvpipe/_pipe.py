@@ -60,8 +60,9 @@ TURN_BUDGET: Final = 256
 #: Returned one message at a time, the credit frames doubled the syscalls of a stream of
 #: 4 KiB messages. The timer is armed only if, at the end of the loop iteration that released
 #: the credit, none of our headers took it along: a request/response pair never arms one.
-#: (Armed at every release, uvloop's timers, each a libuv handle made and closed, and their
-#: wake-ups cost a 4 KiB ping-pong a quarter of its round trip on the 2-core VM, 2026-12-04.)
+#: (Armed at the first release after each firing, it fired every few round trips of an
+#: exchange, for nothing: those wake-ups cost a 4 KiB ping-pong a quarter of its round trip
+#: on the 2-core VM, 2026-12-04.)
 CREDIT_LINGER_S: Final = 0.001
 
 
