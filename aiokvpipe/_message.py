@@ -71,7 +71,7 @@ def flatten(msg: object) -> Outgoing:
         # The common case, checked cheaply: one plain dense tensor, sent as it is, with the
         # spec of an earlier message of its dtype and shape.
         dtype, shape = msg.dtype, msg.shape
-        spec = _SPECS.get((dtype, shape)) or _known_spec(dtype, shape)
+        spec = _SPECS.get((dtype, shape)) or _new_spec(dtype, shape)
         if spec is not None:
             return Outgoing(Structure.TENSOR, (msg,), (spec,), spec.nbytes, cuda)
     if isinstance(msg, torch.Tensor):
@@ -121,12 +121,10 @@ _SPECS: dict[tuple[torch.dtype, torch.Size], TensorSpec] = {}
 _SPECS_KEPT: Final = 256
 
 
-def _known_spec(dtype: torch.dtype, shape: torch.Size) -> TensorSpec | None:
-    """The spec of a plain tensor of this dtype and shape; ``None`` if it cannot be sent as
-    one (the full checks of :func:`flatten` then say why)."""
-    spec = _SPECS.get((dtype, shape))
-    if spec is not None:
-        return spec
+def _new_spec(dtype: torch.dtype, shape: torch.Size) -> TensorSpec | None:
+    """The spec of a plain tensor of a dtype and shape not in :data:`_SPECS` (looked up
+    there first, by :func:`flatten`), remembered there; ``None`` if it cannot be sent as one
+    (the full checks of :func:`flatten` then say why)."""
     code = CODE_OF.get(dtype)
     if code is None or len(shape) > MAX_NDIM or not shape_fits(tuple(shape), dtype.itemsize):
         return None
