@@ -171,7 +171,7 @@ def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: 
                 recv_buffer_bytes=opts.recv_buffer_bytes, peer_credits=peer.recv_buffer_bytes,
                 heartbeat_interval=opts.heartbeat_interval,
                 heartbeat_timeout=_silence_limit(opts, peer),
-                close_timeout=opts.close_timeout,
+                close_timeout=opts.close_timeout, busy_poll_s=opts.busy_poll_us * 1e-6,
                 metrics=PipeMetrics(opts.name, peer=_address(ch.peer),
                                     registry=opts.metrics_registry, enabled=opts.metrics),
                 # Inline payloads suit tcp to a CPU receiver; NCCL and CUDA receivers want

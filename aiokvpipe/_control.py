@@ -19,6 +19,7 @@ import logging
 from typing import Final, Protocol
 
 from . import _wire
+from ._busypoll import BusyPoller
 from ._errors import BrokenPipe, ProtocolError, fresh
 
 log = logging.getLogger("aiokvpipe")
@@ -73,6 +74,8 @@ class ControlChannel(asyncio.Protocol):
         self._held: list[bytes] | None = None
         self._held_bytes = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
+        #: Told of every read and write once a pipe asked for busy polling (busy_poll()).
+        self._poller: BusyPoller | None = None
         self._last_heard = self._loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
         #: Resolves (to the cause) when the connection ends, so a handshake step that waits
@@ -91,6 +94,8 @@ class ControlChannel(asyncio.Protocol):
             return
         handler = self._handler
         if handler is not None:
+            if self._poller is not None:
+                self._poller.read()
             if self._handler_more:  # it did a turn's work: these wait for the next turn
                 self._waiting += data
                 return
@@ -136,6 +141,10 @@ class ControlChannel(asyncio.Protocol):
     def peer(self) -> object:
         return self._transport.get_extra_info("peername") if self._transport else None
 
+    def busy_poll(self, poller: BusyPoller | None) -> None:
+        """Keep the loop polling after each read and write (see :mod:`._busypoll`)."""
+        self._poller = poller
+
     def write(self, frame: _wire.Frame) -> None:
         """Queue ``frame``; raises :class:`BrokenPipe` if the connection is gone."""
         self.write_encoded(_wire.encode(frame))
@@ -155,6 +164,8 @@ class ControlChannel(asyncio.Protocol):
         held = self._held
         if held is None:
             transport.write(data)
+            if self._poller is not None:
+                self._poller.wrote()
             return
         held.append(data)
         self._held_bytes += len(data)
@@ -203,6 +214,8 @@ class ControlChannel(asyncio.Protocol):
             transport = self._transport
             if self._lost is None and transport is not None and not transport.is_closing():
                 transport.write(held[0] if len(held) == 1 else b"".join(held))
+                if self._poller is not None:
+                    self._poller.wrote()
 
     async def drain(self) -> None:
         """Wait while the kernel's send buffer is full (bounded control-frame backlog).

@@ -15,6 +15,10 @@ MiB: Final = 1 << 20
 
 TransportName = Literal["auto", "ipc", "nccl", "tcp"]
 
+#: The longest busy-polling window an option may ask for: beyond a millisecond a sleeping
+#: loop wakes in time anyway, and the CPU spent would buy nothing.
+MAX_BUSY_POLL_US: Final = 1000.0
+
 #: Environment variable read (at connect/listen time, never at import) when no token is given.
 TOKEN_ENV: Final = "AIOKVPIPE_TOKEN"
 
@@ -69,6 +73,14 @@ class PipeOptions:
         Seconds ``aclose()`` waits for the peer's half of a graceful close (default 10)
         before it breaks the pipe instead; the clock restarts whenever a transfer makes
         progress, so a large transfer still moving is never cut off.
+    busy_poll_us
+        After each read or write the event loop keeps polling, rather than sleeping, for up
+        to this many microseconds (default 200; 0: never), so that a message arriving then
+        meets a warm core instead of one waking from idle: about half the one-way latency of
+        a 4 KiB request/response on a cloud VM. The window adapts to the traffic: it shrinks
+        to nothing while messages come further apart than this, so idle pipes and sparse
+        traffic cost no CPU. The loop stays free meanwhile (a callback between the others).
+        The pipes of one loop share one poller, polling up to the longest of their windows.
     name
         The pipe's label in logs and Prometheus metrics (default: the peer's address).
     metrics
@@ -88,6 +100,7 @@ class PipeOptions:
     connect_timeout: float = 30.0
     handshake_timeout: float = 20.0
     close_timeout: float = 10.0
+    busy_poll_us: float = 200.0
     name: str | None = None
     metrics: bool = True
     metrics_registry: Any = None
@@ -107,6 +120,9 @@ class PipeOptions:
         for name in ("connect_timeout", "handshake_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ValueError(f"busy_poll_us must be 0 to {MAX_BUSY_POLL_US:g}, not "
+                             f"{self.busy_poll_us!r}")
         if self.token is not None and not isinstance(self.token, (str, bytes)):
             raise TypeError("token must be str, bytes or None")
 

@@ -23,6 +23,7 @@ import torch
 from . import _wire
 from ._blocks import BlockPool
 from ._budget import ByteBudget
+from ._busypoll import poller_for
 from ._control import ControlChannel, HeartbeatMissed
 from ._cuda import current_stream
 from ._dtypes import DTYPE_OF
@@ -150,7 +151,7 @@ class Pipe:
                  max_inflight_bytes: int, recv_buffer_bytes: int, peer_credits: int,
                  heartbeat_interval: float | None, heartbeat_timeout: float | None,
                  inline_limit: int = 0, close_timeout: float = CLOSE_TIMEOUT_S,
-                 metrics: PipeMetrics | None = None) -> None:
+                 busy_poll_s: float = 0.0, metrics: PipeMetrics | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._control = control
         self._plane = plane
@@ -201,6 +202,7 @@ class Pipe:
         if self._signalling is not None:
             self._signalling.attach_signals(self._signal, self._deliver_arrived,
                                             self._signal_soon)
+        control.busy_poll(poller_for(self._loop, busy_poll_s))
         control.attach(self)
         if heartbeat_interval is not None and self._error is None:
             control.start_heartbeat(heartbeat_interval, heartbeat_timeout)
