@@ -29,19 +29,25 @@ from .suite import run_and_report, seconds_per_point, sizes_or_none
 CPU_SIZES: Final = "4K,1M,16M,64M"
 #: Latency is measured at the benchmarked sizes up to this one.
 LAT_MAX_NBYTES: Final = 1 * MiB
-BASELINES: Final = ("streams-asyncio", "streams-uvloop", "streams-tensors", "ceiling")
-#: The streams with tensors for messages run where small messages are measured: they say what
-#: delivering tensors costs on top of bytes, which only matters there.
+BASELINES: Final = ("ours-no-poll", "streams-asyncio", "streams-uvloop", "streams-tensors",
+                     "ceiling")
+#: The streams with tensors for messages, and ours without busy polling, run where small
+#: messages are measured: they say what delivering tensors costs on top of bytes, and what
+#: busy polling buys and costs, which matter only there.
 TENSOR_STREAMS_MAX_NBYTES: Final = 64 * KiB
 
 
 def plan_cpu(sizes: list[int], seconds: float, repeat: int, ours_loop: str) -> list[Json]:
     phases = ([tput_phase(tput_label(n), n, seconds) for n in sizes]
               + [lat_phase(n, seconds) for n in sizes if n <= LAT_MAX_NBYTES])
-    impls = [("ours", ours_loop), ("streams-asyncio", "asyncio")]
+    small = min(sizes) <= TENSOR_STREAMS_MAX_NBYTES
+    impls = [("ours", ours_loop)]
+    if small:
+        impls.append(("ours-no-poll", ours_loop))
+    impls.append(("streams-asyncio", "asyncio"))
     if have_uvloop():
         impls.append(("streams-uvloop", "uvloop"))
-        if min(sizes) <= TENSOR_STREAMS_MAX_NBYTES:
+        if small:
             impls.append(("streams-tensors", "uvloop"))
     impls.append(("ceiling", ours_loop))
     common = {"phases": phases, "max_nbytes": max(sizes), "depth": DEPTH,
@@ -79,6 +85,7 @@ def cpu_report(summary: Summary, sizes: list[int]) -> tuple[str, list[Json]]:
             t.target("one-way p50 4 KiB ours/uvloop streams", r_uv, 1.2, parts[1])
         t.row("one-way p50 µs", format_size(n), label, "p50_us", ".3g", target, ok)
         t.row("one-way p99 µs", format_size(n), label, "p99_us", ".3g")
+        t.lat_cpu_row(n)
     t.loop_lag_row(max(sizes), 5.0)
     t.cpu_rows(sizes, ".2f")
     return t.render()

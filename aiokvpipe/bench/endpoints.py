@@ -133,6 +133,9 @@ _PONG: Final = "pong"  # the key of a ping's answer without payload
 class OursEndpoint:
     """Our pipe. Receivers get new tensors per message, as an application would."""
 
+    #: Pipe options beyond the defaults.
+    OPTIONS: dict[str, Any] = {}
+
     def __init__(self, pipe: Any, device: str, depth: int) -> None:
         self.pipe = pipe
         self._device = device
@@ -140,25 +143,27 @@ class OursEndpoint:
         self._msg: Any = None
         self._reply_none = False  # the ping's answer carries no payload (see lat_phase)
 
-    @staticmethod
-    async def listen(case: Json, device: str) -> tuple[Any, Callable[[], Awaitable[Endpoint]]]:
+    @classmethod
+    async def listen(cls, case: Json, device: str
+                     ) -> tuple[Any, Callable[[], Awaitable[Endpoint]]]:
         listener = await aiokvpipe.listen("127.0.0.1", 0, device=device,
-                                          transport=case["transport"])
+                                          transport=case["transport"], **cls.OPTIONS)
 
         async def accept() -> Endpoint:
             try:
                 pipe = await listener.accept()
             finally:
                 await listener.aclose()
-            return OursEndpoint(pipe, device, case["depth"])
+            return cls(pipe, device, case["depth"])
 
         return listener.port, accept
 
-    @staticmethod
-    async def connect(case: Json, device: str, port: Any) -> Endpoint:
+    @classmethod
+    async def connect(cls, case: Json, device: str, port: Any) -> Endpoint:
         pipe = await aiokvpipe.connect("127.0.0.1", int(port), device=device,
-                                       transport=case["transport"], connect_timeout=30.0)
-        return OursEndpoint(pipe, device, case["depth"])
+                                       transport=case["transport"], connect_timeout=30.0,
+                                       **cls.OPTIONS)
+        return cls(pipe, device, case["depth"])
 
     async def prepare(self, phase: Json) -> None:
         self._reply_none = phase.get("reply") == "none"
@@ -249,6 +254,12 @@ class OursEndpoint:
 
     async def aclose(self) -> None:
         await self.pipe.aclose()
+
+
+class OursNoPollEndpoint(OursEndpoint):
+    """Our pipe with busy polling off (``busy_poll_us=0``): what the polling buys, and costs."""
+
+    OPTIONS = {"busy_poll_us": 0}
 
 
 # the socket baselines --------------------------------------------------------------------------

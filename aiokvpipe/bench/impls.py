@@ -22,6 +22,7 @@ from .endpoints import (
     CeilingEndpoint,
     EndpointClass,
     OursEndpoint,
+    OursNoPollEndpoint,
     StreamsEndpoint,
     TensorStreamsEndpoint,
 )
@@ -48,6 +49,7 @@ def _asyncio(endpoint: EndpointClass) -> CaseRunner:
 
 IMPLS: Final[dict[str, Impl]] = {
     "ours": Impl("ours", _asyncio(OursEndpoint)),
+    "ours-no-poll": Impl("ours, no busy poll", _asyncio(OursNoPollEndpoint)),
     "streams-asyncio": Impl("asyncio streams", _asyncio(StreamsEndpoint)),
     "streams-uvloop": Impl("uvloop streams", _asyncio(StreamsEndpoint)),
     "streams-tensors": Impl("tensor streams (uvloop)", _asyncio(TensorStreamsEndpoint)),

@@ -44,11 +44,13 @@ def plan_ipc(sizes: list[int], seconds: float, repeat: int, loop: str) -> list[J
     # timed the same way (lat1: a reply without payload) and as an echo (lat: both ends
     # copy, which on one GPU makes the GPU switch between the two processes' contexts).
     one_way = lat_phase(4 * KiB, seconds, reply="none")
+    echo = lat_phase(4 * KiB, seconds)
     cases = []
     for r in range(repeat):
-        for impl, loop_name in (("ipc-raw", "none"), ("ours", loop)):
-            phases = tputs + [one_way] + ([lat_phase(4 * KiB, seconds)] if impl == "ours"
-                                          else [])
+        # Ours without busy polling at 4 KiB only: what the polling buys, and costs.
+        for impl, loop_name, phases in (("ipc-raw", "none", [*tputs, one_way]),
+                                        ("ours", loop, [*tputs, one_way, echo]),
+                                        ("ours-no-poll", loop, [one_way, echo])):
             cases.append({"impl": impl, "loop": loop_name, "repeat": r, "phases": phases,
                           "max_nbytes": max(sizes), "depth": DEPTH, "transport": "ipc",
                           "timeout_s": case_timeout(phases, 60.0)})
@@ -90,7 +92,7 @@ def memory_table(mem: list[Json]) -> str:
 
 
 def ipc_report(summary: Summary, sizes: list[int]) -> tuple[str, list[Json]]:
-    t = Table(summary, ["ipc-raw"])
+    t = Table(summary, [b for b in ("ipc-raw", "ours-no-poll") if b in summary])
     for n in sizes:
         label, target, ok = tput_label(n), "", None
         if n >= 16 * MiB:
@@ -103,9 +105,11 @@ def ipc_report(summary: Summary, sizes: list[int]) -> tuple[str, list[Json]]:
     t.target("one-way p50 4 KiB (µs)", p50, 40.0, ok)
     t.row("one-way p50 µs", "4 KiB", label, "p50_us", ".3g", "≤40 µs", ok)
     t.row("one-way p99 µs", "4 KiB", label, "p99_us", ".3g")
+    t.lat_cpu_row(4 * KiB, label)
     echo = f"lat {format_size(4 * KiB)}"
     t.row("echo: one-way p50 µs", "4 KiB", echo, "p50_us", ".3g")
     t.row("echo: one-way p99 µs", "4 KiB", echo, "p99_us", ".3g")
+    t.lat_cpu_row(4 * KiB)
     t.loop_lag_row(max(sizes), 2.0)
     t.cpu_rows(sizes, ".3g")
     return t.render()
@@ -148,7 +152,7 @@ def run(args: argparse.Namespace, loop: str) -> int:
         sender_device="cuda:0", receiver_device="cuda:0", sizes=sizes,
         settings={"sizes": sizes, "seconds": seconds, "repeat": repeat, "ours_loop": loop,
                   "depth": DEPTH, "quick": args.quick, "suite": "ipc"},
-        impls=["ours", "ipc-raw"], report=report, describe=describe)
+        impls=["ours", "ipc-raw", "ours-no-poll"], report=report, describe=describe)
 
 
 def run_cuda(args: argparse.Namespace, loop: str) -> int:

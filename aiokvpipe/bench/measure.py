@@ -7,7 +7,8 @@ What a phase measures, each on one process's own clock (no cross-process timesta
   marker. GB/s = payload bytes / that time. An untimed warm-up round of the same kind first.
 * latency: ping-pong of one message; the one-way figure is the round trip halved.
 * event-loop lag: how late a 1 ms ticker task wakes up, on each side, during timed throughput.
-* CPU: each process's CPU seconds during timed throughput, per GB moved.
+* CPU: each process's CPU seconds during timed throughput, per GB moved; and during the
+  ping-pong, per round trip (what busy polling costs shows there).
 """
 
 from __future__ import annotations
@@ -84,13 +85,15 @@ async def sender_phases(ep: Endpoint, case: Json) -> list[Json]:
                 n += 1
             rtts: list[float] = []
             deadline = time.perf_counter() + seconds
+            cpu0 = time.process_time()
             while len(rtts) < MAX_SAMPLES and (len(rtts) < MIN_LAT_SAMPLES
                                                or time.perf_counter() < deadline):
                 t0 = time.perf_counter()
                 await ep.ping()
                 rtts.append(time.perf_counter() - t0)
+            cpu = time.process_time() - cpu0
             await ep.end_echo()
-            results.append(latency_figures(rtts))
+            results.append({**latency_figures(rtts), "cpu_s": cpu, "rounds": len(rtts)})
             continue
         if kind == "keyed":
             assert isinstance(ep, OursEndpoint)
@@ -112,7 +115,9 @@ async def receiver_phases(ep: Endpoint, case: Json) -> list[Json]:
         kind = phase["kind"]
         if kind == "lat":
             await ep.prepare(phase)  # how to answer (echo, or a reply without payload)
-            results.append({"msgs": await ep.echo()})
+            cpu0 = time.process_time()
+            msgs = await ep.echo()  # (warm-up rounds included: CPU per round is what counts)
+            results.append({"msgs": msgs, "cpu_s": time.process_time() - cpu0})
         elif kind == "keyed":
             assert isinstance(ep, OursEndpoint)
             tasks = int(phase["tasks"])

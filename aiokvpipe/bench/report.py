@@ -15,7 +15,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 
@@ -37,6 +37,11 @@ def summarize(records: list[Json]) -> Summary:
         if fig["kind"] == "lat":
             fig["p50_us"] = median([r["sender"]["p50_us"] for r in recs])
             fig["p99_us"] = median([r["sender"]["p99_us"] for r in recs])
+            for side, count in (("sender", "rounds"), ("receiver", "msgs")):
+                per_round = [r[side]["cpu_s"] / r[side][count] * 1e6 for r in recs
+                             if r[side].get("cpu_s") is not None and r[side].get(count)]
+                if per_round:
+                    fig[f"{side}_cpu_us_per_round"] = median(per_round)
         else:
             fig["gbps"] = median([r["sender"]["gbps"] for r in recs])
             for side in ("sender", "receiver"):
@@ -86,7 +91,10 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _short(impl: str) -> str:
     """A baseline's name in a ratio's column and a target: ``uvloop``, ``ceiling``, ``raw``."""
-    return impl_label(impl).split()[0]
+    return _SHORT.get(impl) or impl_label(impl).split()[0]
+
+
+_SHORT: Final = {"ours-no-poll": "no-poll"}
 
 
 class Table:
@@ -123,9 +131,10 @@ class Table:
                           verdict(ok) if target else ""])
 
     def _sides_row(self, metric: str, size: int, what: str, spec: str, target: str = "",
-                   result: str = "") -> None:
-        """Sender/receiver figures of every implementation, no ratios."""
-        label = tput_label(size)
+                   result: str = "", label: str | None = None) -> None:
+        """Sender/receiver figures of every implementation, no ratios (of the throughput
+        phase at ``size`` unless ``label`` names another)."""
+        label = label or tput_label(size)
         self.rows.append([metric, format_size(size),
                           *[both_sides(self.summary, i, label, what, spec)
                             for i in ("ours", *self.bases)],
@@ -146,6 +155,12 @@ class Table:
     def cpu_rows(self, sizes: Sequence[int], spec: str) -> None:
         for n in sizes:
             self._sides_row("CPU s/GB snd/rcv", n, "cpu_s_per_gb", spec)
+
+    def lat_cpu_row(self, size: int, label: str | None = None) -> None:
+        """CPU µs per ping-pong round trip on each side (what busy polling costs), of the
+        phase ``label`` (default: the echo at ``size``)."""
+        self._sides_row("CPU µs/round trip snd/rcv", size, "cpu_us_per_round", ".3g",
+                        label=label or f"lat {format_size(size)}")
 
     def render(self) -> tuple[str, list[Json]]:
         return render_table(self.headers, self.rows), self.targets
