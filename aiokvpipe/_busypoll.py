@@ -9,17 +9,18 @@ loop keeps polling (a callback that schedules itself, so the loop polls its sock
 blocking, between other callbacks, never holding the loop) until the next read or the end of
 a window, and an answer arriving meanwhile meets a warm core.
 
-It polls only while an answer is due: from a write until the next read. Polling after reads
-too (for more of a stream) was measured to cost throughput: a loop that sleeps wakes to a
-batch of messages in one read, a polling one reads them one at a time (4 KiB messages
-streamed at 0.8 × the speed, 2026-12-04).
+It polls only while an answer is due: from a write until the next read, and only after a
+write that follows a read. Polling in a stream of messages was measured to cost throughput
+(4 KiB messages streamed at 0.8 × the speed, 2026-12-04): a loop that sleeps wakes to a batch
+of messages in one read, a polling one reads them one at a time, and a polling sender slows
+its receiver if the two share a physical core.
 
-The window adapts as Linux's haltpoll governor does, judged by how long the read after each
-write took, so that idle pipes and one-way traffic cost no CPU: caught within the window, it
-stays; a gap a longer window would have caught doubles it (up to the most, the
-``busy_poll_us`` option); a longer gap halves it, down to nothing, as does a write that finds
-the window run out with nothing read. Polling then costs at most the window per write, and
-nothing once answers take longer than the most.
+The window adapts much as Linux's haltpoll governor does, judged by how long the read after
+each write took, so that idle pipes and one-way traffic cost no CPU: caught within the window,
+it stays; a gap a longer window would have caught grows it to cover such gaps (up to the most,
+the ``busy_poll_us`` option); longer gaps, or writes that find the window run out with
+nothing read, halve it (at the second in a row), down to nothing. Polling then costs at most
+the window per write, and nothing once answers take longer than the most.
 
 One poller serves all the pipes of a loop (the loop polls once per iteration, for them all):
 their traffic together judges one window, and any read ends the polling.
@@ -39,13 +40,15 @@ MIN_WINDOW_S: Final = 10e-6
 class SpinPolicy:
     """How long to poll after a write (sans-I/O: the times are given)."""
 
-    __slots__ = ("most_s", "window_s", "_last_write")
+    __slots__ = ("most_s", "window_s", "_last_write", "_misses")
 
     def __init__(self, most_s: float) -> None:
         self.most_s = most_s
         self.window_s = most_s
         #: When we last wrote, until a read judged the window after it.
         self._last_write: float | None = None
+        #: Windows in a row that polled for nothing (see _missed).
+        self._misses = 0
 
     def read(self, now: float) -> None:
         """Bytes arrived at ``now``: judge the window after our last write by them."""
@@ -55,24 +58,34 @@ class SpinPolicy:
         self._last_write = None
         gap = now - wrote
         if gap <= self.window_s:
-            return  # caught
-        if gap <= self.most_s:
-            self.window_s = min(self.most_s, max(2 * self.window_s, MIN_WINDOW_S))
+            self._misses = 0  # caught
+        elif gap <= self.most_s:
+            # A longer window would have caught it: grow to cover such gaps at once.
+            self._misses = 0
+            self.window_s = min(self.most_s, max(2 * self.window_s, 1.5 * gap, MIN_WINDOW_S))
         else:
-            self.window_s = _halved(self.window_s)
+            self._missed()
 
     def wrote(self, now: float) -> float:
-        """We wrote at ``now``; returns the window to poll for."""
+        """We wrote at ``now``; returns the window to poll for: none after a write that no
+        read answered (a stream: the next write comes sooner than any answer, and a loop
+        polling beside a busy peer slows it, on a core's other hyperthread, say)."""
         wrote = self._last_write
-        if wrote is not None and now - wrote > self.window_s:
-            self.window_s = _halved(self.window_s)  # it ran out with nothing read
         self._last_write = now
-        return self.window_s
+        if wrote is None:
+            return self.window_s
+        if now - wrote > self.window_s:
+            self._missed()  # it ran out with nothing read
+        return 0.0
 
-
-def _halved(window: float) -> float:
-    half = window / 2
-    return half if half >= MIN_WINDOW_S else 0.0
+    def _missed(self) -> None:
+        # Halved at the second miss in a row, not the first: one late answer (a peer's
+        # garbage collection, a VM's vCPU descheduled) says little about the next.
+        self._misses += 1
+        if self._misses >= 2:
+            self._misses = 0
+            half = self.window_s / 2
+            self.window_s = half if half >= MIN_WINDOW_S else 0.0
 
 
 class BusyPoller:
