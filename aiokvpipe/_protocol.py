@@ -65,7 +65,7 @@ class PipeProtocol:
         "next_send_seq", "peer_credit", "credit_outstanding", "credit_owed",
         "next_recv_seq", "recv_buffer_bytes", "credit_held", "payloads_pending",
         "discarded_keys", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
-        "_offers_in", "_refused", "_peer_pools", "signals", "backlogged",
+        "_offers_in", "_refused", "_peer_pools", "signals", "backlogged", "_specs_checked",
     )
 
     def __init__(self, *, recv_buffer_bytes: int, peer_credit: int,
@@ -86,6 +86,8 @@ class PipeProtocol:
         # receiving
         self.next_recv_seq = 0
         self.recv_buffer_bytes = recv_buffer_bytes
+        #: The specs of the last header, checked (see _header).
+        self._specs_checked: tuple[TensorSpec, ...] = ()
         #: Credit the peer spent here and we have not returned (claimed or not).
         self.credit_held = 0
         #: Credit of messages claimed (or dropped) here, to return with the next frame we send.
@@ -211,39 +213,37 @@ class PipeProtocol:
         try:
             frames = decoder.feed(data, budget)
             self.backlogged = decoder.backlogged
-            out: list[_wire.Frame] = []
-            for frame in frames:
+            # Every frame but a heartbeat (and a block frame settled here) is the caller's:
+            # ``frames`` itself is returned, unless one of those has to be left out.
+            out: list[_wire.Frame] | None = None
+            for i, frame in enumerate(frames):
                 ftype = type(frame)
                 if ftype is _wire.Header:
                     assert isinstance(frame, _wire.Header)
-                    if frame.credit:
-                        self._credit_returned(frame.credit)
                     self._header(frame)
-                    out.append(frame)
                 elif ftype is _wire.Credit:
                     assert isinstance(frame, _wire.Credit)
                     self._credit_returned(frame.nbytes)
-                    out.append(frame)
                 elif ftype is _wire.Signal:
                     if not self.signals:
                         raise ProtocolError("SIGNAL frame on a pipe whose data plane takes "
                                             "none")
-                    out.append(frame)
-                elif ftype is _wire.Heartbeat:
+                elif ftype is _wire.Heartbeat or (ftype in _BLOCK_FRAMES
+                                                  and not self._block_frame(frame)):
+                    if out is None:
+                        out = frames[:i]
                     continue
                 elif ftype is _wire.Close:
                     assert isinstance(frame, _wire.Close)
                     self._close(frame)
-                    out.append(frame)
-                elif ftype in _BLOCK_FRAMES:
-                    if self._block_frame(frame):
-                        out.append(frame)
                 elif ftype is _wire.Error:
                     assert isinstance(frame, _wire.Error)
                     raise _remote_error(frame)
-                else:
+                elif ftype not in _BLOCK_FRAMES:
                     raise ProtocolError(f"unexpected {ftype.__name__} frame on an open pipe")
-            return out
+                if out is not None:
+                    out.append(frame)
+            return frames if out is None else out
         except (ProtocolError, PeerFailure):
             self.state = State.BROKEN
             self.backlogged = False
@@ -258,6 +258,8 @@ class PipeProtocol:
     def _header(self, h: _wire.Header) -> None:
         if self.close_received:
             raise ProtocolError("message header after the peer's CLOSE")
+        if h.credit:
+            self._credit_returned(h.credit)
         if h.note is not None:
             if not self.signals:
                 raise ProtocolError("a header with a note on a pipe whose data plane takes "
@@ -266,14 +268,21 @@ class PipeProtocol:
                 raise ProtocolError("a header with a note and no payload")
         if h.seq != self.next_recv_seq:
             raise ProtocolError(f"header #{h.seq} where #{self.next_recv_seq} was due")
-        for spec in h.tensors:
-            if spec.dtype not in DTYPE_OF:
-                raise ProtocolError(f"dtype code {spec.dtype} is not supported by this torch")
+        specs = h.tensors
+        if specs is not self._specs_checked:
+            # The decoder hands out the same specs for a recurring message: they are
+            # checked once, not once a message.
+            for spec in specs:
+                if spec.dtype not in DTYPE_OF:
+                    raise ProtocolError(f"dtype code {spec.dtype} is not supported by this "
+                                        "torch")
+            self._specs_checked = specs
         cost = h.cost
         # An oversize message is allowed only when the peer had every credit back.
-        if self.credit_held and self.credit_held + cost > self.recv_buffer_bytes:
+        held = self.credit_held
+        if held and held + cost > self.recv_buffer_bytes:
             raise ProtocolError("peer sent beyond the receive credits it was granted")
-        self.credit_held += cost
+        self.credit_held = held + cost
         self.next_recv_seq += 1
         self.payloads_pending += 1
 
@@ -298,8 +307,8 @@ class PipeProtocol:
         """A received message was claimed or dropped: its credit goes back to the peer with
         our next frame (:meth:`send_credit`, or riding on a header). Returns
         :attr:`credit_return_due`, which the I/O layer asks after every release."""
-        self.credit_owed += cost
-        return self.credit_return_due
+        owed = self.credit_owed = self.credit_owed + cost
+        return owed * CREDIT_RETURN_SHARE >= self.recv_buffer_bytes  # credit_return_due
 
     @property
     def credit_return_due(self) -> bool:
