@@ -9,17 +9,18 @@ loop keeps polling (a callback that schedules itself, so the loop polls its sock
 blocking, between other callbacks, never holding the loop) until the next read or the end of
 a window, and an answer arriving meanwhile meets a warm core.
 
-It polls only while an answer is due: from a write until the next read, and only after a
-write that follows a read. Polling in a stream of messages was measured to cost throughput
-(4 KiB messages streamed at 0.8 × the speed, 2026-12-04): a loop that sleeps wakes to a batch
-of messages in one read, a polling one reads them one at a time, and a polling sender slows
-its receiver if the two share a physical core.
+It polls only while an answer is due: from a write that awaits one (a message, a block
+transfer's frame; not a credit return, a heartbeat or an acknowledgement) until the next
+read, and only after such a write that follows a read. Polling in a stream of messages was
+measured to cost throughput (4 KiB messages streamed at 0.8 × the speed, 2026-12-04): a
+loop that sleeps wakes to a batch of messages in one read, a polling one reads them one at
+a time, and a polling sender slows its receiver if the two share a physical core.
 
 The window adapts much as Linux's haltpoll governor does, judged by how long the read after
 each write took, so that idle pipes and one-way traffic cost no CPU: caught within the window,
-it stays; a gap a longer window would have caught grows it to cover such gaps (up to the most,
-the ``busy_poll_us`` option); longer gaps, or writes that find the window run out with
-nothing read, halve it (at the second in a row), down to nothing. Polling then costs at most
+it stays; answers a longer window would have caught grow it to cover such gaps (up to the
+most, the ``busy_poll_us`` option); longer gaps, or writes that find the window run out with
+nothing read, halve it, down to nothing; both at the second in a row. Polling then costs at most
 the window per write, and nothing once answers take longer than the most.
 
 One poller serves all the pipes of a loop (the loop polls once per iteration, for them all):
@@ -40,15 +41,17 @@ MIN_WINDOW_S: Final = 10e-6
 class SpinPolicy:
     """How long to poll after a write (sans-I/O: the times are given)."""
 
-    __slots__ = ("most_s", "window_s", "_last_write", "_misses")
+    __slots__ = ("most_s", "window_s", "_last_write", "_misses", "_lates")
 
     def __init__(self, most_s: float) -> None:
         self.most_s = most_s
         self.window_s = most_s
         #: When we last wrote, until a read judged the window after it.
         self._last_write: float | None = None
-        #: Windows in a row that polled for nothing (see _missed).
+        #: Windows in a row that polled for nothing, and answers in a row that came after
+        #: the window but within the most (see read()).
         self._misses = 0
+        self._lates = 0
 
     def read(self, now: float) -> None:
         """Bytes arrived at ``now``: judge the window after our last write by them."""
@@ -58,11 +61,16 @@ class SpinPolicy:
         self._last_write = None
         gap = now - wrote
         if gap <= self.window_s:
-            self._misses = 0  # caught
+            self._misses = self._lates = 0  # caught
         elif gap <= self.most_s:
-            # A longer window would have caught it: grow to cover such gaps at once.
+            # A longer window would have caught it: at the second such answer in a row, grow
+            # to cover such gaps at once.
             self._misses = 0
-            self.window_s = min(self.most_s, max(2 * self.window_s, 1.5 * gap, MIN_WINDOW_S))
+            self._lates += 1
+            if self._lates >= 2:
+                self._lates = 0
+                self.window_s = min(self.most_s,
+                                    max(2 * self.window_s, 1.5 * gap, MIN_WINDOW_S))
         else:
             self._missed()
 
@@ -79,8 +87,11 @@ class SpinPolicy:
         return 0.0
 
     def _missed(self) -> None:
-        # Halved at the second miss in a row, not the first: one late answer (a peer's
-        # garbage collection, a VM's vCPU descheduled) says little about the next.
+        # Both ways only at the second in a row: one late answer (a peer's garbage
+        # collection, a VM's vCPU descheduled), or one prompt answer among slow ones, says
+        # little about the next. Polling for answers that come too late is worse than
+        # wasted: on a core's other hyperthread it slows the peer that is answering.
+        self._lates = 0
         self._misses += 1
         if self._misses >= 2:
             self._misses = 0
@@ -89,16 +100,17 @@ class SpinPolicy:
 
 
 class BusyPoller:
-    """Keeps one event loop polling from each write until the next read, for at most
-    :class:`SpinPolicy`'s window.
+    """Keeps one event loop polling from each write that awaits an answer until the next
+    read, for at most :class:`SpinPolicy`'s window.
 
-    Get it with :func:`poller_for`; the control channel calls :meth:`read` and :meth:`wrote`.
+    Get it with :func:`poller_for`; the control channel calls :meth:`read` and
+    :meth:`wrote`. It holds no reference to its loop (a scheduled poll does, while it
+    waits): the registry below forgets a loop once nothing else holds it.
     """
 
-    __slots__ = ("_loop", "policy", "_deadline", "polling", "__weakref__")
+    __slots__ = ("policy", "_deadline", "polling", "__weakref__")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, most_s: float) -> None:
-        self._loop = loop
+    def __init__(self, most_s: float) -> None:
         self.policy = SpinPolicy(most_s)
         self._deadline = 0.0
         #: A poll callback is scheduled (the loop will not block before it runs).
@@ -109,19 +121,20 @@ class BusyPoller:
         self.policy.read(now)
         self._deadline = now  # the answer came: polling ends at its next turn
 
-    def wrote(self) -> None:
+    def wrote(self, loop: asyncio.AbstractEventLoop) -> None:
+        """We wrote something the peer answers (a message, a block transfer's frame)."""
         now = monotonic()
         window = self.policy.wrote(now)
         self._deadline = now + window
         if window and not self.polling:
             self.polling = True
-            self._loop.call_soon(self._poll)
+            loop.call_soon(self._poll, loop)
 
-    def _poll(self) -> None:
+    def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
         # Scheduling itself keeps a callback ready, so the loop polls its sockets with a zero
         # timeout and comes back here, other callbacks running in between.
         if monotonic() < self._deadline:
-            self._loop.call_soon(self._poll)
+            loop.call_soon(self._poll, loop)
         else:
             self.polling = False
 
@@ -132,12 +145,13 @@ _POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoller] = (
 
 def poller_for(loop: asyncio.AbstractEventLoop, most_s: float) -> BusyPoller | None:
     """The loop's poller, its most window raised to ``most_s`` if that is more (the pipes of a
-    loop share one); ``None`` when ``most_s`` is 0: this pipe does not poll."""
+    loop share one, and it keeps the longest most any of them asked for); ``None`` when
+    ``most_s`` is 0: this pipe does not poll."""
     if most_s <= 0:
         return None
     poller = _POLLERS.get(loop)
     if poller is None:
-        poller = _POLLERS[loop] = BusyPoller(loop, most_s)
+        poller = _POLLERS[loop] = BusyPoller(most_s)
     elif most_s > poller.policy.most_s:
         poller.policy.most_s = most_s
     return poller

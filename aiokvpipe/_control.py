@@ -73,6 +73,7 @@ class ControlChannel(asyncio.Protocol):
         #: Frames gathered between hold() and release() (None: writes go out at once).
         self._held: list[bytes] | None = None
         self._held_bytes = 0
+        self._held_answer_due = False  # one of them awaits an answer (write_encoded)
         self._drain_waiters: list[asyncio.Future[None]] = []
         #: Told of every read and write once a pipe asked for busy polling (busy_poll()).
         self._poller: BusyPoller | None = None
@@ -142,15 +143,18 @@ class ControlChannel(asyncio.Protocol):
         return self._transport.get_extra_info("peername") if self._transport else None
 
     def busy_poll(self, poller: BusyPoller | None) -> None:
-        """Keep the loop polling after each read and write (see :mod:`._busypoll`)."""
+        """Let the loop poll for the answers to our writes (see :mod:`._busypoll`): the
+        poller is told of every read and of every write that awaits an answer."""
         self._poller = poller
 
     def write(self, frame: _wire.Frame) -> None:
         """Queue ``frame``; raises :class:`BrokenPipe` if the connection is gone."""
         self.write_encoded(_wire.encode(frame))
 
-    def write_encoded(self, data: bytes) -> None:
+    def write_encoded(self, data: bytes, answer_due: bool = False) -> None:
         """Queue encoded frames; raises :class:`BrokenPipe` if the connection is gone.
+        ``answer_due``: the peer answers them (a message, a block transfer's frame): the
+        loop may poll for the answer (see :mod:`._busypoll`).
 
         A transport that is closing (a write already failed, its loss not yet reported)
         counts as gone: writing to it only makes asyncio log the failure again, per write.
@@ -164,11 +168,12 @@ class ControlChannel(asyncio.Protocol):
         held = self._held
         if held is None:
             transport.write(data)
-            if self._poller is not None:
-                self._poller.wrote()
+            if answer_due and self._poller is not None:
+                self._poller.wrote(self._loop)
             return
         held.append(data)
         self._held_bytes += len(data)
+        self._held_answer_due |= answer_due
         if self._held_bytes >= _HOLD_BYTES:
             self._write_held()
 
@@ -214,8 +219,9 @@ class ControlChannel(asyncio.Protocol):
             transport = self._transport
             if self._lost is None and transport is not None and not transport.is_closing():
                 transport.write(held[0] if len(held) == 1 else b"".join(held))
-                if self._poller is not None:
-                    self._poller.wrote()
+                if self._held_answer_due and self._poller is not None:
+                    self._poller.wrote(self._loop)
+            self._held_answer_due = False
 
     async def drain(self) -> None:
         """Wait while the kernel's send buffer is full (bounded control-frame backlog).

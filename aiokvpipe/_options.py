@@ -74,13 +74,16 @@ class PipeOptions:
         before it breaks the pipe instead; the clock restarts whenever a transfer makes
         progress, so a large transfer still moving is never cut off.
     busy_poll_us
-        After each read or write the event loop keeps polling, rather than sleeping, for up
-        to this many microseconds (default 200; 0: never), so that a message arriving then
-        meets a warm core instead of one waking from idle: about half the one-way latency of
-        a 4 KiB request/response on a cloud VM. The window adapts to the traffic: it shrinks
-        to nothing while messages come further apart than this, so idle pipes and sparse
-        traffic cost no CPU. The loop stays free meanwhile (a callback between the others).
-        The pipes of one loop share one poller, polling up to the longest of their windows.
+        After writing what the peer answers (a message, a block transfer's frame), the
+        event loop keeps polling, rather than sleeping, until the next read or for up to
+        this many microseconds (default 200; 0: never), so that the answer meets a warm
+        core instead of one waking from idle: about half the one-way latency of a 4 KiB
+        request/response on a cloud VM. The window adapts to the answers: it shrinks to
+        nothing while they take longer than this, and a stream's sender does not poll, so
+        idle pipes, sparse traffic and one-way streams cost no CPU. The loop stays free
+        meanwhile (a callback between the others), and a thread beside a polling loop's
+        runs at full speed. The pipes of one loop share one poller, polling up to the
+        longest window any of them asked for.
     name
         The pipe's label in logs and Prometheus metrics (default: the peer's address).
     metrics
@@ -120,6 +123,10 @@ class PipeOptions:
         for name in ("connect_timeout", "handshake_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+        if isinstance(self.busy_poll_us, bool) or not isinstance(self.busy_poll_us,
+                                                                  (int, float)):
+            raise TypeError("busy_poll_us must be a number of microseconds (0 turns polling "
+                            f"off), not {self.busy_poll_us!r}")
         if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
             raise ValueError(f"busy_poll_us must be 0 to {MAX_BUSY_POLL_US:g}, not "
                              f"{self.busy_poll_us!r}")

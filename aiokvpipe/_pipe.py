@@ -674,7 +674,7 @@ class Pipe:
         else:
             data = head
         try:
-            self._control.write_encoded(data)
+            self._control.write_encoded(data, answer_due=True)
         except BrokenPipe as exc:
             # The connection is gone; its loss breaks the pipe (if it has not yet).
             self._break(exc.__cause__ or exc)
@@ -717,9 +717,10 @@ class Pipe:
             self._control.write_soon(frames)
 
     def _write(self, data: bytes) -> None:
-        """Write encoded frames; a lost connection breaks the pipe and raises BrokenPipe."""
+        """Write a block transfer's frames (the peer answers them); a lost connection breaks
+        the pipe and raises BrokenPipe."""
         try:
-            self._control.write_encoded(data)
+            self._control.write_encoded(data, answer_due=True)
         except BrokenPipe as exc:
             self._break(exc.__cause__ or exc)
             raise fresh(self._error) if self._error else exc

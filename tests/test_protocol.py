@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aiokvpipe import _wire
+from aiokvpipe import _protocol, _wire
 from aiokvpipe._errors import AuthenticationError, PeerFailure, PipeError, ProtocolError
 from aiokvpipe._message import flatten
 from aiokvpipe._protocol import (
@@ -132,6 +132,30 @@ def test_handshake_frames_on_an_open_pipe_are_protocol_errors(frame: _wire.Frame
 def test_heartbeats_are_consumed() -> None:
     _, b = pair()
     assert b.receive_data(_wire.encode(_wire.Heartbeat()) * 3) == []
+
+
+def test_heartbeats_between_headers_leave_every_header_in_order() -> None:
+    # The frames before a heartbeat, and those after it, all come out once, in order.
+    a, b = pair()
+    beat = _wire.encode(_wire.Heartbeat())
+    data = (send(a) + beat + send(a) + send(a) + beat + beat + send(a) + beat
+            + _wire.encode_credit(0) + send(a))
+    frames = b.receive_data(data)
+    assert [type(f).__name__ for f in frames] == ["Header"] * 4 + ["Credit", "Header"]
+    assert [f.seq for f in frames if isinstance(f, _wire.Header)] == [0, 1, 2, 3, 4]
+
+
+def test_a_dtype_this_torch_lacks_is_refused_also_in_specs_seen_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Specs of a recurring message are checked once; a spec the decoder knows already must
+    # still be checked before its first header is taken.
+    a, b = pair()
+    b.receive_data(send(a))  # SPEC cached and checked
+    other = TensorSpec(2, (4,), 2)  # float16, not seen yet
+    monkeypatch.delitem(_protocol.DTYPE_OF, 2)
+    a.spend(COST)
+    with pytest.raises(ProtocolError, match="dtype code 2"):
+        b.receive_data(a.send_header(None, Structure.TENSOR, [other], 8, False))
 
 
 # -- credits ----------------------------------------------------------------------------------

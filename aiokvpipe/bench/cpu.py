@@ -50,10 +50,16 @@ def plan_cpu(sizes: list[int], seconds: float, repeat: int, ours_loop: str) -> l
         if small:
             impls.append(("streams-tensors", "uvloop"))
     impls.append(("ceiling", ours_loop))
-    common = {"phases": phases, "max_nbytes": max(sizes), "depth": DEPTH,
-              "transport": "tcp", "timeout_s": case_timeout(phases)}
-    return [{"impl": impl, "loop": loop, "repeat": r, **common}
-            for r in range(repeat) for impl, loop in impls]
+    cases = []
+    for r in range(repeat):
+        for impl, loop in impls:
+            # Ours without polling at the small sizes only, where polling matters.
+            ps = ([p for p in phases if p["nbytes"] <= TENSOR_STREAMS_MAX_NBYTES]
+                  if impl == "ours-no-poll" else phases)
+            cases.append({"impl": impl, "loop": loop, "repeat": r, "phases": ps,
+                          "max_nbytes": max(p["nbytes"] for p in ps), "depth": DEPTH,
+                          "transport": "tcp", "timeout_s": case_timeout(ps)})
+    return cases
 
 
 def cpu_report(summary: Summary, sizes: list[int]) -> tuple[str, list[Json]]:
