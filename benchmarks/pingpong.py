@@ -102,15 +102,27 @@ async def ping(impl: str, rounds: int) -> None:
             writer.close()
             await writer.wait_closed()
             server.close()
+            await asyncio.to_thread(child.wait, 10)
         else:
-            await pipe.send(None)
-            await pipe.aclose()
-            await listener.aclose()
-        await asyncio.to_thread(child.wait, 10)
+            await end_echo(pipe, listener, child)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        reap(child)
+
+
+async def end_echo(pipe: aiokvpipe.Pipe, listener: aiokvpipe.Listener,
+                   child: subprocess.Popen[bytes]) -> None:
+    """Tell the echo process to stop (a ``None`` message), close, and wait for it."""
+    await pipe.send(None)
+    await pipe.aclose()
+    await listener.aclose()
+    await asyncio.to_thread(child.wait, 10)
+
+
+def reap(child: subprocess.Popen[bytes]) -> None:
+    """Kill the echo process if it is still there."""
+    if child.poll() is None:
+        child.kill()
+        child.wait()
 
 
 def main() -> None:

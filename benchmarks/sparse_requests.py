@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import uvloop  # noqa: E402
+from pingpong import end_echo, reap  # noqa: E402  (benchmarks/ is on the path: this script's)
 
 import aiokvpipe  # noqa: E402
 
@@ -59,14 +60,9 @@ async def client(args: argparse.Namespace) -> None:
         print(f"busy_poll_us {args.busy_poll_us:6.0f}: round trip p50 "
               f"{rtts[len(rtts) // 2] * 1e6:6.1f} µs, client CPU per request "
               f"{cpu / args.requests * 1e6:6.1f} µs")
-        await pipe.send(None)
-        await pipe.aclose()
-        await listener.aclose()
-        await asyncio.to_thread(child.wait, 10)
+        await end_echo(pipe, listener, child)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        reap(child)
 
 
 def main() -> None:
