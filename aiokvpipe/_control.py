@@ -75,7 +75,8 @@ class ControlChannel(asyncio.Protocol):
         self._held_bytes = 0
         self._held_answer_due = False  # one of them awaits an answer (write_encoded)
         self._drain_waiters: list[asyncio.Future[None]] = []
-        #: Told of every read and write once a pipe asked for busy polling (busy_poll()).
+        #: Told of every read, and of every write the peer answers, once a pipe asked for
+        #: busy polling (busy_poll()).
         self._poller: BusyPoller | None = None
         self._last_heard = self._loop.time()
         self._heartbeat: asyncio.Task[None] | None = None
