@@ -47,11 +47,8 @@ class ByteBudget:
     def try_acquire(self, n: int) -> bool:
         """Take ``n`` bytes now if :meth:`acquire` would not wait; False (taking nothing)
         otherwise, or once aborted."""
-        # (_fits written out: this runs for every message sent)
-        in_use = self._in_use
-        if (self._error is None and not self._waiters
-                and (in_use + n <= self._capacity or in_use == 0)):
-            self._in_use = in_use + n
+        if self._error is None and not self._waiters and self._fits(n):
+            self._in_use += n
             return True
         return False
 

@@ -13,10 +13,9 @@ from ._wire import (
     MAX_NAME_BYTES,
     MAX_NDIM,
     MAX_TENSORS,
-    MESSAGE_OVERHEAD_BYTES,
-    TENSOR_OVERHEAD_BYTES,
     Structure,
     TensorSpec,
+    message_cost,
     shape_fits,
 )
 
@@ -37,9 +36,8 @@ class Outgoing:
         self.nbytes = nbytes
         #: some tensor is on a CUDA device
         self.cuda = cuda
-        #: the credits it holds at the receiver (:func:`~aiokvpipe._wire.message_cost`,
-        #: written out: one call less per message)
-        self.cost = nbytes + MESSAGE_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES * len(specs)
+        #: the credits it holds at the receiver
+        self.cost = message_cost(nbytes, len(specs))
 
 
 _NONE = Outgoing(Structure.NONE, (), (), 0)

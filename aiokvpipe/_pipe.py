@@ -235,8 +235,7 @@ class Pipe:
         if key is not None:
             key = check_key(key)
         out = flatten(msg)
-        if self._error is not None or self._closed_here or self._proto.close_received:
-            self._check_can_send()  # raises, saying why
+        self._check_can_send()
         # A small CPU message (and any empty one) is copied into its header frame: once that
         # is written the tensors are free again, with no payload to wait for and no send
         # budget to hold.
@@ -795,7 +794,7 @@ class Pipe:
                 assert self._signalling is not None
                 payload = self._signalling.post_recv_noted(h.tensors, note)
             item = _Incoming(h, item_cost, payload)
-        if self._proto.discarded_keys and self._proto.is_discarded(h.key):
+        if self._proto.is_discarded(h.key):
             item.discarded = True
         if item.payload is not None:
             self._incoming.append(item)
@@ -935,11 +934,7 @@ class Pipe:
         return rebuild(item.structure, item.specs, tensors)
 
     def _return_credit(self, n: int) -> None:
-        due = self._proto.release(n)
-        # Most releases find a return already scheduled or lingering: no call for those.
-        if due or not (self._flush_pending or self._linger_pending
-                       or self._credit_timer is not None):
-            self.credit_released(now=due)
+        self.credit_released(now=self._proto.release(n))
 
     def credit_released(self, now: bool = False) -> None:
         """Credit is owed to the peer: send it soon. Coalesced: once it reaches an eighth of

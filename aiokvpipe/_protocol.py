@@ -64,7 +64,7 @@ class PipeProtocol:
         "state", "close_sent", "close_received", "_decoder",
         "next_send_seq", "peer_credit", "credit_outstanding", "credit_owed",
         "next_recv_seq", "recv_buffer_bytes", "credit_held", "payloads_pending",
-        "discarded_keys", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
+        "_tombstones", "next_offer_id", "_offers_out", "_retracted", "next_offer_in",
         "_offers_in", "_refused", "_peer_pools", "signals", "backlogged", "_specs_checked",
     )
 
@@ -94,9 +94,7 @@ class PipeProtocol:
         self.credit_owed = 0
         #: Headers whose payload has not been reported complete (:meth:`payload_done`).
         self.payloads_pending = 0
-        #: Keys given up (:meth:`discard`), bounded; read it, change it only through the
-        #: methods (an empty one spares the I/O layer a call per message).
-        self.discarded_keys: OrderedDict[str | None, None] = OrderedDict()
+        self._tombstones: OrderedDict[str | None, None] = OrderedDict()
         # block transfers (see the section below)
         self.next_offer_id = 0
         self._offers_out: dict[int, _OfferState] = {}
@@ -307,8 +305,8 @@ class PipeProtocol:
         """A received message was claimed or dropped: its credit goes back to the peer with
         our next frame (:meth:`send_credit`, or riding on a header). Returns
         :attr:`credit_return_due`, which the I/O layer asks after every release."""
-        owed = self.credit_owed = self.credit_owed + cost
-        return owed * CREDIT_RETURN_SHARE >= self.recv_buffer_bytes  # credit_return_due
+        self.credit_owed += cost
+        return self.credit_return_due
 
     @property
     def credit_return_due(self) -> bool:
@@ -327,15 +325,15 @@ class PipeProtocol:
 
         Bounded (:data:`MAX_TOMBSTONES`, oldest forgotten first).
         """
-        _remember(self.discarded_keys, key)
+        _remember(self._tombstones, key)
 
     def undiscard(self, key: str | None) -> None:
         """Someone asks for ``key`` again: its later messages are kept from now on."""
-        if self.discarded_keys:
-            self.discarded_keys.pop(key, None)
+        if self._tombstones:
+            self._tombstones.pop(key, None)
 
     def is_discarded(self, key: str | None) -> bool:
-        return bool(self.discarded_keys) and key in self.discarded_keys
+        return bool(self._tombstones) and key in self._tombstones
 
     # -- block transfers ------------------------------------------------------------------
     #

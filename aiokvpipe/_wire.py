@@ -280,7 +280,7 @@ class Header:
 
     # Written out, not generated with a __post_init__: one call less for every message
     # received. ``nbytes`` is for the decoder, which computed (and bounded) the payload size
-    # already; it must equal the tensors' sum. The cost is message_cost(), written out.
+    # already; it must equal the tensors' sum.
     def __init__(self, seq: int, key: str | None, structure: Structure,
                  tensors: tuple[TensorSpec, ...] = (), inline: bytes | memoryview | None = None,
                  credit: int = 0, note: bytes | None = None, nbytes: int | None = None
@@ -297,7 +297,7 @@ class Header:
             for t in tensors:
                 nbytes += t.nbytes
         self.nbytes = nbytes
-        self.cost = nbytes + MESSAGE_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES * len(tensors)
+        self.cost = message_cost(nbytes, len(tensors))
 
 
 @dataclass(slots=True)
