@@ -82,8 +82,10 @@ class SpinPolicy:
         self._last_write = now
         if wrote is None:
             return self.window_s
-        if now - wrote > self.window_s:
-            self._missed()  # it ran out with nothing read
+        if now - wrote > self.window_s and (self.window_s or self._lates):
+            # It ran out with nothing read. (With no window and no late answers counted,
+            # a miss changes nothing: a stream's every write after the first ends here.)
+            self._missed()
         return 0.0
 
     def _missed(self) -> None:
