@@ -620,14 +620,17 @@ class _Part(NamedTuple):
 class _Job:
     """One posted send: its parts, how far they were described, its completion."""
 
-    __slots__ = ("parts", "index", "offset", "future", "ready", "is_ready", "keepalive")
+    __slots__ = ("parts", "index", "offset", "future", "waiter", "ready", "is_ready",
+                 "keepalive")
 
     def __init__(self, parts: list[_Part], future: asyncio.Future[None],
-                 ready: torch.cuda.Event | None, keepalive: object) -> None:
+                 ready: torch.cuda.Event | None, keepalive: object,
+                 waiter: asyncio.Future[None] | None = None) -> None:
         self.parts = parts
         self.index = 0
         self.offset = 0
         self.future = future
+        self.waiter = waiter  # the sender's, woken with the future (post_send_noted)
         self.ready = ready  # recorded on the caller's stream at post time; None: idle then
         self.is_ready = ready is None
         self.keepalive = keepalive
@@ -870,18 +873,21 @@ class IpcPlane:
         """Queue a message's payload. Stream-ordered: the peer copies what the caller's
         current stream will have written. The future completes once the peer has copied
         everything (the tensors may then be reused) and fails if the plane breaks."""
-        return self._post_send(tensors, False)[0]
+        return self._post_send(tensors, False, None)[0]
 
-    def post_send_noted(self, tensors: Sequence[torch.Tensor]
+    def post_send_noted(self, tensors: Sequence[torch.Tensor],
+                        waiter: asyncio.Future[None] | None = None
                         ) -> tuple[asyncio.Future[None], bytes | None]:
         """:meth:`post_send`; and when the payload is one piece of an exported region
         (announced to the peer by now), ready now and next in line, its description as a
         note for the message's header (:meth:`post_recv_noted` at the peer) instead of a
         COPY record: one frame less to write and to read a message. The pipe must write
-        that header next."""
-        return self._post_send(tensors, True)
+        that header next. ``waiter``, if given, gets its result on the acknowledgement,
+        along with the send's future (whose callbacks run a loop iteration later)."""
+        return self._post_send(tensors, True, waiter)
 
-    def _post_send(self, tensors: Sequence[torch.Tensor], noted: bool
+    def _post_send(self, tensors: Sequence[torch.Tensor], noted: bool,
+                   waiter: asyncio.Future[None] | None
                    ) -> tuple[asyncio.Future[None], bytes | None]:
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._error is not None:
@@ -906,7 +912,7 @@ class IpcPlane:
         if not caller.query():  # an idle stream has written everything already
             ready = self._events.get()
             ready.record(caller)
-        job = _Job(parts, fut, ready, (tensors, staged))
+        job = _Job(parts, fut, ready, (tensors, staged), waiter)
         if noted and ready is None and not self._jobs and not self._gated and self._one(job):
             # Nothing of ours is queued to go after the header: the note (read at the peer
             # along with the header) keeps the records' order.
@@ -1219,8 +1225,11 @@ class IpcPlane:
                 assert self._ring is not None
                 for _ in range(sent.ring_spans):
                     self._ring.space.release()
-            if sent.job is not None and not sent.job.future.done():
-                sent.job.future.set_result(None)
+            job = sent.job
+            if job is not None and not job.future.done():
+                job.future.set_result(None)  # its callbacks first: the pipe's bookkeeping
+                if job.waiter is not None and not job.waiter.done():
+                    job.waiter.set_result(None)
         if n:
             self._pump_send()
 

@@ -31,7 +31,7 @@ from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolErr
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._pipe_blocks import BlockExchange
-from ._plane import DataPlane, Received, SignallingPlane
+from ._plane import DataPlane, Received, SignallingPlane, settle_like
 from ._protocol import PipeProtocol, State
 from ._wire import Structure
 from .metrics import BreakCause, PipeMetrics
@@ -252,7 +252,7 @@ class Pipe:
             done = (self._post_now(out, key, True, cost, 0) if inline
                     else self._post(out, key, False, cost, held))
             if done is not None:
-                await asyncio.shield(done)
+                await done  # our own future: cancelling it leaves the transfer be
             if self._timed:
                 self._metrics.sent(out.nbytes, perf_counter() - t0)
             if done is None and self._yield_due():
@@ -273,7 +273,7 @@ class Pipe:
             self._leave_queue(turn)
             raise
         if done is not None:
-            await asyncio.shield(done)
+            await done
         if self._timed:
             self._metrics.sent(out.nbytes, perf_counter() - t0)
 
@@ -626,7 +626,8 @@ class Pipe:
               ) -> asyncio.Future[None] | None:
         """Post the message's payload to the data plane, then write its header (an inline
         payload inside it, the credits we owe riding along) in one write. Returns the
-        payload's completion, ``None`` for an inline message. The caller holds ``cost`` of
+        future the sender awaits for the payload's completion (its own: see _send_done),
+        ``None`` for an inline message. The caller holds ``cost`` of
         credit and ``held`` bytes of send budget; they are released when the payload is out.
 
         The payload goes first: if the plane cannot take it, no header has left, and the pipe
@@ -651,11 +652,14 @@ class Pipe:
         done: asyncio.Future[None] | None = None
         note = None
         if not inline:
+            # What the sender awaits: its own future, so that a cancelled send() leaves the
+            # plane's alone; settled by _send_done, or by a signalling plane at once.
+            waiter: asyncio.Future[None] = self._loop.create_future()
             try:
                 if self._signalling is None:
                     done = self._plane.post_send(out.tensors)
                 else:  # the payload's description rides in the header (ipc)
-                    done, note = self._signalling.post_send_noted(out.tensors)
+                    done, note = self._signalling.post_send_noted(out.tensors, waiter)
             except Exception as exc:
                 proto.refund(cost)
                 self._credits.release(cost)
@@ -682,12 +686,14 @@ class Pipe:
             self._bytes_sent += out.nbytes
             return None
         self._sends_in_flight.add(done)
-        done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes))
+        done.add_done_callback(functools.partial(self._send_done, nbytes=out.nbytes,
+                                                 waiter=waiter))
         if self._timed:
             self._metrics.inflight(self._send_budget.in_use)
-        return done
+        return waiter
 
-    def _send_done(self, fut: asyncio.Future[None], nbytes: int) -> None:
+    def _send_done(self, fut: asyncio.Future[None], nbytes: int,
+                   waiter: asyncio.Future[None]) -> None:
         self._sends_in_flight.discard(fut)
         self._send_budget.release(nbytes)
         if self._timed:
@@ -697,6 +703,7 @@ class Pipe:
             self._break(fut.exception() or ConnectionAbortedError("payload send cancelled"))
         else:
             self._bytes_sent += nbytes
+        settle_like(waiter, fut)  # (done already, by the plane, as most ipc sends are)
 
     def _signal(self, data: bytes) -> None:
         """Write the data plane's records, in SIGNAL frames in order with ours. Never raises:

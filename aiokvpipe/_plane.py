@@ -113,11 +113,14 @@ class SignallingPlane(DataPlane, Protocol):
         """End of :meth:`hold_copies`; never raises."""
         ...
 
-    def post_send_noted(self, tensors: Sequence[torch.Tensor]
+    def post_send_noted(self, tensors: Sequence[torch.Tensor],
+                        waiter: asyncio.Future[None] | None = None
                         ) -> tuple[asyncio.Future[None], bytes | None]:
         """:meth:`post_send`, and the note that describes the payload to the peer's plane
         in the message's header (``None``: the plane describes it in its own records). The
-        pipe must put a note in the very header it writes next."""
+        pipe must put a note in the very header it writes next. ``waiter`` (the sender's
+        own future, which it may cancel) gets its result along with the send's future when
+        the send succeeds, not a loop iteration after it, from that future's callback."""
         ...
 
     def post_recv_noted(self, specs: Sequence[TensorSpec], note: bytes

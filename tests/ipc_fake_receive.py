@@ -221,9 +221,34 @@ async def answer() -> str:
     return f"acknowledgement and answer in one write of {len(writes.data[0])} bytes"
 
 
+async def acked() -> str:
+    """The acknowledgement of a copy resumes the send() awaiting it at the next loop
+    iteration, not two later (a future of the plane's relayed to the sender's by a done
+    callback, as asyncio.shield does, costs a loop iteration more at every send)."""
+    a, b, leaked = await _pair()
+    loop = asyncio.get_running_loop()
+    seen: list[bool] = []
+    on_ack = IpcPlane._on_ack
+
+    def acking(self: IpcPlane, rec: Any) -> None:
+        on_ack(self, rec)
+        if self is a._plane:  # scheduled after whatever the ack scheduled
+            loop.call_soon(lambda: seen.append(sending.done()))
+
+    setattr(IpcPlane, "_on_ack", acking)
+    sending = asyncio.ensure_future(a.send(X))
+    assert int((await asyncio.wait_for(b.recv(), 5))[0]) == 7
+    await asyncio.wait_for(sending, 5)
+    assert seen == [True], f"send() had not returned one loop iteration after its ack: {seen}"
+    assert not leaked, leaked
+    await a.aclose()
+    await b.aclose()
+    return "send() returned at the loop iteration after its acknowledgement"
+
+
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
-    "retire": retire, "answer": answer}
+    "retire": retire, "answer": answer, "acked": acked}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))
