@@ -72,15 +72,16 @@ def instrument() -> None:
     if os.environ.get("IPC_TRACE_PROFILE") or os.environ.get("IPC_TRACE_PLAIN"):
         return  # profiling or plain timing instead: no wrappers to distort it
     P = _ipc_plane.IpcPlane
-    for attr in ("post_send", "_pump_send", "_job_ready", "_flush", "_gate_fired", "_on_ack",
-                 "post_recv", "_on_record", "_pump_recv", "_enqueue", "_copied", "_send_ack"):
+    for attr in ("post_send", "post_send_noted", "_pump_send", "_job_ready", "_flush",
+                 "_gate_fired", "_on_ack", "post_recv", "post_recv_noted", "_on_record",
+                 "_pump_recv", "_enqueue", "_enqueue_deferred", "_allocate", "_enqueue_noted",
+                 "release_copies", "_copied", "_after_copies"):
         _wrap(P, attr)
-    _wrap(_pipe.Pipe, "send")
-    _wrap(_pipe.Pipe, "recv")
-    _wrap(_pipe.Pipe, "on_data")
-    _wrap(_pipe.Pipe, "_on_payload")
-    _wrap(_pipe.Pipe, "_flush_credit")
+    for attr in ("send", "recv", "on_data", "_on_header", "_post_now", "_claim",
+                 "_on_payload", "_deliver_arrived", "_flush_credit", "_signal_soon"):
+        _wrap(_pipe.Pipe, attr)
     _wrap(_control.ControlChannel, "write_encoded")
+    _wrap(_control.ControlChannel, "data_received")
     _wrap(P, "on_signal")
     _wrap(_pipe.Pipe, "_signal")
     _wrap(torch.cuda.Event, "query", "Event.query")
