@@ -653,11 +653,14 @@ class _Copy(NamedTuple):
 class _Mapping:
     """A peer region as this process sees it."""
 
-    __slots__ = ("region", "opened", "users", "retired")
+    __slots__ = ("region", "opened", "address", "users", "retired")
 
     def __init__(self, region: int, opened: asyncio.Future[int]) -> None:
         self.region = region
         self.opened = opened  # the local address of the region's base, once mapped
+        #: That address once ``opened``'s callback ran (a noted receive's one-look check);
+        #: until then, and if it failed, None.
+        self.address: int | None = None
         self.users = 0  # pieces of queued or running copies that read it
         self.retired = False
 
@@ -898,10 +901,12 @@ class IpcPlane:
         # torch.cuda.device costs microseconds a message).
         caller = current_stream(dev)
         staged = [t for t in tensors if t.numel()]
-        if any(t.device != dev for t in staged):
-            with self._guard():
-                staged = [t if t.device == dev else t.to(dev, non_blocking=True)
-                          for t in staged]
+        for t in staged:  # (a loop, not any(): no generator made per message)
+            if t.device != dev:
+                with self._guard():
+                    staged = [t if t.device == dev else t.to(dev, non_blocking=True)
+                              for t in staged]
+                break
         if not staged:
             fut.set_result(None)
             return fut, None
@@ -918,7 +923,8 @@ class IpcPlane:
             # along with the header) keeps the records' order.
             note = encode_note(*self._take_one(job))
             self._noted += 1
-            self._flush()  # a region announced just now leaves ahead of the header
+            if self._out:  # a region announced just now leaves ahead of the header
+                self._flush()
             return fut, note
         self._jobs.append(job)
         self._pump_send()
@@ -1289,8 +1295,7 @@ class IpcPlane:
         rec = CopyRecord((piece,), True)
         m = self._mappings.get(piece.region)
         if (self._batch is None or self._copies or self._targets or self._waiting
-                or m is None or not m.opened.done() or m.opened.cancelled()
-                or m.opened.exception() is not None):
+                or m is None or m.address is None):
             # Outside a read, behind others, or its region not mapped yet: in turn.
             self._on_copy(rec)
             return self.post_recv(specs)
@@ -1466,7 +1471,9 @@ class IpcPlane:
         if fut.cancelled():
             return
         exc = fut.exception()
-        if exc is not None:
+        if exc is None:
+            m.address = fut.result()
+        else:
             if not isinstance(exc, ProtocolError):
                 err = ProtocolError(f"the peer's IPC handle for region {m.region} does not "
                                     f"open here: {exc}")
@@ -1541,8 +1548,8 @@ class IpcPlane:
         _, offset, nbytes = rec.pieces[0]  # the tensor's bytes: post_recv_noted checked
         self._make_room(nbytes)
         try:
-            _cudaipc.copy_async(tensors[0].data_ptr(), m.opened.result() + offset, nbytes,
-                                handle)
+            assert m.address is not None  # (post_recv_noted took only a mapped region)
+            _cudaipc.copy_async(tensors[0].data_ptr(), m.address + offset, nbytes, handle)
         except BaseException as exc:
             self._copy_failed(exc, _Copy(rec, (m,), fut, tensors))
             raise
