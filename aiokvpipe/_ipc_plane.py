@@ -182,6 +182,12 @@ _PLACE = struct.Struct(">IQ")
 MAX_POOL_TENSORS: Final = 4096
 _FIXED: Final = {RecordType.REGION: _REGION.size,
                  RecordType.RETIRE: _RETIRE.size, RecordType.ACK: _ACK.size}
+# The record types as plain ints, for the decoder's per-record tests: an IntEnum member's
+# lookup and comparison, and RecordType(code), cost 0.1-0.6 µs each (2026-12-04).
+_ACK_CODE: Final = int(RecordType.ACK)
+_COPY_CODE: Final = int(RecordType.COPY)
+_POOL_CODE: Final = int(RecordType.POOL)
+_FIXED_SIZE: Final = {int(kind): size for kind, size in _FIXED.items()}
 MAX_RECORD_BYTES: Final = max(_COPY_HEAD.size + MAX_PIECES * _PIECE.size,
                               _POOL_HEAD.size + MAX_POOL_TENSORS * _PLACE.size)
 
@@ -261,9 +267,15 @@ class RecordDecoder:
         pos, end = 0, len(buf)
         while pos < end:
             kind = buf[pos]
+            if kind == _ACK_CODE:  # what a sender reads after every poll of the peer's
+                if end - pos < _ACK.size:
+                    break
+                out.append(AckRecord(_ACK.unpack_from(buf, pos)[1]))
+                pos += _ACK.size
+                continue
             if kind not in self._KNOWN:
                 raise ProtocolError(f"unexpected ipc record type {kind}")
-            if kind == RecordType.COPY:
+            if kind == _COPY_CODE:
                 if end - pos < _COPY_HEAD.size:
                     break
                 _, flags, count = _COPY_HEAD.unpack_from(buf, pos)
@@ -286,7 +298,7 @@ class RecordDecoder:
                 if sum(p.nbytes for p in pieces) > MAX_PAYLOAD_BYTES:
                     raise ProtocolError("COPY record beyond the payload limit")
                 out.append(CopyRecord(pieces, bool(flags)))
-            elif kind == RecordType.POOL:
+            elif kind == _POOL_CODE:
                 if end - pos < _POOL_HEAD.size:
                     break
                 _, pool_id, count = _POOL_HEAD.unpack_from(buf, pos)
@@ -300,8 +312,8 @@ class RecordDecoder:
                                                              + i * _PLACE.size))
                                for i in range(count))
                 out.append(PoolRecord(pool_id, places))
-            else:
-                size = _FIXED[RecordType(kind)]
+            else:  # REGION or RETIRE (ACK above)
+                size = _FIXED_SIZE[kind]
                 if end - pos < size:
                     break
                 out.append(self._fixed(RecordType(kind), buf, pos))
@@ -311,8 +323,6 @@ class RecordDecoder:
 
     @staticmethod
     def _fixed(kind: RecordType, buf: bytearray, pos: int) -> Record:
-        if kind is RecordType.ACK:
-            return AckRecord(_ACK.unpack_from(buf, pos)[1])
         if kind is RecordType.RETIRE:
             return RetireRecord(_RETIRE.unpack_from(buf, pos)[1])
         _, region, size, handle = _REGION.unpack_from(buf, pos)

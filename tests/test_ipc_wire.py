@@ -87,6 +87,10 @@ def test_producer_record_round_trips_whole_and_byte_by_byte(rec: object) -> None
 @pytest.mark.parametrize("rec", CONSUMER_SAMPLES)
 def test_ack_round_trips(rec: AckRecord) -> None:
     assert RecordDecoder().feed(encode_record(rec)) == [rec]
+    dec, data, got = RecordDecoder(), encode_record(rec) * 2, []
+    for i in range(len(data)):  # cut anywhere: each comes out once whole
+        got += dec.feed(data[i:i + 1])
+    assert got == [rec, rec] and dec.buffered == 0
 
 
 def test_many_records_in_one_feed_come_out_in_order() -> None:
