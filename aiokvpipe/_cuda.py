@@ -187,14 +187,6 @@ _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 _MAX_STREAMS: Final = 256
 
 
-def current_device_index() -> int:
-    """``torch.cuda.current_device()`` for the per-message paths, once CUDA is initialised
-    (a plane made its streams): the same C call without the wrapper's lazy-init checks,
-    four Python calls a call."""
-    index: int = torch._C._cuda_getDevice()
-    return index
-
-
 def current_stream(device: torch.device) -> torch.cuda.Stream:
     """``torch.cuda.current_stream(device)`` for the per-message paths.
 

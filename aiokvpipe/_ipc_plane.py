@@ -69,7 +69,6 @@ from . import _cudaipc
 from ._cuda import (
     EventPoller,
     after_pending_work,
-    current_device_index,
     current_stream,
     recycle_streams,
     short_gil_turns,
@@ -877,7 +876,7 @@ class IpcPlane:
     def _guard(self) -> contextlib.AbstractContextManager[Any]:
         """Make the plane's device current for runtime calls that act on the current device
         (``cudaMemcpyAsync``, ``to()``); free when it already is, as it mostly is."""
-        if current_device_index() == self._index:
+        if torch.cuda.current_device() == self._index:
             return _CURRENT_DEVICE  # one reusable no-op: nothing made per message
         return torch.cuda.device(self._index)
 
@@ -1265,7 +1264,7 @@ class IpcPlane:
         """New tensors for each message of ``messages``, for our copy stream to write at once:
         all of them under one look at the caller's stream (two queries, not two each)."""
         dev, stream = self._device, self._copy_stream
-        if current_device_index() == self._index:
+        if torch.cuda.current_device() == self._index:
             prev = current_stream(dev)
             if prev.query():
                 made = [_empty_like_specs(specs, dev) for specs in messages]

@@ -213,7 +213,6 @@ def fake_cuda(check: bool) -> None:
         _ipc_plane: {
             "_index": lambda device: 0,
             "current_stream": lambda device: stream,
-            "current_device_index": lambda: 0,
             "recycle_streams": lambda streams: None,
             "after_pending_work": lambda device: None,
         },
