@@ -41,6 +41,8 @@ class Outgoing:
 
 
 _NONE = Outgoing(Structure.NONE, (), (), 0)
+#: (A module constant: an enum member's lookup on its class costs ~70 ns on Python 3.11.)
+_TENSOR: Final = Structure.TENSOR
 
 
 def check_key(key: object) -> str | None:
@@ -71,7 +73,7 @@ def flatten(msg: object) -> Outgoing:
         dtype, shape = msg.dtype, msg.shape
         spec = _SPECS.get((dtype, shape)) or _new_spec(dtype, shape)
         if spec is not None:
-            return Outgoing(Structure.TENSOR, (msg,), (spec,), spec.nbytes, cuda)
+            return Outgoing(_TENSOR, (msg,), (spec,), spec.nbytes, cuda)
     if isinstance(msg, torch.Tensor):
         structure, names, items = Structure.TENSOR, [""], [msg]
     elif isinstance(msg, (list, tuple)):

@@ -48,6 +48,12 @@ class State(enum.Enum):
     BROKEN = "broken"
 
 
+# The states as module constants for the per-message tests: an enum member's lookup on its
+# class costs ~70 ns on Python 3.11, a module global's ~7.
+_OPEN: Final = State.OPEN
+_BROKEN: Final = State.BROKEN
+
+
 class LocalProtocolError(RuntimeError):
     """The I/O layer asked the protocol for something its state forbids (our bug)."""
 
@@ -121,7 +127,7 @@ class PipeProtocol:
         The caller has reserved ``message_cost(nbytes, len(specs))`` of credit
         (:meth:`spend`) and must write the bytes returned, in order, before anything else.
         """
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             raise LocalProtocolError(f"cannot send a message in state {self.state.name}")
         if note is not None and not self.signals:
             raise LocalProtocolError("this pipe's data plane takes no notes")
@@ -204,7 +210,7 @@ class PipeProtocol:
         rest is kept, unparsed, and :attr:`backlogged` says so until a later call (with more
         bytes or none) takes it.
         """
-        if self.state is State.BROKEN:
+        if self.state is _BROKEN:
             self.backlogged = False
             return []
         decoder = self._decoder

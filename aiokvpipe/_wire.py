@@ -572,36 +572,43 @@ def encode_header(seq: int, key: str | None, structure: Structure,
         if key_len > MAX_KEY_BYTES:
             raise ValueError(f"key is {key_len} bytes in UTF-8; the limit is {MAX_KEY_BYTES}")
     count = len(specs)
-    if count > MAX_TENSORS:
+    if count == 1:  # most messages: the spec's bytes as they are, no list to join
+        t = specs[0]
+        specs_bytes = t.wire
+        if specs_bytes is None:
+            specs_bytes = t.wire = _encode_spec(t)
+        nbytes = t.nbytes
+    elif count > MAX_TENSORS:
         raise ValueError(f"{count} tensors in one message; the limit is {MAX_TENSORS}")
-    parts = [b""]
-    nbytes = specs_len = 0
-    for t in specs:
-        wire = t.wire
-        if wire is None:
-            wire = t.wire = _encode_spec(t)
-        parts.append(wire)
-        nbytes += t.nbytes
-        specs_len += len(wire)
-    parts.append(key_bytes)
-    length = _HEADER_FIXED.size + specs_len + len(key_bytes)
+    else:
+        wires = []
+        nbytes = 0
+        for t in specs:
+            wire = t.wire
+            if wire is None:
+                wire = t.wire = _encode_spec(t)
+            wires.append(wire)
+            nbytes += t.nbytes
+        specs_bytes = b"".join(wires)
+    specs_len = len(specs_bytes)
+    length = _HEADER_FIXED_SIZE + specs_len + len(key_bytes)
+    tail = b""
     if inline:
         if nbytes > MAX_INLINE_PAYLOAD:
             raise ValueError(f"an inline payload is at most {MAX_INLINE_PAYLOAD} bytes, "
                              f"not {nbytes}")
         if note is not None:
             raise ValueError("an inline message carries no note")
-        ftype, length = FrameType.HEADER_INLINE, length + nbytes
+        ftype, length = _HEADER_INLINE, length + nbytes
     elif note is not None:
         if not 0 < len(note) <= MAX_NOTE_BYTES:
             raise ValueError(f"a note holds 1 to {MAX_NOTE_BYTES} bytes, not {len(note)}")
-        parts.append(_U8.pack(len(note)) + note)
-        ftype, length = FrameType.HEADER_NOTED, length + 1 + len(note)
+        tail = _U8.pack(len(note)) + note
+        ftype, length = _HEADER_NOTED, length + 1 + len(note)
     else:
-        ftype = FrameType.HEADER
-    parts[0] = _HEADER_HEAD.pack(ftype, 0, 0, length, seq, credit, key_len, structure, count,
-                                 specs_len)
-    return b"".join(parts)
+        ftype = _HEADER
+    return (_HEADER_HEAD.pack(ftype, 0, 0, length, seq, credit, key_len, structure, count,
+                              specs_len) + specs_bytes + key_bytes + tail)
 
 
 def _encode_spec(t: TensorSpec) -> bytes:
