@@ -16,8 +16,9 @@ measured to cost throughput (4 KiB messages streamed at 0.8 × the speed, 2026-1
 loop that sleeps wakes to a batch of messages in one read, a polling one reads them one at
 a time, and a polling sender slows its receiver if the two share a physical core.
 
-The window adapts much as Linux's haltpoll governor does, judged by how long the read after
-each write took, so that idle pipes and one-way traffic cost no CPU: caught within the window,
+The window adapts much as Linux's haltpoll governor does, judged by how long after the first
+write since the last read the next read came, so that idle pipes and one-way traffic cost no
+CPU: caught within the window,
 it stays; answers a longer window would have caught grow it to cover such gaps (up to the
 most, the ``busy_poll_us`` option); longer gaps, or writes that find the window run out with
 nothing read, halve it, down to nothing; both at the second in a row. Polling then costs at most
@@ -46,7 +47,8 @@ class SpinPolicy:
     def __init__(self, most_s: float) -> None:
         self.most_s = most_s
         self.window_s = most_s
-        #: When we last wrote, until a read judged the window after it.
+        #: When we first wrote since the last read: the write that read would answer (a
+        #: stream's later writes are not what a read of the peer's credit answers).
         self._last_write: float | None = None
         #: Windows in a row that polled for nothing, and answers in a row that came after
         #: the window but within the most (see read()).
@@ -79,14 +81,20 @@ class SpinPolicy:
         read answered (a stream: the next write comes sooner than any answer, and a loop
         polling beside a busy peer slows it, on a core's other hyperthread, say)."""
         wrote = self._last_write
-        self._last_write = now
         if wrote is None:
+            self._last_write = now
             return self.window_s
         if now - wrote > self.window_s and (self.window_s or self._lates):
-            # It ran out with nothing read. (With no window and no late answers counted,
-            # a miss changes nothing: a stream's every write after the first ends here.)
+            # The window after the first unanswered write ran out with nothing read. (With
+            # no window and no late answer counted, a miss would change nothing.)
             self._missed()
         return 0.0
+
+    @property
+    def streaming(self) -> bool:
+        """A write now would change nothing: one before it awaits an answer still, with no
+        window and no late answer counted (a stream's every write after the first)."""
+        return self._last_write is not None and not self.window_s and not self._lates
 
     def _missed(self) -> None:
         # Both ways only at the second in a row: one late answer (a peer's garbage
@@ -119,12 +127,16 @@ class BusyPoller:
         self.polling = False
 
     def read(self) -> None:
+        if self.policy._last_write is None and not self.polling:
+            return  # nothing to judge, no polling to end (a stream's receiver)
         now = monotonic()
         self.policy.read(now)
         self._deadline = now  # the answer came: polling ends at its next turn
 
     def wrote(self, loop: asyncio.AbstractEventLoop) -> None:
         """We wrote something the peer answers (a message, a block transfer's frame)."""
+        if not self.polling and self.policy.streaming:
+            return  # nothing to judge or poll: not even the clock is read
         now = monotonic()
         window = self.policy.wrote(now)
         self._deadline = now + window

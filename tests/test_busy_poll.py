@@ -104,6 +104,21 @@ def test_a_write_no_read_answered_polls_not_at_all() -> None:
     assert p.wrote(2.0) == MOST
 
 
+def test_a_stream_unanswered_for_longer_than_the_window_halves_it() -> None:
+    # Writes closer together than the window, none answered for five windows: the window
+    # after the first of them ran out with nothing read, again and again (judged from each
+    # write before, none would have: the window stayed, polled for after every read).
+    p = SpinPolicy(MOST)
+    now = 1.0
+    assert p.wrote(now) == MOST
+    for _ in range(20):
+        now += MOST / 4
+        assert p.wrote(now) == 0.0
+    assert p.window_s == 0.0
+    p.read(now + MOST / 10)  # the peer's credit, judged from the stream's first write
+    assert p.window_s == 0.0 and p.wrote(now + MOST) == 0.0
+
+
 def test_reads_without_a_write_judge_nothing() -> None:
     p = SpinPolicy(MOST)
     for i in range(5):
