@@ -47,8 +47,9 @@ class SpinPolicy:
     def __init__(self, most_s: float) -> None:
         self.most_s = most_s
         self.window_s = most_s
-        #: When we first wrote since the last read: the write that read would answer (a
-        #: stream's later writes are not what a read of the peer's credit answers).
+        #: When we first wrote since the last read (or since the window after that write
+        #: ran out): the write a read would answer; a stream's later writes are not what a
+        #: read of the peer's credit answers.
         self._last_write: float | None = None
         #: Windows in a row that polled for nothing, and answers in a row that came after
         #: the window but within the most (see read()).
@@ -86,8 +87,10 @@ class SpinPolicy:
             return self.window_s
         if now - wrote > self.window_s and (self.window_s or self._lates):
             # The window after the first unanswered write ran out with nothing read. (With
-            # no window and no late answer counted, a miss would change nothing.)
+            # no window and no late answer counted, a miss would change nothing.) The next
+            # window is judged from this write: one run-out is one miss, not one a write.
             self._missed()
+            self._last_write = now
         return 0.0
 
     @property

@@ -707,6 +707,10 @@ class Pipe:
         else:
             self._bytes_sent += nbytes
         settle_like(waiter, fut)  # (done already, by the plane, as most ipc sends are)
+        if not waiter.cancelled():
+            # Marked read: a caller cancelled after its turn was posted never awaits it, and
+            # asyncio would log the failure again when the waiter is collected.
+            waiter.exception()
 
     def _signal(self, data: bytes) -> None:
         """Write the data plane's records, in SIGNAL frames in order with ours. Never raises:

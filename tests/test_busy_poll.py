@@ -105,18 +105,33 @@ def test_a_write_no_read_answered_polls_not_at_all() -> None:
 
 
 def test_a_stream_unanswered_for_longer_than_the_window_halves_it() -> None:
-    # Writes closer together than the window, none answered for five windows: the window
+    # Writes closer together than the window, none answered for ten windows: the window
     # after the first of them ran out with nothing read, again and again (judged from each
     # write before, none would have: the window stayed, polled for after every read).
     p = SpinPolicy(MOST)
     now = 1.0
     assert p.wrote(now) == MOST
-    for _ in range(20):
+    for _ in range(40):
         now += MOST / 4
         assert p.wrote(now) == 0.0
     assert p.window_s == 0.0
     p.read(now + MOST / 10)  # the peer's credit, judged from the stream's first write
     assert p.window_s == 0.0 and p.wrote(now + MOST) == 0.0
+
+
+def test_a_window_that_ran_out_once_is_one_miss() -> None:
+    # A hiccup of three windows between two writes, then writes and their answer in time:
+    # one miss, not one for each write after the hiccup (two would halve the window).
+    p = SpinPolicy(MOST)
+    now = 1.0
+    p.wrote(now)
+    now += 3 * MOST
+    p.wrote(now)  # the window after the first write ran out: one miss
+    for _ in range(4):
+        now += MOST / 10
+        p.wrote(now)
+    p.read(now + MOST / 10)  # half a window after the write that counted the miss
+    assert p.window_s == MOST
 
 
 def test_reads_without_a_write_judge_nothing() -> None:

@@ -10,6 +10,7 @@ in call order, intact; nothing arrives that no send was called for.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from collections import defaultdict
 
@@ -166,6 +167,45 @@ async def test_send_cancelled_while_waiting_for_credits_sends_nothing(
     assert pipe_peer.read_seq(await b.recv()) == 1
     await a.send(pipe_peer.seq_tensor(3, 64))
     assert pipe_peer.read_seq(await b.recv()) == 3
+
+
+async def test_a_send_cancelled_once_posted_leaves_no_failure_unread(
+        pair_factory: PairFactory) -> None:
+    # A send() cancelled after its queued turn was posted never awaits the future it would
+    # have: when that transfer then fails, asyncio must not log "Future exception was never
+    # retrieved" for it as it is collected.
+    a, b = await pair_factory(max_inflight_bytes=MiB)
+    reported: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: reported.append(ctx))
+
+    async def cancel_once_posted_then_break() -> None:  # its locals go when it returns
+        first = asyncio.create_task(a.send(pipe_peer.seq_tensor(1, MiB)))
+        second = asyncio.create_task(a.send(pipe_peer.seq_tensor(2, MiB)))
+        await asyncio.sleep(0)
+        assert len(a._send_queue) == 1, "the second send waits for the first's budget"
+        turn = a._send_queue[0]
+        pump = a._pump_queue
+
+        def posted_then_broken() -> None:
+            pump()
+            if turn.posted.done() and not second.done():
+                setattr(a, "_pump_queue", pump)
+                second.cancel()  # before it resumes: it never awaits its transfer
+                a._break(RuntimeError("injected"))
+
+        setattr(a, "_pump_queue", posted_then_broken)
+        receiving = asyncio.create_task(b.recv())
+        results = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True),
+                                         30)
+        receiving.cancel()
+        assert isinstance(results[1], asyncio.CancelledError), results
+        assert turn.posted.done() and not turn.posted.cancelled()
+
+    await cancel_once_posted_then_break()
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
 
 
 async def test_send_cancelled_after_its_header_left_still_delivers_it_whole(
