@@ -18,11 +18,11 @@ a time, and a polling sender slows its receiver if the two share a physical core
 
 The window adapts much as Linux's haltpoll governor does, judged by how long after the first
 write since the last read the next read came, so that idle pipes and one-way traffic cost no
-CPU: caught within the window,
-it stays; answers a longer window would have caught grow it to cover such gaps (up to the
-most, the ``busy_poll_us`` option); longer gaps, or writes that find the window run out with
-nothing read, halve it, down to nothing; both at the second in a row. Polling then costs at most
-the window per write, and nothing once answers take longer than the most.
+CPU: caught within the window, it stays; answers a longer window would have caught grow it to
+cover such gaps (up to the most, the ``busy_poll_us`` option); longer gaps, or writes that
+find the window run out with nothing read, halve it, down to nothing; both at the second in a
+row. Polling then costs at most the window per write, and nothing once answers take longer
+than the most.
 
 One poller serves all the pipes of a loop (the loop polls once per iteration, for them all):
 their traffic together judges one window, and any read ends the polling.
@@ -94,6 +94,11 @@ class SpinPolicy:
         return 0.0
 
     @property
+    def awaiting(self) -> bool:
+        """A write of ours awaits an answer: a read now has something to judge."""
+        return self._last_write is not None
+
+    @property
     def streaming(self) -> bool:
         """A write now would change nothing: one before it awaits an answer still, with no
         window and no late answer counted (a stream's every write after the first)."""
@@ -130,7 +135,7 @@ class BusyPoller:
         self.polling = False
 
     def read(self) -> None:
-        if self.policy._last_write is None and not self.polling:
+        if not self.polling and not self.policy.awaiting:
             return  # nothing to judge, no polling to end (a stream's receiver)
         now = monotonic()
         self.policy.read(now)

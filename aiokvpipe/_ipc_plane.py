@@ -180,14 +180,14 @@ _POOL_HEAD = struct.Struct(">BIH")  # type, pool id, tensor count
 _PLACE = struct.Struct(">IQ")
 #: Tensors one POOL record may place (a pool of more travels staged).
 MAX_POOL_TENSORS: Final = 4096
-_FIXED: Final = {RecordType.REGION: _REGION.size,
-                 RecordType.RETIRE: _RETIRE.size, RecordType.ACK: _ACK.size}
 # The record types as plain ints, for the decoder's per-record tests: an IntEnum member's
 # lookup and comparison, and RecordType(code), cost 0.1-0.6 µs each (2026-12-04).
 _ACK_CODE: Final = int(RecordType.ACK)
 _COPY_CODE: Final = int(RecordType.COPY)
 _POOL_CODE: Final = int(RecordType.POOL)
-_FIXED_SIZE: Final = {int(kind): size for kind, size in _FIXED.items()}
+#: Sizes of the fixed-layout records by type code (ACK is decoded on its own path).
+_FIXED_SIZE: Final = {int(RecordType.REGION): _REGION.size,
+                      int(RecordType.RETIRE): _RETIRE.size}
 MAX_RECORD_BYTES: Final = max(_COPY_HEAD.size + MAX_PIECES * _PIECE.size,
                               _POOL_HEAD.size + MAX_POOL_TENSORS * _PLACE.size)
 

@@ -574,22 +574,13 @@ def encode_header(seq: int, key: str | None, structure: Structure,
     count = len(specs)
     if count == 1:  # most messages: the spec's bytes as they are, no list to join
         t = specs[0]
-        specs_bytes = t.wire
-        if specs_bytes is None:
-            specs_bytes = t.wire = _encode_spec(t)
+        specs_bytes = t.wire or _spec_wire(t)
         nbytes = t.nbytes
     elif count > MAX_TENSORS:
         raise ValueError(f"{count} tensors in one message; the limit is {MAX_TENSORS}")
     else:
-        wires = []
-        nbytes = 0
-        for t in specs:
-            wire = t.wire
-            if wire is None:
-                wire = t.wire = _encode_spec(t)
-            wires.append(wire)
-            nbytes += t.nbytes
-        specs_bytes = b"".join(wires)
+        specs_bytes = b"".join([t.wire or _spec_wire(t) for t in specs])
+        nbytes = sum(t.nbytes for t in specs)
     specs_len = len(specs_bytes)
     length = _HEADER_FIXED_SIZE + specs_len + len(key_bytes)
     tail = b""
@@ -609,6 +600,13 @@ def encode_header(seq: int, key: str | None, structure: Structure,
         ftype = _HEADER
     return (_HEADER_HEAD.pack(ftype, 0, 0, length, seq, credit, key_len, structure, count,
                               specs_len) + specs_bytes + key_bytes + tail)
+
+
+def _spec_wire(t: TensorSpec) -> bytes:
+    """``t``'s wire encoding, made once and kept on the spec (a sender reuses the specs of
+    recurring shapes)."""
+    wire = t.wire = _encode_spec(t)
+    return wire
 
 
 def _encode_spec(t: TensorSpec) -> bytes:
