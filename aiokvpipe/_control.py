@@ -10,12 +10,21 @@ A plain :class:`asyncio.Protocol`. Two phases:
   pipe, which feeds its sans-I/O protocol), synchronously, so a header costs no task switch.
 
 Bulk payload never travels here, so control frames never wait behind it.
+
+Writes: the first message of a loop iteration goes out at once, and so do the next ones of
+the task that wrote it while it sends alone. Once other tasks send in the same iteration, what
+follows that first message is gathered and written together when the iteration ends (at most
+:data:`_HOLD_BYTES` at a time): a burst of messages from concurrent senders costs one system
+call and one wake-up of the peer instead of one each. A lone request or answer waits for
+nothing, and neither does a lone task streaming. (A send() whose frame was gathered yields
+once before it returns: its frame is written by then, whatever the caller does next.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from asyncio import current_task
 from typing import Final, Protocol
 
 from . import _wire
@@ -30,6 +39,8 @@ _EARLY_BYTES_HIGH: Final = 256 * 1024
 #: Bytes handed to the pipe per loop iteration at most (then reading waits for the next).
 #: 4 KiB messages on the 2-core VM: 256 KiB is about 2 ms of work.
 _TURN_BYTES: Final = 256 * 1024
+#: The writer of an iteration's first message when no task wrote it (a callback did).
+_CALLBACK: Final = object()
 #: Frames gathered by hold() are written once they reach this many bytes.
 _HOLD_BYTES: Final = 256 * 1024
 
@@ -70,10 +81,23 @@ class ControlChannel(asyncio.Protocol):
         #: Frames written with write_soon(): they lead the next write, or go out by
         #: themselves at the next loop iteration (None: none waiting).
         self._soon: list[bytes] | None = None
-        #: Frames gathered between hold() and release() (None: writes go out at once).
+        #: Frames gathered between hold() and release(), or since this loop iteration's write
+        #: (None: the next write goes out at once if it is the iteration's first).
         self._held: list[bytes] | None = None
         self._held_bytes = 0
         self._held_answer_due = False  # one of them awaits an answer (write_encoded)
+        #: The task that wrote this loop iteration's first message (_CALLBACK: no task did;
+        #: None: none was written yet); other writes are gathered until the iteration ends
+        #: (_end_write_turn), then written together.
+        self._turn_writer: object = None
+        #: Another task's writes were gathered in this iteration (_others_gathered) or the
+        #: last (_concurrent): then the writer's own later messages are gathered too.
+        self._others_gathered = False
+        self._concurrent = False
+        #: Writes are being gathered for the iteration's end (not by a hold()): one written
+        #: now waits there. Its callback is queued already, so a task that yields once
+        #: resumes after it (send() does, to return only once its frame was written).
+        self.gathering = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         #: Told of every read, and of every write the peer answers, once a pipe asked for
         #: busy polling (busy_poll()).
@@ -155,7 +179,9 @@ class ControlChannel(asyncio.Protocol):
     def write_encoded(self, data: bytes, answer_due: bool = False) -> None:
         """Queue encoded frames; raises :class:`BrokenPipe` if the connection is gone.
         ``answer_due``: the peer answers them (a message, a block transfer's frame): the
-        loop may poll for the answer (see :mod:`._busypoll`).
+        loop may poll for the answer (see :mod:`._busypoll`), and they may be gathered with
+        the loop iteration's other messages (see the module's docstring; :attr:`gathering`
+        says when they were).
 
         A transport that is closing (a write already failed, its loss not yet reported)
         counts as gone: writing to it only makes asyncio log the failure again, per write.
@@ -168,10 +194,31 @@ class ControlChannel(asyncio.Protocol):
             self._soon = None
         held = self._held
         if held is None:
-            transport.write(data)
-            if answer_due and self._poller is not None:
-                self._poller.wrote(self._loop)
-            return
+            # At once, as long as nothing is gathered (order): frames nobody answers (credits,
+            # acknowledgements: the peer's sends may wait for them), the loop iteration's
+            # first message (a lone request or answer waits for nothing), and the next ones
+            # of the task that wrote it while no other task's were gathered lately (a lone
+            # task streaming has nothing to gather them with). (Given the loop,
+            # current_task() makes no getpid() system call.)
+            if answer_due:
+                writer = self._turn_writer
+                if writer is None:
+                    self._turn_writer = current_task(self._loop) or _CALLBACK
+                    self._loop.call_soon(self._end_write_turn)
+                elif self._concurrent or writer is not current_task(self._loop):
+                    # Gathered, and written together when the iteration ends: a burst of
+                    # messages costs the sender one system call, and the peer one wake-up
+                    # and one read, not one each.
+                    held = self._held = []
+                    self.gathering = True
+            if held is None:
+                transport.write(data)
+                if answer_due and self._poller is not None:
+                    self._poller.wrote(self._loop)
+                return
+        if (answer_due and self.gathering and not self._others_gathered
+                and current_task(self._loop) is not self._turn_writer):
+            self._others_gathered = True
         held.append(data)
         self._held_bytes += len(data)
         self._held_answer_due |= answer_due
@@ -191,6 +238,15 @@ class ControlChannel(asyncio.Protocol):
         else:
             self._soon.append(data)
 
+    def _end_write_turn(self) -> None:
+        """The loop iteration of the last write at once ended (its callback runs first in the
+        next one): write what was gathered since, and let the next write go at once."""
+        self._turn_writer = None
+        self._concurrent, self._others_gathered = self._others_gathered, False
+        if self.gathering:
+            self.gathering = False
+            self.release()
+
     def _flush_soon(self) -> None:
         if self._soon is not None:
             try:
@@ -201,14 +257,15 @@ class ControlChannel(asyncio.Protocol):
     def hold(self) -> bool:
         """Gather what is written from now until :meth:`release` (in this same call, never
         across an await) into one write: a burst of frames then costs one system call.
-        False if a hold is on already: its owner releases, not this caller."""
+        False if writes are gathered already (a hold is on, or the loop iteration's are
+        gathered for its end): their owner writes them, not this caller."""
         if self._held is None:
             self._held = []
             return True
         return False
 
     def release(self) -> None:
-        """Write what :meth:`hold` gathered, and write at once again."""
+        """Write what :meth:`hold` gathered, and stop gathering."""
         self._write_held()
         self._held = None
 

@@ -256,12 +256,19 @@ class Pipe:
                     else self._post(out, key, False, cost, held))
             if done is not None:
                 await done  # our own future: cancelling it leaves the transfer be
+            elif self._control.gathering:
+                # The frame waits to be written with this loop iteration's others, by a
+                # callback queued ahead of us: once we resume, it was. (Returning now would
+                # leave it unsent for as long as the caller blocks the loop.) Cancelled
+                # here, the message is sent all the same (see the docstring).
+                await asyncio.sleep(0)
+                self._calls_since_yield = 0
+            elif self._yield_due():
+                # After the write: yielding first would let a later send() overtake this one.
+                # Cancelled here, the message is sent all the same.
+                await asyncio.sleep(0)
             if self._timed:
                 self._metrics.sent(out.nbytes, perf_counter() - t0)
-            if done is None and self._yield_due():
-                # After the write: yielding first would let a later send() overtake this one.
-                # Cancelled here, the message is sent all the same (see the docstring).
-                await asyncio.sleep(0)
             return
         # The slow path: wait in line (call order) for the connection, budget and credits.
         turn = _Queued(out, key, inline, cost, held, self._loop.create_future(), t0)

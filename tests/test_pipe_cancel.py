@@ -92,6 +92,26 @@ async def test_recv_cancelled_after_its_message_was_handed_over_passes_it_on(
     assert handed_over_then_cancelled >= 1, "the cancel never hit the hand-over window"
 
 
+async def test_a_send_cancelled_while_its_gathered_frame_waits_is_sent_whole(
+        pipe_pair: Pair) -> None:
+    # The second of two sends in one loop iteration is gathered, to be written when the
+    # iteration ends, and its send() yields until then: cancelled meanwhile, the message is
+    # sent all the same (its header is the connection's already) and the stream goes on.
+    a, b = pipe_pair
+    first = asyncio.create_task(a.send(torch.full((4,), 1.0)))
+    second = asyncio.create_task(a.send(torch.full((4,), 2.0)))
+    await asyncio.sleep(0)  # both ran, in order, before this resumes
+    assert first.done() and not second.done() and a._control.gathering
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    await first
+    got = [await asyncio.wait_for(b.recv(), 10) for _ in range(2)]
+    assert [float(t[0]) for t in got] == [1.0, 2.0]
+    await asyncio.wait_for(a.send(torch.full((4,), 3.0)), 10)
+    assert float((await asyncio.wait_for(b.recv(), 10))[0]) == 3.0
+
+
 async def test_recv_cancelled_after_hand_over_gives_its_message_back_in_front(
         pipe_pair: Pair) -> None:
     """Three payload-less messages arrive in one read: the first is handed to the waiting
@@ -105,8 +125,10 @@ async def test_recv_cancelled_after_hand_over_gives_its_message_back_in_front(
         received_before = b.stats.messages_received
         a._calls_since_yield = 0  # the three fit before a's periodic yield
         assert YIELD_EVERY > 3
+        assert a._control.hold()  # the three leave in one write, so they arrive in one read
         for width in (1, 2, 3):  # each send(empty tensor) completes without yielding
             await a.send(torch.empty(0, width))
+        a._control.release()
         for _ in range(delay):
             await asyncio.sleep(0)
         all_there = b.stats.messages_received == received_before + 3
