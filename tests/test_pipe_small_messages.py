@@ -37,6 +37,18 @@ def seq_of(t: torch.Tensor) -> int:
     return int.from_bytes(bytes(t[:4].tolist()), "little")
 
 
+async def received_seqs(pipe: aiokvpipe.Pipe, n: int) -> list[int]:
+    """The sequence numbers of the next ``n`` messages ``pipe`` receives."""
+    return [seq_of(await asyncio.wait_for(pipe.recv(), 5)) for _ in range(n)]
+
+
+def send_without_suspending(pipe: aiokvpipe.Pipe, i: int) -> None:
+    """Run ``pipe.send(seq(i))`` by hand: it must be done in one step, never suspending."""
+    sending = pipe.send(seq(i))
+    with pytest.raises(StopIteration):
+        sending.send(None)
+
+
 class WriteSpy:
     """Counts the writes reaching a pipe's control transport."""
 
@@ -67,7 +79,7 @@ async def test_a_small_send_hands_its_frame_to_the_connection_before_it_returns(
     for i in range(3):
         await a.send(seq(i))  # the fast path: done without suspending
         assert spy.writes == i + 1
-    got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(3)]
+    got = await received_seqs(b, 3)
     assert got == [0, 1, 2]
 
 
@@ -90,7 +102,7 @@ async def test_concurrent_senders_messages_leave_together_each_send_returning_on
     assert [len(d) for d in spy.data] == [frame, 7 * frame], [len(d) for d in spy.data]
     for i in range(8):
         assert written_when_it_returned[i] >= (i + 1) * frame, (i, written_when_it_returned)
-    got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(8)]
+    got = await received_seqs(b, 8)
     assert got == list(range(8))
 
 
@@ -104,16 +116,13 @@ async def test_a_task_gathers_its_own_messages_only_while_other_tasks_send_too(
     spy = WriteSpy(a)
     a._calls_since_yield = 0
     for i in range(3):  # alone: at once, none suspends
-        sending = a.send(seq(i))
-        with pytest.raises(StopIteration):
-            sending.send(None)
+        send_without_suspending(a, i)
     assert spy.writes == 3
     await asyncio.gather(*(a.send(seq(3 + i)) for i in range(8)))  # eight tasks: gathered
     assert spy.writes == 5, [len(d) for d in spy.data]
     a._calls_since_yield = 0
-    first, second = a.send(seq(11)), a.send(seq(12))
-    with pytest.raises(StopIteration):
-        first.send(None)  # the iteration's first message: at once
+    send_without_suspending(a, 11)  # the iteration's first message: at once
+    second = a.send(seq(12))
     assert second.send(None) is None  # suspended: gathered, the writer's own
     assert a._control.gathering
     with pytest.raises(StopIteration):
@@ -122,11 +131,9 @@ async def test_a_task_gathers_its_own_messages_only_while_other_tasks_send_too(
     assert spy.writes == 7
     a._calls_since_yield = 0
     for i in range(13, 16):  # no other task's message was gathered: at once again
-        sending = a.send(seq(i))
-        with pytest.raises(StopIteration):
-            sending.send(None)
+        send_without_suspending(a, i)
     assert spy.writes == 10
-    got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(16)]
+    got = await received_seqs(b, 16)
     assert got == list(range(16))
 
 
@@ -242,11 +249,9 @@ async def test_queued_senders_leave_together_when_the_connection_drains(
     assert spy.writes <= 30, f"{spy.writes} writes for {queued} queued messages"
     # And the queue is gone: the next send takes the fast path (done without suspending).
     await eventually(lambda: not a._control.write_paused, 10, "the connection drained")
-    fast = a.send(seq(sent + queued))
-    with pytest.raises(StopIteration):
-        fast.send(None)
+    send_without_suspending(a, sent + queued)
     total = sent + queued + 1
-    got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(total)]
+    got = await received_seqs(b, total)
     assert got == list(range(total))  # call order kept through the queue
 
 
@@ -271,7 +276,7 @@ async def test_a_receiver_with_a_backlog_handles_a_bounded_amount_per_loop_itera
 
     asyncio.get_running_loop().call_soon(turn)
     b_transport.resume_reading()
-    got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(n)]
+    got = await received_seqs(b, n)
     await asyncio.wait_for(sending, 10)
     assert got == list(range(n))
     # At most _TURN_BYTES plus one read (256 KiB) per iteration: 512 KiB, 128 messages.
@@ -324,7 +329,7 @@ async def test_a_failure_to_make_a_claimed_messages_tensors_loses_nothing(
     with pytest.raises(MemoryError):
         await asyncio.wait_for(b.recv(), 5)
     assert not b.closed and b.state.name == "OPEN"
-    got = [seq_of(await asyncio.wait_for(b.recv(), 5)) for _ in range(3)]
+    got = await received_seqs(b, 3)
     assert got == [0, 1, 2]  # nothing lost, order kept
     # And the pipe goes on carrying messages after the failure.
     await asyncio.wait_for(a.send(seq(3)), 5)
