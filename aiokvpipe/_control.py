@@ -12,12 +12,13 @@ A plain :class:`asyncio.Protocol`. Two phases:
 Bulk payload never travels here, so control frames never wait behind it.
 
 Writes: the first message of a loop iteration goes out at once, and so do the next ones of
-the task that wrote it while it sends alone. Once other tasks send in the same iteration, what
-follows that first message is gathered and written together when the iteration ends (at most
-:data:`_HOLD_BYTES` at a time): a burst of messages from concurrent senders costs one system
-call and one wake-up of the peer instead of one each. A lone request or answer waits for
-nothing, and neither does a lone task streaming. (A send() whose frame was gathered yields
-once before it returns: its frame is written by then, whatever the caller does next.)
+the task that wrote it while it sends alone. Once other tasks send in the same iteration, the
+small messages (inline: the whole message in its frame) that follow are gathered and written
+together when the iteration ends (at most :data:`_HOLD_BYTES` at a time): a burst of them
+from concurrent senders costs one system call and one wake-up of the peer instead of one
+each. Any other frame is written at once, after what was gathered. A lone request or answer
+waits for nothing, and neither does a lone task streaming. (A send() whose frame was gathered
+yields once before it returns: its frame is written by then, whatever the caller does next.)
 """
 
 from __future__ import annotations
@@ -176,12 +177,14 @@ class ControlChannel(asyncio.Protocol):
         """Queue ``frame``; raises :class:`BrokenPipe` if the connection is gone."""
         self.write_encoded(_wire.encode(frame))
 
-    def write_encoded(self, data: bytes, answer_due: bool = False) -> None:
+    def write_encoded(self, data: bytes, answer_due: bool = False, gather: bool = False
+                      ) -> None:
         """Queue encoded frames; raises :class:`BrokenPipe` if the connection is gone.
         ``answer_due``: the peer answers them (a message, a block transfer's frame): the
-        loop may poll for the answer (see :mod:`._busypoll`), and they may be gathered with
-        the loop iteration's other messages (see the module's docstring; :attr:`gathering`
-        says when they were).
+        loop may poll for the answer (see :mod:`._busypoll`). ``gather``: a whole message (an
+        inline one) that may wait to be written with the loop iteration's others (see the
+        module's docstring; :attr:`gathering` says when it does); any other frame written
+        meanwhile writes them at once, itself after them.
 
         A transport that is closing (a write already failed, its loss not yet reported)
         counts as gone: writing to it only makes asyncio log the failure again, per write.
@@ -194,18 +197,19 @@ class ControlChannel(asyncio.Protocol):
             self._soon = None
         held = self._held
         if held is None:
-            # At once, as long as nothing is gathered (order): frames nobody answers (credits,
-            # acknowledgements: the peer's sends may wait for them), the loop iteration's
-            # first message (a lone request or answer waits for nothing), and the next ones
-            # of the task that wrote it while no other task's were gathered lately (a lone
-            # task streaming has nothing to gather them with). (Given the loop,
-            # current_task() makes no getpid() system call.)
+            # At once, as long as nothing is gathered (order): all but whole messages
+            # (credits and acknowledgements, which the peer's sends may wait for; frames of
+            # payloads a plane has queued already), the loop iteration's first message (a
+            # lone request or answer waits for nothing), and the next ones of the task that
+            # wrote it while no other task's were gathered lately (a lone task streaming has
+            # nothing to gather them with). (Given the loop, current_task() makes no
+            # getpid() system call.)
             if answer_due:
                 writer = self._turn_writer
                 if writer is None:
                     self._turn_writer = current_task(self._loop) or _CALLBACK
                     self._loop.call_soon(self._end_write_turn)
-                elif self._concurrent or writer is not current_task(self._loop):
+                elif gather and (self._concurrent or writer is not current_task(self._loop)):
                     # Gathered, and written together when the iteration ends: a burst of
                     # messages costs the sender one system call, and the peer one wake-up
                     # and one read, not one each.
@@ -216,13 +220,13 @@ class ControlChannel(asyncio.Protocol):
                 if answer_due and self._poller is not None:
                     self._poller.wrote(self._loop)
                 return
-        if (answer_due and self.gathering and not self._others_gathered
+        if (gather and self.gathering and not self._others_gathered
                 and current_task(self._loop) is not self._turn_writer):
             self._others_gathered = True
         held.append(data)
         self._held_bytes += len(data)
         self._held_answer_due |= answer_due
-        if self._held_bytes >= _HOLD_BYTES:
+        if self._held_bytes >= _HOLD_BYTES or (self.gathering and not gather):
             self._write_held()
 
     def write_soon(self, data: bytes) -> None:
@@ -266,8 +270,10 @@ class ControlChannel(asyncio.Protocol):
 
     def release(self) -> None:
         """Write what :meth:`hold` gathered, and stop gathering."""
-        self._write_held()
-        self._held = None
+        try:
+            self._write_held()
+        finally:
+            self._held = None  # (a write that raised must not leave every later one held)
 
     def _write_held(self) -> None:
         held = self._held

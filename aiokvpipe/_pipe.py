@@ -256,19 +256,15 @@ class Pipe:
                     else self._post(out, key, False, cost, held))
             if done is not None:
                 await done  # our own future: cancelling it leaves the transfer be
-            elif self._control.gathering:
-                # The frame waits to be written with this loop iteration's others, by a
-                # callback queued ahead of us: once we resume, it was. (Returning now would
-                # leave it unsent for as long as the caller blocks the loop.) Cancelled
-                # here, the message is sent all the same (see the docstring).
-                await asyncio.sleep(0)
-                self._calls_since_yield = 0
-            elif self._yield_due():
-                # After the write: yielding first would let a later send() overtake this one.
-                # Cancelled here, the message is sent all the same.
-                await asyncio.sleep(0)
             if self._timed:
                 self._metrics.sent(out.nbytes, perf_counter() - t0)
+            if done is None:
+                if self._control.gathering:
+                    await self._written()
+                elif self._yield_due():
+                    # After the write: yielding first would let a later send() overtake this
+                    # one. Cancelled here, the message is sent all the same.
+                    await asyncio.sleep(0)
             return
         # The slow path: wait in line (call order) for the connection, budget and credits.
         turn = _Queued(out, key, inline, cost, held, self._loop.create_future(), t0)
@@ -286,6 +282,18 @@ class Pipe:
             await done
         if self._timed:
             self._metrics.sent(out.nbytes, perf_counter() - t0)
+        if done is None and self._control.gathering:
+            # Posted by our own pump (the queue was granted meanwhile), into this loop
+            # iteration's gathered frames.
+            await self._written()
+
+    async def _written(self) -> None:
+        """An inline message's frame waits to be written with this loop iteration's others, by
+        a callback queued ahead of us: once we resume, it was. (Returning at once would leave
+        it unsent for as long as the caller then blocks the loop.) Cancelled here, the
+        message is sent all the same (see send()'s docstring)."""
+        await asyncio.sleep(0)
+        self._calls_since_yield = 0
 
     async def recv(self, key: str | None = None) -> Message:
         """Receive the next message sent with ``key`` (``None``: the next unkeyed message).
@@ -687,7 +695,11 @@ class Pipe:
         else:
             data = head
         try:
-            self._control.write_encoded(data, answer_due=True)
+            # Only an inline message may wait to be written with others (gather): a frame
+            # whose payload is already queued on a plane must reach the peer at once, or a
+            # task that synchronises the device meanwhile would wait for an NCCL send whose
+            # receive the peer cannot post.
+            self._control.write_encoded(data, answer_due=True, gather=inline)
         except BrokenPipe as exc:
             # The connection is gone; its loss breaks the pipe (if it has not yet).
             self._break(exc.__cause__ or exc)

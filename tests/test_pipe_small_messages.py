@@ -42,6 +42,21 @@ async def received_seqs(pipe: aiokvpipe.Pipe, n: int) -> list[int]:
     return [seq_of(await asyncio.wait_for(pipe.recv(), 5)) for _ in range(n)]
 
 
+async def finish_by_hand(coro: Any, waiting_for: Any) -> None:
+    """Run ``coro`` to its end as a task would, after a first step by hand that yielded
+    ``waiting_for`` (a future, or None for a bare yield)."""
+    while True:
+        if waiting_for is None:
+            await asyncio.sleep(0)
+        else:  # a future it awaits: wait for it without taking it over
+            waiting_for._asyncio_future_blocking = False
+            await asyncio.wait([waiting_for])
+        try:
+            waiting_for = coro.send(None)
+        except StopIteration:
+            return
+
+
 def send_without_suspending(pipe: aiokvpipe.Pipe, i: int) -> None:
     """Run ``pipe.send(seq(i))`` by hand: it must be done in one step, never suspending."""
     sending = pipe.send(seq(i))
@@ -137,21 +152,72 @@ async def test_a_task_gathers_its_own_messages_only_while_other_tasks_send_too(
     assert got == list(range(16))
 
 
-async def test_frames_nobody_answers_go_out_at_once_while_nothing_is_gathered(
+async def test_frames_that_are_not_whole_messages_go_out_at_once(
         pair_factory: PairFactory) -> None:
-    # A credit return or an acknowledgement written after the loop iteration's first
-    # message, by another task: the peer's sends may wait for it, so it goes at once.
+    # Only a small message (its whole self in its frame) may wait to be written with the
+    # loop iteration's others. A credit return or an acknowledgement goes at once: the
+    # peer's sends may wait for it. So does a header whose payload a plane has queued
+    # already: over NCCL, a task synchronising the device before the iteration ends would
+    # wait for a send whose receive the peer cannot post without that header. Written while
+    # small messages are gathered, such a frame takes them along, after them.
     a, b = await pair_factory()
     spy = WriteSpy(a)
     beat = _wire.encode(_wire.Heartbeat())
 
     async def another_task_writes() -> None:
-        a._control.write_encoded(beat)
+        a._control.write_encoded(beat)  # nothing gathered: at once
         assert spy.data == [beat, beat] and not a._control.gathering, spy.data
+        a._control.write_encoded(beat, answer_due=True, gather=True)  # (as a small message)
+        assert a._control.gathering and spy.data == [beat, beat]
+        a._control.write_encoded(beat)  # takes the gathered one along, after it
+        assert spy.data == [beat, beat, beat + beat] and a._control.gathering, spy.data
+        # A message with a payload (a CPU tensor above the inline limit, on the tcp plane):
+        # its header leaves before its send() first suspends, with what was gathered.
+        a._control.write_encoded(beat, answer_due=True, gather=True)
+        big = torch.zeros(a._inline_limit + 1, dtype=torch.uint8)
+        sending = a.send(big)
+        waiting_for = sending.send(None)  # (it suspends: its payload is on its way)
+        assert len(spy.data) == 4 and spy.data[3].startswith(beat), [len(d) for d in spy.data]
+        assert len(spy.data[3]) > len(beat), "the header did not leave with the gathered frame"
+        await finish_by_hand(sending, waiting_for)
 
     other = asyncio.create_task(another_task_writes())
     a._control.write_encoded(beat, answer_due=True)  # (as a message is): out at once
     await other
+    assert torch.equal(await asyncio.wait_for(b.recv(), 5),
+                       torch.zeros(a._inline_limit + 1, dtype=torch.uint8))
+
+
+async def test_a_queued_send_returns_only_once_its_frame_was_written(
+        pair_factory: PairFactory) -> None:
+    # A send() that queues for credit, granted within its own call (its pump posts it into
+    # the loop iteration's gathered frames), once returned with its frame still gathered.
+    a, b = await pair_factory()
+    spy = WriteSpy(a)
+    beat = _wire.encode(_wire.Heartbeat())
+    free = a._credits.capacity - a._credits.in_use
+    assert a._credits.try_acquire(free)  # no credit left: the next send() queues
+    queued = asyncio.create_task(a.send(seq(0)))
+
+    async def another_task_writes() -> None:
+        a._control.write_encoded(beat, answer_due=True)  # the iteration's first message
+
+    await asyncio.sleep(0)  # `queued` waits in line
+    assert len(a._send_queue) == 1
+    asyncio.create_task(another_task_writes())
+    await asyncio.sleep(0)  # it ran first, in this same loop iteration
+    a._control.write_encoded(beat, answer_due=True, gather=True)  # (as a small message is)
+    assert a._control.gathering
+    a._credits.release(free)  # the peer's CREDIT: the queue's grant is on its way
+    sending = a.send(seq(1))  # the queue is not empty: it waits in line, and pumps it
+    assert sending.send(None) is None  # it does not return with its frame still gathered
+    assert a._control.gathering and len(spy.data) == 1
+    await asyncio.sleep(0)  # the iteration ends: its gathered frames are written
+    assert not a._control.gathering and len(spy.data) == 2, spy.data
+    with pytest.raises(StopIteration):
+        sending.send(None)  # (finished by hand: it was never a task)
+    await queued
+    assert await received_seqs(b, 2) == [0, 1]
 
 
 async def test_an_answer_after_a_receive_that_waited_never_yields(
@@ -214,8 +280,8 @@ async def test_frames_written_soon_leave_before_a_close_or_an_error(
 
         async def another_task_writes_and_ends(e: aiokvpipe.Pipe = e, spy: WriteSpy = spy,
                                                end: str = end) -> None:
-            e._control.write_encoded(beat, answer_due=True)
-            assert spy.data == [beat] and e._control.gathering, spy.data
+            e._control.write_encoded(beat, answer_due=True, gather=True)  # (as a small
+            assert spy.data == [beat] and e._control.gathering, spy.data  # message is)
             if end == "say":
                 e._control.say(b"error")
             else:
