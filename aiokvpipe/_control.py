@@ -88,11 +88,11 @@ class ControlChannel(asyncio.Protocol):
         self._held_bytes = 0
         self._held_answer_due = False  # one of them awaits an answer (write_encoded)
         #: The task that wrote this loop iteration's first message (_CALLBACK: no task did;
-        #: None: none was written yet); other writes are gathered until the iteration ends
-        #: (_end_write_turn), then written together.
+        #: None: none was written yet); other tasks' small messages are gathered until the
+        #: iteration ends (_end_write_turn), then written together.
         self._turn_writer: object = None
-        #: Another task's writes were gathered in this iteration (_others_gathered) or the
-        #: last (_concurrent): then the writer's own later messages are gathered too.
+        #: Another task's small messages were gathered in this iteration (_others_gathered)
+        #: or the last (_concurrent): then the writer's own later ones are gathered too.
         self._others_gathered = False
         self._concurrent = False
         #: Writes are being gathered for the iteration's end (not by a hold()): one written
