@@ -35,6 +35,7 @@ import functools
 import itertools
 import logging
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -91,7 +92,12 @@ def run_views(pool: BlockPool, tensor_index: int, runs: Sequence[Run], side: Sid
     if side not in ("src", "dst"):
         raise ValueError(f"side is 'src' or 'dst', not {side!r}")
     tl = pool.layout.tensors[tensor_index]
-    _check_runs(runs, pool.num_blocks, pool.num_blocks)
+    # Only this pool's column: the other is the peer's pool, or the positions 0..n-1 of a
+    # packed stream, which a source that repeats ids makes longer than this pool.
+    if side == "src":
+        _check_runs(runs, pool.num_blocks, sys.maxsize)
+    else:
+        _check_runs(runs, sys.maxsize, pool.num_blocks)
     col = 0 if side == "src" else 1
     stride, seg, offsets = tl.block_stride_bytes, tl.segment_bytes, tl.segment_offsets
     # Every segment's start, in canonical order (a comprehension: this runs for every

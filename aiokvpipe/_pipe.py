@@ -392,8 +392,10 @@ class Pipe:
         does not fit, the block counts differ: its message says why), :class:`PipeClosed`
         and :class:`BrokenPipe` as :meth:`send` does.
 
-        Cancellation: cancelled before the peer took the offer, nothing moves; after that the
-        blocks are sent whole (read until the transfer ends: do not overwrite them before).
+        Cancellation: cancelled before the peer took the offer, nothing moves; after that
+        (even in the loop iteration its PULL arrives in) the blocks are sent whole, read until
+        the transfer ends (do not overwrite them before), and the call raises
+        ``CancelledError`` all the same.
         """
         await self._blocks.send_blocks(pool, block_ids, key, layers)
 

@@ -115,6 +115,9 @@ class BlockExchange:
         self._pool_ids: dict[BlockPool, int] = {}
         self._peer_pools: dict[int, PoolLayout] = {}
         self._offers_out: dict[int, asyncio.Future[str]] = {}
+        #: The PULL answers of our offers whose call was cancelled in the loop iteration the
+        #: PULL came in, before that call could see it (send_blocks takes them).
+        self._late_pulls: dict[int, str] = {}
         self._offers_in: dict[str | None, deque[_wire.Offer]] = {}
         self._sinks: dict[str | None, list[_Sink]] = {}
         self._incoming: dict[int, _Incoming] = {}
@@ -196,11 +199,20 @@ class BlockExchange:
         try:
             refusal = await pulled
         except asyncio.CancelledError:
-            if not pulled.done() or pulled.cancelled():  # not pulled: take it back, unmoved
-                self._offers_out.pop(offer_id, None)
-                self._take_back(offer_id)
+            late = self._late_pulls.pop(offer_id, None)
+            if late is None and (not pulled.done() or pulled.cancelled()
+                                 or pulled.exception() is not None):
+                # Not pulled: take it back, unmoved (unless a close took it back already).
+                if self._offers_out.pop(offer_id, None) is not None:
+                    self._take_back(offer_id)
                 raise
-            refusal = pulled.result()  # pulled as we were cancelled: it is sent whole
+            # Pulled in the loop iteration of the cancellation: committed, so the blocks are
+            # sent whole (the peer waits for them), and the cancellation stands.
+            if late if late is not None else pulled.result():
+                self._forget_copy(offer_id)  # refused: nothing moves
+            elif copied is None:
+                self._start_payload(pool, ids, chosen, offer_id, ready)
+            raise
         except BaseException:  # the pipe closed or broke before the peer pulled
             self._forget_copy(offer_id)
             raise
@@ -211,9 +223,7 @@ class BlockExchange:
             # The peer copies out of our pool; its PULLED says it is done with the blocks.
             await asyncio.shield(copied)
         else:
-            transfer = asyncio.ensure_future(self._send_payload(pool, ids, chosen, offer_id,
-                                                                ready))
-            await asyncio.shield(transfer)
+            await asyncio.shield(self._start_payload(pool, ids, chosen, offer_id, ready))
         nbytes = pool.layout.block_bytes(chosen) * len(ids)
         pipe._bytes_sent += nbytes
         pipe._metrics.sent(nbytes, perf_counter() - t0)
@@ -248,9 +258,34 @@ class BlockExchange:
             self._exported[pool] = bool(export is not None and export(pool_id, pool.tensors))
         return pool_id
 
+    def _start_payload(self, pool: BlockPool, ids: tuple[int, ...], layers: tuple[int, ...],
+                       offer_id: int, ready: torch.cuda.Event | None) -> asyncio.Future[None]:
+        """Send a pulled offer's payload, whether or not its caller still waits (the peer
+        does): a task of its own, which breaks the pipe if it fails."""
+        transfer = asyncio.ensure_future(self._send_payload(pool, ids, layers, offer_id, ready))
+        transfer.add_done_callback(_retrieved)  # (its caller may be gone; the pipe broke)
+        return transfer
+
     async def _send_payload(self, pool: BlockPool, ids: tuple[int, ...],
                             layers: tuple[int, ...], offer_id: int,
                             ready: torch.cuda.Event | None) -> None:
+        pipe = self._pipe
+        try:
+            await self._send_payload_now(pool, ids, layers, offer_id, ready)
+        except Exception as exc:
+            # Part of the payload may have left, or none while the peer waits for it: the
+            # stream is no longer in step. The caller gets a copy of the pipe's error:
+            # re-raising ``exc`` would chain this frame (its staging buffer, the pool) into
+            # the cause the pipe keeps.
+            pipe._break(exc)
+            raise fresh(pipe._error) if pipe._error is not None else exc
+        except BaseException:
+            pipe._break(ConnectionAbortedError("block transfer cancelled"))
+            raise
+
+    async def _send_payload_now(self, pool: BlockPool, ids: tuple[int, ...],
+                                layers: tuple[int, ...], offer_id: int,
+                                ready: torch.cuda.Event | None) -> None:
         pipe = self._pipe
         plane = pipe._plane
         proto = pipe._proto
@@ -283,47 +318,37 @@ class BlockExchange:
         tcp = plane.name == "tcp"
         stream = torch.cuda.Stream(pool.device) if cuda else None
         inflight: deque[asyncio.Future[Any]] = deque()
-        try:
-            for chunk in iter_chunks(pool.layout, layers, len(ids), STAGING_BYTES):
-                while len(inflight) >= CHUNKS_IN_FLIGHT:
-                    await inflight.popleft()
-                await pipe._send_budget.acquire(chunk.nbytes)
-                # tcp sends host memory (pinned, for a CUDA pool's copy engine); nccl sends
-                # device memory (a CPU pool's chunk is copied there by the plane).
-                buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
-                                  device=pool.device if cuda and not tcp else "cpu",
-                                  pin_memory=cuda and tcp)
-                if stream is not None:
-                    with torch.cuda.device(pool.device), torch.cuda.stream(stream):
-                        if ready is not None:
-                            stream.wait_event(ready)
-                        gather(pool, ids, chunk, buf, stream=stream)
-                        if not tcp:  # the plane orders itself after this (gathering) stream
-                            done = plane.post_send([buf])
-                    if tcp:  # the socket reads the host buffer once the copy is done
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                        await self._poller.watch(event, chunk.nbytes, keepalive=buf)
-                        done = cast(HostBytesPlane, plane).post_send_views(
-                            [_host_view(buf)], keepalive=buf)
-                else:
-                    gather(pool, ids, chunk, buf)
-                    done = plane.post_send([buf])
-                pipe._write(proto.send_block_data(offer_id))
-                done.add_done_callback(functools.partial(_release, pipe, chunk.nbytes))
-                inflight.append(self._sending(done))
-            proto.offer_done(offer_id)
-            while inflight:
+        for chunk in iter_chunks(pool.layout, layers, len(ids), STAGING_BYTES):
+            while len(inflight) >= CHUNKS_IN_FLIGHT:
                 await inflight.popleft()
-        except Exception as exc:
-            # Part of the payload may have left: the stream is no longer in step. The caller
-            # gets a copy of the pipe's error: re-raising ``exc`` would chain this frame (its
-            # staging buffer, the pool) into the cause the pipe keeps.
-            pipe._break(exc)
-            raise fresh(pipe._error) if pipe._error is not None else exc
-        except BaseException:
-            pipe._break(ConnectionAbortedError("block transfer cancelled"))
-            raise
+            await pipe._send_budget.acquire(chunk.nbytes)
+            # tcp sends host memory (pinned, for a CUDA pool's copy engine); nccl sends
+            # device memory (a CPU pool's chunk is copied there by the plane).
+            buf = torch.empty(chunk.nbytes, dtype=torch.uint8,
+                              device=pool.device if cuda and not tcp else "cpu",
+                              pin_memory=cuda and tcp)
+            if stream is not None:
+                with torch.cuda.device(pool.device), torch.cuda.stream(stream):
+                    if ready is not None:
+                        stream.wait_event(ready)
+                    gather(pool, ids, chunk, buf, stream=stream)
+                    if not tcp:  # the plane orders itself after this (gathering) stream
+                        done = plane.post_send([buf])
+                if tcp:  # the socket reads the host buffer once the copy is done
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    await self._poller.watch(event, chunk.nbytes, keepalive=buf)
+                    done = cast(HostBytesPlane, plane).post_send_views(
+                        [_host_view(buf)], keepalive=buf)
+            else:
+                gather(pool, ids, chunk, buf)
+                done = plane.post_send([buf])
+            pipe._write(proto.send_block_data(offer_id))
+            done.add_done_callback(functools.partial(_release, pipe, chunk.nbytes))
+            inflight.append(self._sending(done))
+        proto.offer_done(offer_id)
+        while inflight:
+            await inflight.popleft()
 
     # -- the receiving end ------------------------------------------------------------------
 
@@ -398,8 +423,11 @@ class BlockExchange:
             copied = self._copies_out.get(frame.offer_id)
             if fut is None:  # given up here (a close of ours): the peer never copies it
                 return
-            if not fut.done():  # first: a failed write below must not leave the call waiting
+            # First: a failed write below must not leave the call waiting.
+            if not fut.done():
                 fut.set_result(frame.error)
+            elif fut.cancelled():  # its call was cancelled in this loop iteration: it reads
+                self._late_pulls[frame.offer_id] = frame.error  # this instead, and sends whole
             if copied is not None and not frame.error:
                 # Committed (no RETRACT is possible any more): let the peer copy now, whether
                 # or not the caller is still waiting; a close waits for the copy to end.
@@ -803,3 +831,8 @@ def _host_view(buf: torch.Tensor) -> memoryview:
     return byte_view(buf)
 
 
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # (marked read: asyncio would log it again when collected)

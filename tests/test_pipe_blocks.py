@@ -10,7 +10,7 @@ import torch
 from conftest import PairFactory, eventually
 
 import aiokvpipe
-from aiokvpipe import BlockPool
+from aiokvpipe import BlockPool, _wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -166,6 +166,60 @@ async def test_a_send_cancelled_before_the_pull_moves_nothing(pair_factory: Pair
     assert_moved(src, dst, [1], [2])
     # every offer's credit came back: the retracted one's too
     await eventually(lambda: a.stats.send_credits == 1 << 20, 5, f"credits back: {a.stats}")
+
+
+def cancel_at_pull(a: aiokvpipe.Pipe, sending: asyncio.Task[None], when: str) -> None:
+    """Cancel ``sending`` in the loop iteration in which ``a`` reads the peer's PULL, before
+    the call can see it: ``when`` "before" or "after" the PULL is handled."""
+    on_frame = a._blocks.on_frame
+
+    def handle(frame: _wire.Frame) -> None:
+        pull = isinstance(frame, _wire.Pull)
+        if pull and when == "before":
+            sending.cancel()
+        on_frame(frame)
+        if pull and when == "after":
+            sending.cancel()
+
+    a._blocks.on_frame = handle  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_send_cancelled_as_the_pull_arrives_is_sent_whole_and_raises(
+        pair_factory: PairFactory, when: str) -> None:
+    # The PULL committed the transfer: the peer waits for the blocks. Cancelled in that very
+    # loop iteration, the call must neither take the offer back (too late: a RuntimeError
+    # escaped, and the receive waited for ever) nor swallow the cancellation.
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    fill_blocks(src, [1, 5], seed=6)
+    sending = asyncio.create_task(a.send_blocks(src, [1, 5], key="k"))
+    await eventually(lambda: bool(b._blocks._offers_in), 5, "the offer is at b, unmatched")
+    cancel_at_pull(a, sending, when)
+    async with asyncio.timeout(10):
+        receiving = asyncio.create_task(b.recv_blocks(dst, [2, 3], key="k"))
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        await receiving
+    assert_moved(src, dst, [1, 5], [2, 3])
+    assert_untouched(dst, [2, 3])
+    async with asyncio.timeout(10):  # the pipe goes on
+        await asyncio.gather(a.send_blocks(src, [5], key="k2"),
+                             b.recv_blocks(dst, [7], key="k2"))
+    assert_moved(src, dst, [5], [7])
+    assert a._error is None and b._error is None
+
+
+async def test_a_source_may_name_a_block_more_often_than_its_pool_has_blocks(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    src, dst = vllm_pool(2), vllm_pool(8)
+    fill_blocks(src, [0, 1], seed=7)
+    async with asyncio.timeout(10):
+        await asyncio.gather(a.send_blocks(src, [0, 1, 0, 0], key="k"),
+                             b.recv_blocks(dst, [4, 5, 6, 7], key="k"))
+    assert_moved(src, dst, [0, 1, 0, 0], [4, 5, 6, 7])
+    assert_untouched(dst, [4, 5, 6, 7])
 
 
 async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:

@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import PairFactory, eventually
-from test_pipe_blocks import assert_moved, assert_untouched, fill_blocks, vllm_pool
+from test_pipe_blocks import (
+    assert_moved,
+    assert_untouched,
+    cancel_at_pull,
+    fill_blocks,
+    vllm_pool,
+)
 
 import aiokvpipe
 from aiokvpipe import BlockPool
@@ -164,3 +170,27 @@ async def test_once_pulled_the_copy_runs_whole_and_a_close_waits_for_it(
     assert_moved(src, dst, [3, 4], [5, 6])
     assert_untouched(dst, [5, 6])
     assert a.state.name == "CLOSED"  # graceful, not broken
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_send_cancelled_as_the_pull_arrives_lets_the_peer_copy(
+        pair_factory: PairFactory, when: str) -> None:
+    # Before, the call tried to take back an offer the peer was already copying: a
+    # RuntimeError escaped, and its PULLED then broke both pipes, blaming the honest peer.
+    a, b = await pair_factory()
+    seam = MappingSeam(a, b)
+    src, dst = vllm_pool(8), vllm_pool(8)
+    fill_blocks(src, [1], seed=8)
+    sending = asyncio.create_task(a.send_blocks(src, [1], key="k"))
+    await eventually(lambda: bool(b._blocks._offers_in), 5, "the offer is at b, unmatched")
+    cancel_at_pull(a, sending, when)
+    async with asyncio.timeout(10):
+        receiving = asyncio.create_task(b.recv_blocks(dst, [2], key="k"))
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        await receiving
+        await asyncio.gather(a.send_blocks(src, [1], key="again"),  # the pipe goes on
+                             b.recv_blocks(dst, [3], key="again"))
+    assert_moved(src, dst, [1, 1], [2, 3])
+    assert seam.pulls == 2
+    assert a._error is None and b._error is None
