@@ -308,7 +308,7 @@ class BlockExchange:
             except BaseException:
                 pipe._send_budget.release(nbytes)
                 raise
-            proto.offer_done(offer_id)
+            proto.offer_sent(offer_id)
             try:
                 await done
             finally:
@@ -346,7 +346,7 @@ class BlockExchange:
             pipe._write(proto.send_block_data(offer_id))
             done.add_done_callback(functools.partial(_release, pipe, chunk.nbytes))
             inflight.append(self._sending(done))
-        proto.offer_done(offer_id)
+        proto.offer_sent(offer_id)
         while inflight:
             await inflight.popleft()
 
@@ -632,7 +632,7 @@ class BlockExchange:
         chunk = incoming.chunks.popleft()
         if not incoming.chunks:
             del self._incoming[offer_id]
-            self._pipe._proto.offer_done(offer_id)
+            self._pipe._proto.offer_received(offer_id)
         sink = incoming.sink
         plane = self._pipe._plane
         pool = sink.pool

@@ -376,14 +376,18 @@ class PipeProtocol:
 
     def send_block_data(self, offer_id: int) -> bytes:
         """The next chunk of a pulled offer's payload follows on the data plane (write this
-        as the chunk is posted). :meth:`offer_done` after the last chunk."""
+        as the chunk is posted). :meth:`offer_sent` after the last chunk."""
         if self._offers_out.get(offer_id) is not _OfferState.PULLED:
             raise LocalProtocolError(f"offer {offer_id} was not pulled")
         return _wire.encode(_wire.BlockData(offer_id))
 
-    def offer_done(self, offer_id: int) -> None:
-        """A pulled offer's payload is all on its way (sender) or all announced (receiver)."""
+    def offer_sent(self, offer_id: int) -> None:
+        """Our pulled offer's payload is all on its way."""
         self._offers_out.pop(offer_id, None)
+
+    def offer_received(self, offer_id: int) -> None:
+        """The peer's pulled offer's payload is all announced. (The two ends number their
+        offers each on its own: our offer #n and the peer's are two different offers.)"""
         self._offers_in.pop(offer_id, None)
 
     def send_pull(self, offer_id: int, error: str = "") -> bytes:

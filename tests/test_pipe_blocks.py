@@ -210,6 +210,23 @@ async def test_a_send_cancelled_as_the_pull_arrives_is_sent_whole_and_raises(
     assert a._error is None and b._error is None
 
 
+async def test_both_ends_send_and_receive_blocks_at_once(pair_factory: PairFactory) -> None:
+    # Each end's offer #0 once ended the other's as well: both pipes broke.
+    a, b = await pair_factory()
+    a_src, b_src, a_dst, b_dst = vllm_pool(8), vllm_pool(8), vllm_pool(8), vllm_pool(8)
+    fill_blocks(a_src, [1, 2], seed=9)
+    fill_blocks(b_src, [3, 4], seed=10)
+    async with asyncio.timeout(10):
+        for _ in range(3):
+            await asyncio.gather(a.send_blocks(a_src, [1, 2], key="a->b"),
+                                 b.send_blocks(b_src, [3, 4], key="b->a"),
+                                 a.recv_blocks(a_dst, [0, 7], key="b->a"),
+                                 b.recv_blocks(b_dst, [5, 6], key="a->b"))
+    assert_moved(a_src, b_dst, [1, 2], [5, 6])
+    assert_moved(b_src, a_dst, [3, 4], [0, 7])
+    assert a._error is None and b._error is None
+
+
 async def test_a_source_may_name_a_block_more_often_than_its_pool_has_blocks(
         pair_factory: PairFactory) -> None:
     a, b = await pair_factory()

@@ -482,13 +482,36 @@ def test_offer_pull_data_in_order() -> None:
     assert frames == [_wire.Pull(oid)]
     assert b.credit_owed == offer_cost(3, 1)  # answered: its credit goes back
     chunks = a.send_block_data(oid) + a.send_block_data(oid)  # a staged transfer: 2 chunks
-    a.offer_done(oid)
+    a.offer_sent(oid)
     assert b.receive_data(chunks) == [_wire.BlockData(oid)] * 2
-    b.offer_done(oid)
+    b.offer_received(oid)
     with pytest.raises(ProtocolError, match="not pulled"):  # not after the last chunk
         b.receive_data(_wire.encode(_wire.BlockData(oid)))
     with pytest.raises(LocalProtocolError):
         a.send_block_data(oid)
+
+
+def test_offers_each_way_are_numbered_apart_and_end_apart() -> None:
+    # Both ends offer (#0 each way); ours ending must leave the peer's waiting, and the other
+    # way round (one offer_done() for both once made the next PULL a local error and broke
+    # a symmetric exchange with "BLOCK_DATA for offer 0, not pulled").
+    a, b = pair()
+    a_oid, a_offer = offer(a)
+    b_oid, b_offer = offer(b)
+    assert a_oid == b_oid == 0
+    b.receive_data(a.send_pool(0, b"layout") + a_offer)
+    a.receive_data(b.send_pool(0, b"layout") + b_offer)
+    a.receive_data(b.send_pull(a_oid))
+    b.receive_data(a.send_block_data(a_oid))
+    a.offer_sent(a_oid)
+    assert a.offer_waiting(b_oid)  # the peer's offer #0 still waits for our answer
+    b.receive_data(a.send_pull(b_oid))
+    a.receive_data(b.send_block_data(b_oid))
+    b.offer_sent(b_oid)
+    b.offer_received(a_oid)
+    assert not b.offer_waiting(a_oid)
+    with pytest.raises(ProtocolError, match="not pulled"):  # a's #0 ended at b
+        b.receive_data(_wire.encode(_wire.BlockData(a_oid)))
 
 
 def test_an_offer_of_a_pool_never_described_is_a_protocol_error() -> None:
