@@ -312,7 +312,7 @@ class Pipe:
         t0 = perf_counter() if self._timed else 0.0
         if key is not None:
             key = check_key(key)
-            self._proto.undiscard(key)
+        self._proto.undiscard(key)  # (unkeyed messages too, after a discard(None))
         ready = self._ready.get(key)
         if ready and self._error is None:
             item = self._pop_ready(key)
@@ -350,8 +350,9 @@ class Pipe:
 
     def discard(self, key: str | None) -> int:
         """Give up the messages with ``key``: those that arrived and wait unclaimed, those
-        arriving now, and those that arrive later (until a ``recv(key)`` asks for the key
-        again; the most recent 4,096 discarded keys are remembered).
+        arriving now, and those that arrive later (until a ``recv(key)`` or
+        ``recv_blocks(..., key=key)`` asks for the key again; the most recent 4,096 discarded
+        keys are remembered). ``None`` names the unkeyed messages.
 
         Block offers for the key are refused (the sender's ``send_blocks`` raises
         ``ValueError`` saying so), now and later. Their receive credits go back to the peer
@@ -387,10 +388,14 @@ class Pipe:
         Waits for the peer's matching ``recv_blocks``; the pool is described to the peer once
         per pipe.
 
+        No ids: nothing moves and it returns at once (so does the peer's ``recv_blocks`` of
+        none; no offer goes out).
+
         Raises ``TypeError``/``ValueError`` before anything moves for a bad id, layer or key
-        (the pipe stays usable), ``ValueError`` when the peer refuses the blocks (its pool
-        does not fit, the block counts differ: its message says why), :class:`PipeClosed`
-        and :class:`BrokenPipe` as :meth:`send` does.
+        or more than 131,072 ids (the pipe stays usable), ``ValueError`` when the peer
+        refuses the blocks (its pool does not fit, the block counts differ, it discarded the
+        key: its message says why), :class:`PipeClosed` and :class:`BrokenPipe` as
+        :meth:`send` does.
 
         Cancellation: cancelled before the peer took the offer, nothing moves; after that
         (even in the loop iteration its PULL arrives in) the blocks are sent whole, read until
@@ -407,14 +412,17 @@ class Pipe:
         are then safe to use on the caller's current stream. Blocks it does not name are
         never written; nothing is allocated that grows with the request.
 
+        Asking for a key that was :meth:`discard`-ed takes it back, as :meth:`recv` does. No
+        ids: returns at once (see :meth:`send_blocks`).
+
         Raises ``TypeError``/``ValueError`` before anything moves for bad ids (out of range,
-        a destination named twice), layers or key, and ``ValueError`` when an offer for the
-        key does not fit (pools that differ, block counts that differ; the sender hears why);
-        :class:`PipeClosed`, :class:`BrokenPipe` as :meth:`recv` does.
+        a destination named twice, more than 131,072), layers or key, and ``ValueError`` when
+        an offer for the key does not fit (pools that differ, block counts that differ; the
+        sender hears why); :class:`PipeClosed`, :class:`BrokenPipe` as :meth:`recv` does.
 
         Cancellation: what has not started moving never will; what is already moving is
-        waited for, so once the call is over nothing writes to the named blocks; their
-        contents are then undefined.
+        waited for (cancelling again does not cut that wait short), so once the call is over
+        nothing writes to the named blocks; their contents are then undefined.
         """
         await self._blocks.recv_blocks(pool, block_ids, key, layers)
 

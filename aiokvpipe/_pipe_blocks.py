@@ -166,6 +166,8 @@ class BlockExchange:
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
         _check_device(pipe, pool)
         pipe._check_can_send()
+        if not ids:  # nothing to move: no offer (the peer's recv_blocks of none returns too)
+            return
         ready = _mark_stream(pool)  # what the caller's stream has queued at the call
         await self._kernels_ready(pool)
         pipe._check_can_send()
@@ -359,6 +361,9 @@ class BlockExchange:
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
         _check_device(pipe, pool)
         pipe._check_can_recv()
+        pipe._proto.undiscard(key)  # asked for again: offers for it are taken from now on
+        if not ids:  # nothing to move (the peer's send_blocks of none offers nothing)
+            return
         after = _mark_stream(pool)  # what the caller's stream has queued at the call
         await self._kernels_ready(pool)
         pipe._check_can_recv()
@@ -373,12 +378,19 @@ class BlockExchange:
             nbytes = pool.layout.block_bytes(chosen) * len(ids)
             pipe._bytes_received += nbytes
             pipe._metrics.received(nbytes, perf_counter() - t0)
-        except BaseException:  # cancelled, or the pipe closed or broke
+        except BaseException as exc:  # cancelled, or the pipe closed or broke
             self._abandon(sink)
             # What is already posted still writes into the pool: wait for it, so that once
-            # this call is over nothing touches the named blocks any more.
-            if sink.inflight:
-                await asyncio.wait(set(sink.inflight))
+            # this call is over nothing touches the named blocks any more, even when
+            # cancelled again meanwhile (those receives end, if only with the pipe).
+            cancelled_again = False
+            while sink.inflight:
+                try:
+                    await asyncio.wait(set(sink.inflight))
+                except asyncio.CancelledError:
+                    cancelled_again = True
+            if cancelled_again and not isinstance(exc, asyncio.CancelledError):
+                raise asyncio.CancelledError from exc
             raise
         finally:
             self._drop_sink(sink)
@@ -773,8 +785,11 @@ def _checked(pool: object, block_ids: object, key: str | None, layers: object, *
     """A block call's arguments, checked before anything moves: (key, ids, tensor indices)."""
     if not isinstance(pool, BlockPool):
         raise TypeError(f"pool must be a BlockPool, not {type(pool).__name__}")
-    return (check_key(key), normalize_ids(pool, block_ids, destination=destination),
-            _normalize_layers(pool, layers))
+    ids = normalize_ids(pool, block_ids, destination=destination)
+    if len(ids) > _wire.MAX_OFFER_BLOCKS:  # (one OFFER frame names them all)
+        raise ValueError(f"{len(ids)} block ids in one call; the limit is "
+                         f"{_wire.MAX_OFFER_BLOCKS}")
+    return check_key(key), ids, _normalize_layers(pool, layers)
 
 
 def _check_device(pipe: Pipe, pool: BlockPool) -> None:

@@ -363,9 +363,10 @@ class PipeProtocol:
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot offer blocks in state {self.state.name}")
         offer_id = self.next_offer_id
+        frame = _wire.encode(_wire.Offer(offer_id, pool_id, key, layers, ids))  # may refuse
         self.next_offer_id += 1
         self._offers_out[offer_id] = _OfferState.OFFERED
-        return offer_id, _wire.encode(_wire.Offer(offer_id, pool_id, key, layers, ids))
+        return offer_id, frame
 
     def send_retract(self, offer_id: int) -> bytes:
         """Give up an offer the peer has not pulled."""

@@ -239,6 +239,86 @@ async def test_a_source_may_name_a_block_more_often_than_its_pool_has_blocks(
     assert_untouched(dst, [4, 5, 6, 7])
 
 
+async def test_an_empty_transfer_returns_at_once_at_either_end(pair_factory: PairFactory
+                                                               ) -> None:
+    # Once an OFFER of no blocks, which a staged path (CUDA pools, nccl, ipc) never
+    # completed: the receiver waited for a chunk that no sender writes.
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    async with asyncio.timeout(5):
+        await a.send_blocks(src, [], key="none")
+        await b.recv_blocks(dst, [], key="none")
+        await b.recv_blocks(dst, torch.tensor([], dtype=torch.int64), key="none", layers=[1])
+    assert_untouched(dst, [])
+    assert not b._blocks._offers_in and a._proto.next_offer_id == 0
+
+
+async def test_more_ids_than_one_offer_names_is_a_value_error_before_anything_moves(
+        pair_factory: PairFactory) -> None:
+    # Once refused only as the OFFER frame was built: a ProtocolError after the offer took
+    # its id and credit, and the next send_blocks broke the pipe (an offer out of sequence).
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    too_many = [0] * (_wire.MAX_OFFER_BLOCKS + 1)  # a source may repeat ids
+    credits = a.stats.send_credits
+    with pytest.raises(ValueError, match="limit"):
+        await a.send_blocks(src, too_many, key="big")
+    wide = BlockPool([torch.zeros(_wire.MAX_OFFER_BLOCKS + 1, 2)], block_dim=0)
+    with pytest.raises(ValueError, match="limit"):
+        await b.recv_blocks(wide, range(_wire.MAX_OFFER_BLOCKS + 1), key="big")
+    assert a.stats.send_credits == credits and a._proto.next_offer_id == 0
+    fill_blocks(src, [3], seed=11)
+    async with asyncio.timeout(10):
+        await asyncio.gather(a.send_blocks(src, [3], key="k"), b.recv_blocks(dst, [4], key="k"))
+    assert_moved(src, dst, [3], [4])
+
+
+async def test_recv_blocks_takes_a_discarded_key_back_as_recv_does(pair_factory: PairFactory
+                                                                   ) -> None:
+    # A retried request reusing its key: offers for it were refused as discarded while its
+    # recv_blocks waited for ever.
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    fill_blocks(src, [2], seed=12)
+    b.discard("req")
+    async with asyncio.timeout(10):
+        receiving = asyncio.create_task(b.recv_blocks(dst, [6], key="req"))
+        await eventually(lambda: "req" in b._blocks._sinks, 5, "recv_blocks asked for it")
+        await a.send_blocks(src, [2], key="req")
+        await receiving
+    assert_moved(src, dst, [2], [6])
+
+
+async def test_recv_blocks_cancelled_twice_returns_only_once_nothing_writes_the_pool(
+        pair_factory: PairFactory) -> None:
+    # The second cancellation (a timeout inside a task group, a server shutting down) ended
+    # the wait for what was already being received: the call returned while the socket
+    # still wrote into the named blocks.
+    a, b = await pair_factory()
+    src = BlockPool([torch.ones(2, 16, 1 << 19) for _ in range(2)], block_dim=1)  # 64 MiB
+    dst = BlockPool([torch.zeros(2, 16, 1 << 19) for _ in range(2)], block_dim=1)
+    posted = asyncio.get_running_loop().create_future()
+    block_data = b._blocks._block_data
+
+    def note_posted(offer_id: int) -> None:
+        block_data(offer_id)
+        if not posted.done():
+            posted.set_result(None)
+
+    b._blocks._block_data = note_posted  # type: ignore[method-assign]
+    async with asyncio.timeout(20):
+        receiving = asyncio.create_task(b.recv_blocks(dst, range(16), key="big"))
+        sending = asyncio.create_task(a.send_blocks(src, range(16), key="big"))
+        await posted  # the payload is being received into the pool
+        receiving.cancel()
+        await asyncio.sleep(0)  # it is waiting for the receives already posted
+        receiving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        assert not b._blocks.receiving, "recv_blocks returned while its blocks were written"
+        await sending
+
+
 async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:
     a, b = await pair_factory()
     src, dst = vllm_pool(1024), vllm_pool(1024)

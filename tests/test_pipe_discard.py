@@ -51,3 +51,17 @@ async def test_discard_only_touches_its_key_and_keeps_order(small_pipe) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.1):
             await receiver.recv(key="drop")
+
+
+async def test_discarding_unkeyed_messages_lasts_until_recv_asks_again(small_pipe) -> None:
+    # recv() took a discarded key back only when it had one: after discard(None) every
+    # unkeyed message was dropped for good, and recv() waited for ever.
+    sender, receiver = small_pipe
+    await sender.send(torch.tensor([1]))
+    await sender.send(torch.tensor([2]), key="fence")
+    await receiver.recv(key="fence")
+    assert receiver.discard(None) == 1
+    async with asyncio.timeout(5):
+        waiting = asyncio.create_task(receiver.recv())
+        await sender.send(torch.tensor([3]))
+        assert (await waiting).item() == 3
