@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import secrets
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import torch
 
@@ -454,9 +455,21 @@ async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, flags:
 # -- the connecting end -----------------------------------------------------------------------
 
 
+#: Errors of a connection attempt that a listener starting later, or a host coming back,
+#: would cure: retried until connect_timeout.
+_RETRIED: Final = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)
+_RETRIED_ERRNOS: Final = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH})
+#: How long the last attempt, made at connect_timeout itself, may wait for an answer.
+_LAST_TRY_S: Final = 0.2
+
+
 async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
-                       deadline: float) -> socket.socket:
-    """Connect, retrying while the listener is not up yet, until ``deadline``."""
+                       deadline: float | None) -> socket.socket:
+    """Connect, retrying while the listener is not up yet (refused) or its host is out of
+    reach, until ``deadline``: then :class:`TimeoutError`, also for an attempt still
+    unanswered there (SYNs dropped by a firewall, a listener's full accept queue), which
+    would otherwise wait for the kernel's own timeout (minutes). ``None``: one attempt,
+    bounded by the caller. Any other ``OSError`` is a :class:`PipeError` (chained)."""
     delay = 0.02
     while True:
         infos = await _resolve(loop, host, port)
@@ -464,10 +477,19 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, address)
-        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
+            if deadline is None:
+                await loop.sock_connect(sock, address)
+            else:
+                async with asyncio.timeout_at(max(deadline, loop.time() + _LAST_TRY_S)):
+                    await loop.sock_connect(sock, address)
+        except TimeoutError as exc:
             sock.close()
-            remaining = deadline - loop.time()
+            raise TimeoutError(f"nobody accepted a pipe at {host}:{port} (no answer)") from exc
+        except OSError as exc:
+            sock.close()
+            if not isinstance(exc, _RETRIED) and exc.errno not in _RETRIED_ERRNOS:
+                raise PipeError(f"cannot connect to {host}:{port}: {exc}") from exc
+            remaining = 0.0 if deadline is None else deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"nobody accepted a pipe at {host}:{port}") from exc
             # The last pause ends at the deadline itself, for one last try there.
@@ -490,13 +512,15 @@ async def connect(host: str, port: int, options: PipeOptions | None = None,
     runs the handshake within ``handshake_timeout``. Raises, and nothing else:
 
     * ``TypeError``/``ValueError`` -- bad options (before anything is opened);
-    * :class:`TimeoutError` -- nobody accepted within ``connect_timeout``, or the handshake
-      did not finish within ``handshake_timeout``;
+    * :class:`TimeoutError` -- nobody accepted within ``connect_timeout`` (refused, its host
+      out of reach, or no answer at all), or the handshake did not finish within
+      ``handshake_timeout``;
     * :class:`~aiokvpipe.AuthenticationError` -- the tokens differ;
     * :class:`~aiokvpipe.ProtocolError` -- the peer is not aiokvpipe (or not this version);
     * :class:`~aiokvpipe.PeerFailure` -- the listener failed on its side during the handshake;
-    * :class:`~aiokvpipe.PipeError` -- the ends cannot agree on a transport, or the host name
-      does not resolve (the ``socket.gaierror`` chained);
+    * :class:`~aiokvpipe.PipeError` -- the ends cannot agree on a transport, the host name
+      does not resolve (the ``socket.gaierror`` chained), or connecting failed otherwise
+      (the ``OSError`` chained: permission denied, say);
     * :class:`~aiokvpipe.BrokenPipe` -- the listener dropped the connection during the
       handshake (the ``OSError`` chained).
 
@@ -531,7 +555,7 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
         late = _LateBreak()
         if accept.transport == _wire.Transport.TCP:
             for direction in _wire.Direction:
-                s = await _open_socket(loop, host, port, loop.time())
+                s = await _open_socket(loop, host, port, None)  # (handshake_timeout bounds it)
                 data_socks.append(s)
                 await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
                                                                      direction)))

@@ -5,6 +5,7 @@ listener appears, ``TimeoutError`` when nobody listens."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
@@ -309,3 +310,58 @@ async def test_cancelled_connect_leaks_no_socket(any_loop: str) -> None:
         async with asyncio.timeout(0.3):
             await aiokvpipe.connect(HOST, port, connect_timeout=10)
     assert socket_fds() <= sockets_before
+
+
+async def test_connect_gives_up_at_connect_timeout_when_nothing_answers(any_loop: str) -> None:
+    # A listener whose accept queue is full drops our SYN, as a firewall's DROP rule does:
+    # the connection attempt gets no answer at all, and once waited for the kernel's own
+    # timeout (minutes), whatever connect_timeout said.
+    server = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        server.bind((HOST, 0))
+        server.listen(0)  # never accepted: room for one connection, then SYNs are dropped
+        port = server.getsockname()[1]
+        for _ in range(2):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((HOST, port))
+        await eventually(lambda: full_accept_queue(server), 5, "the accept queue filled")
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            with pytest.raises(TimeoutError, match="nobody accepted"):
+                await aiokvpipe.connect(HOST, port, connect_timeout=0.5, handshake_timeout=0.5)
+        assert time.monotonic() - started < 2.0
+    finally:
+        for s in [server, *fillers]:
+            s.close()
+
+
+def full_accept_queue(server: socket.socket) -> bool:
+    """Whether a connection attempt to ``server`` (listening with backlog 0) goes unanswered
+    now: the kernel's queue of connections waiting for accept() is full."""
+    probe = socket.socket()
+    probe.settimeout(0.05)
+    try:
+        probe.connect(server.getsockname())
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+async def test_connect_raises_only_typed_errors_when_the_host_is_out_of_reach(
+        any_loop: str) -> None:
+    # A host out of reach (EHOSTUNREACH, ENETUNREACH: a peer host rebooting) once escaped as
+    # a bare OSError, at the first attempt: it is retried until connect_timeout. Any other
+    # failure to connect (EACCES, say) is a PipeError.
+    started = time.monotonic()
+    with pytest.raises((TimeoutError, aiokvpipe.PipeError)) as caught:
+        await aiokvpipe.connect("255.255.255.255", 9, connect_timeout=0.3)
+    assert isinstance(caught.value.__cause__, OSError)
+    assert time.monotonic() - started < 5.0
