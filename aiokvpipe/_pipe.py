@@ -103,9 +103,9 @@ class _Queued:
     posted: asyncio.Future[asyncio.Future[None] | None]
     #: when the current wait began (metrics)
     since: float
-    #: its requests of send budget and of credits, once made (see Pipe._admitted)
-    budget: asyncio.Future[None] | None = None
+    #: its requests of credits and of send budget, once made (see Pipe._admitted)
     credit: asyncio.Future[None] | None = None
+    budget: asyncio.Future[None] | None = None
 
 
 class _Incoming:
@@ -442,7 +442,7 @@ class Pipe:
             log.info("pipe to %s closing", self.peer)
             self._proto.start_closing()
             self._fail_waiters(PipeClosed("pipe closed"))
-            self._fail_pending_senders(PipeClosed("pipe closed"))
+            self._fail_pending_senders(PipeClosed("pipe closed"), graceful=True)
             self._blocks.closing(PipeClosed("pipe closed"), ours=True)
             self._ensure_closer()
         progress = self._progress()
@@ -586,7 +586,7 @@ class Pipe:
                 return
             queue.popleft()
             if self._timed:
-                self._metrics.waited_credits(perf_counter() - turn.since)
+                self._metrics.waited_budget(perf_counter() - turn.since)
             try:
                 done = self._post(turn.out, turn.key, turn.inline, turn.cost, turn.held)
             except Exception as exc:  # the pipe broke (see _post): tell this caller why
@@ -596,19 +596,22 @@ class Pipe:
             turn.posted.set_result(done)
 
     def _admitted(self, turn: _Queued) -> bool:
-        """``turn`` holds its send budget, then its credits (each asked for once; a grant
-        pumps the queue again)."""
-        if turn.budget is None:
-            turn.budget = self._ask(self._send_budget, turn.held)
-        if not _granted(turn.budget):
-            return False
+        """``turn`` holds its credits, then its send budget (each asked for once; a grant
+        pumps the queue again). In that order, as a block transfer takes them (its offer's
+        credit, then budget for its payload once pulled): a send holding budget while it
+        waited for credits that an unclaimed message held could starve a pulled transfer
+        the receiver waited for before claiming that message, for ever."""
         if turn.credit is None:
+            turn.credit = self._ask(self._credits, turn.cost)
+        if not _granted(turn.credit):
+            return False
+        if turn.budget is None:
             if self._timed:
                 now = perf_counter()
-                self._metrics.waited_budget(now - turn.since)
+                self._metrics.waited_credits(now - turn.since)
                 turn.since = now
-            turn.credit = self._ask(self._credits, turn.cost)
-        return _granted(turn.credit)
+            turn.budget = self._ask(self._send_budget, turn.held)
+        return _granted(turn.budget)
 
     def _ask(self, budget: ByteBudget, n: int) -> asyncio.Future[None]:
         """Request ``n`` bytes of ``budget``; a later grant pumps the queue again."""
@@ -767,11 +770,14 @@ class Pipe:
             self._break(exc.__cause__ or exc)
             raise fresh(self._error) if self._error else exc
 
-    def _fail_pending_senders(self, exc: PipeError) -> None:
+    def _fail_pending_senders(self, exc: PipeError, graceful: bool = False) -> None:
         # Senders waiting for their turn, budget or credits give up; those already posted
-        # finish.
+        # finish. On a graceful close, so do block transfers the peer pulled already (they
+        # are committed: it waits for them), which may still need send budget: only a
+        # broken pipe takes that away.
         self._fail_queued_senders(exc)
-        self._send_budget.abort(exc)
+        if not graceful:
+            self._send_budget.abort(exc)
         self._credits.abort(exc)
 
     # -- receiving internals ------------------------------------------------------------------
@@ -1031,7 +1037,7 @@ class Pipe:
     # -- ending -------------------------------------------------------------------------------
 
     def _on_close(self) -> None:
-        self._fail_pending_senders(PipeClosed("the peer closed the pipe"))
+        self._fail_pending_senders(PipeClosed("the peer closed the pipe"), graceful=True)
         self._blocks.closing(PipeClosed("the peer closed the pipe"), ours=False)
         if not self._incoming:
             self._fail_waiters(PipeClosed("the peer closed the pipe"))

@@ -266,7 +266,7 @@ class BlockExchange:
         does): a task of its own, which breaks the pipe if it fails."""
         transfer = asyncio.ensure_future(self._send_payload(pool, ids, layers, offer_id, ready))
         transfer.add_done_callback(_retrieved)  # (its caller may be gone; the pipe broke)
-        return transfer
+        return self._sending(transfer)  # a close sends its CLOSE only after it
 
     async def _send_payload(self, pool: BlockPool, ids: tuple[int, ...],
                             layers: tuple[int, ...], offer_id: int,

@@ -319,6 +319,60 @@ async def test_recv_blocks_cancelled_twice_returns_only_once_nothing_writes_the_
         await sending
 
 
+async def test_a_close_sends_a_pulled_transfer_whole_while_it_waits_for_send_budget(
+        pair_factory: PairFactory) -> None:
+    # A pulled transfer is committed: the peer waits for its blocks. Its payload still
+    # waiting for send budget (a large send holds it) used to fail with PipeClosed when the
+    # close aborted the budget, and the peer's recv_blocks waited for ever on a closed pipe.
+    a, b = await pair_factory(max_inflight_bytes=80 << 20)
+    big = torch.ones(64 << 18)  # 64 MiB: in flight while b reads nothing
+    src = BlockPool([torch.randn(2, 8, 1 << 19)], block_dim=1)  # 32 MiB of blocks
+    dst = BlockPool([torch.zeros(2, 8, 1 << 19)], block_dim=1)
+    reading = b._plane._receiver._transport
+    reading.pause_reading()
+    async with asyncio.timeout(30):
+        sending_big = asyncio.create_task(a.send(big, key="big"))
+        await eventually(lambda: a._send_budget.in_use >= big.nbytes, 5, "big in flight")
+        sending = asyncio.create_task(a.send_blocks(src, range(8), key="kv"))
+        receiving = asyncio.create_task(b.recv_blocks(dst, range(8), key="kv"))
+        await eventually(lambda: a._send_budget.waiting == 1, 5, "pulled, waiting for budget")
+        closing = asyncio.create_task(a.aclose())
+        await eventually(lambda: a._closed_here, 5, "the close began")
+        reading.resume_reading()
+        await sending_big
+        await sending
+        await receiving
+        assert bool((await b.recv(key="big") == 1).all())
+        await closing
+        await b.aclose()
+    assert torch.equal(src.tensors[0], dst.tensors[0])
+    assert a.state.name == b.state.name == "CLOSED"
+
+
+async def test_a_queued_send_waiting_for_credits_holds_no_budget_a_pulled_transfer_needs(
+        pair_factory: PairFactory) -> None:
+    # The receiver takes the blocks before the message sent ahead of them, which holds most
+    # of the credit window. A send queued behind used to take its send budget first and then
+    # wait for credits, holding that budget; the pulled transfer's payload then waited for
+    # budget, the receiver for the blocks, the credits for the receiver: for ever.
+    window = 1 << 20
+    a, b = await pair_factory(max_inflight_bytes=window, recv_buffer_bytes=window)
+    src = BlockPool([torch.randn(2, 16, 64, 64)], block_dim=1)  # 32 KiB a block
+    dst = BlockPool([torch.zeros(2, 16, 64, 64)], block_dim=1)
+    async with asyncio.timeout(20):
+        await a.send(torch.ones(150 << 10), key="meta-0")  # 600 KiB of credit, unclaimed
+        offering = asyncio.create_task(a.send_blocks(src, range(16), key="kv"))  # 512 KiB
+        await eventually(lambda: bool(b._blocks._offers_in), 5, "the offer is at b")
+        queued = asyncio.create_task(a.send(torch.ones(150 << 10), key="meta-1"))
+        await eventually(lambda: len(a._send_queue) == 1, 5, "meta-1 waits for credits")
+        await b.recv_blocks(dst, range(16), key="kv")
+        await offering
+        assert bool((await b.recv(key="meta-0") == 1).all())
+        await queued
+        assert bool((await b.recv(key="meta-1") == 1).all())
+    assert torch.equal(src.tensors[0], dst.tensors[0])
+
+
 async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:
     a, b = await pair_factory()
     src, dst = vllm_pool(1024), vllm_pool(1024)
