@@ -665,9 +665,10 @@ class _Mapping:
 
     __slots__ = ("region", "opened", "address", "users", "retired")
 
-    def __init__(self, region: int, opened: asyncio.Future[int]) -> None:
+    def __init__(self, region: int) -> None:
         self.region = region
-        self.opened = opened  # the local address of the region's base, once mapped
+        #: the local address of the region's base, once mapped (set as the open is queued)
+        self.opened: asyncio.Future[int]
         #: That address once ``opened``'s callback ran (a noted receive's one-look check);
         #: until then, and if it failed, None.
         self.address: int | None = None
@@ -795,8 +796,10 @@ class IpcPlane:
         self._ack_due = False
         self._received: Callable[[], object] | None = None
         self._received_due = False
-        # worker-thread side: region → mapped address (touched in the worker thread only)
-        self._thread_maps: dict[int, int] = {}
+        # worker-thread side: mapping → its address (touched in the worker thread only).
+        # Keyed by mapping, not region id: a peer may announce an id again once it retired
+        # it, while copies still read the old mapping; each must be unmapped, and only once.
+        self._thread_maps: dict[_Mapping, int] = {}
         self._pool_sources: dict[int, asyncio.Future[list[tuple[int, int]] | None]] = {}
         self._pulls = 0  # copies out of the peer's mapped pools (stats)
         #: Done once :meth:`abort` or :meth:`close` has unmapped, freed and dropped everything.
@@ -1434,10 +1437,10 @@ class IpcPlane:
             self._on_pool(rec)
         elif isinstance(rec, RegionRecord):
             self._ledger.region(rec)
-            opened = self._worker.submit(functools.partial(self._open, rec))
-            m = _Mapping(rec.region, opened)
+            m = _Mapping(rec.region)
+            m.opened = self._worker.submit(functools.partial(self._open, rec, m))
             self._mappings[rec.region] = m
-            opened.add_done_callback(functools.partial(self._opened, m))
+            m.opened.add_done_callback(functools.partial(self._opened, m))
         elif isinstance(rec, RetireRecord):
             self._ledger.retire(rec)
             m = self._mappings.pop(rec.region)
@@ -1462,7 +1465,7 @@ class IpcPlane:
         if self._targets:  # else its header, which follows, posts the target and pumps
             self._pump_recv()
 
-    def _open(self, rec: RegionRecord) -> int:
+    def _open(self, rec: RegionRecord, m: _Mapping) -> int:
         """Worker thread: map a region; refuse one smaller than announced."""
         ptr = _cudaipc.open_memory(rec.handle, self._index)
         try:
@@ -1474,7 +1477,7 @@ class IpcPlane:
             _cudaipc.close_memory(ptr)
             raise ProtocolError(f"region {rec.region} maps {mapped} bytes but was announced "
                                 f"as {rec.size}")
-        self._thread_maps[rec.region] = ptr
+        self._thread_maps[m] = ptr
         return ptr
 
     def _opened(self, m: _Mapping, fut: asyncio.Future[int]) -> None:
@@ -1492,10 +1495,8 @@ class IpcPlane:
             self._lost(exc)
 
     def _close_mapping(self, m: _Mapping) -> None:
-        region = m.region
-
         def close() -> None:
-            ptr = self._thread_maps.pop(region, None)
+            ptr = self._thread_maps.pop(m, None)
             if ptr is not None:
                 _cudaipc.close_memory(ptr)
 
@@ -1781,11 +1782,11 @@ class IpcPlane:
                 log.debug("ipc plane: synchronize at release: %r", err)
             else:
                 recycle_streams((send_stream, copy_stream))
-            for region, ptr in list(self._thread_maps.items()):
+            for m, ptr in list(self._thread_maps.items()):
                 try:
                     _cudaipc.close_memory(ptr)
                 except Exception as err:
-                    log.debug("ipc plane: cudaIpcCloseMemHandle(%d): %r", region, err)
+                    log.debug("ipc plane: cudaIpcCloseMemHandle(%d): %r", m.region, err)
             self._thread_maps.clear()
             if ring is not None:
                 try:

@@ -24,7 +24,15 @@ import uvloop  # noqa: E402
 import aiokvpipe  # noqa: E402
 from aiokvpipe import _cudaipc, _ipc_plane  # noqa: E402
 from aiokvpipe._dtypes import code_of  # noqa: E402
-from aiokvpipe._ipc_plane import IpcPlane, encode_note  # noqa: E402
+from aiokvpipe._ipc_plane import (  # noqa: E402
+    CopyRecord,
+    IpcPlane,
+    Piece,
+    RegionRecord,
+    RetireRecord,
+    encode_note,
+    encode_record,
+)
 from aiokvpipe._pipe import Pipe  # noqa: E402
 from aiokvpipe._wire import TensorSpec  # noqa: E402
 
@@ -246,9 +254,56 @@ async def acked() -> str:
     return "send() returned at the loop iteration after its acknowledgement"
 
 
+async def region_reuse() -> str:
+    """A (hostile) producer announces a region id again once it retired it, in the read where
+    a copy out of the old mapping was queued: each mapping is unmapped once, the old one
+    after its copy, the new one only when the plane ends; a later copy reads the new one.
+    (Mappings kept by region id unmapped the new one under the live region, and leaked the
+    old.)"""
+    opened: list[int] = []
+    closed: list[int] = []
+
+    def open_memory(handle: bytes, index: int) -> int:
+        opened.append(int.from_bytes(handle[:8], "little"))
+        return opened[-1]
+
+    setattr(_cudaipc, "open_memory", open_memory)
+    setattr(_cudaipc, "close_memory", closed.append)
+    old, new = torch.full((4096,), 1, dtype=torch.uint8), torch.full((4096,), 2, dtype=torch.uint8)
+    for i, t in enumerate((old, new)):
+        probe._ALLOCATIONS[t.data_ptr()] = (100 + i, t.numel(), True)
+    lost: list[BaseException] = []
+    plane = IpcPlane(torch.device("cpu"), lost.append, "segments", 1 << 20,
+                     [probe._Stream(), probe._Stream()])  # type: ignore[list-item]
+    plane.attach_signals(lambda data: None)
+    spec = TensorSpec(code_of(torch.uint8), (4096,), 1, "")
+
+    def region(t: torch.Tensor) -> bytes:
+        handle = t.data_ptr().to_bytes(8, "little") + bytes(_ipc_plane.IPC_HANDLE_BYTES - 8)
+        return encode_record(RegionRecord(7, 4096, handle))
+
+    copy = encode_record(CopyRecord((Piece(7, 0, 4096),), True))
+    plane.on_signal(region(old))
+    await asyncio.wait_for(plane._mappings[7].opened, 5)
+    first = plane.post_recv([spec])
+    plane.on_signal(copy + encode_record(RetireRecord(7)) + region(new))
+    assert int((await asyncio.wait_for(first, 5))[0][0]) == 1
+    await asyncio.wait_for(plane._mappings[7].opened, 5)
+    await plane._worker.submit(lambda: None)  # the worker ran what was queued before
+    assert closed == [old.data_ptr()], f"unmapped {closed}, not the old region only"
+    second = plane.post_recv([spec])
+    plane.on_signal(copy)
+    assert int((await asyncio.wait_for(second, 5))[0][0]) == 2
+    plane.close()
+    await asyncio.wait_for(plane.released, 5)
+    assert sorted(closed) == sorted(opened), f"mapped {opened}, unmapped {closed}"
+    assert not lost, lost
+    return "each mapping unmapped once, the old after its copy"
+
+
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
-    "retire": retire, "answer": answer, "acked": acked}
+    "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))

@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parent / "ipc_fake_receive.py"
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("scenario", ["allocation", "launch", "release_never_raises",
-                                      "retire", "answer", "acked"])
+                                      "retire", "answer", "acked", "region_reuse"])
 def test_deferred_receives(scenario: str) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), scenario], capture_output=True,
                           text=True, timeout=50)
