@@ -40,6 +40,8 @@ __all__ = [
     "MAX_POOL_TENSORS",
     "MAX_NUM_BLOCKS",
     "MAX_SEGMENTS_PER_BLOCK",
+    "MAX_POOL_SEGMENTS",
+    "MAX_PIPE_SEGMENTS",
     "BlockPool",
     "TensorLayout",
     "PoolLayout",
@@ -58,6 +60,13 @@ MAX_NUM_BLOCKS: Final = (1 << 32) - 1
 #: Most contiguous segments one block of one tensor may consist of (after folding adjacent
 #: ones): each is a separate copy, so a layout that shreds blocks finer is refused.
 MAX_SEGMENTS_PER_BLOCK: Final = 1024
+#: Most segments one block of a whole pool may consist of, its tensors' together (vLLM's
+#: ``[2, num_blocks, ...]`` layers of an 80-layer model: 160). Each is an offset a layout
+#: holds (about 40 bytes in Python) and computes: this bounds what describing a pool costs.
+MAX_POOL_SEGMENTS: Final = 1 << 16
+#: Most segments the pools one end describes on one pipe may have together (what the
+#: other end holds for them: about 40 MiB at most).
+MAX_PIPE_SEGMENTS: Final = 1 << 20
 
 #: ``(src_start, dst_start, length)``: blocks ``src_start .. src_start+length-1`` go to
 #: ``dst_start .. dst_start+length-1``.
@@ -197,6 +206,10 @@ class PoolLayout:
                 raise ValueError(f"tensor {i} has {t.num_blocks} blocks along its block_dim, "
                                  f"tensor 0 has {n}: every tensor of a pool has the pool's "
                                  "num_blocks")
+        segments = sum(len(t.segment_offsets) for t in self.tensors)
+        if segments > MAX_POOL_SEGMENTS:
+            raise ValueError(f"a block of this pool is {segments} separate byte ranges over "
+                             f"its tensors; the limit is {MAX_POOL_SEGMENTS}")
         names = [t.name for t in self.tensors]
         if self.named and len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in a pool")
@@ -206,6 +219,11 @@ class PoolLayout:
     @property
     def num_blocks(self) -> int:
         return self.tensors[0].num_blocks
+
+    @property
+    def segments(self) -> int:
+        """Separate byte ranges one block of the pool is, over all its tensors."""
+        return sum(len(t.segment_offsets) for t in self.tensors)
 
     @property
     def names(self) -> tuple[str, ...] | None:

@@ -19,7 +19,7 @@ import hashlib
 import struct
 from typing import Final
 
-from ._blocks import MAX_POOL_TENSORS, PoolLayout, TensorLayout
+from ._blocks import MAX_POOL_SEGMENTS, MAX_POOL_TENSORS, PoolLayout, TensorLayout
 from ._errors import ProtocolError
 from ._wire import MAX_NAME_BYTES, MAX_NDIM
 
@@ -72,6 +72,7 @@ def decode_layout(body: bytes | bytearray | memoryview) -> tuple[int, PoolLayout
     if not 1 <= count <= MAX_POOL_TENSORS:
         raise ProtocolError(f"LAYOUT of {count} tensors (1 to {MAX_POOL_TENSORS})")
     tensors = []
+    segments = 0
     try:
         for _ in range(count):
             name = r.text(r.unpack(_U8)[0])
@@ -80,6 +81,11 @@ def decode_layout(body: bytes | bytearray | memoryview) -> tuple[int, PoolLayout
                 raise ProtocolError(f"LAYOUT tensor of {ndim} dimensions")
             dims = r.unpack(_DIMS[2 * ndim])
             tensors.append(TensorLayout(name, dtype, dims[:ndim], dims[ndim:], block_dim))
+            # As they are built, not once all are: a pool of a thousand tensors of a thousand
+            # segments each took 0.3 s and 40 MiB to decode before it was refused.
+            segments += len(tensors[-1].segment_offsets)
+            if segments > MAX_POOL_SEGMENTS:
+                raise ProtocolError(f"LAYOUT of more than {MAX_POOL_SEGMENTS} segments a block")
         r.end()
         return pool_id, PoolLayout(tuple(tensors), bool(flags))
     except ValueError as exc:

@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import torch
 
 from . import _wire
-from ._blocks import BlockPool, PoolLayout, check_counts, check_fits, merge_runs, normalize_ids
+from ._blocks import (
+    MAX_PIPE_SEGMENTS,
+    BlockPool,
+    PoolLayout,
+    check_counts,
+    check_fits,
+    merge_runs,
+    normalize_ids,
+)
 from ._blocks import normalize_layers as _normalize_layers
 from ._blocks_move import (
     Chunk,
@@ -114,6 +122,8 @@ class BlockExchange:
         self._kernel_waiters = 0  # block calls waiting for the copy kernel (or behind them)
         self._pool_ids: dict[BlockPool, int] = {}
         self._peer_pools: dict[int, PoolLayout] = {}
+        #: Segments of a block of the pools described so far, ours and the peer's.
+        self._our_segments = self._peer_segments = 0
         self._offers_out: dict[int, asyncio.Future[str]] = {}
         #: The PULL answers of our offers whose call was cancelled in the loop iteration the
         #: PULL came in, before that call could see it (send_blocks takes them).
@@ -251,6 +261,10 @@ class BlockExchange:
         if pool_id is None:
             if len(self._pool_ids) >= _wire.MAX_POOLS:
                 raise ValueError(f"a pipe carries at most {_wire.MAX_POOLS} pools")
+            if self._our_segments + pool.layout.segments > MAX_PIPE_SEGMENTS:
+                raise ValueError(f"the pools described on this pipe would have more than "
+                                 f"{MAX_PIPE_SEGMENTS} segments a block together")
+            self._our_segments += pool.layout.segments
             pool_id = self._pool_ids[pool] = len(self._pool_ids)
             pipe = self._pipe
             pipe._write(pipe._proto.send_pool(pool_id, encode_layout(pool_id, pool.layout)))
@@ -412,6 +426,10 @@ class BlockExchange:
             pool_id, layout = decode_layout(frame.layout)
             if pool_id != frame.pool_id:
                 raise ProtocolError(f"POOL {frame.pool_id} describes pool {pool_id}")
+            self._peer_segments += layout.segments
+            if self._peer_segments > MAX_PIPE_SEGMENTS:  # (what we hold for its layouts)
+                raise ProtocolError(f"the peer's pools have more than {MAX_PIPE_SEGMENTS} "
+                                    "segments a block together")
             self._peer_pools[frame.pool_id] = layout
         elif isinstance(frame, _wire.Offer):
             layout = self._peer_pools[frame.pool_id]

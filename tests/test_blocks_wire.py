@@ -5,6 +5,7 @@ tests/test_wire_fuzz.py)."""
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aiokvpipe import ProtocolError
-from aiokvpipe._blocks import BlockPool, PoolLayout, TensorLayout
+from aiokvpipe._blocks import MAX_POOL_SEGMENTS, BlockPool, PoolLayout, TensorLayout
 from aiokvpipe._blocks_wire import (
     MAX_LAYOUT_BODY,
     decode_layout,
@@ -155,3 +156,30 @@ def test_layout_limits_are_checked_before_reading() -> None:
         decode_layout(struct.pack(">IBH", 0, 0, 1025))
     with pytest.raises(ProtocolError, match="truncated"):
         decode_layout(struct.pack(">IBH", 0, 0, 1000))
+
+
+def shredded_layout(tensors: int, segments: int, pool_id: int = 0) -> bytes:
+    """A LAYOUT body of ``tensors`` tensors whose blocks are ``segments`` one-element byte
+    ranges each, built by hand (a pool beyond the limits cannot be built)."""
+    one = encode_layout(pool_id, PoolLayout(
+        (TensorLayout("", 1, (segments, 2, 1), (2, 1, 1), 1),), False))
+    head, tensor = one[:7], one[7:]  # pool id, flags, count; then the one tensor
+    return head[:5] + struct.pack(">H", tensors) + tensor * tensors
+
+
+def test_a_layout_too_finely_shredded_is_refused_before_it_costs_much() -> None:
+    # 1,024 tensors of 1,024 segments a block: 53 KB on the wire, once 0.3 s and 40 MiB to
+    # decode, and a pipe accepts 1,024 pools. Refused as the total passes the limit.
+    body = shredded_layout(1024, 1024)
+    started = time.perf_counter()
+    with pytest.raises(ProtocolError, match="segments"):
+        decode_layout(body)
+    assert time.perf_counter() - started < 0.1
+    _, layout = decode_layout(shredded_layout(64, 1024))  # the limit itself is fine
+    assert layout.segments == MAX_POOL_SEGMENTS
+
+
+def test_a_pool_too_finely_shredded_is_refused_here_too() -> None:
+    tensors = [torch.zeros(1024, 2, 1) for _ in range(MAX_POOL_SEGMENTS // 1024 + 1)]
+    with pytest.raises(ValueError, match="separate byte ranges"):
+        BlockPool(tensors, block_dim=1)

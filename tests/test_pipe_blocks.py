@@ -11,6 +11,8 @@ from conftest import PairFactory, eventually
 
 import aiokvpipe
 from aiokvpipe import BlockPool, _wire
+from aiokvpipe._blocks import MAX_PIPE_SEGMENTS, MAX_POOL_SEGMENTS
+from aiokvpipe._blocks_wire import encode_layout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -371,6 +373,31 @@ async def test_a_queued_send_waiting_for_credits_holds_no_budget_a_pulled_transf
         await queued
         assert bool((await b.recv(key="meta-1") == 1).all())
     assert torch.equal(src.tensors[0], dst.tensors[0])
+
+
+async def test_the_pools_of_one_pipe_are_bounded_in_segments_each_way(
+        pair_factory: PairFactory) -> None:
+    # What an end holds for the peer's pool layouts grows with their segments: 1,024 pools
+    # of the most shredded layout once cost about 40 GiB from 55 MB of POOL frames.
+    a, b = await pair_factory()
+
+    def shredded() -> BlockPool:  # MAX_POOL_SEGMENTS segments a block
+        return BlockPool([torch.zeros(1024, 2, 1) for _ in range(MAX_POOL_SEGMENTS // 1024)],
+                         block_dim=1)
+
+    for _ in range(MAX_PIPE_SEGMENTS // MAX_POOL_SEGMENTS):
+        a._blocks._announce(shredded())  # described to the peer: up to the limit
+    with pytest.raises(ValueError, match="segments"):
+        async with asyncio.timeout(5):  # (else it would wait for the peer's recv_blocks)
+            await a.send_blocks(shredded(), [0], key="one too many")
+    await round_trip(a, b)  # b took every POOL frame, and both pipes go on
+    assert a._error is None and b._error is None
+    # A peer describing more is refused: the pipe breaks with a ProtocolError.
+    body = encode_layout(9999, shredded().layout)
+    a._control.write_encoded(a._proto.send_pool(9999, body))
+    await eventually(lambda: b._error is not None, 10, "b refused the pool")
+    assert isinstance(b._error.__cause__, aiokvpipe.ProtocolError), repr(b._error)
+    assert "segments" in str(b._error.__cause__)
 
 
 async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:
