@@ -37,7 +37,7 @@ class Outgoing:
         #: some tensor is on a CUDA device
         self.cuda = cuda
         #: the credits it holds at the receiver
-        self.cost = message_cost(nbytes, len(specs))
+        self.cost = message_cost(nbytes, specs)
 
 
 _NONE = Outgoing(Structure.NONE, (), (), 0)

@@ -27,7 +27,7 @@ from typing import Any, Final, NoReturn, TypeVar
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-PROTOCOL_VERSION: Final = 5  # 5: a data plane's note in a header; 4: ipc signals; 3: blocks
+PROTOCOL_VERSION: Final = 6  # 6: credits weigh specs; 5: a plane's note in a header; 4: ipc
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
@@ -223,10 +223,14 @@ class Error:
 
 
 #: What one message costs against the receiver's credits beyond its payload: the header and
-#: bookkeeping it holds while unclaimed. Charging it bounds memory even for a flood of empty
-#: (``None``) messages. Both ends compute it the same way.
+#: bookkeeping it holds while unclaimed, and each tensor's spec as decoded (about 140 bytes
+#: in Python, 36 more a dimension, and its name: see TensorSpec.cost). Charging it bounds memory even for a
+#: flood of empty (``None``) messages, or of headers of 4,096 specs of 32 dimensions each
+#: (charged a seventh of what they held when a spec cost a flat 64). Both ends compute it
+#: the same way (:func:`message_cost`).
 MESSAGE_OVERHEAD_BYTES: Final = 256
-TENSOR_OVERHEAD_BYTES: Final = 64
+TENSOR_OVERHEAD_BYTES: Final = 160
+DIM_OVERHEAD_BYTES: Final = 40
 
 
 # The three frames of every message's hot path are built per message on both ends: they are
@@ -244,6 +248,8 @@ class TensorSpec:
     name: str = ""
     #: Payload bytes (computed once: the hot path asks for it several times per message).
     nbytes: int = field(init=False, repr=False, compare=False)
+    #: What the spec itself costs against the receiver's credits (see message_cost).
+    cost: int = field(init=False, repr=False, compare=False)
     #: This spec's wire encoding, filled in by the first :func:`encode_header` that sends it
     #: (a sender reuses specs of recurring shapes).
     wire: bytes | None = field(init=False, default=None, repr=False, compare=False)
@@ -253,6 +259,10 @@ class TensorSpec:
         for d in self.shape:
             n *= d
         self.nbytes = n
+        # (A name's characters take up to 4 bytes each in a str, and a dict message's are
+        # held twice: in its spec and as its key.)
+        self.cost = (TENSOR_OVERHEAD_BYTES + DIM_OVERHEAD_BYTES * len(self.shape)
+                     + 4 * len(self.name))
 
 
 @dataclass(slots=True, init=False)
@@ -297,7 +307,7 @@ class Header:
             for t in tensors:
                 nbytes += t.nbytes
         self.nbytes = nbytes
-        self.cost = message_cost(nbytes, len(tensors))
+        self.cost = message_cost(nbytes, tensors)
 
 
 @dataclass(slots=True)
@@ -409,9 +419,13 @@ class Pulled:
 Frame = (Hello | Auth | Accept | Ready | Attach | Error | Header | Credit | Heartbeat | Close
          | PoolInfo | Offer | Pull | BlockData | Retract | Pulled | Signal)
 
-def message_cost(payload_bytes: int, tensors: int) -> int:
-    """Credits one message consumes at the receiver until it is claimed by ``recv()``."""
-    return payload_bytes + MESSAGE_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES * tensors
+def message_cost(payload_bytes: int, specs: Sequence[TensorSpec]) -> int:
+    """Credits one message consumes at the receiver until it is claimed by ``recv()``: its
+    payload, and what its header and specs hold meanwhile."""
+    cost = payload_bytes + MESSAGE_OVERHEAD_BYTES
+    for spec in specs:
+        cost += spec.cost
+    return cost
 
 
 # -- item sizes of the dtype codes, so the wire can check sizes without importing torch ----------

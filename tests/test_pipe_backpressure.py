@@ -14,7 +14,8 @@ import torch
 from conftest import HOST, PairFactory, SpawnPeer, close_quietly, eventually
 
 import aiokvpipe
-from aiokvpipe._wire import message_cost
+from aiokvpipe._message import flatten
+from aiokvpipe._wire import TensorSpec, message_cost
 
 MiB = 1 << 20
 BUDGET = 4 * MiB
@@ -22,7 +23,9 @@ N_MESSAGES = 200
 MESSAGE_BYTES = MiB
 SLOW_RECV_SLEEP_S = 0.003
 #: Unclaimed messages the receiver's credits allow at once.
-CREDIT_WINDOW = BUDGET // message_cost(MESSAGE_BYTES, 1)
+#: What one of those messages costs at the receiver (a 1-D tensor's header and payload).
+MESSAGE_COST = flatten(pipe_peer.seq_tensor(0, MESSAGE_BYTES)).cost
+CREDIT_WINDOW = BUDGET // MESSAGE_COST
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,8 +76,8 @@ async def test_slow_receiver_holds_back_a_fast_sender(pair_factory: PairFactory)
 
     await asyncio.wait_for(asyncio.gather(sender(), slow_receiver(), sampler()), 60)
     assert_sender_was_held_back(sent_at, claimed_at)
-    assert max_buffered <= BUDGET + message_cost(MESSAGE_BYTES, 1), max_buffered
-    assert max_buffered >= message_cost(MESSAGE_BYTES, 1)  # the sampler saw the buffer used
+    assert max_buffered <= BUDGET + MESSAGE_COST, max_buffered
+    assert max_buffered >= MESSAGE_COST  # the sampler saw the buffer used
     assert max_inflight <= BUDGET, max_inflight
 
 
@@ -104,7 +107,7 @@ async def test_slow_receiver_process_stays_bounded_in_memory(spawn_peer: SpawnPe
     assert report["bad"] == [], f"messages damaged or out of order: {report['bad'][:10]}"
     assert len(report["claimed"]) == N_MESSAGES
     assert_sender_was_held_back(sent_at, report["claimed"])
-    assert report["max_buffered"] <= BUDGET + message_cost(MESSAGE_BYTES, 1), report
+    assert report["max_buffered"] <= BUDGET + MESSAGE_COST, report
     # 200 MiB went through; without backpressure the receiver would hold most of it at once.
     growth = max(rss) - rss_base
     assert growth < 48 * MiB, f"receiver RSS grew by {growth / MiB:.0f} MiB"
@@ -131,7 +134,7 @@ async def test_unclaimed_messages_stop_the_sender_at_the_credit_limit(
     blocked = asyncio.create_task(a.send(pipe_peer.seq_tensor(CREDIT_WINDOW, MESSAGE_BYTES)))
     done, _ = await asyncio.wait({blocked}, timeout=0.3)
     assert not done, "send went past the receiver's credits while nothing was claimed"
-    assert a.stats.send_credits < message_cost(MESSAGE_BYTES, 1)
+    assert a.stats.send_credits < MESSAGE_COST
     assert pipe_peer.read_seq(await b.recv()) == 0  # frees one message's credits
     await asyncio.wait_for(blocked, 10)
     for i in range(1, CREDIT_WINDOW + 1):
@@ -141,7 +144,7 @@ async def test_unclaimed_messages_stop_the_sender_at_the_credit_limit(
 async def test_flood_of_empty_messages_is_bounded_by_credits(pair_factory: PairFactory) -> None:
     # None messages carry no payload, but each still costs credits while unclaimed.
     a, b = await pair_factory(recv_buffer_bytes=64 * 1024)
-    window = 64 * 1024 // message_cost(0, 0)
+    window = 64 * 1024 // message_cost(0, ())
     for _ in range(window):
         await asyncio.wait_for(a.send(None), 10)
     blocked = asyncio.create_task(a.send(None))
@@ -159,7 +162,7 @@ def test_default_credits_hold_as_many_messages_as_the_default_send_budget(k: int
     # did not fit at once, and large messages went one at a time (half the ipc throughput).
     opts = aiokvpipe.PipeOptions()
     size = opts.max_inflight_bytes // k
-    assert opts.recv_buffer_bytes >= k * message_cost(size, 1)
+    assert opts.recv_buffer_bytes >= k * message_cost(size, [TensorSpec(1, (size // 4,), 4)])
 
 
 async def test_credit_for_small_messages_goes_back_in_few_frames(

@@ -11,8 +11,8 @@ from conftest import PairFactory, eventually
 from test_pipe_roundtrip import assert_same_message, random_tensor
 
 import aiokvpipe
+from aiokvpipe._message import flatten
 from aiokvpipe._pipe import YIELD_EVERY
-from aiokvpipe._wire import message_cost
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -23,7 +23,7 @@ async def test_small_send_does_not_overtake_one_waiting_for_credits(
         pair_factory: PairFactory) -> None:
     # Credits for exactly one 4 KiB message: the second send waits for them, and a third,
     # which alone would fit no better, must queue behind it instead of taking the fast path.
-    one = message_cost(4 * KiB, 1)
+    one = flatten(torch.full((4 * KiB,), 1, dtype=torch.uint8)).cost
     a, b = await pair_factory(recv_buffer_bytes=one)
     await asyncio.wait_for(a.send(torch.full((4 * KiB,), 1, dtype=torch.uint8)), 5)
     second = asyncio.create_task(a.send(torch.full((4 * KiB,), 2, dtype=torch.uint8)))

@@ -22,7 +22,7 @@ from aiokvpipe._protocol import (
 from aiokvpipe._wire import Structure, TensorSpec, Transport
 
 SPEC = TensorSpec(1, (4,), 4)  # float32 ×4: 16 bytes
-COST = _wire.message_cost(16, 1)
+COST = _wire.message_cost(16, [SPEC])
 
 
 def header(seq: int, key: str | None = None, credit: int = 0) -> bytes:
@@ -85,7 +85,7 @@ def test_both_ends_charge_a_message_the_same_credit() -> None:
         head = a.send_header(None, out.structure, out.specs, out.nbytes, False)
         (h,) = b.receive_data(head)
         assert isinstance(h, _wire.Header)
-        assert out.cost == h.cost == _wire.message_cost(out.nbytes, len(out.specs))
+        assert out.cost == h.cost == _wire.message_cost(out.nbytes, out.specs)
         assert b.credit_held == out.cost
 
 

@@ -6,7 +6,9 @@ and we assert on the frames (or the :class:`ProtocolError`) that come out.
 
 from __future__ import annotations
 
+import gc
 import struct
+import tracemalloc
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -15,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiokvpipe import ProtocolError, _wire
+from aiokvpipe._protocol import offer_cost
 from aiokvpipe._wire import (
     DTYPE_ITEMSIZE,
     FRAME_PREFIX_BYTES,
@@ -24,6 +27,7 @@ from aiokvpipe._wire import (
     MAX_KEY_BYTES,
     MAX_NAME_BYTES,
     MAX_NDIM,
+    MAX_OFFER_BLOCKS,
     MAX_PAYLOAD_BYTES,
     MAX_TENSORS,
     NCCL_UNIQUE_ID_BYTES,
@@ -57,6 +61,7 @@ from aiokvpipe._wire import (
     TensorSpec,
     Transport,
     encode,
+    encode_header,
     message_cost,
 )
 
@@ -750,23 +755,55 @@ def test_unknown_structure_is_rejected(structure: int) -> None:
 
 
 def test_message_cost_is_positive_even_for_an_empty_message() -> None:
-    assert message_cost(0, 0) > 0  # a flood of None messages still consumes credits
+    assert message_cost(0, ()) > 0  # a flood of None messages still consumes credits
 
 
 def test_message_cost_covers_the_payload() -> None:
+    spec = TensorSpec(1, (4,), 4)
     for payload, tensors in [(0, 0), (1, 1), (4096, 3), (MAX_PAYLOAD_BYTES, MAX_TENSORS)]:
-        assert message_cost(payload, tensors) >= payload
+        assert message_cost(payload, [spec] * tensors) >= payload
 
 
-def test_message_cost_is_strictly_increasing_in_payload_and_tensor_count() -> None:
+def test_message_cost_is_strictly_increasing_in_payload_tensors_dimensions_and_names() -> None:
     payloads = [0, 1, 2, 255, 256, 4096, 1 << 20, MAX_PAYLOAD_BYTES]
     counts = [0, 1, 2, 64, MAX_TENSORS]
+    spec = TensorSpec(1, (4,), 4)
     for t in counts:
-        costs = [message_cost(p, t) for p in payloads]
+        costs = [message_cost(p, [spec] * t) for p in payloads]
         assert costs == sorted(costs) and len(set(costs)) == len(costs)
     for p in payloads:
-        costs = [message_cost(p, t) for t in counts]
+        costs = [message_cost(p, [spec] * t) for t in counts]
         assert costs == sorted(costs) and len(set(costs)) == len(costs)
+    costs = [message_cost(0, [TensorSpec(1, (1,) * n, 4)]) for n in range(1, MAX_NDIM + 1)]
+    assert costs == sorted(costs) and len(set(costs)) == len(costs)
+    assert message_cost(0, [TensorSpec(1, (1,), 4, "k" * 100)]) > message_cost(
+        0, [TensorSpec(1, (1,), 4, "k")])
+
+
+def shape_of(i: int, ndim: int) -> tuple[int, ...]:
+    """A shape of no elements whose first few sizes are ints Python does not cache."""
+    big = (0, *(300 + i + j for j in range(min(ndim, 4) - 1)))
+    return big + (1,) * (ndim - len(big))
+
+
+def test_a_header_of_many_specs_costs_at_least_what_it_holds_decoded() -> None:
+    # The credits a header holds bound what it makes the receiver hold until recv(): its
+    # specs as decoded, dimensions and names included (a flat 64 bytes a spec was a
+    # seventh of it for specs of 32 dimensions).
+    for ndim, name in [(1, ""), (4, ""), (MAX_NDIM, ""), (4, "n" * 200)]:
+        specs = tuple(TensorSpec(1, shape_of(i, ndim), 4, f"{name}{i}" if name else "")
+                      for i in range(1024))
+        data = encode_header(0, None, Structure.DICT if name else Structure.LIST, specs,
+                             inline=True)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            frames = FrameDecoder().feed(data)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert frames[0].cost >= held, (ndim, len(name), frames[0].cost, held)
 
 
 
@@ -845,3 +882,20 @@ def test_inline_payload_beyond_the_inline_limit_is_refused() -> None:
 def test_encoder_refuses_an_inline_payload_that_does_not_match_the_specs() -> None:
     with pytest.raises(ValueError):
         encode(Header(0, None, Structure.TENSOR, (spec(U8, (4,)),), b"abc"))
+
+
+def test_an_offer_costs_at_least_what_its_ids_hold_decoded() -> None:
+    # The receiver holds an offer's ids (a tuple of ints) until it answers: 4 credit bytes
+    # an id were a ninth of that.
+    ids = tuple(range(1000, 1000 + MAX_OFFER_BLOCKS))
+    data = encode(Offer(0, 0, "k", tuple(range(64)), ids))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        frames = FrameDecoder().feed(data)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert offer_cost(len(ids), 64) >= held, (offer_cost(len(ids), 64), held)
+    assert frames[0].ids == ids
