@@ -224,10 +224,10 @@ class Error:
 
 #: What one message costs against the receiver's credits beyond its payload: the header and
 #: bookkeeping it holds while unclaimed, and each tensor's spec as decoded (about 140 bytes
-#: in Python, 36 more a dimension, and its name: see TensorSpec.cost). Charging it bounds memory even for a
-#: flood of empty (``None``) messages, or of headers of 4,096 specs of 32 dimensions each
-#: (charged a seventh of what they held when a spec cost a flat 64). Both ends compute it
-#: the same way (:func:`message_cost`).
+#: in Python, 36 more a dimension, and its name: see TensorSpec.cost). Charging it bounds
+#: memory even for a flood of empty (``None``) messages, or of headers of 4,096 specs of 32
+#: dimensions each (charged a seventh of what they held when a spec cost a flat 64). Both
+#: ends compute it the same way (:func:`message_cost`).
 MESSAGE_OVERHEAD_BYTES: Final = 256
 TENSOR_OVERHEAD_BYTES: Final = 160
 DIM_OVERHEAD_BYTES: Final = 40
