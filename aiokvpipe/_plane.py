@@ -65,10 +65,11 @@ class HostBytesPlane(DataPlane, Protocol):
         order with :meth:`post_send`; ``keepalive`` is held until they have left."""
         ...
 
-    def post_recv_views(self, views: Sequence[memoryview], keepalive: object = None
-                        ) -> asyncio.Future[Any]:
+    def post_recv_views(self, views: Sequence[memoryview] | asyncio.Future[list[memoryview]],
+                        keepalive: object = None) -> asyncio.Future[Any]:
         """Receive the next payload straight into host memory ``views``, in order with
-        :meth:`post_recv`."""
+        :meth:`post_recv`. ``views`` may be a future of them, made over several loop
+        iterations: receives posted later wait behind it (a failed one breaks the plane)."""
         ...
 
 

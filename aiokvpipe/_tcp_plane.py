@@ -516,26 +516,43 @@ class TcpPlane:
         job.add_done_callback(self._post_allocated)
         return fut
 
-    def post_recv_views(self, views: Sequence[memoryview], keepalive: object = None
-                        ) -> asyncio.Future[list[torch.Tensor]]:
+    def post_recv_views(self, views: Sequence[memoryview] | asyncio.Future[list[memoryview]],
+                        keepalive: object = None) -> asyncio.Future[list[torch.Tensor]]:
         """Receive the next payload straight into ``views`` (host memory: a CPU pool's blocks,
-        a pinned staging buffer), in order with :meth:`post_recv`; ``keepalive`` owns them."""
+        a pinned staging buffer), in order with :meth:`post_recv`; ``keepalive`` owns them.
+        ``views`` may be a future of them: later receives wait behind it, as behind an
+        allocation (their bytes wait in the socket), and a failed one breaks the plane."""
         fut: asyncio.Future[list[torch.Tensor]] = self._loop.create_future()
         failed = self._error or self._recv_failed
         if failed is not None:
             fut.set_exception(fresh(failed))
             return fut
         fut.add_done_callback(functools.partial(_hold, keepalive))
-        target = _Target([], fut)
-        target.views = [v for v in views if len(v)]
-        if not self._allocating:
-            self._post(target)
-            return fut
         job: asyncio.Future[_Target] = self._loop.create_future()
-        job.set_result(target)
+        if isinstance(views, asyncio.Future):
+            views.add_done_callback(functools.partial(self._views_made, job, fut))
+        else:
+            target = _Target([], fut)
+            target.views = [v for v in views if len(v)]
+            if not self._allocating:
+                self._post(target)
+                return fut
+            job.set_result(target)
         self._allocating.append((job, fut))
         job.add_done_callback(self._post_allocated)
         return fut
+
+    @staticmethod
+    def _views_made(job: asyncio.Future[_Target], fut: asyncio.Future[list[torch.Tensor]],
+                    views: asyncio.Future[list[memoryview]]) -> None:
+        if job.done():  # the plane ended meanwhile
+            return
+        if views.cancelled() or views.exception() is not None:
+            job.set_exception(views.exception() or ConnectionAbortedError("views cancelled"))
+            return
+        target = _Target([], fut)
+        target.views = [v for v in views.result() if len(v)]
+        job.set_result(target)
 
     def _allocate(self, specs: Sequence[TensorSpec],
                   fut: asyncio.Future[list[torch.Tensor]]) -> _Target:

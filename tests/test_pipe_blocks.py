@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pytest
 import torch
 from conftest import PairFactory, eventually
 
 import aiokvpipe
-from aiokvpipe import BlockPool, _wire
+from aiokvpipe import BlockPool, _pipe_blocks, _wire
 from aiokvpipe._blocks import MAX_PIPE_SEGMENTS, MAX_POOL_SEGMENTS
 from aiokvpipe._blocks_wire import encode_layout
+from aiokvpipe._pipe_blocks import VIEWS_PER_STEP
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -398,6 +400,77 @@ async def test_the_pools_of_one_pipe_are_bounded_in_segments_each_way(
     await eventually(lambda: b._error is not None, 10, "b refused the pool")
     assert isinstance(b._error.__cause__, aiokvpipe.ProtocolError), repr(b._error)
     assert "segments" in str(b._error.__cause__)
+
+
+async def test_a_receiver_makes_the_views_of_a_large_scattered_transfer_turn_by_turn(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2,048 scattered blocks over 32 layers of 2 segments: 131,072 views, once all made in
+    # the one callback that read the BLOCK_DATA (157 ms on the loop).
+    a, b = await pair_factory()
+    src = BlockPool([torch.randn(2, 4096, 4) for _ in range(32)], block_dim=1)
+    dst = BlockPool([torch.zeros(2, 4096, 4) for _ in range(32)], block_dim=1)
+    ids = list(range(0, 4096, 2))
+    made = [0]
+    most = [0]
+    views_of = _pipe_blocks.run_views
+
+    def counted(*args: object) -> list[memoryview]:
+        views = views_of(*args)  # type: ignore[arg-type]
+        made[0] += len(views)
+        return views
+
+    block_data = b._blocks._block_data
+
+    def one_callback(offer_id: int) -> None:
+        made[0] = 0
+        block_data(offer_id)
+        most[0] = max(most[0], made[0])
+
+    monkeypatch.setattr(_pipe_blocks, "run_views", counted)
+    b._blocks._block_data = one_callback  # type: ignore[method-assign]
+    async with asyncio.timeout(30):
+        await asyncio.gather(a.send_blocks(src, ids, key="k"), b.recv_blocks(dst, ids, key="k"))
+    assert most[0] <= VIEWS_PER_STEP, f"{most[0]} views made in one callback"
+    for s_t, d_t in zip(src.tensors, dst.tensors):
+        assert torch.equal(s_t[:, ids], d_t[:, ids]) and not d_t[:, 1::2].any()
+
+
+async def test_an_abandoned_receive_drains_its_bytes_through_a_small_scratch(
+        pair_factory: PairFactory) -> None:
+    # A receive given up after its PULL left still has its payload to read: it once went
+    # into one zeroed buffer of the transfer's size, made on the loop (3 s for 1 GiB, or a
+    # MemoryError that broke the pipe).
+    a, b = await pair_factory()
+    src = BlockPool([torch.randn(2, 64, 1 << 16)], block_dim=1)  # 32 MiB of blocks
+    dst = BlockPool([torch.zeros(2, 64, 1 << 16)], block_dim=1)
+    posted: list[list[memoryview]] = []
+    post = b._plane.post_recv_views
+
+    def record(views: Any, keepalive: object = None) -> Any:
+        if isinstance(views, list):
+            posted.append(views)
+        return post(views, keepalive)
+
+    b._plane.post_recv_views = record  # type: ignore[method-assign]
+    send_pull = b._blocks._send_pull
+
+    def pull_then_give_up(offer_id: int, error: str = "") -> None:
+        send_pull(offer_id, error)
+        receiving.cancel()  # after the PULL left: the payload comes all the same
+
+    b._blocks._send_pull = pull_then_give_up  # type: ignore[method-assign]
+    async with asyncio.timeout(30):
+        receiving = asyncio.create_task(b.recv_blocks(dst, range(64), key="k"))
+        await a.send_blocks(src, range(64), key="k")
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+    assert len(posted) == 1 and sum(map(len, posted[0])) == 32 << 20
+    assert max(map(len, posted[0])) <= 1 << 20, "a buffer of the transfer's size"
+    assert not dst.tensors[0].any()  # nothing of it landed in the pool
+    b._blocks._send_pull = send_pull  # type: ignore[method-assign]
+    async with asyncio.timeout(10):  # the stream is in step: the next transfer lands
+        await asyncio.gather(a.send_blocks(src, [3], key="k2"), b.recv_blocks(dst, [5], key="k2"))
+    assert torch.equal(src.tensors[0][:, 3], dst.tensors[0][:, 5])
 
 
 async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:
