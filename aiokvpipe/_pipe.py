@@ -386,7 +386,9 @@ class Pipe:
         them (stream-ordered, like :meth:`send`), so a producer may send each layer as soon
         as it is written. Returns when the blocks may be overwritten: the peer took them.
         Waits for the peer's matching ``recv_blocks``; the pool is described to the peer once
-        per pipe.
+        per pipe (a BlockPool made again around the same tensors, with the same layout, is
+        the same pool; the pipe keeps the tensors of the first alive until it ends; at most
+        1,024 pools a pipe).
 
         No ids: nothing moves and it returns at once (so does the peer's ``recv_blocks`` of
         none; no offer goes out).

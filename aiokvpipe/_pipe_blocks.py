@@ -26,7 +26,7 @@ import contextlib
 import functools
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -120,7 +120,10 @@ class BlockExchange:
         self._pipe = pipe
         self._kernel_gate = asyncio.Lock()
         self._kernel_waiters = 0  # block calls waiting for the copy kernel (or behind them)
-        self._pool_ids: dict[BlockPool, int] = {}
+        #: Our pools described to the peer, by what they are (see BlockPool.memory_key): its
+        #: id, whether the peer copies out of it itself (ipc), and the first BlockPool of it
+        #: (whose tensors stay alive, so that no other memory takes those addresses).
+        self._described: dict[Hashable, tuple[int, bool, BlockPool]] = {}
         self._peer_pools: dict[int, PoolLayout] = {}
         #: Segments of a block of the pools described so far, ours and the peer's.
         self._our_segments = self._peer_segments = 0
@@ -131,9 +134,8 @@ class BlockExchange:
         self._offers_in: dict[str | None, deque[_wire.Offer]] = {}
         self._sinks: dict[str | None, list[_Sink]] = {}
         self._incoming: dict[int, _Incoming] = {}
-        #: Our pools the peer maps and copies out of itself (ipc), and the offers of them
-        #: pulled but not yet copied (the PULLED answer completes them).
-        self._exported: dict[BlockPool, bool] = {}
+        #: The offers of our pools the peer copies out of itself (ipc), pulled but not yet
+        #: copied (the PULLED answer completes them).
         self._copies_out: dict[int, asyncio.Future[str]] = {}
         #: The peer's pools as mapped here (ipc), and recent merged runs.
         self._mapped: dict[int, MappedPool] = {}
@@ -181,8 +183,7 @@ class BlockExchange:
         ready = _mark_stream(pool)  # what the caller's stream has queued at the call
         await self._kernels_ready(pool)
         pipe._check_can_send()
-        pool_id = self._announce(pool)
-        peer_copies = self._exported.get(pool, False)
+        pool_id, peer_copies = self._announce(pool)
         if peer_copies and ready is not None:
             # The peer reads the blocks as soon as it pulls: offer them once the caller's
             # stream has written them. Cancelled here, nothing was offered.
@@ -256,23 +257,29 @@ class BlockExchange:
         if fut is not None:
             fut.cancel()
 
-    def _announce(self, pool: BlockPool) -> int:
-        pool_id = self._pool_ids.get(pool)
-        if pool_id is None:
-            if len(self._pool_ids) >= _wire.MAX_POOLS:
-                raise ValueError(f"a pipe carries at most {_wire.MAX_POOLS} pools")
-            if self._our_segments + pool.layout.segments > MAX_PIPE_SEGMENTS:
-                raise ValueError(f"the pools described on this pipe would have more than "
-                                 f"{MAX_PIPE_SEGMENTS} segments a block together")
-            self._our_segments += pool.layout.segments
-            pool_id = self._pool_ids[pool] = len(self._pool_ids)
-            pipe = self._pipe
-            pipe._write(pipe._proto.send_pool(pool_id, encode_layout(pool_id, pool.layout)))
-            # ipc: the plane exports pools whose memory the peer can map (it says no to
-            # others, which then travel staged)
-            export = getattr(pipe._plane, "export_pool", None)
-            self._exported[pool] = bool(export is not None and export(pool_id, pool.tensors))
-        return pool_id
+    def _announce(self, pool: BlockPool) -> tuple[int, bool]:
+        """``pool``'s id on this pipe, described to the peer the first time (a BlockPool
+        made again over the same tensors is the same pool), and whether the peer copies out
+        of it itself (ipc)."""
+        key = pool.memory_key
+        described = self._described.get(key)
+        if described is not None:
+            return described[0], described[1]
+        if len(self._described) >= _wire.MAX_POOLS:
+            raise ValueError(f"a pipe carries at most {_wire.MAX_POOLS} pools")
+        if self._our_segments + pool.layout.segments > MAX_PIPE_SEGMENTS:
+            raise ValueError(f"the pools described on this pipe would have more than "
+                             f"{MAX_PIPE_SEGMENTS} segments a block together")
+        self._our_segments += pool.layout.segments
+        pool_id = len(self._described)
+        pipe = self._pipe
+        pipe._write(pipe._proto.send_pool(pool_id, encode_layout(pool_id, pool.layout)))
+        # ipc: the plane exports pools whose memory the peer can map (it says no to others,
+        # which then travel staged)
+        export = getattr(pipe._plane, "export_pool", None)
+        exported = bool(export is not None and export(pool_id, pool.tensors))
+        self._described[key] = (pool_id, exported, pool)
+        return pool_id, exported
 
     def _start_payload(self, pool: BlockPool, ids: tuple[int, ...], layers: tuple[int, ...],
                        offer_id: int, ready: torch.cuda.Event | None) -> asyncio.Future[None]:

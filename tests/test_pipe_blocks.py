@@ -473,6 +473,30 @@ async def test_an_abandoned_receive_drains_its_bytes_through_a_small_scratch(
     assert torch.equal(src.tensors[0][:, 3], dst.tensors[0][:, 5])
 
 
+async def test_a_pool_made_again_around_the_same_tensors_is_the_same_pool(
+        pair_factory: PairFactory) -> None:
+    # Pools were told apart by object: a BlockPool made per request around the engine's
+    # tensors was a new pool each time, and after 1,024 requests the pipe refused them all.
+    a, b = await pair_factory()
+    src_tensors = [torch.randn(2, 8, 4, 2, 8) for _ in range(2)]
+    dst_tensors = [torch.zeros(2, 8, 4, 2, 8) for _ in range(2)]
+    async with asyncio.timeout(30):
+        for i in range(_wire.MAX_POOLS + 2):
+            block = i % 8
+            await asyncio.gather(
+                a.send_blocks(BlockPool(src_tensors, block_dim=1), [block], key=f"r{i}"),
+                b.recv_blocks(BlockPool(dst_tensors, block_dim=1), [block], key=f"r{i}"))
+    assert len(a._blocks._described) == 1
+    for s_t, d_t in zip(src_tensors, dst_tensors):
+        assert torch.equal(s_t, d_t)
+    # A different layout over the same memory is another pool.
+    async with asyncio.timeout(10):
+        await asyncio.gather(
+            a.send_blocks(BlockPool({"k": src_tensors[0]}, block_dim=1), [1], key="named"),
+            b.recv_blocks(BlockPool({"k": dst_tensors[0]}, block_dim=1), [1], key="named"))
+    assert len(a._blocks._described) == 2
+
+
 async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:
     a, b = await pair_factory()
     src, dst = vllm_pool(1024), vllm_pool(1024)
@@ -660,7 +684,7 @@ async def test_an_offer_outside_the_senders_pool_is_a_protocol_error(
     # is waiting, and nothing is read.
     a, b = await pair_factory()
     src = vllm_pool(16)
-    pool_id = a._blocks._announce(src)
+    pool_id, _ = a._blocks._announce(src)
     _, frame = a._proto.send_offer(pool_id, None, layers, ids)
     a._write(frame)
     async with asyncio.timeout(5):
