@@ -68,6 +68,13 @@ class ProtocolError(PipeError):
     """Bytes from the peer do not follow the aiokvpipe wire format (or its limits)."""
 
 
+class PeerSaysProtocolError(ProtocolError):
+    """The peer reports that *our* bytes broke the wire format, and dropped the pipe: the
+    blame goes the other way from a :class:`ProtocolError` raised here about the peer's
+    bytes (which is told to the peer; this one is not told back). Found as the
+    ``__cause__`` of a :class:`BrokenPipe`."""
+
+
 class AuthenticationError(PipeError):
     """The handshake failed because one side could not prove it holds the shared token."""
 

@@ -27,7 +27,15 @@ from ._busypoll import poller_for
 from ._control import ControlChannel, HeartbeatMissed
 from ._cuda import current_stream
 from ._dtypes import DTYPE_OF
-from ._errors import BrokenPipe, PeerFailure, PipeClosed, PipeError, ProtocolError, fresh
+from ._errors import (
+    BrokenPipe,
+    PeerFailure,
+    PeerSaysProtocolError,
+    PipeClosed,
+    PipeError,
+    ProtocolError,
+    fresh,
+)
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._pipe_blocks import BlockExchange
@@ -1129,22 +1137,29 @@ class Pipe:
         err.__cause__ = cause
         self._error = err
         self._proto.fail()
-        if isinstance(cause, ProtocolError):
-            self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL, str(cause))))
-        elif _is_local(cause):
-            self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL,
-                                                       f"{type(cause).__name__}: {cause}")))
-        log.warning("%s", str(err))  # text: a handler keeping records keeps no objects
-        self._metrics.broken(_break_cause(cause))
-        self._fail_waiters(err)
-        self._blocks.fail(err)
-        self._fail_pending_senders(err)
-        self._cancel_credit_timer()
-        self._plane.abort(err)
-        self._control.abort()
-        if self._closer is not None and self._closer is not asyncio.current_task():
-            self._closer.cancel()
-        self._finished.set()
+        try:
+            if isinstance(cause, PeerSaysProtocolError):
+                pass  # the peer's verdict on us: nothing to tell it back
+            elif isinstance(cause, ProtocolError):
+                self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL,
+                                                           str(cause))))
+            elif _is_local(cause):
+                self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL,
+                                                           f"{type(cause).__name__}: {cause}")))
+            log.warning("%s", str(err))  # text: a handler keeping records keeps no objects
+            for step in (lambda: self._metrics.broken(_break_cause(cause)),
+                         lambda: self._fail_waiters(err), lambda: self._blocks.fail(err),
+                         lambda: self._fail_pending_senders(err), self._cancel_credit_timer,
+                         lambda: self._plane.abort(err), self._control.abort):
+                try:
+                    step()
+                except Exception as exc:  # the rest must run: every waiter must hear of it
+                    log.error("pipe to %s: tearing down after a break failed: %r",
+                              self.peer, exc)
+            if self._closer is not None and self._closer is not asyncio.current_task():
+                self._closer.cancel()
+        finally:
+            self._finished.set()
 
 
 def _granted(request: asyncio.Future[None]) -> bool:

@@ -22,7 +22,13 @@ from typing import Any, Final, TypeVar
 
 from . import _handshake, _wire
 from ._dtypes import DTYPE_OF
-from ._errors import AuthenticationError, PeerFailure, PipeError, ProtocolError
+from ._errors import (
+    AuthenticationError,
+    PeerFailure,
+    PeerSaysProtocolError,
+    PipeError,
+    ProtocolError,
+)
 from ._wire import Structure, TensorSpec, Transport
 
 #: Keys remembered as discarded; the oldest is forgotten first. A forgotten key only means a
@@ -533,7 +539,7 @@ def _remote_error(frame: _wire.Error) -> Exception:
     """What an ERROR frame from the peer means here."""
     if frame.code == _wire.ErrorCode.INTERNAL:
         return PeerFailure(f"the peer failed: {frame.text}")
-    return ProtocolError(f"peer reported an error: {frame.text}")
+    return PeerSaysProtocolError(f"peer reported an error: {frame.text}")
 
 
 # -- the handshake, in order -------------------------------------------------------------------

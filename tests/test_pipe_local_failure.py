@@ -19,6 +19,7 @@ from conftest import PairFactory
 import aiokvpipe
 from aiokvpipe import _wire
 from aiokvpipe._control import ControlChannel
+from aiokvpipe._errors import PeerSaysProtocolError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -332,3 +333,41 @@ async def test_a_broken_pipe_keeps_nothing_the_failing_send_held(
     gc.collect()
     assert alive() is None, [type(r).__name__ for r in gc.get_referrers(alive())]
     assert "breaks on Traceback" in caplog.text  # where it failed is still told
+
+
+async def test_the_peers_verdict_that_we_broke_the_protocol_is_not_told_back(
+        pair_factory: PairFactory) -> None:
+    # The peer says our frames broke the wire format: that is its verdict on us, kept apart
+    # from a ProtocolError about the peer's frames (it was taken for one, and an ERROR
+    # frame blaming the peer went back).
+    a, b = await pair_factory()
+    said: list[bytes] = []
+    b._control.say = said.append  # type: ignore[method-assign]
+    a._control.write_encoded(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL, "junk")))
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        async with asyncio.timeout(5):
+            await b.wait_closed()
+    cause = info.value.__cause__
+    assert isinstance(cause, aiokvpipe.ProtocolError) and "junk" in str(cause)
+    assert isinstance(cause, PeerSaysProtocolError)
+    assert said == []
+
+
+async def test_every_waiter_hears_of_a_break_even_if_tearing_down_fails(
+        pair_factory: PairFactory) -> None:
+    # _break ended waiters, then aborted the plane and only then marked the pipe finished:
+    # a plane whose abort raised left wait_closed() waiting for ever.
+    a, b = await pair_factory()
+    boom = RuntimeError("the plane's abort failed (injected)")
+
+    def failing_abort(exc: BaseException) -> None:
+        raise boom
+
+    b._plane.abort = failing_abort  # type: ignore[method-assign]
+    receiving = asyncio.create_task(b.recv())
+    a._control.abort()  # the connection breaks
+    async with asyncio.timeout(5):
+        with pytest.raises(aiokvpipe.BrokenPipe):
+            await b.wait_closed()
+        with pytest.raises(aiokvpipe.BrokenPipe):
+            await receiving
