@@ -359,8 +359,9 @@ class Pipe:
     def discard(self, key: str | None) -> int:
         """Give up the messages with ``key``: those that arrived and wait unclaimed, those
         arriving now, and those that arrive later (until a ``recv(key)`` or
-        ``recv_blocks(..., key=key)`` asks for the key again; the most recent 4,096 discarded
-        keys are remembered). ``None`` names the unkeyed messages.
+        ``recv_blocks(..., key=key)`` asks for the key again, or one that was waiting for it
+        already takes what comes; the most recent 4,096 discarded keys are remembered).
+        ``None`` names the unkeyed messages.
 
         Block offers for the key are refused (the sender's ``send_blocks`` raises
         ``ValueError`` saying so), now and later. Their receive credits go back to the peer
@@ -855,7 +856,10 @@ class Pipe:
                 payload = self._signalling.post_recv_noted(h.tensors, note)
             item = _Incoming(h, item_cost, payload)
         if self._proto.is_discarded(h.key):
-            item.discarded = True
+            if h.key in self._waiters:  # a recv(key) waits since before the discard: it
+                self._proto.undiscard(h.key)  # asks for the key again (else: for ever)
+            else:
+                item.discarded = True
         if item.payload is not None:
             self._incoming.append(item)
             # A plane that says when payloads completed delivers them in that same poll, a

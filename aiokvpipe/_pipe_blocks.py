@@ -451,8 +451,11 @@ class BlockExchange:
             if not self._pipe._proto.offer_waiting(frame.offer_id):
                 return  # taken back in the same read: its RETRACT follows, nothing to do
             if self._pipe._proto.is_discarded(frame.key):
-                self._refuse(frame, DISCARDED)
-                return
+                if frame.key not in self._sinks:
+                    self._refuse(frame, DISCARDED)
+                    return
+                # A recv_blocks waits since before the discard: it asks for the key again.
+                self._pipe._proto.undiscard(frame.key)
             self._offers_in.setdefault(frame.key, deque()).append(frame)
             self._try_match(frame)
         elif isinstance(frame, _wire.Pull):

@@ -293,6 +293,22 @@ async def test_recv_blocks_takes_a_discarded_key_back_as_recv_does(pair_factory:
     assert_moved(src, dst, [2], [6])
 
 
+async def test_a_recv_blocks_waiting_when_its_key_is_discarded_still_takes_its_blocks(
+        pair_factory: PairFactory) -> None:
+    # As for recv(key): the waiting call asks for the key; its offers were refused as
+    # discarded, and it waited for ever.
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    fill_blocks(src, [4], seed=14)
+    async with asyncio.timeout(10):
+        receiving = asyncio.create_task(b.recv_blocks(dst, [1], key="req"))
+        await eventually(lambda: "req" in b._blocks._sinks, 5, "recv_blocks waits")
+        b.discard("req")
+        await a.send_blocks(src, [4], key="req")
+        await receiving
+    assert_moved(src, dst, [4], [1])
+
+
 async def test_recv_blocks_cancelled_twice_returns_only_once_nothing_writes_the_pool(
         pair_factory: PairFactory) -> None:
     # The second cancellation (a timeout inside a task group, a server shutting down) ended

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+from conftest import eventually
 
 import aiokvpipe
 
@@ -65,3 +66,16 @@ async def test_discarding_unkeyed_messages_lasts_until_recv_asks_again(small_pip
         waiting = asyncio.create_task(receiver.recv())
         await sender.send(torch.tensor([3]))
         assert (await waiting).item() == 3
+
+
+async def test_a_recv_waiting_when_its_key_is_discarded_still_gets_what_comes(
+        small_pipe) -> None:
+    # A recv(key) waiting asks for the key: a discard meanwhile (another task abandoning
+    # the request) once made every later message for it dropped, and the recv wait for ever.
+    sender, receiver = small_pipe
+    async with asyncio.timeout(5):
+        waiting = asyncio.create_task(receiver.recv(key="k"))
+        await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
+        assert receiver.discard("k") == 0
+        await sender.send(torch.tensor([5]), key="k")
+        assert (await waiting).item() == 5
