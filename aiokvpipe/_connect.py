@@ -21,12 +21,12 @@ from typing import Any, Final, TypeVar
 
 import torch
 
-from . import _handshake, _ipc_plane, _nccl_plane, _wire
+from . import _handshake, _ipc_plane, _ipc_probe, _nccl_plane, _wire
 from ._control import ControlChannel
 from ._cuda import device_uuid_async as device_uuid
 from ._cuda import normalize_device_async
 from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
-from ._ipc_plane import host_id
+from ._ipc_probe import host_id
 from ._options import PipeOptions
 from ._pipe import Pipe
 from ._plane import DataPlane
@@ -56,9 +56,9 @@ async def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabili
     if cuda and opts.transport in ("auto", "nccl"):
         nccl, version = await _nccl_plane.nccl_info_async()
     ipc, probe = False, bytes(_wire.IPC_HANDLE_BYTES)
-    if cuda and opts.transport in ("auto", "ipc") and (await _ipc_plane.ipc_info_async())[0]:
+    if cuda and opts.transport in ("auto", "ipc") and (await _ipc_probe.ipc_info_async())[0]:
         try:
-            probe = await _ipc_plane.export_probe(device)
+            probe = await _ipc_probe.export_probe(device)
             ipc = True
         except Exception as exc:  # noqa: BLE001  -- no ipc here: say why, offer the rest
             log.info("CUDA IPC unavailable: %r", exc)
@@ -81,7 +81,7 @@ async def _ipc_proven(caps: _wire.Capabilities, client: _wire.Capabilities,
     """Can this process map the client's GPU memory? Opening its probe handle says."""
     if _handshake.ipc_possible(caps, client) is not None:
         return False
-    return await _ipc_plane.probe_opens(client.ipc_probe, device)
+    return await _ipc_probe.probe_opens(client.ipc_probe, device)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

@@ -79,11 +79,11 @@ def _cupy() -> Json:
 
 def _ipc() -> Json:
     """Whether this process can take part in CUDA IPC, and why not."""
-    from . import _ipc_plane
+    from . import _ipc_probe
 
-    ok, why = _ipc_plane.ipc_info()
-    info: Json = {"possible": ok, "why": why, "host_id": _ipc_plane.host_id().hex()}
-    note = _ipc_plane.allocator_note()
+    ok, why = _ipc_probe.ipc_info()
+    info: Json = {"possible": ok, "why": why, "host_id": _ipc_probe.host_id().hex()}
+    note = _ipc_probe.allocator_note()
     if note:
         info["note"] = note
     if ok and torch.cuda.device_count() > 1:
@@ -104,11 +104,11 @@ def _uvloop() -> Json:
 
 def _auto_transport() -> Json:
     """What ``auto`` would choose against a peer like this machine, in three situations."""
-    from . import _connect, _handshake, _ipc_plane
+    from . import _connect, _handshake, _ipc_probe
     from ._options import PipeOptions
 
     opts = PipeOptions()  # transport="auto", as a user gets it
-    ipc_ok = _ipc_plane.ipc_info()[0]
+    ipc_ok = _ipc_probe.ipc_info()[0]
 
     def caps(device: torch.device) -> Any:
         # What the handshake would send (doctor runs outside any event loop).

@@ -34,33 +34,24 @@ Signalling rides on the pipe's control connection, in SIGNAL frames (``signal(da
 out, :meth:`IpcPlane.on_signal` in): a message's COPY record and its header leave in one
 write and arrive in one read, and acknowledgements share the connection with the credits.
 (Two sockets of the plane's own, one per direction, halved the message rate: a second read
-and write a message at each end.) Records are ``struct`` layouts with bounded counts
-(:class:`RecordDecoder`); anything malformed, a region never announced, too many copies in
-flight, a piece outside its region, a handle that does not open or that maps less memory
-than announced raises :class:`ProtocolError` out of :meth:`~IpcPlane.on_signal` or through
-``on_lost`` (the pipe then breaks); nothing is ever unpickled.
-
-Also here, for the handshake: :func:`host_id`, :func:`ipc_info`, :func:`export_probe` and
-:func:`probe_opens` (the listener proves that it can open the client's handles before it
-picks ipc). CuPy is imported lazily: without it :func:`ipc_info` says so.
+and write a message at each end.) The records and their checks are :mod:`._ipc_records`;
+anything malformed, a region never announced, too many copies in flight, a piece outside
+its region, a handle that does not open or that maps less memory than announced raises
+:class:`ProtocolError` out of :meth:`~IpcPlane.on_signal` or through ``on_lost`` (the pipe
+then breaks); nothing is ever unpickled. What the handshake asks of CUDA IPC before a pipe
+exists (the host, the probe handles) is :mod:`._ipc_probe`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
-import os
 import queue
-import struct
-import sys
 import threading
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
 import torch
@@ -71,23 +62,37 @@ from ._cuda import (
     after_pending_work,
     current_stream,
     recycle_streams,
-    short_gil_turns,
     side_streams,
 )
 from ._dtypes import DTYPE_OF
 from ._errors import PipeError, ProtocolError, fresh
-from ._plane import Received, fail_future, in_daemon_thread, settle_like
-from ._wire import HOST_ID_BYTES, MAX_PAYLOAD_BYTES, TensorSpec
+from ._ipc_probe import device_index
+from ._ipc_records import (
+    MAX_COPIES_IN_FLIGHT,
+    MAX_PIECES,
+    MAX_POOL_TENSORS,
+    RING_ALIGN,
+    AckRecord,
+    ConsumerLedger,
+    CopyRecord,
+    Piece,
+    PoolPlace,
+    PoolRecord,
+    Record,
+    RecordDecoder,
+    RegionRecord,
+    RetireRecord,
+    RingSpace,
+    decode_note,
+    encode_copy_of_one,
+    encode_note,
+    encode_record,
+)
+from ._plane import Received, fail_future, settle_like
+from ._wire import TensorSpec
 
 log = logging.getLogger("aiokvpipe")
 
-IPC_HANDLE_BYTES: Final = _cudaipc.IPC_HANDLE_BYTES
-#: Pieces one COPY record may name (a message of more tensors takes several records).
-MAX_PIECES: Final = 1024
-#: COPY records in flight (sent, not yet acknowledged) per direction at most.
-MAX_COPIES_IN_FLIGHT: Final = 64
-#: Regions a consumer keeps mapped at once; a producer announcing more violates the protocol.
-MAX_REGIONS: Final = 1024
 #: The producer retires its least recently used region beyond this many.
 _MAX_EXPORTS: Final = 512
 #: Default size of the staging ring (allocated only when a tensor needs it).
@@ -100,451 +105,8 @@ _BATCH_BYTES: Final = 64 << 20
 #: message early, large enough that the per-record cost (GPU work alternating between the
 #: two processes' contexts, ~0.1 ms) is amortised.
 _RING_CHUNK: Final = 32 << 20
-_ALIGN: Final = 256
 
 Mode = Literal["segments", "ring"]
-
-# -- records (sans I/O) -------------------------------------------------------------------------
-
-
-class RecordType(enum.IntEnum):
-    REGION = 2  # producer → consumer: an exported allocation, once until retired
-    RETIRE = 3  # producer → consumer: a region will not be named again
-    COPY = 4  # producer → consumer: copy these pieces (their data is final)
-    ACK = 5  # consumer → producer: this many COPY records done in all
-    POOL = 6  # producer → consumer: where a block pool's tensors lie (regions, offsets)
-
-
-@dataclass(frozen=True, slots=True)
-class RegionRecord:
-    region: int
-    size: int  # bytes of the allocation, from its base
-    handle: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RetireRecord:
-    region: int
-
-
-class Piece(NamedTuple):
-    region: int
-    offset: int  # from the region's base
-    nbytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class CopyRecord:
-    """The next bytes of the current message: ``pieces`` in order; ``last``: its end."""
-
-    pieces: tuple[Piece, ...]
-    last: bool
-
-    @property
-    def nbytes(self) -> int:
-        pieces = self.pieces
-        if len(pieces) == 1:  # the common case: a whole tensor in one allocation
-            return pieces[0].nbytes
-        return sum(p.nbytes for p in pieces)
-
-
-@dataclass(frozen=True, slots=True)
-class AckRecord:
-    copies: int  # COPY records completed since the plane started
-
-
-class PoolPlace(NamedTuple):
-    region: int
-    offset: int  # of the tensor's first element, from the region's base
-
-
-@dataclass(frozen=True, slots=True)
-class PoolRecord:
-    """Block pool ``pool_id`` (the pipe's id) lies at ``places``, one per tensor, in regions
-    that stay mapped for the plane's life; no places: the pool could not be exported and
-    its blocks travel staged."""
-
-    pool_id: int
-    places: tuple[PoolPlace, ...]
-
-
-Record = RegionRecord | RetireRecord | CopyRecord | AckRecord | PoolRecord
-
-_REGION = struct.Struct(f">BIQ{IPC_HANDLE_BYTES}s")
-_RETIRE = struct.Struct(">BI")
-_COPY_HEAD = struct.Struct(">BBH")  # type, flags (bit 0: last), piece count
-_PIECE = struct.Struct(">IQQ")
-_COPY_ONE = struct.Struct(">BBHIQQ")  # a COPY record of one piece: _COPY_HEAD, then _PIECE
-_ACK = struct.Struct(">BQ")
-_POOL_HEAD = struct.Struct(">BIH")  # type, pool id, tensor count
-_PLACE = struct.Struct(">IQ")
-#: Tensors one POOL record may place (a pool of more travels staged).
-MAX_POOL_TENSORS: Final = 4096
-# The record types as plain ints, for the decoder's per-record tests: an IntEnum member's
-# lookup and comparison, and RecordType(code), cost 0.1-0.6 µs each (2026-12-04).
-_ACK_CODE: Final = int(RecordType.ACK)
-_COPY_CODE: Final = int(RecordType.COPY)
-_POOL_CODE: Final = int(RecordType.POOL)
-#: Sizes of the fixed-layout records by type code (ACK is decoded on its own path).
-_FIXED_SIZE: Final = {int(RecordType.REGION): _REGION.size,
-                      int(RecordType.RETIRE): _RETIRE.size}
-MAX_RECORD_BYTES: Final = max(_COPY_HEAD.size + MAX_PIECES * _PIECE.size,
-                              _POOL_HEAD.size + MAX_POOL_TENSORS * _PLACE.size)
-
-
-
-def encode_record(rec: Record) -> bytes:
-    """One record's bytes. ``ValueError`` for a record the decoder would refuse."""
-    if isinstance(rec, CopyRecord):
-        if not 1 <= len(rec.pieces) <= MAX_PIECES:
-            raise ValueError(f"a COPY record names 1 to {MAX_PIECES} pieces")
-        parts = [_COPY_HEAD.pack(RecordType.COPY, int(rec.last), len(rec.pieces))]
-        for p in rec.pieces:
-            _check_piece(p, ValueError)
-            parts.append(_PIECE.pack(*p))
-        return b"".join(parts)
-    if isinstance(rec, AckRecord):
-        return _ACK.pack(RecordType.ACK, rec.copies)
-    if isinstance(rec, PoolRecord):
-        if len(rec.places) > MAX_POOL_TENSORS or not 0 <= rec.pool_id < 1 << 32:
-            raise ValueError(f"a POOL record places up to {MAX_POOL_TENSORS} tensors")
-        return b"".join([_POOL_HEAD.pack(RecordType.POOL, rec.pool_id, len(rec.places)),
-                         *(_PLACE.pack(*p) for p in rec.places)])
-    if isinstance(rec, RetireRecord):
-        return _RETIRE.pack(RecordType.RETIRE, rec.region)
-    _check_handle(rec.handle, ValueError)
-    if not 0 < rec.size <= MAX_PAYLOAD_BYTES:
-        raise ValueError(f"region size {rec.size} out of range")
-    return _REGION.pack(RecordType.REGION, rec.region, rec.size, rec.handle)
-
-
-def _check_handle(handle: bytes, err: type[Exception]) -> None:
-    if len(handle) != IPC_HANDLE_BYTES:
-        raise err(f"an IPC handle is {IPC_HANDLE_BYTES} bytes, not {len(handle)}")
-
-
-def encode_note(region: int, offset: int, nbytes: int) -> bytes:
-    """A header's note naming the message's one piece (:meth:`IpcPlane.post_send_noted`)."""
-    return _PIECE.pack(region, offset, nbytes)
-
-
-def decode_note(note: bytes) -> Piece:
-    """The piece a header's note names; :class:`ProtocolError` if it is malformed."""
-    if len(note) != _PIECE.size:
-        raise ProtocolError(f"a note of {len(note)} bytes; a COPY note is {_PIECE.size}")
-    return _piece_at(note, 0)
-
-
-def _piece_at(buf: bytes | bytearray, pos: int) -> Piece:
-    """The piece encoded at ``pos``, checked (also bounded by the payload limit)."""
-    piece = Piece(*_PIECE.unpack_from(buf, pos))
-    _check_piece(piece, ProtocolError)
-    return piece
-
-
-def _check_piece(p: Piece, err: type[Exception]) -> None:
-    if p.nbytes < 1 or p.offset < 0 or p.offset + p.nbytes > MAX_PAYLOAD_BYTES:
-        raise err(f"piece of {p.nbytes} bytes at {p.offset} out of range")
-    if not 0 <= p.region < 1 << 32:
-        raise err(f"region id {p.region} out of range")
-
-
-class RecordDecoder:
-    """Incremental decoder of the peer's records (each end is producer and consumer at once,
-    on one ordered stream): ``feed()`` bytes, get records back. Holds at most one partial
-    record (:data:`MAX_RECORD_BYTES`); anything malformed raises :class:`ProtocolError`.
-    """
-
-    _KNOWN: Final = frozenset(int(t) for t in RecordType)
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
-        self._buf += data
-        buf = self._buf
-        out: list[Record] = []
-        pos, end = 0, len(buf)
-        while pos < end:
-            kind = buf[pos]
-            if kind == _ACK_CODE:  # what a sender reads after every poll of the peer's
-                if end - pos < _ACK.size:
-                    break
-                out.append(AckRecord(_ACK.unpack_from(buf, pos)[1]))
-                pos += _ACK.size
-                continue
-            if kind not in self._KNOWN:
-                raise ProtocolError(f"unexpected ipc record type {kind}")
-            if kind == _COPY_CODE:
-                if end - pos < _COPY_HEAD.size:
-                    break
-                _, flags, count = _COPY_HEAD.unpack_from(buf, pos)
-                if flags not in (0, 1):
-                    raise ProtocolError(f"COPY record with flags {flags:#x}")
-                if not 1 <= count <= MAX_PIECES:
-                    raise ProtocolError(f"COPY record with {count} pieces (1..{MAX_PIECES})")
-                size = _COPY_HEAD.size + count * _PIECE.size
-                if end - pos < size:
-                    break
-                if count == 1:  # every message of one tensor: no generators (µs a record)
-                    out.append(CopyRecord((_piece_at(buf, pos + _COPY_HEAD.size),),
-                                          flags == 1))
-                    pos += size
-                    continue
-                pieces = tuple(Piece(*_PIECE.unpack_from(buf, pos + _COPY_HEAD.size + i * 20))
-                               for i in range(count))
-                for p in pieces:
-                    _check_piece(p, ProtocolError)
-                if sum(p.nbytes for p in pieces) > MAX_PAYLOAD_BYTES:
-                    raise ProtocolError("COPY record beyond the payload limit")
-                out.append(CopyRecord(pieces, bool(flags)))
-            elif kind == _POOL_CODE:
-                if end - pos < _POOL_HEAD.size:
-                    break
-                _, pool_id, count = _POOL_HEAD.unpack_from(buf, pos)
-                if count > MAX_POOL_TENSORS:
-                    raise ProtocolError(f"POOL record with {count} tensors "
-                                        f"(at most {MAX_POOL_TENSORS})")
-                size = _POOL_HEAD.size + count * _PLACE.size
-                if end - pos < size:
-                    break
-                places = tuple(PoolPlace(*_PLACE.unpack_from(buf, pos + _POOL_HEAD.size
-                                                             + i * _PLACE.size))
-                               for i in range(count))
-                out.append(PoolRecord(pool_id, places))
-            else:  # REGION or RETIRE (ACK above)
-                size = _FIXED_SIZE[kind]
-                if end - pos < size:
-                    break
-                out.append(self._fixed(RecordType(kind), buf, pos))
-            pos += size
-        del buf[:pos]
-        return out
-
-    @staticmethod
-    def _fixed(kind: RecordType, buf: bytearray, pos: int) -> Record:
-        if kind is RecordType.RETIRE:
-            return RetireRecord(_RETIRE.unpack_from(buf, pos)[1])
-        _, region, size, handle = _REGION.unpack_from(buf, pos)
-        if not 0 < size <= MAX_PAYLOAD_BYTES:
-            raise ProtocolError(f"region of {size} bytes")
-        return RegionRecord(region, size, handle)
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-
-class ConsumerLedger:
-    """What the producer announced, checked record by record (sans I/O).
-
-    Raises :class:`ProtocolError` for a region announced twice or beyond
-    :data:`MAX_REGIONS`, a retire of an unknown region, a COPY naming an unknown region or a
-    piece outside its region, or more than :data:`MAX_COPIES_IN_FLIGHT` copies in flight.
-    """
-
-    def __init__(self) -> None:
-        self.regions: dict[int, int] = {}  # live region → announced size
-        self.in_flight = 0
-        self.pools: set[int] = set()
-
-    def pool(self, rec: PoolRecord) -> None:
-        """A pool placed: once per pool id, at most :data:`MAX_REGIONS` pools, each tensor in
-        a live region and starting inside it (the block layer checks that its blocks fit)."""
-        if rec.pool_id in self.pools:
-            raise ProtocolError(f"pool {rec.pool_id} placed twice")
-        if len(self.pools) >= MAX_REGIONS:
-            raise ProtocolError(f"more than {MAX_REGIONS} pools placed")
-        for p in rec.places:
-            size = self.regions.get(p.region)
-            if size is None:
-                raise ProtocolError(f"POOL places a tensor in unknown region {p.region}")
-            if not 0 <= p.offset < size:
-                raise ProtocolError(f"POOL places a tensor at {p.offset}, outside region "
-                                    f"{p.region} of {size} bytes")
-        self.pools.add(rec.pool_id)
-
-    def region(self, rec: RegionRecord) -> None:
-        if rec.region in self.regions:
-            raise ProtocolError(f"region {rec.region} announced twice")
-        if len(self.regions) >= MAX_REGIONS:
-            raise ProtocolError(f"more than {MAX_REGIONS} regions mapped at once")
-        self.regions[rec.region] = rec.size
-
-    def retire(self, rec: RetireRecord) -> None:
-        if self.regions.pop(rec.region, None) is None:
-            raise ProtocolError(f"retire of unknown region {rec.region}")
-
-    def copy(self, rec: CopyRecord) -> None:
-        if self.in_flight >= MAX_COPIES_IN_FLIGHT:
-            raise ProtocolError(f"more than {MAX_COPIES_IN_FLIGHT} copies in flight")
-        for p in rec.pieces:
-            size = self.regions.get(p.region)
-            if size is None:
-                raise ProtocolError(f"COPY names unknown region {p.region}")
-            if p.offset + p.nbytes > size:
-                raise ProtocolError(f"piece [{p.offset}, {p.offset + p.nbytes}) lies outside "
-                                    f"region {p.region} of {size} bytes")
-        self.in_flight += 1
-
-    def copied(self) -> None:
-        self.in_flight -= 1
-
-
-class RingSpace:
-    """Offsets of a staging ring: spans handed out in order, released oldest first (acks
-    come in order). Sans I/O; the memory itself is the plane's."""
-
-    def __init__(self, size: int, align: int = _ALIGN) -> None:
-        self.size = size
-        self._align = align
-        self._spans: deque[tuple[int, int]] = deque()  # (start, end), oldest first
-
-    def alloc(self, n: int) -> tuple[int, int] | None:
-        """The longest contiguous span of at most ``n`` bytes free now, as (start, length);
-        ``None`` if the ring is full."""
-        if not self._spans:
-            start, room = 0, self.size
-        else:
-            first, last_end = self._spans[0][0], self._spans[-1][1]
-            head = -(-last_end // self._align) * self._align
-            if last_end > first:  # in use: [first, last_end)
-                if head < self.size:
-                    start, room = head, self.size - head
-                else:
-                    start, room = 0, first
-            else:  # wrapped: in use [first, size) and [0, last_end)
-                start, room = head, first - head
-        if room <= 0:
-            return None
-        length = min(n, room)
-        self._spans.append((start, start + length))
-        return start, length
-
-    def release(self) -> None:
-        self._spans.popleft()
-
-    @property
-    def in_use(self) -> int:
-        return len(self._spans)
-
-
-# -- the handshake's helpers --------------------------------------------------------------------
-
-
-def host_id() -> bytes:
-    """16 bytes naming this host's kernel boot (``/proc/sys/kernel/random/boot_id``); zeros
-    when it cannot be read. Two processes with the same id run under one kernel."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return uuid.UUID(f.read().strip()).bytes
-    except (OSError, ValueError):
-        return bytes(HOST_ID_BYTES)
-
-
-def ipc_info() -> tuple[bool, str]:
-    """(this process can use CUDA IPC, why or why not); never raises, initialises no GPU."""
-    if not sys.platform.startswith("linux"):
-        return False, "CUDA IPC needs Linux"
-    try:
-        if not torch.cuda.is_available():
-            return False, "no CUDA device here"
-    except Exception as exc:  # a broken driver install
-        return False, f"CUDA unusable: {exc}"
-    try:
-        _cudaipc.runtime()
-    except Exception as exc:  # ImportError, or a CuPy that finds no runtime
-        return False, f"needs CuPy (pip install 'aiokvpipe[cuda12]' or '[cuda13]'): {exc}"
-    try:
-        _cudaipc.load_driver()
-    except OSError as exc:
-        return False, f"cannot load the CUDA driver library: {exc}"
-    if host_id() == bytes(HOST_ID_BYTES):
-        return False, "cannot tell which host this is (/proc/sys/kernel/random/boot_id)"
-    return True, f"CUDA IPC available (CUDA runtime {_runtime_version()} through CuPy)"
-
-
-_info: tuple[bool, str] | None = None
-
-
-async def ipc_info_async() -> tuple[bool, str]:
-    """:func:`ipc_info`, found once per process in a worker thread: the first call imports
-    CuPy and loads the CUDA driver library, tens of milliseconds the event loop must not
-    wait for (it held a connecting end's loop for 66 ms on an H200)."""
-    global _info
-    if _info is None:
-        with short_gil_turns():
-            _info = await asyncio.to_thread(ipc_info)
-    return _info
-
-
-def allocator_note() -> str | None:
-    """Why tensors would go through the staging ring (two copies), if they would."""
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get(
-        "PYTORCH_ALLOC_CONF", "")
-    if "expandable_segments:true" in conf.replace(" ", "").lower():
-        return ("torch's allocator uses expandable segments, which CUDA IPC cannot export: "
-                "tensors are staged through the ipc ring (two copies instead of one)")
-    return None
-
-
-def _runtime_version() -> str:
-    """The CUDA runtime version CuPy's bindings use, as "13.0" (no CUDA context needed)."""
-    try:
-        v = int(_cudaipc.runtime().runtimeGetVersion())
-        return f"{v // 1000}.{v % 1000 // 10}"
-    except Exception:  # noqa: BLE001 - only for the message
-        return "?"
-
-
-_probes: dict[int, tuple[int, bytes]] = {}
-_probes_lock = threading.Lock()
-
-
-async def export_probe(device: torch.device) -> bytes:
-    """The IPC handle of a small allocation this process keeps on ``device`` (made once, in a
-    worker thread), for a peer's :func:`probe_opens`. Raises ``RuntimeError`` if CUDA IPC
-    does not work here (``ImportError`` without CuPy)."""
-    index = _index(device)
-
-    def make() -> bytes:
-        with _probes_lock:
-            if index not in _probes:
-                ptr = _cudaipc.malloc(4096, index)
-                _probes[index] = (ptr, _cudaipc.export_memory(ptr))
-            return _probes[index][1]
-
-    result: bytes = await in_daemon_thread(make, "aiokvpipe-ipc")
-    return result
-
-
-async def probe_opens(handle: bytes, device: torch.device) -> bool:
-    """Whether the peer's probe ``handle`` opens on ``device`` here (opened in a worker thread
-    and closed again). False, never an exception, for anything that does not open: garbage,
-    a handle of this very process, another container, GPUs without peer access."""
-    if len(handle) != IPC_HANDLE_BYTES:
-        return False
-    index = _index(device)
-
-    def attempt() -> bool:
-        ptr = _cudaipc.open_memory(handle, index)
-        try:
-            return _cudaipc.allocation_of(ptr).size > 0
-        finally:
-            _cudaipc.close_memory(ptr)
-
-    try:
-        return bool(await in_daemon_thread(attempt, "aiokvpipe-ipc"))
-    except Exception as exc:  # CUDARuntimeError, DriverError, ImportError
-        log.debug("the peer's ipc probe handle does not open here: %r", exc)
-        return False
-
-
-def _index(device: torch.device) -> int:
-    if device.type != "cuda":
-        raise ValueError(f"CUDA IPC needs a CUDA device, not {device}")
-    return torch.cuda.current_device() if device.index is None else device.index
-
 
 # -- the plane ----------------------------------------------------------------------------------
 
@@ -744,7 +306,7 @@ class IpcPlane:
                  mode: Mode, ring_bytes: int, streams: Sequence[torch.cuda.Stream]) -> None:
         self._loop = asyncio.get_running_loop()
         self._device = device
-        self._index = _index(device)
+        self._index = device_index(device)
         self._on_lost = on_lost
         self._mode: Mode = mode
         self._ring_bytes = ring_bytes
@@ -822,8 +384,8 @@ class IpcPlane:
             raise ValueError("the ipc plane needs a CUDA device")
         if mode not in ("segments", "ring"):
             raise ValueError(f"mode must be 'segments' or 'ring', not {mode!r}")
-        if ring_bytes < _ALIGN * 4:
-            raise ValueError(f"ring_bytes must be at least {_ALIGN * 4}")
+        if ring_bytes < RING_ALIGN * 4:
+            raise ValueError(f"ring_bytes must be at least {RING_ALIGN * 4}")
         _cudaipc.runtime()  # ImportError now, not on the first message
         streams = await side_streams(device, 2)
         try:
@@ -1015,7 +577,7 @@ class IpcPlane:
         if self._one(job):
             # Most messages: one tensor in one exported allocation, one piece (the loop
             # below, for the general case, costs several times more).
-            self._emit(_COPY_ONE.pack(RecordType.COPY, 1, 1, *self._take_one(job)))
+            self._emit(encode_copy_of_one(*self._take_one(job)))
             return True
         parts = job.parts
         while len(self._inflight) < MAX_COPIES_IN_FLIGHT:

@@ -30,10 +30,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aiokvpipe import _control, _cuda, _ipc_plane, _pipe, _protocol, _wire  # noqa: E402
+from aiokvpipe import _control, _cuda, _ipc_plane, _ipc_records, _pipe, _protocol, _wire  # noqa: E402
 
-MODULES = {"pipe": _pipe, "ipc": _ipc_plane, "cuda": _cuda, "control": _control,
-           "protocol": _protocol, "wire": _wire}
+MODULES = {"pipe": _pipe, "ipc": _ipc_plane, "ipc_records": _ipc_records, "cuda": _cuda,
+           "control": _control, "protocol": _protocol, "wire": _wire}
 SECONDS: dict[str, float] = {}
 CALLS: dict[str, int] = {}
 

@@ -211,7 +211,7 @@ def fake_cuda(check: bool) -> None:
             "free": lambda ptr, index: None,
         },
         _ipc_plane: {
-            "_index": lambda device: 0,
+            "device_index": lambda device: 0,
             "current_stream": lambda device: stream,
             "recycle_streams": lambda streams: None,
             "after_pending_work": lambda device: None,

@@ -24,9 +24,9 @@ import uvloop  # noqa: E402
 import aiokvpipe  # noqa: E402
 from aiokvpipe import _cudaipc, _ipc_plane  # noqa: E402
 from aiokvpipe._dtypes import code_of  # noqa: E402
-from aiokvpipe._ipc_plane import (  # noqa: E402
+from aiokvpipe._ipc_plane import IpcPlane  # noqa: E402
+from aiokvpipe._ipc_records import (  # noqa: E402
     CopyRecord,
-    IpcPlane,
     Piece,
     RegionRecord,
     RetireRecord,
@@ -279,7 +279,7 @@ async def region_reuse() -> str:
     spec = TensorSpec(code_of(torch.uint8), (4096,), 1, "")
 
     def region(t: torch.Tensor) -> bytes:
-        handle = t.data_ptr().to_bytes(8, "little") + bytes(_ipc_plane.IPC_HANDLE_BYTES - 8)
+        handle = t.data_ptr().to_bytes(8, "little") + bytes(_cudaipc.IPC_HANDLE_BYTES - 8)
         return encode_record(RegionRecord(7, 4096, handle))
 
     copy = encode_record(CopyRecord((Piece(7, 0, 4096),), True))

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from ipc_link import plane_on_socket  # noqa: E402
 
 from aiokvpipe import _dtypes  # noqa: E402
-from aiokvpipe._ipc_plane import IpcPlane, export_probe  # noqa: E402
+from aiokvpipe._ipc_plane import IpcPlane  # noqa: E402
+from aiokvpipe._ipc_probe import export_probe  # noqa: E402
 from aiokvpipe._wire import TensorSpec  # noqa: E402
 
 

@@ -31,17 +31,9 @@ from ipc_link import plane_on_socket
 from jsonpeer import JsonPeerProcess
 
 from aiokvpipe import BrokenPipe, ProtocolError, _dtypes
-from aiokvpipe._ipc_plane import (
-    DEFAULT_RING_BYTES,
-    CopyRecord,
-    IpcPlane,
-    Piece,
-    RegionRecord,
-    encode_record,
-    export_probe,
-    ipc_info,
-    probe_opens,
-)
+from aiokvpipe._ipc_plane import DEFAULT_RING_BYTES, IpcPlane
+from aiokvpipe._ipc_probe import export_probe, ipc_info, probe_opens
+from aiokvpipe._ipc_records import CopyRecord, Piece, RegionRecord, encode_record
 from aiokvpipe._wire import TensorSpec
 
 pytestmark = [
@@ -490,8 +482,8 @@ async def test_memory_smaller_than_announced_is_refused_and_probes_prove_ipc() -
 def test_the_ipc_plane_loads_cupys_runtime_bindings_without_the_cupy_package() -> None:
     # Importing the cupy package took 160-406 ms on an H200 host, and even in a worker
     # thread held the GIL (the event loop) in chunks over 2 ms at every first connection.
-    script = ("import sys; from aiokvpipe import _ipc_plane, _cudaipc\n"
-              "ok, why = _ipc_plane.ipc_info(); rt = _cudaipc.runtime()\n"
+    script = ("import sys; from aiokvpipe import _ipc_plane, _ipc_probe, _cudaipc\n"
+              "ok, why = _ipc_probe.ipc_info(); rt = _cudaipc.runtime()\n"
               "rt.setDevice(0); ptr = rt.malloc(1 << 20); rt.free(ptr)\n"
               "print(ok, 'cupy' in sys.modules, why)")
     import subprocess

@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiokvpipe import ProtocolError
-from aiokvpipe._ipc_plane import (
+from aiokvpipe._ipc_plane import IpcPlane, _Export, _Job, _Part
+from aiokvpipe._ipc_probe import host_id, ipc_info, probe_opens
+from aiokvpipe._ipc_records import (
     _COPY_ONE,
     _PIECE,
     IPC_HANDLE_BYTES,
@@ -28,7 +30,6 @@ from aiokvpipe._ipc_plane import (
     AckRecord,
     ConsumerLedger,
     CopyRecord,
-    IpcPlane,
     Piece,
     PoolPlace,
     PoolRecord,
@@ -36,13 +37,7 @@ from aiokvpipe._ipc_plane import (
     RegionRecord,
     RetireRecord,
     RingSpace,
-    _Export,
-    _Job,
-    _Part,
     encode_record,
-    host_id,
-    ipc_info,
-    probe_opens,
 )
 from aiokvpipe._wire import MAX_PAYLOAD_BYTES, TensorSpec
 

@@ -28,7 +28,7 @@ from jsonpeer import JsonPeerProcess
 
 import aiokvpipe
 from aiokvpipe import BrokenPipe
-from aiokvpipe._ipc_plane import ipc_info
+from aiokvpipe._ipc_probe import ipc_info
 from aiokvpipe._plane import Received
 
 pytestmark = [

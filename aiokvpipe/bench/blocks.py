@@ -172,7 +172,7 @@ def run(args: argparse.Namespace, loop: str) -> int:
             return _refuse("--blocks --device cuda needs two CUDA devices (or --one-gpu)")
         receiver_device = "cuda:0" if one_gpu else "cuda:1"
         cupy = importlib.util.find_spec("cupy") is not None
-        from .._ipc_plane import ipc_info
+        from .._ipc_probe import ipc_info
 
         ipc = ipc_info()[0]
     planes = planes_for(device, cupy, ipc)
