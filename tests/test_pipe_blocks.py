@@ -277,36 +277,24 @@ async def test_more_ids_than_one_offer_names_is_a_value_error_before_anything_mo
     assert_moved(src, dst, [3], [4])
 
 
-async def test_recv_blocks_takes_a_discarded_key_back_as_recv_does(pair_factory: PairFactory
-                                                                   ) -> None:
-    # A retried request reusing its key: offers for it were refused as discarded while its
-    # recv_blocks waited for ever.
+@pytest.mark.parametrize("discarded", ["before", "while it waits"])
+async def test_recv_blocks_takes_a_discarded_key_back_as_recv_does(
+        pair_factory: PairFactory, discarded: str) -> None:
+    # A retried request reusing its key, or a recv_blocks waiting when another task gives
+    # the key up: offers for it were refused as discarded while recv_blocks waited for ever.
     a, b = await pair_factory()
     src, dst = vllm_pool(8), vllm_pool(8)
     fill_blocks(src, [2], seed=12)
-    b.discard("req")
+    if discarded == "before":
+        b.discard("req")
     async with asyncio.timeout(10):
         receiving = asyncio.create_task(b.recv_blocks(dst, [6], key="req"))
         await eventually(lambda: "req" in b._blocks._sinks, 5, "recv_blocks asked for it")
+        if discarded != "before":
+            b.discard("req")
         await a.send_blocks(src, [2], key="req")
         await receiving
     assert_moved(src, dst, [2], [6])
-
-
-async def test_a_recv_blocks_waiting_when_its_key_is_discarded_still_takes_its_blocks(
-        pair_factory: PairFactory) -> None:
-    # As for recv(key): the waiting call asks for the key; its offers were refused as
-    # discarded, and it waited for ever.
-    a, b = await pair_factory()
-    src, dst = vllm_pool(8), vllm_pool(8)
-    fill_blocks(src, [4], seed=14)
-    async with asyncio.timeout(10):
-        receiving = asyncio.create_task(b.recv_blocks(dst, [1], key="req"))
-        await eventually(lambda: "req" in b._blocks._sinks, 5, "recv_blocks waits")
-        b.discard("req")
-        await a.send_blocks(src, [4], key="req")
-        await receiving
-    assert_moved(src, dst, [4], [1])
 
 
 async def test_recv_blocks_cancelled_twice_returns_only_once_nothing_writes_the_pool(

@@ -45,6 +45,7 @@ from aiokvpipe._wire import (
     Direction,
     Error,
     ErrorCode,
+    Frame,
     FrameDecoder,
     FrameType,
     Header,
@@ -780,6 +781,18 @@ def test_message_cost_is_strictly_increasing_in_payload_tensors_dimensions_and_n
         0, [TensorSpec(1, (1,), 4, "k")])
 
 
+def decoded(data: bytes) -> tuple[list[Frame], int]:
+    """The frames of ``data``, and the bytes of memory they hold (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        frames = FrameDecoder().feed(data)
+        return frames, tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
 def shape_of(i: int, ndim: int) -> tuple[int, ...]:
     """A shape of no elements whose first few sizes are ints Python does not cache."""
     big = (0, *(300 + i + j for j in range(min(ndim, 4) - 1)))
@@ -793,17 +806,18 @@ def test_a_header_of_many_specs_costs_at_least_what_it_holds_decoded() -> None:
     for ndim, name in [(1, ""), (4, ""), (MAX_NDIM, ""), (4, "n" * 200)]:
         specs = tuple(TensorSpec(1, shape_of(i, ndim), 4, f"{name}{i}" if name else "")
                       for i in range(1024))
-        data = encode_header(0, None, Structure.DICT if name else Structure.LIST, specs,
-                             inline=True)
-        gc.collect()
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            frames = FrameDecoder().feed(data)
-            held = tracemalloc.get_traced_memory()[0] - before
-        finally:
-            tracemalloc.stop()
+        frames, held = decoded(encode_header(
+            0, None, Structure.DICT if name else Structure.LIST, specs, inline=True))
         assert frames[0].cost >= held, (ndim, len(name), frames[0].cost, held)
+
+
+def test_an_offer_costs_at_least_what_its_ids_hold_decoded() -> None:
+    # The receiver holds an offer's ids (a tuple of ints) until it answers: 4 credit bytes
+    # an id were a ninth of that.
+    ids = tuple(range(1000, 1000 + MAX_OFFER_BLOCKS))
+    frames, held = decoded(encode(Offer(0, 0, "k", tuple(range(64)), ids)))
+    assert offer_cost(len(ids), 64) >= held, (offer_cost(len(ids), 64), held)
+    assert frames[0].ids == ids
 
 
 
@@ -883,19 +897,3 @@ def test_encoder_refuses_an_inline_payload_that_does_not_match_the_specs() -> No
     with pytest.raises(ValueError):
         encode(Header(0, None, Structure.TENSOR, (spec(U8, (4,)),), b"abc"))
 
-
-def test_an_offer_costs_at_least_what_its_ids_hold_decoded() -> None:
-    # The receiver holds an offer's ids (a tuple of ints) until it answers: 4 credit bytes
-    # an id were a ninth of that.
-    ids = tuple(range(1000, 1000 + MAX_OFFER_BLOCKS))
-    data = encode(Offer(0, 0, "k", tuple(range(64)), ids))
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        frames = FrameDecoder().feed(data)
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert offer_cost(len(ids), 64) >= held, (offer_cost(len(ids), 64), held)
-    assert frames[0].ids == ids
