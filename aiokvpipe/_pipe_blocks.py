@@ -508,30 +508,15 @@ class BlockExchange:
         self._send_pull(offer.offer_id, why)
 
     def _try_match(self, offer: _wire.Offer) -> None:
-        sinks = [sink for sink in self._sinks.get(offer.key, ()) if not sink.done.done()]
-        for sink in sinks:
-            if not sink.missing.issuperset(offer.layers):
+        for sink in self._sinks.get(offer.key, ()):
+            if sink.done.done() or not sink.missing.issuperset(offer.layers):
                 continue
-            self._take_offer(offer)
+            queue = self._offers_in[offer.key]
+            queue.remove(offer)
+            if not queue:
+                del self._offers_in[offer.key]
             self._pull(sink, offer)
             return
-        crossed = [sink for sink in sinks if not sink.missing.isdisjoint(offer.layers)]
-        if crossed:
-            # Tensors some waiting recv_blocks wants, along with some none does: no call
-            # will ever take it whole. Like a count mismatch, the callers' error on both
-            # ends (each waited for ever); the pipe goes on.
-            why = (f"an offer of tensors {sorted(offer.layers)} for key {offer.key!r} where "
-                   f"recv_blocks waits for {sorted(set().union(*(s.missing for s in crossed)))}")
-            self._take_offer(offer)
-            self._refuse(offer, why)
-            for sink in crossed:
-                sink.done.set_exception(ValueError(why))
-
-    def _take_offer(self, offer: _wire.Offer) -> None:
-        queue = self._offers_in[offer.key]
-        queue.remove(offer)
-        if not queue:
-            del self._offers_in[offer.key]
 
     def _pull(self, sink: _Sink, offer: _wire.Offer) -> None:
         pipe = self._pipe
