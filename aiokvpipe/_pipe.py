@@ -424,7 +424,9 @@ class Pipe:
         never written; nothing is allocated that grows with the request.
 
         Asking for a key that was :meth:`discard`-ed takes it back, as :meth:`recv` does. No
-        ids: returns at once (see :meth:`send_blocks`).
+        ids: returns at once (see :meth:`send_blocks`). An offer is taken by the first waiting
+        call that wants all its tensors: one sending tensors no call wants whole waits, as a
+        ``send_blocks`` with no ``recv_blocks`` does.
 
         Raises ``TypeError``/``ValueError`` before anything moves for bad ids (out of range,
         a destination named twice, more than 131,072), layers or key, and ``ValueError`` when
@@ -855,7 +857,7 @@ class Pipe:
                 payload = self._signalling.post_recv_noted(h.tensors, note)
             item = _Incoming(h, item_cost, payload)
         if self._proto.is_discarded(h.key):
-            if h.key in self._waiters:  # a recv(key) waits since before the discard: it
+            if self._waiting_for(h.key):  # a recv(key) waits since before the discard: it
                 self._proto.undiscard(h.key)  # asks for the key again (else: for ever)
             else:
                 item.discarded = True
@@ -871,6 +873,14 @@ class Pipe:
             self._incoming.append(item)
         else:  # nothing ahead of it: deliver now, not a loop iteration later
             self._arrived(item)
+
+    def _waiting_for(self, key: str | None) -> bool:
+        """Whether a recv(key) waits, not cancelled (its future is cancelled at once; it
+        leaves the waiters only when its task runs next)."""
+        for fut in self._waiters.get(key, ()):
+            if not fut.done():
+                return True
+        return False
 
     def _unpack_inline(self, specs: tuple[_wire.TensorSpec, ...], buf: bytearray | None
                        ) -> list[torch.Tensor]:

@@ -98,6 +98,14 @@ class _Sink:
     #: (CUDA pools) after what the caller's stream had queued at the call: copies into the
     #: pool wait for it
     after: torch.cuda.Event | None = None
+    #: the task of the call (whose cancellation shows before it leaves: its wait is shielded)
+    task: asyncio.Task[Any] | None = None
+
+    @property
+    def live(self) -> bool:
+        """The call still waits for its blocks: not done, given up or being cancelled."""
+        return not (self.done.done() or self.abandoned
+                    or (self.task is not None and self.task.cancelling()))
 
 
 @dataclass(eq=False)
@@ -388,7 +396,8 @@ class BlockExchange:
         after = _mark_stream(pool)  # what the caller's stream has queued at the call
         await self._kernels_ready(pool)
         pipe._check_can_recv()
-        sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(), after=after)
+        sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(), after=after,
+                     task=asyncio.current_task(pipe._loop))
         self._sinks.setdefault(key, []).append(sink)
         try:
             for offer in list(self._offers_in.get(key, ())):
@@ -451,7 +460,7 @@ class BlockExchange:
             if not self._pipe._proto.offer_waiting(frame.offer_id):
                 return  # taken back in the same read: its RETRACT follows, nothing to do
             if self._pipe._proto.is_discarded(frame.key):
-                if frame.key not in self._sinks:
+                if not any(sink.live for sink in self._sinks.get(frame.key, ())):
                     self._refuse(frame, DISCARDED)
                     return
                 # A recv_blocks waits since before the discard: it asks for the key again.

@@ -547,8 +547,12 @@ class TcpPlane:
                     views: asyncio.Future[list[memoryview]]) -> None:
         if job.done():  # the plane ended meanwhile
             return
-        if views.cancelled() or views.exception() is not None:
-            job.set_exception(views.exception() or ConnectionAbortedError("views cancelled"))
+        if views.cancelled():
+            job.set_exception(ConnectionAbortedError("the receive's views were cancelled"))
+            return
+        exc = views.exception()
+        if exc is not None:
+            job.set_exception(exc)
             return
         target = _Target([], fut)
         target.views = [v for v in views.result() if len(v)]

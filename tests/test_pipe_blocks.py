@@ -297,6 +297,34 @@ async def test_recv_blocks_takes_a_discarded_key_back_as_recv_does(
     assert_moved(src, dst, [2], [6])
 
 
+async def test_a_recv_blocks_cancelled_just_before_its_key_is_discarded_does_not_take_it_back(
+        pair_factory: PairFactory) -> None:
+    # As for recv(key): cancelled and its key discarded in the loop iteration the offer is
+    # read, before its task runs again, the call no longer asks for the key. Its sink was
+    # still listed: the offer was pulled for a call that was gone, and later ones waited.
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    receiving = asyncio.create_task(b.recv_blocks(dst, [1], key="req"))
+    await eventually(lambda: "req" in b._blocks._sinks, 5, "recv_blocks waits")
+    on_frame = b._blocks.on_frame
+
+    def abandon_then_handle(frame: _wire.Frame) -> None:
+        if isinstance(frame, _wire.Offer) and not receiving.done():
+            receiving.cancel()
+            b.discard("req")
+        on_frame(frame)
+
+    b._blocks.on_frame = abandon_then_handle  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        with pytest.raises(ValueError, match="discarded"):
+            await a.send_blocks(src, [4], key="req")
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        with pytest.raises(ValueError, match="discarded"):
+            await a.send_blocks(src, [4], key="req")
+    assert not dst.tensors[0].ne(SENTINEL).any()
+
+
 async def test_recv_blocks_cancelled_twice_returns_only_once_nothing_writes_the_pool(
         pair_factory: PairFactory) -> None:
     # The second cancellation (a timeout inside a task group, a server shutting down) ended
@@ -437,6 +465,20 @@ async def test_a_receiver_makes_the_views_of_a_large_scattered_transfer_turn_by_
     assert most[0] <= VIEWS_PER_STEP, f"{most[0]} views made in one callback"
     for s_t, d_t in zip(src.tensors, dst.tensors):
         assert torch.equal(s_t[:, ids], d_t[:, ids]) and not d_t[:, 1::2].any()
+
+
+async def test_views_that_never_come_break_the_tcp_plane_rather_than_stall_it(
+        pair_factory: PairFactory) -> None:
+    # A receive posted with a future of views holds the receives behind it: if that future
+    # is cancelled (its task ended with the loop), the plane must break, not wait for ever.
+    _, b = await pair_factory()
+    views: asyncio.Future[list[memoryview]] = asyncio.get_running_loop().create_future()
+    receive = b._plane.post_recv_views(views)
+    views.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(aiokvpipe.BrokenPipe):
+            await b.wait_closed()
+    assert receive.done()
 
 
 async def test_an_abandoned_receive_drains_its_bytes_through_a_small_scratch(

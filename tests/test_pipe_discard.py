@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import torch
@@ -79,3 +80,33 @@ async def test_a_recv_waiting_when_its_key_is_discarded_still_gets_what_comes(
         assert receiver.discard("k") == 0
         await sender.send(torch.tensor([5]), key="k")
         assert (await waiting).item() == 5
+
+
+async def test_a_recv_cancelled_just_before_its_key_is_discarded_does_not_take_it_back(
+        small_pipe) -> None:
+    # Abandoning a request from another task: cancel its recv(key), discard the key, in the
+    # loop iteration a message for it is read, before the cancelled task runs again. That
+    # recv no longer asks for the key: the message is dropped, and so are later ones.
+    sender, receiver = small_pipe
+    waiting = asyncio.create_task(receiver.recv(key="k"))
+    await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
+    on_data = receiver.on_data
+
+    def abandon_then_read(data: Any) -> bool:
+        if not waiting.done():
+            waiting.cancel()
+            receiver.discard("k")
+        return on_data(data)
+
+    receiver.on_data = abandon_then_read  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        await sender.send(torch.tensor([1]), key="k")
+        await sender.send(torch.tensor([2]), key="fence")
+        await receiver.recv(key="fence")
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await sender.send(torch.tensor([3]), key="k")
+        await sender.send(torch.tensor([4]), key="fence")
+        await receiver.recv(key="fence")
+    assert receiver._proto.is_discarded("k")
+    assert receiver.stats.recv_buffered_messages == 0
