@@ -43,7 +43,8 @@ class PipeOptions:
     recv_buffer_bytes
         Receive credits granted to the peer: bytes that may wait here, received but not yet
         claimed by ``recv()``; each message counts its payload plus a few hundred bytes of
-        header. Default 512 MiB and 64 KiB, so that two 256 MiB messages fit at once. A
+        header a tensor. Default 513 MiB, so that two 256 MiB messages of up to a thousand
+        tensors each (a model's K and V, layer by layer, as a dict) fit at once. A
         larger message is accepted alone. On the tcp plane, up to as much again of memory
         freed by received CPU tensors is kept for reuse (fresh memory costs a page fault per
         4 KiB).
@@ -96,7 +97,7 @@ class PipeOptions:
     device: str | torch.device = "cpu"
     transport: TransportName = "auto"
     max_inflight_bytes: int = 512 * MiB
-    recv_buffer_bytes: int = 512 * MiB + 64 * KiB
+    recv_buffer_bytes: int = 513 * MiB
     token: str | bytes | None = None
     heartbeat_interval: float | None = 1.0
     heartbeat_timeout: float | None = None

@@ -63,7 +63,7 @@ from aiokvpipe._control import ControlChannel  # noqa: E402
 from aiokvpipe._pipe import Pipe  # noqa: E402
 
 CPU = torch.device("cpu")
-WINDOW = (512 << 20) + (64 << 10)  # the default receive credits
+WINDOW = 513 << 20  # the default receive credits
 DEPTH = 8
 #: ``--check``: what a sent tensor holds once send() returned (message k holds k % 251).
 REUSED = 255

@@ -157,12 +157,17 @@ async def test_flood_of_empty_messages_is_bounded_by_credits(pair_factory: PairF
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
-def test_default_credits_hold_as_many_messages_as_the_default_send_budget(k: int) -> None:
+@pytest.mark.parametrize("tensors", [1, 160, 1000])
+def test_default_credits_hold_as_many_messages_as_the_default_send_budget(
+        k: int, tensors: int) -> None:
     # Credits count each message's header too: with 512 MiB exactly, two 256 MiB messages
     # did not fit at once, and large messages went one at a time (half the ipc throughput).
+    # Up to a thousand tensors a message: an 80-layer model's K and V as a dict is 160.
     opts = aiokvpipe.PipeOptions()
     size = opts.max_inflight_bytes // k
-    assert opts.recv_buffer_bytes >= k * message_cost(size, [TensorSpec(1, (size // 4,), 4)])
+    each = size // tensors // 2
+    specs = [TensorSpec(2, (8, 16, 8, each // 1024), 2, f"layers.{i}.k") for i in range(tensors)]
+    assert opts.recv_buffer_bytes >= k * message_cost(sum(s.nbytes for s in specs), specs)
 
 
 async def test_credit_for_small_messages_goes_back_in_few_frames(
