@@ -395,10 +395,16 @@ def _describe(layout: PoolLayout, i: int) -> str:
 def check_fits(local: PoolLayout, peer: PoolLayout) -> None:
     """``ValueError`` naming the first misfit unless blocks of ``peer`` can land in ``local``
     (and back): the same number of tensors and, tensor by tensor, the same dtype and block
-    shape. ``num_blocks``, names and strides may differ."""
+    shape. ``num_blocks``, names and strides may differ; but two dict pools naming the same
+    tensors in another order do not fit (tensors go by position: a ``{"k", "v"}`` pool's K
+    would land in a ``{"v", "k"}`` pool's V, silently)."""
     if len(local.tensors) != len(peer.tensors):
         raise ValueError(f"pools do not fit: {len(local.tensors)} tensors here, "
                          f"{len(peer.tensors)} in the peer's pool")
+    if (local.named and peer.named and local.names != peer.names
+            and sorted(local.names or ()) == sorted(peer.names or ())):
+        raise ValueError("pools do not fit: they name the same tensors in another order "
+                         "(tensors go by position); make both dicts in one order")
     for i, (a, b) in enumerate(zip(local.tensors, peer.tensors, strict=True)):
         if a.dtype != b.dtype:
             raise ValueError(f"pools do not fit: {_describe(local, i)} is "

@@ -216,6 +216,19 @@ def test_misfit_names_a_dict_pools_tensor() -> None:
         check_fits(a.layout, b.layout)
 
 
+def test_dict_pools_naming_the_same_tensors_in_another_order_do_not_fit() -> None:
+    # Tensors go by position: K would land in V, silently.
+    kv = BlockPool({"k": torch.zeros(8, 4), "v": torch.ones(8, 4)}, block_dim=0)
+    vk = BlockPool({"v": torch.zeros(8, 4), "k": torch.ones(8, 4)}, block_dim=0)
+    with pytest.raises(ValueError, match="another order"):
+        check_fits(kv.layout, vk.layout)
+    check_fits(kv.layout, kv.layout)
+    other = BlockPool({"key": torch.zeros(8, 4), "value": torch.zeros(8, 4)}, block_dim=0)
+    check_fits(kv.layout, other.layout)  # other names: by position, as documented
+    check_fits(kv.layout, BlockPool([torch.zeros(8, 4), torch.zeros(8, 4)],
+                                    block_dim=0).layout)  # a list pool: by position
+
+
 def test_check_counts() -> None:
     check_counts(3, 3)
     with pytest.raises(ValueError, match="3 block ids here, 4 on the peer"):

@@ -543,6 +543,21 @@ async def test_a_pool_made_again_around_the_same_tensors_is_the_same_pool(
     assert len(a._blocks._described) == 2
 
 
+async def test_dict_pools_naming_their_tensors_in_another_order_are_refused_at_both_ends(
+        pair_factory: PairFactory) -> None:
+    # Tensors go by position: a {"k", "v"} pool's K landed in a {"v", "k"} pool's V.
+    a, b = await pair_factory()
+    src = BlockPool({"k": torch.full((8, 4), 1.0), "v": torch.full((8, 4), 2.0)}, block_dim=0)
+    dst = BlockPool({"v": torch.zeros(8, 4), "k": torch.zeros(8, 4)}, block_dim=0)
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(a.send_blocks(src, [1], key="kv"),
+                                       b.recv_blocks(dst, [2], key="kv"),
+                                       return_exceptions=True)
+    assert all(isinstance(r, ValueError) and "another order" in str(r) for r in results)
+    assert not any(t.any() for t in dst.tensors)
+    assert a._error is None and b._error is None
+
+
 async def test_a_peer_dying_mid_transfer_breaks_both_calls(pair_factory: PairFactory) -> None:
     a, b = await pair_factory()
     src, dst = vllm_pool(1024), vllm_pool(1024)
