@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import logging
 import math
 import threading
 from collections.abc import Callable, Coroutine
@@ -25,6 +26,8 @@ from ._connect import open_pipe
 from ._errors import PipeClosed
 from ._message import Message
 from ._pipe import Pipe
+
+log = logging.getLogger("aiokvpipe")
 
 T = TypeVar("T")
 
@@ -94,9 +97,9 @@ class SyncPipe:
                                         name=f"aiokvpipe-sync-{rank}")
         self._thread.start()
         try:
-            self._pipe: Pipe = self._call(open_pipe(host, port, rank, **opts), None)
+            self._pipe: Pipe = self._call(open_pipe(host, port, rank, **opts), timeout)
         except BaseException:
-            self._stop_loop()
+            self._stop_loop()  # (cancels the opening first: no port left listening)
             raise
 
     @property
@@ -319,7 +322,20 @@ class SyncPipe:
             if not fut.done():
                 fut.set_exception(PipeClosed("pipe closed"))
 
+    def _not_on_loop(self) -> None:
+        """A blocking call on the pipe's own loop thread (from a callback a PipeFuture ran
+        there, say) would wait for that very thread: for ever."""
+        if threading.get_ident() == self._thread.ident:
+            raise RuntimeError("a blocking SyncPipe call on the pipe's own loop thread (a "
+                               "PipeFuture's done callback runs there) would wait for ever: "
+                               "use the submit_* forms there")
+
     def _wait(self, fut: PipeFuture[T], timeout: float | None) -> T:
+        try:
+            self._not_on_loop()
+        except RuntimeError:
+            fut.cancel()  # (its transfer has not started: nothing moves)
+            raise
         if timeout is None:
             timeout = self._timeout
         if timeout is not None and math.isinf(timeout):
@@ -335,6 +351,11 @@ class SyncPipe:
             raise
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        try:
+            self._not_on_loop()
+        except RuntimeError:
+            coro.close()
+            raise
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
@@ -343,9 +364,24 @@ class SyncPipe:
             raise
 
     def _stop_loop(self) -> None:
+        # What still runs on the loop (an open_pipe() cut short by a timeout or Ctrl-C, with
+        # its listening socket) is cancelled and let finish first: a loop stopped under it
+        # left the port listening until garbage collection.
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(10)
+        except BaseException as exc:  # a wedged loop thread: stop it all the same
+            log.debug("SyncPipe: cancelling what ran on its loop: %r", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
 
 
 async def _transfer(fut: PipeFuture[T], start: Callable[[], Coroutine[Any, Any, T]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -84,3 +85,43 @@ def test_send_tensor_rejects_non_tensors_and_stays_usable() -> None:
         client.send_tensor(torch.zeros(2))
         got = server.recv_tensor()
         assert got is not None and torch.equal(got, torch.zeros(2))
+
+
+def test_a_blocking_call_on_the_loop_thread_raises_instead_of_waiting_for_ever() -> None:
+    # A PipeFuture's done callback runs on the pipe's loop thread: a blocking call there
+    # waited for that very thread, the peer's heartbeats then broke the pipe, and the other
+    # threads' timeouts never fired.
+    server, client = _pair()
+    with server, client:
+        outcome: list[BaseException | None] = []
+        called = threading.Event()
+
+        def answer(_: object) -> None:
+            try:
+                server.send_tensor(torch.ones(1))
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+            called.set()
+
+        receiving = server.submit_recv()
+        receiving.add_done_callback(answer)  # (pending: it runs where the result is set)
+        client.send_tensor(torch.zeros(2))
+        assert called.wait(10)
+        assert isinstance(outcome[0], RuntimeError), outcome
+        assert torch.equal(receiving.result(10), torch.zeros(2))
+        server.send_tensor(torch.full((3,), 7.0))  # the pipe goes on, from this thread
+        assert torch.equal(client.recv_tensor(), torch.full((3,), 7.0))
+
+
+def test_the_constructor_gives_up_at_its_timeout_and_leaves_no_port_listening() -> None:
+    # timeout bounds any one blocking call, the constructor's too: with no peer it waited
+    # for ever, and cut short (Ctrl-C) it left the port listening.
+    port = _free_port()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        SyncPipe("127.0.0.1", port, 0, timeout=0.5)
+    assert time.monotonic() - started < 10
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "still listening"
