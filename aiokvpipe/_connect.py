@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import logging
 import secrets
 import socket
@@ -39,6 +40,10 @@ T = TypeVar("T")
 
 #: Handshakes a listener runs at once; more connections wait in the kernel's backlog.
 MAX_CONCURRENT_HANDSHAKES = 128
+#: Handshakes that sent ACCEPT and wait for their data connections without a slot (those
+#: connections need slots of their own: a slot held meanwhile deadlocked a listener that
+#: 128 clients reached at once). Beyond this many, a waiting handshake keeps its slot.
+MAX_WAITING_FOR_DATA = 4 * MAX_CONCURRENT_HANDSHAKES
 #: Established pipes waiting for ``accept()``; the handshake of the next one waits meanwhile.
 ACCEPT_QUEUE = 16
 #: Default silence limit, in the slower end's heartbeat intervals (see PipeOptions).
@@ -293,27 +298,34 @@ class Listener:
         await self.aclose()
 
     async def _accept_loop(self) -> None:
+        failing = False
         while True:
             await self._slots.acquire()
             try:
                 conn, addr = await self._loop.sock_accept(self._sock)
             except OSError as exc:  # e.g. EMFILE: back off instead of spinning
                 self._slots.release()
-                log.warning("accept() failed: %s", exc)
+                # One line when accepting starts failing, not one every 100 ms it lasts.
+                (log.debug if failing else log.warning)("accept() failed: %s", exc)
+                failing = True
                 await asyncio.sleep(0.1)
                 continue
             except BaseException:
                 self._slots.release()
                 raise
-            task = self._loop.create_task(self._serve(conn, addr))
+            if failing:
+                failing = False
+                log.warning("accept() works again")
+            slot = _Slot(self._slots)
+            task = self._loop.create_task(self._serve(conn, addr, slot))
             self._handshakes.add(task)
-            task.add_done_callback(self._handshake_done)
+            task.add_done_callback(functools.partial(self._handshake_done, slot))
 
-    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+    def _handshake_done(self, slot: _Slot, task: asyncio.Task[None]) -> None:
         self._handshakes.discard(task)
-        self._slots.release()
+        slot.release()
 
-    async def _serve(self, sock: socket.socket, addr: Any) -> None:
+    async def _serve(self, sock: socket.socket, addr: Any, slot: _Slot) -> None:
         tune_socket(sock)
         conn: socket.socket | None = sock  # None once another owner closes it
         pipe: Pipe | None = None
@@ -329,7 +341,7 @@ class Listener:
                                         f"{type(first).__name__}")
                 hello = first
                 conn = None  # the handshake owns (and closes) it from here
-                pipe = await self._handshake(sock, hello)
+                pipe = await self._handshake(sock, hello, slot)
             await self._offer(pipe)
         except asyncio.CancelledError:
             if pipe is not None:
@@ -354,7 +366,7 @@ class Listener:
             raise ProtocolError("ATTACH for an unknown session or a direction already attached")
         fut.set_result(conn)
 
-    async def _handshake(self, conn: socket.socket, hello: _wire.Hello) -> Pipe:
+    async def _handshake(self, conn: socket.socket, hello: _wire.Hello, slot: _Slot) -> Pipe:
         try:
             _, ch = await self._loop.connect_accepted_socket(ControlChannel, conn)
         except BaseException:
@@ -384,6 +396,8 @@ class Listener:
                 self._sessions[session_id] = pending
             ch.write(shake.accept(session_id, transport, ids))
             if pending is not None:
+                if len(self._sessions) <= MAX_WAITING_FOR_DATA:
+                    slot.release()  # the data connections need slots of their own
                 c2s, s2c = await _unless_lost(ch, asyncio.gather(
                     pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
                     pending.sockets[_wire.Direction.SERVER_TO_CLIENT]))
@@ -411,6 +425,25 @@ class Listener:
             self._sessions.pop(session_id, None)
 
 
+class _Slot:
+    """One connection's place among a listener's concurrent handshakes, given back once."""
+
+    __slots__ = ("_semaphore",)
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore: asyncio.Semaphore | None = semaphore
+
+    def release(self) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()
+            self._semaphore = None
+
+
+def _read_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def _unless_lost(ch: ControlChannel, step: Awaitable[T]) -> T:
     """Await a handshake step, but give up as soon as the control connection dies: a client
     killed mid-handshake must not hold the listener's slot until the handshake timeout."""
@@ -421,6 +454,9 @@ async def _unless_lost(ch: ControlChannel, step: Awaitable[T]) -> T:
     finally:
         if not task.done():
             task.cancel()
+            # (A cancelled gather() ends with an exception: read it, or asyncio logs an
+            # ERROR of its own for every handshake given up.)
+            task.add_done_callback(_read_outcome)
     if not task.done() or task.cancelled():
         raise BrokenPipe("the peer left during the handshake") from ch.lost.result()
     return task.result()

@@ -37,11 +37,14 @@ collector registered once per registry. Each :class:`PipeMetrics` must be used f
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+
+log = logging.getLogger("aiokvpipe")
 
 try:
     from prometheus_client import REGISTRY as _DEFAULT_REGISTRY
@@ -463,5 +466,8 @@ def _collector_for(registry: CollectorRegistry | None) -> _Collector:
         collector = _collectors.get(registry)
         if collector is None:
             collector = _collectors[registry] = _Collector()
-            registry.register(collector)
+            try:
+                registry.register(collector)
+            except ValueError as exc:  # names the registry holds already: pipes go on
+                log.warning("aiokvpipe's metrics are not exported to %r: %s", registry, exc)
         return collector

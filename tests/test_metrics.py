@@ -305,3 +305,16 @@ def test_scrape_from_another_thread_sees_consistent_histograms(
 def test_metrics_module_exports() -> None:
     assert metrics.AVAILABLE is True
     assert set(metrics.__all__) >= {"PipeMetrics", "handshake_refused", "AVAILABLE"}
+
+
+def test_a_registry_holding_our_names_already_costs_metrics_not_pipes(
+        registry: CollectorRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    # Registering with a registry that holds a clashing name raised out of the pipe's
+    # set-up: the first handshake failed.
+    prometheus_client.Counter("aiokvpipe_pipes_opened", "the user's own", registry=registry)
+    m = PipeMetrics(peer="p", registry=registry)
+    m.opened()
+    m.sent(100, 0.001)
+    assert sum("not exported" in r.getMessage() for r in caplog.records) == 1
+    PipeMetrics(peer="q", registry=registry).opened()  # one warning a registry, no more
+    assert sum("not exported" in r.getMessage() for r in caplog.records) == 1
