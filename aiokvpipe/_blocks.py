@@ -206,7 +206,7 @@ class PoolLayout:
                 raise ValueError(f"tensor {i} has {t.num_blocks} blocks along its block_dim, "
                                  f"tensor 0 has {n}: every tensor of a pool has the pool's "
                                  "num_blocks")
-        segments = sum(len(t.segment_offsets) for t in self.tensors)
+        segments = self.segments
         if segments > MAX_POOL_SEGMENTS:
             raise ValueError(f"a block of this pool is {segments} separate byte ranges over "
                              f"its tensors; the limit is {MAX_POOL_SEGMENTS}")

@@ -647,9 +647,7 @@ class BlockExchange:
         tensors = pool.layout.tensors
         n = len(runs) * sum(len(tensors[i].segment_offsets) for i in layers)
         if self._turn_views + n <= VIEWS_PER_STEP:
-            if not self._turn_views:
-                self._pipe._loop.call_soon(self._new_view_turn)
-            self._turn_views += n
+            self._count_views(n)
             return [v for i in layers for v in run_views(pool, i, runs, "dst")]
         return asyncio.ensure_future(self._views_later(pool, layers, runs))
 
@@ -666,6 +664,10 @@ class BlockExchange:
         iteration for all calls of the pipe; a call alone may go over once)."""
         while self._turn_views and self._turn_views + n > VIEWS_PER_STEP:
             await asyncio.sleep(0)
+        self._count_views(n)
+
+    def _count_views(self, n: int) -> None:
+        """``n`` views made in this loop iteration (the count starts again at the next)."""
         if not self._turn_views:
             self._pipe._loop.call_soon(self._new_view_turn)
         self._turn_views += n

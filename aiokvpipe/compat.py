@@ -322,20 +322,18 @@ class SyncPipe:
             if not fut.done():
                 fut.set_exception(PipeClosed("pipe closed"))
 
-    def _not_on_loop(self) -> None:
+    def _refuse_on_loop(self, undo: Callable[[], object]) -> None:
         """A blocking call on the pipe's own loop thread (from a callback a PipeFuture ran
-        there, say) would wait for that very thread: for ever."""
+        there, say) would wait for that very thread, for ever: ``undo`` what it started
+        (nothing has moved yet) and raise RuntimeError."""
         if threading.get_ident() == self._thread.ident:
+            undo()
             raise RuntimeError("a blocking SyncPipe call on the pipe's own loop thread (a "
                                "PipeFuture's done callback runs there) would wait for ever: "
                                "use the submit_* forms there")
 
     def _wait(self, fut: PipeFuture[T], timeout: float | None) -> T:
-        try:
-            self._not_on_loop()
-        except RuntimeError:
-            fut.cancel()  # (its transfer has not started: nothing moves)
-            raise
+        self._refuse_on_loop(fut.cancel)
         if timeout is None:
             timeout = self._timeout
         if timeout is not None and math.isinf(timeout):
@@ -351,11 +349,7 @@ class SyncPipe:
             raise
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
-        try:
-            self._not_on_loop()
-        except RuntimeError:
-            coro.close()
-            raise
+        self._refuse_on_loop(coro.close)
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
