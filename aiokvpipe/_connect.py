@@ -288,8 +288,10 @@ class Listener:
         for fut in self._getters:
             if not fut.done():
                 fut.set_result(None)
-        while self._ready:
-            await self._ready.popleft().aclose()
+        # Together: a peer that cannot answer the close costs close_timeout, and one after
+        # the other, N of them would cost N times that.
+        queued, self._ready = list(self._ready), deque()
+        await asyncio.gather(*(pipe.aclose() for pipe in queued), return_exceptions=True)
 
     async def __aenter__(self) -> Listener:
         return self

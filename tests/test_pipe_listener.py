@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -445,3 +446,27 @@ def test_a_listener_out_of_file_descriptors_says_so_once_not_every_100_ms() -> N
                           text=True, timeout=60)
     failed = done.stderr.count("accept() failed")
     assert failed == 1, done.stdout + done.stderr
+
+
+async def test_closing_a_listener_closes_its_queued_pipes_together(
+        spawn_peer: SpawnPeer) -> None:
+    # Pipes handed over but never accepted are closed by aclose(). Peers that cannot answer
+    # the close (frozen) each cost close_timeout: one after the other, three cost three.
+    close_timeout = 1.5
+    async with asyncio.timeout(30):
+        lst = await aiokvpipe.listen(HOST, 0, close_timeout=close_timeout)
+        try:
+            peers = [await spawn_peer(role="connect", port=lst.port, mode="idle")
+                     for _ in range(3)]
+            for peer in peers:
+                await peer.expect("connected")
+            await eventually(lambda: len(lst._ready) == 3, 10, "three pipes queued")
+            queued = list(lst._ready)
+            for peer in peers:
+                peer.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+        finally:
+            await lst.aclose()
+        elapsed = time.monotonic() - t0
+    assert all(p.closed for p in queued)
+    assert close_timeout <= elapsed < 2 * close_timeout, elapsed
