@@ -16,6 +16,8 @@ import functools
 import logging
 import math
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar, cast
 
@@ -93,7 +95,7 @@ class SyncPipe:
         self._finished: list[PipeFuture[Any]] = []  # done, not yet returned by poll()
         self._close_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+        self._thread = threading.Thread(target=_run_loop, args=(self._loop,), daemon=True,
                                         name=f"aiokvpipe-sync-{rank}")
         self._thread.start()
         try:
@@ -101,6 +103,9 @@ class SyncPipe:
         except BaseException:
             self._stop_loop()  # (cancels the opening first: no port left listening)
             raise
+        # Dropped without close(), the loop thread would hold the pipe open for ever.
+        self._finalizer = weakref.finalize(self, _close_abandoned, self._loop, self._thread,
+                                           self._pipe)
 
     @property
     def pipe(self) -> Pipe:
@@ -131,6 +136,7 @@ class SyncPipe:
         submitting afterwards raises :class:`~aiokvpipe.PipeClosed`. Idempotent.
         """
         with self._close_lock:
+            self._finalizer.detach()
             if self._loop.is_closed():
                 return
             with self._lock:
@@ -368,6 +374,35 @@ class SyncPipe:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _close_abandoned(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                     pipe: Pipe) -> None:
+    """A SyncPipe garbage-collected, or still open at exit, without close(): close its pipe
+    gracefully (within its close_timeout) and end its loop thread."""
+    warnings.warn(f"SyncPipe over {pipe!r} was never closed", ResourceWarning, stacklevel=2)
+
+    async def shut_down() -> None:
+        try:
+            await pipe.aclose()
+        except Exception as exc:  # broken already, say: nothing more to close
+            log.debug("SyncPipe: closing an abandoned pipe: %r", exc)
+        finally:
+            loop.stop()
+
+    try:
+        asyncio.run_coroutine_threadsafe(shut_down(), loop)
+    except RuntimeError:  # its loop closed already
+        return
+    if threading.current_thread() is not thread:  # (collected on that thread: it runs on)
+        thread.join(min(pipe._close_timeout, 60.0) + 5.0)
 
 
 async def _cancel_all() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -125,3 +126,19 @@ def test_the_constructor_gives_up_at_its_timeout_and_leaves_no_port_listening() 
     with socket.socket() as probe:
         probe.settimeout(2)
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "still listening"
+
+
+def test_a_sync_pipe_dropped_without_close_closes_its_pipe_and_ends_its_thread() -> None:
+    # Its loop thread held the pipe (sockets, buffers, a port) open for the process's life.
+    server, client = _pair()
+    with server:
+        client.send_tensor(torch.ones(3))
+        thread = client._thread
+        with pytest.warns(ResourceWarning, match="never closed"):
+            del client
+            gc.collect()
+        assert not thread.is_alive()
+        got = server.recv_tensor()  # closed gracefully: what was sent arrives, then the close
+        assert got is not None and torch.equal(got, torch.ones(3))
+        with pytest.raises(PipeClosed):
+            server.recv_tensor()
