@@ -28,7 +28,7 @@ from ._cuda import device_uuid_async as device_uuid
 from ._cuda import normalize_device_async
 from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
 from ._ipc_probe import host_id
-from ._options import PipeOptions
+from ._options import PipeOptions, default_budgets
 from ._pipe import Pipe
 from ._plane import DataPlane
 from ._protocol import ClientHandshake, Refused, ServerHandshake
@@ -73,7 +73,8 @@ async def _local_caps(opts: PipeOptions, device: torch.device) -> _wire.Capabili
         nccl=nccl,
         device_uuid=await device_uuid(device) if cuda else bytes(_wire.DEVICE_UUID_BYTES),
         nccl_version=version,
-        recv_buffer_bytes=opts.recv_buffer_bytes,
+        # 0: the default of the transport the handshake picks, known to both ends only then
+        recv_buffer_bytes=opts.recv_buffer_bytes or 0,
         heartbeat_ms=round(opts.heartbeat_interval * 1000) if opts.heartbeat_interval else 0,
         host_id=host_id() if cuda else bytes(_wire.HOST_ID_BYTES),
         ipc=ipc,
@@ -173,8 +174,10 @@ def _silence_limit(opts: PipeOptions, peer: _wire.Capabilities) -> float | None:
 
 def _make_pipe(ch: ControlChannel, plane: DataPlane, opts: PipeOptions, device: torch.device,
                peer: _wire.Capabilities, late: _LateBreak) -> Pipe:
-    pipe = Pipe(ch, plane, device=device, max_inflight_bytes=opts.max_inflight_bytes,
-                recv_buffer_bytes=opts.recv_buffer_bytes, peer_credits=peer.recv_buffer_bytes,
+    max_inflight, credits = opts.budgets(plane.name)
+    pipe = Pipe(ch, plane, device=device, max_inflight_bytes=max_inflight,
+                recv_buffer_bytes=credits,
+                peer_credits=peer.recv_buffer_bytes or default_budgets(plane.name)[1],
                 heartbeat_interval=opts.heartbeat_interval,
                 heartbeat_timeout=_silence_limit(opts, peer),
                 close_timeout=opts.close_timeout, busy_poll_s=opts.busy_poll_us * 1e-6,
@@ -404,7 +407,7 @@ class Listener:
                     pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
                     pending.sockets[_wire.Direction.SERVER_TO_CLIENT]))
                 plane = await TcpPlane.start(s2c, c2s, self._device, late,
-                                             self._opts.recv_buffer_bytes)
+                                             self._opts.budgets("tcp")[1])
             elif transport == _wire.Transport.IPC:
                 plane = await _ipc_plane.IpcPlane.start(self._device, late)
             else:
@@ -598,7 +601,7 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
                 await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
                                                                      direction)))
             c2s, s2c = data_socks
-            plane = await TcpPlane.start(c2s, s2c, device, late, opts.recv_buffer_bytes)
+            plane = await TcpPlane.start(c2s, s2c, device, late, opts.budgets("tcp")[1])
         elif accept.transport == _wire.Transport.IPC:
             plane = await _ipc_plane.IpcPlane.start(device, late)
         else:

@@ -19,6 +19,24 @@ TransportName = Literal["auto", "ipc", "nccl", "tcp"]
 #: loop wakes in time anyway, and the CPU spent would buy nothing.
 MAX_BUSY_POLL_US: Final = 1000.0
 
+#: The budgets when the options leave them unset (None): (max_inflight_bytes,
+#: recv_buffer_bytes) by the transport the handshake picked. The credits leave room for the
+#: headers (a few hundred bytes a tensor): two 256 MiB messages of a thousand tensors each
+#: fit in 513 MiB, sixteen 128 MiB ones in 2 GiB + 8 MiB. On ipc a send holds no memory of
+#: its own (the peer copies out of the caller's tensors), and large messages need more than
+#: two in flight to keep the copy engine busy while one's acknowledgement and the next
+#: header cross (a 256 MiB stream on one H200: 1.35-1.53 TB/s with two in flight, 2.09 with
+#: more; BENCHMARKS.md, 2026-12-05).
+DEFAULT_BUDGETS: Final = (512 * MiB, 513 * MiB)
+IPC_BUDGETS: Final = (2048 * MiB, 2056 * MiB)
+
+
+
+def default_budgets(transport: str) -> tuple[int, int]:
+    """(max_inflight_bytes, recv_buffer_bytes) by default on a pipe of ``transport``."""
+    return IPC_BUDGETS if transport == "ipc" else DEFAULT_BUDGETS
+
+
 #: Environment variable read (at connect/listen time, never at import) when no token is given.
 TOKEN_ENV: Final = "AIOKVPIPE_TOKEN"
 
@@ -39,13 +57,17 @@ class PipeOptions:
         :class:`~aiokvpipe.PipeError` if the peer cannot follow).
     max_inflight_bytes
         Payload bytes this end may have in flight at once; ``send()`` waits beyond it.
-        Default 512 MiB. A larger message is sent alone.
+        Default (``None``) by transport: 512 MiB on tcp and nccl, 2 GiB on ipc (where a send
+        holds no memory of its own, and large messages need several in flight to keep the
+        copy engine busy). A larger message is sent alone.
     recv_buffer_bytes
         Receive credits granted to the peer: bytes that may wait here, received but not yet
         claimed by ``recv()``; each message counts its payload plus a few hundred bytes of
-        header a tensor. Default 513 MiB, so that two 256 MiB messages of up to a thousand
-        tensors each (a model's K and V, layer by layer, as a dict) fit at once. A
-        larger message is accepted alone. On the tcp plane, up to as much again of memory
+        header a tensor. Default (``None``) by transport: 513 MiB on tcp and nccl, so that
+        two 256 MiB messages of up to a thousand tensors each (a model's K and V, layer by
+        layer, as a dict) fit at once; 2 GiB + 8 MiB of GPU memory on ipc, so that a stream
+        of 256 MiB or 1 GiB messages keeps the copy engine busy. A larger message is
+        accepted alone. On the tcp plane, up to as much again of memory
         freed by received CPU tensors is kept for reuse (fresh memory costs a page fault per
         4 KiB).
     token
@@ -96,8 +118,8 @@ class PipeOptions:
 
     device: str | torch.device = "cpu"
     transport: TransportName = "auto"
-    max_inflight_bytes: int = 512 * MiB
-    recv_buffer_bytes: int = 513 * MiB
+    max_inflight_bytes: int | None = None
+    recv_buffer_bytes: int | None = None
     token: str | bytes | None = None
     heartbeat_interval: float | None = 1.0
     heartbeat_timeout: float | None = None
@@ -115,8 +137,9 @@ class PipeOptions:
                              f"{self.transport!r}")
         for name in ("max_inflight_bytes", "recv_buffer_bytes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, not {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, not {value!r}")
         for name in ("heartbeat_interval", "heartbeat_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -138,6 +161,12 @@ class PipeOptions:
     def wire_transport(self) -> Transport:
         return {"auto": Transport.AUTO, "tcp": Transport.TCP, "nccl": Transport.NCCL,
                 "ipc": Transport.IPC}[self.transport]
+
+    def budgets(self, transport: str) -> tuple[int, int]:
+        """(max_inflight_bytes, recv_buffer_bytes) on a pipe of ``transport``: as set, else
+        the transport's default."""
+        inflight, credits = default_budgets(transport)
+        return (self.max_inflight_bytes or inflight, self.recv_buffer_bytes or credits)
 
     def token_bytes(self) -> bytes | None:
         token = self.token if self.token is not None else os.environ.get(TOKEN_ENV)

@@ -27,7 +27,9 @@ from typing import Any, Final, NoReturn, TypeVar
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-PROTOCOL_VERSION: Final = 6  # 6: credits weigh specs; 5: a plane's note in a header; 4: ipc
+#: 7: a grant of 0 credits is the transport's default; 6: credits weigh specs; 5: a plane's
+#: note in a header; 4: ipc
+PROTOCOL_VERSION: Final = 7
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
@@ -132,7 +134,8 @@ class Capabilities:
     nccl: bool = False  # CuPy with NCCL is importable here
     device_uuid: bytes = bytes(DEVICE_UUID_BYTES)  # the CUDA device's UUID, zeros when none
     nccl_version: int = 0
-    recv_buffer_bytes: int = 0  # credits this end grants its peer at start
+    #: credits this end grants its peer at start; 0: the default of the transport picked
+    recv_buffer_bytes: int = 0
     heartbeat_ms: int = 0  # how often this end sends heartbeats; 0: it sends none
     #: Which host (kernel boot) this end runs on, zeros when unknown: two ends with the same
     #: non-zero id may share GPU memory through CUDA IPC.

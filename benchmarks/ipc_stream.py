@@ -11,7 +11,8 @@ is busy all the time.
 Wrap either in ``py-spy record --nonblocking --format raw -o FILE --``. ``IPC_STREAM_GC=freeze``
 freezes the collector's objects after start-up; ``IPC_STREAM_TURN=N`` sets the pipe's turn
 budget (frames handled per loop iteration); ``IPC_STREAM_BYTES=N``, the streamed message's
-size (16 MiB); ``IPC_STREAM_DEPTH=N``, the sends in flight (8).
+size (16 MiB); ``IPC_STREAM_DEPTH=N``, the sends in flight (8); ``IPC_STREAM_INFLIGHT=N``,
+both ends' ``max_inflight_bytes`` (and ``recv_buffer_bytes``, 1 MiB more for the headers).
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from aiokvpipe import _pipe  # noqa: E402
 
 WARM_UP = 50  # messages sent before anything is timed
 DEPTH = int(os.environ.get("IPC_STREAM_DEPTH", 8))  # sends in flight in a stream
+_INFLIGHT = int(os.environ.get("IPC_STREAM_INFLIGHT", 0))
+OPTS = ({"max_inflight_bytes": _INFLIGHT, "recv_buffer_bytes": _INFLIGHT + (1 << 20)}
+        if _INFLIGHT else {})
 
 
 async def receive(mode: str, port: int) -> None:
-    listener = await aiokvpipe.listen("127.0.0.1", port, device="cuda:0", transport="ipc")
+    listener = await aiokvpipe.listen("127.0.0.1", port, device="cuda:0", transport="ipc",
+                                      **OPTS)
     pipe = await listener.accept()
     count, cpu0 = -WARM_UP, 0.0  # counted from the end of the sender's warm-up
     while (await pipe.recv()) is not None:
@@ -54,7 +59,7 @@ async def receive(mode: str, port: int) -> None:
 
 async def send(mode: str, port: int, seconds: float) -> None:
     pipe = await aiokvpipe.connect("127.0.0.1", port, device="cuda:0", transport="ipc",
-                                   connect_timeout=60)
+                                   connect_timeout=60, **OPTS)
     n = int(os.environ.get("IPC_STREAM_BYTES", 16 << 20)) if mode == "tput" else 4096
     x = torch.zeros(n, dtype=torch.uint8, device="cuda:0")
     torch.cuda.synchronize()

@@ -156,18 +156,31 @@ async def test_flood_of_empty_messages_is_bounded_by_credits(pair_factory: PairF
                      f"{window} messages buffered: {b.stats}")
 
 
+@pytest.mark.parametrize("transport", ["tcp", "nccl", "ipc"])
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("tensors", [1, 160, 1000])
 def test_default_credits_hold_as_many_messages_as_the_default_send_budget(
-        k: int, tensors: int) -> None:
+        transport: str, k: int, tensors: int) -> None:
     # Credits count each message's header too: with 512 MiB exactly, two 256 MiB messages
     # did not fit at once, and large messages went one at a time (half the ipc throughput).
     # Up to a thousand tensors a message: an 80-layer model's K and V as a dict is 160.
-    opts = aiokvpipe.PipeOptions()
-    size = opts.max_inflight_bytes // k
+    max_inflight, credits = aiokvpipe.PipeOptions().budgets(transport)
+    size = max_inflight // k
     each = size // tensors // 2
     specs = [TensorSpec(2, (8, 16, 8, each // 1024), 2, f"layers.{i}.k") for i in range(tensors)]
-    assert opts.recv_buffer_bytes >= k * message_cost(sum(s.nbytes for s in specs), specs)
+    assert credits >= k * message_cost(sum(s.nbytes for s in specs), specs)
+
+
+def test_ipc_pipes_keep_more_large_messages_in_flight_by_default() -> None:
+    # Two in flight left the copy engine idle while one's acknowledgement and the next
+    # header crossed: a 256 MiB stream at 1.35-1.53 TB/s on one H200, 2.09 with more
+    # (BENCHMARKS.md, 2026-12-05). Other transports keep the smaller default.
+    opts = aiokvpipe.PipeOptions()
+    max_inflight, credits = opts.budgets("ipc")
+    assert max_inflight >= 3 * 512 * MiB and credits > max_inflight
+    assert opts.budgets("tcp") == opts.budgets("nccl") == (512 * MiB, 513 * MiB)
+    assert aiokvpipe.PipeOptions(max_inflight_bytes=MiB, recv_buffer_bytes=2 * MiB
+                                 ).budgets("ipc") == (MiB, 2 * MiB)
 
 
 async def test_credit_for_small_messages_goes_back_in_few_frames(
@@ -246,3 +259,13 @@ async def test_a_message_that_needs_every_credit_back_is_not_stalled_by_lingerin
     receiving = asyncio.create_task(b.recv())
     await asyncio.wait_for(a.send(big), 5)
     assert torch.equal(await asyncio.wait_for(receiving, 5), big)
+
+
+async def test_credits_left_unset_are_the_transports_and_set_ones_are_granted_as_set(
+        pair_factory: PairFactory) -> None:
+    # An unset grant travels as 0 (the default of the transport the handshake picks, which
+    # neither end knows before): both ends must read it so, or one would send beyond it.
+    a, b = await pair_factory(server_opts={"recv_buffer_bytes": 3 * MiB})
+    assert a._proto.recv_buffer_bytes == b._proto.peer_credit == 513 * MiB
+    assert b._proto.recv_buffer_bytes == a._proto.peer_credit == 3 * MiB
+    assert a._send_budget.capacity == b._send_budget.capacity == 512 * MiB
