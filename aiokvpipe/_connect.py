@@ -236,9 +236,11 @@ class Listener:
         Raises :class:`~aiokvpipe.PipeClosed` once the listener is closed. Cancellation is
         safe: a pipe not yet taken stays for the next ``accept()``.
         """
-        while not self._ready:
-            if self._closed:
+        while True:
+            if self._closed:  # (its queued pipes are aclose()'s to close)
                 raise PipeClosed("listener closed")
+            if self._ready:
+                break
             fut: asyncio.Future[None] = self._loop.create_future()
             self._getters.append(fut)
             try:
@@ -286,15 +288,28 @@ class Listener:
         self._accept_task.cancel()
         for task in list(self._handshakes):
             task.cancel()
-        await asyncio.gather(self._accept_task, *self._handshakes, return_exceptions=True)
+        try:
+            await asyncio.gather(self._accept_task, *self._handshakes, return_exceptions=True)
+            self._stop_accepting()
+            # Together: a peer that cannot answer the close costs close_timeout, and one
+            # after the other, N of them would cost N times that.
+            await asyncio.gather(*(pipe.aclose() for pipe in self._ready),
+                                 return_exceptions=True)
+        except BaseException:
+            # Cancelled part-way (a second call returns at once): abort what is left, as a
+            # cancelled Pipe.aclose() does, rather than leave it open.
+            self._stop_accepting()
+            for pipe in self._ready:
+                pipe._break(ConnectionAbortedError("Listener.aclose() was cancelled"))
+            raise
+        finally:
+            self._ready.clear()
+
+    def _stop_accepting(self) -> None:
         self._sock.close()
-        for fut in self._getters:
+        for fut in self._getters:  # accept() calls waiting: they raise PipeClosed
             if not fut.done():
                 fut.set_result(None)
-        # Together: a peer that cannot answer the close costs close_timeout, and one after
-        # the other, N of them would cost N times that.
-        queued, self._ready = list(self._ready), deque()
-        await asyncio.gather(*(pipe.aclose() for pipe in queued), return_exceptions=True)
 
     async def __aenter__(self) -> Listener:
         return self

@@ -448,6 +448,19 @@ def test_a_listener_out_of_file_descriptors_says_so_once_not_every_100_ms() -> N
     assert failed == 1, done.stdout + done.stderr
 
 
+async def _queue_frozen_peers(lst: aiokvpipe.Listener, spawn_peer: SpawnPeer,
+                              n: int) -> list[aiokvpipe.Pipe]:
+    """``n`` pipes handed over to ``lst`` and not accepted, their peers frozen (SIGSTOP):
+    none of them can answer a close."""
+    peers = [await spawn_peer(role="connect", port=lst.port, mode="idle") for _ in range(n)]
+    for peer in peers:
+        await peer.expect("connected")
+    await eventually(lambda: len(lst._ready) == n, 10, f"{n} pipes queued")
+    for peer in peers:
+        peer.send_signal(signal.SIGSTOP)
+    return list(lst._ready)
+
+
 async def test_closing_a_listener_closes_its_queued_pipes_together(
         spawn_peer: SpawnPeer) -> None:
     # Pipes handed over but never accepted are closed by aclose(). Peers that cannot answer
@@ -456,17 +469,34 @@ async def test_closing_a_listener_closes_its_queued_pipes_together(
     async with asyncio.timeout(30):
         lst = await aiokvpipe.listen(HOST, 0, close_timeout=close_timeout)
         try:
-            peers = [await spawn_peer(role="connect", port=lst.port, mode="idle")
-                     for _ in range(3)]
-            for peer in peers:
-                await peer.expect("connected")
-            await eventually(lambda: len(lst._ready) == 3, 10, "three pipes queued")
-            queued = list(lst._ready)
-            for peer in peers:
-                peer.send_signal(signal.SIGSTOP)
+            queued = await _queue_frozen_peers(lst, spawn_peer, 3)
             t0 = time.monotonic()
         finally:
             await lst.aclose()
         elapsed = time.monotonic() - t0
     assert all(p.closed for p in queued)
     assert close_timeout <= elapsed < 2 * close_timeout, elapsed
+
+
+@pytest.mark.parametrize("when", ["stopping accepting", "closing the queued pipes"])
+async def test_a_cancelled_listener_close_aborts_its_queued_pipes(
+        spawn_peer: SpawnPeer, when: str) -> None:
+    # Cancelled before its queued pipes' closes began, or while they waited for their
+    # peers' half of the close, aclose() could leave them open, and a second aclose()
+    # returned at once: open for ever.
+    async with asyncio.timeout(30):
+        lst = await aiokvpipe.listen(HOST, 0, close_timeout=60)
+        queued = await _queue_frozen_peers(lst, spawn_peer, 2)
+        closing = asyncio.ensure_future(lst.aclose())
+        if when == "stopping accepting":
+            await asyncio.sleep(0)  # its first step: it waits for the accept task to end
+            assert not any(p._closed_here for p in queued)
+        else:
+            await eventually(lambda: all(p._closed_here for p in queued), 10, "closing")
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await lst.aclose()
+        assert all(isinstance(p._error, aiokvpipe.BrokenPipe) for p in queued)
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await lst.accept()
