@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import math
@@ -84,6 +85,10 @@ class SyncPipe:
 
     Every method is thread-safe: many threads may call and submit at once. Submissions from
     one thread are sent in submission order.
+
+    Call :meth:`close` (or use ``with``). One garbage-collected unclosed closes its pipe
+    gracefully in the background, with a :class:`ResourceWarning`; a submitted future still
+    pending keeps it alive.
     """
 
     def __init__(self, host: str, port: int, rank: int, *, timeout: float | None = None,
@@ -103,9 +108,11 @@ class SyncPipe:
         except BaseException:
             self._stop_loop()  # (cancels the opening first: no port left listening)
             raise
-        # Dropped without close(), the loop thread would hold the pipe open for ever.
-        self._finalizer = weakref.finalize(self, _close_abandoned, self._loop, self._thread,
-                                           self._pipe)
+        # Dropped without close(), the loop thread would hold the pipe open for ever. (Not
+        # at exit: the process's end closes its connections, and waiting for each peer's
+        # half of a close there would hold the exit up.) Pending futures keep us alive.
+        self._finalizer = weakref.finalize(self, _close_abandoned, self._loop, self._pipe)
+        self._finalizer.atexit = False
 
     @property
     def pipe(self) -> Pipe:
@@ -383,26 +390,26 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def _close_abandoned(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
-                     pipe: Pipe) -> None:
-    """A SyncPipe garbage-collected, or still open at exit, without close(): close its pipe
-    gracefully (within its close_timeout) and end its loop thread."""
-    warnings.warn(f"SyncPipe over {pipe!r} was never closed", ResourceWarning, stacklevel=2)
-
+def _close_abandoned(loop: asyncio.AbstractEventLoop, pipe: Pipe) -> None:
+    """A SyncPipe garbage-collected without close(): close its pipe gracefully (within its
+    close_timeout) on its loop, which then stops, ending its thread. Returns at once: the
+    collection may run on any thread, a loop's included, and must not wait there."""
     async def shut_down() -> None:
         try:
             await pipe.aclose()
         except Exception as exc:  # broken already, say: nothing more to close
             log.debug("SyncPipe: closing an abandoned pipe: %r", exc)
         finally:
+            await _cancel_all()
             loop.stop()
 
     try:
         asyncio.run_coroutine_threadsafe(shut_down(), loop)
     except RuntimeError:  # its loop closed already
         return
-    if threading.current_thread() is not thread:  # (collected on that thread: it runs on)
-        thread.join(min(pipe._close_timeout, 60.0) + 5.0)
+    # Last: a warning turned into an error must not stop the close.
+    with contextlib.suppress(Exception):
+        warnings.warn(f"SyncPipe over {pipe!r} was never closed", ResourceWarning, stacklevel=2)
 
 
 async def _cancel_all() -> None:
