@@ -22,11 +22,12 @@ MAX_BUSY_POLL_US: Final = 1000.0
 #: The budgets when the options leave them unset (None): (max_inflight_bytes,
 #: recv_buffer_bytes) by the transport the handshake picked. The credits leave room for the
 #: headers (a few hundred bytes a tensor): two 256 MiB messages of a thousand tensors each
-#: fit in 513 MiB, sixteen 128 MiB ones in 2 GiB + 8 MiB. On ipc a send holds no memory of
-#: its own (the peer copies out of the caller's tensors), and large messages need more than
-#: two in flight to keep the copy engine busy while one's acknowledgement and the next
-#: header cross (a 256 MiB stream on one H200: 1.35-1.53 TB/s with two in flight, 2.09 with
-#: more; BENCHMARKS.md, 2026-12-05).
+#: fit in 513 MiB, sixteen 128 MiB ones in 2 GiB + 8 MiB. On ipc a send of contiguous
+#: tensors holds no memory of its own (the peer copies out of the caller's), and the copy
+#: engine idles while one message's acknowledgement and the next header cross unless that
+#: header came earlier: a 256 MiB stream on one H200 moved 1.35-1.53 TB/s with two in flight
+#: and 2.09 with more, a 1 GiB one 1.31-1.35 with one and 2.10 with two (BENCHMARKS.md,
+#: 2026-12-05).
 DEFAULT_BUDGETS: Final = (512 * MiB, 513 * MiB)
 IPC_BUDGETS: Final = (2048 * MiB, 2056 * MiB)
 
@@ -58,15 +59,16 @@ class PipeOptions:
     max_inflight_bytes
         Payload bytes this end may have in flight at once; ``send()`` waits beyond it.
         Default (``None``) by transport: 512 MiB on tcp and nccl, 2 GiB on ipc (where a send
-        holds no memory of its own, and large messages need several in flight to keep the
-        copy engine busy). A larger message is sent alone.
+        of contiguous tensors holds no memory of its own, and large messages need several in
+        flight to keep the copy engine busy). A larger message is sent alone.
     recv_buffer_bytes
         Receive credits granted to the peer: bytes that may wait here, received but not yet
         claimed by ``recv()``; each message counts its payload plus a few hundred bytes of
         header a tensor. Default (``None``) by transport: 513 MiB on tcp and nccl, so that
         two 256 MiB messages of up to a thousand tensors each (a model's K and V, layer by
         layer, as a dict) fit at once; 2 GiB + 8 MiB of GPU memory on ipc, so that a stream
-        of 256 MiB or 1 GiB messages keeps the copy engine busy. A larger message is
+        of 256 MiB or 1 GiB messages keeps the copy engine busy (set both lower to bound an
+        ipc pipe's memory lower). A larger message is
         accepted alone. On the tcp plane, up to as much again of memory
         freed by received CPU tensors is kept for reuse (fresh memory costs a page fault per
         4 KiB).

@@ -60,10 +60,11 @@ import uvloop  # noqa: E402
 
 from aiokvpipe import _cudaipc, _ipc_plane  # noqa: E402
 from aiokvpipe._control import ControlChannel  # noqa: E402
+from aiokvpipe._options import default_budgets  # noqa: E402
 from aiokvpipe._pipe import Pipe  # noqa: E402
 
 CPU = torch.device("cpu")
-WINDOW = 513 << 20  # the default receive credits
+MAX_INFLIGHT, WINDOW = default_budgets("ipc")  # an ipc pipe's default budget and credits
 DEPTH = 8
 #: ``--check``: what a sent tensor holds once send() returned (message k holds k % 251).
 REUSED = 255
@@ -239,7 +240,7 @@ async def pipe_pair(check: bool) -> tuple[Pipe, Pipe]:
         streams = [_Stream(), _Stream()] if check else [_Done(), _Done()]
         plane = _ipc_plane.IpcPlane(CPU, on_lost, "segments", 1 << 20,
                                     streams)  # type: ignore[arg-type]
-        pipe = Pipe(channel, plane, device=CPU, max_inflight_bytes=512 << 20,
+        pipe = Pipe(channel, plane, device=CPU, max_inflight_bytes=MAX_INFLIGHT,
                     recv_buffer_bytes=WINDOW, peer_credits=WINDOW, heartbeat_interval=None,
                     heartbeat_timeout=None)
         owner.append(pipe)
