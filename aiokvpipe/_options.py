@@ -32,7 +32,6 @@ DEFAULT_BUDGETS: Final = (512 * MiB, 513 * MiB)
 IPC_BUDGETS: Final = (2048 * MiB, 2056 * MiB)
 
 
-
 def default_budgets(transport: str) -> tuple[int, int]:
     """(max_inflight_bytes, recv_buffer_bytes) by default on a pipe of ``transport``."""
     return IPC_BUDGETS if transport == "ipc" else DEFAULT_BUDGETS
@@ -68,10 +67,9 @@ class PipeOptions:
         two 256 MiB messages of up to a thousand tensors each (a model's K and V, layer by
         layer, as a dict) fit at once; 2 GiB + 8 MiB of GPU memory on ipc, so that a stream
         of 256 MiB or 1 GiB messages keeps the copy engine busy (set both lower to bound an
-        ipc pipe's memory lower). A larger message is
-        accepted alone. On the tcp plane, up to as much again of memory
-        freed by received CPU tensors is kept for reuse (fresh memory costs a page fault per
-        4 KiB).
+        ipc pipe's memory lower). A larger message is accepted alone. On the tcp plane, up to
+        as much again of memory freed by received CPU tensors is kept for reuse (fresh
+        memory costs a page fault per 4 KiB).
     token
         Shared secret both ends must hold (``str`` or ``bytes``); ``None`` reads the
         ``AIOKVPIPE_TOKEN`` environment variable; unset or empty means no authentication.
