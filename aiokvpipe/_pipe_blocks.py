@@ -47,6 +47,7 @@ from ._blocks import normalize_layers as _normalize_layers
 from ._blocks_move import (
     Chunk,
     MappedPool,
+    Side,
     copy_runs,
     gather,
     iter_chunks,
@@ -321,15 +322,9 @@ class BlockExchange:
         plane = pipe._plane
         proto = pipe._proto
         if pool.device.type == "cpu" and plane.name == "tcp":
-            runs = self._runs_of(ids, None)
-            views: list[memoryview] = []
-            for i in layers:
-                # Thousands of views (a 4,096-token request of an 8B Llama: 16,384) take tens
-                # of ms to make: the loop runs between layers once a turn's worth is made.
-                # Nothing is posted yet, so the payload stream stays in step.
-                await self._room_for_views(len(runs) * len(pool.layout.tensors[i]
-                                                          .segment_offsets))
-                views += run_views(pool, i, runs, "src")
+            # Nothing is posted until the views are made, so the payload stream stays in step.
+            views = await self._views_turn_by_turn(pool, layers, self._runs_of(ids, None),
+                                                   "src")
             nbytes = sum(map(len, views))
             await pipe._send_budget.acquire(nbytes)
             try:
@@ -649,14 +644,18 @@ class BlockExchange:
         if self._turn_views + n <= VIEWS_PER_STEP:
             self._count_views(n)
             return [v for i in layers for v in run_views(pool, i, runs, "dst")]
-        return asyncio.ensure_future(self._views_later(pool, layers, runs))
+        return asyncio.ensure_future(self._views_turn_by_turn(pool, layers, runs, "dst"))
 
-    async def _views_later(self, pool: BlockPool, layers: tuple[int, ...],
-                           runs: tuple[tuple[int, int, int], ...]) -> list[memoryview]:
+    async def _views_turn_by_turn(self, pool: BlockPool, layers: tuple[int, ...],
+                                  runs: tuple[tuple[int, int, int], ...], side: Side
+                                  ) -> list[memoryview]:
+        """The views of ``runs`` of tensors ``layers``, a layer at a time as
+        :meth:`_room_for_views` allows: thousands of views (a 4,096-token request of an 8B
+        Llama: 16,384) take tens of ms to make, and the loop runs between layers."""
         views: list[memoryview] = []
         for i in layers:
             await self._room_for_views(len(runs) * len(pool.layout.tensors[i].segment_offsets))
-            views += run_views(pool, i, runs, "dst")
+            views += run_views(pool, i, runs, side)
         return views
 
     async def _room_for_views(self, n: int) -> None:
@@ -910,8 +909,6 @@ def _release(pipe: Pipe, nbytes: int, _: object) -> None:
 def _host_view(buf: torch.Tensor) -> memoryview:
     from ._hostmem import byte_view
     return byte_view(buf)
-
-
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
