@@ -30,7 +30,7 @@ from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, Pro
 from ._ipc_probe import host_id
 from ._options import PipeOptions, default_budgets
 from ._pipe import Pipe
-from ._plane import DataPlane
+from ._plane import DataPlane, mark_read
 from ._protocol import ClientHandshake, Refused, ServerHandshake
 from ._tcp_plane import TcpPlane, tune_socket
 from .metrics import PipeMetrics, RefusalReason, handshake_refused
@@ -459,11 +459,6 @@ class _Slot:
             self._semaphore = None
 
 
-def _read_outcome(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
 async def _unless_lost(ch: ControlChannel, step: Awaitable[T]) -> T:
     """Await a handshake step, but give up as soon as the control connection dies: a client
     killed mid-handshake must not hold the listener's slot until the handshake timeout."""
@@ -476,7 +471,7 @@ async def _unless_lost(ch: ControlChannel, step: Awaitable[T]) -> T:
             task.cancel()
             # (A cancelled gather() ends with an exception: read it, or asyncio logs an
             # ERROR of its own for every handshake given up.)
-            task.add_done_callback(_read_outcome)
+            task.add_done_callback(mark_read)
     if not task.done() or task.cancelled():
         raise BrokenPipe("the peer left during the handshake") from ch.lost.result()
     return task.result()

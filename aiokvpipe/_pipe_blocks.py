@@ -60,7 +60,7 @@ from ._blocks_wire import decode_layout, encode_layout
 from ._cuda import EventPoller
 from ._errors import PipeClosed, PipeError, ProtocolError, fresh
 from ._message import check_key
-from ._plane import DeviceBytesPlane, HostBytesPlane, fail_future, settle_like
+from ._plane import DeviceBytesPlane, HostBytesPlane, fail_future, mark_read, settle_like
 from ._protocol import offer_cost
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ class BlockExchange:
         """Send a pulled offer's payload, whether or not its caller still waits (the peer
         does): a task of its own, which breaks the pipe if it fails."""
         transfer = asyncio.ensure_future(self._send_payload(pool, ids, layers, offer_id, ready))
-        transfer.add_done_callback(_retrieved)  # (its caller may be gone; the pipe broke)
+        transfer.add_done_callback(mark_read)  # (its caller may be gone; the pipe broke)
         return self._sending(transfer)  # a close sends its CLOSE only after it
 
     async def _send_payload(self, pool: BlockPool, ids: tuple[int, ...],
@@ -909,11 +909,6 @@ def _release(pipe: Pipe, nbytes: int, _: object) -> None:
 def _host_view(buf: torch.Tensor) -> memoryview:
     from ._hostmem import byte_view
     return byte_view(buf)
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # (marked read: asyncio would log it again when collected)
 
 
 #: What the bytes of a transfer nobody waits for any more are read into, again and again.

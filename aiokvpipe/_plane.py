@@ -187,6 +187,13 @@ def fail_future(fut: asyncio.Future[Any], exc: BaseException) -> None:
         fut.exception()
 
 
+def mark_read(fut: asyncio.Future[Any]) -> None:
+    """A done callback for a future (a task) whose outcome nobody may read: its exception
+    counts as retrieved, so that asyncio does not log it when the future is collected."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def settle_like(dest: asyncio.Future[T], source: asyncio.Future[Any],
                 value: T = _FROM_SOURCE) -> None:
     """Complete ``dest`` the way ``source`` completed: cancelled, failed, or with ``value``
