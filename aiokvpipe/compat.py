@@ -379,8 +379,7 @@ class SyncPipe:
         except BaseException as exc:  # a wedged loop thread: stop it all the same
             log.debug("SyncPipe: cancelling what ran on its loop: %r", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._thread.join()  # (which closes the loop: _run_loop)
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
