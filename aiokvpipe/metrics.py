@@ -26,7 +26,8 @@ Label cardinality is bounded. ``cause`` and ``reason`` are closed sets, every va
 from the start (at 0). ``pipe`` is either a name the user chose, whose series outlive the pipe
 and are shared by every pipe of that name (a reconnecting pipe keeps counting where the last
 one stopped), or, without a name, the peer's address, whose series are removed when the last
-pipe with that label ends. So the number of ``pipe`` values is at most the number of names
+pipe with that label ends (a name that equals a peer's address shares its series, which then
+outlive their pipes as a name's do). So the number of ``pipe`` values is at most the number of names
 the user chose plus the number of pipes open now.
 
 Cost: the per-message hooks add to plain attributes of the pipe's own :class:`PipeMetrics`
@@ -323,11 +324,14 @@ class _Totals:
 class _Label:
     """The live pipes of one ``pipe`` label, and (named labels only) what ended ones counted."""
 
-    __slots__ = ("live", "retired")
+    __slots__ = ("live", "retired", "named")
 
     def __init__(self) -> None:
         self.live: list[PipeMetrics] = []
         self.retired: _Totals | None = None
+        #: A named pipe used it: it outlives its pipes, even when an unnamed pipe whose peer
+        #: address is that name ends last (else the name's counters would go back to 0).
+        self.named = False
 
 
 _P: Final = "aiokvpipe_"
@@ -352,7 +356,9 @@ class _Collector:
 
     def attach(self, m: PipeMetrics) -> None:
         with self._lock:
-            self._labels.setdefault(m.label, _Label()).live.append(m)
+            entry = self._labels.setdefault(m.label, _Label())
+            entry.live.append(m)
+            entry.named |= m._named
             self._opened += 1
 
     def detach(self, m: PipeMetrics, cause: BreakCause | None) -> None:
@@ -363,7 +369,7 @@ class _Collector:
                 self._broken[cause] += 1
             entry = self._labels[m.label]
             entry.live.remove(m)
-            if not m._named and not entry.live:
+            if not entry.named and not entry.live:
                 del self._labels[m.label]  # bounded cardinality: the series go with the pipe
                 return
             # A named label, or an unnamed one still used by another pipe (two pipes to one

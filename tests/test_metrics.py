@@ -178,6 +178,28 @@ def test_named_series_outlive_the_pipe_and_continue_with_the_next(
     assert value(registry, "bytes_sent_total", pipe="host:2") is None  # the name wins
 
 
+def test_a_name_equal_to_an_unnamed_pipes_peer_address_keeps_its_counts(
+        registry: CollectorRegistry) -> None:
+    # A pipe named "host:1" and an unnamed one whose peer is host:1 share the label. The
+    # unnamed pipe ending last deleted the label's series, the named pipe's counts with them:
+    # a counter that went back to nothing.
+    named = PipeMetrics("host:1", peer="other:9", registry=registry)
+    unnamed = PipeMetrics(peer="host:1", registry=registry)
+    named.opened()
+    unnamed.opened()
+    named.sent(100, 1e-3)
+    unnamed.sent(20, 1e-3)
+    named.closed()
+    unnamed.closed()
+    assert value(registry, "bytes_sent_total", pipe="host:1") == 120
+    assert value(registry, "messages_sent_total", pipe="host:1") == 2
+    later = PipeMetrics(peer="host:1", registry=registry)  # and so on, never going down
+    later.opened()
+    later.sent(1, 1e-3)
+    later.broken("peer_closed_connection")
+    assert value(registry, "bytes_sent_total", pipe="host:1") == 121
+
+
 def test_hooks_before_opened_show_at_opened(registry: CollectorRegistry) -> None:
     m = PipeMetrics("early", registry=registry)
     m.sent(5, 1e-4)
