@@ -27,8 +27,8 @@ from the start (at 0). ``pipe`` is either a name the user chose, whose series ou
 and are shared by every pipe of that name (a reconnecting pipe keeps counting where the last
 one stopped), or, without a name, the peer's address, whose series are removed when the last
 pipe with that label ends (a name that equals a peer's address shares its series, which then
-outlive their pipes as a name's do). So the number of ``pipe`` values is at most the number of names
-the user chose plus the number of pipes open now.
+outlive their pipes as a name's do). So the number of ``pipe`` values is at most the number
+of names the user chose plus the number of pipes open now.
 
 Cost: the per-message hooks add to plain attributes of the pipe's own :class:`PipeMetrics`
 (no lock, no label look-up); values are read only when the registry is scraped, by a
