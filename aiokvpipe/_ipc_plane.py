@@ -763,12 +763,13 @@ class IpcPlane:
         exported (ring mode, expandable segments, another device, a failed export): that
         pool's blocks then travel staged, as messages."""
         places: list[PoolPlace] = []
+        pinned_here: list[_Export] = []
         if (self._error is None and self._mode == "segments"
                 and 0 < len(tensors) <= MAX_POOL_TENSORS
                 and all(t.device == self._device for t in tensors)):
             try:
                 for t in tensors:
-                    ex = self._pinned_export(t.data_ptr())
+                    ex = self._pinned_export(t.data_ptr(), pinned_here)
                     if ex is None:
                         places = []
                         break
@@ -776,18 +777,27 @@ class IpcPlane:
             except Exception as exc:  # a CUDA call failed: staged it is
                 log.info("ipc plane: cannot export block pool %d: %s", pool_id, exc)
                 places = []
+        if not places:
+            # Staged: what this call pinned goes back to the exports' LRU (retired in turn),
+            # not held for the plane's life. (Pinned by another pool before: stays so.)
+            for ex in pinned_here:
+                ex.pinned = False
         self._emit(encode_record(PoolRecord(pool_id, tuple(places))))
         self._flush()
         return bool(places)
 
-    def _pinned_export(self, ptr: int) -> _Export | None:
+    def _pinned_export(self, ptr: int, pinned_here: list[_Export]) -> _Export | None:
+        """The export of ``ptr``'s allocation, pinned (appended to ``pinned_here`` if it was
+        not pinned yet) and announced; None if it cannot be exported."""
         info = _cudaipc.allocation_of(ptr)
         if not info.exportable:
             return None
         ex = self._exports.get(info.buffer_id) or self._export(info)
         if ex is None:
             return None
-        ex.pinned = True
+        if not ex.pinned:
+            ex.pinned = True
+            pinned_here.append(ex)
         if not ex.announced:
             ex.announced = True
             self._emit(encode_record(RegionRecord(ex.region, ex.size, ex.handle)))

@@ -229,6 +229,34 @@ async def answer() -> str:
     return f"acknowledgement and answer in one write of {len(writes.data[0])} bytes"
 
 
+async def pool_partial() -> str:
+    """A block pool whose third tensor cannot be exported goes staged, and what its export
+    pinned goes back to the exports' LRU (pinned, it stayed exported and mapped at the peer
+    for the plane's life); an allocation another pool pinned before stays pinned."""
+    a, b, leaked = await _pair()
+    plane: Any = a._plane
+    layers = [torch.full((4096,), i, dtype=torch.uint8) for i in range(3)]
+    for i, t in enumerate(layers):
+        probe._ALLOCATIONS[t.data_ptr()] = (50 + i, t.numel(), True)
+    assert plane.export_pool(1, [X])  # X's allocation (buffer id 1) pinned by a first pool
+    export = _cudaipc.export_memory
+
+    def failing(base: int) -> bytes:
+        if base == layers[2].data_ptr():
+            raise RuntimeError("cudaIpcGetMemHandle failed (injected)")
+        return export(base)
+
+    setattr(_cudaipc, "export_memory", failing)
+    assert not plane.export_pool(2, [X, *layers]), "a pool with an unexportable tensor"
+    pinned = sorted(ex.buffer_id for ex in plane._exports.values() if ex.pinned)
+    assert pinned == [1], f"pinned after the failed export: buffer ids {pinned}"
+    assert await asyncio.wait_for(b._plane.pool_source(2), 5) is None  # type: ignore
+    assert not leaked, leaked
+    await a.aclose()
+    await b.aclose()
+    return "only the first pool's allocation stays pinned"
+
+
 async def acked() -> str:
     """The acknowledgement of a copy resumes the send() awaiting it at the next loop
     iteration, not two later (a future of the plane's relayed to the sender's by a done
@@ -303,7 +331,8 @@ async def region_reuse() -> str:
 
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
-    "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse}
+    "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse,
+    "pool_partial": pool_partial}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))
