@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks of one session on a one-GPU machine, in one go: the CUDA tests, then the
 # benchmarks that need a GPU. Logs and JSON go to $OUT (default ./gpu-out); a summary last.
-#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick]   (quick: without the slow extras)
+#   OUT=/tmp/out bash benchmarks/gpu_checks.sh [quick|tests|bench|slow]
+# quick: without the slow extras; tests, bench, slow: only those parts (each fits in one
+# 10-minute device call).
 # Run from the checkout's root, with the pytest-asyncio wheel in .whl/ if the image lacks it.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -23,16 +25,18 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     "$(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -1)")")
 }
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > "$OUT/gpu.txt"
-step cuda-tests 260 "$PY" -m pytest -q -p no:cacheprovider -m "(cuda or nccl) and not slow" \
+part=${1:-all}
+want() { [ "$part" = all ] || [ "$part" = "$1" ] || { [ "$part" = quick ] && [ "$1" != slow ]; }; }
+want tests && step cuda-tests 330 "$PY" -m pytest -q -p no:cacheprovider -m "(cuda or nccl) and not slow" \
   tests/test_cuda_nccl.py tests/test_pipe_cuda_tcp.py tests/test_planes_cuda.py \
   tests/test_ipc_cuda.py tests/test_pipe_ipc.py tests/test_pipe_blocks_cuda.py \
   tests/test_blocks.py tests/test_blocks_move.py
-step lifecycle 60 "$PY" benchmarks/lifecycle_lag.py --pipes 2 --json "$OUT/lifecycle.json"
-step bench-ipc 100 "$PY" -m aiokvpipe bench --device cuda --quick --seconds 0.3 \
+want tests && step lifecycle 60 "$PY" benchmarks/lifecycle_lag.py --pipes 2 --json "$OUT/lifecycle.json"
+want bench && step bench-ipc 120 "$PY" -m aiokvpipe bench --device cuda --quick --seconds 0.3 \
   --json "$OUT/bench-ipc.json"
-step bench-blocks 120 "$PY" -m aiokvpipe bench --blocks --device cuda --one-gpu --repeat 1 \
+want bench && step bench-blocks 150 "$PY" -m aiokvpipe bench --blocks --device cuda --one-gpu --repeat 1 \
   --seconds 1 --json "$OUT/bench-blocks.json"
-if [ "${1:-}" != quick ]; then  # the slow extras (about 5 minutes more)
+if want slow; then  # the slow extras (about 5 minutes more)
   step ctx-probe 60 "$PY" benchmarks/ctx_probe.py
   step blocks-probe 120 "$PY" benchmarks/blocks_probe.py
   step kill-trials 300 "$PY" -m pytest -q -p no:cacheprovider -m slow tests/test_pipe_ipc.py \
@@ -40,8 +44,8 @@ if [ "${1:-}" != quick ]; then  # the slow extras (about 5 minutes more)
 fi
 cat "$OUT/gpu.txt"
 printf '%s\n' "${summary[@]}"
-tail -6 "$OUT/lifecycle.log"
-grep -E "one-way p50|throughput|loop lag|memory|^(tcp|nccl|ipc) " "$OUT/bench-ipc.log" | head -16
-grep -E "^(nccl|tcp|ipc) " "$OUT/bench-blocks.log"
+tail -6 "$OUT/lifecycle.log" 2>/dev/null
+grep -sE "one-way p50|throughput|loop lag|memory|^(tcp|nccl|ipc) " "$OUT/bench-ipc.log" | head -16
+grep -sE "^(nccl|tcp|ipc) " "$OUT/bench-blocks.log"
 grep -sE "round trip" "$OUT/ctx-probe.log"
 grep -sE "in flight|baseline" "$OUT/blocks-probe.log"

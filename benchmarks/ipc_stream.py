@@ -12,7 +12,9 @@ Wrap either in ``py-spy record --nonblocking --format raw -o FILE --``. ``IPC_ST
 freezes the collector's objects after start-up; ``IPC_STREAM_TURN=N`` sets the pipe's turn
 budget (frames handled per loop iteration); ``IPC_STREAM_BYTES=N``, the streamed message's
 size (16 MiB); ``IPC_STREAM_DEPTH=N``, the sends in flight (8); ``IPC_STREAM_INFLIGHT=N``,
-both ends' ``max_inflight_bytes`` (and ``recv_buffer_bytes``, 1 MiB more for the headers).
+both ends' ``max_inflight_bytes`` (and ``recv_buffer_bytes``, 1 MiB more for the headers);
+``IPC_STREAM_BATCH=N``, the receiver's bytes of copies awaited together at most
+(``_ipc_plane._BATCH_BYTES``, 64 MiB).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 import uvloop  # noqa: E402
 
 import aiokvpipe  # noqa: E402
-from aiokvpipe import _pipe  # noqa: E402
+from aiokvpipe import _ipc_plane, _pipe  # noqa: E402
 
 WARM_UP = 50  # messages sent before anything is timed
 DEPTH = int(os.environ.get("IPC_STREAM_DEPTH", 8))  # sends in flight in a stream
@@ -102,6 +104,8 @@ def main() -> None:
     torch.cuda.set_device(0)
     if os.environ.get("IPC_STREAM_TURN"):
         _pipe.TURN_BUDGET = int(os.environ["IPC_STREAM_TURN"])  # type: ignore[misc]
+    if os.environ.get("IPC_STREAM_BATCH"):
+        _ipc_plane._BATCH_BYTES = int(os.environ["IPC_STREAM_BATCH"])  # type: ignore[misc]
     if os.environ.get("IPC_STREAM_GC") == "freeze":
         gc.collect()
         gc.freeze()
