@@ -14,7 +14,9 @@ budget (frames handled per loop iteration); ``IPC_STREAM_BYTES=N``, the streamed
 size (16 MiB); ``IPC_STREAM_DEPTH=N``, the sends in flight (8); ``IPC_STREAM_INFLIGHT=N``,
 both ends' ``max_inflight_bytes`` (and ``recv_buffer_bytes``, 1 MiB more for the headers);
 ``IPC_STREAM_BATCH=N``, the receiver's bytes of copies awaited together at most
-(``_ipc_plane._BATCH_BYTES``, 64 MiB).
+(``_ipc_plane._BATCH_BYTES``, 64 MiB); ``IPC_STREAM_MODE=ring`` (or ``segments``, the
+default), the mode of both planes: ``ring`` stages every tensor through the sender's staging
+ring (two copies) instead of letting the receiver copy out of the allocator's segments.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -99,6 +102,13 @@ async def send(mode: str, port: int, seconds: float) -> None:
     await pipe.aclose()
 
 
+def _force_plane_mode(plane_mode: str) -> None:
+    """Start every ipc plane of this process in ``plane_mode``: the pipe starts them with
+    the default of ``IpcPlane.start``'s ``mode`` (segments), which this changes."""
+    start: Any = _ipc_plane.IpcPlane.start
+    start.__func__.__kwdefaults__["mode"] = plane_mode
+
+
 def main() -> None:
     mode, role, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.cuda.set_device(0)
@@ -106,6 +116,8 @@ def main() -> None:
         _pipe.TURN_BUDGET = int(os.environ["IPC_STREAM_TURN"])  # type: ignore[misc]
     if os.environ.get("IPC_STREAM_BATCH"):
         _ipc_plane._BATCH_BYTES = int(os.environ["IPC_STREAM_BATCH"])  # type: ignore[misc]
+    if os.environ.get("IPC_STREAM_MODE"):
+        _force_plane_mode(os.environ["IPC_STREAM_MODE"])
     if os.environ.get("IPC_STREAM_GC") == "freeze":
         gc.collect()
         gc.freeze()
