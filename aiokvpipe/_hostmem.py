@@ -1,4 +1,5 @@
-"""Host memory: byte views of CPU tensors, and recycled memory for received CPU tensors.
+"""Host memory: byte views of CPU tensors, recycled memory for received CPU tensors, and which
+memory the process may not write.
 
 Fresh memory from the OS costs a page fault and the kernel zeroing the page on first touch;
 on loopback that costs as much as receiving the bytes. Received tensors therefore get their
@@ -8,8 +9,10 @@ memory from a pool: when the last tensor viewing a block dies, the block goes ba
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import threading
+from collections.abc import Sequence
 from typing import Any, Final
 
 import torch
@@ -25,6 +28,40 @@ def byte_view(t: torch.Tensor) -> memoryview:
     """
     n = t.numel() * t.element_size()
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
+#: The process's memory mappings and their permissions (Linux).
+_MAPS: Final = "/proc/self/maps"
+
+
+def read_only(spans: Sequence[tuple[int, int]]) -> list[int]:
+    """The indices of the ``(start, end)`` address spans that memory mapped without write
+    permission overlaps (a ``numpy.memmap`` opened ``"r"``, say: writing there kills the
+    process with SIGSEGV, or fails a socket's receive with EFAULT). Empty where the
+    mappings cannot be read (not Linux). Blocking: reads ``/proc/self/maps`` (milliseconds
+    in a large process)."""
+    try:
+        with open(_MAPS, "rb") as f:
+            maps = f.read()
+    except OSError:
+        return []
+    starts: list[int] = []
+    ends: list[int] = []
+    for line in maps.splitlines():  # "start-end perms offset dev inode path", ascending
+        fields = line.split(maxsplit=2)
+        if len(fields) < 2 or b"w" in fields[1]:
+            continue
+        lo, _, hi = fields[0].partition(b"-")
+        starts.append(int(lo, 16))
+        ends.append(int(hi, 16))
+    bad = []
+    for i, (start, end) in enumerate(spans):
+        # Of the read-only mappings that begin before ``end`` (they are sorted and do not
+        # overlap), the last ends last: it overlaps the span if any of them does.
+        j = bisect.bisect_left(starts, end) - 1
+        if j >= 0 and ends[j] > start:
+            bad.append(i)
+    return bad
 
 
 def size_class(nbytes: int) -> int:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import torch
 
-from . import _wire
+from . import _hostmem, _wire
 from ._blocks import (
     MAX_PIPE_SEGMENTS,
     BlockPool,
@@ -388,6 +388,9 @@ class BlockExchange:
         pipe._proto.undiscard(key)  # asked for again: offers for it are taken from now on
         if not ids:  # nothing to move (the peer's send_blocks of none offers nothing)
             return
+        if pool.device.type == "cpu" and pool.memory_key[1] not in _WRITABLE:
+            await _check_writable(pool)
+            pipe._check_can_recv()
         after = _mark_stream(pool)  # what the caller's stream has queued at the call
         await self._kernels_ready(pool)
         pipe._check_can_recv()
@@ -865,6 +868,31 @@ def _check_device(pipe: Pipe, pool: BlockPool) -> None:
     if pool.device.type == "cuda" and plane != "tcp" and pool.device != pipe.device:
         raise ValueError(f"over {plane}, a CUDA pool must be on the pipe's device "
                          f"{pipe.device}, not {pool.device}")
+
+
+#: The tensor addresses of CPU pools found writable: each pool's memory is checked once, at
+#: its first receive (a pool made again per request around the same tensors is found here).
+_WRITABLE: set[tuple[int, ...]] = set()
+#: Entries kept at most (then forgotten together: a pool forgotten is checked again).
+_WRITABLE_KEPT: Final = 4096
+
+
+async def _check_writable(pool: BlockPool) -> None:
+    """A CPU pool in memory mapped read-only (a ``numpy.memmap`` opened ``"r"``) is a
+    ``ValueError`` before anything moves: writing the blocks there would kill the process
+    (SIGSEGV), or break the pipe (a socket's receive failing with EFAULT). Its mappings are
+    read in a thread (milliseconds in a large process), once per pool."""
+    spans = []
+    for t in pool.tensors:
+        storage = t.untyped_storage()
+        spans.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    bad = await asyncio.to_thread(_hostmem.read_only, spans)
+    if bad:
+        raise ValueError(f"cannot receive into the pool: its tensor {bad[0]} lies in memory "
+                         "mapped read-only")
+    if len(_WRITABLE) >= _WRITABLE_KEPT:
+        _WRITABLE.clear()
+    _WRITABLE.add(pool.memory_key[1])
 
 
 def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from typing import Any
 
 import pytest
@@ -541,6 +542,32 @@ async def test_a_pool_made_again_around_the_same_tensors_is_the_same_pool(
             a.send_blocks(BlockPool({"k": src_tensors[0]}, block_dim=1), [1], key="named"),
             b.recv_blocks(BlockPool({"k": dst_tensors[0]}, block_dim=1), [1], key="named"))
     assert len(a._blocks._described) == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's memory maps")
+async def test_a_pool_in_read_only_memory_is_refused_before_anything_moves(
+        pair_factory: PairFactory, tmp_path: Any) -> None:
+    # Receiving blocks into a numpy.memmap opened "r" failed the socket's receive (EFAULT),
+    # breaking the pipe; over nccl, the scatter from the GPU killed the process (SIGSEGV).
+    np = pytest.importorskip("numpy")
+    a, b = await pair_factory()
+    path = tmp_path / "pool.bin"
+    path.write_bytes(torch.arange(32, dtype=torch.float32).numpy().tobytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "The given NumPy array is not writable"
+        mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r", shape=(8, 4)))
+    read_only = BlockPool([mapped], block_dim=0)
+    async with asyncio.timeout(10):
+        with pytest.raises(ValueError, match="read-only"):
+            await b.recv_blocks(read_only, [1, 2], key="in")
+        # Nothing moved and the pipe goes on; sending out of read-only memory is fine.
+        dst = BlockPool([torch.zeros(8, 4)], block_dim=0)
+        await asyncio.gather(a.send_blocks(read_only, [5], key="out"),
+                             b.recv_blocks(dst, [0], key="out"))
+    assert torch.equal(dst.tensors[0][0], mapped[5])
+    assert a._error is None and b._error is None
+    # A writable pool is checked once; made again per request, it is not read again.
+    assert dst.memory_key[1] in _pipe_blocks._WRITABLE
 
 
 async def test_dict_pools_naming_their_tensors_in_another_order_are_refused_at_both_ends(
