@@ -429,9 +429,10 @@ class Pipe:
         ``send_blocks`` with no ``recv_blocks`` does.
 
         Raises ``TypeError``/``ValueError`` before anything moves for bad ids (out of range,
-        a destination named twice, more than 131,072), layers or key, and ``ValueError`` when
-        an offer for the key does not fit (pools that differ, block counts that differ; the
-        sender hears why); :class:`PipeClosed`, :class:`BrokenPipe` as :meth:`recv` does.
+        a destination named twice, more than 131,072), layers or key, or a CPU pool in
+        memory mapped read-only, and ``ValueError`` when an offer for the key does not fit
+        (pools that differ, block counts that differ; the sender hears why);
+        :class:`PipeClosed`, :class:`BrokenPipe` as :meth:`recv` does.
 
         Cancellation: what has not started moving never will; what is already moving is
         waited for (cancelling again does not cut that wait short), so once the call is over
