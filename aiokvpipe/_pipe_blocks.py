@@ -879,9 +879,10 @@ _WRITABLE_KEPT: Final = 4096
 
 async def _check_writable(pool: BlockPool) -> None:
     """A CPU pool in memory mapped read-only (a ``numpy.memmap`` opened ``"r"``) is a
-    ``ValueError`` before anything moves: writing the blocks there would kill the process
-    (SIGSEGV), or break the pipe (a socket's receive failing with EFAULT). Its mappings are
-    read in a thread (milliseconds in a large process), once per pool."""
+    ``ValueError`` before anything moves: writing the blocks there breaks the pipe over tcp
+    (the socket's receive fails with EFAULT), and over nccl the scatter out of the GPU's
+    staging would write it. Its mappings are read in a thread (milliseconds in a large
+    process), once per pool."""
     spans = []
     for t in pool.tensors:
         storage = t.untyped_storage()

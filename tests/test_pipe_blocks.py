@@ -548,7 +548,7 @@ async def test_a_pool_made_again_around_the_same_tensors_is_the_same_pool(
 async def test_a_pool_in_read_only_memory_is_refused_before_anything_moves(
         pair_factory: PairFactory, tmp_path: Any) -> None:
     # Receiving blocks into a numpy.memmap opened "r" failed the socket's receive (EFAULT),
-    # breaking the pipe; over nccl, the scatter from the GPU killed the process (SIGSEGV).
+    # breaking the pipe at both ends; over nccl the scatter out of the GPU would write it.
     np = pytest.importorskip("numpy")
     a, b = await pair_factory()
     path = tmp_path / "pool.bin"
