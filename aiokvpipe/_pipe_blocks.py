@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import weakref
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -162,19 +163,24 @@ class BlockExchange:
         self._poller = EventPoller(pipe._break)
         self._ready_poller = EventPoller(pipe._break)
 
-    async def _kernels_ready(self, pool: BlockPool) -> None:
+    async def _ready_to_move(self, pool: BlockPool, receiving: bool) -> None:
         """The copy kernel of each GPU this call may use (gathers and scatters run on the
-        pool's, staging on the pipe's), made off the loop (:func:`prepare_kernel`). Calls
-        that wait for it go through a lock, which is FIFO, and so do calls made while any
-        still waits: block calls keep their order. Once made: no suspension."""
+        pool's, staging on the pipe's), made off the loop (:func:`prepare_kernel`); and a
+        CPU pool received into, its memory checked writable (:func:`_check_writable`; a
+        ``ValueError`` if not). Calls that wait for either go through a lock, which is FIFO,
+        and so do calls made while any still waits: block calls keep their order. Once
+        done: no suspension."""
         devices = (pool.device, self._pipe.device)
-        if not self._kernel_waiters and all(kernel_prepared(d) for d in devices):
+        check = receiving and pool.device.type == "cpu" and not _writable_known(pool)
+        if not (self._kernel_waiters or check) and all(kernel_prepared(d) for d in devices):
             return
         self._kernel_waiters += 1
         try:
             async with self._kernel_gate:
                 for device in dict.fromkeys(devices):
                     await prepare_kernel(device)
+                if check and not _writable_known(pool):  # (a call ahead may have checked it)
+                    await _check_writable(pool)
         finally:
             self._kernel_waiters -= 1
 
@@ -190,7 +196,7 @@ class BlockExchange:
         if not ids:  # nothing to move: no offer (the peer's recv_blocks of none returns too)
             return
         ready = _mark_stream(pool)  # what the caller's stream has queued at the call
-        await self._kernels_ready(pool)
+        await self._ready_to_move(pool, receiving=False)
         pipe._check_can_send()
         pool_id, peer_copies = self._announce(pool)
         if peer_copies and ready is not None:
@@ -385,14 +391,19 @@ class BlockExchange:
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
         _check_device(pipe, pool)
         pipe._check_can_recv()
+        was_discarded = pipe._proto.is_discarded(key)
         pipe._proto.undiscard(key)  # asked for again: offers for it are taken from now on
         if not ids:  # nothing to move (the peer's send_blocks of none offers nothing)
             return
-        if pool.device.type == "cpu" and pool.memory_key[1] not in _WRITABLE:
-            await _check_writable(pool)
-            pipe._check_can_recv()
         after = _mark_stream(pool)  # what the caller's stream has queued at the call
-        await self._kernels_ready(pool)
+        try:
+            await self._ready_to_move(pool, receiving=True)
+        except ValueError:
+            # Refused before anything moved (a pool in read-only memory): as if never
+            # called, a key discarded before stays so (its offers refused, not left waiting).
+            if was_discarded and pipe._error is None:
+                pipe.discard(key)
+            raise
         pipe._check_can_recv()
         sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(), after=after,
                      task=asyncio.current_task(pipe._loop))
@@ -872,9 +883,15 @@ def _check_device(pipe: Pipe, pool: BlockPool) -> None:
 
 #: The tensor addresses of CPU pools found writable: each pool's memory is checked once, at
 #: its first receive (a pool made again per request around the same tensors is found here).
+#: An entry goes when one of the pool's tensors dies: its memory may be unmapped, and other
+#: memory, read-only, mapped at the same address.
 _WRITABLE: set[tuple[int, ...]] = set()
 #: Entries kept at most (then forgotten together: a pool forgotten is checked again).
 _WRITABLE_KEPT: Final = 4096
+
+
+def _writable_known(pool: BlockPool) -> bool:
+    return pool.memory_key[1] in _WRITABLE
 
 
 async def _check_writable(pool: BlockPool) -> None:
@@ -893,7 +910,10 @@ async def _check_writable(pool: BlockPool) -> None:
                          "mapped read-only")
     if len(_WRITABLE) >= _WRITABLE_KEPT:
         _WRITABLE.clear()
-    _WRITABLE.add(pool.memory_key[1])
+    key = pool.memory_key[1]
+    _WRITABLE.add(key)
+    for t in pool.tensors:
+        weakref.finalize(t, _WRITABLE.discard, key).atexit = False
 
 
 def _mark_stream(pool: BlockPool) -> torch.cuda.Event | None:

@@ -8,6 +8,8 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
+part=${1:-all}
+case $part in all|quick|tests|bench|slow) ;; *) echo "unknown part: $part" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -25,7 +27,6 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     "$(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -1)")")
 }
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > "$OUT/gpu.txt"
-part=${1:-all}
 want() { [ "$part" = all ] || [ "$part" = "$1" ] || { [ "$part" = quick ] && [ "$1" != slow ]; }; }
 want tests && step cuda-tests 330 "$PY" -m pytest -q -p no:cacheprovider -m "(cuda or nccl) and not slow" \
   tests/test_cuda_nccl.py tests/test_pipe_cuda_tcp.py tests/test_planes_cuda.py \

@@ -8,14 +8,15 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+PY=${PY:-python3}
 port=29651
 one() {  # one PLANE_MODE tput|lat BYTES
   port=$((port + 1))
   local log="$OUT/recv-$1-$2-$3.log"
-  IPC_STREAM_MODE=$1 IPC_STREAM_BYTES=$3 timeout 60 python3 benchmarks/ipc_stream.py "$2" recv \
+  IPC_STREAM_MODE=$1 IPC_STREAM_BYTES=$3 timeout 60 "$PY" benchmarks/ipc_stream.py "$2" recv \
     $port > "$log" 2>&1 &
   local rpid=$!
-  IPC_STREAM_MODE=$1 IPC_STREAM_BYTES=$3 timeout 60 python3 benchmarks/ipc_stream.py "$2" send \
+  IPC_STREAM_MODE=$1 IPC_STREAM_BYTES=$3 timeout 60 "$PY" benchmarks/ipc_stream.py "$2" send \
     $port 1.5 2>&1 | sed "s/^/$1: /"
   wait $rpid
   tail -1 "$log" | sed "s/^/$1: /"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import warnings
 from typing import Any
@@ -566,8 +567,55 @@ async def test_a_pool_in_read_only_memory_is_refused_before_anything_moves(
                              b.recv_blocks(dst, [0], key="out"))
     assert torch.equal(dst.tensors[0][0], mapped[5])
     assert a._error is None and b._error is None
-    # A writable pool is checked once; made again per request, it is not read again.
-    assert dst.memory_key[1] in _pipe_blocks._WRITABLE
+    # A writable pool is checked once; made again per request, it is not read again...
+    key = dst.memory_key[1]
+    assert key in _pipe_blocks._WRITABLE
+    # ...until its memory may go: other memory, read-only, may be mapped at its address.
+    del dst
+    gc.collect()
+    assert key not in _pipe_blocks._WRITABLE
+
+
+async def test_a_discarded_key_stays_discarded_when_a_receive_is_refused_before_moving(
+        pair_factory: PairFactory, tmp_path: Any) -> None:
+    # recv_blocks takes a discarded key back at once; refused before anything moved (its
+    # pool in read-only memory), it left the key taken back, and the next offer for it
+    # waited for a receive that never came instead of being refused.
+    np = pytest.importorskip("numpy")
+    a, b = await pair_factory()
+    path = tmp_path / "pool.bin"
+    path.write_bytes(bytes(8 * 4 * 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r", shape=(8, 4)))
+    b.discard("gone")
+    async with asyncio.timeout(10):
+        with pytest.raises(ValueError, match="read-only"):
+            await b.recv_blocks(BlockPool([mapped], block_dim=0), [1], key="gone")
+        with pytest.raises(ValueError, match="discard"):
+            await a.send_blocks(BlockPool([torch.ones(8, 4)], block_dim=0), [1], key="gone")
+    assert a._error is None and b._error is None
+
+
+async def test_a_receive_whose_pool_is_checked_first_keeps_its_turn(
+        pair_factory: PairFactory) -> None:
+    # Two recv_blocks for one key: the first into a CPU pool not yet checked writable (its
+    # memory maps read in a thread), the second into one checked before. The second took
+    # the first offer while the first waited for its check.
+    a, b = await pair_factory()
+    src = BlockPool([torch.arange(32.0).reshape(8, 4)], block_dim=0)
+    checked = BlockPool([torch.zeros(8, 4)], block_dim=0)
+    async with asyncio.timeout(10):
+        await asyncio.gather(a.send_blocks(src, [7], key="warm"),
+                             b.recv_blocks(checked, [7], key="warm"))
+        fresh = BlockPool([torch.zeros(8, 4)], block_dim=0)
+        first = asyncio.create_task(b.recv_blocks(fresh, [0], key="k"))
+        second = asyncio.create_task(b.recv_blocks(checked, [0], key="k"))
+        await a.send_blocks(src, [1], key="k")
+        await a.send_blocks(src, [2], key="k")
+        await asyncio.gather(first, second)
+    assert torch.equal(fresh.tensors[0][0], src.tensors[0][1]), "the first call's turn taken"
+    assert torch.equal(checked.tensors[0][0], src.tensors[0][2])
 
 
 async def test_dict_pools_naming_their_tensors_in_another_order_are_refused_at_both_ends(
