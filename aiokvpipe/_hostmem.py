@@ -36,10 +36,9 @@ _MAPS: Final = "/proc/self/maps"
 
 def read_only(spans: Sequence[tuple[int, int]]) -> list[int]:
     """The indices of the ``(start, end)`` address spans that memory mapped without write
-    permission overlaps (a ``numpy.memmap`` opened ``"r"``, say: writing there kills the
-    process with SIGSEGV, or fails a socket's receive with EFAULT). Empty where the
-    mappings cannot be read (not Linux). Blocking: reads ``/proc/self/maps`` (milliseconds
-    in a large process)."""
+    permission overlaps (a ``numpy.memmap`` opened ``"r"``, say: a socket's receive into it
+    fails with EFAULT, and a plain write faults). Empty where the mappings cannot be read
+    (not Linux). Blocking: reads ``/proc/self/maps`` (milliseconds in a large process)."""
     try:
         with open(_MAPS, "rb") as f:
             maps = f.read()
