@@ -54,6 +54,17 @@ def runtime() -> Any:
     return rt
 
 
+#: ``cudaErrorMemoryAllocation`` and ``CUDA_ERROR_OUT_OF_MEMORY``: the same code in both APIs.
+_OUT_OF_MEMORY: Final = 2
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a call here, says the device ran out of memory (CuPy's
+    runtime errors carry the code as ``status``, :class:`DriverError` as ``code``)."""
+    code = getattr(exc, "status", getattr(exc, "code", None))
+    return isinstance(exc, MemoryError) or code == _OUT_OF_MEMORY
+
+
 def load_driver() -> None:
     """Load ``libcuda.so.1`` now (``OSError`` if it cannot be)."""
     _driver()

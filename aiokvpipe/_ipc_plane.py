@@ -38,7 +38,9 @@ and write a message at each end.) The records and their checks are :mod:`._ipc_r
 anything malformed, a region never announced, too many copies in flight, a piece outside
 its region, a handle that does not open or that maps less memory than announced raises
 :class:`ProtocolError` out of :meth:`~IpcPlane.on_signal` or through ``on_lost`` (the pipe
-then breaks); nothing is ever unpickled. What the handshake asks of CUDA IPC before a pipe
+then breaks); running out of memory mapping one is ours, not the peer's. Nothing is ever
+unpickled. The producer keeps the regions it announces within the consumer's
+:data:`~._ipc_records.MAX_REGIONS` (beyond, tensors go through the ring). What the handshake asks of CUDA IPC before a pipe
 exists (the host, the probe handles) is :mod:`._ipc_probe`.
 """
 
@@ -65,12 +67,13 @@ from ._cuda import (
     side_streams,
 )
 from ._dtypes import DTYPE_OF
-from ._errors import PipeError, ProtocolError, fresh
+from ._errors import ProtocolError, fresh
 from ._ipc_probe import device_index
 from ._ipc_records import (
     MAX_COPIES_IN_FLIGHT,
     MAX_PIECES,
     MAX_POOL_TENSORS,
+    MAX_REGIONS,
     RING_ALIGN,
     AckRecord,
     ConsumerLedger,
@@ -93,8 +96,12 @@ from ._wire import TensorSpec
 
 log = logging.getLogger("aiokvpipe")
 
-#: The producer retires its least recently used region beyond this many.
+#: The producer retires its least recently used region beyond this many not held by a pool.
 _MAX_EXPORTS: Final = 512
+#: Regions exported at once at most: the consumer maps at most MAX_REGIONS, one of them kept
+#: for the staging ring. A tensor beyond it (every export held by a pool or a send in flight)
+#: goes through the ring.
+_MAX_LIVE_EXPORTS: Final = MAX_REGIONS - 1
 #: Default size of the staging ring (allocated only when a tensor needs it).
 DEFAULT_RING_BYTES: Final = 128 << 20
 #: Bytes of copies awaited together at most (one read's, see :meth:`IpcPlane.hold_copies`):
@@ -362,6 +369,8 @@ class IpcPlane:
         # Keyed by mapping, not region id: a peer may announce an id again once it retired
         # it, while copies still read the old mapping; each must be unmapped, and only once.
         self._thread_maps: dict[_Mapping, int] = {}
+        #: The staging ring's memory, once allocated (worker thread only, as _thread_maps).
+        self._thread_ring: int | None = None
         self._pool_sources: dict[int, asyncio.Future[list[tuple[int, int]] | None]] = {}
         self._pulls = 0  # copies out of the peer's mapped pools (stats)
         #: Done once :meth:`abort` or :meth:`close` has unmapped, freed and dropped everything.
@@ -538,23 +547,37 @@ class IpcPlane:
         return _Part(ptr, nbytes, ex, ptr - ex.base)
 
     def _export(self, info: _cudaipc.Allocation) -> _Export | None:
-        try:
-            handle = _cudaipc.export_memory(info.base)
-        except RuntimeError as exc:
-            self._note_unexportable(f"cudaIpcGetMemHandle failed: {exc}")
-            return None
         # A new allocation overlapping one we exported means that one was freed (the caching
         # allocator released its segment): the peer must drop its mapping.
         for bid, old in list(self._exports.items()):
             if old.base < info.base + info.size and info.base < old.base + old.size:
                 self._retire(bid)
+        # Room next, so that the export made here, which its caller uses next, is never the
+        # one retired (it would stay in use unannounced, and be made again at every send).
+        self._retire_idle()
+        if len(self._exports) >= _MAX_LIVE_EXPORTS:
+            self._note_unexportable(f"{len(self._exports)} regions are exported and in use, "
+                                    "the most the peer maps")
+            return None
+        try:
+            handle = _cudaipc.export_memory(info.base)
+        except RuntimeError as exc:
+            self._note_unexportable(f"cudaIpcGetMemHandle failed: {exc}")
+            return None
         ex = _Export(self._new_region(), info.buffer_id, info.base, info.size, handle)
         self._exports[info.buffer_id] = ex
-        if len(self._exports) > _MAX_EXPORTS:
-            for bid in [b for b, e in self._exports.items() if not e.pending and not e.pinned
-                        ][:len(self._exports) - _MAX_EXPORTS]:
-                self._retire(bid)
         return ex
+
+    def _retire_idle(self) -> None:
+        """Keep fewer than :data:`_MAX_EXPORTS` exports that no pool holds: retire the least
+        recently used of those no send holds. (Pools' exports last the plane's life and do
+        not count: with them in the count, every new export would retire all the others.)"""
+        loose = [b for b, e in self._exports.items() if not e.pinned]
+        if len(loose) >= _MAX_EXPORTS:
+            exports = self._exports
+            for bid in [b for b in loose if not exports[b].pending
+                        ][:len(loose) - _MAX_EXPORTS + 1]:
+                self._retire(bid)
 
     def _new_region(self) -> int:
         region = self._next_region
@@ -675,10 +698,14 @@ class IpcPlane:
             def allocate() -> tuple[int, bytes]:
                 ptr = _cudaipc.malloc(size, index)
                 try:
-                    return ptr, _cudaipc.export_memory(ptr)
+                    handle = _cudaipc.export_memory(ptr)
                 except BaseException:
                     _cudaipc.free(ptr, index)
                     raise
+                # Freed by release(), which runs after this in the same thread, whenever the
+                # plane ends: also when it ended before this result reached the loop.
+                self._thread_ring = ptr
+                return ptr, handle
 
             self._ring_pending = self._worker.submit(allocate)
             self._ring_pending.add_done_callback(self._ring_allocated)
@@ -688,15 +715,15 @@ class IpcPlane:
         if fut.cancelled():
             return
         if (exc := fut.exception()) is not None:
-            err = PipeError(f"cannot allocate the {self._ring_bytes}-byte ipc staging ring: "
-                            f"{exc}")
+            # Ours (out of memory, a CUDA error here): the peer is told we failed.
+            err = RuntimeError(f"cannot allocate the {self._ring_bytes}-byte ipc staging "
+                               f"ring: {exc}")
             err.__cause__ = exc
             self._lost(err)
             return
         ptr, handle = fut.result()
         if self._error is not None or self._closing:
-            self._worker.submit(functools.partial(_cudaipc.free, ptr, self._index))
-            return
+            return  # (release() frees it)
         self._ring = _Ring(ptr, self._ring_bytes, self._new_region(), handle)
         self._emit(encode_record(RegionRecord(self._ring.region, self._ring_bytes, handle)))
         self._or_lost(self._pump_send)
@@ -1038,8 +1065,16 @@ class IpcPlane:
             self._pump_recv()
 
     def _open(self, rec: RegionRecord, m: _Mapping) -> int:
-        """Worker thread: map a region; refuse one smaller than announced."""
-        ptr = _cudaipc.open_memory(rec.handle, self._index)
+        """Worker thread: map a region. A handle that does not open, or maps less than
+        announced, is the peer's :class:`ProtocolError`; running out of memory mapping it,
+        or a failure to look at what it mapped, is ours (raised as it is)."""
+        try:
+            ptr = _cudaipc.open_memory(rec.handle, self._index)
+        except Exception as exc:
+            if _cudaipc.out_of_memory(exc):
+                raise
+            raise ProtocolError(f"the peer's IPC handle for region {rec.region} does not "
+                                f"open here: {exc}") from exc
         try:
             mapped = _cudaipc.allocation_of(ptr).size
         except BaseException:
@@ -1059,12 +1094,7 @@ class IpcPlane:
         if exc is None:
             m.address = fut.result()
         else:
-            if not isinstance(exc, ProtocolError):
-                err = ProtocolError(f"the peer's IPC handle for region {m.region} does not "
-                                    f"open here: {exc}")
-                err.__cause__ = exc
-                exc = err
-            self._lost(exc)
+            self._lost(exc)  # (_open says whose failure it is)
 
     def _close_mapping(self, m: _Mapping) -> None:
         def close() -> None:
@@ -1342,7 +1372,7 @@ class IpcPlane:
     def _release(self, then: Callable[[], object], keepalive: object = None) -> None:
         """Unmap, free and drop in the worker once our streams are idle; ``keepalive``
         (memory they may still read) is dropped only then."""
-        ring, self._ring = self._ring, None
+        self._ring = None
         send_stream, copy_stream, index = self._send_stream, self._copy_stream, self._index
         self._mappings.clear()
 
@@ -1360,9 +1390,10 @@ class IpcPlane:
                 except Exception as err:
                     log.debug("ipc plane: cudaIpcCloseMemHandle(%d): %r", m.region, err)
             self._thread_maps.clear()
+            ring, self._thread_ring = self._thread_ring, None
             if ring is not None:
                 try:
-                    _cudaipc.free(ring.ptr, index)
+                    _cudaipc.free(ring, index)
                 except Exception as err:
                     log.debug("ipc plane: freeing the ring: %r", err)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ import uvloop  # noqa: E402
 import aiokvpipe  # noqa: E402
 from aiokvpipe import _cudaipc, _ipc_plane  # noqa: E402
 from aiokvpipe._dtypes import code_of  # noqa: E402
+from aiokvpipe._errors import PeerSaysProtocolError  # noqa: E402
 from aiokvpipe._ipc_plane import IpcPlane  # noqa: E402
 from aiokvpipe._ipc_records import (  # noqa: E402
+    MAX_REGIONS,
     CopyRecord,
     Piece,
     RegionRecord,
@@ -329,10 +332,155 @@ async def region_reuse() -> str:
     return "each mapping unmapped once, the old after its copy"
 
 
+async def exports_pinned() -> str:
+    """With 512 exports held by block pools, a tensor sent again and again is exported and
+    mapped once. (The export made when pools held the most was retired at once, never
+    announced: each send exported it anew, the peer mapped one region more every time and
+    broke the pipe at the 1024th, blaming the producer.)"""
+    a, b, leaked = await _pair()
+    layers = [torch.zeros(256, dtype=torch.uint8) for _ in range(512)]
+    for i, t in enumerate(layers):
+        probe._ALLOCATIONS[t.data_ptr()] = (1000 + i, t.numel(), True)
+    for p in range(4):
+        assert a._plane.export_pool(10 + p, layers[p * 128:(p + 1) * 128])  # type: ignore
+    y = torch.full((4096,), 9, dtype=torch.uint8)
+    probe._ALLOCATIONS[y.data_ptr()] = (60, y.numel(), True)
+    mapped = []
+    for _ in range(4):
+        got = asyncio.ensure_future(b.recv())
+        await asyncio.wait_for(a.send(y), 5)
+        assert int((await asyncio.wait_for(got, 5))[0]) == 9  # type: ignore[index]
+        mapped.append(len(b._plane._ledger.regions))  # type: ignore[attr-defined]
+    assert mapped == [1 + 512 + 1] * 4, f"regions mapped at the peer after each send: {mapped}"
+    assert not leaked, leaked
+    await a.aclose()
+    await b.aclose()
+    return "one region for the tensor, beside the pools' 512"
+
+
+async def regions_bounded() -> str:
+    """A message of more tensors, each its own allocation, than the peer maps regions
+    arrives whole: the tensors beyond that go through the staging ring; a block pool of as
+    many goes staged. (Each was exported and announced: the peer broke the pipe at the
+    1025th region, blaming an honest producer.)"""
+    a, b, leaked = await _pair()
+    xs = [torch.full((256,), i % 251, dtype=torch.uint8) for i in range(MAX_REGIONS + 76)]
+    for i, t in enumerate(xs):
+        probe._ALLOCATIONS[t.data_ptr()] = (2000 + i, t.numel(), True)
+    got = asyncio.ensure_future(b.recv())
+    await asyncio.wait_for(a.send(xs), 10)
+    out = await asyncio.wait_for(got, 10)
+    assert isinstance(out, list), type(out)
+    assert [int(t[0]) for t in out] == [i % 251 for i in range(len(xs))], "bytes misplaced"
+    pool = [torch.zeros(256, dtype=torch.uint8) for _ in range(MAX_REGIONS + 6)]
+    for i, t in enumerate(pool):
+        probe._ALLOCATIONS[t.data_ptr()] = (4000 + i, t.numel(), True)
+    assert not a._plane.export_pool(3, pool), "a pool beyond the peer's regions"  # type: ignore
+    assert await asyncio.wait_for(b._plane.pool_source(3), 5) is None  # type: ignore
+    assert b._error is None and a._error is None, (a._error, b._error)
+    assert not leaked, leaked
+    await a.aclose()
+    await b.aclose()
+    return f"{len(xs)} tensors received; the pool of {len(pool)} staged"
+
+
+async def ring_freed() -> str:
+    """The staging ring, still being allocated when the pipe breaks, is freed once that
+    completes. (Its free was queued behind the worker's end and never ran: 128 MiB of GPU
+    memory gone until the process ends.)"""
+    a, b, leaked = await _pair()
+    allocating, go = threading.Event(), threading.Event()
+    allocated: list[int] = []
+    freed: list[int] = []
+    malloc = _cudaipc.malloc
+
+    def slow_malloc(nbytes: int, index: int) -> int:
+        allocating.set()
+        go.wait(5)
+        allocated.append(malloc(nbytes, index))
+        return allocated[-1]
+
+    setattr(_cudaipc, "malloc", slow_malloc)
+    setattr(_cudaipc, "free", lambda ptr, index: freed.append(ptr))
+    y = torch.full((4096,), 3, dtype=torch.uint8)
+    probe._ALLOCATIONS[y.data_ptr()] = (70, y.numel(), False)  # through the ring
+    sending = asyncio.ensure_future(a.send(y))
+    assert await asyncio.to_thread(allocating.wait, 5), "the ring's allocation never began"
+    cause = ConnectionResetError("the connection died (injected)")
+    a._break(cause)
+    go.set()
+    got = (await asyncio.wait_for(asyncio.gather(sending, return_exceptions=True), 5))[0]
+    assert isinstance(got, aiokvpipe.BrokenPipe), f"send() gave {got!r}"
+    await asyncio.wait_for(a._plane.released, 5)  # type: ignore[attr-defined]
+    assert allocated and freed == allocated, f"allocated {allocated}, freed {freed}"
+    assert not leaked, leaked
+    await b.aclose()
+    return "the ring allocated after the break was freed"
+
+
+class _CudaError(RuntimeError):
+    """A CUDA runtime error as CuPy raises it: its code in ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"CUDA error {status} (injected)")
+        self.status = status
+
+
+async def _failed_causes(y: torch.Tensor) -> tuple[BaseException | None, BaseException | None]:
+    """Send ``y`` (its allocation new to the pipe) from a to b; both ends' causes once they
+    broke."""
+    a, b, leaked = await _pair()
+    got = asyncio.ensure_future(b.recv())
+    results = await asyncio.wait_for(asyncio.gather(a.send(y), got, return_exceptions=True), 5)
+    assert all(isinstance(r, aiokvpipe.BrokenPipe) for r in results), results
+    await asyncio.wait_for(asyncio.gather(a._plane.released, b._plane.released), 5)  # type: ignore
+    assert not leaked, leaked
+    assert a._error is not None and b._error is not None
+    return a._error.__cause__, b._error.__cause__
+
+
+async def blame() -> str:
+    """Whose failure it is: a staging ring that cannot be allocated is the sender's own (its
+    peer hears that it failed, not that the connection closed); a peer's handle that does not
+    open for want of memory is the receiver's own, and one that does not open for another
+    reason is the peer's protocol error."""
+    y = torch.full((4096,), 5, dtype=torch.uint8)
+    probe._ALLOCATIONS[y.data_ptr()] = (80, y.numel(), False)
+    malloc, open_memory = _cudaipc.malloc, _cudaipc.open_memory
+
+    def fail(status: int) -> Callable[..., Any]:
+        def raising(*args: object) -> Any:
+            raise _CudaError(status)
+        return raising
+
+    setattr(_cudaipc, "malloc", fail(2))
+    ours, theirs = await _failed_causes(y)
+    assert isinstance(ours, RuntimeError) and "staging ring" in str(ours), repr(ours)
+    assert isinstance(theirs, aiokvpipe.PeerFailure), repr(theirs)
+    setattr(_cudaipc, "malloc", malloc)
+    probe._ALLOCATIONS[y.data_ptr()] = (81, y.numel(), True)
+    for status, receiver, sender in ((2, _CudaError, aiokvpipe.PeerFailure),
+                                     (400, aiokvpipe.ProtocolError,
+                                      PeerSaysProtocolError)):
+        probe._ALLOCATIONS[y.data_ptr()] = (82 + status, y.numel(), True)  # a new region
+
+        def opening(handle: bytes, index: int, status: int = status) -> int:
+            if int.from_bytes(handle[:8], "little") == y.data_ptr():
+                raise _CudaError(status)
+            return int(open_memory(handle, index))
+
+        setattr(_cudaipc, "open_memory", opening)
+        at_sender, at_receiver = await _failed_causes(y)
+        assert type(at_receiver) is receiver, f"status {status}: {at_receiver!r}"
+        assert type(at_sender) is sender, f"status {status}: {at_sender!r}"
+    return "the ring's failure and an open's want of memory are their own end's"
+
+
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
     "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse,
-    "pool_partial": pool_partial}
+    "pool_partial": pool_partial, "exports_pinned": exports_pinned,
+    "regions_bounded": regions_bounded, "ring_freed": ring_freed, "blame": blame}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))
