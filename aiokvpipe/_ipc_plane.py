@@ -40,8 +40,9 @@ its region, a handle that does not open or that maps less memory than announced 
 :class:`ProtocolError` out of :meth:`~IpcPlane.on_signal` or through ``on_lost`` (the pipe
 then breaks); running out of memory mapping one is ours, not the peer's. Nothing is ever
 unpickled. The producer keeps the regions it announces within the consumer's
-:data:`~._ipc_records.MAX_REGIONS` (beyond, tensors go through the ring). What the handshake asks of CUDA IPC before a pipe
-exists (the host, the probe handles) is :mod:`._ipc_probe`.
+:data:`~._ipc_records.MAX_REGIONS` (beyond, tensors go through the ring). What the
+handshake asks of CUDA IPC before a pipe exists (the host, the probe handles) is
+:mod:`._ipc_probe`.
 """
 
 from __future__ import annotations

@@ -6,10 +6,13 @@ receiving one, so the receiver never allocates a buffer that grows with the requ
 rules and their bookkeeping are the sans-I/O protocol's (``_protocol``); this module keeps the
 callers' futures and moves the bytes, each plane its best way:
 
-* CPU pools (tcp): the blocks' own memory goes to the socket and is received into, as views.
-* CUDA pools (nccl, tcp): chunks of at most :data:`STAGING_BYTES` are gathered into a staging
-  buffer (pinned host memory for tcp, device memory for nccl), sent, and scattered on arrival;
-  both ends cut a transfer into the same chunks.
+* Every transfer but an ipc pull is cut into chunks of at most :data:`STAGING_BYTES`, one
+  BLOCK_DATA and one payload each, the same on both ends whatever their pools' devices (a
+  CPU pool at one end may meet a CUDA pool at the other).
+* CPU pools (tcp): each chunk's bytes go from the blocks' own memory to the socket, and are
+  received into it, as views.
+* CUDA pools (nccl, tcp): each chunk is gathered into a staging buffer (pinned host memory for
+  tcp, device memory for nccl), sent, and scattered on arrival.
 * ipc: the sender lets the peer map each CUDA pool once (``IpcPlane.export_pool``) and offers
   blocks only once its caller's stream has written them. The receiver pulls once it knows
   where the pool lies; the sender, committed by the PULL (it can no longer take the offer
@@ -48,6 +51,7 @@ from ._blocks import normalize_layers as _normalize_layers
 from ._blocks_move import (
     Chunk,
     MappedPool,
+    Segment,
     Side,
     copy_runs,
     gather,
@@ -116,11 +120,13 @@ class _Incoming:
 
     sink: _Sink
     layers: tuple[int, ...]
-    chunks: deque[Chunk | None]  # None: one chunk of views, straight into a CPU pool
+    chunks: deque[Chunk]
     #: the offer's block ids in the sender's pool
     ids: tuple[int, ...] = ()
     #: ipc: the sender's pool as mapped here; its one BLOCK_DATA means "copy now"
     mapped: MappedPool | None = None
+    #: a CPU pool on tcp: each chunk straight into its blocks, as views
+    views: bool = False
 
 
 class BlockExchange:
@@ -329,20 +335,23 @@ class BlockExchange:
         proto = pipe._proto
         if pool.device.type == "cpu" and plane.name == "tcp":
             # Nothing is posted until the views are made, so the payload stream stays in step.
-            views = await self._views_turn_by_turn(pool, layers, self._runs_of(ids, None),
-                                                   "src")
-            nbytes = sum(map(len, views))
+            chunks = list(iter_chunks(pool.layout, layers, len(ids), STAGING_BYTES))
+            parts = [await self._views_turn_by_turn(pool, chunk, ids, "src") for chunk in chunks]
+            nbytes = sum(chunk.nbytes for chunk in chunks)
             await pipe._send_budget.acquire(nbytes)
+            sent: list[asyncio.Future[Any]] = []
             try:
-                done = self._sending(cast(HostBytesPlane, plane).post_send_views(
-                    views, keepalive=pool))
-                pipe._write(proto.send_block_data(offer_id))
+                for views in parts:
+                    sent.append(self._sending(cast(HostBytesPlane, plane).post_send_views(
+                        views, keepalive=pool)))
+                    pipe._write(proto.send_block_data(offer_id))
             except BaseException:
                 pipe._send_budget.release(nbytes)
                 raise
             proto.offer_sent(offer_id)
             try:
-                await done
+                for done in sent:
+                    await done
             finally:
                 pipe._send_budget.release(nbytes)
             return
@@ -390,7 +399,7 @@ class BlockExchange:
         t0 = perf_counter()
         key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
         _check_device(pipe, pool)
-        pipe._check_can_recv()
+        _check_can_recv_blocks(pipe)
         was_discarded = pipe._proto.is_discarded(key)
         pipe._proto.undiscard(key)  # asked for again: offers for it are taken from now on
         if not ids:  # nothing to move (the peer's send_blocks of none offers nothing)
@@ -404,7 +413,7 @@ class BlockExchange:
             if was_discarded and pipe._error is None:
                 pipe.discard(key)
             raise
-        pipe._check_can_recv()
+        _check_can_recv_blocks(pipe)
         sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(), after=after,
                      task=asyncio.current_task(pipe._loop))
         self._sinks.setdefault(key, []).append(sink)
@@ -510,9 +519,13 @@ class BlockExchange:
                             del self._offers_in[key]
                         return
             incoming = self._incoming.pop(frame.offer_id, None)
-            if incoming is not None:  # crossed our PULL: those layers are missing again
-                incoming.sink.missing.update(incoming.layers)
-                incoming.sink.pending_offers -= 1
+            if incoming is not None:  # crossed our PULL: those layers are missing again,
+                sink = incoming.sink  # and an offer queued meanwhile may bring them
+                sink.missing.update(incoming.layers)
+                sink.pending_offers -= 1
+                for offer in list(self._offers_in.get(sink.key, ())):
+                    self._try_match(offer)
+                self._settle(sink)  # (the peer's close may have come first)
 
     def discard(self, key: str | None) -> int:
         """The receiver gave ``key`` up: refuse its offers waiting here (their senders hear
@@ -527,8 +540,8 @@ class BlockExchange:
 
     def _try_match(self, offer: _wire.Offer) -> None:
         for sink in self._sinks.get(offer.key, ()):
-            if sink.done.done() or not sink.missing.issuperset(offer.layers):
-                continue
+            if not sink.live or not sink.missing.issuperset(offer.layers):
+                continue  # (a call being cancelled takes nothing: a later one will)
             queue = self._offers_in[offer.key]
             queue.remove(offer)
             if not queue:
@@ -550,14 +563,13 @@ class BlockExchange:
         sink.missing.difference_update(offer.layers)
         sink.pending_offers += 1
         source = getattr(pipe._plane, "pool_source", None)
-        chunks: deque[Chunk | None] = deque()
-        if sink.pool.device.type == "cpu" and pipe._plane.name == "tcp":
-            chunks.append(None)
-        elif source is None:
+        chunks: deque[Chunk] = deque()
+        if source is None:
             chunks.extend(self._chunks(sink, offer.layers))
         # (ipc: cut into chunks only if the pool turns out to travel staged)
-        incoming = self._incoming[offer.offer_id] = _Incoming(sink, tuple(offer.layers), chunks,
-                                                              tuple(offer.ids))
+        incoming = self._incoming[offer.offer_id] = _Incoming(
+            sink, tuple(offer.layers), chunks, tuple(offer.ids),
+            views=sink.pool.device.type == "cpu" and pipe._plane.name == "tcp")
         if source is None:
             self._send_pull(offer.offer_id)
             return
@@ -645,32 +657,42 @@ class BlockExchange:
                 range(n) if dst_ids is None else dst_ids)
         return runs
 
-    def _views_of(self, pool: BlockPool, layers: tuple[int, ...], ids: tuple[int, ...]
+    def _views_of(self, pool: BlockPool, chunk: Chunk, ids: tuple[int, ...]
                   ) -> list[memoryview] | asyncio.Future[list[memoryview]]:
-        """The views of blocks ``ids`` of tensors ``layers`` of a CPU pool, in the stream's
-        order: at once if this loop iteration has room for them all (most transfers),
-        else a future of them, made layer by layer as :meth:`_room_for_views` allows (a
-        request of 2,048 scattered blocks over 32 layers is 131,072 views: 157 ms in one
-        callback). The plane holds later receives behind it meanwhile."""
-        runs = self._runs_of(None, ids)
+        """The views of ``chunk`` of a transfer into blocks ``ids`` of a CPU pool, in the
+        stream's order: at once if this loop iteration has room for them all (most
+        transfers), else a future of them, made segment by segment as
+        :meth:`_room_for_views` allows (a request of 2,048 scattered blocks over 32 layers
+        is 131,072 views: 157 ms in one callback). The plane holds later receives behind it
+        meanwhile."""
+        segments = [(seg.tensor, self._segment_runs(seg, ids, "dst")) for seg in chunk.segments]
         tensors = pool.layout.tensors
-        n = len(runs) * sum(len(tensors[i].segment_offsets) for i in layers)
+        n = sum(len(runs) * len(tensors[i].segment_offsets) for i, runs in segments)
         if self._turn_views + n <= VIEWS_PER_STEP:
             self._count_views(n)
-            return [v for i in layers for v in run_views(pool, i, runs, "dst")]
-        return asyncio.ensure_future(self._views_turn_by_turn(pool, layers, runs, "dst"))
+            return [v for i, runs in segments for v in run_views(pool, i, runs, "dst")]
+        return asyncio.ensure_future(self._views_turn_by_turn(pool, chunk, ids, "dst"))
 
-    async def _views_turn_by_turn(self, pool: BlockPool, layers: tuple[int, ...],
-                                  runs: tuple[tuple[int, int, int], ...], side: Side
-                                  ) -> list[memoryview]:
-        """The views of ``runs`` of tensors ``layers``, a layer at a time as
-        :meth:`_room_for_views` allows: thousands of views (a 4,096-token request of an 8B
-        Llama: 16,384) take tens of ms to make, and the loop runs between layers."""
+    async def _views_turn_by_turn(self, pool: BlockPool, chunk: Chunk, ids: tuple[int, ...],
+                                  side: Side) -> list[memoryview]:
+        """The views of ``chunk`` of a transfer of blocks ``ids``, a segment (a layer, most
+        often) at a time as :meth:`_room_for_views` allows: thousands of views (a
+        4,096-token request of an 8B Llama: 16,384) take tens of ms to make, and the loop
+        runs between segments."""
         views: list[memoryview] = []
-        for i in layers:
-            await self._room_for_views(len(runs) * len(pool.layout.tensors[i].segment_offsets))
-            views += run_views(pool, i, runs, side)
+        for seg in chunk.segments:
+            runs = self._segment_runs(seg, ids, side)
+            await self._room_for_views(
+                len(runs) * len(pool.layout.tensors[seg.tensor].segment_offsets))
+            views += run_views(pool, seg.tensor, runs, side)
         return views
+
+    def _segment_runs(self, seg: Segment, ids: tuple[int, ...], side: Side
+                      ) -> tuple[tuple[int, int, int], ...]:
+        """The runs of ``seg``'s blocks of ``ids`` (this pool's side) against the stream."""
+        if seg.start or seg.stop != len(ids):  # (a chunk's part of a tensor: rare)
+            ids = ids[seg.start:seg.stop]
+        return self._runs_of(ids, None) if side == "src" else self._runs_of(None, ids)
 
     async def _room_for_views(self, n: int) -> None:
         """Wait until this loop iteration has room for ``n`` more views (VIEWS_PER_STEP per
@@ -725,13 +747,12 @@ class BlockExchange:
         sink = incoming.sink
         plane = self._pipe._plane
         pool = sink.pool
-        if chunk is None:  # a CPU pool on tcp: straight into its blocks (a scratch if abandoned)
+        if incoming.views:  # a CPU pool on tcp: straight into its blocks (scratch if abandoned)
             host = cast(HostBytesPlane, plane)
             if sink.abandoned:
-                done = host.post_recv_views(_scratch_views(
-                    pool.layout.block_bytes(incoming.layers) * len(sink.ids)))
+                done = host.post_recv_views(_scratch_views(chunk.nbytes))
             else:
-                done = host.post_recv_views(self._views_of(pool, incoming.layers, sink.ids),
+                done = host.post_recv_views(self._views_of(pool, chunk, sink.ids),
                                             keepalive=pool)
             self._track(sink, done, incoming, last=not incoming.chunks)
             return
@@ -816,13 +837,23 @@ class BlockExchange:
                 return
             if last:
                 sink.pending_offers -= 1
-            if not sink.missing and not sink.pending_offers and not sink.inflight \
-                    and not sink.done.done():
-                sink.done.set_result(None)
+            self._settle(sink)
             if not self.receiving:
                 pipe._maybe_finish()  # a close may have waited for these blocks
 
         done.add_done_callback(landed)
+
+    def _settle(self, sink: _Sink) -> None:
+        """End ``sink``'s call once nothing it pulled is still to land: done when it has all
+        its blocks; PipeClosed when the peer closed (it offers nothing more) and some are
+        missing."""
+        if sink.done.done() or sink.pending_offers or sink.inflight:
+            return
+        if not sink.missing:
+            sink.done.set_result(None)
+        elif self._pipe._proto.close_received:
+            sink.done.set_exception(PipeClosed("the peer closed the pipe before sending all "
+                                               "the blocks"))
 
     def _sending(self, done: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self.sending.add(done)
@@ -869,6 +900,14 @@ def _checked(pool: object, block_ids: object, key: str | None, layers: object, *
         raise ValueError(f"{len(ids)} block ids in one call; the limit is "
                          f"{_wire.MAX_OFFER_BLOCKS}")
     return check_key(key), ids, _normalize_layers(pool, layers)
+
+
+def _check_can_recv_blocks(pipe: Pipe) -> None:
+    """recv()'s check, and more: once the peer closed, no block comes that a new call has not
+    pulled already (it took its offers back), even while a message's payload still lands."""
+    pipe._check_can_recv()
+    if pipe._proto.close_received:
+        raise PipeClosed("the peer closed the pipe")
 
 
 def _check_device(pipe: Pipe, pool: BlockPool) -> None:

@@ -17,6 +17,7 @@ from aiokvpipe import BlockPool, _pipe_blocks, _wire
 from aiokvpipe._blocks import MAX_PIPE_SEGMENTS, MAX_POOL_SEGMENTS
 from aiokvpipe._blocks_wire import encode_layout
 from aiokvpipe._pipe_blocks import VIEWS_PER_STEP
+from aiokvpipe._plane import settle_like
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -806,6 +807,144 @@ async def test_a_graceful_close_delivers_blocks_already_pulled(pair_factory: Pai
         await asyncio.gather(a.aclose(), sending, receiving)
         await b.aclose()
     assert_moved(src, dst, ids, ids)
+
+
+async def test_a_transfer_of_cpu_pools_is_cut_into_the_chunks_of_a_cuda_pool(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU pool's transfer over tcp travels in the chunks a CUDA pool's staging cuts it
+    into, one BLOCK_DATA each, so that a CPU pool at one end meets a CUDA pool at the other
+    (tests/test_pipe_blocks_cuda.py). (It went in one: a CUDA receiver read the rest as the
+    next message's bytes, a CUDA sender's second chunk broke the pipe.)"""
+    monkeypatch.setattr(_pipe_blocks, "STAGING_BYTES", 3000)  # a block of a tensor: 512 B
+    a, b = await pair_factory(transport="tcp")
+    src, dst = vllm_pool(64), vllm_pool(40)
+    src_ids, dst_ids = [3, 4, 5, 17, 60, 0, 9, 10], [39, 1, 2, 3, 20, 8, 30, 31]
+    fill_blocks(src, src_ids, seed=11)
+    seen: list[int] = []
+    block_data = b._blocks._block_data
+    monkeypatch.setattr(b._blocks, "_block_data",
+                        lambda offer_id: (seen.append(offer_id), block_data(offer_id)))
+    chunks = list(_pipe_blocks.iter_chunks(src.layout, range(4), len(src_ids), 3000))
+    async with asyncio.timeout(20):
+        await asyncio.gather(a.send_blocks(src, src_ids, key="r"),
+                             b.recv_blocks(dst, dst_ids, key="r"))
+        assert len(seen) == len(chunks) > 1, (seen, len(chunks))
+        x = torch.arange(1 << 17, dtype=torch.uint8)  # the payload stream is in step after
+        await a.send(x)
+        assert torch.equal(await b.recv(), x)
+    assert_moved(src, dst, src_ids, dst_ids)
+    assert_untouched(dst, dst_ids)
+
+
+async def test_a_receive_the_peers_close_leaves_short_raises_once_the_rest_landed(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer sends one of the two layers a recv_blocks waits for, and closes while that
+    layer still lands: once it landed, the call raises PipeClosed (it waited for ever)."""
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8, layers=2), vllm_pool(8, layers=2)
+    landing: list[tuple[asyncio.Future[Any], asyncio.Future[Any]]] = []
+    track = b._blocks._track
+
+    def held(sink: Any, done: asyncio.Future[Any], incoming: Any, last: bool) -> None:
+        late: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        landing.append((done, late))  # lands (for the exchange) when the test says so
+        track(sink, late, incoming, last)
+
+    monkeypatch.setattr(b._blocks, "_track", held)
+    async with asyncio.timeout(20):
+        receiving = asyncio.create_task(b.recv_blocks(dst, [1, 2], key="r"))
+        await a.send_blocks(src, [3, 4], key="r", layers=[0])
+        closing = asyncio.create_task(a.aclose())
+        await eventually(lambda: b._proto.close_received, 10, "b read the peer's CLOSE")
+        assert not receiving.done() and len(landing) == 1
+        done, late = landing[0]
+        await asyncio.wait([done])
+        settle_like(late, done)
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await receiving
+        await closing
+    assert_moved(src, dst, [3, 4], [1, 2], layers=[0])
+
+
+async def test_recv_blocks_after_the_peers_close_raises_while_a_message_still_lands(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the peer closed, recv_blocks raises PipeClosed at once, also while a message's
+    payload still lands (recv() may still take that message; no block will come)."""
+    a, b = await pair_factory(transport="tcp")
+    landing: list[tuple[asyncio.Future[Any], asyncio.Future[Any]]] = []
+    post_recv = b._plane.post_recv
+
+    def held(specs: Any) -> asyncio.Future[Any]:
+        late: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        landing.append((post_recv(specs), late))  # arrives when the test says so
+        return late
+
+    monkeypatch.setattr(b._plane, "post_recv", held)
+    x = torch.arange(1 << 20, dtype=torch.int32)  # far above the inline limit
+    async with asyncio.timeout(20):
+        await a.send(x, key="big")
+        closing = asyncio.create_task(a.aclose())
+        await eventually(lambda: b._proto.close_received, 10, "b read the peer's CLOSE")
+        assert b._incoming and len(landing) == 1
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await b.recv_blocks(vllm_pool(8), [1], key="k")
+        done, late = landing[0]
+        await done
+        settle_like(late, done)
+        assert torch.equal(await b.recv(key="big"), x)
+        await closing
+
+
+async def test_an_offer_retracted_across_our_pull_leaves_the_next_one_to_be_pulled(
+        pair_factory: PairFactory) -> None:
+    """Two offers of a key's layer wait; recv_blocks pulls the first, whose sender takes it
+    back before it reads the PULL: the second is pulled now. (It stayed queued for ever, as
+    did both calls.)"""
+    a, b = await pair_factory()
+    src, dst = vllm_pool(16), vllm_pool(16)
+    fill_blocks(src, [1, 2], seed=12)
+    async with asyncio.timeout(20):
+        first = asyncio.create_task(a.send_blocks(src, [1, 2], key="k"))
+        second = asyncio.create_task(a.send_blocks(src, [1, 2], key="k"))
+        await eventually(lambda: len(b._blocks._offers_in.get("k", ())) == 2, 10,
+                         "both offers wait at b")
+        a._control._transport.pause_reading()  # a reads b's PULL only after it took it back
+        receiving = asyncio.create_task(b.recv_blocks(dst, [3, 4], key="k"))
+        await eventually(lambda: bool(b._blocks._incoming), 10, "b pulled the first offer")
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        a._control._transport.resume_reading()
+        await asyncio.gather(second, receiving)
+    assert_moved(src, dst, [1, 2], [3, 4])
+
+
+async def test_a_receive_cancelled_in_the_iteration_its_offer_is_read_takes_nothing(
+        pair_factory: PairFactory) -> None:
+    """A recv_blocks cancelled just before the read that brings its offer (a callback of
+    the same loop iteration): the offer waits for the next call. (The cancelled call pulled
+    it and read the blocks into scratch, and a retry waited for ever.)"""
+    a, b = await pair_factory()
+    src, dst = vllm_pool(16), vllm_pool(16)
+    fill_blocks(src, [1, 2], seed=13)
+    receiving = asyncio.create_task(b.recv_blocks(dst, [3, 4], key="k"))
+    await eventually(lambda: bool(b._blocks._sinks.get("k")), 10, "the call waits at b")
+    on_frame = b._blocks.on_frame
+
+    def cancel_first(frame: _wire.Frame) -> None:
+        if isinstance(frame, _wire.Offer) and not receiving.done():
+            receiving.cancel()  # requested; the call has not resumed yet
+        on_frame(frame)
+
+    b._blocks.on_frame = cancel_first  # type: ignore[method-assign]
+    async with asyncio.timeout(20):
+        sending = asyncio.create_task(a.send_blocks(src, [1, 2], key="k"))
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        await round_trip(a, b)
+        assert not sending.done(), "the blocks went to a call that was cancelled"
+        await asyncio.gather(sending, b.recv_blocks(dst, [3, 4], key="k"))
+    assert_moved(src, dst, [1, 2], [3, 4])
 
 
 @pytest.mark.parametrize(("ids", "layers", "what"), [

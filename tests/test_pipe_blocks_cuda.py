@@ -12,7 +12,7 @@ import torch
 from test_cuda_nccl import start_peer  # noqa: F401  (the two-process fixture)
 
 import aiokvpipe
-from aiokvpipe import BlockPool
+from aiokvpipe import BlockPool, _pipe_blocks
 
 pytestmark = [pytest.mark.cuda, pytest.mark.timeout(120),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -62,6 +62,38 @@ async def test_cuda_pools_over_tcp_in_one_process_are_stream_ordered() -> None:
         await asyncio.wait_for(receiving, 60)
         for e, t in zip(expected, dst.tensors):
             assert torch.equal(e[:, s_ids] + 1, t[:, d_ids])
+        assert untouched(dst, d_ids)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await listener.aclose()
+
+
+@pytest.mark.parametrize("src_device", ["cpu", "cuda:0"])
+async def test_a_cpu_pool_and_a_cuda_pool_over_tcp_cut_a_transfer_alike(
+        monkeypatch: pytest.MonkeyPatch, src_device: str) -> None:
+    """A CPU pool at one end, a CUDA pool at the other, a transfer of several staging
+    chunks: it lands whole, and the payload stream stays in step for the next message (the
+    CPU end sent or expected one BLOCK_DATA, the CUDA end one per chunk)."""
+    monkeypatch.setattr(_pipe_blocks, "STAGING_BYTES", 64 << 10)  # 8 blocks of a tensor
+    listener = await aiokvpipe.listen(device="cuda:0")
+    accept = asyncio.create_task(listener.accept())
+    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
+    b = await accept
+    try:
+        dst_device = "cuda:0" if src_device == "cpu" else "cpu"
+        src, dst = pool(300, device=src_device), pool(64, device=dst_device)
+        s_ids, d_ids = list(range(100, 140)), list(range(10, 50))
+        randomize(src, s_ids)
+        async with asyncio.timeout(60):
+            await asyncio.gather(a.send_blocks(src, s_ids, key="r"),
+                                 b.recv_blocks(dst, d_ids, key="r"))
+            x = torch.arange(1 << 20, dtype=torch.int32, device="cuda:0")
+            await a.send(x)
+            assert torch.equal(await b.recv(), x)
+        torch.cuda.synchronize()
+        for s_t, d_t in zip(src.tensors, dst.tensors):
+            assert torch.equal(s_t[:, s_ids].cpu(), d_t[:, d_ids].cpu())
         assert untouched(dst, d_ids)
     finally:
         await a.aclose()
