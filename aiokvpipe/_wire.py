@@ -29,7 +29,7 @@ from ._errors import ProtocolError
 MAGIC: Final = b"AKVP"
 #: 7: a grant of 0 credits is the transport's default; 6: credits weigh specs; 5: a plane's
 #: note in a header; 4: ipc
-PROTOCOL_VERSION: Final = 7
+PROTOCOL_VERSION: Final = 8
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
