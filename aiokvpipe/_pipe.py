@@ -235,7 +235,10 @@ class Pipe:
         healthy) for a bad message or key, :class:`PipeClosed` once either end closed the pipe,
         :class:`BrokenPipe` once it broke -- also when the data plane fails to take the
         payload here (out of memory staging it, say): the message is then never delivered,
-        and the pipe breaks rather than let a header go without its payload.
+        and the pipe breaks rather than let a header go without its payload. Over ipc the
+        peer copies out of the tensors itself: when the pipe broke at this end (a missed
+        heartbeat, a failure here), a peer still running may still be copying a message whose
+        send() raised, and may deliver it if it does not see the break first.
 
         Cancellation: a ``send()`` cancelled while waiting for its turn, budget or credits
         sends nothing. Once its header is on the wire the message is sent whole, even if the

@@ -384,8 +384,9 @@ class PipeProtocol:
     def send_block_data(self, offer_id: int) -> bytes:
         """The next chunk of a pulled offer's payload follows on the data plane (write this
         as the chunk is posted). :meth:`offer_sent` after the last chunk."""
-        if self._offers_out.get(offer_id) is not _OfferState.PULLED:
+        if self._offers_out.get(offer_id) not in (_OfferState.PULLED, _OfferState.SENDING):
             raise LocalProtocolError(f"offer {offer_id} was not pulled")
+        self._offers_out[offer_id] = _OfferState.SENDING
         return _wire.encode(_wire.BlockData(offer_id))
 
     def offer_sent(self, offer_id: int) -> None:
@@ -485,8 +486,8 @@ class PipeProtocol:
             else:
                 self._offers_out[offer_id] = _OfferState.PULLED
             return True
-        if state is not _OfferState.PULLED:
-            raise ProtocolError(f"PULLED of offer {offer_id}, never pulled")
+        if state is not _OfferState.SENDING:  # (ipc: copied out on our "copy now")
+            raise ProtocolError(f"PULLED of offer {offer_id} before its BLOCK_DATA")
         del self._offers_out[offer_id]
         return True
 
@@ -516,7 +517,7 @@ def _remember(tombstones: OrderedDict[Any, None], key: Any) -> None:
 class _OfferState(enum.Enum):
     OFFERED = "offered"
     PULLED = "pulled"
-    #: Its BLOCK_DATA came (an offer of the peer's only): the peer is committed to it.
+    #: Its BLOCK_DATA went (ours) or came (the peer's): the sender is committed to it.
     SENDING = "sending"
 
 

@@ -585,6 +585,18 @@ def test_ipc_pull_ends_with_pulled() -> None:
         b.send_pulled(oid)
 
 
+def test_a_pulled_before_our_block_data_is_the_peers_protocol_error() -> None:
+    """PULLED says the peer copied the offer out on our BLOCK_DATA ("copy now"): one that
+    comes before we wrote it, even read with its PULL, is the peer's error. (It was taken,
+    and writing the BLOCK_DATA then failed here as our own error.)"""
+    a, b = pair()
+    oid, data = offer(a)
+    b.receive_data(a.send_pool(0, b"x") + data)
+    early = b.send_pull(oid) + _wire.encode(_wire.Pulled(oid))
+    with pytest.raises(ProtocolError, match="before its BLOCK_DATA"):
+        a.receive_data(early)
+
+
 def test_a_retract_after_block_data_is_a_protocol_error() -> None:
     """The peer sends BLOCK_DATA only once our PULL reached it, committed to the offer: a
     RETRACT after it crossed nothing. Taken as a crossing, it dropped the offer, and the
