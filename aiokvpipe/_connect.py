@@ -401,9 +401,12 @@ class Listener:
                                     secrets.token_bytes(_wire.NONCE_BYTES), hello)
             ch.write(shake.hello())
             auth = await ch.read_frame()
-            proven = await _ipc_proven(caps, hello.caps, self._device)
             try:
-                transport = shake.receive_auth(auth, ipc_proven=proven)
+                shake.check_auth(auth)
+                # Only an authenticated client's IPC handle is opened (and a thread started
+                # for it): not a byte of an unauthenticated one reaches the driver.
+                proven = await _ipc_proven(caps, hello.caps, self._device)
+                transport = shake.choose_transport(ipc_proven=proven)
             except Refused as refused:
                 ch.write(refused.frame)
                 raise refused.error from None

@@ -100,6 +100,9 @@ async def export_probe(device: torch.device) -> bytes:
     worker thread), for a peer's :func:`probe_opens`. Raises ``RuntimeError`` if CUDA IPC
     does not work here (``ImportError`` without CuPy)."""
     index = device_index(device)
+    made = _probes.get(index)
+    if made is not None:  # every handshake asks, before the peer authenticated: no thread
+        return made[1]
 
     def make() -> bytes:
         with _probes_lock:

@@ -659,9 +659,16 @@ class ServerHandshake:
         return _wire.Hello(self._nonce, self._caps)
 
     def receive_auth(self, frame: _wire.Frame, *, ipc_proven: bool = False) -> Transport:
-        """Check the client's proof and choose the data plane; raises :class:`Refused`
-        (whose ERROR frame the I/O layer sends before dropping the client). ``ipc_proven``:
-        this process opened the client's IPC probe handle."""
+        """:meth:`check_auth`, then :meth:`choose_transport` (for a caller that has its
+        ``ipc_proven`` at hand: one that must open the client's probe to know opens it only
+        between the two)."""
+        self.check_auth(frame)
+        return self.choose_transport(ipc_proven=ipc_proven)
+
+    def check_auth(self, frame: _wire.Frame) -> None:
+        """Check the client's proof; raises :class:`Refused` (whose ERROR frame the I/O layer
+        sends before dropping the client). Nothing the client sent is acted upon before
+        this: its IPC probe handle is opened only once it passed."""
         if self._step != "auth":
             raise ProtocolError(f"{type(frame).__name__} out of order in the handshake")
         auth = _expect(frame, _wire.Auth, "handshake")
@@ -669,6 +676,13 @@ class ServerHandshake:
                                                  self._nonce, auth.proof):
             raise Refused(_wire.Error(_wire.ErrorCode.AUTHENTICATION, "authentication failed"),
                           AuthenticationError("peer failed authentication"))
+        self._step = "choose"
+
+    def choose_transport(self, *, ipc_proven: bool = False) -> Transport:
+        """The data plane, once the client authenticated; raises :class:`Refused` if none
+        fits. ``ipc_proven``: this process opened the client's IPC probe handle."""
+        if self._step != "choose":
+            raise LocalProtocolError("transport chosen before the client authenticated")
         try:
             transport = _handshake.choose_transport(self._caps, self.client.caps,
                                                     ipc_proven=ipc_proven)

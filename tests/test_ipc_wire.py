@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiokvpipe import ProtocolError
+from aiokvpipe import ProtocolError, _cudaipc, _ipc_probe
 from aiokvpipe._ipc_plane import IpcPlane, _Export, _Job, _Part
 from aiokvpipe._ipc_probe import host_id, ipc_info, probe_opens
 from aiokvpipe._ipc_records import (
@@ -352,3 +352,23 @@ async def test_the_plane_refuses_a_cpu_device() -> None:
         await IpcPlane.start(torch.device("cpu"), lambda exc: None)
     assert IPC_HANDLE_BYTES == 64
     await asyncio.sleep(0)
+
+
+async def test_the_probe_handle_is_made_in_a_thread_once_then_given_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every handshake offers the probe handle, before its peer authenticated: only the
+    first makes it (in a thread); the others start none. CUDA faked at its seam."""
+    threads: list[str] = []
+    in_thread = _ipc_probe.in_daemon_thread
+
+    async def counted(fn: object, name: str) -> object:
+        threads.append(name)
+        return await in_thread(fn, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_ipc_probe, "in_daemon_thread", counted)
+    monkeypatch.setattr(_ipc_probe, "_probes", {})
+    monkeypatch.setattr(_cudaipc, "malloc", lambda nbytes, index: 4096)
+    monkeypatch.setattr(_cudaipc, "export_memory", lambda base: b"h" * 64)
+    device = torch.device("cuda", 3)
+    assert [await _ipc_probe.export_probe(device) for _ in range(3)] == [b"h" * 64] * 3
+    assert threads == ["aiokvpipe-ipc"], threads

@@ -10,6 +10,7 @@ with the token and transfers tensors both ways afterwards).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import struct
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 import aiokvpipe
-from aiokvpipe import _handshake, _wire
+from aiokvpipe import _connect, _handshake, _ipc_probe, _wire
 
 from ._proto import RawClient, RawConn, describe, hello_bytes, raw_frame, raw_header
 from .conftest import HOST, Snapshot, describe_loop_errors
@@ -215,6 +216,52 @@ async def test_empty_proof_to_a_listener_with_a_token_is_refused(
     figures.update(error=repr(reason), peer_saw=describe(frames) + [how])
     assert isinstance(reason, aiokvpipe.AuthenticationError)
     await good_client_transfers(listener)
+
+
+async def test_an_unauthenticated_clients_ipc_probe_handle_never_reaches_the_driver(
+        listener: aiokvpipe.Listener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client with a wrong token that claims CUDA IPC on this host (its host id is in the
+    listener's HELLO) is refused before its probe handle is opened: no thread, no driver
+    call on bytes an unauthenticated peer chose. (The probe was opened first.) This machine
+    need not have a GPU: the listener's capabilities and the probe are faked at their
+    seams, and the test asserts only the order of the two checks."""
+    host = _ipc_probe.host_id()
+    local_caps = _connect._local_caps
+    opened: list[bytes] = []
+
+    async def with_ipc(opts: Any, device: Any) -> _wire.Capabilities:
+        return dataclasses.replace(await local_caps(opts, device), cuda=True, ipc=True,
+                                   host_id=host, ipc_probe=bytes(_wire.IPC_HANDLE_BYTES))
+
+    async def probe_opens(handle: bytes, device: Any) -> bool:
+        opened.append(handle)
+        return False
+
+    monkeypatch.setattr(_connect, "_local_caps", with_ipc)
+    monkeypatch.setattr(_ipc_probe, "probe_opens", probe_opens)
+    c = RawClient(HOST, listener.port, b"not-the-token")
+    await c.open()
+    assert c.ctl is not None
+    await c.ctl.write(c.hello_bytes(cuda=True, ipc=True, host_id=host,
+                                    ipc_probe=b"chosen by the peer".ljust(64, b"\0")))
+    c.server_hello = await c.read_expect(_wire.Hello)
+    assert c.server_hello.caps.ipc  # (the fake is in place: the probe was due)
+    await c.ctl.write(c.auth_bytes())
+    frames, _ = await c.ctl.read_until_close()
+    c.close()
+    assert any(isinstance(f, _wire.Error) and f.code == _wire.ErrorCode.AUTHENTICATION
+               for f in frames), describe(frames)
+    assert opened == [], "the listener opened an unauthenticated peer's IPC handle"
+    good = RawClient(HOST, listener.port, TOKEN.encode())  # an authenticated one's is opened
+    await good.open()
+    assert good.ctl is not None
+    await good.ctl.write(good.hello_bytes(cuda=True, ipc=True, host_id=host,
+                                          ipc_probe=b"an honest probe".ljust(64, b"\0")))
+    good.server_hello = await good.read_expect(_wire.Hello)
+    await good.ctl.write(good.auth_bytes())
+    await good.ctl.read_frame()
+    good.close()
+    assert opened == [b"an honest probe".ljust(64, b"\0")], opened
 
 
 async def _recording_proxy(target_port: int, record: list[bytearray]
