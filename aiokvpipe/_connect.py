@@ -263,6 +263,8 @@ class Listener:
                 return
 
     async def _offer(self, pipe: Pipe) -> None:
+        # (Its handshake's slot held meanwhile: at most that many pipes wait here, each with
+        # its sockets and receive memory, while nobody calls accept().)
         while len(self._ready) >= ACCEPT_QUEUE:
             self._room.clear()
             await self._room.wait()
@@ -424,6 +426,9 @@ class Listener:
                 c2s, s2c = await _unless_lost(ch, asyncio.gather(
                     pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
                     pending.sockets[_wire.Direction.SERVER_TO_CLIENT]))
+                # A slot again before the pipe exists, held until accept() takes it: else
+                # pipes nobody accepts pile up without bound.
+                await _unless_lost(ch, slot.take())
                 plane = await TcpPlane.start(s2c, c2s, self._device, late,
                                              self._opts.budgets("tcp")[1])
             elif transport == _wire.Transport.IPC:
@@ -451,15 +456,22 @@ class Listener:
 class _Slot:
     """One connection's place among a listener's concurrent handshakes, given back once."""
 
-    __slots__ = ("_semaphore",)
+    __slots__ = ("_semaphore", "_held")
 
     def __init__(self, semaphore: asyncio.Semaphore) -> None:
-        self._semaphore: asyncio.Semaphore | None = semaphore
+        self._semaphore = semaphore
+        self._held = True
 
     def release(self) -> None:
-        if self._semaphore is not None:
+        if self._held:
+            self._held = False
             self._semaphore.release()
-            self._semaphore = None
+
+    async def take(self) -> None:
+        """Hold a place again (given back by :meth:`release`, once more)."""
+        if not self._held:
+            await self._semaphore.acquire()
+            self._held = True
 
 
 async def _unless_lost(ch: ControlChannel, step: Awaitable[T]) -> T:

@@ -385,6 +385,36 @@ async def test_more_clients_at_once_than_handshake_slots_all_connect(
     await close_quietly(*clients, *servers)
 
 
+async def test_pipes_waiting_for_accept_hold_handshake_slots(
+        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While nobody calls accept(), no more pipes complete than the accept queue holds and
+    the handshake slots: a finished pipe waiting for room holds its slot; accept() lets the
+    others through. (A tcp handshake gave its slot back for its data connections, and took
+    none again: a listener nobody accepted from kept every pipe anyone opened, 400 in a
+    review, with their sockets and receive memory.)"""
+    monkeypatch.setattr(_connect, "MAX_CONCURRENT_HANDSHAKES", 3)
+    monkeypatch.setattr(_connect, "ACCEPT_QUEUE", 2)
+    async with await aiokvpipe.listen(HOST, 0, handshake_timeout=30) as lst:
+        connecting = [asyncio.create_task(aiokvpipe.connect(
+            HOST, lst.port, handshake_timeout=30, connect_timeout=30)) for _ in range(8)]
+        try:
+            async with asyncio.timeout(30):
+                await eventually(lambda: len(lst._ready) == 2 and lst._slots.locked()
+                                 and sum(t.done() for t in connecting) >= 4, 10,
+                                 "the accept queue full, every slot taken")
+                # However long nobody accepts, no more complete: the bound holds at every
+                # moment (without it, all eight completed within milliseconds).
+                await asyncio.wait(connecting, timeout=1.0)
+                done = sum(t.done() for t in connecting)
+                assert done <= 2 + 3, f"{done} pipes completed, nobody accepting"
+                servers = [await lst.accept() for _ in range(8)]
+                clients = await asyncio.gather(*connecting)
+        finally:
+            for t in connecting:
+                t.cancel()
+    await close_quietly(*clients, *servers)
+
+
 STALLED_CLIENT = """
 import asyncio, logging
 import aiokvpipe
