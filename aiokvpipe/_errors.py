@@ -31,7 +31,12 @@ def fresh(exc: E) -> E:
     every caller's frame into its traceback, and with the frames everything they hold (the
     tensors being sent, say) for as long as the pipe keeps the error. Each caller gets a copy.
     """
-    new = copy.copy(exc)
+    try:
+        new = copy.copy(exc)
+    except Exception:  # noqa: BLE001  -- a type whose __init__ takes other arguments than
+        # its args (NcclError, DriverError: message and code): made without calling it
+        new = type(exc).__new__(type(exc), *exc.args)
+        new.__dict__.update(getattr(exc, "__dict__", {}))
     new.__cause__ = exc.__cause__
     new.__suppress_context__ = True
     return new

@@ -43,7 +43,7 @@ from ._cuda import (
 from ._dtypes import dtype_of
 from ._errors import fresh
 from ._nccl_lib import IN_PROGRESS, SUCCESS, NcclError, NcclLib
-from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, in_daemon_thread, settle_like
+from ._plane import SYNC_ALLOC_BYTES, OrderedWorker, fail_future, in_daemon_thread, settle_like
 from ._wire import NCCL_UNIQUE_ID_BYTES, TensorSpec
 
 log = logging.getLogger("aiokvpipe")
@@ -234,6 +234,9 @@ class _Lane:
         self._on_error = on_error
         self._queue: deque[_Op] = deque()
         self._busy: asyncio.Task[None] | None = None  # waiting out ncclInProgress
+        self._busy_op: _Op | None = None  # the op it waits for (in no queue and no poller)
+        #: Memory of ops given up while NCCL held them: kept until the streams are done.
+        self._held: list[object] = []
         self.error: BaseException | None = None
 
     def submit(self, op: _Op) -> None:
@@ -264,6 +267,7 @@ class _Lane:
                 self.fail(exc, first=op)
                 return
             if rc == IN_PROGRESS:
+                self._busy_op = op
                 self._busy = asyncio.get_running_loop().create_task(self._finish_later(op))
                 return
             self._watch(op)
@@ -297,10 +301,10 @@ class _Lane:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
-            self._busy = None
+            self._busy = self._busy_op = None
             self.fail(exc, first=op)
             return
-        self._busy = None
+        self._busy = self._busy_op = None
         self._watch(op)
         self.pump()
 
@@ -308,8 +312,9 @@ class _Lane:
         done: Queryable
         try:
             with torch.cuda.device(self.device):
-                done = torch.cuda.Event()
-                done.record(self.stream)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            done = _OpDone(event, self.lib, self.comm)
         except Exception as exc:  # noqa: BLE001  -- a CUDA error, after NCCL took the op
             # Watched all the same, through an event that reports the error: the poller
             # fails the op and breaks the plane, and keeps the op's memory until the plane's
@@ -347,9 +352,45 @@ class _Lane:
         self.error = self.error or exc
         if self._busy is not None:
             self._busy.cancel()
-            self._busy = None
+            op, self._busy, self._busy_op = self._busy_op, None, None
+            if op is not None:  # (its caller waited for ever: it was in no queue)
+                fail_future(op.done, exc)
+                self._held.append((op.tensors, op.keepalive))
         self._fail_queued(exc)
         self.poller.fail_pending(exc)
+
+    def release(self, exc: BaseException) -> None:
+        """Our stream is done with every op (the communicator aborted): drop their memory."""
+        self.poller.abort(exc)
+        self._held.clear()
+
+
+class _OpDone:
+    """An op's completion: its event, and its communicator's asynchronous error. A failure of
+    NCCL's own transport (a link down, the peer's proxy failing) while the control connection
+    lives leaves the kernel waiting for ever: the event alone would never say."""
+
+    __slots__ = ("_event", "_lib", "_comm", "_polls")
+
+    #: Polls of an unfinished op between two looks at the communicator's state (a C call):
+    #: one every 32 ms or so once the poller backs off to 1 ms.
+    CHECK_EVERY = 32
+
+    def __init__(self, event: torch.cuda.Event, lib: NcclLib, comm: int) -> None:
+        self._event = event
+        self._lib = lib
+        self._comm = comm
+        self._polls = 0
+
+    def query(self) -> bool:
+        if self._event.query():
+            return True
+        self._polls += 1
+        if self._polls % self.CHECK_EVERY == 0:
+            state = self._lib.async_error(self._comm)
+            if state not in (SUCCESS, IN_PROGRESS):
+                self._lib.check(state, "NCCL communicator")  # raises: the poller fails
+        return False
 
 
 class _Failed:
@@ -378,6 +419,8 @@ class NcclPlane:
         self._send = _Lane(lib, send_comm, device, True, self._lost, streams[0])
         self._recv = _Lane(lib, recv_comm, device, False, self._lost, streams[1])
         self._alloc_worker = OrderedWorker("alloc")
+        #: Where CPU tensors are copied to the device (made and used in the worker only).
+        self._stage_stream: torch.cuda.Stream | None = None
         self._error: BaseException | None = None
         self._closed = False
 
@@ -409,19 +452,34 @@ class NcclPlane:
         with torch.cuda.device(self._device):
             # Everything the caller queued on its stream (the data, .contiguous() copies)
             # happens before NCCL reads the memory.
-            caller = current_stream(self._device)
-            staged = [self._on_device(t) for t in tensors if t.numel()]
             after = torch.cuda.Event()
-            after.record(caller)
-        self._send.submit(_Op(staged, after, fut, keepalive=tensors))
+            after.record(current_stream(self._device))
+        sent = [t for t in tensors if t.numel()]
+        if all(t.device == self._device for t in sent):
+            self._send.submit(_Op(sent, after, fut, keepalive=tensors))
+        else:
+            # A CPU tensor (or another GPU's) is copied here in the worker thread: from
+            # pageable memory the copy is synchronous, after all of the caller's queued work,
+            # and it held the loop for as long. Later sends wait their turn behind it.
+            staging = self._alloc_worker.submit(functools.partial(self._stage, sent, after))
+            self._send.submit(_Op(None, after, fut, keepalive=tensors, allocation=staging))
         return fut
 
-    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device == self._device:
-            return t
-        # A CPU tensor or one on another GPU: copy it here on the caller's stream, so the
-        # stream ordering above covers it.
-        return t.to(self._device, non_blocking=True)
+    def _stage(self, tensors: list[torch.Tensor], after: torch.cuda.Event
+               ) -> list[torch.Tensor]:
+        """Worker thread: ``tensors`` on the plane's device, copied after ``after`` on a
+        stream of the worker's own, and complete. (Allocated on that stream: their memory is
+        reused only once they are dropped, which the send's poller does after NCCL read
+        them.)"""
+        if self._stage_stream is None:
+            self._stage_stream = torch.cuda.Stream(self._device)
+        stream = self._stage_stream
+        with torch.cuda.device(self._device), torch.cuda.stream(stream):
+            stream.wait_event(after)
+            out = [t if t.device == self._device else t.to(self._device, non_blocking=True)
+                   for t in tensors]
+        stream.synchronize()
+        return out
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -510,7 +568,7 @@ class NcclPlane:
             recycle_streams(idle)
             try:
                 for lane in lanes:
-                    loop.call_soon_threadsafe(lane.poller.abort, exc)
+                    loop.call_soon_threadsafe(lane.release, exc)
             except RuntimeError:  # the loop has closed: nobody is left to notify
                 pass
 

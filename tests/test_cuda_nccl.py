@@ -252,6 +252,29 @@ async def test_cpu_tensors_travel_to_a_cuda_peer(start_peer) -> None:
     assert torch.equal(back.cpu(), t)
 
 
+async def test_a_cpu_tensor_sent_behind_busy_gpu_work_leaves_the_loop_free(start_peer
+                                                                           ) -> None:
+    """Over nccl a CPU tensor goes to the device in a worker thread: behind a long kernel
+    on the caller's stream, the send's first step returns at once, and the tensor arrives
+    whole once the kernel ended. (Copied from pageable memory on the loop, it held the loop
+    until the kernel ended.)"""
+    peer = await start_peer()
+    t = torch.arange(1 << 20, dtype=torch.float32)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(BUSY_CYCLES)  # the caller's stream: busy for a while
+    end.record()
+    t0 = time.perf_counter()
+    sending = asyncio.create_task(peer.pipe.send(t))
+    await asyncio.sleep(0)  # the send's first step: it posts the payload
+    held = time.perf_counter() - t0
+    await sending
+    back = await peer.pipe.recv()
+    kernel_s = start.elapsed_time(end) / 1000  # (both recorded: the send waited for it)
+    assert held < kernel_s / 4, f"the loop was held {held:.3f} s, the kernel ran {kernel_s:.3f}"
+    assert isinstance(back, torch.Tensor) and torch.equal(back.cpu(), t)
+
+
 def _holders(nbytes: int) -> list[str]:
     """What references live CUDA tensors of ``nbytes`` (to say who leaks, when one does)."""
     import gc
