@@ -530,43 +530,57 @@ _LAST_TRY_S: Final = 0.2
 
 
 async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
-                       deadline: float | None) -> socket.socket:
-    """Connect, retrying while the listener is not up yet (refused) or its host is out of
-    reach, until ``deadline``: then :class:`TimeoutError`, also for an attempt still
-    unanswered there (SYNs dropped by a firewall, a listener's full accept queue), which
-    would otherwise wait for the kernel's own timeout (minutes). ``None``: one attempt,
-    bounded by the caller. Any other ``OSError`` is a :class:`PipeError` (chained)."""
+                       deadline: float) -> socket.socket:
+    """Connect to ``host``'s addresses in turn, as resolved (``localhost`` may name ``::1``
+    first and a listener on 127.0.0.1 next), retrying while none accepts (refused, the
+    listener not up yet) or its host is out of reach, until ``deadline``: then
+    :class:`TimeoutError`, also for an attempt still unanswered there (SYNs dropped by a
+    firewall, a listener's full accept queue), which would otherwise wait for the kernel's
+    own timeout (minutes). Any other ``OSError`` is a :class:`PipeError` (chained)."""
     delay = 0.02
     while True:
-        infos = await _resolve(loop, host, port)
-        family, type_, proto, _, address = infos[0]
-        sock = socket.socket(family, type_, proto)
-        sock.setblocking(False)
-        try:
-            if deadline is None:
+        refused: OSError | None = None
+        for family, type_, proto, _, address in await _resolve(loop, host, port):
+            try:
+                return await _connect_to(loop, (family, type_, proto, address),
+                                         max(deadline, loop.time() + _LAST_TRY_S))
+            except TimeoutError as exc:
+                raise TimeoutError(f"nobody accepted a pipe at {host}:{port} (no answer)"
+                                   ) from exc
+            except OSError as exc:
+                if not isinstance(exc, _RETRIED) and exc.errno not in _RETRIED_ERRNOS:
+                    raise PipeError(f"cannot connect to {host}:{port}: {exc}") from exc
+                refused = exc
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError(f"nobody accepted a pipe at {host}:{port}") from refused
+        # The last pause ends at the deadline itself, for one last try there.
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.5)
+
+
+#: Where a socket connects: family, type, protocol, address (as getaddrinfo gives them).
+_Where = tuple[int, int, int, Any]
+
+
+async def _connect_to(loop: asyncio.AbstractEventLoop, where: _Where, until: float | None
+                      ) -> socket.socket:
+    """One connection attempt, given up at loop time ``until`` (``TimeoutError``); ``None``:
+    bounded by the caller (a data connection, within the handshake's timeout)."""
+    family, type_, proto, address = where
+    sock = socket.socket(family, type_, proto)
+    sock.setblocking(False)
+    try:
+        if until is None:
+            await loop.sock_connect(sock, address)
+        else:
+            async with asyncio.timeout_at(until):
                 await loop.sock_connect(sock, address)
-            else:
-                async with asyncio.timeout_at(max(deadline, loop.time() + _LAST_TRY_S)):
-                    await loop.sock_connect(sock, address)
-        except TimeoutError as exc:
-            sock.close()
-            raise TimeoutError(f"nobody accepted a pipe at {host}:{port} (no answer)") from exc
-        except OSError as exc:
-            sock.close()
-            if not isinstance(exc, _RETRIED) and exc.errno not in _RETRIED_ERRNOS:
-                raise PipeError(f"cannot connect to {host}:{port}: {exc}") from exc
-            remaining = 0.0 if deadline is None else deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"nobody accepted a pipe at {host}:{port}") from exc
-            # The last pause ends at the deadline itself, for one last try there.
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.5)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        tune_socket(sock)
-        return sock
+    except BaseException:
+        sock.close()
+        raise
+    tune_socket(sock)
+    return sock
 
 
 async def connect(host: str, port: int, options: PipeOptions | None = None,
@@ -602,6 +616,9 @@ async def connect(host: str, port: int, options: PipeOptions | None = None,
 
 async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str,
                             port: int, opts: PipeOptions, device: torch.device) -> Pipe:
+    # The data connections go where this one went: the name resolved again (round-robin
+    # DNS) might send them, and the session id, to another listener.
+    where = (sock.family, sock.type, sock.proto, sock.getpeername())
     try:
         _, ch = await loop.create_connection(ControlChannel, sock=sock)
     except OSError as exc:
@@ -621,7 +638,7 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
         late = _LateBreak()
         if accept.transport == _wire.Transport.TCP:
             for direction in _wire.Direction:
-                s = await _open_socket(loop, host, port, None)  # (handshake_timeout bounds it)
+                s = await _connect_to(loop, where, None)  # (handshake_timeout bounds it)
                 data_socks.append(s)
                 await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
                                                                      direction)))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import torch
@@ -415,17 +416,41 @@ async def test_pipes_waiting_for_accept_hold_handshake_slots(
     await close_quietly(*clients, *servers)
 
 
+async def test_connect_tries_each_address_and_data_connections_follow_the_control_one(
+        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name resolving to an address nobody listens on, then to the listener's: connect()
+    takes the second at once (it tried the first alone until connect_timeout), and the data
+    connections go to the address the control connection reached, the name not resolved
+    again (a round-robin name could send them, and the session id, to another listener)."""
+    dead = free_port()
+    async with await aiokvpipe.listen(HOST, 0) as lst:
+        resolved: list[str] = []
+
+        async def resolve(loop: object, host: str, port: int, flags: int = 0) -> list[Any]:
+            resolved.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (HOST, dead)),
+                    (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                     (HOST, lst.port))]
+
+        monkeypatch.setattr(_connect, "_resolve", resolve)
+        async with asyncio.timeout(10):
+            client = await aiokvpipe.connect("prefill.example", lst.port, connect_timeout=30)
+            server = await lst.accept()
+        assert client.transport == "tcp" and resolved == ["prefill.example"], resolved
+        await close_quietly(client, server)
+
+
 STALLED_CLIENT = """
 import asyncio, logging
 import aiokvpipe
 from aiokvpipe import _connect
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-opened = _connect._open_socket
-async def no_data_connections(loop, host, port, deadline):
-    if deadline is None:  # a data connection: never opened
+opened = _connect._connect_to
+async def no_data_connections(loop, where, until):
+    if until is None:  # a data connection: never opened
         await asyncio.sleep(3600)
-    return await opened(loop, host, port, deadline)
-_connect._open_socket = no_data_connections
+    return await opened(loop, where, until)
+_connect._connect_to = no_data_connections
 async def main():
     async with await aiokvpipe.listen("127.0.0.1", 0, handshake_timeout=0.5) as lst:
         try:
