@@ -333,7 +333,7 @@ class Pipe:
                 try:
                     await asyncio.sleep(0)
                 except asyncio.CancelledError:
-                    self._deliver(item, front=True)
+                    self._hand_back(item)
                     raise
             return self._claim(item, t0)
         self._check_can_recv()
@@ -348,7 +348,7 @@ class Pipe:
             self._calls_since_yield = 0
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._deliver(fut.result(), front=True)
+                self._hand_back(fut.result())
             else:
                 try:
                     waiters.remove(fut)
@@ -358,6 +358,16 @@ class Pipe:
                     del self._waiters[key]
             raise
         return self._claim(item, t0)
+
+    def _hand_back(self, item: _Incoming) -> None:
+        """A message a cancelled recv() had taken: first in line again, unless its key was
+        discarded meanwhile (a request given up: cancel, then discard). Then it is dropped,
+        its credits back: nobody will ask for it, and held, they would stall the senders."""
+        if self._proto.is_discarded(item.key):
+            self._return_credit(item.cost)
+            self.credit_released(now=True)
+        else:
+            self._deliver(item, front=True)
 
     def discard(self, key: str | None) -> int:
         """Give up the messages with ``key``: those that arrived and wait unclaimed, those
@@ -383,6 +393,8 @@ class Pipe:
             dropped += 1
         if dropped:
             self.credit_released(now=True)  # "at once", as the docstring says
+        if self._waiting_for(key):
+            return dropped  # what is arriving goes to the recv() waiting (see _on_header)
         for item in self._incoming:
             if item.key == key and not item.discarded:
                 item.discarded = True
@@ -817,6 +829,8 @@ class Pipe:
         try:
             frames = self._proto.receive_data(data, TURN_BUDGET)
             for frame in frames:
+                if self._error is not None:  # broken by a frame before (a failure here)
+                    break
                 ftype = type(frame)
                 if ftype is _wire.Header:
                     if frame.credit:  # type: ignore[union-attr]
@@ -1073,7 +1087,7 @@ class Pipe:
         self._maybe_finish()
 
     def _ensure_closer(self) -> None:
-        if self._closer is None:
+        if self._closer is None and self._error is None:
             self._closer = self._loop.create_task(self._close_handshake())
             self._closer.add_done_callback(self._closer_done)
 
@@ -1091,11 +1105,11 @@ class Pipe:
             if self._proto.close_received:
                 # Answering the peer's CLOSE: only once all it announced has arrived, so that
                 # our CLOSE tells it that it may tear down without losing a byte in flight.
-                while self._incoming:
+                while self._incoming and self._error is None:
                     # The last payload still arriving; inline messages queue only behind one.
                     last = next(i.payload for i in reversed(self._incoming) if i.payload)
                     await asyncio.wait({last})
-                while self._blocks.receiving:  # blocks announced, still landing
+                while self._blocks.receiving and self._error is None:  # still landing
                     await asyncio.wait(set(self._blocks.receiving))
             if self._error is not None:
                 return

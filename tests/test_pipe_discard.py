@@ -110,3 +110,59 @@ async def test_a_recv_cancelled_just_before_its_key_is_discarded_does_not_take_i
         await receiver.recv(key="fence")
     assert receiver._proto.is_discarded("k")
     assert receiver.stats.recv_buffered_messages == 0
+
+
+async def test_a_message_a_cancelled_recv_had_taken_is_dropped_when_its_key_is_discarded(
+        small_pipe) -> None:
+    """Abandoning a request from another task in the loop iteration its message was handed
+    to the waiting recv(key): cancel, then discard. The message's credits come back. (The
+    cancelled recv put the message back under the discarded key, where it held its credits
+    for ever and stalled the sender.)"""
+    sender, receiver = small_pipe
+    waiting = asyncio.create_task(receiver.recv(key="k"))
+    await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
+    on_data = receiver.on_data
+
+    def read_then_abandon(data: Any) -> bool:
+        more = on_data(data)  # the message is handed to the waiting recv's future
+        if not waiting.done():
+            waiting.cancel()
+            receiver.discard("k")
+        return more
+
+    receiver.on_data = read_then_abandon  # type: ignore[method-assign]
+    full = sender.stats.send_credits
+    async with asyncio.timeout(10):
+        # 40 kB: inline, so it is handed over in the read that brings it
+        await sender.send(torch.zeros(10_000), key="k")
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        receiver.on_data = on_data  # type: ignore[method-assign]
+        assert receiver.stats.recv_buffered_messages == 0, "kept under a discarded key"
+        await eventually(lambda: sender.stats.send_credits == full, 5,
+                         f"the sender's credits back: {sender.stats.send_credits} of {full}")
+
+
+async def test_a_message_arriving_when_its_key_is_discarded_goes_to_the_recv_waiting(
+        small_pipe) -> None:
+    """discard(key) while a recv(key) waits and a message for it is announced, its payload
+    still arriving: the waiting recv gets it, as it gets one announced after the discard.
+    (It was dropped, and the recv waited for ever.)"""
+    sender, receiver = small_pipe
+    waiting = asyncio.create_task(receiver.recv(key="k"))
+    await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
+    on_data = receiver.on_data
+    discarded: list[int] = []
+
+    def discard_in_flight(data: Any) -> bool:
+        more = on_data(data)
+        if receiver._incoming and not discarded:  # the header is in, the payload on its way
+            discarded.append(receiver.discard("k"))
+        return more
+
+    receiver.on_data = discard_in_flight  # type: ignore[method-assign]
+    x = torch.arange(200_000)
+    async with asyncio.timeout(10):
+        await sender.send(x, key="k")
+        assert torch.equal(await waiting, x)
+    assert discarded == [0], discarded

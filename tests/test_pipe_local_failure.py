@@ -371,3 +371,31 @@ async def test_every_waiter_hears_of_a_break_even_if_tearing_down_fails(
             await b.wait_closed()
         with pytest.raises(aiokvpipe.BrokenPipe):
             await receiving
+
+
+async def test_a_close_read_after_a_failure_of_ours_in_the_same_read_starts_nothing(
+        pair_factory: PairFactory) -> None:
+    """A message's receive cannot be allocated here (the pipe breaks, our failure) and the
+    peer's CLOSE comes in the same read: the rest of the read is not acted upon. (The CLOSE
+    started a close handshake on the broken pipe, a task that spun for ever, waiting for a
+    payload that had failed.)"""
+    a, b = await pair_factory()
+    oom = MemoryError("no memory for the receive buffer (injected)")
+
+    def failing(*args: Any) -> Any:
+        raise oom
+
+    b._plane._allocate = failing  # type: ignore[attr-defined]
+    b._control._set_reading(False)  # header and CLOSE wait in the socket: one read
+    async with asyncio.timeout(20):
+        await a.send(torch.zeros(100_000))  # 400 kB: through the data plane
+        closing = asyncio.create_task(a.aclose())
+        while not a._proto.close_sent:
+            await asyncio.sleep(0)
+        b._control._set_reading(True)
+        with pytest.raises(aiokvpipe.BrokenPipe):
+            await b.recv()
+        assert b._error is not None and b._error.__cause__ is oom, repr(b._error)
+        assert b._closer is None, "a close handshake started on a broken pipe"
+        await closing  # (the peer hears of our failure: its close ends there)
+        assert isinstance(a._error.__cause__, aiokvpipe.PeerFailure), repr(a._error)
