@@ -29,7 +29,7 @@ from ._cuda import normalize_device_async
 from ._errors import AuthenticationError, BrokenPipe, PipeClosed, PipeError, ProtocolError
 from ._ipc_probe import host_id
 from ._options import PipeOptions, default_budgets
-from ._pipe import Pipe
+from ._pipe import Pipe, internal_error, is_local_failure
 from ._plane import DataPlane, mark_read
 from ._protocol import ClientHandshake, Refused, ServerHandshake
 from ._tcp_plane import TcpPlane, tune_socket
@@ -440,6 +440,8 @@ class Listener:
             ch.write(shake.ready())
             return pipe
         except BaseException as exc:
+            if is_local_failure(exc):  # (NCCL or a data plane failing to start here)
+                ch.say(internal_error(exc))  # the client raises PeerFailure, as documented
             ch.abort()
             if plane is not None:
                 plane.abort(exc)

@@ -18,6 +18,8 @@ TransportName = Literal["auto", "ipc", "nccl", "tcp"]
 #: The longest busy-polling window an option may ask for: beyond a millisecond a sleeping
 #: loop wakes in time anyway, and the CPU spent would buy nothing.
 MAX_BUSY_POLL_US: Final = 1000.0
+#: The longest heartbeat interval the handshake carries (milliseconds in 32 bits).
+MAX_HEARTBEAT_S: Final = (2**32 - 1) / 1000
 
 #: The budgets when the options leave them unset (None): (max_inflight_bytes,
 #: recv_buffer_bytes) by the transport the handshake picked. The credits leave room for the
@@ -144,6 +146,11 @@ class PipeOptions:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or None, not {value!r}")
+        if self.heartbeat_interval is not None and self.heartbeat_interval > MAX_HEARTBEAT_S:
+            # (the handshake carries it in milliseconds, 32 bits: beyond, the frame would not
+            # encode, and the failure looked like the peer's)
+            raise ValueError(f"heartbeat_interval must be at most {MAX_HEARTBEAT_S:g} s, not "
+                             f"{self.heartbeat_interval!r}")
         for name in ("connect_timeout", "handshake_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")

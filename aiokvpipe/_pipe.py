@@ -1174,9 +1174,8 @@ class Pipe:
             elif isinstance(cause, ProtocolError):
                 self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL,
                                                            str(cause))))
-            elif _is_local(cause):
-                self._control.say(_wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL,
-                                                           f"{type(cause).__name__}: {cause}")))
+            elif is_local_failure(cause):
+                self._control.say(internal_error(cause))
             log.warning("%s", str(err))  # text: a handler keeping records keeps no objects
             for step in (lambda: self._metrics.broken(_break_cause(cause)),
                          lambda: self._fail_waiters(err), lambda: self._blocks.fail(err),
@@ -1216,7 +1215,14 @@ def _break_cause(cause: BaseException) -> BreakCause:
     return "local_failure"
 
 
-def _is_local(cause: BaseException) -> bool:
+def internal_error(cause: BaseException) -> bytes:
+    """The ERROR frame telling the peer that we failed (``cause`` is local): it raises
+    :class:`PeerFailure`, not a dropped connection's :class:`BrokenPipe`."""
+    return _wire.encode(_wire.Error(_wire.ErrorCode.INTERNAL,
+                                    f"{type(cause).__name__}: {cause}"))
+
+
+def is_local_failure(cause: BaseException) -> bool:
     """Did ``cause`` happen here (out of memory, a CUDA error, a bug), rather than reach us
     from the peer or the network (a dead connection, silence, a rule broken, its failure)?"""
     return not isinstance(cause, (ConnectionError, TimeoutError, PipeError, EOFError,

@@ -399,3 +399,21 @@ async def test_a_close_read_after_a_failure_of_ours_in_the_same_read_starts_noth
         assert b._closer is None, "a close handshake started on a broken pipe"
         await closing  # (the peer hears of our failure: its close ends there)
         assert isinstance(a._error.__cause__, aiokvpipe.PeerFailure), repr(a._error)
+
+
+async def test_a_listener_failing_during_the_handshake_tells_the_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure of the listener's own while it makes the pipe (a data plane or NCCL that
+    does not start, here its last step) reaches connect() as PeerFailure, as documented,
+    not as a dropped connection."""
+    from aiokvpipe._protocol import ServerHandshake
+
+    boom = RuntimeError("the listener's data plane failed to start (injected)")
+
+    def failing_ready(self: Any) -> Any:
+        raise boom
+
+    monkeypatch.setattr(ServerHandshake, "ready", failing_ready)
+    async with await aiokvpipe.listen() as lst:
+        with pytest.raises(aiokvpipe.PeerFailure, match="failed to start"):
+            await asyncio.wait_for(aiokvpipe.connect("127.0.0.1", lst.port), 10)

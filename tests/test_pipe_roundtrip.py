@@ -287,6 +287,8 @@ async def test_bad_recv_arguments_raise_and_leave_the_pipe_healthy(
     pytest.param({"recv_buffer_bytes": -1}, ValueError, id="negative-recv-buffer"),
     pytest.param({"max_inflight_bytes": 1.5}, ValueError, id="float-inflight"),
     pytest.param({"heartbeat_interval": 0}, ValueError, id="zero-heartbeat"),
+    # (beyond 32 bits of milliseconds: the handshake failed, blaming the peer)
+    pytest.param({"heartbeat_interval": 5e6}, ValueError, id="heartbeat-beyond-the-wire"),
     pytest.param({"connect_timeout": -1}, ValueError, id="negative-connect-timeout"),
     pytest.param({"device": "tpu"}, ValueError, id="unknown-device-type"),
     pytest.param({"device": "meta"}, ValueError, id="non-cuda-device"),
