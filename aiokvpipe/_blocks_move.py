@@ -142,26 +142,25 @@ class Chunk:
 def iter_chunks(layout: PoolLayout, layers: Sequence[int], count: int, staging_bytes: int
                 ) -> Iterator[Chunk]:
     """Cut the transfer of ``count`` blocks of tensors ``layers`` into chunks of at most
-    ``staging_bytes``, in canonical order, each as full as whole blocks allow.
+    ``staging_bytes``, in canonical order, each as full as whole blocks allow. A block of one
+    tensor larger than ``staging_bytes`` is a chunk of its own (its staging is that large).
 
     Both ends of a transfer with fitting pools get the same chunks from the same
-    ``staging_bytes`` (agree on it first). ``ValueError`` if a block of one tensor is larger
-    than ``staging_bytes``.
+    ``staging_bytes`` (agree on it first).
     """
     sizes = [layout.tensors[i].block_bytes for i in layers]
-    if sizes and max(sizes) > staging_bytes:
-        raise ValueError(f"staging of {staging_bytes} bytes cannot hold one block of "
-                         f"{max(sizes)} bytes")
     segments: list[Segment] = []
     used = 0
     for tensor, size in zip(layers, sizes, strict=True):
         pos = 0
         while pos < count:
-            n = min(count - pos, (staging_bytes - used) // size)
+            n = min(count - pos, max(staging_bytes - used, 0) // size)
             if n == 0:
-                yield Chunk(tuple(segments), used)
-                segments, used = [], 0
-                continue
+                if segments:
+                    yield Chunk(tuple(segments), used)
+                    segments, used = [], 0
+                    continue
+                n = 1  # (it fits no staging: alone)
             segments.append(Segment(tensor, pos, pos + n))
             used += n * size
             pos += n

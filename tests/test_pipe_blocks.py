@@ -836,6 +836,21 @@ async def test_a_transfer_of_cpu_pools_is_cut_into_the_chunks_of_a_cuda_pool(
     assert_untouched(dst, dst_ids)
 
 
+async def test_blocks_larger_than_the_staging_travel_one_a_chunk(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block of one tensor larger than the staging chunk goes in a chunk of its own. (It
+    raised ValueError mid-transfer, after the pull, and broke the pipe as our failure.)"""
+    monkeypatch.setattr(_pipe_blocks, "STAGING_BYTES", 256)  # a block of a tensor: 512 B
+    a, b = await pair_factory(transport="tcp")
+    src, dst = vllm_pool(16), vllm_pool(16)
+    fill_blocks(src, [1, 2, 3], seed=14)
+    async with asyncio.timeout(20):
+        await asyncio.gather(a.send_blocks(src, [1, 2, 3], key="r"),
+                             b.recv_blocks(dst, [4, 5, 6], key="r"))
+    assert_moved(src, dst, [1, 2, 3], [4, 5, 6])
+    assert a._error is None and b._error is None
+
+
 async def test_a_receive_the_peers_close_leaves_short_raises_once_the_rest_landed(
         pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The peer sends one of the two layers a recv_blocks waits for, and closes while that
