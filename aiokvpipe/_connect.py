@@ -397,6 +397,7 @@ class Listener:
         plane: DataPlane | None = None
         session_id = secrets.token_bytes(_wire.SESSION_ID_BYTES)
         pending: _PendingSession | None = None
+        authenticated = False  # (our failures' text goes to an authenticated peer only)
         try:
             caps = await _local_caps(self._opts, self._device)
             shake = ServerHandshake(self._opts.token_bytes(), caps,
@@ -405,6 +406,7 @@ class Listener:
             auth = await ch.read_frame()
             try:
                 shake.check_auth(auth)
+                authenticated = True
                 # Only an authenticated client's IPC handle is opened (and a thread started
                 # for it): not a byte of an unauthenticated one reaches the driver.
                 proven = await _ipc_proven(caps, hello.caps, self._device)
@@ -426,8 +428,9 @@ class Listener:
                 c2s, s2c = await _unless_lost(ch, asyncio.gather(
                     pending.sockets[_wire.Direction.CLIENT_TO_SERVER],
                     pending.sockets[_wire.Direction.SERVER_TO_CLIENT]))
-                # A slot again before the pipe exists, held until accept() takes it: else
-                # pipes nobody accepts pile up without bound.
+                self._sessions.pop(session_id, None)  # waits for data no more
+                # A slot again before the pipe exists, held until it is queued for accept():
+                # else pipes nobody accepts pile up without bound.
                 await _unless_lost(ch, slot.take())
                 plane = await TcpPlane.start(s2c, c2s, self._device, late,
                                              self._opts.budgets("tcp")[1])
@@ -440,7 +443,7 @@ class Listener:
             ch.write(shake.ready())
             return pipe
         except BaseException as exc:
-            if is_local_failure(exc):  # (NCCL or a data plane failing to start here)
+            if authenticated and is_local_failure(exc):  # (NCCL or a data plane failing)
                 ch.say(internal_error(exc))  # the client raises PeerFailure, as documented
             ch.abort()
             if plane is not None:
@@ -529,6 +532,8 @@ _RETRIED: Final = (ConnectionRefusedError, ConnectionResetError, ConnectionAbort
 _RETRIED_ERRNOS: Final = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH})
 #: How long the last attempt, made at connect_timeout itself, may wait for an answer.
 _LAST_TRY_S: Final = 0.2
+#: How long an address that does not answer is waited for when the name has more.
+_ADDRESS_WAIT_S: Final = 1.0
 
 
 async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
@@ -541,18 +546,29 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
     own timeout (minutes). Any other ``OSError`` is a :class:`PipeError` (chained)."""
     delay = 0.02
     while True:
-        refused: OSError | None = None
-        for family, type_, proto, _, address in await _resolve(loop, host, port):
+        refused: OSError | None = None  # a cure may come: retried
+        failed: OSError | None = None  # an address this host cannot reach at all
+        infos = await _resolve(loop, host, port)
+        for i, (family, type_, proto, _, address) in enumerate(infos):
+            more = i + 1 < len(infos)
+            until = max(deadline, loop.time() + _LAST_TRY_S)
+            if more:  # an address that does not answer must leave time for the others
+                until = min(until, loop.time() + _ADDRESS_WAIT_S)
             try:
-                return await _connect_to(loop, (family, type_, proto, address),
-                                         max(deadline, loop.time() + _LAST_TRY_S))
+                return await _connect_to(loop, (family, type_, proto, address), until)
             except TimeoutError as exc:
-                raise TimeoutError(f"nobody accepted a pipe at {host}:{port} (no answer)"
-                                   ) from exc
+                if not more:
+                    raise TimeoutError(f"nobody accepted a pipe at {host}:{port} (no answer)"
+                                       ) from exc
+                refused = refused or exc
             except OSError as exc:
-                if not isinstance(exc, _RETRIED) and exc.errno not in _RETRIED_ERRNOS:
-                    raise PipeError(f"cannot connect to {host}:{port}: {exc}") from exc
-                refused = exc
+                if isinstance(exc, _RETRIED) or exc.errno in _RETRIED_ERRNOS:
+                    refused = exc
+                else:  # (::1 on a host without IPv6, say: the next address may do)
+                    failed = failed or exc
+        if refused is None:
+            assert failed is not None  # (getaddrinfo gives one address at least)
+            raise PipeError(f"cannot connect to {host}:{port}: {failed}") from failed
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise TimeoutError(f"nobody accepted a pipe at {host}:{port}") from refused

@@ -982,7 +982,8 @@ class IpcPlane:
         """Copy out of a mapped pool: ``launch(stream)`` enqueues the copy on the plane's
         copy stream (after ``after``, an event of the caller's), which the plane waits for
         before it unmaps anything. The future completes once the copy ran; it fails if the
-        plane breaks. Exceptions of ``launch`` propagate (nothing was enqueued then)."""
+        plane breaks, once the copy stream is idle. Exceptions of ``launch`` propagate
+        (what it enqueued before it failed runs before the plane's streams are idle)."""
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._error is not None:
             fail_future(fut, self._error)
@@ -1000,6 +1001,12 @@ class IpcPlane:
         def ran(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:
                 self._events.put(done)
+            elif self._error is not None and not self.released.done():
+                # Broken: the copy may still be queued (behind the caller's stream), writing
+                # the caller's pool. Failed only once the plane's streams are idle, so that
+                # a recv_blocks ends after the last write into its blocks.
+                self.released.add_done_callback(lambda _: settle_like(fut, f, None))
+                return
             settle_like(fut, f, None)
 
         watched.add_done_callback(ran)

@@ -186,7 +186,7 @@ async def start(server: bool, ids: tuple[bytes, bytes], device: torch.device,
             await _wait_ready(lib, comm)
         s2c, c2s = comms
         send_comm, recv_comm = (s2c, c2s) if server else (c2s, s2c)
-        streams = await side_streams(device, 2)
+        streams = await side_streams(device, 3)
         plane = NcclPlane(lib, send_comm, recv_comm, device, on_lost, streams)
         comms = []  # the plane owns them now
         await plane._open_connections()
@@ -314,7 +314,7 @@ class _Lane:
             with torch.cuda.device(self.device):
                 event = torch.cuda.Event()
                 event.record(self.stream)
-            done = _OpDone(event, self.lib, self.comm)
+            done = _OpDone(event, self)
         except Exception as exc:  # noqa: BLE001  -- a CUDA error, after NCCL took the op
             # Watched all the same, through an event that reports the error: the poller
             # fails the op and breaks the plane, and keeps the op's memory until the plane's
@@ -370,26 +370,27 @@ class _OpDone:
     NCCL's own transport (a link down, the peer's proxy failing) while the control connection
     lives leaves the kernel waiting for ever: the event alone would never say."""
 
-    __slots__ = ("_event", "_lib", "_comm", "_polls")
+    __slots__ = ("_event", "_lane", "_polls")
 
     #: Polls of an unfinished op between two looks at the communicator's state (a C call):
     #: one every 32 ms or so once the poller backs off to 1 ms.
     CHECK_EVERY = 32
 
-    def __init__(self, event: torch.cuda.Event, lib: NcclLib, comm: int) -> None:
+    def __init__(self, event: torch.cuda.Event, lane: _Lane) -> None:
         self._event = event
-        self._lib = lib
-        self._comm = comm
+        self._lane = lane
         self._polls = 0
 
     def query(self) -> bool:
         if self._event.query():
             return True
         self._polls += 1
-        if self._polls % self.CHECK_EVERY == 0:
-            state = self._lib.async_error(self._comm)
+        # Not once the lane failed: its communicator is being aborted, or gone.
+        if self._polls % self.CHECK_EVERY == 0 and self._lane.error is None:
+            lane = self._lane
+            state = lane.lib.async_error(lane.comm)
             if state not in (SUCCESS, IN_PROGRESS):
-                self._lib.check(state, "NCCL communicator")  # raises: the poller fails
+                lane.lib.check(state, "NCCL communicator")  # raises: the poller fails
         return False
 
 
@@ -419,8 +420,9 @@ class NcclPlane:
         self._send = _Lane(lib, send_comm, device, True, self._lost, streams[0])
         self._recv = _Lane(lib, recv_comm, device, False, self._lost, streams[1])
         self._alloc_worker = OrderedWorker("alloc")
-        #: Where CPU tensors are copied to the device (made and used in the worker only).
-        self._stage_stream: torch.cuda.Stream | None = None
+        #: CPU tensors to send, copied to the device in turn on the third of ``streams``.
+        self._stage_worker = OrderedWorker("stage")
+        self._stage_stream = streams[2]
         self._error: BaseException | None = None
         self._closed = False
 
@@ -454,25 +456,25 @@ class NcclPlane:
             # happens before NCCL reads the memory.
             after = torch.cuda.Event()
             after.record(current_stream(self._device))
-        sent = [t for t in tensors if t.numel()]
+            # Another GPU's tensor: copied here on the caller's streams, asynchronously.
+            sent = [t if t.device.type != "cuda" or t.device == self._device
+                    else t.to(self._device, non_blocking=True) for t in tensors if t.numel()]
         if all(t.device == self._device for t in sent):
             self._send.submit(_Op(sent, after, fut, keepalive=tensors))
         else:
-            # A CPU tensor (or another GPU's) is copied here in the worker thread: from
-            # pageable memory the copy is synchronous, after all of the caller's queued work,
-            # and it held the loop for as long. Later sends wait their turn behind it.
-            staging = self._alloc_worker.submit(functools.partial(self._stage, sent, after))
+            # A CPU tensor is copied to the device in a worker thread: from pageable memory
+            # the copy is synchronous, after all of the caller's queued work, and it held the
+            # loop for as long. Later sends wait their turn behind it; receives do not.
+            staging = self._stage_worker.submit(functools.partial(self._stage, sent, after))
             self._send.submit(_Op(None, after, fut, keepalive=tensors, allocation=staging))
         return fut
 
     def _stage(self, tensors: list[torch.Tensor], after: torch.cuda.Event
                ) -> list[torch.Tensor]:
-        """Worker thread: ``tensors`` on the plane's device, copied after ``after`` on a
-        stream of the worker's own, and complete. (Allocated on that stream: their memory is
-        reused only once they are dropped, which the send's poller does after NCCL read
-        them.)"""
-        if self._stage_stream is None:
-            self._stage_stream = torch.cuda.Stream(self._device)
+        """Worker thread: ``tensors`` on the plane's device, the CPU ones copied after
+        ``after`` on the plane's staging stream, and complete. (Allocated on that stream:
+        their memory is reused only once they are dropped, which the send's poller does
+        after NCCL read them.)"""
         stream = self._stage_stream
         with torch.cuda.device(self._device), torch.cuda.stream(stream):
             stream.wait_event(after)
@@ -550,7 +552,9 @@ class NcclPlane:
             return
         self._error = exc
         self._alloc_worker.shutdown()
+        self._stage_worker.shutdown()
         lanes = (self._send, self._recv)
+        stage = self._stage_stream
         for lane in lanes:
             lane.abort(exc)
         loop = asyncio.get_running_loop()
@@ -559,10 +563,10 @@ class NcclPlane:
             # The communicators are aborted: the kernels on our streams end. Once they have,
             # the memory the pollers keep alive may go.
             idle = []
-            for lane in lanes:
+            for stream in (*(lane.stream for lane in lanes), stage):
                 try:
-                    lane.stream.synchronize()
-                    idle.append(lane.stream)
+                    stream.synchronize()
+                    idle.append(stream)
                 except Exception as err:  # noqa: BLE001
                     log.debug("synchronize after abort: %r", err)
             recycle_streams(idle)
@@ -581,8 +585,9 @@ class NcclPlane:
             return
         self._closed = True
         self._alloc_worker.shutdown()
+        self._stage_worker.shutdown()
         lib, comms = self._lib, [self._send.comm, self._recv.comm]
-        streams = [self._send.stream, self._recv.stream]
+        streams = [self._send.stream, self._recv.stream, self._stage_stream]
 
         def teardown() -> None:
             for comm in comms:

@@ -954,7 +954,10 @@ class Pipe:
         self._proto.payload_done()
         self._messages_received += 1
         self._bytes_received += item.nbytes
-        if item.discarded:
+        if item.discarded or (self._proto.is_discarded(item.key)
+                              and not self._waiting_for(item.key)):
+            # (Left to a recv() that waited when the key was discarded, and gave up since:
+            # nobody else will ask for it.)
             item.tensors, item.inline = (), None
             self._return_credit(item.cost)
         else:

@@ -65,7 +65,14 @@ from ._blocks_wire import decode_layout, encode_layout
 from ._cuda import EventPoller
 from ._errors import PipeClosed, PipeError, ProtocolError, fresh
 from ._message import check_key
-from ._plane import DeviceBytesPlane, HostBytesPlane, fail_future, mark_read, settle_like
+from ._plane import (
+    DeviceBytesPlane,
+    HostBytesPlane,
+    fail_future,
+    in_daemon_thread,
+    mark_read,
+    settle_like,
+)
 from ._protocol import offer_cost
 
 if TYPE_CHECKING:
@@ -106,12 +113,15 @@ class _Sink:
     after: torch.cuda.Event | None = None
     #: the task of the call (whose cancellation shows before it leaves: its wait is shielded)
     task: asyncio.Task[Any] | None = None
+    #: its task's cancellations requested before the call (one swallowed without
+    #: ``uncancel()`` stays counted: it is not this call's)
+    cancels: int = 0
 
     @property
     def live(self) -> bool:
         """The call still waits for its blocks: not done, given up or being cancelled."""
         return not (self.done.done() or self.abandoned
-                    or (self.task is not None and self.task.cancelling()))
+                    or (self.task is not None and self.task.cancelling() > self.cancels))
 
 
 @dataclass(eq=False)
@@ -414,8 +424,9 @@ class BlockExchange:
                 pipe.discard(key)
             raise
         _check_can_recv_blocks(pipe)
+        task = asyncio.current_task(pipe._loop)
         sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(), after=after,
-                     task=asyncio.current_task(pipe._loop))
+                     task=task, cancels=task.cancelling() if task is not None else 0)
         self._sinks.setdefault(key, []).append(sink)
         try:
             for offer in list(self._offers_in.get(key, ())):
@@ -597,6 +608,16 @@ class BlockExchange:
             return  # the plane broke: so does the pipe
         if self._incoming.get(offer.offer_id) is not incoming:
             return  # the sender took the offer back meanwhile
+        sink = incoming.sink
+        if not sink.live:
+            # Given up before its PULL went: nothing was taken. The offer waits for the next
+            # call, first in line (pulled for nobody, the sender heard it was copied).
+            del self._incoming[offer.offer_id]
+            sink.pending_offers -= 1
+            sink.missing.update(incoming.layers)
+            self._offers_in.setdefault(offer.key, deque()).appendleft(offer)
+            self._try_match(offer)
+            return
         places = fut.result()
         try:
             if places is not None:
@@ -807,6 +828,13 @@ class BlockExchange:
             watched = self._poller.watch(event, chunk.nbytes, keepalive=(buf, host, stream))
 
             def copied(f: asyncio.Future[None]) -> None:
+                if cuda and (f.cancelled() or f.exception() is not None):
+                    # The pipe broke: the scatter may still be queued (behind the caller's
+                    # stream). The call ends once it ran, so that nothing writes the named
+                    # blocks after it (they are the caller's again); buf stays until then.
+                    self._pipe._loop.create_task(
+                        _settle_after(event, landed, f, keepalive=(buf, stream)))
+                    return
                 try:
                     if host is not None and not f.cancelled() and f.exception() is None:
                         scatter(pool, sink.ids, chunk, host)
@@ -988,6 +1016,18 @@ def _mapped_pool(layout: PoolLayout, places: list[tuple[int, int]], device: torc
 def _gather_on(mapped: MappedPool, ids: tuple[int, ...], chunk: Chunk, buf: torch.Tensor,
                stream: torch.cuda.Stream) -> None:
     gather(mapped, ids, chunk, buf, stream=stream)
+
+
+async def _settle_after(event: torch.cuda.Event, landed: asyncio.Future[None],
+                        f: asyncio.Future[None], keepalive: object) -> None:
+    """Settle ``landed`` like ``f`` once the work before ``event`` has run (waited for in a
+    thread; a broken context ends the wait too); ``keepalive`` (what that work reads) is
+    held until then."""
+    try:
+        await in_daemon_thread(event.synchronize, "aiokvpipe-blocks")
+    except Exception as exc:  # noqa: BLE001  -- the device failed: nothing runs any more
+        log.debug("waiting for a scatter after a break: %r", exc)
+    settle_like(landed, f, None)
 
 
 def _release(pipe: Pipe, nbytes: int, _: object) -> None:

@@ -27,8 +27,9 @@ from typing import Any, Final, NoReturn, TypeVar
 from ._errors import ProtocolError
 
 MAGIC: Final = b"AKVP"
-#: 7: a grant of 0 credits is the transport's default; 6: credits weigh specs; 5: a plane's
-#: note in a header; 4: ipc
+#: 8: a CPU pool's block transfer over tcp in staging chunks, one BLOCK_DATA each; 7: a grant
+#: of 0 credits is the transport's default; 6: credits weigh specs; 5: a plane's note in a
+#: header; 4: ipc
 PROTOCOL_VERSION: Final = 8
 
 NONCE_BYTES: Final = 32

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 import uvloop  # noqa: E402
 
 import aiokvpipe  # noqa: E402
-from aiokvpipe import _cudaipc, _ipc_plane  # noqa: E402
+from aiokvpipe import _cudaipc, _ipc_plane, _pipe_blocks  # noqa: E402
 from aiokvpipe._dtypes import code_of  # noqa: E402
 from aiokvpipe._errors import PeerSaysProtocolError  # noqa: E402
 from aiokvpipe._ipc_plane import IpcPlane  # noqa: E402
@@ -476,11 +477,114 @@ async def blame() -> str:
     return "the ring's failure and an open's want of memory are their own end's"
 
 
+def _block_pools() -> tuple[torch.Tensor, torch.Tensor, aiokvpipe.BlockPool,
+                            aiokvpipe.BlockPool]:
+    """A sender's pool (block i holds i * 64 ...) and an empty receiver's, 4 blocks each."""
+    src = torch.arange(256, dtype=torch.int64).to(torch.uint8).reshape(4, 64).clone()
+    dst = torch.zeros(4, 64, dtype=torch.uint8)
+    probe._ALLOCATIONS[src.data_ptr()] = (500, src.numel(), True)
+    probe._ALLOCATIONS[dst.data_ptr()] = (501, dst.numel(), True)
+    return src, dst, aiokvpipe.BlockPool([src], block_dim=0), aiokvpipe.BlockPool([dst],
+                                                                                block_dim=0)
+
+
+async def offer_kept() -> str:
+    """A recv_blocks cancelled while the peer's pool is still being mapped (its PULL waits
+    for that) takes nothing: the next call gets the offer. (The PULL went for nobody: the
+    sender heard the blocks were copied, and the next call waited for ever.)"""
+    a, b, leaked = await _pair()
+    src, dst, pool_a, pool_b = _block_pools()
+    mapping, go = threading.Event(), threading.Event()
+    open_memory = _cudaipc.open_memory
+
+    def slow_open(handle: bytes, index: int) -> int:
+        mapping.set()
+        go.wait(5)  # cudaIpcOpenMemHandle of a large pool: up to ~0.1 s, in the worker
+        return int(open_memory(handle, index))
+
+    setattr(_cudaipc, "open_memory", slow_open)
+    first = asyncio.ensure_future(b.recv_blocks(pool_b, [0], key="k"))
+    sending = asyncio.ensure_future(a.send_blocks(pool_a, [2], key="k"))
+    assert await asyncio.to_thread(mapping.wait, 5), "the pool's mapping never began"
+    while not b._blocks._incoming:  # matched; its PULL waits for the mapping
+        await asyncio.sleep(0)
+    first.cancel()
+    try:
+        await first
+        raise AssertionError("the first call was not cancelled")
+    except asyncio.CancelledError:
+        pass
+    go.set()
+    await asyncio.wait_for(b.recv_blocks(pool_b, [0], key="k"), 5)
+    await asyncio.wait_for(sending, 5)
+    assert torch.equal(dst[0], src[2]), "the second call did not get the blocks"
+    assert not leaked, leaked
+    await a.aclose()
+    await b.aclose()
+    return "the offer went to the next call"
+
+
+async def pull_after_break() -> str:
+    """The pipe breaks while a copy out of the peer's pool into a recv_blocks' blocks is
+    queued (behind the caller's stream, say): the call raises only once that copy ran, so
+    that nothing writes its blocks after it. (It raised at once, and the copy then wrote
+    blocks the caller had handed to another request.)"""
+    a, b, leaked = await _pair()
+    src, dst, pool_a, pool_b = _block_pools()
+    ran: list[bool] = []
+    copy_runs = _pipe_blocks.copy_runs
+
+    def late(source: Any, dest: Any, layers: Any, runs: Any, *, stream: Any) -> None:
+        def run() -> None:
+            copy_runs(source, dest, layers, runs)
+            ran.append(True)
+        probe._STREAMS[stream.cuda_stream].launch(run)  # runs once its stream is waited on
+
+    setattr(_pipe_blocks, "copy_runs", late)
+    pull = IpcPlane.pull
+
+    gpu_busy = threading.Event()
+
+    class Busy(probe._Late):  # the copy's event: done only once the device goes on
+        def query(self) -> bool:
+            return gpu_busy.is_set() and bool(super().query())
+
+    def breaking(self: IpcPlane, *args: Any, **kw: Any) -> Any:
+        if self is b._plane:
+            setattr(self, "_events", SimpleNamespace(get=Busy, put=lambda event: None))
+        fut = pull(self, *args, **kw)
+        if self is b._plane:
+            # The device is still busy (the caller's stream ahead of the copy): the plane's
+            # release, which waits for its streams, waits for this.
+            self._worker.submit(lambda: gpu_busy.wait(5))
+            b._break(ConnectionResetError("the peer died (injected)"))
+        return fut
+
+    setattr(IpcPlane, "pull", breaking)
+    sending = asyncio.ensure_future(a.send_blocks(pool_a, [2], key="k"))
+    receiving = asyncio.ensure_future(b.recv_blocks(pool_b, [0], key="k"))
+    at_end: list[bool] = []
+    receiving.add_done_callback(lambda _: at_end.append(bool(ran)))
+    while b._error is None:
+        await asyncio.sleep(0)
+    # However long the device stays busy, the call waits (without the fix: within a few
+    # loop iterations); then the device goes on.
+    await asyncio.wait({receiving}, timeout=0.5)
+    gpu_busy.set()
+    results = await asyncio.wait_for(asyncio.gather(receiving, sending,
+                                                    return_exceptions=True), 10)
+    assert isinstance(results[0], aiokvpipe.BrokenPipe), results
+    assert at_end == [True], "recv_blocks ended before the copy into its blocks ran"
+    assert not leaked, leaked
+    return "recv_blocks raised after the copy ran"
+
+
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
     "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse,
     "pool_partial": pool_partial, "exports_pinned": exports_pinned,
-    "regions_bounded": regions_bounded, "ring_freed": ring_freed, "blame": blame}
+    "regions_bounded": regions_bounded, "ring_freed": ring_freed, "blame": blame,
+    "offer_kept": offer_kept, "pull_after_break": pull_after_break}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))

@@ -3,7 +3,8 @@ receives deferred to a read's end, an acknowledgement leaving with the answer an
 send() it answers at once, a block pool's failed export pinning nothing; the producer's
 exports within the regions the consumer maps, with pools holding many; the staging ring
 freed when the pipe broke while it was allocated; whose failure a ring or a mapping that
-cannot be made is; through
+cannot be made is; block pulls: a call cancelled before its PULL takes nothing, a break
+ends a call only once the copy into its blocks ran; through
 two real ipc pipes with CUDA faked at the driver seam (``tests/ipc_fake_receive.py`` says
 how; each scenario runs in its own process, as the fake patches ``torch.cuda``). The real
 planes run on a GPU (tests/test_pipe_ipc.py, tests/test_ipc_cuda.py)."""
@@ -23,7 +24,8 @@ SCRIPT = Path(__file__).resolve().parent / "ipc_fake_receive.py"
 @pytest.mark.parametrize("scenario", ["allocation", "launch", "release_never_raises",
                                       "retire", "answer", "acked", "region_reuse",
                                       "pool_partial", "exports_pinned", "regions_bounded",
-                                      "ring_freed", "blame"])
+                                      "ring_freed", "blame", "offer_kept",
+                                      "pull_after_break"])
 def test_deferred_receives(scenario: str) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), scenario], capture_output=True,
                           text=True, timeout=50)

@@ -87,7 +87,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def plane(lib: FakeLib, lost: list[BaseException]) -> Any:
     return _nccl_plane.NcclPlane(lib, 1, 2, torch.device("cpu"),  # type: ignore[arg-type]
-                                 lost.append, [Stream(), Stream()])  # type: ignore[list-item]
+                                 lost.append, [Stream(), Stream(), Stream()])  # type: ignore
 
 
 @pytest.mark.usefixtures("fake_cuda")

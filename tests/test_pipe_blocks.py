@@ -1034,3 +1034,27 @@ async def round_trip_written(a: aiokvpipe.Pipe, n: int) -> None:
     """Wait until ``a`` has written ``n`` offers (they wait, unread, at the peer)."""
     await eventually(lambda: len(a._blocks._offers_out) == n, 10, f"{n} offers written")
 
+
+
+async def test_a_receive_in_a_task_that_swallowed_a_cancellation_takes_its_offer(
+        pair_factory: PairFactory) -> None:
+    """A task that caught a cancellation without uncancel() (an older cancel scope, a
+    hand-written ``except CancelledError``) still counts it; its later recv_blocks is not
+    being cancelled for that, and takes its offer (it never took one, and waited for ever)."""
+    a, b = await pair_factory()
+    src, dst = vllm_pool(8), vllm_pool(8)
+    fill_blocks(src, [3, 4], seed=15)
+
+    async def handler() -> None:
+        try:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            pass  # swallowed: the task's cancelling() stays 1
+        await b.recv_blocks(dst, [1, 2], key="r")
+
+    async with asyncio.timeout(10):
+        await asyncio.gather(handler(), a.send_blocks(src, [3, 4], key="r"))
+    assert_moved(src, dst, [3, 4], [1, 2])

@@ -101,6 +101,38 @@ async def test_a_cpu_pool_and_a_cuda_pool_over_tcp_cut_a_transfer_alike(
         await listener.aclose()
 
 
+async def test_a_break_ends_recv_blocks_only_once_its_queued_scatter_ran() -> None:
+    """The pipe breaks while a chunk's scatter into the caller's CUDA pool is queued behind
+    the caller's stream: recv_blocks raises only once the scatter ran, so that nothing
+    writes the named blocks after it. (It raised at once, and the scatter then wrote blocks
+    the caller had handed to another request.)"""
+    listener = await aiokvpipe.listen(device="cuda:0")
+    accept = asyncio.create_task(listener.accept())
+    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
+    b = await accept
+    try:
+        src, dst = pool(64), pool(64)
+        randomize(src, [1, 2])
+        torch.cuda._sleep(400_000_000)  # the caller's stream, busy: the scatter waits for it
+        busy_until = torch.cuda.Event()
+        busy_until.record()
+        receiving = asyncio.create_task(b.recv_blocks(dst, [3, 4], key="r"))
+        sending = asyncio.create_task(a.send_blocks(src, [1, 2], key="r"))
+        async with asyncio.timeout(60):
+            while not b._blocks._poller._pending:  # the scatter is queued
+                await asyncio.sleep(0.001)
+            assert not busy_until.query(), "the caller's stream was done already"
+            b._break(ConnectionResetError("the peer died (injected)"))
+            with pytest.raises(aiokvpipe.BrokenPipe):
+                await receiving
+            assert busy_until.query(), "recv_blocks ended before its scatter could run"
+            await asyncio.gather(sending, return_exceptions=True)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await listener.aclose()
+
+
 @pytest.mark.parametrize("transport", ["nccl", "ipc"])
 async def test_cuda_pools_between_processes(start_peer: object,  # noqa: F811
                                             transport: str) -> None:

@@ -166,3 +166,31 @@ async def test_a_message_arriving_when_its_key_is_discarded_goes_to_the_recv_wai
         await sender.send(x, key="k")
         assert torch.equal(await waiting, x)
     assert discarded == [0], discarded
+
+
+async def test_a_message_left_to_a_recv_that_then_gave_up_is_dropped(small_pipe) -> None:
+    """discard(key) while a recv(key) waits and a message for it is still arriving, then
+    that recv is cancelled (a request given up: discard, then cancel): the message, which
+    nobody will ask for now, is dropped and its credits come back."""
+    sender, receiver = small_pipe
+    waiting = asyncio.create_task(receiver.recv(key="k"))
+    await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
+    on_data = receiver.on_data
+    abandoned: list[int] = []
+
+    def abandon_in_flight(data: Any) -> bool:
+        more = on_data(data)
+        if receiver._incoming and not abandoned:  # the header is in, the payload on its way
+            abandoned.append(receiver.discard("k"))
+            waiting.cancel()
+        return more
+
+    receiver.on_data = abandon_in_flight  # type: ignore[method-assign]
+    full = sender.stats.send_credits
+    async with asyncio.timeout(10):
+        await sender.send(torch.arange(100_000), key="k")  # 800 kB, through the data plane
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await eventually(lambda: sender.stats.send_credits == full, 5,
+                         f"the sender's credits back: {sender.stats.send_credits} of {full}")
+    assert receiver.stats.recv_buffered_messages == 0

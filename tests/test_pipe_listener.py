@@ -416,21 +416,27 @@ async def test_pipes_waiting_for_accept_hold_handshake_slots(
     await close_quietly(*clients, *servers)
 
 
+@pytest.mark.parametrize("first", ["refused", "unusable"])
 async def test_connect_tries_each_address_and_data_connections_follow_the_control_one(
-        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A name resolving to an address nobody listens on, then to the listener's: connect()
-    takes the second at once (it tried the first alone until connect_timeout), and the data
-    connections go to the address the control connection reached, the name not resolved
-    again (a round-robin name could send them, and the session id, to another listener)."""
+        any_loop: str, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    """A name resolving to an address nobody listens on (or one this host cannot use: a
+    link-local IPv6 address without its interface), then to the listener's: connect()
+    takes the second at once (it tried the first alone, until connect_timeout or failing
+    at once), and the data connections go to the address the control connection reached,
+    the name not resolved again (a round-robin name could send them, and the session id,
+    to another listener)."""
     dead = free_port()
     async with await aiokvpipe.listen(HOST, 0) as lst:
         resolved: list[str] = []
+        bad = ((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (HOST, dead))
+               if first == "refused" else
+               (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                ("fe80::1", dead, 0, 0)))
 
         async def resolve(loop: object, host: str, port: int, flags: int = 0) -> list[Any]:
             resolved.append(host)
-            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (HOST, dead)),
-                    (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
-                     (HOST, lst.port))]
+            return [bad, (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                          (HOST, lst.port))]
 
         monkeypatch.setattr(_connect, "_resolve", resolve)
         async with asyncio.timeout(10):

@@ -30,6 +30,9 @@ class _AbortOnlyNccl:
         #: before threading.enumerate() looked: the test failed once on the H200).
         self.go = threading.Event()
 
+    def async_error(self, comm: int) -> int:
+        return 0  # (polled while an op overruns: a healthy communicator)
+
     def abort(self, comm: int) -> int:
         self.go.wait(10)
         self.aborted.append(comm)
@@ -42,7 +45,7 @@ async def test_nccl_abort_waits_for_the_planes_streams_not_the_whole_device(
     lib = _AbortOnlyNccl()
     lost: list[BaseException] = []
     plane = NcclPlane(lib, 1, 2, torch.device("cuda", 0), lost.append,  # type: ignore[arg-type]
-                      [torch.cuda.Stream(), torch.cuda.Stream()])
+                      [torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()])
     app = torch.cuda.Stream()
     with torch.cuda.stream(app):
         torch.cuda._sleep(20_000_000_000)  # ~10 s of the application's own work
@@ -78,6 +81,9 @@ class _WritingNccl:
     def group_end(self) -> int:
         return 0
 
+    def async_error(self, comm: int) -> int:
+        return 0  # (polled while an op overruns: a healthy communicator)
+
     def recv(self, ptr: int, nbytes: int, peer: int, comm: int, stream: int) -> int:
         assert ptr == self.buf.data_ptr()
         with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=DEV)):
@@ -98,7 +104,7 @@ async def test_nccl_receives_into_given_memory_after_the_callers_pending_work(
     torch.cuda.synchronize(DEV)
     lost: list[BaseException] = []
     plane = NcclPlane(_WritingNccl(buf, 7), 1, 2, DEV, lost.append,  # type: ignore[arg-type]
-                      [torch.cuda.Stream(), torch.cuda.Stream()])
+                      [torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()])
     try:
         torch.cuda._sleep(1_000_000_000)  # ~0.5 s of the caller's own work, then it writes 9
         buf.fill_(9)
@@ -126,7 +132,7 @@ async def test_nccl_a_cuda_error_recording_an_ops_end_fails_it_and_breaks_the_pl
     torch.cuda.synchronize(DEV)
     lost: list[BaseException] = []
     plane = NcclPlane(_WritingNccl(buf, 7), 1, 2, DEV, lost.append,  # type: ignore[arg-type]
-                      [torch.cuda.Stream(), torch.cuda.Stream()])
+                      [torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()])
     lane_stream = plane._recv.stream
     boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
     real_record = torch.cuda.Event.record
