@@ -19,7 +19,7 @@ import math
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Literal, TypeVar, cast
 
 import torch
@@ -96,6 +96,7 @@ class SyncPipe:
         self._timeout = timeout
         self._lock = threading.Lock()  # guards the three fields below
         self._closed = False
+        self._closing_on_loop = False  # close() was called on the loop thread
         self._pending: set[PipeFuture[Any]] = set()  # submitted, not done
         self._finished: list[PipeFuture[Any]] = []  # done, not yet returned by poll()
         self._close_lock = threading.Lock()
@@ -141,10 +142,19 @@ class SyncPipe:
         Sends already on the wire complete; every other pending future fails with
         :class:`~aiokvpipe.PipeClosed` (:class:`~aiokvpipe.BrokenPipe` if the pipe broke);
         submitting afterwards raises :class:`~aiokvpipe.PipeClosed`. Idempotent.
+
+        Called on the pipe's own loop thread (in a future's done callback, say), it cannot
+        wait there for itself: the close is then started and runs once the callback returns.
         """
+        if threading.get_ident() == self._thread.ident:
+            self._close_from_loop()
+            return
         with self._close_lock:
             self._finalizer.detach()
             if self._loop.is_closed():
+                return
+            if self._closing_on_loop:  # started there: it ends the loop thread when done
+                self._thread.join()
                 return
             with self._lock:
                 self._closed = True
@@ -155,6 +165,29 @@ class SyncPipe:
                     self._call(self._fail_pending(), None)
                 finally:
                     self._stop_loop()
+
+    def _close_from_loop(self) -> None:
+        # Not under _close_lock: another thread's close() may hold it, waiting for this
+        # very thread.
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._closing_on_loop = True
+        self._finalizer.detach()
+        loop, pipe = self._loop, self._pipe
+
+        async def shut_down() -> None:
+            try:
+                await pipe.aclose()
+            except Exception as exc:  # broken already, say: nothing more to close
+                log.debug("SyncPipe: closing from its loop thread: %r", exc)
+            finally:
+                await self._fail_pending()
+                await _cancel_all()
+                loop.stop()  # (the thread then closes the loop: _run_loop)
+
+        loop.create_task(shut_down())
 
     def __enter__(self) -> SyncPipe:
         return self
@@ -427,11 +460,7 @@ async def _transfer(fut: PipeFuture[T], start: Callable[[], Coroutine[Any, Any, 
     at which a message has been taken but ``fut`` could still be cancelled.
     """
     try:
-        if stream is None:
-            result = await start()
-        else:
-            with torch.cuda.stream(stream):
-                result = await start()
+        result = await (start() if stream is None else _OnStream(start(), stream))
     except asyncio.CancelledError:
         fut._force_cancel()
         raise
@@ -439,6 +468,38 @@ async def _transfer(fut: PipeFuture[T], start: Callable[[], Coroutine[Any, Any, 
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+class _OnStream:
+    """Awaits ``coro`` with ``stream`` current during each of its steps, and only then. CUDA's
+    current stream is the thread's, and the loop thread runs many transfers at once: held
+    across an await, one transfer's stream was current in the others' steps (a send read
+    its tensors after the wrong stream's work, a received tensor was kept for the wrong
+    stream), and the last left it current for good."""
+
+    __slots__ = ("_coro", "_stream")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], stream: torch.cuda.Stream) -> None:
+        self._coro = coro
+        self._stream = stream
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                with torch.cuda.stream(self._stream):
+                    step = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as done:
+                return done.value
+            try:
+                value, error = (yield step), None
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # (a cancellation thrown in: passed on)
+                value, error = None, exc
 
 
 def _cancel_if_abandoned(fut: PipeFuture[Any], task: asyncio.Task[None]) -> None:

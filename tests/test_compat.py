@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import socket
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from aiokvpipe import PipeClosed
-from aiokvpipe.compat import SyncPipe
+from aiokvpipe import PipeClosed, compat
+from aiokvpipe.compat import PipeFuture, SyncPipe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,6 +119,54 @@ def test_a_blocking_call_on_the_loop_thread_raises_instead_of_waiting_for_ever()
         assert torch.equal(client.recv_tensor(), torch.full((3,), 7.0))
 
 
+def test_close_in_a_done_callback_closes_gracefully_once_the_callback_returned() -> None:
+    """close() on the loop thread (a future's done callback: "close when done") cannot
+    wait there for itself: it starts the close, which runs once the callback returned; the
+    peer sees a graceful close, another thread's call ends, the thread ends. (It waited 10 s
+    for itself, raised RuntimeError, left the pipe open and the other call blocked.)"""
+    server, client = _pair()
+    try:
+        outcome: list[BaseException | None] = []
+        called = threading.Event()
+        elsewhere: list[BaseException] = []
+
+        def waiting() -> None:
+            try:
+                server.recv(key="never")
+            except BaseException as exc:
+                elsewhere.append(exc)
+
+        other = threading.Thread(target=waiting)
+        other.start()
+
+        def close_when_done(_: object) -> None:
+            t0 = time.monotonic()
+            try:
+                server.close()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+            outcome.append(time.monotonic() - t0)  # type: ignore[arg-type]
+            called.set()
+
+        server.submit_recv().add_done_callback(close_when_done)
+        client.send_tensor(torch.ones(1))
+        assert called.wait(10)
+        assert outcome[0] is None and outcome[1] < 0.5, outcome  # type: ignore[operator]
+        with pytest.raises(PipeClosed):  # the peer: a graceful close
+            client.recv(timeout=10)
+        other.join(10)
+        assert not other.is_alive() and isinstance(elsewhere[0], PipeClosed), elsewhere
+        server._thread.join(10)
+        assert not server._thread.is_alive() and server.pipe.closed
+        server.close()  # idempotent, from any thread
+        with pytest.raises(PipeClosed):
+            server.submit_recv()
+    finally:
+        client.close()
+        server.close()
+
+
 def test_the_constructor_gives_up_at_its_timeout_and_leaves_no_port_listening() -> None:
     # timeout bounds any one blocking call, the constructor's too: with no peer it waited
     # for ever, and cut short (Ctrl-C) it left the port listening.
@@ -151,3 +202,49 @@ def test_a_sync_pipe_dropped_without_close_closes_its_pipe_and_ends_its_thread(
             server.recv_tensor()
         thread.join(15)
         assert not thread.is_alive()
+
+
+def test_each_step_of_a_transfer_runs_with_its_callers_stream_current(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transfers submitted from threads on different CUDA streams run at once on the one
+    loop thread: each of their steps sees its own caller's stream current, and the loop
+    thread's stream is its own again between them. (A stream context held across awaits
+    made one transfer's stream current in the other's steps, and left it current for good.)
+    CUDA's current stream is faked at ``torch.cuda.stream``, the seam the transfers use."""
+    current = ["the loop thread's own"]
+
+    @contextlib.contextmanager
+    def stream(s: object) -> Iterator[None]:
+        prev, current[0] = current[0], s  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    seen: dict[str, list[object]] = {"a": [], "b": []}
+
+    async def main() -> None:
+        turns = [asyncio.Event() for _ in range(3)]
+
+        async def transfer(name: str, first: asyncio.Event, then: asyncio.Event) -> str:
+            seen[name].append(current[0])
+            await first.wait()
+            seen[name].append(current[0])
+            then.set()
+            return name
+
+        futures = [PipeFuture(None, "send", None) for _ in range(2)]  # type: ignore[arg-type]
+        both = asyncio.gather(
+            compat._transfer(futures[0], lambda: transfer("a", turns[0], turns[1]), "A"),
+            compat._transfer(futures[1], lambda: transfer("b", turns[1], turns[2]), "B"))
+        await asyncio.sleep(0)  # both started, each waiting
+        seen["between"] = [current[0]]
+        turns[0].set()
+        await both
+        assert [f.result() for f in futures] == ["a", "b"]
+
+    asyncio.run(main())
+    assert seen == {"a": ["A", "A"], "b": ["B", "B"],
+                    "between": ["the loop thread's own"]}, seen
+    assert current == ["the loop thread's own"]
