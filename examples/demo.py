@@ -268,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- {server.name} log tail ---\n{server.log_tail()}", file=sys.stderr)
     finally:
         # The servers run in their own sessions (no terminal Ctrl-C reaches them), so this is
-        # what stops them; a second Ctrl-C must not cut it short (stop() is bounded anyway).
+        # what stops them; a second Ctrl-C or kill must not cut it short (stop() is bounded
+        # anyway), and one server failing to stop must not leave the other running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # Decode first: it then sees a graceful close, not a dead peer.
-        decode.stop()
-        prefill.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            decode.stop()  # decode first: it then sees a graceful close, not a dead peer
+        finally:
+            prefill.stop()
     return 0 if ok else 1
 
 
