@@ -121,23 +121,30 @@ def _auto_transport() -> Json:
                            "machine, on another GPU or the same, uses device='cpu'")
         return {"other_gpu": verdict, "same_gpu": verdict, "cpu_peer": verdict}
     here = caps(torch.device("cuda", 0))
+    peers = True  # (a like machine's GPU: the handshake's probe decides there)
     if torch.cuda.device_count() > 1:
         other = caps(torch.device("cuda", 1))
         other_note = "cuda:0 ↔ cuda:1 of this machine"
+        from . import _cudaipc
+        try:  # without peer access the peer's handle does not open: no ipc
+            peers = _cudaipc.can_access_peer(0, 1)
+        except Exception:  # noqa: BLE001  -- CuPy missing or broken: not proven either
+            peers = False
     else:  # one GPU: a like machine's GPU, which only its UUID (and host) tell apart
         other = dataclasses.replace(here, device_uuid=bytes(b ^ 0xFF for b in here.device_uuid),
                                     host_id=bytes(b ^ 0xFF for b in here.host_id))
         other_note = "this machine has one GPU: a peer like it on another machine's GPU"
-    return {"other_gpu": _verdict(_handshake, here, other, other_note),
+    return {"other_gpu": _verdict(_handshake, here, other, other_note, proven=peers),
             "same_gpu": _verdict(_handshake, here, here, "two processes on cuda:0"),
             "cpu_peer": _verdict(_handshake, here, cpu, "cuda:0 ↔ a peer with device='cpu'")}
 
 
-def _verdict(hs: Any, a: Any, b: Any, note: str) -> Json:
+def _verdict(hs: Any, a: Any, b: Any, note: str, proven: bool = True) -> Json:
     # The handshake proves ipc by opening the peer's handle; doctor has no peer and assumes
-    # the proof holds wherever the capabilities allow ipc (and says so).
+    # the proof holds wherever the capabilities allow ipc (and says so), unless ``proven``
+    # is False: two GPUs of this machine without peer access.
     try:
-        chosen = hs.choose_transport(a, b, ipc_proven=True).name.lower()
+        chosen = hs.choose_transport(a, b, ipc_proven=proven).name.lower()
     except hs.NoTransport as exc:
         return {"transport": None, "why": str(exc), "situation": note}
     if chosen == "ipc":
@@ -148,6 +155,8 @@ def _verdict(hs: Any, a: Any, b: Any, note: str) -> Json:
     if why is None:
         why = f"different GPUs, CuPy with NCCL {nccl_version(a.nccl_version)} at both ends"
     why_not_ipc = hs.ipc_possible(a, b)
+    if why_not_ipc is None and not proven:
+        why_not_ipc = "no peer access between the two GPUs (the peer's handle would not open)"
     if why_not_ipc and a.cuda and b.cuda:
         why += f"; not ipc: {why_not_ipc}"
     return {"transport": chosen, "why": why, "situation": note}

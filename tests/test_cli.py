@@ -37,6 +37,40 @@ def test_doctor_text() -> None:
     assert 'transport="auto" would choose' in out.stdout
 
 
+@pytest.mark.parametrize("peer_access", [True, False])
+def test_doctor_says_ipc_between_two_gpus_only_with_peer_access(
+        monkeypatch: pytest.MonkeyPatch, peer_access: bool) -> None:
+    """Two GPUs of one machine: ``auto`` picks ipc only where they have peer access (the
+    handshake's probe handle opens only then), and doctor says so. (It said ipc right
+    under its own "no peer access" line.) The CUDA facts are faked at their seams."""
+    import dataclasses
+
+    from aiokvpipe import _connect, _cudaipc, _doctor, _ipc_probe, _wire
+
+    host = _ipc_probe.host_id()
+
+    async def local_caps(opts: object, device: object) -> _wire.Capabilities:
+        index = getattr(device, "index", None)
+        if index is None:  # the CPU peer
+            return _wire.Capabilities(transport=_wire.Transport.AUTO)
+        return dataclasses.replace(
+            _wire.Capabilities(transport=_wire.Transport.AUTO), cuda=True, nccl=True,
+            nccl_version=22809, ipc=True, host_id=host,
+            device_uuid=bytes([index + 1]) * _wire.DEVICE_UUID_BYTES)
+
+    monkeypatch.setattr(_connect, "_local_caps", local_caps)
+    monkeypatch.setattr(_ipc_probe, "ipc_info", lambda: (True, "faked"))
+    monkeypatch.setattr(_doctor.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_doctor.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(_cudaipc, "can_access_peer", lambda a, b: peer_access)
+    verdict = _doctor._auto_transport()["other_gpu"]
+    if peer_access:
+        assert verdict["transport"] == "ipc", verdict
+    else:
+        assert verdict["transport"] == "nccl", verdict
+        assert "no peer access" in verdict["why"], verdict
+
+
 def test_doctor_json() -> None:
     out = run_cli("doctor", "--json", timeout=30)
     assert out.returncode == 0, out.stderr
