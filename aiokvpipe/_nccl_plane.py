@@ -452,13 +452,14 @@ class NcclPlane:
             fut.set_exception(fresh(failed))
             return fut
         with torch.cuda.device(self._device):
-            # Everything the caller queued on its stream (the data, .contiguous() copies)
-            # happens before NCCL reads the memory.
-            after = torch.cuda.Event()
-            after.record(current_stream(self._device))
-            # Another GPU's tensor: copied here on the caller's streams, asynchronously.
+            # Another GPU's tensor: copied here on the caller's streams, asynchronously (the
+            # copy is ordered on this device's current stream, before the event below).
             sent = [t if t.device.type != "cuda" or t.device == self._device
                     else t.to(self._device, non_blocking=True) for t in tensors if t.numel()]
+            # Everything the caller queued on its stream (the data, .contiguous() copies,
+            # those copies) happens before NCCL reads the memory.
+            after = torch.cuda.Event()
+            after.record(current_stream(self._device))
         if all(t.device == self._device for t in sent):
             self._send.submit(_Op(sent, after, fut, keepalive=tensors))
         else:

@@ -114,6 +114,9 @@ class _Queued:
     #: its requests of credits and of send budget, once made (see Pipe._admitted)
     credit: asyncio.Future[None] | None = None
     budget: asyncio.Future[None] | None = None
+    #: the caller's CUDA stream at the call (CUDA tensors): current when it is posted, from
+    #: whatever callback, so that the payload is read after the caller's work on it
+    stream: torch.cuda.Stream | None = None
 
 
 class _Incoming:
@@ -278,7 +281,8 @@ class Pipe:
                     await asyncio.sleep(0)
             return
         # The slow path: wait in line (call order) for the connection, budget and credits.
-        turn = _Queued(out, key, inline, cost, held, self._loop.create_future(), t0)
+        turn = _Queued(out, key, inline, cost, held, self._loop.create_future(), t0,
+                       stream=_callers_stream(out))
         self._send_queue.append(turn)
         self._pump_sends()
         try:
@@ -617,7 +621,12 @@ class Pipe:
             if self._timed:
                 self._metrics.waited_budget(perf_counter() - turn.since)
             try:
-                done = self._post(turn.out, turn.key, turn.inline, turn.cost, turn.held)
+                if turn.stream is None:
+                    done = self._post(turn.out, turn.key, turn.inline, turn.cost, turn.held)
+                else:
+                    with torch.cuda.stream(turn.stream):
+                        done = self._post(turn.out, turn.key, turn.inline, turn.cost,
+                                          turn.held)
             except Exception as exc:  # the pipe broke (see _post): tell this caller why
                 turn.posted.set_exception(exc)
                 turn.posted.exception()  # cancelled before it resumes, it reads none
@@ -1216,6 +1225,15 @@ def _break_cause(cause: BaseException) -> BreakCause:
     if isinstance(cause, (ConnectionError, EOFError, BrokenPipe)):
         return "peer_closed_connection"
     return "local_failure"
+
+
+def _callers_stream(out: Outgoing) -> torch.cuda.Stream | None:
+    """The current stream of the device of ``out``'s first CUDA tensor (None without one)."""
+    if out.cuda:
+        for t in out.tensors:
+            if t.is_cuda:
+                return current_stream(t.device)
+    return None
 
 
 def internal_error(cause: BaseException) -> bytes:

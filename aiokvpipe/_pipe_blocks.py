@@ -146,6 +146,8 @@ class BlockExchange:
         self._pipe = pipe
         self._kernel_gate = asyncio.Lock()
         self._kernel_waiters = 0  # block calls waiting for the copy kernel (or behind them)
+        #: scatters after a break, awaited before their calls end (see _settle_after)
+        self._settling: set[asyncio.Task[None]] = set()
         #: Our pools described to the peer, by what they are (see BlockPool.memory_key): its
         #: id, whether the peer copies out of it itself (ipc), and the first BlockPool of it
         #: (whose tensors stay alive, so that no other memory takes those addresses).
@@ -611,10 +613,15 @@ class BlockExchange:
         sink = incoming.sink
         if not sink.live:
             # Given up before its PULL went: nothing was taken. The offer waits for the next
-            # call, first in line (pulled for nobody, the sender heard it was copied).
+            # call, first in line (pulled for nobody, the sender heard it was copied), or is
+            # refused if the call's key was discarded meanwhile, as discard() does.
             del self._incoming[offer.offer_id]
             sink.pending_offers -= 1
             sink.missing.update(incoming.layers)
+            if (self._pipe._proto.is_discarded(offer.key)
+                    and not any(s.live for s in self._sinks.get(offer.key, ()))):
+                self._refuse(offer, DISCARDED)
+                return
             self._offers_in.setdefault(offer.key, deque()).appendleft(offer)
             self._try_match(offer)
             return
@@ -832,8 +839,10 @@ class BlockExchange:
                     # The pipe broke: the scatter may still be queued (behind the caller's
                     # stream). The call ends once it ran, so that nothing writes the named
                     # blocks after it (they are the caller's again); buf stays until then.
-                    self._pipe._loop.create_task(
+                    settling = self._pipe._loop.create_task(
                         _settle_after(event, landed, f, keepalive=(buf, stream)))
+                    self._settling.add(settling)  # (the loop keeps tasks weakly)
+                    settling.add_done_callback(self._settling.discard)
                     return
                 try:
                     if host is not None and not f.cancelled() and f.exception() is None:
@@ -1027,7 +1036,8 @@ async def _settle_after(event: torch.cuda.Event, landed: asyncio.Future[None],
         await in_daemon_thread(event.synchronize, "aiokvpipe-blocks")
     except Exception as exc:  # noqa: BLE001  -- the device failed: nothing runs any more
         log.debug("waiting for a scatter after a break: %r", exc)
-    settle_like(landed, f, None)
+    finally:  # (also when the loop shuts down: the call must end)
+        settle_like(landed, f, None)
 
 
 def _release(pipe: Pipe, nbytes: int, _: object) -> None:

@@ -153,11 +153,12 @@ class SyncPipe:
             self._finalizer.detach()
             if self._loop.is_closed():
                 return
-            if self._closing_on_loop:  # started there: it ends the loop thread when done
+            with self._lock:  # (decided under the lock _close_from_loop takes)
+                on_loop = self._closing_on_loop
+                self._closed = True
+            if on_loop:  # started there: it ends the loop thread when done
                 self._thread.join()
                 return
-            with self._lock:
-                self._closed = True
             try:
                 self._call(self._pipe.aclose(), None)
             finally:

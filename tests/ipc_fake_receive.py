@@ -492,6 +492,35 @@ async def offer_kept() -> str:
     """A recv_blocks cancelled while the peer's pool is still being mapped (its PULL waits
     for that) takes nothing: the next call gets the offer. (The PULL went for nobody: the
     sender heard the blocks were copied, and the next call waited for ever.)"""
+    a, b, sending, src, dst, pool_b = await _offer_left_in_the_mapping_window(discard=False)
+    await asyncio.wait_for(b.recv_blocks(pool_b, [0], key="k"), 5)
+    await asyncio.wait_for(sending, 5)
+    assert torch.equal(dst[0], src[2]), "the second call did not get the blocks"
+    await a.aclose()
+    await b.aclose()
+    return "the offer went to the next call"
+
+
+async def offer_discarded() -> str:
+    """As offer_kept, the call's key discarded after the cancel (a request given up): the
+    offer is refused, as discard() refuses offers now and later, and the sender hears why.
+    (Put back under the discarded key, it waited there for ever, and so did the sender.)"""
+    a, b, sending, _, dst, _ = await _offer_left_in_the_mapping_window(discard=True)
+    try:
+        await asyncio.wait_for(sending, 5)
+        raise AssertionError("send_blocks of a discarded key succeeded")
+    except ValueError as exc:
+        assert "discard" in str(exc), exc
+    assert not b._blocks._offers_in, b._blocks._offers_in
+    assert int(dst.sum()) == 0
+    await a.aclose()
+    await b.aclose()
+    return "the offer was refused: discarded"
+
+
+async def _offer_left_in_the_mapping_window(discard: bool) -> tuple[Any, ...]:
+    """A recv_blocks matched an offer, and is cancelled (then its key discarded, if
+    ``discard``) while the peer's pool is still being mapped; then the mapping completes."""
     a, b, leaked = await _pair()
     src, dst, pool_a, pool_b = _block_pools()
     mapping, go = threading.Event(), threading.Event()
@@ -514,14 +543,11 @@ async def offer_kept() -> str:
         raise AssertionError("the first call was not cancelled")
     except asyncio.CancelledError:
         pass
+    if discard:
+        b.discard("k")
     go.set()
-    await asyncio.wait_for(b.recv_blocks(pool_b, [0], key="k"), 5)
-    await asyncio.wait_for(sending, 5)
-    assert torch.equal(dst[0], src[2]), "the second call did not get the blocks"
     assert not leaked, leaked
-    await a.aclose()
-    await b.aclose()
-    return "the offer went to the next call"
+    return a, b, sending, src, dst, pool_b
 
 
 async def pull_after_break() -> str:
@@ -584,7 +610,8 @@ SCENARIOS: dict[str, Callable[[], Any]] = {
     "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse,
     "pool_partial": pool_partial, "exports_pinned": exports_pinned,
     "regions_bounded": regions_bounded, "ring_freed": ring_freed, "blame": blame,
-    "offer_kept": offer_kept, "pull_after_break": pull_after_break}
+    "offer_kept": offer_kept, "offer_discarded": offer_discarded,
+    "pull_after_break": pull_after_break}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))

@@ -25,7 +25,7 @@ SCRIPT = Path(__file__).resolve().parent / "ipc_fake_receive.py"
                                       "retire", "answer", "acked", "region_reuse",
                                       "pool_partial", "exports_pinned", "regions_bounded",
                                       "ring_freed", "blame", "offer_kept",
-                                      "pull_after_break"])
+                                      "offer_discarded", "pull_after_break"])
 def test_deferred_receives(scenario: str) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), scenario], capture_output=True,
                           text=True, timeout=50)

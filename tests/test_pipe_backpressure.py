@@ -5,7 +5,9 @@ a message larger than both budgets still passes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pipe_peer
@@ -14,6 +16,7 @@ import torch
 from conftest import HOST, PairFactory, SpawnPeer, close_quietly, eventually
 
 import aiokvpipe
+from aiokvpipe import _pipe
 from aiokvpipe._message import flatten
 from aiokvpipe._wire import TensorSpec, message_cost
 
@@ -269,3 +272,44 @@ async def test_credits_left_unset_are_the_transports_and_set_ones_are_granted_as
     assert a._proto.recv_buffer_bytes == b._proto.peer_credit == 513 * MiB
     assert b._proto.recv_buffer_bytes == a._proto.peer_credit == 3 * MiB
     assert a._send_budget.capacity == b._send_budget.capacity == 512 * MiB
+
+
+async def test_a_send_that_waits_for_credits_is_posted_with_its_callers_stream_current(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send that must wait (credits, budget, its turn) is posted later, from a callback:
+    its caller's CUDA stream, taken at the call, is current then, so that the payload is
+    read after the caller's work on it (whatever stream is current on the loop thread by
+    then: another task's, or none). CUDA's current stream is faked at the seams the pipe
+    uses (this machine may have no GPU)."""
+    current = ["the loop thread's own"]
+
+    @contextlib.contextmanager
+    def stream(s: Any) -> Iterator[None]:
+        prev, current[0] = current[0], s
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(_pipe, "_callers_stream", lambda out: f"the caller's of {out.nbytes}")
+    a, b = await pair_factory(recv_buffer_bytes=1 << 20)
+    posted: list[tuple[str | None, str]] = []
+    post_now = a._post_now
+
+    def recording(out: Any, key: str | None, *args: Any) -> Any:
+        posted.append((key, current[0]))
+        return post_now(out, key, *args)
+
+    monkeypatch.setattr(a, "_post_now", recording)
+    async with asyncio.timeout(10):
+        await a.send(torch.ones(200_000), key="first")  # 800 kB of the 1 MiB of credits
+        waiting = asyncio.create_task(a.send(torch.ones(100_000), key="queued"))
+        await asyncio.sleep(0)
+        assert a._send_queue, "the second send should wait for credits"
+        current[0] = "another task's"  # what the loop thread has current meanwhile
+        await b.recv(key="first")  # its credits go back: the queued send is posted
+        await waiting
+        await b.recv(key="queued")
+    assert posted == [("first", "the loop thread's own"),
+                      ("queued", "the caller's of 400000")], posted

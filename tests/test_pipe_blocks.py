@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import threading
 import warnings
 from typing import Any
 
@@ -1058,3 +1059,26 @@ async def test_a_receive_in_a_task_that_swallowed_a_cancellation_takes_its_offer
     async with asyncio.timeout(10):
         await asyncio.gather(handler(), a.send_blocks(src, [3, 4], key="r"))
     assert_moved(src, dst, [3, 4], [1, 2])
+
+
+async def test_a_wait_for_a_scatter_after_a_break_ends_its_call_even_when_cancelled() -> None:
+    """After a break a receive's end waits for its scatter, in a thread: cancelled meanwhile
+    (the loop shutting down), it still settles, so that recv_blocks ends. (It never did:
+    the call then waited for ever.)"""
+    go = threading.Event()
+
+    class Scatter:  # its event: the scatter is still running
+        def synchronize(self) -> None:
+            go.wait(5)
+
+    loop = asyncio.get_running_loop()
+    landed: asyncio.Future[None] = loop.create_future()
+    failed: asyncio.Future[None] = loop.create_future()
+    failed.set_exception(aiokvpipe.BrokenPipe("the pipe broke (injected)"))
+    waiting = asyncio.create_task(_pipe_blocks._settle_after(Scatter(), landed, failed, None))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    go.set()
+    assert landed.done() and isinstance(landed.exception(), aiokvpipe.BrokenPipe)
