@@ -615,7 +615,8 @@ async def connect(host: str, port: int, options: PipeOptions | None = None,
       ``handshake_timeout``;
     * :class:`~aiokvpipe.AuthenticationError` -- the tokens differ;
     * :class:`~aiokvpipe.ProtocolError` -- the peer is not aiokvpipe (or not this version);
-    * :class:`~aiokvpipe.PeerFailure` -- the listener failed on its side during the handshake;
+    * :class:`~aiokvpipe.PeerFailure` -- the listener failed on its side during the handshake,
+      after this end authenticated (before, it drops the connection: :class:`BrokenPipe`);
     * :class:`~aiokvpipe.PipeError` -- the ends cannot agree on a transport, the host name
       does not resolve (the ``socket.gaierror`` chained), or connecting failed otherwise
       (the ``OSError`` chained: permission denied, say);

@@ -455,7 +455,9 @@ class Pipe:
 
         Cancellation: what has not started moving never will; what is already moving is
         waited for (cancelling again does not cut that wait short), so once the call is over
-        nothing writes to the named blocks; their contents are then undefined.
+        nothing writes to the named blocks; their contents are then undefined. The same
+        holds when the pipe breaks: a copy into a CUDA pool queued behind the caller's stream
+        is waited for, so the call raises once that stream's work before the call has run.
         """
         await self._blocks.recv_blocks(pool, block_ids, key, layers)
 
