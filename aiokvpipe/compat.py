@@ -97,6 +97,7 @@ class SyncPipe:
         self._lock = threading.Lock()  # guards the three fields below
         self._closed = False
         self._closing_on_loop = False  # close() was called on the loop thread
+        self._closing: asyncio.Task[None] | None = None  # that close, running there
         self._pending: set[PipeFuture[Any]] = set()  # submitted, not done
         self._finished: list[PipeFuture[Any]] = []  # done, not yet returned by poll()
         self._close_lock = threading.Lock()
@@ -176,19 +177,9 @@ class SyncPipe:
             self._closed = True
             self._closing_on_loop = True
         self._finalizer.detach()
-        loop, pipe = self._loop, self._pipe
-
-        async def shut_down() -> None:
-            try:
-                await pipe.aclose()
-            except Exception as exc:  # broken already, say: nothing more to close
-                log.debug("SyncPipe: closing from its loop thread: %r", exc)
-            finally:
-                await self._fail_pending()
-                await _cancel_all()
-                loop.stop()  # (the thread then closes the loop: _run_loop)
-
-        loop.create_task(shut_down())
+        # (Held here: the loop keeps its tasks weakly.)
+        self._closing = self._loop.create_task(_shut_down(
+            self._loop, self._pipe, "from its loop thread", then=self._fail_pending))
 
     def __enter__(self) -> SyncPipe:
         return self
@@ -427,22 +418,28 @@ def _close_abandoned(loop: asyncio.AbstractEventLoop, pipe: Pipe) -> None:
     """A SyncPipe garbage-collected without close(): close its pipe gracefully (within its
     close_timeout) on its loop, which then stops, ending its thread. Returns at once: the
     collection may run on any thread, a loop's included, and must not wait there."""
-    async def shut_down() -> None:
-        try:
-            await pipe.aclose()
-        except Exception as exc:  # broken already, say: nothing more to close
-            log.debug("SyncPipe: closing an abandoned pipe: %r", exc)
-        finally:
-            await _cancel_all()
-            loop.stop()
-
     try:
-        asyncio.run_coroutine_threadsafe(shut_down(), loop)
+        asyncio.run_coroutine_threadsafe(_shut_down(loop, pipe, "an abandoned pipe"), loop)
     except RuntimeError:  # its loop closed already
         return
     # Last: a warning turned into an error must not stop the close.
     with contextlib.suppress(Exception):
         warnings.warn(f"SyncPipe over {pipe!r} was never closed", ResourceWarning, stacklevel=2)
+
+
+async def _shut_down(loop: asyncio.AbstractEventLoop, pipe: Pipe, what: str,
+                     then: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+    """On ``loop``: close ``pipe`` gracefully, ``then()``, cancel what still runs there, and
+    stop the loop (its thread then closes it and ends: _run_loop)."""
+    try:
+        await pipe.aclose()
+    except Exception as exc:  # broken already, say: nothing more to close
+        log.debug("SyncPipe: closing %s: %r", what, exc)
+    finally:
+        if then is not None:
+            await then()
+        await _cancel_all()
+        loop.stop()
 
 
 async def _cancel_all() -> None:

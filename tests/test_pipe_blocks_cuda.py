@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -39,12 +41,23 @@ def untouched(dst: BlockPool, named: list[int]) -> bool:
     return all(bool((t[:, keep] == SENTINEL).all()) for t in dst.tensors)
 
 
+@contextlib.asynccontextmanager
+async def tcp_pair_in_this_process() -> AsyncIterator[tuple[aiokvpipe.Pipe, aiokvpipe.Pipe]]:
+    """Both ends of a pipe on cuda:0 in this process (tcp: the IPC probe cannot prove itself
+    within one process), closed afterwards."""
+    async with await aiokvpipe.listen(device="cuda:0") as listener:
+        accept = asyncio.create_task(listener.accept())
+        a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
+        b = await accept
+        try:
+            yield a, b
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
 async def test_cuda_pools_over_tcp_in_one_process_are_stream_ordered() -> None:
-    listener = await aiokvpipe.listen(device="cuda:0")
-    accept = asyncio.create_task(listener.accept())
-    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
-    b = await accept
-    try:
+    async with tcp_pair_in_this_process() as (a, b):
         assert a.transport == "tcp"  # one process: the IPC probe cannot prove itself
         src, dst = pool(300), pool(64)
         s_ids = [299, 5, 6, 7, 100, 0, 42, 43]
@@ -63,10 +76,6 @@ async def test_cuda_pools_over_tcp_in_one_process_are_stream_ordered() -> None:
         for e, t in zip(expected, dst.tensors):
             assert torch.equal(e[:, s_ids] + 1, t[:, d_ids])
         assert untouched(dst, d_ids)
-    finally:
-        await a.aclose()
-        await b.aclose()
-        await listener.aclose()
 
 
 @pytest.mark.parametrize("src_device", ["cpu", "cuda:0"])
@@ -76,11 +85,7 @@ async def test_a_cpu_pool_and_a_cuda_pool_over_tcp_cut_a_transfer_alike(
     chunks: it lands whole, and the payload stream stays in step for the next message (the
     CPU end sent or expected one BLOCK_DATA, the CUDA end one per chunk)."""
     monkeypatch.setattr(_pipe_blocks, "STAGING_BYTES", 64 << 10)  # 8 blocks of a tensor
-    listener = await aiokvpipe.listen(device="cuda:0")
-    accept = asyncio.create_task(listener.accept())
-    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
-    b = await accept
-    try:
+    async with tcp_pair_in_this_process() as (a, b):
         dst_device = "cuda:0" if src_device == "cpu" else "cpu"
         src, dst = pool(300, device=src_device), pool(64, device=dst_device)
         s_ids, d_ids = list(range(100, 140)), list(range(10, 50))
@@ -95,10 +100,6 @@ async def test_a_cpu_pool_and_a_cuda_pool_over_tcp_cut_a_transfer_alike(
         for s_t, d_t in zip(src.tensors, dst.tensors):
             assert torch.equal(s_t[:, s_ids].cpu(), d_t[:, d_ids].cpu())
         assert untouched(dst, d_ids)
-    finally:
-        await a.aclose()
-        await b.aclose()
-        await listener.aclose()
 
 
 async def test_a_break_ends_recv_blocks_only_once_its_queued_scatter_ran() -> None:
@@ -106,11 +107,7 @@ async def test_a_break_ends_recv_blocks_only_once_its_queued_scatter_ran() -> No
     the caller's stream: recv_blocks raises only once the scatter ran, so that nothing
     writes the named blocks after it. (It raised at once, and the scatter then wrote blocks
     the caller had handed to another request.)"""
-    listener = await aiokvpipe.listen(device="cuda:0")
-    accept = asyncio.create_task(listener.accept())
-    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
-    b = await accept
-    try:
+    async with tcp_pair_in_this_process() as (a, b):
         src, dst = pool(64), pool(64)
         randomize(src, [1, 2])
         torch.cuda._sleep(400_000_000)  # the caller's stream, busy: the scatter waits for it
@@ -127,10 +124,6 @@ async def test_a_break_ends_recv_blocks_only_once_its_queued_scatter_ran() -> No
                 await receiving
             assert busy_until.query(), "recv_blocks ended before its scatter could run"
             await asyncio.gather(sending, return_exceptions=True)
-    finally:
-        await a.aclose()
-        await b.aclose()
-        await listener.aclose()
 
 
 @pytest.mark.parametrize("transport", ["nccl", "ipc"])
@@ -297,11 +290,7 @@ async def test_the_copy_kernel_is_made_off_the_loop_before_the_first_block_call(
     monkeypatch.setattr(_blocks_move, "_kernel", kernel)
     monkeypatch.setattr(_blocks_move, "_kernel_cache", [])
     monkeypatch.setattr(_blocks_move, "_prepared", {})
-    listener = await aiokvpipe.listen(device="cuda:0")
-    accept = asyncio.create_task(listener.accept())
-    a = await aiokvpipe.connect("127.0.0.1", listener.port, device="cuda:0")
-    b = await accept
-    try:
+    async with tcp_pair_in_this_process() as (a, b):
         src, dst = pool(64), pool(64)
         randomize(src, [1, 2, 3])
         receiving = asyncio.create_task(b.recv_blocks(dst, [4, 5, 6], key="k"))
@@ -310,7 +299,3 @@ async def test_the_copy_kernel_is_made_off_the_loop_before_the_first_block_call(
         assert moved(src, dst, [1, 2, 3], [4, 5, 6])
         assert made_on == ["aiokvpipe-kernel"], f"the kernel was made on {made_on}"
         assert _blocks_move.kernel_available(torch.device("cuda", 0))
-    finally:
-        await a.aclose()
-        await b.aclose()
-        await listener.aclose()

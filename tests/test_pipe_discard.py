@@ -151,16 +151,7 @@ async def test_a_message_arriving_when_its_key_is_discarded_goes_to_the_recv_wai
     sender, receiver = small_pipe
     waiting = asyncio.create_task(receiver.recv(key="k"))
     await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
-    on_data = receiver.on_data
-    discarded: list[int] = []
-
-    def discard_in_flight(data: Any) -> bool:
-        more = on_data(data)
-        if receiver._incoming and not discarded:  # the header is in, the payload on its way
-            discarded.append(receiver.discard("k"))
-        return more
-
-    receiver.on_data = discard_in_flight  # type: ignore[method-assign]
+    discarded = _while_a_payload_arrives(receiver, lambda: receiver.discard("k"))
     x = torch.arange(200_000)
     async with asyncio.timeout(10):
         await sender.send(x, key="k")
@@ -175,17 +166,7 @@ async def test_a_message_left_to_a_recv_that_then_gave_up_is_dropped(small_pipe)
     sender, receiver = small_pipe
     waiting = asyncio.create_task(receiver.recv(key="k"))
     await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
-    on_data = receiver.on_data
-    abandoned: list[int] = []
-
-    def abandon_in_flight(data: Any) -> bool:
-        more = on_data(data)
-        if receiver._incoming and not abandoned:  # the header is in, the payload on its way
-            abandoned.append(receiver.discard("k"))
-            waiting.cancel()
-        return more
-
-    receiver.on_data = abandon_in_flight  # type: ignore[method-assign]
+    _while_a_payload_arrives(receiver, lambda: (receiver.discard("k"), waiting.cancel())[0])
     full = sender.stats.send_credits
     async with asyncio.timeout(10):
         await sender.send(torch.arange(100_000), key="k")  # 800 kB, through the data plane
@@ -194,3 +175,19 @@ async def test_a_message_left_to_a_recv_that_then_gave_up_is_dropped(small_pipe)
         await eventually(lambda: sender.stats.send_credits == full, 5,
                          f"the sender's credits back: {sender.stats.send_credits} of {full}")
     assert receiver.stats.recv_buffered_messages == 0
+
+
+def _while_a_payload_arrives(receiver: Any, act: Any) -> list[Any]:
+    """Run ``act()`` once, right after the read that brings a message's header while its
+    payload is still on the way; returns the list its result goes to."""
+    on_data = receiver.on_data
+    results: list[Any] = []
+
+    def reading(data: Any) -> bool:
+        more = on_data(data)
+        if receiver._incoming and not results:
+            results.append(act())
+        return more
+
+    receiver.on_data = reading
+    return results
