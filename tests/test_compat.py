@@ -189,6 +189,9 @@ def test_a_sync_pipe_dropped_without_close_closes_its_pipe_and_ends_its_thread(
     with server:
         client.send_tensor(torch.ones(3))
         thread = client._thread
+        # The send's task may still be finishing its last step on the loop thread, its frame
+        # holding the SyncPipe (then not collected below): once a later callback ran, it has.
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), client._loop).result(10)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("error" if warnings_are == "errors" else "always",
                                   ResourceWarning)
