@@ -8,6 +8,7 @@ what arrived, and turns every failure into a single terminal state that all call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import traceback
@@ -623,12 +624,8 @@ class Pipe:
             if self._timed:
                 self._metrics.waited_budget(perf_counter() - turn.since)
             try:
-                if turn.stream is None:
+                with (_NO_STREAM if turn.stream is None else torch.cuda.stream(turn.stream)):
                     done = self._post(turn.out, turn.key, turn.inline, turn.cost, turn.held)
-                else:
-                    with torch.cuda.stream(turn.stream):
-                        done = self._post(turn.out, turn.key, turn.inline, turn.cost,
-                                          turn.held)
             except Exception as exc:  # the pipe broke (see _post): tell this caller why
                 turn.posted.set_exception(exc)
                 turn.posted.exception()  # cancelled before it resumes, it reads none
@@ -1227,6 +1224,10 @@ def _break_cause(cause: BaseException) -> BreakCause:
     if isinstance(cause, (ConnectionError, EOFError, BrokenPipe)):
         return "peer_closed_connection"
     return "local_failure"
+
+
+#: What a queued send without CUDA tensors is posted under: nothing (one reusable no-op).
+_NO_STREAM: Final = contextlib.nullcontext()
 
 
 def _callers_stream(out: Outgoing) -> torch.cuda.Stream | None:

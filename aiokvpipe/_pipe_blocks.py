@@ -980,7 +980,8 @@ async def _check_writable(pool: BlockPool) -> None:
     for t in pool.tensors:
         storage = t.untyped_storage()
         spans.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
-    bad = await asyncio.to_thread(_hostmem.read_only, spans)
+    bad = await in_daemon_thread(functools.partial(_hostmem.read_only, spans),
+                                 "aiokvpipe-blocks")
     if bad:
         raise ValueError(f"cannot receive into the pool: its tensor {bad[0]} lies in memory "
                          "mapped read-only")

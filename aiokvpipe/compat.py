@@ -96,8 +96,8 @@ class SyncPipe:
         self._timeout = timeout
         self._lock = threading.Lock()  # guards the three fields below
         self._closed = False
-        self._closing_on_loop = False  # close() was called on the loop thread
-        self._closing: asyncio.Task[None] | None = None  # that close, running there
+        #: a close() called on the loop thread, running there
+        self._closing: asyncio.Task[None] | None = None
         self._pending: set[PipeFuture[Any]] = set()  # submitted, not done
         self._finished: list[PipeFuture[Any]] = []  # done, not yet returned by poll()
         self._close_lock = threading.Lock()
@@ -155,7 +155,7 @@ class SyncPipe:
             if self._loop.is_closed():
                 return
             with self._lock:  # (decided under the lock _close_from_loop takes)
-                on_loop = self._closing_on_loop
+                on_loop = self._closing is not None
                 self._closed = True
             if on_loop:  # started there: it ends the loop thread when done
                 self._thread.join()
@@ -175,11 +175,10 @@ class SyncPipe:
             if self._closed:
                 return
             self._closed = True
-            self._closing_on_loop = True
+            # (Held here: the loop keeps its tasks weakly.)
+            self._closing = self._loop.create_task(_shut_down(
+                self._loop, self._pipe, "from its loop thread", then=self._fail_pending))
         self._finalizer.detach()
-        # (Held here: the loop keeps its tasks weakly.)
-        self._closing = self._loop.create_task(_shut_down(
-            self._loop, self._pipe, "from its loop thread", then=self._fail_pending))
 
     def __enter__(self) -> SyncPipe:
         return self
