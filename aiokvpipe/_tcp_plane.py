@@ -625,6 +625,16 @@ class TcpPlane:
 
     # -- ending -------------------------------------------------------------------------------
 
+    def _close_sock(self) -> None:
+        """Close the send socket once the send loop (just cancelled) has let go of it: a
+        ``sock_sendall`` waiting for room unwatches its descriptor only in the loop turn its
+        cancellation runs, by number, on asyncio's loop; closed before, the number may by then
+        belong to a new socket, which it would unwatch."""
+        if self._sender.done():
+            self._sock.close()
+        else:
+            self._sender.add_done_callback(lambda _: self._sock.close())
+
     def _lost(self, exc: BaseException) -> None:
         if self._closing or self._error is not None:
             return
@@ -646,7 +656,7 @@ class TcpPlane:
         self._alloc_worker.shutdown()
         self._receiver.fail(exc)
         self._staging.abort(exc)
-        self._sock.close()
+        self._close_sock()
 
     def close(self) -> None:
         self._closing = True
@@ -655,7 +665,7 @@ class TcpPlane:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self._sock.close()
+        self._close_sock()
         self._stage_worker.shutdown()
         self._alloc_worker.shutdown()
         self._receiver.fail(ConnectionAbortedError("data plane closed"))

@@ -10,16 +10,20 @@ over real sockets.
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 import threading
 import time
 
 import pipe_peer
 import pytest
-from conftest import PairFactory
+import torch
+from conftest import PairFactory, discard, eventually
 
 import aiokvpipe
 from aiokvpipe._cuda import EventPoller
 from aiokvpipe._plane import OrderedWorker
+from aiokvpipe._tcp_plane import TcpPlane
 
 Pair = tuple[aiokvpipe.Pipe, aiokvpipe.Pipe]
 MiB = 1 << 20
@@ -312,3 +316,39 @@ def test_short_gil_turns_nest_and_restore_the_switch_interval() -> None:
             assert sys.getswitchinterval() <= 0.0005
         assert sys.getswitchinterval() <= 0.0005  # the outer body still runs
     assert sys.getswitchinterval() == before
+
+
+
+@pytest.mark.parametrize("end", ["abort", "close"])
+async def test_the_tcp_plane_keeps_its_send_socket_until_its_writer_is_gone(
+        any_loop: str, end: str) -> None:
+    """A plane that ends while a payload waits for room in its send socket: a socket made
+    right after must work. (The plane closed its socket at once; a new socket took the same
+    number, and on asyncio's loop the cancelled send's clean-up, a turn later, then unwatched
+    the new socket or made watching it fail.) The old socket is closed once let go of."""
+    loop = asyncio.get_running_loop()
+    send_a, send_b = socket.socketpair()
+    recv_a, recv_b = socket.socketpair()
+    plane = await TcpPlane.start(send_a, recv_a, torch.device("cpu"), lambda exc: None, 0)
+    sent = plane.post_send([torch.ones(64 * MiB, dtype=torch.uint8)])  # nobody reads it
+    # Its first bytes reached the peer: the socket is full, and the send waits for room.
+    await eventually(lambda: bool(select.select([send_b], [], [], 0)[0]), 5, "bytes sent")
+    if end == "abort":
+        plane.abort(ConnectionAbortedError("plane ended (test)"))
+    else:
+        plane.close()
+    # A new socket takes the lowest free number: the plane's, if it closed it already.
+    new_a, new_b = socket.socketpair()
+    try:
+        new_a.setblocking(False)
+        writable = loop.create_future()
+        loop.add_writer(new_a.fileno(), lambda: writable.done() or writable.set_result(None))
+        await eventually(lambda: send_a.fileno() == -1, 5, "the old send socket closed")
+        await asyncio.sleep(0)  # (the cancelled send's clean-up ran by now)
+        async with asyncio.timeout(5):
+            await writable  # still watched
+    finally:
+        discard(sent)  # (failed by an abort; a close leaves it to the pipe)
+        loop.remove_writer(new_a.fileno())
+        for s in (new_a, new_b, send_b, recv_b):
+            s.close()
