@@ -34,7 +34,18 @@ log = logging.getLogger("aiokvpipe")
 
 T = TypeVar("T")
 
-__all__ = ["SyncPipe", "PipeFuture"]
+__all__ = ["BundleReceived", "SyncPipe", "PipeFuture"]
+
+
+class BundleReceived(TypeError):
+    """:meth:`SyncPipe.recv_tensor` received a list or dict (sent with ``send()``), not one
+    tensor or ``None``. The message, taken off the pipe, is :attr:`message`: use
+    :meth:`SyncPipe.recv` where the peer sends bundles."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__(f"recv_tensor received a {type(message).__name__}; use recv() for "
+                         "bundles (the message is this error's .message)")
+        self.message = message
 
 
 class PipeFuture(concurrent.futures.Future[T]):
@@ -130,11 +141,15 @@ class SyncPipe:
         self.send(tensor)
 
     def recv_tensor(self) -> torch.Tensor | None:
-        """Receive the next unkeyed message; blocks until it is here."""
+        """Receive the next unkeyed message; blocks until it is here.
+
+        A message that is not one tensor or ``None`` (a list or dict the peer sent with
+        ``send()``) raises :class:`BundleReceived`, a ``TypeError`` that holds it
+        (``.message``): it is taken off the pipe, never lost.
+        """
         msg = self.recv()
         if msg is not None and not isinstance(msg, torch.Tensor):
-            raise TypeError(f"recv_tensor received a {type(msg).__name__}; use recv() for "
-                            "bundles")
+            raise BundleReceived(msg)
         return msg
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aiokvpipe import PipeClosed, compat
-from aiokvpipe.compat import PipeFuture, SyncPipe
+from aiokvpipe.compat import BundleReceived, PipeFuture, SyncPipe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,6 +90,19 @@ def test_send_tensor_rejects_non_tensors_and_stays_usable() -> None:
         client.send_tensor(torch.zeros(2))
         got = server.recv_tensor()
         assert got is not None and torch.equal(got, torch.zeros(2))
+
+
+def test_recv_tensor_given_a_bundle_raises_a_type_error_that_holds_it() -> None:
+    server, client = _pair()
+    with server, client:
+        client.send({"k": torch.ones(2), "v": torch.zeros(3)})
+        client.send_tensor(torch.tensor([5]))
+        with pytest.raises(TypeError) as info:
+            server.recv_tensor()
+        assert isinstance(info.value, BundleReceived)
+        got = info.value.message  # taken off the pipe, not lost
+        assert isinstance(got, dict) and torch.equal(got["v"], torch.zeros(3))
+        assert server.recv_tensor().tolist() == [5]  # the pipe goes on, in order
 
 
 def test_a_blocking_call_on_the_loop_thread_raises_instead_of_waiting_for_ever() -> None:
