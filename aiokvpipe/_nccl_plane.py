@@ -423,6 +423,10 @@ class NcclPlane:
         #: CPU tensors to send, copied to the device in turn on the third of ``streams``.
         self._stage_worker = OrderedWorker("stage")
         self._stage_stream = streams[2]
+        #: Held by a staging job while it uses the stage stream; once the plane ends, no job
+        #: starts and the stream is handed back only if none is running (see _staging_ended).
+        self._stage_lock = threading.Lock()
+        self._stage_closed = False
         self._error: BaseException | None = None
         self._closed = False
 
@@ -477,12 +481,26 @@ class NcclPlane:
         their memory is reused only once they are dropped, which the send's poller does
         after NCCL read them.)"""
         stream = self._stage_stream
-        with torch.cuda.device(self._device), torch.cuda.stream(stream):
-            stream.wait_event(after)
-            out = [t if t.device == self._device else t.to(self._device, non_blocking=True)
-                   for t in tensors]
-        stream.synchronize()
+        with self._stage_lock:
+            if self._stage_closed:  # (the plane ended as this job started)
+                raise ConnectionAbortedError("the nccl plane ended")
+            with torch.cuda.device(self._device), torch.cuda.stream(stream):
+                stream.wait_event(after)
+                out = [t if t.device == self._device else t.to(self._device, non_blocking=True)
+                       for t in tensors]
+            stream.synchronize()
         return out
+
+    def _staging_ended(self) -> list[torch.cuda.Stream]:
+        """The plane ended: no staging job starts any more. Returns the stage stream to hand
+        back with the others, or nothing if a job is running on it (it may queue a copy on
+        it yet: the stream is then dropped, not given to another plane)."""
+        if not self._stage_lock.acquire(blocking=False):
+            log.debug("a staging job runs as the plane ends: its stream is not reused")
+            return []
+        self._stage_closed = True
+        self._stage_lock.release()
+        return [self._stage_stream]
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -555,7 +573,6 @@ class NcclPlane:
         self._alloc_worker.shutdown()
         self._stage_worker.shutdown()
         lanes = (self._send, self._recv)
-        stage = self._stage_stream
         for lane in lanes:
             lane.abort(exc)
         loop = asyncio.get_running_loop()
@@ -564,7 +581,7 @@ class NcclPlane:
             # The communicators are aborted: the kernels on our streams end. Once they have,
             # the memory the pollers keep alive may go.
             idle = []
-            for stream in (*(lane.stream for lane in lanes), stage):
+            for stream in (*(lane.stream for lane in lanes), *self._staging_ended()):
                 try:
                     stream.synchronize()
                     idle.append(stream)
@@ -588,7 +605,7 @@ class NcclPlane:
         self._alloc_worker.shutdown()
         self._stage_worker.shutdown()
         lib, comms = self._lib, [self._send.comm, self._recv.comm]
-        streams = [self._send.stream, self._recv.stream, self._stage_stream]
+        streams = [self._send.stream, self._recv.stream]
 
         def teardown() -> None:
             for comm in comms:
@@ -606,7 +623,7 @@ class NcclPlane:
                     log.debug("NCCL teardown failed (%r); aborting the communicator", err)
                     lib.abort(comm)
             idle = []
-            for stream in streams:  # this thread may wait: no second thread for it
+            for stream in (*streams, *self._staging_ended()):  # (this thread may wait)
                 try:
                     stream.synchronize()
                     idle.append(stream)

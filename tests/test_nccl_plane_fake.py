@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from typing import Any
 
 import pytest
@@ -141,3 +142,50 @@ def test_an_error_whose_init_takes_its_own_arguments_is_copied_for_each_caller(
     assert type(new) is type(exc) and new is not exc
     assert str(new) == str(exc) and new.code == exc.code  # type: ignore[attr-defined]
     assert new.__cause__ is exc.__cause__
+
+
+class BlockingStream(Stream):
+    """The staging stream: a job's wait for the caller's work holds until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.waiting = threading.Event()
+        self.go = threading.Event()
+
+    def wait_event(self, event: object) -> None:
+        self.waiting.set()
+        assert self.go.wait(10), "the test never let the staging job go on"
+
+
+@pytest.mark.usefixtures("fake_cuda")
+@pytest.mark.parametrize("job_running", [True, False])
+async def test_an_ended_plane_hands_back_its_staging_stream_only_if_no_job_runs_on_it(
+        monkeypatch: pytest.MonkeyPatch, job_running: bool) -> None:
+    """A CPU tensor's staging job still running when the plane is aborted may queue its copy
+    on the staging stream afterwards: that stream must not go to another plane (it was
+    handed back with the others at once); without a job, all three are handed back."""
+    recycled: list[object] = []
+    done = threading.Event()
+
+    def recycle(streams: list[object]) -> None:
+        recycled.extend(streams)
+        done.set()
+
+    monkeypatch.setattr(_nccl_plane, "recycle_streams", recycle)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    send, recv, stage = Stream(), Stream(), BlockingStream()
+    p = _nccl_plane.NcclPlane(FakeLib(), 1, 2, torch.device("cpu"),  # type: ignore[arg-type]
+                              [].append, [send, recv, stage])  # type: ignore[list-item]
+    sent = None
+    if job_running:
+        sent = p.post_send([torch.empty(16, device="meta")])  # not the plane's device: staged
+        assert await asyncio.to_thread(stage.waiting.wait, 5), "the staging job started"
+    p.abort(ConnectionResetError("peer gone (injected)"))
+    try:
+        assert await asyncio.to_thread(done.wait, 5), "the streams were handed back"
+        expected = [send, recv] if job_running else [send, recv, stage]
+        assert recycled == expected
+    finally:
+        stage.go.set()
+        if sent is not None:
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(sent, 5)
