@@ -46,6 +46,7 @@ __all__ = [
     "TensorLayout",
     "PoolLayout",
     "BlockIdError",
+    "LayerNameError",
     "check_fits",
     "check_counts",
     "normalize_ids",
@@ -75,6 +76,11 @@ Run = tuple[int, int, int]
 
 class BlockIdError(IndexError, ValueError):
     """A block id outside the pool (an ``IndexError`` and a ``ValueError``)."""
+
+
+class LayerNameError(KeyError, ValueError):
+    """``layers`` names a tensor the dict pool does not have (a ``KeyError`` and a
+    ``ValueError``, like every other bad argument of a block call)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,8 +485,8 @@ def normalize_layers(pool: BlockPool | PoolLayout, layers: object) -> tuple[int,
     """The tensors ``layers`` names, as sorted tensor indices (``None``: all of them).
 
     ``layers`` is one index or name, or a sequence of them (names only for a dict pool).
-    Raises ``TypeError`` for other types (booleans included), ``KeyError`` for an unknown
-    name, :class:`BlockIdError`-like ``IndexError`` (also a ``ValueError``) for an index out
+    Raises ``TypeError`` for other types (booleans included), :class:`LayerNameError` (a
+    ``KeyError`` and a ``ValueError``) for an unknown name, :class:`BlockIdError`-like ``IndexError`` (also a ``ValueError``) for an index out
     of range, ``ValueError`` for a tensor named twice or an empty selection.
     """
     layout = pool.layout if isinstance(pool, BlockPool) else pool
@@ -500,7 +506,7 @@ def normalize_layers(pool: BlockPool | PoolLayout, layers: object) -> tuple[int,
             try:
                 out.append(names.index(item))
             except ValueError:
-                raise KeyError(f"the pool has no tensor named {item!r}") from None
+                raise LayerNameError(f"the pool has no tensor named {item!r}") from None
         elif isinstance(item, int) and not isinstance(item, bool):
             if not 0 <= item < count:
                 raise BlockIdError(f"layer index {item} is outside the pool's {count} tensors")

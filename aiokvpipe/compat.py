@@ -97,6 +97,9 @@ class SyncPipe:
     Every method is thread-safe: many threads may call and submit at once. Submissions from
     one thread are sent in submission order.
 
+    The pipe runs on an event loop of its own, in a thread of its own: uvloop's where uvloop
+    is installed (the extra ``uvloop``), else asyncio's.
+
     Call :meth:`close` (or use ``with``). One garbage-collected unclosed closes its pipe
     gracefully in the background, with a :class:`ResourceWarning`; a submitted future still
     pending keeps it alive.
@@ -112,7 +115,7 @@ class SyncPipe:
         self._pending: set[PipeFuture[Any]] = set()  # submitted, not done
         self._finished: list[PipeFuture[Any]] = []  # done, not yet returned by poll()
         self._close_lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_loop()
         self._thread = threading.Thread(target=_run_loop, args=(self._loop,), daemon=True,
                                         name=f"aiokvpipe-sync-{rank}")
         self._thread.start()
@@ -419,6 +422,16 @@ class SyncPipe:
             log.debug("SyncPipe: cancelling what ran on its loop: %r", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()  # (which closes the loop: _run_loop)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The background loop: uvloop's if installed (the speed-up DESIGN.md promises wherever
+    it is present; the asyncio API leaves the choice to the caller's own loop)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -291,6 +291,8 @@ def test_layers() -> None:
     assert normalize_layers(pool.layout, range(2)) == (0, 1)
     with pytest.raises(KeyError, match="'x'"):
         normalize_layers(pool, ["x"])
+    with pytest.raises(ValueError, match="'x'"):  # like every bad argument of a block call
+        normalize_layers(pool, "x")
     with pytest.raises(ValueError, match="twice"):
         normalize_layers(pool, ["k0", 0])
     with pytest.raises(IndexError, match="layer index 3"):

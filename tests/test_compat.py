@@ -92,6 +92,16 @@ def test_send_tensor_rejects_non_tensors_and_stays_usable() -> None:
         assert got is not None and torch.equal(got, torch.zeros(2))
 
 
+def test_a_sync_pipe_runs_on_uvloop_where_it_is_installed() -> None:
+    uvloop = pytest.importorskip("uvloop")  # (a test dependency: installed in CI)
+    server, client = _pair()
+    with server, client:
+        for end in (server, client):
+            assert isinstance(end._loop, uvloop.Loop)
+        client.send_tensor(torch.ones(3))
+        assert server.recv_tensor().tolist() == [1.0, 1.0, 1.0]
+
+
 def test_recv_tensor_given_a_bundle_raises_a_type_error_that_holds_it() -> None:
     server, client = _pair()
     with server, client:
