@@ -366,8 +366,13 @@ class Listener:
                 pipe = await self._handshake(sock, hello, slot)
             await self._offer(pipe)
         except asyncio.CancelledError:
-            if pipe is not None:
-                pipe._break(ConnectionAbortedError("listener closed"))
+            if pipe is not None and pipe not in self._ready:
+                if self._closed:
+                    # aclose() closes the pipes nobody accepted, gracefully, together: this
+                    # one too, though it waited for room in the queue.
+                    self._ready.append(pipe)
+                else:  # (the loop is being torn down)
+                    pipe._break(ConnectionAbortedError("listener cancelled"))
             raise
         except (PipeError, OSError, TimeoutError) as exc:
             log.info("dropped incoming connection from %s: %r", addr, exc)
@@ -694,13 +699,26 @@ def _options(options: PipeOptions | None, overrides: dict[str, Any]) -> PipeOpti
 async def open_pipe(host: str, port: int, rank: int, options: PipeOptions | None = None,
                     **opts: Any) -> Pipe:
     """Seed-style set-up: ``rank`` 0 listens on ``host:port`` for one peer, ``rank`` 1
-    connects to it. Both return the same pipe's two ends. Options as for :func:`connect`."""
+    connects to it. Both return the same pipe's two ends. Options as for :func:`connect`.
+
+    Rank 0 waits for its peer as long as it takes (``connect_timeout`` bounds rank 1's
+    attempts, not rank 0's wait): bound it with ``asyncio.timeout()``. Cancelled, it closes
+    whatever it opened."""
     if rank == 0:
         listener = await listen(host, port, options, **opts)
+        pipe: Pipe | None = None
         try:
-            return await listener.accept()
+            pipe = await listener.accept()
         finally:
-            await listener.aclose()
+            try:
+                await listener.aclose()
+            except BaseException:
+                if pipe is not None:
+                    # Cancelled while the listener closed: the caller never gets the pipe,
+                    # so it ends here (left open, its heartbeats kept the peer waiting).
+                    pipe._break(ConnectionAbortedError("open_pipe() was cancelled"))
+                raise
+        return pipe
     if rank == 1:
         return await connect(host, port, options, **opts)
     raise ValueError(f"rank must be 0 (listens) or 1 (connects), not {rank!r}")

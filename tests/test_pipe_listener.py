@@ -561,3 +561,62 @@ async def test_a_cancelled_listener_close_aborts_its_queued_pipes(
         assert all(isinstance(p._error, aiokvpipe.BrokenPipe) for p in queued)
         with pytest.raises(aiokvpipe.PipeClosed):
             await lst.accept()
+
+
+async def test_open_pipe_rank0_cancelled_while_its_listener_closes_ends_the_pipe(
+        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled after accept() returned, while its listener closes: open_pipe() raises
+    CancelledError and the pipe it accepted, which the caller never gets, ends: the peer
+    hears of it. (It stayed open, heartbeating, and the peer's recv() waited for ever.)"""
+    closing, go_on = asyncio.Event(), asyncio.Event()
+    real_aclose = _connect.Listener.aclose
+
+    async def slow_aclose(self: _connect.Listener) -> None:  # a close that takes a while
+        closing.set()
+        await go_on.wait()
+        await real_aclose(self)
+
+    monkeypatch.setattr(_connect.Listener, "aclose", slow_aclose)
+    port = free_port()
+    opening = asyncio.create_task(aiokvpipe.open_pipe(HOST, port, rank=0))
+    client = await aiokvpipe.connect(HOST, port, connect_timeout=10)
+    try:
+        async with asyncio.timeout(10):
+            await closing.wait()
+            opening.cancel()
+            go_on.set()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            with pytest.raises(aiokvpipe.BrokenPipe):
+                await client.recv()
+    finally:
+        await close_quietly(client)
+
+
+async def test_listener_aclose_closes_a_pipe_waiting_for_room_as_gracefully_as_the_queued(
+        any_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listener.aclose() with the accept queue full and one more pipe finished, waiting for
+    room: each of their peers sees a graceful close (PipeClosed), none a broken pipe, and
+    the listener's metrics count no pipe broken. (The one waiting was aborted, counted as
+    "peer_closed_connection".)"""
+    from prometheus_client import CollectorRegistry
+    monkeypatch.setattr(_connect, "ACCEPT_QUEUE", 2)
+    registry = CollectorRegistry()
+    lst = await aiokvpipe.listen(HOST, 0, metrics_registry=registry)
+    clients: list[aiokvpipe.Pipe] = []
+    try:
+        async with asyncio.timeout(20):
+            clients = list(await asyncio.gather(*(
+                aiokvpipe.connect(HOST, lst.port, connect_timeout=10) for _ in range(3))))
+            await eventually(lambda: len(lst._ready) == 2 and len(lst._handshakes) == 1, 10,
+                             "two pipes queued, one waiting for room")
+            await lst.aclose()
+            for client in clients:
+                with pytest.raises(aiokvpipe.PipeClosed):
+                    await client.recv()
+        broken = sum(m.value for metric in registry.collect() for m in metric.samples
+                     if m.name == "aiokvpipe_pipes_broken_total")
+        assert broken == 0
+    finally:
+        await lst.aclose()
+        await close_quietly(*clients)
