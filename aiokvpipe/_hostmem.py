@@ -119,6 +119,15 @@ class HostBufferPool:
             self._holders[size] = holder
         return holder
 
+    def close(self) -> None:
+        """Its pipe ended: drop the blocks cached, and those given back later too (a received
+        tensor the application still holds kept the cache, up to ``max_cached_bytes``, of a
+        pipe long gone)."""
+        with self._lock:
+            self._max_cached = 0
+            self._free.clear()
+            self._cached = 0
+
     def _give_back(self, base: torch.Tensor) -> None:
         size = base.numel()
         with self._lock:

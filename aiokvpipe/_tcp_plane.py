@@ -656,6 +656,7 @@ class TcpPlane:
         self._alloc_worker.shutdown()
         self._receiver.fail(exc)
         self._staging.abort(exc)
+        self._pool.close()
         self._close_sock()
 
     def close(self) -> None:
@@ -670,3 +671,4 @@ class TcpPlane:
         self._alloc_worker.shutdown()
         self._receiver.fail(ConnectionAbortedError("data plane closed"))
         self._staging.release()
+        self._pool.close()

@@ -56,6 +56,31 @@ async def test_close_right_after_many_concurrent_sends_delivers_all(
         await asyncio.wait_for(closing, 30)
 
 
+@pytest.mark.parametrize("end", ["aclose", "break"])
+async def test_an_ended_pipe_keeps_no_cache_of_receive_memory(
+        pair_factory: PairFactory, end: str) -> None:
+    """Received CPU tensors' memory is cached for the pipe's next messages: once the pipe
+    ended, the cache is dropped, and memory freed later is not cached again. (Up to
+    recv_buffer_bytes, 513 MiB by default, stayed with a closed pipe, and with any tensor
+    it had received still alive.)"""
+    a, b = await pair_factory()
+    for i in range(3):
+        await a.send(torch.full((MiB,), i, dtype=torch.int32))  # 4 MiB: pooled memory
+    got = [await b.recv() for _ in range(3)]
+    kept = got.pop()
+    del got  # two blocks back in the cache
+    pool = b._plane._pool
+    assert pool.cached_bytes >= 8 * MiB
+    if end == "aclose":
+        await asyncio.wait_for(asyncio.gather(a.aclose(), b.aclose()), 10)
+    else:
+        b._break(ConnectionAbortedError("torn down (test)"))
+    assert pool.cached_bytes == 0
+    assert int(kept[0]) == 2
+    del kept  # freed after the end: not cached either
+    assert pool.cached_bytes == 0
+
+
 async def test_peer_process_closing_right_after_its_last_send_delivers_all(
         spawn_peer: SpawnPeer) -> None:
     # The realistic case of the test above: a prefill process sends and exits at once.
