@@ -332,8 +332,11 @@ class ControlChannel(asyncio.Protocol):
         early = self._early
         if len(early) < _wire.FRAME_PREFIX_BYTES:
             return None
-        # decode_prefix refuses an oversized length before a byte of the body is awaited.
+        # decode_prefix refuses an oversized length before a byte of the body is awaited,
+        # and only a handshake frame (1 KiB at most) is awaited here at all.
         ftype, length = _wire.decode_prefix(early[:_wire.FRAME_PREFIX_BYTES])
+        if ftype not in _wire.HANDSHAKE_FRAMES:
+            raise ProtocolError(f"expected a handshake frame, not {ftype.name}")
         end = _wire.FRAME_PREFIX_BYTES + length
         if len(early) < end:
             if self._reading_paused:

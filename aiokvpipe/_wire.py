@@ -665,6 +665,11 @@ MAX_BODY: Final[dict[FrameType, int]] = {
 }
 
 
+#: The frames of a handshake: before a pipe exists, nothing else is read (a message frame
+#: there, up to 2 MiB, would be buffered whole before its type was refused).
+HANDSHAKE_FRAMES: Final = frozenset((FrameType.HELLO, FrameType.AUTH, FrameType.ACCEPT,
+                                     FrameType.READY, FrameType.ATTACH, FrameType.ERROR))
+
 _HEADER: Final = FrameType.HEADER
 _HEADER_INLINE: Final = FrameType.HEADER_INLINE
 _HEADER_NOTED: Final = FrameType.HEADER_NOTED

@@ -406,6 +406,26 @@ async def test_frames_flooded_before_auth_are_a_protocol_error(
     await good_client_transfers(listener)
 
 
+async def test_a_message_frame_where_auth_is_due_is_refused_from_its_prefix(
+        listener: aiokvpipe.Listener, caplog: pytest.LogCaptureFixture,
+        figures: dict[str, Any]) -> None:
+    """An unauthenticated client announces a 2 MiB HEADER_INLINE where AUTH is due, and sends
+    none of its body: refused from the prefix, at once. (The listener read on, past its
+    256 KiB early-bytes bound, to buffer the whole frame before refusing its type: 2 MiB a
+    connection, 278 MB from 128 of them, until handshake_timeout.)"""
+    n = len(dropped_reasons(caplog))
+    conn = await RawConn.open(HOST, listener.port)
+    prefix = raw_frame(_wire.FrameType.HEADER_INLINE, b"",
+                       length=_wire.MAX_BODY[_wire.FrameType.HEADER_INLINE])
+    await conn.write(hello_bytes(NONCE) + prefix)
+    reason = await wait_dropped(caplog, n)
+    conn.close()
+    figures.update(error=repr(reason))
+    assert isinstance(reason, aiokvpipe.ProtocolError), reason
+    assert "expected a handshake frame, not HEADER_INLINE" in str(reason)
+    await good_client_transfers(listener)
+
+
 async def test_second_hello_during_the_handshake_is_a_protocol_error(
         listener: aiokvpipe.Listener, caplog: pytest.LogCaptureFixture,
         figures: dict[str, Any]) -> None:
