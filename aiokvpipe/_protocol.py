@@ -574,7 +574,8 @@ def refusal(frame: _wire.Frame, during: str) -> PipeError | None:
         return PipeError(f"peer refused the pipe: {frame.text}")
     if frame.code == _wire.ErrorCode.INTERNAL:
         return PeerFailure(f"the peer failed during {during}: {frame.text}")
-    return ProtocolError(f"peer reported an error during {during}: {frame.text}")
+    # The peer's verdict on our bytes: the blame goes our way (ProtocolError still).
+    return PeerSaysProtocolError(f"peer reported an error during {during}: {frame.text}")
 
 
 def _expect(frame: _wire.Frame, kind: type[_F], during: str) -> _F:

@@ -22,6 +22,7 @@ import torch
 
 import aiokvpipe
 from aiokvpipe import _connect, _handshake, _ipc_probe, _wire
+from aiokvpipe._errors import PeerSaysProtocolError
 
 from ._proto import RawClient, RawConn, describe, hello_bytes, raw_frame, raw_header
 from .conftest import HOST, Snapshot, describe_loop_errors
@@ -681,6 +682,13 @@ async def _nccl_forced_on_cpu(conn: RawConn) -> None:
     await _idle(conn)
 
 
+async def _says_we_broke_the_protocol(conn: RawConn) -> None:
+    await conn.read_frame()  # our HELLO: "unreadable", the listener says
+    await conn.write(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL,
+                                              "peer speaks protocol 9, we speak 8")))
+    await _idle(conn)
+
+
 async def _garbage(conn: RawConn) -> None:
     await conn.write(b"SSH-2.0-OpenSSH_9.6\r\n")
     await _idle(conn)
@@ -697,6 +705,9 @@ HOSTILE_SERVERS: dict[str, tuple[Callable[[RawConn], Awaitable[None]],
     "accept-without-proof": (_no_proof_accept, (aiokvpipe.AuthenticationError,), "prove"),
     "oversized-accept": (_oversized_accept, (aiokvpipe.ProtocolError,), "exceeds"),
     "garbage-banner": (_garbage, (aiokvpipe.ProtocolError,), "unknown frame type"),
+    # the listener's verdict on our bytes: the blame is ours (a ProtocolError still)
+    "says-we-broke-the-protocol": (_says_we_broke_the_protocol, (PeerSaysProtocolError,),
+                                   "peer speaks protocol 9"),
     "silent-server": (_silent, (TimeoutError,), ""),
     "nccl-forced-on-a-cpu-client": (_nccl_forced_on_cpu, (aiokvpipe.PipeError,), "nccl"),
 }
