@@ -42,6 +42,7 @@ __all__ = [
     "MAX_SEGMENTS_PER_BLOCK",
     "MAX_POOL_SEGMENTS",
     "MAX_PIPE_SEGMENTS",
+    "MAX_PIPE_TENSORS",
     "BlockPool",
     "TensorLayout",
     "PoolLayout",
@@ -68,6 +69,11 @@ MAX_POOL_SEGMENTS: Final = 1 << 16
 #: Most segments the pools one end describes on one pipe may have together (what the
 #: other end holds for them: about 40 MiB at most).
 MAX_PIPE_SEGMENTS: Final = 1 << 20
+#: Most tensors the pools one end describes on one pipe may have together: each costs the
+#: other end a tensor layout (up to ~2.4 KB: 32 dimensions, a 255-byte name), so at most
+#: ~40 MB (1,024 pools of 1,024 tensors once held 2.5 GB, charged to no credit). A hundred
+#: pools of an 80-layer model's 160 tensors fit.
+MAX_PIPE_TENSORS: Final = 1 << 14
 
 #: ``(src_start, dst_start, length)``: blocks ``src_start .. src_start+length-1`` go to
 #: ``dst_start .. dst_start+length-1``.

@@ -40,6 +40,7 @@ import torch
 from . import _hostmem, _wire
 from ._blocks import (
     MAX_PIPE_SEGMENTS,
+    MAX_PIPE_TENSORS,
     BlockPool,
     PoolLayout,
     check_counts,
@@ -153,8 +154,10 @@ class BlockExchange:
         #: (whose tensors stay alive, so that no other memory takes those addresses).
         self._described: dict[Hashable, tuple[int, bool, BlockPool]] = {}
         self._peer_pools: dict[int, PoolLayout] = {}
-        #: Segments of a block of the pools described so far, ours and the peer's.
+        #: Segments of a block, and tensors, of the pools described so far, ours and the
+        #: peer's.
         self._our_segments = self._peer_segments = 0
+        self._our_tensors = self._peer_tensors = 0
         self._offers_out: dict[int, asyncio.Future[str]] = {}
         #: The PULL answers of our offers whose call was cancelled in the loop iteration the
         #: PULL came in, before that call could see it (send_blocks takes them).
@@ -303,7 +306,12 @@ class BlockExchange:
         if self._our_segments + pool.layout.segments > MAX_PIPE_SEGMENTS:
             raise ValueError(f"the pools described on this pipe would have more than "
                              f"{MAX_PIPE_SEGMENTS} segments a block together")
+        tensors = len(pool.layout.tensors)
+        if self._our_tensors + tensors > MAX_PIPE_TENSORS:
+            raise ValueError(f"the pools described on this pipe would have more than "
+                             f"{MAX_PIPE_TENSORS} tensors together")
         self._our_segments += pool.layout.segments
+        self._our_tensors += tensors
         pool_id = len(self._described)
         pipe = self._pipe
         pipe._write(pipe._proto.send_pool(pool_id, encode_layout(pool_id, pool.layout)))
@@ -477,6 +485,10 @@ class BlockExchange:
             if self._peer_segments > MAX_PIPE_SEGMENTS:  # (what we hold for its layouts)
                 raise ProtocolError(f"the peer's pools have more than {MAX_PIPE_SEGMENTS} "
                                     "segments a block together")
+            self._peer_tensors += len(layout.tensors)
+            if self._peer_tensors > MAX_PIPE_TENSORS:
+                raise ProtocolError(f"the peer's pools have more than {MAX_PIPE_TENSORS} "
+                                    "tensors together")
             self._peer_pools[frame.pool_id] = layout
         elif isinstance(frame, _wire.Offer):
             layout = self._peer_pools[frame.pool_id]

@@ -15,7 +15,12 @@ from conftest import PairFactory, eventually
 
 import aiokvpipe
 from aiokvpipe import BlockPool, _pipe_blocks, _wire
-from aiokvpipe._blocks import MAX_PIPE_SEGMENTS, MAX_POOL_SEGMENTS
+from aiokvpipe._blocks import (
+    MAX_PIPE_SEGMENTS,
+    MAX_PIPE_TENSORS,
+    MAX_POOL_SEGMENTS,
+    MAX_POOL_TENSORS,
+)
 from aiokvpipe._blocks_wire import encode_layout
 from aiokvpipe._pipe_blocks import VIEWS_PER_STEP
 from aiokvpipe._plane import settle_like
@@ -436,6 +441,29 @@ async def test_the_pools_of_one_pipe_are_bounded_in_segments_each_way(
     await eventually(lambda: b._error is not None, 10, "b refused the pool")
     assert isinstance(b._error.__cause__, aiokvpipe.ProtocolError), repr(b._error)
     assert "segments" in str(b._error.__cause__)
+
+
+async def test_the_pools_of_one_pipe_are_bounded_in_tensors_each_way(
+        pair_factory: PairFactory) -> None:
+    # Each tensor of a pool described costs the other end a layout of up to ~2.4 KB: 1,024
+    # pools of 1,024 tensors held 2.5 GB there, charged to no credit.
+    a, b = await pair_factory()
+
+    def wide() -> BlockPool:  # MAX_POOL_TENSORS tensors
+        return BlockPool([torch.zeros(4, 1) for _ in range(MAX_POOL_TENSORS)], block_dim=0)
+
+    for _ in range(MAX_PIPE_TENSORS // MAX_POOL_TENSORS):
+        a._blocks._announce(wide())  # described to the peer: up to the limit
+    with pytest.raises(ValueError, match="tensors together"):
+        async with asyncio.timeout(5):
+            await a.send_blocks(wide(), [0], key="one too many")
+    await round_trip(a, b)  # b took every POOL frame, and both pipes go on
+    assert a._error is None and b._error is None
+    body = encode_layout(9999, wide().layout)  # a peer describing more breaks the pipe
+    a._control.write_encoded(a._proto.send_pool(9999, body))
+    await eventually(lambda: b._error is not None, 10, "b refused the pool")
+    assert isinstance(b._error.__cause__, aiokvpipe.ProtocolError), repr(b._error)
+    assert "tensors together" in str(b._error.__cause__)
 
 
 async def test_a_receiver_makes_the_views_of_a_large_scattered_transfer_turn_by_turn(
