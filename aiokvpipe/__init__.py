@@ -20,6 +20,7 @@ from ._errors import (
 )
 from ._options import PipeOptions
 from ._pipe import Pipe, PipeStats
+from ._protocol import State
 
 __version__ = "0.1.0.dev0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "Listener",
     "Pipe",
     "PipeStats",
+    "State",
     "PipeOptions",
     "BlockPool",
     "PipeError",

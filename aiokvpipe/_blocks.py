@@ -492,8 +492,9 @@ def normalize_layers(pool: BlockPool | PoolLayout, layers: object) -> tuple[int,
 
     ``layers`` is one index or name, or a sequence of them (names only for a dict pool).
     Raises ``TypeError`` for other types (booleans included), :class:`LayerNameError` (a
-    ``KeyError`` and a ``ValueError``) for an unknown name, :class:`BlockIdError`-like ``IndexError`` (also a ``ValueError``) for an index out
-    of range, ``ValueError`` for a tensor named twice or an empty selection.
+    ``KeyError`` and a ``ValueError``) for an unknown name, :class:`BlockIdError` (an
+    ``IndexError`` and a ``ValueError``) for an index out of range, ``ValueError`` for a
+    tensor named twice or an empty selection.
     """
     layout = pool.layout if isinstance(pool, BlockPool) else pool
     count = len(layout.tensors)

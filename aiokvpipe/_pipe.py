@@ -96,6 +96,10 @@ class PipeStats:
     recv_buffered_bytes: int
     #: messages that arrived here and wait for ``recv()``
     recv_buffered_messages: int
+    #: ``send_blocks()``/``recv_blocks()`` calls completed (their bytes count in
+    #: ``bytes_sent``/``bytes_received``, with the messages')
+    block_transfers_sent: int = 0
+    block_transfers_received: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -200,6 +204,7 @@ class Pipe:
         self._ready: dict[str | None, deque[_Incoming]] = {}
         self._waiters: dict[str | None, deque[asyncio.Future[_Incoming]]] = {}
         self._messages_received = 0
+        self._block_transfers_sent = self._block_transfers_received = 0
         self._bytes_received = 0
         self._ready_count = 0
         self._flush_pending = False  # a _flush_credit is scheduled
@@ -547,6 +552,8 @@ class Pipe:
             send_credits=self._credits.capacity - self._credits.in_use,
             recv_buffered_bytes=proto.credit_buffered,
             recv_buffered_messages=self._ready_count,
+            block_transfers_sent=self._block_transfers_sent,
+            block_transfers_received=self._block_transfers_received,
         )
 
     def __repr__(self) -> str:

@@ -275,7 +275,8 @@ class BlockExchange:
             await asyncio.shield(self._start_payload(pool, ids, chosen, offer_id, ready))
         nbytes = pool.layout.block_bytes(chosen) * len(ids)
         pipe._bytes_sent += nbytes
-        pipe._metrics.sent(nbytes, perf_counter() - t0)
+        pipe._block_transfers_sent += 1
+        pipe._metrics.sent_blocks(nbytes, perf_counter() - t0)
 
     def _take_back(self, offer_id: int) -> None:
         """An offer of ours given up before the peer pulled it: RETRACT it (while we may still
@@ -446,7 +447,8 @@ class BlockExchange:
             await asyncio.shield(sink.done)
             nbytes = pool.layout.block_bytes(chosen) * len(ids)
             pipe._bytes_received += nbytes
-            pipe._metrics.received(nbytes, perf_counter() - t0)
+            pipe._block_transfers_received += 1
+            pipe._metrics.received_blocks(nbytes, perf_counter() - t0)
         except BaseException as exc:  # cancelled, or the pipe closed or broke
             self._abandon(sink)
             # What is already posted still writes into the pool: wait for it, so that once

@@ -7,10 +7,14 @@ What is exported (all names start with ``aiokvpipe_``)::
 
     messages_sent_total{pipe}          counter    messages whose send() completed
     messages_received_total{pipe}      counter    messages handed to a recv() caller
-    bytes_sent_total{pipe}             counter    payload bytes of those
+    block_transfers_sent_total{pipe}   counter    send_blocks() calls that completed
+    block_transfers_received_total{pipe} counter  recv_blocks() calls that completed
+    bytes_sent_total{pipe}             counter    payload bytes of those: messages and blocks
     bytes_received_total{pipe}         counter
     send_duration_seconds{pipe}        histogram  send() called -> returned
     recv_duration_seconds{pipe}        histogram  recv() called -> returned (waiting included)
+    send_blocks_duration_seconds{pipe} histogram  send_blocks() called -> returned
+    recv_blocks_duration_seconds{pipe} histogram  recv_blocks() called -> returned
     budget_wait_seconds{pipe}          summary    time send() waited for max_inflight_bytes
     credit_wait_seconds{pipe}          summary    time send() waited for the peer's credits
     inflight_bytes{pipe}               gauge      payload bytes posted and not yet sent
@@ -129,6 +133,8 @@ class PipeMetrics:
                  "_opened", "_ended",
                  "bytes_sent", "send_seconds", "send_buckets",
                  "bytes_received", "recv_seconds", "recv_buckets",
+                 "send_blocks_seconds", "send_blocks_buckets",
+                 "recv_blocks_seconds", "recv_blocks_buckets",
                  "budget_waits", "budget_wait_seconds", "credit_waits", "credit_wait_seconds",
                  "inflight_bytes")
 
@@ -153,6 +159,10 @@ class PipeMetrics:
         self.bytes_received = 0
         self.recv_seconds = 0.0
         self.recv_buckets = [0] * _NBUCKETS
+        self.send_blocks_seconds = 0.0
+        self.send_blocks_buckets = [0] * _NBUCKETS
+        self.recv_blocks_seconds = 0.0
+        self.recv_blocks_buckets = [0] * _NBUCKETS
         self.budget_waits = 0
         self.budget_wait_seconds = 0.0
         self.credit_waits = 0
@@ -180,6 +190,27 @@ class PipeMetrics:
         self.bytes_received += nbytes
         self.recv_seconds += seconds
         self.recv_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def sent_blocks(self, nbytes: int, seconds: float) -> None:
+        """A ``send_blocks()`` of ``nbytes`` returned after ``seconds`` (a block transfer,
+        not a message: its bytes count with the messages', its call apart)."""
+        if not self._live:
+            if self._late_hooks_count:
+                self._late(sent_blocks=(nbytes, seconds))
+            return
+        self.bytes_sent += nbytes
+        self.send_blocks_seconds += seconds
+        self.send_blocks_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def received_blocks(self, nbytes: int, seconds: float) -> None:
+        """A ``recv_blocks()`` of ``nbytes`` returned after ``seconds``."""
+        if not self._live:
+            if self._late_hooks_count:
+                self._late(received_blocks=(nbytes, seconds))
+            return
+        self.bytes_received += nbytes
+        self.recv_blocks_seconds += seconds
+        self.recv_blocks_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def waited_budget(self, seconds: float) -> None:
         """A ``send()`` waited ``seconds`` for ``max_inflight_bytes`` to free up."""
@@ -233,13 +264,12 @@ class PipeMetrics:
             self._collector.detach(self, cause)
             self._late_hooks_count = self._named
 
-    def _late(self, *, sent: tuple[int, float] | None = None,
-              received: tuple[int, float] | None = None, budget: float | None = None,
-              credits: float | None = None) -> None:
+    def _late(self, **hook: Any) -> None:
         # A hook after the end (say a recv() of a message that arrived before the close):
-        # only a named series outlives its pipe to count it.
+        # only a named series outlives its pipe to count it. ``hook``: one of
+        # _Totals.record's keywords.
         if self._collector is not None:
-            self._collector.add_late(self.label, sent, received, budget, credits)
+            self._collector.add_late(self.label, hook)
 
     def __repr__(self) -> str:
         state = ("disabled" if not self.enabled else "ended" if self._ended
@@ -265,14 +295,19 @@ class _Totals:
 
     __slots__ = ("bytes_sent", "send_seconds", "send_buckets",
                  "bytes_received", "recv_seconds", "recv_buckets",
+                 "send_blocks_seconds", "send_blocks_buckets",
+                 "recv_blocks_seconds", "recv_blocks_buckets",
                  "budget_waits", "budget_wait_seconds", "credit_waits", "credit_wait_seconds",
                  "inflight_bytes")
 
     def __init__(self) -> None:
         self.bytes_sent = self.bytes_received = 0
         self.send_seconds = self.recv_seconds = 0.0
+        self.send_blocks_seconds = self.recv_blocks_seconds = 0.0
         self.send_buckets = [0] * _NBUCKETS
         self.recv_buckets = [0] * _NBUCKETS
+        self.send_blocks_buckets = [0] * _NBUCKETS
+        self.recv_blocks_buckets = [0] * _NBUCKETS
         self.budget_waits = self.credit_waits = 0
         self.budget_wait_seconds = self.credit_wait_seconds = 0.0
         self.inflight_bytes = 0  # always 0: an ended pipe has nothing in flight
@@ -285,34 +320,45 @@ class _Totals:
     def messages_received(self) -> int:
         return sum(self.recv_buckets)
 
+    @property
+    def block_transfers_sent(self) -> int:
+        return sum(self.send_blocks_buckets)
+
+    @property
+    def block_transfers_received(self) -> int:
+        return sum(self.recv_blocks_buckets)
+
     def add(self, m: PipeMetrics | _Totals) -> None:
         self.bytes_sent += m.bytes_sent
-        self.send_seconds += m.send_seconds
         self.bytes_received += m.bytes_received
-        self.recv_seconds += m.recv_seconds
         self.budget_waits += m.budget_waits
         self.budget_wait_seconds += m.budget_wait_seconds
         self.credit_waits += m.credit_waits
         self.credit_wait_seconds += m.credit_wait_seconds
         self.inflight_bytes += m.inflight_bytes
-        # list() first: the owner's loop may be adding to it meanwhile
-        for i, n in enumerate(list(m.send_buckets)):
-            self.send_buckets[i] += n
-        for i, n in enumerate(list(m.recv_buckets)):
-            self.recv_buckets[i] += n
+        for way in _WAYS:
+            setattr(self, f"{way}_seconds",
+                    getattr(self, f"{way}_seconds") + getattr(m, f"{way}_seconds"))
+            mine = getattr(self, f"{way}_buckets")
+            # list() first: the owner's loop may be adding to it meanwhile
+            for i, n in enumerate(list(getattr(m, f"{way}_buckets"))):
+                mine[i] += n
 
 
-    def record(self, sent: tuple[int, float] | None, received: tuple[int, float] | None,
-               budget: float | None, credits: float | None) -> None:
+    def record(self, sent: tuple[int, float] | None = None,
+               received: tuple[int, float] | None = None,
+               sent_blocks: tuple[int, float] | None = None,
+               received_blocks: tuple[int, float] | None = None,
+               budget: float | None = None, credits: float | None = None) -> None:
         """Count one late hook (see PipeMetrics._late); the caller holds the lock."""
-        if sent is not None:
-            self.bytes_sent += sent[0]
-            self.send_seconds += sent[1]
-            self.send_buckets[bisect_left(LATENCY_BUCKETS, sent[1])] += 1
-        if received is not None:
-            self.bytes_received += received[0]
-            self.recv_seconds += received[1]
-            self.recv_buckets[bisect_left(LATENCY_BUCKETS, received[1])] += 1
+        for call, way, attr in ((sent, "send", "bytes_sent"),
+                                (received, "recv", "bytes_received"),
+                                (sent_blocks, "send_blocks", "bytes_sent"),
+                                (received_blocks, "recv_blocks", "bytes_received")):
+            if call is not None:
+                setattr(self, attr, getattr(self, attr) + call[0])
+                setattr(self, f"{way}_seconds", getattr(self, f"{way}_seconds") + call[1])
+                getattr(self, f"{way}_buckets")[bisect_left(LATENCY_BUCKETS, call[1])] += 1
         if budget is not None:
             self.budget_waits += 1
             self.budget_wait_seconds += budget
@@ -335,6 +381,8 @@ class _Label:
 
 
 _P: Final = "aiokvpipe_"
+#: The calls timed, each with its ``<way>_seconds`` and ``<way>_buckets``.
+_WAYS: Final = ("send", "recv", "send_blocks", "recv_blocks")
 
 
 _BUCKET_LABELS: Final[tuple[str, ...]] = (
@@ -378,13 +426,11 @@ class _Collector:
                 entry.retired = _Totals()
             entry.retired.add(m)
 
-    def add_late(self, label: str, sent: tuple[int, float] | None,
-                 received: tuple[int, float] | None, budget: float | None,
-                 credits: float | None) -> None:
+    def add_late(self, label: str, hook: dict[str, Any]) -> None:
         with self._lock:
             entry = self._labels.get(label)
             if entry is not None and entry.retired is not None:
-                entry.retired.record(sent, received, budget, credits)
+                entry.retired.record(**hook)
 
     def refused(self, reason: RefusalReason) -> None:
         with self._lock:
@@ -416,11 +462,18 @@ class _Collector:
 
         yield counter("messages_sent", "Messages whose send() completed.", "messages_sent")
         yield counter("messages_received", "Messages returned by recv().", "messages_received")
-        yield counter("bytes_sent", "Payload bytes of the messages sent.", "bytes_sent")
-        yield counter("bytes_received", "Payload bytes of the messages received.",
+        yield counter("block_transfers_sent", "send_blocks() calls that completed.",
+                      "block_transfers_sent")
+        yield counter("block_transfers_received", "recv_blocks() calls that completed.",
+                      "block_transfers_received")
+        yield counter("bytes_sent", "Payload bytes sent: messages and blocks.", "bytes_sent")
+        yield counter("bytes_received", "Payload bytes received: messages and blocks.",
                       "bytes_received")
         for way, doc in (("send", "send() called to returned, seconds."),
-                         ("recv", "recv() called to returned (waiting included), seconds.")):
+                         ("recv", "recv() called to returned (waiting included), seconds."),
+                         ("send_blocks", "send_blocks() called to returned, seconds."),
+                         ("recv_blocks", "recv_blocks() called to returned (waiting "
+                                         "included), seconds.")):
             h = HistogramMetricFamily(_P + f"{way}_duration_seconds", doc, labels=["pipe"])
             for label, t in totals.items():
                 counts: list[int] = getattr(t, f"{way}_buckets")

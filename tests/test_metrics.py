@@ -60,6 +60,15 @@ def test_messages_bytes_and_latency_histograms_each_way(registry: CollectorRegis
     assert bucket(registry, "recv", "0.2", "prefill") == 0
     assert bucket(registry, "recv", "0.5", "prefill") == 1
     assert value(registry, "recv_duration_seconds_sum", pipe="prefill") == 0.25
+    m.sent_blocks(1 << 16, 2e-3)  # a block transfer: its bytes with the messages', its call
+    m.received_blocks(1 << 10, 0.3)  # counted and timed apart
+    assert value(registry, "bytes_sent_total", pipe="prefill") == 4196 + (1 << 16)
+    assert value(registry, "bytes_received_total", pipe="prefill") == (1 << 20) + (1 << 10)
+    assert value(registry, "messages_sent_total", pipe="prefill") == 3
+    assert value(registry, "block_transfers_sent_total", pipe="prefill") == 1
+    assert value(registry, "block_transfers_received_total", pipe="prefill") == 1
+    assert bucket(registry, "send_blocks", "0.002", "prefill") == 1
+    assert value(registry, "recv_blocks_duration_seconds_sum", pipe="prefill") == 0.3
 
 
 def test_buckets_span_10us_to_10s() -> None:
@@ -165,6 +174,10 @@ def test_named_series_outlive_the_pipe_and_continue_with_the_next(
     first.received(8, 2e-3)  # a message claimed after the end still counts
     assert value(registry, "messages_received_total", pipe="decode") == 1
     assert bucket(registry, "recv", "0.002", "decode") == 1
+    first.received_blocks(64, 0.1)  # so does a block transfer ending after it
+    assert value(registry, "block_transfers_received_total", pipe="decode") == 1
+    assert value(registry, "bytes_received_total", pipe="decode") == 72
+    assert value(registry, "recv_blocks_duration_seconds_sum", pipe="decode") == 0.1
     first.waited_budget(1.0)
     first.waited_credits(1.0)
     assert value(registry, "budget_wait_seconds_sum", pipe="decode") == 1.0

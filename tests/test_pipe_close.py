@@ -111,8 +111,10 @@ async def test_peer_process_closing_right_after_its_last_send_delivers_all(
 
 async def test_calls_after_close_raise_pipeclosed_on_both_ends(pipe_pair: Pair) -> None:
     a, b = pipe_pair
+    assert a.state is aiokvpipe.State.OPEN  # (public: comparable without private imports)
     await a.send(pipe_peer.seq_tensor(0, 64))
     await a.aclose()
+    assert a.state is aiokvpipe.State.CLOSED
     with pytest.raises(aiokvpipe.PipeClosed):
         await a.send(torch.ones(1))
     with pytest.raises(aiokvpipe.PipeClosed):
