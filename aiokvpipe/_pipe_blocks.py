@@ -29,7 +29,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -93,6 +93,23 @@ DISCARDED: Final = "the receiver discarded this key"
 #: iteration, held the 2-core VM's loop for 13–27 ms. With 2,048 a request's sender still
 #: lagged 4.2–6.6 ms (p99) there, with 1,024 3.7–4.0 ms.
 VIEWS_PER_STEP: Final = 1024
+
+
+@dataclass(eq=False)
+class _Refusal:
+    """A ``recv_blocks`` that failed on its own arguments (a bad id, a layer it does not
+    have): the offers meant for it are refused with its reason, so that the peer's
+    ``send_blocks`` raises too rather than wait for ever, each of its layers once, until a
+    new ``recv_blocks`` asks for the key."""
+
+    why: str
+    #: the layers still to refuse; None: whichever come first (the call's layers were bad)
+    missing: set[int] | None
+
+
+#: Keys with refusals kept at most (the oldest forgotten first): a receiver failing calls
+#: for keys nobody sends must not grow without bound.
+MAX_REFUSED_KEYS: Final = 4096
 
 
 @dataclass(eq=False)
@@ -164,6 +181,7 @@ class BlockExchange:
         self._late_pulls: dict[int, str] = {}
         self._offers_in: dict[str | None, deque[_wire.Offer]] = {}
         self._sinks: dict[str | None, list[_Sink]] = {}
+        self._refusals: OrderedDict[str | None, deque[_Refusal]] = OrderedDict()
         self._incoming: dict[int, _Incoming] = {}
         #: The offers of our pools the peer copies out of itself (ipc), pulled but not yet
         #: copied (the PULLED answer completes them).
@@ -418,9 +436,14 @@ class BlockExchange:
                           layers: object) -> None:
         pipe = self._pipe
         t0 = perf_counter()
-        key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
-        _check_device(pipe, pool)
+        try:
+            key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
+            _check_device(pipe, pool)
+        except (TypeError, ValueError) as exc:
+            self._refuse_for(pool, key, layers, exc)
+            raise
         _check_can_recv_blocks(pipe)
+        self._refusals.pop(key, None)  # asked for again: its offers are taken from now on
         was_discarded = pipe._proto.is_discarded(key)
         pipe._proto.undiscard(key)  # asked for again: offers for it are taken from now on
         if not ids:  # nothing to move (the peer's send_blocks of none offers nothing)
@@ -565,16 +588,61 @@ class BlockExchange:
     def _refuse(self, offer: _wire.Offer, why: str) -> None:
         self._send_pull(offer.offer_id, why)
 
+    def _refuse_for(self, pool: object, key: object, layers: object, exc: Exception) -> None:
+        """A ``recv_blocks`` failed on its arguments: refuse the offers meant for it, those
+        waiting and those to come (see :class:`_Refusal`), so that their senders hear why.
+        (A key that is itself bad names no offers.)"""
+        try:
+            key = check_key(key)
+        except (TypeError, ValueError):
+            return
+        missing: set[int] | None = None
+        if isinstance(pool, BlockPool):
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                missing = set(_normalize_layers(pool, layers))
+        refusal = _Refusal(f"the receiver's recv_blocks failed: {exc}", missing)
+        for offer in list(self._offers_in.get(key, ())):
+            if self._refused_by(refusal, offer):
+                self._unqueue(offer)
+            if refusal.missing is not None and not refusal.missing:
+                return
+        self._refusals.setdefault(key, deque()).append(refusal)
+        self._refusals.move_to_end(key)
+        if len(self._refusals) > MAX_REFUSED_KEYS:
+            self._refusals.popitem(last=False)
+
+    def _refused_by(self, refusal: _Refusal, offer: _wire.Offer) -> bool:
+        """Refuse ``offer`` if ``refusal`` covers its layers (then they are done)."""
+        if refusal.missing is None:  # the first offer to come fixes the layers: all of them
+            refusal.missing = set(range(len(self._peer_pools[offer.pool_id].tensors)))
+        if not refusal.missing.issuperset(offer.layers):
+            return False
+        refusal.missing.difference_update(offer.layers)
+        self._refuse(offer, refusal.why)
+        return True
+
+    def _unqueue(self, offer: _wire.Offer) -> None:
+        queue = self._offers_in[offer.key]
+        queue.remove(offer)
+        if not queue:
+            del self._offers_in[offer.key]
+
     def _try_match(self, offer: _wire.Offer) -> None:
         for sink in self._sinks.get(offer.key, ()):
             if not sink.live or not sink.missing.issuperset(offer.layers):
                 continue  # (a call being cancelled takes nothing: a later one will)
-            queue = self._offers_in[offer.key]
-            queue.remove(offer)
-            if not queue:
-                del self._offers_in[offer.key]
+            self._unqueue(offer)
             self._pull(sink, offer)
             return
+        refusals = self._refusals.get(offer.key)
+        for refusal in refusals or ():
+            if self._refused_by(refusal, offer):
+                self._unqueue(offer)
+                if not refusal.missing:
+                    refusals.remove(refusal)  # type: ignore[union-attr]
+                    if not refusals:
+                        del self._refusals[offer.key]
+                return
 
     def _pull(self, sink: _Sink, offer: _wire.Offer) -> None:
         pipe = self._pipe

@@ -158,6 +158,37 @@ async def test_bad_destination_ids_are_refused_before_anything_moves(
     assert not a.closed and not b.closed
 
 
+@pytest.mark.parametrize("bad", ["id-out-of-range", "id-twice", "layer-name"])
+@pytest.mark.parametrize("offer_first", [False, True])
+async def test_a_receive_failing_on_its_arguments_fails_the_peers_sends_for_it_too(
+        pair_factory: PairFactory, bad: str, offer_first: bool) -> None:
+    """recv_blocks with a bad destination id, an id named twice, or a layer name its pool
+    lacks raises on its own end; the peer's send_blocks for it (here one per layer, sent
+    before or after) is refused with that reason, each at once, instead of waiting for ever
+    for a receive. A new recv_blocks for the key then takes offers again."""
+    a, b = await pair_factory()
+    src = BlockPool({"k": torch.ones(8, 4), "v": torch.full((8, 4), 2.0)}, block_dim=0)
+    dst = BlockPool({"k": torch.zeros(8, 4), "v": torch.zeros(8, 4)}, block_dim=0)
+    ids, layers = {"id-out-of-range": ([99], None), "id-twice": ([3, 3], None),
+                   "layer-name": ([3, 4], "K")}[bad]
+    async with asyncio.timeout(10):
+        sends = [asyncio.create_task(a.send_blocks(src, [1, 2], key="r", layers=[name]))
+                 for name in ("k", "v")]
+        if offer_first:
+            await eventually(lambda: len(b._blocks._offers_in.get("r", ())) == 2, 5,
+                             "both offers wait at b")
+        with pytest.raises(ValueError):
+            await b.recv_blocks(dst, ids, key="r", layers=layers)
+        for sent in await asyncio.gather(*sends, return_exceptions=True):
+            assert isinstance(sent, ValueError), sent
+            assert "recv_blocks failed" in str(sent), sent
+        assert not dst.tensors[0].any() and not dst.tensors[1].any()  # nothing moved
+        # The key is not spoiled: a later pair of calls moves the blocks.
+        await asyncio.gather(a.send_blocks(src, [1, 2], key="r"),
+                             b.recv_blocks(dst, [3, 4], key="r"))
+    assert torch.equal(dst.tensors[1][3:5], src.tensors[1][1:3])
+
+
 async def test_a_send_cancelled_before_the_pull_moves_nothing(pair_factory: PairFactory
                                                               ) -> None:
     a, b = await pair_factory(recv_buffer_bytes=1 << 20)
