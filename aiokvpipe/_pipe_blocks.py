@@ -74,7 +74,7 @@ from ._plane import (
     mark_read,
     settle_like,
 )
-from ._protocol import offer_cost
+from ._protocol import failed_offer_cost, offer_cost
 
 if TYPE_CHECKING:
     from ._pipe import Pipe
@@ -179,7 +179,8 @@ class BlockExchange:
         #: The PULL answers of our offers whose call was cancelled in the loop iteration the
         #: PULL came in, before that call could see it (send_blocks takes them).
         self._late_pulls: dict[int, str] = {}
-        self._offers_in: dict[str | None, deque[_wire.Offer]] = {}
+        #: The peer's offers (and failed offers) waiting for a matching receive, by key.
+        self._offers_in: dict[str | None, deque[_wire.Offer | _wire.OfferFailed]] = {}
         self._sinks: dict[str | None, list[_Sink]] = {}
         self._refusals: OrderedDict[str | None, deque[_Refusal]] = OrderedDict()
         self._incoming: dict[int, _Incoming] = {}
@@ -229,15 +230,23 @@ class BlockExchange:
                           layers: object) -> None:
         pipe = self._pipe
         t0 = perf_counter()
-        key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
-        _check_device(pipe, pool)
+        try:
+            key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
+            _check_device(pipe, pool)
+        except (TypeError, ValueError) as exc:
+            self._tell_failed(pool, key, layers, exc)
+            raise
         pipe._check_can_send()
         if not ids:  # nothing to move: no offer (the peer's recv_blocks of none returns too)
             return
         ready = _mark_stream(pool)  # what the caller's stream has queued at the call
         await self._ready_to_move(pool, receiving=False)
         pipe._check_can_send()
-        pool_id, peer_copies = self._announce(pool)
+        try:
+            pool_id, peer_copies = self._announce(pool)
+        except ValueError as exc:  # more pools, or larger, than a pipe describes
+            self._tell_failed(pool, key, chosen, exc)
+            raise
         if peer_copies and ready is not None:
             # The peer reads the blocks as soon as it pulls: offer them once the caller's
             # stream has written them. Cancelled here, nothing was offered.
@@ -295,6 +304,30 @@ class BlockExchange:
         pipe._bytes_sent += nbytes
         pipe._block_transfers_sent += 1
         pipe._metrics.sent_blocks(nbytes, perf_counter() - t0)
+
+    def _tell_failed(self, pool: object, key: object, layers: object, exc: Exception) -> None:
+        """A ``send_blocks`` failed on its arguments: tell the peer, whose receive for it
+        then fails too (OFFER_FAILED) rather than wait for ever. Best effort: not on a pipe
+        that ends, nor without the credit it costs at once (a key that is itself bad names
+        no receive)."""
+        pipe = self._pipe
+        try:
+            key = check_key(key)
+        except (TypeError, ValueError):
+            return
+        chosen: tuple[int, ...] = ()  # (none: the layers were what was wrong)
+        if isinstance(pool, BlockPool):
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                chosen = _normalize_layers(pool, layers)
+        why = f"the sender's send_blocks failed: {exc}".encode()[:_wire.MAX_ERROR_TEXT_BYTES]
+        text = why.decode(errors="ignore")  # (what the frame carries: its cost is that)
+        cost = failed_offer_cost(key, len(chosen), text)
+        if (pipe._error is not None or pipe._proto.close_sent or pipe._closed_here
+                or not pipe._credits.try_acquire(cost)):
+            return
+        pipe._proto.spend(cost)
+        with contextlib.suppress(PipeError):  # the connection is gone: so is the receive
+            pipe._write(pipe._proto.send_offer_failed(key, chosen, text))
 
     def _take_back(self, offer_id: int) -> None:
         """An offer of ours given up before the peer pulled it: RETRACT it (while we may still
@@ -535,6 +568,13 @@ class BlockExchange:
                 self._pipe._proto.undiscard(frame.key)
             self._offers_in.setdefault(frame.key, deque()).append(frame)
             self._try_match(frame)
+        elif isinstance(frame, _wire.OfferFailed):
+            if (self._pipe._proto.is_discarded(frame.key)
+                    and not any(sink.live for sink in self._sinks.get(frame.key, ()))):
+                self._refuse(frame, DISCARDED)  # (dropped: nobody waits for it)
+                return
+            self._offers_in.setdefault(frame.key, deque()).append(frame)
+            self._try_match(frame)
         elif isinstance(frame, _wire.Pull):
             fut = self._offers_out.pop(frame.offer_id, None)
             copied = self._copies_out.get(frame.offer_id)
@@ -585,8 +625,12 @@ class BlockExchange:
             self._refuse(offer, DISCARDED)
         return len(offers)
 
-    def _refuse(self, offer: _wire.Offer, why: str) -> None:
-        self._send_pull(offer.offer_id, why)
+    def _refuse(self, offer: _wire.Offer | _wire.OfferFailed, why: str) -> None:
+        if isinstance(offer, _wire.OfferFailed):  # nothing waits for an answer: dropped
+            self._pipe._proto.failed_offer_taken(offer.offer_id)
+            self._pipe.credit_released()
+        else:
+            self._send_pull(offer.offer_id, why)
 
     def _refuse_for(self, pool: object, key: object, layers: object, exc: Exception) -> None:
         """A ``recv_blocks`` failed on its arguments: refuse the offers meant for it, those
@@ -611,8 +655,13 @@ class BlockExchange:
         if len(self._refusals) > MAX_REFUSED_KEYS:
             self._refusals.popitem(last=False)
 
-    def _refused_by(self, refusal: _Refusal, offer: _wire.Offer) -> bool:
+    def _refused_by(self, refusal: _Refusal, offer: _wire.Offer | _wire.OfferFailed
+                    ) -> bool:
         """Refuse ``offer`` if ``refusal`` covers its layers (then they are done)."""
+        if isinstance(offer, _wire.OfferFailed):  # both calls failed: they pair up
+            refusal.missing = set()
+            self._refuse(offer, refusal.why)
+            return True
         if refusal.missing is None:  # the first offer to come fixes the layers: all of them
             refusal.missing = set(range(len(self._peer_pools[offer.pool_id].tensors)))
         if not refusal.missing.issuperset(offer.layers):
@@ -621,18 +670,24 @@ class BlockExchange:
         self._refuse(offer, refusal.why)
         return True
 
-    def _unqueue(self, offer: _wire.Offer) -> None:
+    def _unqueue(self, offer: _wire.Offer | _wire.OfferFailed) -> None:
         queue = self._offers_in[offer.key]
         queue.remove(offer)
         if not queue:
             del self._offers_in[offer.key]
 
-    def _try_match(self, offer: _wire.Offer) -> None:
+    def _try_match(self, offer: _wire.Offer | _wire.OfferFailed) -> None:
         for sink in self._sinks.get(offer.key, ()):
             if not sink.live or not sink.missing.issuperset(offer.layers):
                 continue  # (a call being cancelled takes nothing: a later one will)
             self._unqueue(offer)
-            self._pull(sink, offer)
+            if isinstance(offer, _wire.OfferFailed):
+                # The send meant for this call failed on its arguments: so does the call.
+                self._refuse(offer, "")
+                if not sink.done.done():
+                    sink.done.set_exception(ValueError(offer.error))
+            else:
+                self._pull(sink, offer)
             return
         refusals = self._refusals.get(offer.key)
         for refusal in refusals or ():

@@ -357,6 +357,9 @@ class PipeProtocol:
     #   BLOCK_DATA(id); payload on the plane ─▶ received straight into the named blocks
     #   (ipc: the receiver copies out of the sender's pool itself, then PULLED(id) ◀──)
     #   RETRACT(id)  (the sender gave up before the PULL)  ──▶
+    #   OFFER_FAILED(id, key, layers, why) ──▶  instead of an OFFER: the send_blocks() failed
+    #                                           on its arguments; the matching receive fails
+    #                                           (answered by nothing: its credit goes back)
 
     def send_pool(self, pool_id: int, layout: bytes) -> bytes:
         """Describe one of our pools to the peer (once per pipe, before its first offer)."""
@@ -373,6 +376,24 @@ class PipeProtocol:
         self.next_offer_id += 1
         self._offers_out[offer_id] = _OfferState.OFFERED
         return offer_id, frame
+
+    def send_offer_failed(self, key: str | None, layers: tuple[int, ...], error: str) -> bytes:
+        """Tell the peer that a ``send_blocks`` for ``key`` failed on its arguments; the
+        caller has reserved :func:`failed_offer_cost` of credit (:meth:`spend`). Nothing
+        answers it."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot offer blocks in state {self.state.name}")
+        frame = _wire.encode(_wire.OfferFailed(self.next_offer_id, key, layers, error))
+        self.next_offer_id += 1
+        return frame
+
+    def failed_offer_taken(self, offer_id: int) -> None:
+        """The peer's failed offer was matched to a receive (or dropped): its credit goes
+        back."""
+        entry = self._offers_in.pop(offer_id, None)
+        if entry is None or entry[0] is not _OfferState.OFFERED:
+            raise LocalProtocolError(f"offer {offer_id} is not waiting")
+        self.release(entry[1])
 
     def send_retract(self, offer_id: int) -> bytes:
         """Give up an offer the peer has not pulled."""
@@ -434,15 +455,18 @@ class PipeProtocol:
                 raise ProtocolError(f"more than {_wire.MAX_POOLS} pools")
             self._peer_pools.add(frame.pool_id)
             return True
-        if isinstance(frame, _wire.Offer):
+        if isinstance(frame, (_wire.Offer, _wire.OfferFailed)):
             if self.close_received:
                 raise ProtocolError("block offer after the peer's CLOSE")
             if frame.offer_id != self.next_offer_in:
                 raise ProtocolError(f"offer #{frame.offer_id} where #{self.next_offer_in} "
                                     "was due")
-            if frame.pool_id not in self._peer_pools:
+            if isinstance(frame, _wire.OfferFailed):
+                cost = failed_offer_cost(frame.key, len(frame.layers), frame.error)
+            elif frame.pool_id not in self._peer_pools:
                 raise ProtocolError(f"offer of pool {frame.pool_id}, never described")
-            cost = offer_cost(len(frame.ids), len(frame.layers))
+            else:
+                cost = offer_cost(len(frame.ids), len(frame.layers))
             if self.credit_held and self.credit_held + cost > self.recv_buffer_bytes:
                 raise ProtocolError("peer offered beyond the receive credits it was granted")
             self.credit_held += cost
@@ -521,8 +545,8 @@ class _OfferState(enum.Enum):
     SENDING = "sending"
 
 
-_BLOCK_FRAMES: Final = frozenset({_wire.PoolInfo, _wire.Offer, _wire.Pull, _wire.BlockData,
-                                  _wire.Retract, _wire.Pulled})
+_BLOCK_FRAMES: Final = frozenset({_wire.PoolInfo, _wire.Offer, _wire.OfferFailed, _wire.Pull,
+                                  _wire.BlockData, _wire.Retract, _wire.Pulled})
 
 
 #: Credit a block offer's id or layer index costs: an int of a tuple the receiver holds
@@ -534,6 +558,12 @@ def offer_cost(blocks: int, layers: int) -> int:
     """Credit a block offer holds at the receiver until answered: its frame and bookkeeping
     (the blocks themselves land in memory the receiver already has)."""
     return _wire.MESSAGE_OVERHEAD_BYTES + _OFFER_ITEM_BYTES * (blocks + layers)
+
+
+def failed_offer_cost(key: str | None, layers: int, error: str) -> int:
+    """Credit a failed offer holds at the receiver until a receive takes it: its texts too."""
+    return (offer_cost(0, layers) + (0 if key is None else len(key.encode()))
+            + len(error.encode()))
 
 
 def _remote_error(frame: _wire.Error) -> Exception:

@@ -30,7 +30,7 @@ MAGIC: Final = b"AKVP"
 #: 8: a CPU pool's block transfer over tcp in staging chunks, one BLOCK_DATA each; 7: a grant
 #: of 0 credits is the transport's default; 6: credits weigh specs; 5: a plane's note in a
 #: header; 4: ipc
-PROTOCOL_VERSION: Final = 8
+PROTOCOL_VERSION: Final = 9
 
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = 32
@@ -89,6 +89,7 @@ class FrameType(enum.IntEnum):
     PULLED = 26  # the receiver copied the blocks itself (ipc): the sender may reuse them
     SIGNAL = 27  # the data plane's own records (ipc: regions, copies, acks), in stream order
     HEADER_NOTED = 28  # a HEADER carrying the data plane's note on its payload (ipc: where)
+    OFFER_FAILED = 29  # a send_blocks() failed on its own arguments: its receive fails too
 
 
 class Transport(enum.IntEnum):
@@ -406,6 +407,26 @@ class Pull:
 
 
 @dataclass(frozen=True, slots=True)
+class OfferFailed:
+    """In place of an offer (numbered as one): the sender's ``send_blocks`` for ``key``
+    failed on its own arguments, saying ``error``; the receive meant for it fails too.
+    ``layers``: the pool's tensors it named, or none if those were what was wrong."""
+
+    offer_id: int
+    key: str | None
+    layers: tuple[int, ...]
+    error: str
+
+    def __post_init__(self) -> None:
+        _check_u("offer id", self.offer_id, 64)
+        if len(self.layers) > MAX_TENSORS:
+            raise ProtocolError(f"a failed offer names {len(self.layers)} tensors")
+        if len(self.error.encode()) > MAX_ERROR_TEXT_BYTES:
+            object.__setattr__(self, "error", self.error.encode()[:MAX_ERROR_TEXT_BYTES]
+                               .decode(errors="ignore"))
+
+
+@dataclass(frozen=True, slots=True)
 class BlockData:
     offer_id: int
 
@@ -421,7 +442,7 @@ class Pulled:
 
 
 Frame = (Hello | Auth | Accept | Ready | Attach | Error | Header | Credit | Heartbeat | Close
-         | PoolInfo | Offer | Pull | BlockData | Retract | Pulled | Signal)
+         | PoolInfo | Offer | OfferFailed | Pull | BlockData | Retract | Pulled | Signal)
 
 def message_cost(payload_bytes: int, specs: Sequence[TensorSpec]) -> int:
     """Credits one message consumes at the receiver until it is claimed by ``recv()``: its
@@ -483,6 +504,7 @@ _CREDIT_FRAME = struct.Struct(">BBHIQ")
 _OFFER_FIXED = struct.Struct(">QIHHI")
 _POOL_FIXED = struct.Struct(">II")  # pool id, layout length
 _PULL_FIXED = struct.Struct(">QH")  # offer id, error text length
+_OFFER_FAILED_FIXED = struct.Struct(">QHHH")  # offer id, key length, layers, error length
 _STRUCTURE_OF = {int(s): s for s in Structure}
 _TENSOR_COUNT = {Structure.NONE: (0, 0), Structure.TENSOR: (1, 1),
                  Structure.LIST: (0, MAX_TENSORS), Structure.DICT: (0, MAX_TENSORS)}
@@ -538,6 +560,16 @@ def encode(frame: Frame) -> bytes:
             key, struct.pack(f">{len(frame.layers)}H", *frame.layers),
             struct.pack(f">{len(frame.ids)}I", *frame.ids)])
         ftype = FrameType.OFFER
+    elif isinstance(frame, OfferFailed):
+        key = b"" if frame.key is None else frame.key.encode()
+        if len(key) > MAX_KEY_BYTES:
+            raise ValueError(f"key is over {MAX_KEY_BYTES} bytes in UTF-8")
+        error = frame.error.encode()
+        body = b"".join([
+            _OFFER_FAILED_FIXED.pack(frame.offer_id, 0xFFFF if frame.key is None else len(key),
+                                     len(frame.layers), len(error)),
+            key, struct.pack(f">{len(frame.layers)}H", *frame.layers), error])
+        ftype = FrameType.OFFER_FAILED
     elif isinstance(frame, PoolInfo):
         body = _POOL_FIXED.pack(frame.pool_id, len(frame.layout)) + frame.layout
         ftype = FrameType.POOL
@@ -656,6 +688,7 @@ MAX_BODY: Final[dict[FrameType, int]] = {
     FrameType.POOL: 8 + MAX_LAYOUT_BYTES,
     FrameType.OFFER: 20 + MAX_KEY_BYTES + 2 * MAX_TENSORS + 4 * MAX_OFFER_BLOCKS,
     FrameType.PULL: 10 + MAX_ERROR_TEXT_BYTES,
+    FrameType.OFFER_FAILED: 14 + MAX_KEY_BYTES + 2 * MAX_TENSORS + MAX_ERROR_TEXT_BYTES,
     FrameType.BLOCK_DATA: 8,
     FrameType.RETRACT: 8,
     FrameType.PULLED: 8,
@@ -766,6 +799,16 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
         layers = struct.unpack(f">{nlayers}H", r.take(2 * nlayers))
         block_ids = struct.unpack(f">{nids}I", r.take(4 * nids))
         frame = Offer(offer_id, pool_id, key, layers, block_ids)
+    elif ftype is FrameType.OFFER_FAILED:
+        offer_id, key_len, nlayers, error_len = r.unpack(_OFFER_FAILED_FIXED)
+        key = None
+        if key_len != 0xFFFF:
+            if key_len > MAX_KEY_BYTES:
+                raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
+            key = r.text(key_len)
+        layers = struct.unpack(f">{nlayers}H", r.take(2 * nlayers))
+        frame = OfferFailed(offer_id, key, layers,
+                            bytes(r.take(error_len)).decode(errors="replace"))
     elif ftype is FrameType.POOL:
         pool_id, length = r.unpack(_POOL_FIXED)
         frame = PoolInfo(pool_id, bytes(r.take(length)))

@@ -189,6 +189,40 @@ async def test_a_receive_failing_on_its_arguments_fails_the_peers_sends_for_it_t
     assert torch.equal(dst.tensors[1][3:5], src.tensors[1][1:3])
 
 
+@pytest.mark.parametrize("bad", ["id-out-of-range", "layer-name", "layer-index"])
+@pytest.mark.parametrize("receive_first", [False, True])
+async def test_a_send_failing_on_its_arguments_fails_the_peers_receive_for_it_too(
+        pair_factory: PairFactory, bad: str, receive_first: bool) -> None:
+    """send_blocks with a source id outside its pool or a layer its pool lacks raises on its
+    own end, and tells the peer (OFFER_FAILED): the recv_blocks meant for it, waiting or
+    made later, raises that reason at once instead of waiting for ever. The credit it cost
+    comes back, and the key goes on."""
+    a, b = await pair_factory()
+    src = BlockPool({"k": torch.ones(8, 4), "v": torch.full((8, 4), 2.0)}, block_dim=0)
+    dst = BlockPool({"k": torch.zeros(8, 4), "v": torch.zeros(8, 4)}, block_dim=0)
+    ids, layers = {"id-out-of-range": ([99], None), "layer-name": ([1], "K"),
+                   "layer-index": ([1], 5)}[bad]
+    credits = a.stats.send_credits
+    async with asyncio.timeout(10):
+        receiving = None
+        if receive_first:
+            receiving = asyncio.create_task(b.recv_blocks(dst, [3], key="r"))
+            await eventually(lambda: bool(b._blocks._sinks.get("r")), 5, "the receive waits")
+        with pytest.raises(ValueError):
+            await a.send_blocks(src, ids, key="r", layers=layers)
+        if receiving is None:
+            await eventually(lambda: bool(b._blocks._offers_in.get("r")), 5, "word at b")
+            receiving = asyncio.create_task(b.recv_blocks(dst, [3], key="r"))
+        with pytest.raises(ValueError, match="send_blocks failed"):
+            await receiving
+        assert not dst.tensors[0].any() and not dst.tensors[1].any()
+        await round_trip(a, b)  # (b's answer carries the credit back to a)
+        assert a.stats.send_credits == credits
+        await asyncio.gather(a.send_blocks(src, [1], key="r"),
+                             b.recv_blocks(dst, [3], key="r"))
+    assert torch.equal(dst.tensors[1][3], src.tensors[1][1])
+
+
 async def test_a_send_cancelled_before_the_pull_moves_nothing(pair_factory: PairFactory
                                                               ) -> None:
     a, b = await pair_factory(recv_buffer_bytes=1 << 20)
@@ -310,7 +344,10 @@ async def test_more_ids_than_one_offer_names_is_a_value_error_before_anything_mo
     wide = BlockPool([torch.zeros(_wire.MAX_OFFER_BLOCKS + 1, 2)], block_dim=0)
     with pytest.raises(ValueError, match="limit"):
         await b.recv_blocks(wide, range(_wire.MAX_OFFER_BLOCKS + 1), key="big")
-    assert a.stats.send_credits == credits and a._proto.next_offer_id == 0
+    # Both calls failed: a's told b (OFFER_FAILED, an offer's id and credit), b paired it
+    # with its own failed receive and gave the credit back.
+    await round_trip(a, b)
+    assert a.stats.send_credits == credits and not b._blocks._offers_in
     fill_blocks(src, [3], seed=11)
     async with asyncio.timeout(10):
         await asyncio.gather(a.send_blocks(src, [3], key="k"), b.recv_blocks(dst, [4], key="k"))

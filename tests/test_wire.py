@@ -52,6 +52,7 @@ from aiokvpipe._wire import (
     Heartbeat,
     Hello,
     Offer,
+    OfferFailed,
     PoolInfo,
     Pull,
     Pulled,
@@ -189,6 +190,8 @@ SAMPLE_FRAMES: dict[str, _wire.Frame] = {
     "pool-empty-max-id": PoolInfo((1 << 32) - 1, b""),
     "offer": Offer(0, 2, "req-17", (0, 5, 63), (7, 3, 3, 1 << 31)),
     "offer-unkeyed-no-blocks": Offer((1 << 64) - 1, 0, None, (1,), ()),
+    "offer-failed": OfferFailed(9, "req-17", (0, 2), "block id 99 is outside the pool ✗"),
+    "offer-failed-unkeyed-no-layers": OfferFailed((1 << 64) - 1, None, (), ""),
     "pull": Pull(4),
     "pull-refused": Pull(5, "pools do not fit: tensor 0 is bfloat16 here ✗"),
     "block-data": BlockData(6),
@@ -204,7 +207,7 @@ SAMPLES = list(SAMPLE_FRAMES.values())
 def test_samples_cover_every_frame_type() -> None:
     kinds = {type(f) for f in SAMPLES}
     assert kinds == {Hello, Auth, Accept, Ready, Attach, Error, Header, Credit, Heartbeat, Close,
-                     PoolInfo, Offer, Pull, BlockData, Retract, Pulled, Signal}
+                     PoolInfo, Offer, OfferFailed, Pull, BlockData, Retract, Pulled, Signal}
     types = {_wire.decode_prefix(encode(f)[:FRAME_PREFIX_BYTES])[0] for f in SAMPLES}
     assert types == set(FrameType)
 

@@ -645,7 +645,7 @@ async def _idle(conn: RawConn) -> None:
 
 
 async def _bad_version(conn: RawConn) -> None:
-    await _server_hello(conn, version=9)
+    await _server_hello(conn, version=_wire.PROTOCOL_VERSION + 1)
     await _idle(conn)
 
 
@@ -685,7 +685,7 @@ async def _nccl_forced_on_cpu(conn: RawConn) -> None:
 async def _says_we_broke_the_protocol(conn: RawConn) -> None:
     await conn.read_frame()  # our HELLO: "unreadable", the listener says
     await conn.write(_wire.encode(_wire.Error(_wire.ErrorCode.PROTOCOL,
-                                              "peer speaks protocol 9, we speak 8")))
+                                              "peer speaks protocol 10, we speak 9")))
     await _idle(conn)
 
 
@@ -700,14 +700,15 @@ async def _silent(conn: RawConn) -> None:
 
 HOSTILE_SERVERS: dict[str, tuple[Callable[[RawConn], Awaitable[None]],
                                   tuple[type[BaseException], ...], str]] = {
-    "wrong-version": (_bad_version, (aiokvpipe.ProtocolError,), "protocol 9"),
+    "wrong-version": (_bad_version, (aiokvpipe.ProtocolError,),
+                      f"protocol {_wire.PROTOCOL_VERSION + 1}"),
     "forged-accept-proof": (_forged_accept, (aiokvpipe.AuthenticationError,), "prove"),
     "accept-without-proof": (_no_proof_accept, (aiokvpipe.AuthenticationError,), "prove"),
     "oversized-accept": (_oversized_accept, (aiokvpipe.ProtocolError,), "exceeds"),
     "garbage-banner": (_garbage, (aiokvpipe.ProtocolError,), "unknown frame type"),
     # the listener's verdict on our bytes: the blame is ours (a ProtocolError still)
     "says-we-broke-the-protocol": (_says_we_broke_the_protocol, (PeerSaysProtocolError,),
-                                   "peer speaks protocol 9"),
+                                   "peer speaks protocol 10"),
     "silent-server": (_silent, (TimeoutError,), ""),
     "nccl-forced-on-a-cpu-client": (_nccl_forced_on_cpu, (aiokvpipe.PipeError,), "nccl"),
 }
