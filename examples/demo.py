@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="requests per streaming mode in the time-to-first-token comparison "
                         "(0: skip)")
     p.add_argument("--ttft-prompt-bytes", type=int, default=1000,
-                   help="prompt length (tokens) of the time-to-first-token comparison")
+                   help="prompt length (bytes of text, about as many tokens for this "
+                        "byte-level model) of the time-to-first-token comparison")
     p.add_argument(
         "--token", default=None, help="shared pipe secret (default: a random one per run)"
     )

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from aiokvpipe.bench import blocks, common, gpu, ipc, measure
 from aiokvpipe.bench.endpoints import OursEndpoint
@@ -167,7 +168,18 @@ def test_bench_cuda_refuses_cleanly_without_two_gpus() -> None:
     if out.returncode == 0:
         pytest.skip("this machine ran the GPU bench")
     assert out.returncode == 2
-    assert "CuPy" in out.stderr or "two CUDA devices" in out.stderr
+    if not torch.cuda.is_available():  # (torch's CPU build: CuPy would not help)
+        assert "needs a GPU and a CUDA build of torch" in out.stderr
+        for transport in ("ipc", "nccl"):
+            out = run_cli("bench", "--device", "cuda", "--transport", transport, timeout=30)
+            assert out.returncode == 2 and "CUDA build of torch" in out.stderr
+    else:
+        assert "CuPy" in out.stderr or "two CUDA devices" in out.stderr
+
+
+def test_bench_refuses_a_transport_the_cpu_suite_does_not_measure() -> None:
+    out = run_cli("bench", "--transport", "ipc", timeout=30)
+    assert out.returncode == 2 and "--transport ipc is for --device cuda" in out.stderr
 
 
 def test_bench_plot_without_matplotlib_says_so() -> None:
@@ -230,7 +242,7 @@ def test_bench_blocks_tiny_run_on_the_cpu(tmp_path: Path) -> None:
                   "--blocks-layers", "4", "--seconds", "0.2", "--repeat", "1",
                   "--json", str(report), timeout=90)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "pools of 64 blocks, scaled down from the issue's 4,096 (--blocks-pool)" in out.stdout
+    assert "pools of 64 blocks, scaled down from the full-size 4,096 (--blocks-pool)" in out.stdout
     assert "16 blocks × 4 layers × K,V × 32 KiB = 4 MiB" in out.stdout
     rows = {line.split("  ")[0].strip() + "|" + line.split("  ")[1].strip(): line
             for line in out.stdout.splitlines() if line.startswith("tcp (cpu)")}

@@ -63,8 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "8B-Llama-shaped pool (512 MiB at random block ids) beside the same "
                         "bytes as one buffer; with --device cpu (tcp) or cuda (nccl, tcp, ipc)")
     p.add_argument("--blocks-pool", type=int, metavar="N",
-                   help="blocks per pool (default 4096 on cuda, the issue's; 1024 on cpu, "
-                        "2 GiB per process)")
+                   help="blocks per pool (default 4096 on cuda, 8 GiB per process; 1024 on "
+                        "cpu, 2 GiB per process)")
     p.add_argument("--blocks-request", type=int, metavar="N", default=REQUEST_BLOCKS,
                    help=f"blocks per request (default {REQUEST_BLOCKS}: 4,096 tokens)")
     p.add_argument("--blocks-layers", type=int, metavar="N", default=LAYERS,
@@ -188,8 +188,8 @@ def run(args: argparse.Namespace, loop: str) -> int:
     pool_bytes = shape["pool_blocks"] * shape["layers"] * 2 * KV_BLOCK_BYTES
     route = ("cpu" if device == "cpu" else
              f"cuda:0 → {receiver_device}" + (" (ONE GPU: nccl over sockets)" if one_gpu else ""))
-    issue = " (the issue's)" if shape["pool_blocks"] == 4096 else (
-        ", scaled down from the issue's 4,096 (--blocks-pool)")
+    issue = " (the full-size pool)" if shape["pool_blocks"] == 4096 else (
+        ", scaled down from the full-size 4,096 (--blocks-pool)")
     sender_device = "cpu" if device == "cpu" else "cuda:0"
 
     # With --one-gpu, the disguise (two hosts to NCCL and to our handshake) would hide from

@@ -100,5 +100,9 @@ def main(args: argparse.Namespace) -> int:
     if args.repeat is not None and args.repeat < 1:
         print("bench: --repeat must be at least 1", file=sys.stderr)
         return 2
+    if args.device == "cpu" and args.transport != "auto":
+        print(f"bench: --transport {args.transport} is for --device cuda (the cpu suite "
+              "measures tcp)", file=sys.stderr)
+        return 2
     suite = blocks.run if args.blocks else SUITES[args.device]  # --blocks: on cpu or cuda
     return suite(args, "uvloop" if use_uvloop else "asyncio")

@@ -114,9 +114,20 @@ def gpu_report(summary: Summary, sizes: list[int], quick: bool) -> tuple[str, li
     return t.render()
 
 
+def no_cuda() -> bool:
+    """Say why ``--device cuda`` cannot run here (no GPU, or torch's CPU build); True then."""
+    if torch.cuda.is_available():
+        return False
+    print(f"bench: --device cuda needs a GPU and a CUDA build of torch (torch "
+          f"{torch.__version__} here sees none)", file=sys.stderr)
+    return True
+
+
 def run(args: argparse.Namespace, loop: str) -> int:
     """Run the GPU suite (``args`` as parsed by :func:`.cli.add_parser`) with ours on
     ``loop``; returns the exit status."""
+    if no_cuda():
+        return 2
     if importlib.util.find_spec("cupy") is None:
         print("bench: --device cuda needs CuPy with NCCL (pip install 'aiokvpipe[cuda12]' or "
               "'[cuda13]')", file=sys.stderr)

@@ -117,8 +117,7 @@ def ipc_report(summary: Summary, sizes: list[int]) -> tuple[str, list[Json]]:
 
 def run(args: argparse.Namespace, loop: str) -> int:
     """Run the one-host suite; returns the exit status."""
-    if not torch.cuda.is_available():
-        print("bench: --device cuda needs a CUDA device", flush=True)
+    if gpu.no_cuda():
         return 2
     sizes = sizes_or_none(args, QUICK_SIZES if args.quick else IPC_SIZES)
     if sizes is None:
