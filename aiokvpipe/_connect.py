@@ -634,8 +634,14 @@ async def connect(host: str, port: int, options: PipeOptions | None = None,
     device = await normalize_device_async(options.device)
     loop = asyncio.get_running_loop()
     sock = await _open_socket(loop, host, port, loop.time() + options.connect_timeout)
-    async with asyncio.timeout(options.handshake_timeout):
-        return await _client_handshake(loop, sock, host, port, options, device)
+    try:
+        async with asyncio.timeout(options.handshake_timeout):
+            return await _client_handshake(loop, sock, host, port, options, device)
+    except TimeoutError as exc:
+        if exc.args:  # (a timeout of the handshake's own, already saying which)
+            raise
+        raise TimeoutError(f"the handshake with {host}:{port} did not finish within "
+                           f"handshake_timeout={options.handshake_timeout:g} s") from None
 
 
 async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str,

@@ -492,11 +492,13 @@ class Pipe:
                 await asyncio.wait_for(asyncio.shield(self._finished.wait()),
                                        self._close_timeout)
                 return
-            except TimeoutError as exc:
+            except TimeoutError:
                 # A large transfer still moving is not a stuck close: wait on while bytes move.
                 now = self._progress()
                 if now == progress:
-                    self._break(exc)
+                    self._break(TimeoutError(
+                        f"the graceful close did not finish within close_timeout="
+                        f"{self._close_timeout:g} s, nothing moving meanwhile"))
                     return
                 progress = now
             except asyncio.CancelledError:

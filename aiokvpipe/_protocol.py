@@ -705,8 +705,10 @@ class ServerHandshake:
         auth = _expect(frame, _wire.Auth, "handshake")
         if self._token and not _handshake.verify(self._token, True, self.client.nonce,
                                                  self._nonce, auth.proof):
-            raise Refused(_wire.Error(_wire.ErrorCode.AUTHENTICATION, "authentication failed"),
-                          AuthenticationError("peer failed authentication"))
+            raise Refused(_wire.Error(_wire.ErrorCode.AUTHENTICATION,
+                                      "authentication failed: the tokens differ (give both "
+                                      "ends the same token= or AIOKVPIPE_TOKEN)"),
+                          AuthenticationError("peer failed authentication: the tokens differ"))
         self._step = "choose"
 
     def choose_transport(self, *, ipc_proven: bool = False) -> Transport:

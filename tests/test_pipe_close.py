@@ -238,6 +238,17 @@ async def test_listener_async_with_and_aclose(any_loop: str) -> None:
         await aiokvpipe.connect(HOST, port, connect_timeout=0.2)
 
 
+async def test_a_close_the_peer_never_answers_breaks_saying_which_timeout(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory(close_timeout=0.3)
+    b._control._transport.pause_reading()  # frozen: it never reads our CLOSE
+    await asyncio.wait_for(a.aclose(), 10)
+    with pytest.raises(aiokvpipe.BrokenPipe) as info:
+        await a.wait_closed()
+    cause = info.value.__cause__
+    assert isinstance(cause, TimeoutError) and "close_timeout=0.3 s" in str(cause), cause
+
+
 async def test_close_waits_on_while_a_large_transfer_is_still_moving(
         pair_factory: PairFactory) -> None:
     # close_timeout bounds a *stuck* close; a transfer that takes longer but keeps moving

@@ -709,7 +709,7 @@ HOSTILE_SERVERS: dict[str, tuple[Callable[[RawConn], Awaitable[None]],
     # the listener's verdict on our bytes: the blame is ours (a ProtocolError still)
     "says-we-broke-the-protocol": (_says_we_broke_the_protocol, (PeerSaysProtocolError,),
                                    "peer speaks protocol 10"),
-    "silent-server": (_silent, (TimeoutError,), ""),
+    "silent-server": (_silent, (TimeoutError,), "within handshake_timeout=1 s"),
     "nccl-forced-on-a-cpu-client": (_nccl_forced_on_cpu, (aiokvpipe.PipeError,), "nccl"),
 }
 
