@@ -433,6 +433,15 @@ class IpcPlane:
             else:
                 self._on_record(rec)
 
+    def unclaimed(self) -> str | None:
+        """Once every message the peer sent arrived (a graceful close): what it signalled
+        that none of them claims, a violation, or None."""
+        if self._copies:
+            return f"{len(self._copies)} COPY record(s) that no message claims"
+        if self._decoder.buffered:
+            return f"{self._decoder.buffered} bytes of an unfinished record"
+        return None
+
     @property
     def stats(self) -> dict[str, int | str]:
         """What the plane holds: its mode, regions exported and mapped, ring bytes; and what

@@ -1144,6 +1144,10 @@ class Pipe:
             return
         if self._finished.is_set() or self._error is not None:
             return
+        left = self._signalling.unclaimed() if self._signalling is not None else None
+        if left is not None:  # (a real sender writes a copy's record with its header)
+            self._break(ProtocolError(f"the peer closed the pipe having signalled {left}"))
+            return
         self._fail_waiters(PipeClosed("the peer closed the pipe and everything it sent "
                                       "was received"))
         self._finished.set()

@@ -105,6 +105,11 @@ class SignallingPlane(DataPlane, Protocol):
         own as they are: the pipe breaks."""
         ...
 
+    def unclaimed(self) -> str | None:
+        """Once every message the peer sent arrived (a graceful close): what it signalled
+        that none of them claims, a violation, or None."""
+        ...
+
     def hold_copies(self) -> None:
         """The pipe hands the plane one read's frames: receives they start may complete
         together (:meth:`release_copies`, in the same loop iteration, always called)."""

@@ -605,13 +605,41 @@ async def pull_after_break() -> str:
     return "recv_blocks raised after the copy ran"
 
 
+async def unclaimed_at_close() -> str:
+    """The peer signals a copy no message of its own claims (a COPY record, or the start of
+    one), then closes saying it sent nothing more: a ProtocolError, not a graceful end.
+    (The pipe ended gracefully, the record left behind.)"""
+    import struct
+    from aiokvpipe import _wire
+    copy = encode_record(CopyRecord((Piece(0, 0, 16),), True))
+    outcomes = []
+    for records in ("copy", "half"):
+        a, b, leaked = await _pair()
+        region = next(iter(b._plane._mappings))
+        data = (copy[:4] + struct.pack(">I", region) + copy[8:] if records == "copy"
+                else struct.pack(">BBH", 4, 1, 1))  # a COPY record's head, no piece
+        a._control._transport.write(_wire.encode_signal(data)
+                                    + _wire.encode(_wire.Close(b._proto.next_recv_seq)))
+        try:
+            await asyncio.wait_for(b.wait_closed(), 5)
+            raise AssertionError("the pipe ended gracefully")
+        except aiokvpipe.BrokenPipe as exc:
+            assert isinstance(exc.__cause__, aiokvpipe.ProtocolError), repr(exc.__cause__)
+            outcomes.append(str(exc.__cause__))
+        await asyncio.wait_for(asyncio.gather(a.aclose(), b.aclose(),
+                                              return_exceptions=True), 5)
+        assert not leaked, leaked
+    assert "no message claims" in outcomes[0] and "unfinished record" in outcomes[1], outcomes
+    return "; ".join(outcomes)
+
+
 SCENARIOS: dict[str, Callable[[], Any]] = {
     "allocation": allocation, "launch": launch, "release_never_raises": release_never_raises,
     "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse,
     "pool_partial": pool_partial, "exports_pinned": exports_pinned,
     "regions_bounded": regions_bounded, "ring_freed": ring_freed, "blame": blame,
     "offer_kept": offer_kept, "offer_discarded": offer_discarded,
-    "pull_after_break": pull_after_break}
+    "pull_after_break": pull_after_break, "unclaimed_at_close": unclaimed_at_close}
 
 if __name__ == "__main__":
     print("ok:", uvloop.run(SCENARIOS[sys.argv[1]]()))

@@ -4,7 +4,8 @@ send() it answers at once, a block pool's failed export pinning nothing; the pro
 exports within the regions the consumer maps, with pools holding many; the staging ring
 freed when the pipe broke while it was allocated; whose failure a ring or a mapping that
 cannot be made is; block pulls: a call cancelled before its PULL takes nothing, a break
-ends a call only once the copy into its blocks ran; through
+ends a call only once the copy into its blocks ran; records no message claims at a close
+are the peer's violation; through
 two real ipc pipes with CUDA faked at the driver seam (``tests/ipc_fake_receive.py`` says
 how; each scenario runs in its own process, as the fake patches ``torch.cuda``). The real
 planes run on a GPU (tests/test_pipe_ipc.py, tests/test_ipc_cuda.py)."""
@@ -25,7 +26,8 @@ SCRIPT = Path(__file__).resolve().parent / "ipc_fake_receive.py"
                                       "retire", "answer", "acked", "region_reuse",
                                       "pool_partial", "exports_pinned", "regions_bounded",
                                       "ring_freed", "blame", "offer_kept",
-                                      "offer_discarded", "pull_after_break"])
+                                      "offer_discarded", "pull_after_break",
+                                      "unclaimed_at_close"])
 def test_deferred_receives(scenario: str) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), scenario], capture_output=True,
                           text=True, timeout=50)
