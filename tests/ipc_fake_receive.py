@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 import uvloop  # noqa: E402
 
 import aiokvpipe  # noqa: E402
-from aiokvpipe import _cudaipc, _ipc_plane, _pipe_blocks  # noqa: E402
+from aiokvpipe import _cudaipc, _ipc_plane, _pipe_blocks, _wire  # noqa: E402
 from aiokvpipe._dtypes import code_of  # noqa: E402
 from aiokvpipe._errors import PeerSaysProtocolError  # noqa: E402
 from aiokvpipe._ipc_plane import IpcPlane  # noqa: E402
@@ -609,8 +610,6 @@ async def unclaimed_at_close() -> str:
     """The peer signals a copy no message of its own claims (a COPY record, or the start of
     one), then closes saying it sent nothing more: a ProtocolError, not a graceful end.
     (The pipe ended gracefully, the record left behind.)"""
-    import struct
-    from aiokvpipe import _wire
     copy = encode_record(CopyRecord((Piece(0, 0, 16),), True))
     outcomes = []
     for records in ("copy", "half"):
