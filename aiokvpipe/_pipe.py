@@ -202,7 +202,9 @@ class Pipe:
         # receiving
         self._incoming: deque[_Incoming] = deque()
         self._ready: dict[str | None, deque[_Incoming]] = {}
-        self._waiters: dict[str | None, deque[asyncio.Future[_Incoming]]] = {}
+        #: recv() calls in line, by key, in call order; the first are woken (done): one for
+        #: each message of ``_ready`` (see _wake)
+        self._waiters: dict[str | None, deque[asyncio.Future[None]]] = {}
         self._messages_received = 0
         self._block_transfers_sent = self._block_transfers_received = 0
         self._bytes_received = 0
@@ -334,50 +336,88 @@ class Pipe:
         if key is not None:
             key = check_key(key)
         self._proto.undiscard(key)  # (unkeyed messages too, after a discard(None))
-        ready = self._ready.get(key)
-        if ready and self._error is None:
-            item = self._pop_ready(key)
-            if self._yield_due():
-                # The message is ours already (a recv() called meanwhile takes the next one);
-                # cancelled here, it goes back to the front for the next matching recv().
-                try:
-                    await asyncio.sleep(0)
-                except asyncio.CancelledError:
-                    self._hand_back(item)
-                    raise
-            return self._claim(item, t0)
-        self._check_can_recv()
-        fut: asyncio.Future[_Incoming] = self._loop.create_future()
+        if self._error is not None:
+            raise fresh(self._error)
+        if key not in self._waiters and self._ready.get(key) and not self._yield_due():
+            # First in line with a message at hand: taken without a suspension.
+            return self._claim(self._pop_ready(key), t0)
+        # In line, in call order: woken once a message is there for us (at once if one is),
+        # and it is taken only when we run, the first one there. A recv() cancelled meanwhile
+        # takes nothing and passes its wake-up on, so messages still go out in call order.
+        fut: asyncio.Future[None] = self._loop.create_future()
         waiters = self._waiters.get(key)
         if waiters is None:
             waiters = self._waiters[key] = deque()
         waiters.append(fut)
+        self._wake(key)
         try:
-            item = await fut
+            if not fut.done():
+                self._check_can_recv()
+                await fut
+            else:  # (a yield was due: one loop turn first, holding our place in line)
+                await asyncio.sleep(0)
             # The loop turned while this waited: the calls since are what may starve it.
             self._calls_since_yield = 0
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._hand_back(fut.result())
-            else:
-                try:
-                    waiters.remove(fut)
-                except ValueError:
-                    pass
-                if not waiters and self._waiters.get(key) is waiters:
-                    del self._waiters[key]
+        except BaseException:
+            self._leave(key, fut)
             raise
+        item = self._pop_ready(key)
+        self._left(key, fut)
         return self._claim(item, t0)
 
-    def _hand_back(self, item: _Incoming) -> None:
-        """A message a cancelled recv() had taken: first in line again, unless its key was
-        discarded meanwhile (a request given up: cancel, then discard). Then it is dropped,
-        its credits back: nobody will ask for it, and held, they would stall the senders."""
-        if self._proto.is_discarded(item.key):
+    def _wake(self, key: str | None) -> None:
+        """Wake the first waiting recv(key) calls, one for each message at hand (those woken
+        already count, each has one waiting for it)."""
+        waiters = self._waiters.get(key)
+        ready = self._ready.get(key)
+        if not waiters or not ready:
+            return
+        spare = len(ready)
+        for fut in waiters:
+            if fut.cancelled():
+                continue  # (it leaves when its task runs)
+            if not fut.done():
+                fut.set_result(None)
+            spare -= 1
+            if not spare:
+                return
+
+    def _left(self, key: str | None, fut: asyncio.Future[None]) -> None:
+        """``fut``'s recv() is out of line (it took its message, or gave up)."""
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(fut)
+            if not waiters:
+                del self._waiters[key]
+
+    def _leave(self, key: str | None, fut: asyncio.Future[None]) -> None:
+        """``fut``'s recv() gives up (cancelled, or the pipe cannot deliver): a message it
+        was woken for goes to the next in line; with nobody left waiting for a key given up
+        meanwhile (cancel, then discard), it is dropped, its credits back (held, they would
+        stall the senders)."""
+        self._left(key, fut)
+        self._wake(key)
+        if self._proto.is_discarded(key) and not self._waiting_for(key):
+            if self._drop_ready(key):
+                self.credit_released(now=True)
+
+    def _drop_ready(self, key: str | None) -> int:
+        """Drop the messages of ``key`` that arrived and no woken recv() is owed; how many."""
+        ready = self._ready.get(key)
+        if not ready:
+            return 0
+        owed = sum(1 for fut in self._waiters.get(key, ())
+                   if fut.done() and not fut.cancelled() and fut.exception() is None)
+        dropped = 0
+        while len(ready) > owed:
+            item = ready.pop()
             self._return_credit(item.cost)
-            self.credit_released(now=True)
-        else:
-            self._deliver(item, front=True)
+            self._ready_count -= 1
+            dropped += 1
+        if not ready:
+            del self._ready[key]
+        return dropped
 
     def discard(self, key: str | None) -> int:
         """Give up the messages with ``key``: those that arrived and wait unclaimed, those
@@ -395,12 +435,7 @@ class Pipe:
         """
         key = check_key(key)
         self._proto.discard(key)
-        dropped = self._blocks.discard(key)
-        ready = self._ready.pop(key, None)
-        for item in ready or ():
-            self._return_credit(item.cost)
-            self._ready_count -= 1
-            dropped += 1
+        dropped = self._blocks.discard(key) + self._drop_ready(key)
         if dropped:
             self.credit_released(now=True)  # "at once", as the docstring says
         if self._waiting_for(key):
@@ -982,15 +1017,6 @@ class Pipe:
 
     def _deliver(self, item: _Incoming, front: bool = False) -> None:
         key = item.key
-        waiters = self._waiters.get(key)
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(item)
-                if not waiters:
-                    del self._waiters[key]
-                return
-        self._waiters.pop(key, None)
         ready = self._ready.get(key)
         if ready is None:
             ready = self._ready[key] = deque()
@@ -999,6 +1025,8 @@ class Pipe:
         else:
             ready.append(item)
         self._ready_count += 1
+        if key in self._waiters:
+            self._wake(key)
 
     def _pop_ready(self, key: str | None) -> _Incoming:
         ready = self._ready[key]
@@ -1089,12 +1117,19 @@ class Pipe:
                 pass  # the control channel reports the loss itself
 
     def _fail_waiters(self, exc: PipeError) -> None:
-        for waiters in self._waiters.values():
+        """Fail the recv() calls waiting; those woken already take the message they were
+        woken for (it is there), so they stay in line."""
+        for key, waiters in list(self._waiters.items()):
             for fut in waiters:
                 if not fut.done():
                     fut.set_exception(fresh(exc))
                     fut.exception()
-        self._waiters.clear()
+            waiters = deque(fut for fut in waiters
+                            if not fut.cancelled() and fut.exception() is None)
+            if waiters:
+                self._waiters[key] = waiters
+            else:
+                del self._waiters[key]
 
     # -- ending -------------------------------------------------------------------------------
 

@@ -177,6 +177,27 @@ async def test_a_message_left_to_a_recv_that_then_gave_up_is_dropped(small_pipe)
     assert receiver.stats.recv_buffered_messages == 0
 
 
+async def test_a_woken_recv_cancelled_after_a_discard_leaves_its_message_to_the_next_waiting(
+        small_pipe) -> None:
+    """Two recv(key) wait; a message comes for the first; discard(key) (the second still
+    waits: nothing dropped); the first is cancelled before it ran: the second gets that
+    message. (It was dropped, as if nobody waited, and the second got the next one.)"""
+    sender, receiver = small_pipe
+    first = asyncio.create_task(receiver.recv(key="k"))
+    second = asyncio.create_task(receiver.recv(key="k"))
+    await eventually(lambda: len(receiver._waiters.get("k", ())) == 2, 5, "both wait")
+    await sender.send(torch.tensor([1]), key="k")
+    while receiver.stats.messages_received < 1:  # (the test's timeout bounds it)
+        await asyncio.sleep(0)
+    assert not first.done()  # woken, not yet run
+    assert receiver.discard("k") == 0
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    async with asyncio.timeout(10):
+        assert (await second).tolist() == [1]
+
+
 def _while_a_payload_arrives(receiver: Any, act: Any) -> list[Any]:
     """Run ``act()`` once, right after the read that brings a message's header while its
     payload is still on the way; returns the list its result goes to."""

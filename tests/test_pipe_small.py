@@ -159,12 +159,38 @@ async def test_recv_cancelled_at_its_yield_loses_nothing(pair_factory: PairFacto
     for i in range(3):
         await a.send(torch.full((8,), i, dtype=torch.int32))
     await eventually(lambda: b.stats.recv_buffered_messages == 3, 5, "all arrived")
-    b._calls_since_yield = YIELD_EVERY - 1  # the next recv() yields after taking message 0
+    b._calls_since_yield = YIELD_EVERY - 1  # the next recv() yields before taking message 0
     task = asyncio.create_task(b.recv())
+    later = asyncio.create_task(b.recv())  # called while it yields: in line behind it
     await asyncio.sleep(0)  # it runs up to its yield
-    assert b.stats.recv_buffered_messages == 2
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert b.stats.recv_buffered_messages == 3
-    assert [int((await b.recv())[0]) for _ in range(3)] == [0, 1, 2]
+    # The one called next gets message 0, not 1. (The first took message 0 before its yield
+    # and gave it back once cancelled, after the second had taken message 1.)
+    assert int((await asyncio.wait_for(later, 5))[0]) == 0
+    assert [int((await b.recv())[0]) for _ in range(2)] == [1, 2]
+
+
+async def test_a_woken_recv_cancelled_before_it_ran_passes_its_message_to_the_next_in_line(
+        pair_factory: PairFactory) -> None:
+    """Two recv() calls wait; two messages arrive in one read, one for each; the first call
+    is cancelled before its task runs: the second gets the first message, a third call the
+    second. (The first message was bound to the first call: handed back, it came after the
+    second, which the second call had got.)"""
+    a, b = await pair_factory()
+    first, second = asyncio.create_task(b.recv()), asyncio.create_task(b.recv())
+    await eventually(lambda: len(b._waiters.get(None, ())) == 2, 5, "both wait")
+    a._calls_since_yield = 0  # (no yield between the two sends)
+    assert a._control.hold()  # both messages in one write, read together
+    for i in range(2):
+        await a.send(torch.full((8,), i, dtype=torch.int32))
+    a._control.release()
+    while b.stats.messages_received < 2:  # (the test's timeout bounds it)
+        await asyncio.sleep(0)
+    assert not first.done() and not second.done()  # woken, not yet run
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert int((await asyncio.wait_for(second, 5))[0]) == 0
+    assert int((await asyncio.wait_for(b.recv(), 5))[0]) == 1
