@@ -107,9 +107,10 @@ class _Refusal:
     missing: set[int] | None
 
 
-#: Keys with refusals kept at most (the oldest forgotten first): a receiver failing calls
-#: for keys nobody sends must not grow without bound.
+#: Keys with refusals kept at most, and refusals a key (the oldest forgotten first): a
+#: receiver failing calls for keys nobody sends must not grow without bound.
 MAX_REFUSED_KEYS: Final = 4096
+MAX_REFUSALS_PER_KEY: Final = 64
 
 
 @dataclass(eq=False)
@@ -234,7 +235,7 @@ class BlockExchange:
             key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
             _check_device(pipe, pool)
         except (TypeError, ValueError) as exc:
-            self._tell_failed(pool, key, layers, exc)
+            await self._tell_failed(pool, key, layers, exc)
             raise
         pipe._check_can_send()
         if not ids:  # nothing to move: no offer (the peer's recv_blocks of none returns too)
@@ -245,7 +246,7 @@ class BlockExchange:
         try:
             pool_id, peer_copies = self._announce(pool)
         except ValueError as exc:  # more pools, or larger, than a pipe describes
-            self._tell_failed(pool, key, chosen, exc)
+            await self._tell_failed(pool, key, chosen, exc)
             raise
         if peer_copies and ready is not None:
             # The peer reads the blocks as soon as it pulls: offer them once the caller's
@@ -305,11 +306,13 @@ class BlockExchange:
         pipe._block_transfers_sent += 1
         pipe._metrics.sent_blocks(nbytes, perf_counter() - t0)
 
-    def _tell_failed(self, pool: object, key: object, layers: object, exc: Exception) -> None:
+    async def _tell_failed(self, pool: object, key: object, layers: object,
+                           exc: Exception) -> None:
         """A ``send_blocks`` failed on its arguments: tell the peer, whose receive for it
-        then fails too (OFFER_FAILED) rather than wait for ever. Best effort: not on a pipe
-        that ends, nor without the credit it costs at once (a key that is itself bad names
-        no receive)."""
+        then fails too (OFFER_FAILED) rather than wait for ever; in its turn, as its offer
+        would have gone (behind the calls made before it that prepare or wait for credits),
+        so that the peer pairs calls in call order. Not on a pipe that ends (a key that is
+        itself bad names no receive); cancelled, it tells nothing."""
         pipe = self._pipe
         try:
             key = check_key(key)
@@ -322,12 +325,35 @@ class BlockExchange:
         why = f"the sender's send_blocks failed: {exc}".encode()[:_wire.MAX_ERROR_TEXT_BYTES]
         text = why.decode(errors="ignore")  # (what the frame carries: its cost is that)
         cost = failed_offer_cost(key, len(chosen), text)
-        if (pipe._error is not None or pipe._proto.close_sent or pipe._closed_here
-                or not pipe._credits.try_acquire(cost)):
+
+        def ending() -> bool:
+            return pipe._error is not None or pipe._proto.close_sent or pipe._closed_here
+
+        if ending():
+            return
+        await self._wait_turn()
+        try:
+            await pipe._credits.acquire(cost)
+        except PipeError:
+            return  # the pipe ended: so did the peer's receive
+        if ending():
+            pipe._credits.release(cost)
             return
         pipe._proto.spend(cost)
         with contextlib.suppress(PipeError):  # the connection is gone: so is the receive
             pipe._write(pipe._proto.send_offer_failed(key, chosen, text))
+
+    async def _wait_turn(self) -> None:
+        """Wait until the block calls made before this one are past their preparation (see
+        :meth:`_ready_to_move`): what this call does next comes after what they do then."""
+        if not self._kernel_waiters:
+            return
+        self._kernel_waiters += 1
+        try:
+            async with self._kernel_gate:
+                pass
+        finally:
+            self._kernel_waiters -= 1
 
     def _take_back(self, offer_id: int) -> None:
         """An offer of ours given up before the peer pulled it: RETRACT it (while we may still
@@ -473,7 +499,7 @@ class BlockExchange:
             key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
             _check_device(pipe, pool)
         except (TypeError, ValueError) as exc:
-            self._refuse_for(pool, key, layers, exc)
+            await self._refuse_for(pool, key, layers, exc)
             raise
         _check_can_recv_blocks(pipe)
         self._refusals.pop(key, None)  # asked for again: its offers are taken from now on
@@ -632,10 +658,13 @@ class BlockExchange:
         else:
             self._send_pull(offer.offer_id, why)
 
-    def _refuse_for(self, pool: object, key: object, layers: object, exc: Exception) -> None:
+    async def _refuse_for(self, pool: object, key: object, layers: object,
+                          exc: Exception) -> None:
         """A ``recv_blocks`` failed on its arguments: refuse the offers meant for it, those
-        waiting and those to come (see :class:`_Refusal`), so that their senders hear why.
-        (A key that is itself bad names no offers.)"""
+        waiting and those to come (see :class:`_Refusal`), so that their senders hear why;
+        in its turn, behind the calls made before it that still prepare (they take offers
+        first). Not on a pipe that ends (a key that is itself bad names no offers);
+        cancelled, it refuses nothing."""
         try:
             key = check_key(key)
         except (TypeError, ValueError):
@@ -645,12 +674,19 @@ class BlockExchange:
             with contextlib.suppress(TypeError, ValueError, KeyError):
                 missing = set(_normalize_layers(pool, layers))
         refusal = _Refusal(f"the receiver's recv_blocks failed: {exc}", missing)
+        await self._wait_turn()
+        pipe = self._pipe
+        if pipe._error is not None or pipe._closed_here or pipe._proto.close_sent:
+            return  # (no offer is pulled or refused any more: the close took them back)
         for offer in list(self._offers_in.get(key, ())):
+            if self._sink_for(offer) is not None:
+                continue  # an earlier call's, waiting for it to be matched
             if self._refused_by(refusal, offer):
                 self._unqueue(offer)
             if refusal.missing is not None and not refusal.missing:
                 return
-        self._refusals.setdefault(key, deque()).append(refusal)
+        refusals = self._refusals.setdefault(key, deque(maxlen=MAX_REFUSALS_PER_KEY))
+        refusals.append(refusal)
         self._refusals.move_to_end(key)
         if len(self._refusals) > MAX_REFUSED_KEYS:
             self._refusals.popitem(last=False)
@@ -676,10 +712,18 @@ class BlockExchange:
         if not queue:
             del self._offers_in[offer.key]
 
-    def _try_match(self, offer: _wire.Offer | _wire.OfferFailed) -> None:
+    def _sink_for(self, offer: _wire.Offer | _wire.OfferFailed) -> _Sink | None:
+        """The first call waiting that ``offer`` is for: a live one that still misses the
+        layers it names (a failed offer naming none: one that still misses any)."""
         for sink in self._sinks.get(offer.key, ()):
-            if not sink.live or not sink.missing.issuperset(offer.layers):
-                continue  # (a call being cancelled takes nothing: a later one will)
+            # (a call being cancelled takes nothing: a later one will)
+            if sink.live and sink.missing and sink.missing.issuperset(offer.layers):
+                return sink
+        return None
+
+    def _try_match(self, offer: _wire.Offer | _wire.OfferFailed) -> None:
+        sink = self._sink_for(offer)
+        if sink is not None:
             self._unqueue(offer)
             if isinstance(offer, _wire.OfferFailed):
                 # The send meant for this call failed on its arguments: so does the call.

@@ -391,8 +391,8 @@ class PipeProtocol:
         """The peer's failed offer was matched to a receive (or dropped): its credit goes
         back."""
         entry = self._offers_in.pop(offer_id, None)
-        if entry is None or entry[0] is not _OfferState.OFFERED:
-            raise LocalProtocolError(f"offer {offer_id} is not waiting")
+        if entry is None or entry[0] is not _OfferState.FAILED:
+            raise LocalProtocolError(f"failed offer {offer_id} is not waiting")
         self.release(entry[1])
 
     def send_retract(self, offer_id: int) -> bytes:
@@ -441,9 +441,10 @@ class PipeProtocol:
 
     def send_pulled(self, offer_id: int) -> bytes:
         """We copied a pulled offer out of the peer's pool ourselves (ipc)."""
-        entry = self._offers_in.pop(offer_id, None)
-        if entry is None or entry[0] is _OfferState.OFFERED:
+        entry = self._offers_in.get(offer_id)
+        if entry is None or entry[0] not in (_OfferState.PULLED, _OfferState.SENDING):
             raise LocalProtocolError(f"offer {offer_id} was not pulled")
+        del self._offers_in[offer_id]
         return _wire.encode(_wire.Pulled(offer_id))
 
     def _block_frame(self, frame: _wire.Frame) -> bool:
@@ -471,7 +472,9 @@ class PipeProtocol:
                 raise ProtocolError("peer offered beyond the receive credits it was granted")
             self.credit_held += cost
             self.next_offer_in += 1
-            self._offers_in[frame.offer_id] = (_OfferState.OFFERED, cost)
+            self._offers_in[frame.offer_id] = (
+                _OfferState.FAILED if isinstance(frame, _wire.OfferFailed)
+                else _OfferState.OFFERED, cost)
             return True
         if isinstance(frame, _wire.Retract):
             entry = self._offers_in.get(frame.offer_id)
@@ -483,13 +486,15 @@ class PipeProtocol:
                 # Sent after our PULL reached the peer (its BLOCK_DATA says so): a RETRACT
                 # that crosses the PULL comes before any BLOCK_DATA.
                 raise ProtocolError(f"RETRACT of offer {frame.offer_id} after its BLOCK_DATA")
+            if entry[0] is _OfferState.FAILED:
+                raise ProtocolError(f"RETRACT of offer {frame.offer_id}, which failed")
             del self._offers_in[frame.offer_id]
             if entry[0] is _OfferState.OFFERED:
                 self.release(entry[1])
             return True
         if isinstance(frame, _wire.BlockData):
             entry = self._offers_in.get(frame.offer_id)
-            if entry is None or entry[0] is _OfferState.OFFERED:
+            if entry is None or entry[0] in (_OfferState.OFFERED, _OfferState.FAILED):
                 raise ProtocolError(f"BLOCK_DATA for offer {frame.offer_id}, not pulled")
             self._offers_in[frame.offer_id] = (_OfferState.SENDING, 0)
             return True
@@ -540,6 +545,8 @@ def _remember(tombstones: OrderedDict[Any, None], key: Any) -> None:
 
 class _OfferState(enum.Enum):
     OFFERED = "offered"
+    #: An OFFER_FAILED: waits for a receive to fail, answered by nothing.
+    FAILED = "failed"
     PULLED = "pulled"
     #: Its BLOCK_DATA went (ours) or came (the peer's): the sender is committed to it.
     SENDING = "sending"

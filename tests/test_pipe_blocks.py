@@ -223,6 +223,93 @@ async def test_a_send_failing_on_its_arguments_fails_the_peers_receive_for_it_to
     assert torch.equal(dst.tensors[1][3], src.tensors[1][1])
 
 
+async def test_a_send_failing_on_its_layers_leaves_a_receive_that_took_its_offers_be(
+        pair_factory: PairFactory) -> None:
+    """A failed send naming no layers (they were the bad argument) fails the next receive
+    that still misses blocks, not an earlier one that has every layer pulled and waits for
+    its data. (It failed that one, whose blocks were arriving, and the receive meant for
+    the failed send waited for ever.)"""
+    a, b = await pair_factory()
+    n = 512
+    src = BlockPool({"k": torch.ones(n, 4096), "v": torch.full((n, 4096), 2.0)}, block_dim=0)
+    dst = BlockPool({"k": torch.zeros(n, 4096), "v": torch.zeros(n, 4096)}, block_dim=0)
+    async with asyncio.timeout(10):
+        first = asyncio.create_task(b.recv_blocks(dst, range(n), key="r"))
+        await eventually(lambda: bool(b._blocks._sinks.get("r")), 5, "the first receive waits")
+        good = asyncio.create_task(a.send_blocks(src, range(n), key="r"))  # 16 MiB
+        await eventually(lambda: not next(iter(b._blocks._sinks["r"])).missing, 5, "pulled")
+        with pytest.raises(ValueError):
+            await a.send_blocks(src, [0], key="r", layers="nope")
+        second = asyncio.create_task(b.recv_blocks(dst, [0], key="r"))
+        await good
+        await first
+        with pytest.raises(ValueError, match="send_blocks failed"):
+            await second
+    assert torch.equal(dst.tensors[1], src.tensors[1])
+
+
+@pytest.mark.parametrize("failing", ["recv_blocks", "send_blocks"])
+async def test_a_call_failing_on_its_arguments_is_paired_after_the_calls_made_before_it(
+        pair_factory: PairFactory, failing: str) -> None:
+    """A good call for a key, held while it prepares (here behind a first receive into a
+    fresh CPU pool, whose memory is checked writable in a thread), then a call for the same
+    key that fails on its arguments: the peer pairs them in call order, the good call with
+    its first call, the failure with its second. (The failure went first, and took the
+    good call's partner.)"""
+    a, b = await pair_factory()
+    src = BlockPool([torch.ones(8, 4)], block_dim=0)
+    dst1, dst2 = (BlockPool([torch.zeros(8, 4)], block_dim=0) for _ in range(2))
+    x, y = (a, b) if failing == "send_blocks" else (b, a)  # x holds the two calls
+    async with asyncio.timeout(10):
+        for d in (dst1, dst2, src):  # every pool's writable check done: only x's gate holds
+            await asyncio.gather(y.send_blocks(src if d is not src else dst1, [0], key="w"),
+                                 x.recv_blocks(d, [0], key="w"))
+        src.tensors[0].fill_(1.0)
+        dst1.tensors[0].zero_()
+        dst2.tensors[0].zero_()
+        if failing == "recv_blocks":
+            sending = asyncio.create_task(a.send_blocks(src, [1], key="r"))
+            await eventually(lambda: bool(b._blocks._offers_in.get("r")), 5, "offer at b")
+        fresh = BlockPool([torch.zeros(8, 4)], block_dim=0)
+        holding = asyncio.create_task(x.recv_blocks(fresh, [0], key="hold"))  # checks fresh
+        await asyncio.sleep(0)
+        if failing == "send_blocks":
+            first_y = asyncio.create_task(b.recv_blocks(dst1, [3], key="r"))
+            good = asyncio.create_task(a.send_blocks(src, [1], key="r"))  # called first
+            await asyncio.sleep(0)
+            with pytest.raises(ValueError):
+                await a.send_blocks(src, [99], key="r")  # called second
+            await good
+            await first_y
+            assert torch.equal(dst1.tensors[0][3], src.tensors[0][1])
+            with pytest.raises(ValueError, match="send_blocks failed"):
+                await b.recv_blocks(dst2, [3], key="r")
+        else:
+            good = asyncio.create_task(b.recv_blocks(dst1, [3], key="r"))  # called first
+            await asyncio.sleep(0)
+            with pytest.raises(ValueError):
+                await b.recv_blocks(dst2, [99], key="r")  # called second
+            await sending
+            await good
+            assert torch.equal(dst1.tensors[0][3], src.tensors[0][1])
+        holding.cancel()
+        await asyncio.gather(holding, return_exceptions=True)
+
+
+async def test_a_receive_failing_on_its_arguments_after_our_close_is_only_that_error(
+        pair_factory: PairFactory) -> None:
+    a, b = await pair_factory()
+    sending = asyncio.create_task(a.send_blocks(vllm_pool(8), [1], key="r"))
+    await eventually(lambda: bool(b._blocks._offers_in.get("r")), 5, "the offer waits at b")
+    await asyncio.wait_for(b.aclose(), 10)
+    for _ in range(2):  # (the first once tried to refuse the offer on the closed pipe)
+        with pytest.raises(IndexError):
+            await b.recv_blocks(vllm_pool(8), [99], key="r")
+    await b.wait_closed()  # graceful
+    with pytest.raises(aiokvpipe.PipeClosed):
+        await asyncio.wait_for(sending, 5)
+
+
 async def test_a_send_cancelled_before_the_pull_moves_nothing(pair_factory: PairFactory
                                                               ) -> None:
     a, b = await pair_factory(recv_buffer_bytes=1 << 20)

@@ -572,6 +572,35 @@ def test_a_retract_crossing_a_refusal_is_not_an_error() -> None:
         b.receive_data(_wire.encode(_wire.Retract(oid)))
 
 
+def test_a_failed_offer_is_numbered_as_an_offer_and_answered_by_nothing() -> None:
+    """OFFER_FAILED takes the next offer id and holds its credit at the receiver until a
+    receive takes it; a RETRACT, PULL or BLOCK_DATA about it is a ProtocolError (a hostile
+    RETRACT of one was accepted, and the receive taking it then failed here, as our bug)."""
+    a, b = pair()
+    first = a.send_offer_failed("k", (0,), "block id 99 is outside the pool")
+    assert b.receive_data(first) == [_wire.OfferFailed(0, "k", (0,),
+                                                       "block id 99 is outside the pool")]
+    assert b.credit_held > 0
+    b.failed_offer_taken(0)
+    assert b.credit_owed == b.credit_held  # all of it owed back now
+    with pytest.raises(LocalProtocolError):
+        b.failed_offer_taken(0)  # taken once only
+    oid, data = offer(a)  # the next offer is #1
+    assert oid == 1
+    b.receive_data(a.send_pool(0, b"x") + data)
+    for frame in (_wire.Retract(2), _wire.BlockData(2), _wire.Pulled(2)):
+        a2, b2 = pair()
+        b2.receive_data(a2.send_offer_failed(None, (), "bad layers"))
+        with pytest.raises(ProtocolError):
+            b2.receive_data(_wire.encode(type(frame)(0)))
+        with pytest.raises(LocalProtocolError):
+            b2.send_pull(0)
+    a3, b3 = pair()  # our PULL of their failed offer cannot be answered: a's view
+    a3.send_offer_failed("k", (), "x")
+    with pytest.raises(ProtocolError, match="never made"):
+        a3.receive_data(_wire.encode(_wire.Pull(0)))
+
+
 def test_ipc_pull_ends_with_pulled() -> None:
     a, b = pair()
     oid, data = offer(a)
