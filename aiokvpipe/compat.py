@@ -73,7 +73,13 @@ class PipeFuture(concurrent.futures.Future[T]):
 
     def _force_cancel(self) -> bool:
         # concurrent.futures' own cancel: a state change, nothing more
-        return super().cancel()
+        if not super().cancel():
+            return False
+        # Then what an executor does for a future cancelled before it ran: tell the
+        # concurrent.futures.wait() and as_completed() calls waiting on it, which cancel()
+        # alone does not wake (they waited out their timeout).
+        self.set_running_or_notify_cancel()
+        return True
 
     def __repr__(self) -> str:
         state = ("cancelled" if self.cancelled() else "finished" if self.done()

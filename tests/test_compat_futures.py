@@ -199,9 +199,14 @@ def test_cancel_from_a_done_callback_on_the_loop_thread(pair: tuple[SyncPipe, Sy
     first = server.submit_recv(key="first")
     second = server.submit_recv(key="second")
     first.add_done_callback(lambda _: second.cancel())  # runs on the loop thread
+    t0 = time.monotonic()
     client.send(torch.tensor([1]), key="first")
-    concurrent.futures.wait([second], timeout=WAIT_S)
-    assert second.cancelled()
+    done, _ = concurrent.futures.wait([second], timeout=WAIT_S)
+    # wait() is woken by the cancellation, not by its timeout (cancel() alone did not wake
+    # it: it waited the whole 30 s)
+    assert second in done and second.cancelled()
+    assert time.monotonic() - t0 < WAIT_S / 3
+    assert list(concurrent.futures.as_completed([second], timeout=1)) == [second]
     client.send(torch.tensor([2]), key="second")
     assert int(server.recv(key="second")) == 2
 
