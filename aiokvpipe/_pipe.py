@@ -347,9 +347,11 @@ class Pipe:
         fut: asyncio.Future[None] = self._loop.create_future()
         waiters = self._waiters.get(key)
         if waiters is None:
-            waiters = self._waiters[key] = deque()
-        waiters.append(fut)
-        self._wake(key)
+            self._waiters[key] = deque((fut,))
+        else:
+            waiters.append(fut)
+        if key in self._ready:
+            self._wake(key)
         try:
             if not fut.done():
                 self._check_can_recv()
@@ -361,8 +363,18 @@ class Pipe:
         except BaseException:
             self._leave(key, fut)
             raise
-        item = self._pop_ready(key)
-        self._left(key, fut)
+        ready = self._ready[key]  # (woken: one is there for us, the first that is)
+        item = ready.popleft()
+        if not ready:
+            del self._ready[key]
+        self._ready_count -= 1
+        waiters = self._waiters.get(key)
+        if waiters is not None and waiters[0] is fut:  # the usual: first in line
+            waiters.popleft()
+            if not waiters:
+                del self._waiters[key]
+        else:
+            self._left(key, fut)
         return self._claim(item, t0)
 
     def _wake(self, key: str | None) -> None:
@@ -1019,14 +1031,19 @@ class Pipe:
         key = item.key
         ready = self._ready.get(key)
         if ready is None:
-            ready = self._ready[key] = deque()
-        if front:
+            ready = self._ready[key] = deque((item,))
+        elif front:
             ready.appendleft(item)
         else:
             ready.append(item)
         self._ready_count += 1
-        if key in self._waiters:
-            self._wake(key)
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            first = waiters[0]
+            if len(ready) == 1 and not first.done():  # the usual: one asleep, one message
+                first.set_result(None)
+            else:
+                self._wake(key)
 
     def _pop_ready(self, key: str | None) -> _Incoming:
         ready = self._ready[key]
