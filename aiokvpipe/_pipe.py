@@ -205,6 +205,9 @@ class Pipe:
         #: recv() calls in line, by key, in call order; the first are woken (done): one for
         #: each message of ``_ready`` (see _wake)
         self._waiters: dict[str | None, deque[asyncio.Future[None]]] = {}
+        #: set once a graceful close failed the calls waiting, but for those behind woken
+        #: ones (see _fail_waiters)
+        self._waiters_closed: PipeClosed | None = None
         self._messages_received = 0
         self._block_transfers_sent = self._block_transfers_received = 0
         self._bytes_received = 0
@@ -375,6 +378,10 @@ class Pipe:
                 del self._waiters[key]
         else:
             self._left(key, fut)
+        if self._proto.is_discarded(key):  # waiting since before a discard(key): it took
+            self._proto.undiscard(key)  # what came, so the key is asked for again
+        if self._waiters_closed is not None:
+            self._close_rest(key)
         return self._claim(item, t0)
 
     def _wake(self, key: str | None) -> None:
@@ -393,6 +400,18 @@ class Pipe:
             spare -= 1
             if not spare:
                 return
+
+    def _close_rest(self, key: str | None) -> None:
+        """At a graceful close: once no woken recv(key) is left in line, fail the rest
+        (nothing more comes for them)."""
+        waiters = self._waiters.get(key)
+        if self._waiters_closed is None or not waiters or any(_woken(f) for f in waiters):
+            return
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(fresh(self._waiters_closed))
+                fut.exception()
+        del self._waiters[key]
 
     def _left(self, key: str | None, fut: asyncio.Future[None]) -> None:
         """``fut``'s recv() is out of line (it took its message, or gave up)."""
@@ -413,6 +432,8 @@ class Pipe:
         if self._proto.is_discarded(key) and not self._waiting_for(key):
             if self._drop_ready(key):
                 self.credit_released(now=True)
+        if self._waiters_closed is not None:
+            self._close_rest(key)
 
     def _drop_ready(self, key: str | None) -> int:
         """Drop the messages of ``key`` that arrived and no woken recv() is owed; how many."""
@@ -938,11 +959,10 @@ class Pipe:
                 assert self._signalling is not None
                 payload = self._signalling.post_recv_noted(h.tensors, note)
             item = _Incoming(h, item_cost, payload)
-        if self._proto.is_discarded(h.key):
-            if self._waiting_for(h.key):  # a recv(key) waits since before the discard: it
-                self._proto.undiscard(h.key)  # asks for the key again (else: for ever)
-            else:
-                item.discarded = True
+        if self._proto.is_discarded(h.key) and not self._waiting_for(h.key):
+            # (A recv(key) waiting since before the discard takes it: see _arrived. The
+            # discard lifts when it does, not now: it may give up before.)
+            item.discarded = True
         if item.payload is not None:
             self._incoming.append(item)
             # A plane that says when payloads completed delivers them in that same poll, a
@@ -1135,8 +1155,13 @@ class Pipe:
 
     def _fail_waiters(self, exc: PipeError) -> None:
         """Fail the recv() calls waiting; those woken already take the message they were
-        woken for (it is there), so they stay in line."""
+        woken for (it is there), so they stay in line. At a graceful close, the calls behind
+        woken ones fail only once those took theirs (one that gives up leaves its message to
+        the next): see _close_rest."""
         for key, waiters in list(self._waiters.items()):
+            if isinstance(exc, PipeClosed) and any(_woken(fut) for fut in waiters):
+                self._waiters_closed = exc
+                continue
             for fut in waiters:
                 if not fut.done():
                     fut.set_exception(fresh(exc))
@@ -1266,6 +1291,11 @@ class Pipe:
                 self._closer.cancel()
         finally:
             self._finished.set()
+
+
+def _woken(fut: asyncio.Future[None]) -> bool:
+    """A recv() woken for a message, not yet run (see Pipe._wake)."""
+    return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 def _granted(request: asyncio.Future[None]) -> bool:

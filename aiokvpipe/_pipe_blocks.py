@@ -502,7 +502,6 @@ class BlockExchange:
             await self._refuse_for(pool, key, layers, exc)
             raise
         _check_can_recv_blocks(pipe)
-        self._refusals.pop(key, None)  # asked for again: its offers are taken from now on
         was_discarded = pipe._proto.is_discarded(key)
         pipe._proto.undiscard(key)  # asked for again: offers for it are taken from now on
         if not ids:  # nothing to move (the peer's send_blocks of none offers nothing)
@@ -510,13 +509,20 @@ class BlockExchange:
         after = _mark_stream(pool)  # what the caller's stream has queued at the call
         try:
             await self._ready_to_move(pool, receiving=True)
-        except ValueError:
+        except ValueError as exc:
             # Refused before anything moved (a pool in read-only memory): as if never
-            # called, a key discarded before stays so (its offers refused, not left waiting).
+            # called, a key discarded before stays so (its offers refused, not left waiting);
+            # else the offers meant for it are refused, as for any bad argument.
             if was_discarded and pipe._error is None:
                 pipe.discard(key)
+            else:
+                self._refuse_now(key, _Refusal(f"the receiver's recv_blocks failed: {exc}",
+                                               set(chosen)))
             raise
         _check_can_recv_blocks(pipe)
+        # Asked for again, in its turn (after any call before it that failed, which refused
+        # what it had to by then): offers are taken from now on.
+        self._refusals.pop(key, None)
         task = asyncio.current_task(pipe._loop)
         sink = _Sink(pool, ids, key, set(chosen), pipe._loop.create_future(), after=after,
                      task=task, cancels=task.cancelling() if task is not None else 0)
@@ -673,8 +679,12 @@ class BlockExchange:
         if isinstance(pool, BlockPool):
             with contextlib.suppress(TypeError, ValueError, KeyError):
                 missing = set(_normalize_layers(pool, layers))
-        refusal = _Refusal(f"the receiver's recv_blocks failed: {exc}", missing)
         await self._wait_turn()
+        self._refuse_now(key, _Refusal(f"the receiver's recv_blocks failed: {exc}", missing))
+
+    def _refuse_now(self, key: str | None, refusal: _Refusal) -> None:
+        """Refuse the offers waiting for ``key`` that ``refusal`` covers, and keep it for
+        those to come."""
         pipe = self._pipe
         if pipe._error is not None or pipe._closed_here or pipe._proto.close_sent:
             return  # (no offer is pulled or refused any more: the close took them back)

@@ -310,6 +310,47 @@ async def test_a_receive_failing_on_its_arguments_after_our_close_is_only_that_e
         await asyncio.wait_for(sending, 5)
 
 
+async def test_a_receive_called_after_a_failed_one_lifts_its_refusal_even_while_it_waited(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recv_blocks failing on its arguments, then a good one for the same key, while an
+    unrelated call prepares (so the failed one registers its refusal in its turn): the good
+    call, made after, lifts it, as it does when nothing prepares. (The refusal came after
+    the good call had lifted the refusals, outlived it, and refused the next offer.)"""
+    a, b = await pair_factory()
+    src = BlockPool([torch.arange(32.0).view(8, 4)], block_dim=0)
+    dst = BlockPool([torch.zeros(8, 4)], block_dim=0)
+    async with asyncio.timeout(10):
+        await asyncio.gather(a.send_blocks(src, [0], key="w"), b.recv_blocks(dst, [0], key="w"))
+        checked = asyncio.Event()
+        real_check = _pipe_blocks._check_writable
+
+        async def slow_check(pool: BlockPool) -> None:  # a first use that takes a while
+            await checked.wait()
+            await real_check(pool)
+
+        monkeypatch.setattr(_pipe_blocks, "_check_writable", slow_check)
+        fresh = BlockPool([torch.zeros(8, 4)], block_dim=0)
+        holding = asyncio.create_task(b.recv_blocks(fresh, [0], key="hold"))  # checks fresh
+        await asyncio.sleep(0)
+        failed = asyncio.create_task(b.recv_blocks(dst, [99], key="r"))
+        good = asyncio.create_task(b.recv_blocks(dst, [3], key="r"))  # called after it
+        await asyncio.sleep(0)  # both started: the failed one waits its turn
+        checked.set()
+        with pytest.raises(IndexError):
+            await failed
+        await a.send_blocks(src, [1], key="r")  # to the good call
+        await good
+        sending = asyncio.create_task(a.send_blocks(src, [2], key="r"))  # before any call
+        await eventually(lambda: sending.done() or bool(b._blocks._offers_in.get("r")), 5,
+                         "the offer waits at b (or was refused)")
+        await b.recv_blocks(dst, [4], key="r")  # takes it: it was not refused
+        await sending
+        holding.cancel()
+        await asyncio.gather(holding, return_exceptions=True)
+    assert dst.tensors[0][3].tolist() == src.tensors[0][1].tolist()
+    assert dst.tensors[0][4].tolist() == src.tensors[0][2].tolist()
+
+
 async def test_a_send_cancelled_before_the_pull_moves_nothing(pair_factory: PairFactory
                                                               ) -> None:
     a, b = await pair_factory(recv_buffer_bytes=1 << 20)

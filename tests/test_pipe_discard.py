@@ -198,6 +198,36 @@ async def test_a_woken_recv_cancelled_after_a_discard_leaves_its_message_to_the_
         assert (await second).tolist() == [1]
 
 
+@pytest.mark.parametrize("size", ["inline", "payload"])
+async def test_discard_then_a_cancel_of_the_recv_waiting_drops_what_came_between(
+        small_pipe, size: str) -> None:
+    """recv(key) waits; the request is given up: discard(key), a message for the key comes
+    (for the recv waiting), then that recv is cancelled before it took it: the message is
+    dropped and its credits come back. (The header lifted the discard, so the message was
+    kept for nobody, its credits held for the life of the pipe.)"""
+    sender, receiver = small_pipe
+    full = sender.stats.send_credits
+    waiting = asyncio.create_task(receiver.recv(key="k"))
+    await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
+    assert receiver.discard("k") == 0
+    n = 4 if size == "inline" else 200_000  # 800 kB: through the data plane
+    async with asyncio.timeout(10):
+        sending = asyncio.create_task(sender.send(torch.zeros(n, dtype=torch.int32), key="k"))
+        if size == "inline":  # woken, not yet run
+            while receiver.stats.messages_received < 1:
+                await asyncio.sleep(0)
+        else:  # its header in, its payload still arriving
+            while not receiver._incoming:
+                await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await sending
+        await eventually(lambda: sender.stats.send_credits == full, 5,
+                         f"the sender's credits back: {sender.stats.send_credits} of {full}")
+    assert receiver.stats.recv_buffered_messages == 0
+
+
 def _while_a_payload_arrives(receiver: Any, act: Any) -> list[Any]:
     """Run ``act()`` once, right after the read that brings a message's header while its
     payload is still on the way; returns the list its result goes to."""

@@ -194,3 +194,30 @@ async def test_a_woken_recv_cancelled_before_it_ran_passes_its_message_to_the_ne
         await first
     assert int((await asyncio.wait_for(second, 5))[0]) == 0
     assert int((await asyncio.wait_for(b.recv(), 5))[0]) == 1
+
+
+async def test_at_a_graceful_close_a_recv_behind_a_woken_one_that_gives_up_gets_its_message(
+        pair_factory: PairFactory) -> None:
+    """Two recv() wait; the peer's last message and its CLOSE come in one read; the first
+    recv, woken for the message, is cancelled before it ran: the second gets the message,
+    and PipeClosed comes only after it. (The second raised PipeClosed at the CLOSE, and a
+    later recv() still returned the message.)"""
+    a, b = await pair_factory()
+    first, second = asyncio.create_task(b.recv()), asyncio.create_task(b.recv())
+    await eventually(lambda: len(b._waiters.get(None, ())) == 2, 5, "both wait")
+    b._control._transport.pause_reading()  # the message and the CLOSE read together
+    await a.send(torch.arange(4))
+    closing = asyncio.create_task(a.aclose())
+    await eventually(lambda: a._proto.close_sent, 5, "a's CLOSE written")
+    b._control._transport.resume_reading()
+    while b.stats.messages_received < 1:  # (the test's timeout bounds it)
+        await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    first.cancel()
+    async with asyncio.timeout(10):
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert (await second).tolist() == [0, 1, 2, 3]
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await b.recv()
+        await closing
