@@ -231,12 +231,7 @@ class BlockExchange:
                           layers: object) -> None:
         pipe = self._pipe
         t0 = perf_counter()
-        try:
-            key, ids, chosen = _checked(pool, block_ids, key, layers, destination=False)
-            _check_device(pipe, pool)
-        except (TypeError, ValueError) as exc:
-            await self._tell_failed(pool, key, layers, exc)
-            raise
+        key, ids, chosen = await self._arguments(pool, block_ids, key, layers, sending=True)
         pipe._check_can_send()
         if not ids:  # nothing to move: no offer (the peer's recv_blocks of none returns too)
             return
@@ -305,6 +300,20 @@ class BlockExchange:
         pipe._bytes_sent += nbytes
         pipe._block_transfers_sent += 1
         pipe._metrics.sent_blocks(nbytes, perf_counter() - t0)
+
+    async def _arguments(self, pool: BlockPool, block_ids: object, key: str | None,
+                         layers: object, *, sending: bool
+                         ) -> tuple[str | None, tuple[int, ...], tuple[int, ...]]:
+        """A block call's arguments, checked (:func:`_checked`, :func:`_check_device`):
+        (key, ids, tensor indices). Bad ones raise, once the peer's matching call was told
+        (:meth:`_tell_failed`, :meth:`_refuse_for`)."""
+        try:
+            checked = _checked(pool, block_ids, key, layers, destination=not sending)
+            _check_device(self._pipe, pool)
+        except (TypeError, ValueError) as exc:
+            await (self._tell_failed if sending else self._refuse_for)(pool, key, layers, exc)
+            raise
+        return checked
 
     async def _tell_failed(self, pool: object, key: object, layers: object,
                            exc: Exception) -> None:
@@ -495,12 +504,7 @@ class BlockExchange:
                           layers: object) -> None:
         pipe = self._pipe
         t0 = perf_counter()
-        try:
-            key, ids, chosen = _checked(pool, block_ids, key, layers, destination=True)
-            _check_device(pipe, pool)
-        except (TypeError, ValueError) as exc:
-            await self._refuse_for(pool, key, layers, exc)
-            raise
+        key, ids, chosen = await self._arguments(pool, block_ids, key, layers, sending=False)
         _check_can_recv_blocks(pipe)
         was_discarded = pipe._proto.is_discarded(key)
         pipe._proto.undiscard(key)  # asked for again: offers for it are taken from now on
