@@ -208,6 +208,8 @@ class Pipe:
         #: set once a graceful close failed the calls waiting, but for those behind woken
         #: ones (see _fail_waiters)
         self._waiters_closed: PipeClosed | None = None
+        #: recv() calls that waited, asleep, when their key was discarded (see discard)
+        self._asleep_at_discard: set[asyncio.Future[None]] = set()
         self._messages_received = 0
         self._block_transfers_sent = self._block_transfers_received = 0
         self._bytes_received = 0
@@ -378,11 +380,15 @@ class Pipe:
                 del self._waiters[key]
         else:
             self._left(key, fut)
-        if self._proto.is_discarded(key):  # waiting since before a discard(key): it took
-            self._proto.undiscard(key)  # what came, so the key is asked for again
+        if self._asleep_at_discard and fut in self._asleep_at_discard:
+            # Waiting since before a discard(key): it took what came, and so asks for the
+            # key again.
+            self._asleep_at_discard.discard(fut)
+            self._proto.undiscard(key)
+        msg = self._claim(item, t0)
         if self._waiters_closed is not None:
-            self._close_rest(key)
-        return self._claim(item, t0)
+            self._close_rest(key)  # (once it took it: failing, it left it to the next)
+        return msg
 
     def _wake(self, key: str | None) -> None:
         """Wake the first waiting recv(key) calls, one for each message at hand (those woken
@@ -428,6 +434,7 @@ class Pipe:
         meanwhile (cancel, then discard), it is dropped, its credits back (held, they would
         stall the senders)."""
         self._left(key, fut)
+        self._asleep_at_discard.discard(fut)
         self._wake(key)
         if self._proto.is_discarded(key) and not self._waiting_for(key):
             if self._drop_ready(key):
@@ -468,6 +475,10 @@ class Pipe:
         """
         key = check_key(key)
         self._proto.discard(key)
+        # The calls asleep now take what comes, and then ask for the key again (see recv);
+        # those woken already take what they were woken for, and nothing more.
+        self._asleep_at_discard.update(
+            fut for fut in self._waiters.get(key, ()) if not fut.done())
         dropped = self._blocks.discard(key) + self._drop_ready(key)
         if dropped:
             self.credit_released(now=True)  # "at once", as the docstring says

@@ -228,6 +228,29 @@ async def test_discard_then_a_cancel_of_the_recv_waiting_drops_what_came_between
     assert receiver.stats.recv_buffered_messages == 0
 
 
+async def test_a_recv_woken_before_the_discard_takes_its_message_and_the_discard_stands(
+        small_pipe) -> None:
+    """recv(key) woken for a message, not yet run, when discard(key) is called: it gets that
+    message (it was owed it), and the discard stands: the next message for the key is
+    dropped and its credits come back. (Taking it lifted the discard, as for a recv asleep
+    at the discard, and the next message was kept for nobody.)"""
+    sender, receiver = small_pipe
+    full = sender.stats.send_credits
+    waiting = asyncio.create_task(receiver.recv(key="k"))
+    await eventually(lambda: "k" in receiver._waiters, 5, "recv(key) waits")
+    async with asyncio.timeout(10):
+        await sender.send(torch.tensor([1]), key="k")
+        while receiver.stats.messages_received < 1:
+            await asyncio.sleep(0)
+        assert not waiting.done()  # woken, not yet run
+        assert receiver.discard("k") == 0
+        assert (await waiting).tolist() == [1]
+        await sender.send(torch.zeros(100_000), key="k")  # 400 kB for the request given up
+        await eventually(lambda: sender.stats.send_credits == full, 5,
+                         f"the sender's credits back: {sender.stats.send_credits} of {full}")
+    assert receiver.stats.recv_buffered_messages == 0
+
+
 def _while_a_payload_arrives(receiver: Any, act: Any) -> list[Any]:
     """Run ``act()`` once, right after the read that brings a message's header while its
     payload is still on the way; returns the list its result goes to."""

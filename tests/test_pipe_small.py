@@ -4,6 +4,7 @@ ride in headers, and the specs both ends remember for recurring shapes."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import torch
@@ -216,6 +217,38 @@ async def test_at_a_graceful_close_a_recv_behind_a_woken_one_that_gives_up_gets_
     first.cancel()
     async with asyncio.timeout(10):
         with pytest.raises(asyncio.CancelledError):
+            await first
+        assert (await second).tolist() == [0, 1, 2, 3]
+        with pytest.raises(aiokvpipe.PipeClosed):
+            await b.recv()
+        await closing
+
+
+async def test_at_a_graceful_close_a_woken_recv_failing_to_make_its_tensors_leaves_the_next(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but the woken recv fails to make its message's tensors (out of memory): it
+    raises that, the message stays first in line, and the recv behind it gets it. (That one
+    had raised PipeClosed already.)"""
+    a, b = await pair_factory()
+    first, second = asyncio.create_task(b.recv()), asyncio.create_task(b.recv())
+    await eventually(lambda: len(b._waiters.get(None, ())) == 2, 5, "both wait")
+    b._control._transport.pause_reading()
+    await a.send(torch.arange(4))
+    closing = asyncio.create_task(a.aclose())
+    await eventually(lambda: a._proto.close_sent, 5, "a's CLOSE written")
+    real = torch.frombuffer
+    failed: list[bool] = []
+
+    def frombuffer(*args: Any, **kw: Any) -> torch.Tensor:  # out of memory, once
+        if not failed:
+            failed.append(True)
+            raise MemoryError("no memory for the message's tensor (injected)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "frombuffer", frombuffer)
+    b._control._transport.resume_reading()
+    async with asyncio.timeout(10):
+        with pytest.raises(MemoryError):
             await first
         assert (await second).tolist() == [0, 1, 2, 3]
         with pytest.raises(aiokvpipe.PipeClosed):
