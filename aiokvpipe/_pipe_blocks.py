@@ -331,8 +331,8 @@ class BlockExchange:
         if isinstance(pool, BlockPool):
             with contextlib.suppress(TypeError, ValueError, KeyError):
                 chosen = _normalize_layers(pool, layers)
-        why = f"the sender's send_blocks failed: {exc}".encode()[:_wire.MAX_ERROR_TEXT_BYTES]
-        text = why.decode(errors="ignore")  # (what the frame carries: its cost is that)
+        # (What the frame carries: its cost is that.)
+        text = _wire.error_text(f"the sender's send_blocks failed: {exc}")
         cost = failed_offer_cost(key, len(chosen), text)
 
         def ending() -> bool:

@@ -222,9 +222,7 @@ class Error:
     text: str
 
     def __post_init__(self) -> None:
-        if len(self.text.encode()) > MAX_ERROR_TEXT_BYTES:
-            object.__setattr__(self, "text", self.text.encode()[:MAX_ERROR_TEXT_BYTES].decode(
-                errors="ignore"))
+        object.__setattr__(self, "text", error_text(self.text))
 
 
 #: What one message costs against the receiver's credits beyond its payload: the header and
@@ -401,9 +399,7 @@ class Pull:
 
     def __post_init__(self) -> None:
         _check_u("offer id", self.offer_id, 64)
-        if len(self.error.encode()) > MAX_ERROR_TEXT_BYTES:
-            object.__setattr__(self, "error", self.error.encode()[:MAX_ERROR_TEXT_BYTES]
-                               .decode(errors="ignore"))
+        object.__setattr__(self, "error", error_text(self.error))
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,9 +417,7 @@ class OfferFailed:
         _check_u("offer id", self.offer_id, 64)
         if len(self.layers) > MAX_TENSORS:
             raise ProtocolError(f"a failed offer names {len(self.layers)} tensors")
-        if len(self.error.encode()) > MAX_ERROR_TEXT_BYTES:
-            object.__setattr__(self, "error", self.error.encode()[:MAX_ERROR_TEXT_BYTES]
-                               .decode(errors="ignore"))
+        object.__setattr__(self, "error", error_text(self.error))
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,24 +544,18 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, Signal):
         return encode_signal(frame.data)
     elif isinstance(frame, Offer):
-        key = b"" if frame.key is None else frame.key.encode()
-        if len(key) > MAX_KEY_BYTES:
-            raise ValueError(f"key is over {MAX_KEY_BYTES} bytes in UTF-8")
+        key_len, key = _block_key(frame.key)
         body = b"".join([
-            _OFFER_FIXED.pack(frame.offer_id, frame.pool_id,
-                              0xFFFF if frame.key is None else len(key), len(frame.layers),
+            _OFFER_FIXED.pack(frame.offer_id, frame.pool_id, key_len, len(frame.layers),
                               len(frame.ids)),
             key, struct.pack(f">{len(frame.layers)}H", *frame.layers),
             struct.pack(f">{len(frame.ids)}I", *frame.ids)])
         ftype = FrameType.OFFER
     elif isinstance(frame, OfferFailed):
-        key = b"" if frame.key is None else frame.key.encode()
-        if len(key) > MAX_KEY_BYTES:
-            raise ValueError(f"key is over {MAX_KEY_BYTES} bytes in UTF-8")
+        key_len, key = _block_key(frame.key)
         error = frame.error.encode()
         body = b"".join([
-            _OFFER_FAILED_FIXED.pack(frame.offer_id, 0xFFFF if frame.key is None else len(key),
-                                     len(frame.layers), len(error)),
+            _OFFER_FAILED_FIXED.pack(frame.offer_id, key_len, len(frame.layers), len(error)),
             key, struct.pack(f">{len(frame.layers)}H", *frame.layers), error])
         ftype = FrameType.OFFER_FAILED
     elif isinstance(frame, PoolInfo):
@@ -789,11 +777,7 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
         frame = Signal(bytes(r.take(len(body))))
     elif ftype is FrameType.OFFER:
         offer_id, pool_id, key_len, nlayers, nids = r.unpack(_OFFER_FIXED)
-        key = None
-        if key_len != 0xFFFF:
-            if key_len > MAX_KEY_BYTES:
-                raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
-            key = r.text(key_len)
+        key = _read_block_key(r, key_len)
         if nids > MAX_OFFER_BLOCKS:
             raise ProtocolError(f"an offer of {nids} blocks exceeds {MAX_OFFER_BLOCKS}")
         layers = struct.unpack(f">{nlayers}H", r.take(2 * nlayers))
@@ -801,11 +785,7 @@ def decode_body(ftype: FrameType, body: bytes | bytearray | memoryview) -> Frame
         frame = Offer(offer_id, pool_id, key, layers, block_ids)
     elif ftype is FrameType.OFFER_FAILED:
         offer_id, key_len, nlayers, error_len = r.unpack(_OFFER_FAILED_FIXED)
-        key = None
-        if key_len != 0xFFFF:
-            if key_len > MAX_KEY_BYTES:
-                raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
-            key = r.text(key_len)
+        key = _read_block_key(r, key_len)
         layers = struct.unpack(f">{nlayers}H", r.take(2 * nlayers))
         frame = OfferFailed(offer_id, key, layers,
                             bytes(r.take(error_len)).decode(errors="replace"))
@@ -1106,6 +1086,33 @@ class FrameDecoder:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def error_text(text: str) -> str:
+    """``text`` cut to what an ERROR, PULL or OFFER_FAILED frame carries (whole characters of
+    at most :data:`MAX_ERROR_TEXT_BYTES` in UTF-8)."""
+    data = text.encode()
+    if len(data) <= MAX_ERROR_TEXT_BYTES:
+        return text
+    return data[:MAX_ERROR_TEXT_BYTES].decode(errors="ignore")
+
+
+def _block_key(key: str | None) -> tuple[int, bytes]:
+    """A block frame's key: its length field (0xFFFF: no key) and its bytes."""
+    if key is None:
+        return 0xFFFF, b""
+    data = key.encode()
+    if len(data) > MAX_KEY_BYTES:
+        raise ValueError(f"key is over {MAX_KEY_BYTES} bytes in UTF-8")
+    return len(data), data
+
+
+def _read_block_key(r: _Reader, key_len: int) -> str | None:
+    if key_len == 0xFFFF:
+        return None
+    if key_len > MAX_KEY_BYTES:
+        raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}")
+    return r.text(key_len)
 
 
 class _Reader:
