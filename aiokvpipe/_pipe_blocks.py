@@ -241,7 +241,7 @@ class BlockExchange:
         try:
             pool_id, peer_copies = self._announce(pool)
         except ValueError as exc:  # more pools, or larger, than a pipe describes
-            await self._tell_failed(pool, key, chosen, exc)
+            await self._tell_failed(key, chosen, exc)
             raise
         if peer_copies and ready is not None:
             # The peer reads the blocks as soon as it pulls: offer them once the caller's
@@ -311,41 +311,32 @@ class BlockExchange:
             checked = _checked(pool, block_ids, key, layers, destination=not sending)
             _check_device(self._pipe, pool)
         except (TypeError, ValueError) as exc:
-            await (self._tell_failed if sending else self._refuse_for)(pool, key, layers, exc)
+            named = _named_by(pool, key, layers)
+            if named is not None:  # (a key that is itself bad names no call of the peer's)
+                await (self._tell_failed if sending else self._refuse_for)(*named, exc)
             raise
         return checked
 
-    async def _tell_failed(self, pool: object, key: object, layers: object,
+    async def _tell_failed(self, key: str | None, layers: tuple[int, ...] | None,
                            exc: Exception) -> None:
         """A ``send_blocks`` failed on its arguments: tell the peer, whose receive for it
         then fails too (OFFER_FAILED) rather than wait for ever; in its turn, as its offer
         would have gone (behind the calls made before it that prepare or wait for credits),
-        so that the peer pairs calls in call order. Not on a pipe that ends (a key that is
-        itself bad names no receive); cancelled, it tells nothing."""
+        so that the peer pairs calls in call order. ``layers``: those it named, None if they
+        were what was wrong. Not on a pipe that ends; cancelled, it tells nothing."""
         pipe = self._pipe
-        try:
-            key = check_key(key)
-        except (TypeError, ValueError):
-            return
-        chosen: tuple[int, ...] = ()  # (none: the layers were what was wrong)
-        if isinstance(pool, BlockPool):
-            with contextlib.suppress(TypeError, ValueError, KeyError):
-                chosen = _normalize_layers(pool, layers)
+        chosen = layers or ()
         # (What the frame carries: its cost is that.)
         text = _wire.error_text(f"the sender's send_blocks failed: {exc}")
         cost = failed_offer_cost(key, len(chosen), text)
-
-        def ending() -> bool:
-            return pipe._error is not None or pipe._proto.close_sent or pipe._closed_here
-
-        if ending():
+        if self._ending():
             return
         await self._wait_turn()
         try:
             await pipe._credits.acquire(cost)
         except PipeError:
             return  # the pipe ended: so did the peer's receive
-        if ending():
+        if self._ending():
             pipe._credits.release(cost)
             return
         pipe._proto.spend(cost)
@@ -668,30 +659,27 @@ class BlockExchange:
         else:
             self._send_pull(offer.offer_id, why)
 
-    async def _refuse_for(self, pool: object, key: object, layers: object,
+    async def _refuse_for(self, key: str | None, layers: tuple[int, ...] | None,
                           exc: Exception) -> None:
         """A ``recv_blocks`` failed on its arguments: refuse the offers meant for it, those
         waiting and those to come (see :class:`_Refusal`), so that their senders hear why;
         in its turn, behind the calls made before it that still prepare (they take offers
-        first). Not on a pipe that ends (a key that is itself bad names no offers);
-        cancelled, it refuses nothing."""
-        try:
-            key = check_key(key)
-        except (TypeError, ValueError):
-            return
-        missing: set[int] | None = None
-        if isinstance(pool, BlockPool):
-            with contextlib.suppress(TypeError, ValueError, KeyError):
-                missing = set(_normalize_layers(pool, layers))
+        first). ``layers``: those it named, None if they were what was wrong. Not on a pipe
+        that ends; cancelled, it refuses nothing."""
         await self._wait_turn()
-        self._refuse_now(key, _Refusal(f"the receiver's recv_blocks failed: {exc}", missing))
+        self._refuse_now(key, _Refusal(f"the receiver's recv_blocks failed: {exc}",
+                                       None if layers is None else set(layers)))
+
+    def _ending(self) -> bool:
+        """The pipe broke or closes: no offer is made, pulled or refused any more."""
+        pipe = self._pipe
+        return pipe._error is not None or pipe._closed_here or pipe._proto.close_sent
 
     def _refuse_now(self, key: str | None, refusal: _Refusal) -> None:
         """Refuse the offers waiting for ``key`` that ``refusal`` covers, and keep it for
         those to come."""
-        pipe = self._pipe
-        if pipe._error is not None or pipe._closed_here or pipe._proto.close_sent:
-            return  # (no offer is pulled or refused any more: the close took them back)
+        if self._ending():
+            return  # (the close took them back)
         for offer in list(self._offers_in.get(key, ())):
             if self._sink_for(offer) is not None:
                 continue  # an earlier call's, waiting for it to be matched
@@ -1132,6 +1120,21 @@ def _checked(pool: object, block_ids: object, key: str | None, layers: object, *
         raise ValueError(f"{len(ids)} block ids in one call; the limit is "
                          f"{_wire.MAX_OFFER_BLOCKS}")
     return check_key(key), ids, _normalize_layers(pool, layers)
+
+
+def _named_by(pool: object, key: object, layers: object
+              ) -> tuple[str | None, tuple[int, ...] | None] | None:
+    """What a block call with bad arguments names still: its key and the pool's tensors it
+    chose (None if they were what was wrong); None if its key itself is bad."""
+    try:
+        key = check_key(key)
+    except (TypeError, ValueError):
+        return None
+    chosen = None
+    if isinstance(pool, BlockPool):
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            chosen = _normalize_layers(pool, layers)
+    return key, chosen
 
 
 def _check_can_recv_blocks(pipe: Pipe) -> None:
