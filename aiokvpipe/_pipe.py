@@ -368,7 +368,8 @@ class Pipe:
         except BaseException:
             self._leave(key, fut)
             raise
-        ready = self._ready[key]  # (woken: one is there for us, the first that is)
+        ready = self._ready[key]  # (woken: one is there for us, the first that
+        # is; _pop_ready and _left inline: 1-2 µs a round trip on the 2-core VM)
         item = ready.popleft()
         if not ready:
             del self._ready[key]
@@ -447,8 +448,7 @@ class Pipe:
         ready = self._ready.get(key)
         if not ready:
             return 0
-        owed = sum(1 for fut in self._waiters.get(key, ())
-                   if fut.done() and not fut.cancelled() and fut.exception() is None)
+        owed = sum(1 for fut in self._waiters.get(key, ()) if _woken(fut))
         dropped = 0
         while len(ready) > owed:
             item = ready.pop()
@@ -1177,8 +1177,7 @@ class Pipe:
                 if not fut.done():
                     fut.set_exception(fresh(exc))
                     fut.exception()
-            waiters = deque(fut for fut in waiters
-                            if not fut.cancelled() and fut.exception() is None)
+            waiters = deque(fut for fut in waiters if _woken(fut))  # (the rest failed now)
             if waiters:
                 self._waiters[key] = waiters
             else:
