@@ -95,6 +95,18 @@ DISCARDED: Final = "the receiver discarded this key"
 VIEWS_PER_STEP: Final = 1024
 
 
+class _Passed:
+    """An event that has completed: watched, it completes once every event watched before
+    it did (an :class:`EventPoller` completes its watches in order)."""
+
+    @staticmethod
+    def query() -> bool:
+        return True
+
+
+_PASSED: Final = _Passed()
+
+
 @dataclass(eq=False)
 class _Refusal:
     """A ``recv_blocks`` that failed on its own arguments (a bad id, a layer it does not
@@ -321,9 +333,10 @@ class BlockExchange:
                            exc: Exception) -> None:
         """A ``send_blocks`` failed on its arguments: tell the peer, whose receive for it
         then fails too (OFFER_FAILED) rather than wait for ever; in its turn, as its offer
-        would have gone (behind the calls made before it that prepare or wait for credits),
-        so that the peer pairs calls in call order. ``layers``: those it named, None if they
-        were what was wrong. Not on a pipe that ends; cancelled, it tells nothing."""
+        would have gone (behind the calls made before it that prepare, wait for their
+        caller's stream or wait for credits), so that the peer pairs calls in call order.
+        ``layers``: those it named, None if they were what was wrong. Not on a pipe that
+        ends; cancelled, it tells nothing."""
         pipe = self._pipe
         chosen = layers or ()
         # (What the frame carries: its cost is that.)
@@ -332,6 +345,12 @@ class BlockExchange:
         if self._ending():
             return
         await self._wait_turn()
+        try:
+            # Behind the offers of earlier calls still waiting for their caller's stream
+            # (ipc): the poller completes its watches in order.
+            await self._ready_poller.watch(_PASSED)
+        except Exception:  # the poll failed: the pipe broke with it
+            return
         try:
             await pipe._credits.acquire(cost)
         except PipeError:

@@ -6,8 +6,9 @@ Modes:
   hold         connect, print "ready", then wait forever (the test kills it)
   blocks N     a CUDA block pool of N blocks (tests/test_pipe_blocks_cuda.py's layout): for
                each unkeyed message {"ids": ...}, receive blocks of key "blocks" into those
-               ids, then send the same blocks back under key "back"; "blocks N slow" queues
-               a second of GPU work on its stream before each receive
+               ids, then send the same blocks back under key "back" (or, if the receive
+               raised ValueError, None under key "failed"); "blocks N slow" queues a
+               second of GPU work on its stream before each receive
 
 Before connecting it prints "connected <transport>" on stdout. When the test runs both ends on
 one GPU, it sets AIOKVPIPE_TEST_FAKE_UUID and NCCL_HOSTID, so that our handshake and NCCL each
@@ -61,7 +62,11 @@ async def main(port: int, device: str, mode: str, args: list[str]) -> None:
 
                     await _blocks_move.prepare_kernel(torch.device(device))
                     torch.cuda._sleep(2_000_000_000)
-                await pipe.recv_blocks(pool, ids, key="blocks")
+                try:
+                    await pipe.recv_blocks(pool, ids, key="blocks")
+                except ValueError:  # the sender's call failed: say so, and go on
+                    await pipe.send(None, key="failed")
+                    continue
                 await pipe.send_blocks(pool, ids, key="back")
         except aiokvpipe.PipeClosed:
             pass

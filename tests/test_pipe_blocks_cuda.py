@@ -179,6 +179,38 @@ async def test_ipc_peer_pulls_each_layer_only_after_our_stream_wrote_it(
     assert untouched(back, d_ids)
 
 
+async def test_ipc_a_failing_send_is_told_after_an_earlier_send_waiting_for_our_stream(
+        start_peer: object) -> None:  # noqa: F811
+    """A send_blocks waits for our stream to write its blocks before it offers them (ipc: the
+    peer copies straight out of our pool); a send_blocks for the same key called after it
+    fails on its arguments. The peer pairs them in call order: its first receive gets the
+    blocks, its second the failure. (The failure word went ahead of the waiting offer: the
+    peer's first receive failed, and the offer waited for ever.)"""
+    peer: Any = await ipc_peer(start_peer)
+    src, back = pool(1024), pool(700)
+    s_ids = torch.randperm(1024)[:60].tolist()
+    d_ids = torch.randperm(700)[:60].tolist()
+    async with asyncio.timeout(60):
+        await there_and_back(peer, src, back, 1)  # the copy kernel made: no call prepares
+        randomize(src, s_ids)
+        expected = [t[:, s_ids] + 1 for t in src.tensors]
+        await peer.pipe.send({"ids": torch.tensor(torch.randperm(512)[:60].tolist())})
+        torch.cuda._sleep(200_000_000)  # the last writes wait behind a long kernel
+        for t in src.tensors:
+            t[:, s_ids] += 1
+        good = asyncio.create_task(peer.pipe.send_blocks(src, s_ids, key="blocks"))
+        await asyncio.sleep(0)  # called first: it now waits for our stream
+        assert not good.done()
+        with pytest.raises(IndexError):
+            await peer.pipe.send_blocks(src, [5000], key="blocks")  # called second
+        await asyncio.wait_for(good, 30)
+        await peer.pipe.recv_blocks(back, d_ids, key="back")
+        await peer.pipe.send({"ids": torch.tensor([0])})  # the peer's second receive
+        assert await peer.pipe.recv(key="failed") is None
+    for e, t in zip(expected, back.tensors):
+        assert torch.equal(e, t[:, d_ids])
+
+
 async def test_ipc_a_failed_poll_of_our_stream_breaks_the_pipe_with_its_cause(
         start_peer: object, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """The event after our stream's pending writes cannot be queried (a CUDA error) while a
