@@ -98,6 +98,9 @@ async def send(mode: str, port: int, seconds: float) -> None:
             rts.append(time.perf_counter() - t0)
         rts.sort()
         print(f"4 KiB one way p50 {rts[len(rts) // 2] / 2e-6:.1f} µs", flush=True)
+    plane = pipe._plane.stats  # what the mode did: a ring in use, regions exported
+    print(f"sender's plane: {plane['mode']}, ring {plane['ring_bytes']} B, "
+          f"{plane['exported_regions']} regions exported", flush=True)
     await pipe.send(None)
     await pipe.aclose()
 
