@@ -77,7 +77,9 @@ _BUFFERS: list[ctypes.Array[ctypes.c_char]] = []  # what _malloc handed out, kep
 
 
 def _allocation_of(ptr: int) -> _cudaipc.Allocation:
-    for base, (buffer_id, size, exportable) in _ALLOCATIONS.items():
+    # A snapshot, taken in one C call under the GIL: the plane asks from worker threads
+    # (exports, opens) while another may add the staging ring (_malloc).
+    for base, (buffer_id, size, exportable) in tuple(_ALLOCATIONS.items()):
         if base <= ptr < base + size:
             return _cudaipc.Allocation(buffer_id, base, size, exportable)
     raise RuntimeError(f"no allocation holds {ptr:#x}")
