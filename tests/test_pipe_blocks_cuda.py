@@ -109,11 +109,20 @@ async def test_a_break_ends_recv_blocks_only_once_its_queued_scatter_ran() -> No
     the caller had handed to another request.)"""
     async with tcp_pair_in_this_process() as (a, b):
         src, dst = pool(64), pool(64)
+        async with asyncio.timeout(60):  # the copy kernel made: no call below prepares it
+            await asyncio.gather(a.send_blocks(src, [9], key="w"),
+                                 b.recv_blocks(dst, [9], key="w"))
         randomize(src, [1, 2])
-        torch.cuda._sleep(400_000_000)  # the caller's stream, busy: the scatter waits for it
-        busy_until = torch.cuda.Event()
-        busy_until.record()
-        receiving = asyncio.create_task(b.recv_blocks(dst, [3, 4], key="r"))
+        torch.cuda.synchronize()  # the sender's stream idle: its payload leaves at once
+        # Only the receiver's stream is busy (a stream of its own: a busy sender would hold
+        # the payload back until then, and the scatter would never be queued behind it).
+        busy = torch.cuda.Stream()
+        with torch.cuda.stream(busy):
+            torch.cuda._sleep(2_000_000_000)  # about a second
+            busy_until = torch.cuda.Event()
+            busy_until.record()
+            receiving = asyncio.create_task(b.recv_blocks(dst, [3, 4], key="r"))
+            await asyncio.sleep(0)  # its first step marks its caller's stream: this one
         sending = asyncio.create_task(a.send_blocks(src, [1, 2], key="r"))
         async with asyncio.timeout(60):
             while not b._blocks._poller._pending:  # the scatter is queued
