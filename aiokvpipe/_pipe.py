@@ -861,6 +861,10 @@ class Pipe:
         if fut.cancelled() or fut.exception() is not None:
             # The payload was lost after its header left: the peer waits for it in vain.
             self._break(fut.exception() or ConnectionAbortedError("payload send cancelled"))
+            if self._error is not None and not waiter.done():
+                # BrokenPipe, as from every call on a broken pipe: a plane's event poller
+                # fails its futures with the raw error before it reports the loss.
+                waiter.set_exception(fresh(self._error))
         else:
             self._bytes_sent += nbytes
         settle_like(waiter, fut)  # (done already, by the plane, as most ipc sends are)
