@@ -28,7 +28,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > "$OUT/gpu.txt"
 want() { [ "$part" = all ] || [ "$part" = "$1" ] || { [ "$part" = quick ] && [ "$1" != slow ]; }; }
-want tests && step cuda-tests 330 "$PY" -m pytest -q -p no:cacheprovider -m "(cuda or nccl) and not slow" \
+want tests && step cuda-tests 380 "$PY" -m pytest -q -p no:cacheprovider --durations=12 -m "(cuda or nccl) and not slow" \
   tests/test_cuda_nccl.py tests/test_pipe_cuda_tcp.py tests/test_planes_cuda.py \
   tests/test_ipc_cuda.py tests/test_pipe_ipc.py tests/test_pipe_blocks_cuda.py \
   tests/test_blocks.py tests/test_blocks_move.py
