@@ -40,7 +40,7 @@ from ._errors import (
 from ._hostmem import byte_view
 from ._message import Message, Outgoing, check_key, flatten, rebuild
 from ._pipe_blocks import BlockExchange
-from ._plane import DataPlane, Received, SignallingPlane, settle_like
+from ._plane import DataPlane, Received, SignallingPlane, mark_read, settle_like
 from ._protocol import PipeProtocol, State
 from ._wire import Structure
 from .metrics import BreakCause, PipeMetrics
@@ -816,6 +816,11 @@ class Pipe:
                     done = self._plane.post_send(out.tensors)
                 else:  # the payload's description rides in the header (ipc)
                     done, note = self._signalling.post_send_noted(out.tensors, waiter)
+                if self._error is not None:
+                    # The plane broke the pipe while it took the payload (nccl: enqueueing
+                    # it failed, and its lane reported the loss at once): no header follows.
+                    done.add_done_callback(mark_read)  # (its error is the pipe's)
+                    raise fresh(self._error)
             except Exception as exc:
                 proto.refund(cost)
                 self._credits.release(cost)

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import eventually
+from conftest import PairFactory, eventually
 
+import aiokvpipe
 from aiokvpipe import _nccl_plane
 from aiokvpipe._cudaipc import DriverError
 from aiokvpipe._errors import fresh
@@ -21,13 +22,16 @@ from aiokvpipe._nccl_lib import IN_PROGRESS, SUCCESS, NcclError
 
 pytestmark = pytest.mark.timeout(30)
 
+#: Floats of a message too large to go inline in its header: its payload takes the plane.
+MESSAGE_FLOATS = 64 * 1024
+
 #: ``ncclRemoteError``: what a communicator reports once the peer's side of NCCL failed.
 REMOTE_ERROR = 6
 
 
 class FakeLib:
-    """NCCL's calls: ``group_end`` returns ``group_rc``; the communicators' state is
-    ``state``; everything else succeeds at once."""
+    """NCCL's calls: ``group_end`` returns ``group_rc`` (raising, as the real one does, for
+    an error); the communicators' state is ``state``; everything else succeeds at once."""
 
     def __init__(self, group_rc: int = SUCCESS, state: int = SUCCESS) -> None:
         self.group_rc, self.state = group_rc, state
@@ -37,7 +41,7 @@ class FakeLib:
         pass
 
     def group_end(self) -> int:
-        return self.group_rc
+        return self.check(self.group_rc, "ncclGroupEnd")
 
     def send(self, *args: object) -> None:
         pass
@@ -127,6 +131,43 @@ async def test_a_failure_of_nccls_transport_fails_the_op_and_breaks_the_plane() 
     assert len(lost) == 1 and isinstance(lost[0], NcclError), lost
     assert lost[0].code == REMOTE_ERROR
     p.abort(lost[0])
+
+
+@pytest.mark.usefixtures("fake_cuda")
+@pytest.mark.parametrize("when", ["enqueued", "enqueued from the queue", "polled"])
+async def test_a_send_whose_nccl_op_fails_raises_broken_pipe(
+        pair_factory: PairFactory, when: str) -> None:
+    """A pipe's payload goes to a real nccl plane (NCCL faked), wired to the pipe as
+    ``_connect`` wires one, and NCCL reports the peer's failure: at the enqueue
+    (``ncclGroupEnd``; the lane breaks the pipe inside ``post_send``), for a send on the fast
+    path or one granted from the queue; or later, from the poll of the op's transport.
+    send() raises BrokenPipe with that cause, as every call on a broken pipe does. (It
+    raised LocalProtocolError for the header that followed the failed enqueue, or the raw
+    NcclError from the poll.)"""
+    a, b = await pair_factory()
+    lib = FakeLib(group_rc=SUCCESS if when == "polled" else REMOTE_ERROR)
+    p = _nccl_plane.NcclPlane(lib, 1, 2, torch.device("cpu"),  # type: ignore[arg-type]
+                              a._break, [Stream(), Stream(), Stream()])  # type: ignore
+    a._plane.post_send = p.post_send  # type: ignore[method-assign]
+    try:
+        if when == "enqueued from the queue":
+            credits = a._credits.capacity
+            await a._credits.acquire(credits)  # the send waits in the queue for credit
+            send = asyncio.ensure_future(a.send(torch.ones(MESSAGE_FLOATS)))
+            await asyncio.sleep(0)
+            assert not send.done()
+            a._credits.release(credits)
+        else:
+            send = asyncio.ensure_future(a.send(torch.ones(MESSAGE_FLOATS)))
+        if when == "polled":
+            await eventually(lambda: bool(p._send.poller._pending), 5, "the op is enqueued")
+            lib.state = REMOTE_ERROR
+        with pytest.raises(aiokvpipe.BrokenPipe) as raised:
+            await asyncio.wait_for(send, 5)
+        assert isinstance(raised.value.__cause__, NcclError), raised.value.__cause__
+        assert a.state.name == "BROKEN"
+    finally:
+        p.abort(ConnectionAbortedError("test over"))
 
 
 @pytest.mark.parametrize("exc", [NcclError("ncclSend failed (6)", 6),

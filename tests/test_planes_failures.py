@@ -54,28 +54,6 @@ async def test_a_failure_in_the_tcp_send_loop_breaks_the_pipe_with_its_cause(
             await a.send(pipe_peer.seq_tensor(2, MiB))
 
 
-async def test_a_payload_failed_by_an_event_poller_raises_broken_pipe_from_send(
-        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A plane whose payloads complete through a CUDA event poller (nccl) sees them fail
-    with the poll's raw error (NCCL's transport failing: the peer died), and the pipe break
-    just after. send() raises BrokenPipe with that cause, as every call on a broken pipe
-    does; it used to raise the raw error."""
-    a, b = await pair_factory()
-    boom = RuntimeError("NCCL communicator failed: remote process exited (injected)")
-
-    class Failing:
-        def query(self) -> bool:
-            raise boom
-
-    poller = EventPoller(a._break)  # the wiring of the nccl plane's: its loss breaks us
-    monkeypatch.setattr(a._plane, "post_send", lambda tensors: poller.watch(Failing()))
-    with pytest.raises(aiokvpipe.BrokenPipe) as info:
-        async with asyncio.timeout(5):  # a hang is the bug
-            await a.send(pipe_peer.seq_tensor(1, MiB))
-    assert info.value.__cause__ is boom
-    assert a.state.name == "BROKEN"
-
-
 async def test_a_receive_allocation_failure_is_a_local_error_not_a_protocol_error(
         pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = await pair_factory()
