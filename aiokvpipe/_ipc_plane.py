@@ -820,7 +820,10 @@ class IpcPlane:
             for ex in pinned_here:
                 ex.pinned = False
         self._emit(encode_record(PoolRecord(pool_id, tuple(places))))
-        self._flush()
+        # Behind earlier records waiting for a ring copy: a failed query of its event breaks
+        # the plane (raised, it would reach the caller and leave the pipe open, the pool
+        # half described).
+        self._or_lost(self._flush)
         return bool(places)
 
     def _pinned_export(self, ptr: int, pinned_here: list[_Export]) -> _Export | None:

@@ -489,6 +489,34 @@ def _block_pools() -> tuple[torch.Tensor, torch.Tensor, aiokvpipe.BlockPool,
                                                                                 block_dim=0)
 
 
+async def pool_flush_fails() -> str:
+    """A send_blocks whose pool export writes its records behind a ring copy's, whose event
+    cannot be queried (a CUDA error): the pipe breaks with that cause, and the call raises
+    BrokenPipe. (The raw error reached the caller and the pipe stayed open, its POOL frame
+    sent but the pool not kept as described: the next call described it again, and the
+    peer broke the pipe, blaming us.)"""
+    a, b, leaked = await _pair()
+    _, _, pool_a, pool_b = _block_pools()
+    failure = _CudaError(700)
+
+    class Gate:
+        def query(self) -> bool:
+            raise failure
+
+    a._plane._gated.append((Gate(), b""))  # type: ignore[attr-defined]
+    receiving = asyncio.ensure_future(b.recv_blocks(pool_b, [0], key="k"))
+    got = (await asyncio.wait_for(asyncio.gather(a.send_blocks(pool_a, [2], key="k"),
+                                                 return_exceptions=True), 5))[0]
+    assert isinstance(got, aiokvpipe.BrokenPipe), f"send_blocks() gave {got!r}"
+    assert got.__cause__ is failure, repr(got.__cause__)
+    theirs = (await asyncio.wait_for(asyncio.gather(receiving, return_exceptions=True), 5))[0]
+    assert isinstance(theirs, aiokvpipe.BrokenPipe), f"the peer's recv_blocks() gave {theirs!r}"
+    await asyncio.wait_for(a._plane.released, 5)  # type: ignore[attr-defined]
+    assert not leaked, leaked
+    await b.aclose()
+    return "the pipe broke with the CUDA error"
+
+
 async def offer_kept() -> str:
     """A recv_blocks cancelled while the peer's pool is still being mapped (its PULL waits
     for that) takes nothing: the next call gets the offer. (The PULL went for nobody: the
@@ -637,7 +665,7 @@ SCENARIOS: dict[str, Callable[[], Any]] = {
     "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse,
     "pool_partial": pool_partial, "exports_pinned": exports_pinned,
     "regions_bounded": regions_bounded, "ring_freed": ring_freed, "blame": blame,
-    "offer_kept": offer_kept, "offer_discarded": offer_discarded,
+    "pool_flush_fails": pool_flush_fails, "offer_kept": offer_kept, "offer_discarded": offer_discarded,
     "pull_after_break": pull_after_break, "unclaimed_at_close": unclaimed_at_close}
 
 if __name__ == "__main__":

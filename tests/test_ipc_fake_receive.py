@@ -25,7 +25,8 @@ SCRIPT = Path(__file__).resolve().parent / "ipc_fake_receive.py"
 @pytest.mark.parametrize("scenario", ["allocation", "launch", "release_never_raises",
                                       "retire", "answer", "acked", "region_reuse",
                                       "pool_partial", "exports_pinned", "regions_bounded",
-                                      "ring_freed", "blame", "offer_kept",
+                                      "ring_freed", "blame", "pool_flush_fails",
+                                      "offer_kept",
                                       "offer_discarded", "pull_after_break",
                                       "unclaimed_at_close"])
 def test_deferred_receives(scenario: str) -> None:
