@@ -623,8 +623,9 @@ async def connect(host: str, port: int, options: PipeOptions | None = None,
     * :class:`~aiokvpipe.PeerFailure` -- the listener failed on its side during the handshake,
       after this end authenticated (before, it drops the connection: :class:`BrokenPipe`);
     * :class:`~aiokvpipe.PipeError` -- the ends cannot agree on a transport, the host name
-      does not resolve (the ``socket.gaierror`` chained), or connecting failed otherwise
-      (the ``OSError`` chained: permission denied, say);
+      does not resolve (the ``socket.gaierror`` chained), connecting failed otherwise (the
+      ``OSError`` chained: permission denied, say), or this end's data plane did not start
+      (NCCL's, CUDA's or the allocator's error chained);
     * :class:`~aiokvpipe.BrokenPipe` -- the listener dropped the connection during the
       handshake (the ``OSError`` chained).
 
@@ -673,13 +674,14 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
                 await loop.sock_sendall(s, _wire.encode(_wire.Attach(accept.session_id,
                                                                      direction)))
             c2s, s2c = data_socks
-            plane = await TcpPlane.start(c2s, s2c, device, late, opts.budgets("tcp")[1])
+            plane = await _started("tcp", TcpPlane.start(c2s, s2c, device, late,
+                                                          opts.budgets("tcp")[1]))
         elif accept.transport == _wire.Transport.IPC:
-            plane = await _ipc_plane.IpcPlane.start(device, late)
+            plane = await _started("ipc", _ipc_plane.IpcPlane.start(device, late))
         else:
             assert accept.nccl_ids is not None  # the codec guarantees ids with nccl
-            plane = await _unless_lost(ch, _nccl_plane.start(False, accept.nccl_ids, device,
-                                                             late))
+            plane = await _started("nccl", _unless_lost(ch, _nccl_plane.start(
+                False, accept.nccl_ids, device, late)))
         shake.receive(await ch.read_frame())  # READY
         assert shake.server is not None and plane is not None
         return _make_pipe(ch, plane, opts, device, shake.server.caps, late)
@@ -692,6 +694,18 @@ async def _client_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket
         if isinstance(exc, OSError) and not isinstance(exc, (PipeError, TimeoutError)):
             raise BrokenPipe(f"{host}:{port} dropped the handshake") from exc
         raise
+
+
+async def _started(transport: str, start: Awaitable[DataPlane]) -> DataPlane:
+    """Await the start of this end's data plane: its own failure (NCCL's, CUDA's, out of
+    memory) is a :class:`PipeError` with that cause, as :func:`connect` promises, not the
+    raw error; the connection's and the peer's stay what they are."""
+    try:
+        return await start
+    except (PipeError, OSError):  # typed already, or the connection's (BrokenPipe, above)
+        raise
+    except Exception as exc:
+        raise PipeError(f"could not start the {transport} data plane here: {exc!r}") from exc
 
 
 def _options(options: PipeOptions | None, overrides: dict[str, Any]) -> PipeOptions:

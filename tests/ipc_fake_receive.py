@@ -665,7 +665,8 @@ SCENARIOS: dict[str, Callable[[], Any]] = {
     "retire": retire, "answer": answer, "acked": acked, "region_reuse": region_reuse,
     "pool_partial": pool_partial, "exports_pinned": exports_pinned,
     "regions_bounded": regions_bounded, "ring_freed": ring_freed, "blame": blame,
-    "pool_flush_fails": pool_flush_fails, "offer_kept": offer_kept, "offer_discarded": offer_discarded,
+    "pool_flush_fails": pool_flush_fails, "offer_kept": offer_kept,
+    "offer_discarded": offer_discarded,
     "pull_after_break": pull_after_break, "unclaimed_at_close": unclaimed_at_close}
 
 if __name__ == "__main__":

@@ -417,3 +417,29 @@ async def test_a_listener_failing_during_the_handshake_tells_the_client(
     async with await aiokvpipe.listen() as lst:
         with pytest.raises(aiokvpipe.PeerFailure, match="failed to start"):
             await asyncio.wait_for(aiokvpipe.connect("127.0.0.1", lst.port), 10)
+
+
+async def test_a_data_plane_that_does_not_start_here_is_a_pipe_error_from_connect(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """This end's data plane fails to start (out of memory, NCCL or CUDA refusing): connect()
+    raises PipeError with that cause, as documented, not the raw error. The listener's own
+    start goes ahead (it then sees the client leave)."""
+    from aiokvpipe._tcp_plane import TcpPlane
+
+    boom = MemoryError("no memory for the client's data plane (injected)")
+    start = TcpPlane.start
+    listening_port = []
+
+    async def failing_here(send_sock: socket.socket, *args: Any) -> Any:
+        if send_sock.getpeername()[1] in listening_port:  # the client's socket, not one
+            raise boom  # the listener accepted
+        return await start(send_sock, *args)
+
+    monkeypatch.setattr(TcpPlane, "start", failing_here)
+    async with await aiokvpipe.listen(transport="tcp") as lst:
+        listening_port.append(lst.port)
+        with pytest.raises(aiokvpipe.PipeError) as info:
+            await asyncio.wait_for(aiokvpipe.connect("127.0.0.1", lst.port,
+                                                     transport="tcp"), 10)
+    assert info.value.__cause__ is boom
+    assert not isinstance(info.value, (aiokvpipe.BrokenPipe, aiokvpipe.PeerFailure))
