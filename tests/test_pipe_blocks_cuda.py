@@ -177,9 +177,12 @@ async def test_ipc_peer_pulls_each_layer_only_after_our_stream_wrote_it(
     await peer.pipe.send({"ids": torch.tensor(peer_ids)})
     for layer, t in enumerate(src.tensors):
         # The layer's last write waits behind a long kernel on our stream: the peer copies
-        # the blocks straight out of our pool, and must see that write.
+        # the blocks straight out of our pool, and must see that write. (A kernel alone: an
+        # index from the host, t[:, s_ids], is copied to the GPU and synchronised, and the
+        # stream would be idle by the send.)
         torch.cuda._sleep(100_000_000)
-        t[:, s_ids] += 1
+        t.add_(1)
+        assert not torch.cuda.current_stream().query()
         await asyncio.wait_for(peer.pipe.send_blocks(src, s_ids, key="blocks", layers=[layer]),
                                60)
     await asyncio.wait_for(peer.pipe.recv_blocks(back, d_ids, key="back"), 60)
@@ -206,7 +209,8 @@ async def test_ipc_a_failing_send_is_told_after_an_earlier_send_waiting_for_our_
         await peer.pipe.send({"ids": torch.tensor(torch.randperm(512)[:60].tolist())})
         torch.cuda._sleep(200_000_000)  # the last writes wait behind a long kernel
         for t in src.tensors:
-            t[:, s_ids] += 1
+            t.add_(1)  # (a kernel alone: an index from the host would synchronise)
+        assert not torch.cuda.current_stream().query(), "our stream is idle already"
         good = asyncio.create_task(peer.pipe.send_blocks(src, s_ids, key="blocks"))
         await asyncio.sleep(0)  # called first: it now waits for our stream
         assert not good.done()
