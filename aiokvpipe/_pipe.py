@@ -331,8 +331,9 @@ class Pipe:
         that was :meth:`discard`-ed takes it back: its later messages are kept again.
 
         Raises :class:`PipeClosed` once the pipe is closed and no matching message remains,
-        :class:`BrokenPipe` if it broke. A failure here to make a small message's tensors
-        (``MemoryError``) is raised as it is; the message then stays first in line.
+        :class:`BrokenPipe` if it broke. A failure here to hand a message over (making a
+        small message's tensors: ``MemoryError``; keeping CUDA tensors for the caller's
+        stream: a CUDA error) is raised as it is; the message then stays first in line.
 
         Cancellation is safe: a cancelled ``recv()`` takes nothing; a message it would have
         received goes to the next matching ``recv()``, in order.
@@ -827,16 +828,27 @@ class Pipe:
                 self._send_budget.release(held)
                 self._break(exc)
                 raise fresh(self._error) if self._error else exc
-        head = proto.send_header(key, out.structure, out.specs, out.nbytes, inline, note)
-        if inline and out.nbytes:
-            # One copy, into the frame: the tensors are free again when send() returns.
-            if len(out.tensors) == 1:  # the common case: half the cost of the join below
-                data = head + string_at(out.tensors[0].data_ptr(), out.nbytes)
-            else:
-                data = b"".join([head, *(byte_view(t) for t, spec
-                                         in zip(out.tensors, out.specs) if spec.nbytes)])
-        else:
-            data = head
+        try:
+            payload: Sequence[bytes | memoryview] = ()
+            if inline and out.nbytes:
+                # Copied into the frame: the tensors are free again when send() returns.
+                if len(out.tensors) == 1:  # the common case: half the cost of byte views
+                    payload = (string_at(out.tensors[0].data_ptr(), out.nbytes),)
+                else:
+                    payload = [byte_view(t) for t, spec in zip(out.tensors, out.specs)
+                               if spec.nbytes]
+            data = proto.send_header(key, out.structure, out.specs, out.nbytes, inline, note,
+                                     payload)
+        except Exception as exc:
+            if done is not None:
+                # The plane has the payload: without its header the stream is out of step.
+                self._break(exc)
+                raise fresh(self._error) if self._error else exc
+            # Nothing committed (out of memory making the frame, say): the message is not
+            # sent, and the pipe stays in step.
+            proto.refund(cost)
+            self._credits.release(cost)
+            raise
         try:
             # Only an inline message may wait to be written with others (gather): a frame
             # whose payload is already queued on a plane must reach the peer at once, or a
@@ -1096,35 +1108,35 @@ class Pipe:
     def _claim(self, item: _Incoming, t0: float) -> Message:
         tensors: Sequence[torch.Tensor]
         specs = item.specs
-        if item.payload is None:
-            buf = item.inline
-            try:
+        try:
+            if item.payload is None:
+                buf = item.inline
                 if buf is not None and len(specs) == 1:  # the common case, without a call
                     spec = specs[0]
                     t = torch.frombuffer(buf, dtype=DTYPE_OF[spec.dtype])
                     tensors = (t if len(spec.shape) == 1 else t.view(spec.shape),)
                 else:
                     tensors = self._unpack_inline(specs, buf)
-            except BaseException:
-                # Ours to fail (out of memory, say), not the peer's: nothing is lost, the
-                # message stays first in line, and its credit stays held until it is taken.
-                self._deliver(item, front=True)
-                raise
-        else:
-            tensors = item.tensors
+            else:
+                tensors = item.tensors
+            if self._on_cuda and tensors:
+                stream = current_stream(self.device)
+                # (Not `home != stream` alone: torch's streams compare unequal to nothing,
+                # None included.)
+                home = tensors.stream if type(tensors) is Received else None
+                if home is None or (home is not stream and home != stream):
+                    for t in tensors:
+                        # The allocator must not reuse this memory while the caller's stream
+                        # uses it.
+                        t.record_stream(stream)
+        except BaseException:
+            # Ours to fail (out of memory, a CUDA call), not the peer's: nothing is lost, the
+            # message stays first in line, and its credit stays held until it is taken.
+            self._deliver(item, front=True)
+            raise
         self._return_credit(item.cost)
         if self._timed:
             self._metrics.received(item.nbytes, perf_counter() - t0)
-        if self._on_cuda and tensors:
-            stream = current_stream(self.device)
-            # (Not `home != stream` alone: torch's streams compare unequal to nothing, None
-            # included.)
-            home = tensors.stream if type(tensors) is Received else None
-            if home is None or (home is not stream and home != stream):
-                for t in tensors:
-                    # The allocator must not reuse this memory while the caller's stream
-                    # uses it.
-                    t.record_stream(stream)
         if item.structure is _TENSOR:
             return tensors[0]
         return rebuild(item.structure, item.specs, tensors)

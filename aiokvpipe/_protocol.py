@@ -125,10 +125,12 @@ class PipeProtocol:
         return self.state is State.OPEN
 
     def send_header(self, key: str | None, structure: Structure, specs: Sequence[TensorSpec],
-                    nbytes: int, inline: bool, note: bytes | None = None) -> bytes:
-        """Commit the next message: its header frame (the start of it, when ``inline``: its
-        payload bytes must follow in the same write). The credits we owe ride along, and
-        ``note``, the data plane's description of the payload (only a plane that signals).
+                    nbytes: int, inline: bool, note: bytes | None = None,
+                    payload: Sequence[bytes | memoryview] = ()) -> bytes:
+        """Commit the next message: its header frame; when ``inline``, with its ``payload``
+        bytes (the pieces of it, in order) in the same frame. The credits we owe ride along,
+        and ``note``, the data plane's description of the payload (only a plane that
+        signals).
 
         The caller has reserved ``message_cost(nbytes, specs)`` of credit
         (:meth:`spend`) and must write the bytes returned, in order, before anything else.
@@ -138,9 +140,13 @@ class PipeProtocol:
         if note is not None and not self.signals:
             raise LocalProtocolError("this pipe's data plane takes no notes")
         credit = self.credit_owed
-        # Encoded before anything is committed: a ValueError leaves the credit owed.
+        # The frame made whole before anything is committed: a ValueError, or a
+        # MemoryError joining the payload, leaves the sequence and the credit owed as they
+        # were, and the stream in step.
         head = _wire.encode_header(self.next_send_seq, key, structure, specs, inline, credit,
                                    note)
+        if payload:
+            head = head + payload[0] if len(payload) == 1 else b"".join((head, *payload))
         self.credit_owed = 0
         self.credit_held -= credit
         self.next_send_seq += 1

@@ -443,3 +443,60 @@ async def test_a_data_plane_that_does_not_start_here_is_a_pipe_error_from_connec
                                                      transport="tcp"), 10)
     assert info.value.__cause__ is boom
     assert not isinstance(info.value, (aiokvpipe.BrokenPipe, aiokvpipe.PeerFailure))
+
+
+async def test_a_message_that_cannot_be_kept_for_the_callers_stream_stays_first_in_line(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handing a received payload over fails here (a CUDA tensor's ``record_stream`` for the
+    caller's stream raises): recv() raises that error, and the message stays first in line
+    with its credit held, for the next recv(). (It was gone, its credit given back, the
+    pipe still open: the next recv() waited for ever.)"""
+    from aiokvpipe import _pipe
+
+    a, b = await pair_factory()
+    big = torch.arange(BIG, dtype=torch.float32)  # a payload, not inline
+    boom = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    def failing(self: torch.Tensor, stream: object) -> None:
+        raise boom
+
+    await a.send(big, key="k")
+    await a.send(big + 1, key="k")
+    monkeypatch.setattr(b, "_on_cuda", True)  # a CUDA receiver's claim, on the CPU
+    monkeypatch.setattr(_pipe, "current_stream", lambda device: object())
+    monkeypatch.setattr(torch.Tensor, "record_stream", failing)
+    with pytest.raises(RuntimeError) as raised:
+        await asyncio.wait_for(b.recv("k"), 5)
+    assert raised.value is boom
+    monkeypatch.setattr(b, "_on_cuda", False)
+    assert b.state is aiokvpipe.State.OPEN
+    assert torch.equal(await asyncio.wait_for(b.recv("k"), 5), big)
+    assert torch.equal(await asyncio.wait_for(b.recv("k"), 5), big + 1)
+
+
+@pytest.mark.parametrize("seam", ["string_at", "byte_view"])
+async def test_a_small_message_whose_frame_cannot_be_made_is_not_sent_and_the_pipe_stays_in_step(
+        pair_factory: PairFactory, monkeypatch: pytest.MonkeyPatch, seam: str) -> None:
+    """Copying a small message into its frame fails (out of memory): send() raises that
+    error, nothing is sent, and the next message goes through. (The header's sequence
+    number and the credit it carried were taken before the copy: the next header came one
+    ahead, and the peer broke the pipe.)"""
+    from aiokvpipe import _pipe
+
+    a, b = await pair_factory()
+    boom = MemoryError("no memory for the frame (injected)")
+    real = getattr(_pipe, seam)
+
+    def failing_once(*args: Any) -> Any:
+        monkeypatch.setattr(_pipe, seam, real)
+        raise boom
+
+    monkeypatch.setattr(_pipe, seam, failing_once)
+    one = torch.ones(16)  # one tensor: copied by string_at; two: through byte views
+    msg: Any = one if seam == "string_at" else {"x": one, "y": one + 1}
+    with pytest.raises(MemoryError):
+        await asyncio.wait_for(a.send(msg, key="lost"), 5)
+    assert a.state is aiokvpipe.State.OPEN
+    await asyncio.wait_for(a.send(torch.full((16,), 2.0), key="k"), 5)
+    assert torch.equal(await asyncio.wait_for(b.recv("k"), 5), torch.full((16,), 2.0))
+    assert b.stats.recv_buffered_messages == 0  # nothing of the failed send arrived
