@@ -842,6 +842,7 @@ class Pipe:
         except Exception as exc:
             if done is not None:
                 # The plane has the payload: without its header the stream is out of step.
+                done.add_done_callback(mark_read)  # (its outcome is the pipe's)
                 self._break(exc)
                 raise fresh(self._error) if self._error else exc
             # Nothing committed (out of memory making the frame, say): the message is not
