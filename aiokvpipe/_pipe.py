@@ -1244,8 +1244,11 @@ class Pipe:
                 return
             self._control.write_encoded(self._proto.send_close())
             self._maybe_finish()
-        except BrokenPipe:
-            return
+        except BrokenPipe as exc:
+            # Our CLOSE never left: the connection was lost first (its loss may be reported
+            # a callback later). Not a completed close: broken, with that cause, now
+            # rather than at close_timeout.
+            self._break(exc.__cause__ or exc)
 
     def _maybe_finish(self) -> None:
         """Release everything once both CLOSEs are exchanged and every payload arrived."""

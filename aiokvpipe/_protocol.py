@@ -535,8 +535,7 @@ class PipeProtocol:
     def fail(self) -> None:
         """The pipe broke (for any reason): nothing more is sent or accepted, and nothing
         kept is left to feed (:attr:`backlogged`: the I/O layer stops asking)."""
-        if self.state is not State.CLOSED:
-            self.state = State.BROKEN
+        self.state = State.BROKEN  # (also after both CLOSEs: the close did not complete)
         self.backlogged = False
 
 

@@ -264,3 +264,26 @@ async def test_close_waits_on_while_a_large_transfer_is_still_moving(
         await b.aclose()
     assert got.shape == big.shape and bool(got[-1] == 1)
     assert a._error is None and b._error is None
+
+
+async def test_a_close_answer_that_cannot_be_written_breaks_the_pipe_at_once(
+        pair_factory: PairFactory) -> None:
+    """The peer's CLOSE arrives, then our connection dies before our answer is written (a
+    failed write closed the transport; its loss is reported a callback later): the close
+    did not complete, and the pipe breaks at once with the connection's cause. (The answer
+    counted as sent: wait_closed() waited out close_timeout, then blamed a timeout, and the
+    pipe said CLOSED.)"""
+    a, b = await pair_factory(close_timeout=20.0)
+    on_close = b._on_close
+
+    def then_lose_the_connection() -> None:
+        on_close()  # our closer is scheduled: it answers next
+        b._control._transport.abort()  # type: ignore[union-attr]
+
+    b._on_close = then_lose_the_connection  # type: ignore[method-assign]
+    closing = asyncio.ensure_future(a.aclose())
+    with pytest.raises(aiokvpipe.BrokenPipe) as raised:
+        await asyncio.wait_for(b.wait_closed(), 5)  # well within close_timeout
+    assert not isinstance(raised.value.__cause__, TimeoutError), raised.value.__cause__
+    assert b.state is aiokvpipe.State.BROKEN
+    await asyncio.gather(closing, return_exceptions=True)
