@@ -192,8 +192,11 @@ class BlockExchange:
         #: The PULL answers of our offers whose call was cancelled in the loop iteration the
         #: PULL came in, before that call could see it (send_blocks takes them).
         self._late_pulls: dict[int, str] = {}
-        #: The peer's offers (and failed offers) waiting for a matching receive, by key.
-        self._offers_in: dict[str | None, deque[_wire.Offer | _wire.OfferFailed]] = {}
+        #: The peer's offers (and failed offers) waiting for a matching receive, by key, in
+        #: order, by offer id (a RETRACT takes one out at once: a scan each would let a peer
+        #: make us do quadratic work); and all of them by offer id.
+        self._offers_in: dict[str | None, dict[int, _wire.Offer | _wire.OfferFailed]] = {}
+        self._queued: dict[int, _wire.Offer | _wire.OfferFailed] = {}
         self._sinks: dict[str | None, list[_Sink]] = {}
         self._refusals: OrderedDict[str | None, deque[_Refusal]] = OrderedDict()
         self._incoming: dict[int, _Incoming] = {}
@@ -542,7 +545,7 @@ class BlockExchange:
                      task=task, cancels=task.cancelling() if task is not None else 0)
         self._sinks.setdefault(key, []).append(sink)
         try:
-            for offer in list(self._offers_in.get(key, ())):
+            for offer in self._waiting(key):
                 self._try_match(offer)
                 if sink.done.done():
                     break
@@ -612,14 +615,14 @@ class BlockExchange:
                     return
                 # A recv_blocks waits since before the discard: it asks for the key again.
                 self._pipe._proto.undiscard(frame.key)
-            self._offers_in.setdefault(frame.key, deque()).append(frame)
+            self._queue(frame)
             self._try_match(frame)
         elif isinstance(frame, _wire.OfferFailed):
             if (self._pipe._proto.is_discarded(frame.key)
                     and not any(sink.live for sink in self._sinks.get(frame.key, ()))):
                 self._refuse(frame, DISCARDED)  # (dropped: nobody waits for it)
                 return
-            self._offers_in.setdefault(frame.key, deque()).append(frame)
+            self._queue(frame)
             self._try_match(frame)
         elif isinstance(frame, _wire.Pull):
             fut = self._offers_out.pop(frame.offer_id, None)
@@ -647,27 +650,25 @@ class BlockExchange:
             self._block_data(frame.offer_id)
         elif isinstance(frame, _wire.Retract):
             self._pipe.credit_released()  # the protocol released the offer's credit
-            for key, offers in self._offers_in.items():
-                for offer in offers:
-                    if offer.offer_id == frame.offer_id:
-                        offers.remove(offer)
-                        if not offers:
-                            del self._offers_in[key]
-                        return
+            queued = self._queued.get(frame.offer_id)
+            if queued is not None:
+                self._unqueue(queued)
+                return
             incoming = self._incoming.pop(frame.offer_id, None)
             if incoming is not None:  # crossed our PULL: those layers are missing again,
                 sink = incoming.sink  # and an offer queued meanwhile may bring them
                 sink.missing.update(incoming.layers)
                 sink.pending_offers -= 1
-                for offer in list(self._offers_in.get(sink.key, ())):
+                for offer in self._waiting(sink.key):
                     self._try_match(offer)
                 self._settle(sink)  # (the peer's close may have come first)
 
     def discard(self, key: str | None) -> int:
         """The receiver gave ``key`` up: refuse its offers waiting here (their senders hear
         why); later ones are refused as they come while the key stays discarded."""
-        offers = self._offers_in.pop(key, ())
-        for offer in offers:
+        offers = self._offers_in.pop(key, {})
+        for offer_id, offer in offers.items():
+            del self._queued[offer_id]
             self._refuse(offer, DISCARDED)
         return len(offers)
 
@@ -699,7 +700,7 @@ class BlockExchange:
         those to come."""
         if self._ending():
             return  # (the close took them back)
-        for offer in list(self._offers_in.get(key, ())):
+        for offer in self._waiting(key):
             if self._sink_for(offer) is not None:
                 continue  # an earlier call's, waiting for it to be matched
             if self._refused_by(refusal, offer):
@@ -727,11 +728,28 @@ class BlockExchange:
         self._refuse(offer, refusal.why)
         return True
 
+    def _queue(self, offer: _wire.Offer | _wire.OfferFailed, first: bool = False) -> None:
+        """Keep ``offer`` waiting for a receive of its key: last in line, or ``first``."""
+        queue = self._offers_in.get(offer.key)
+        if queue is None:
+            queue = self._offers_in[offer.key] = {}
+        if first and queue:  # (rare: a call given up before its PULL went)
+            self._offers_in[offer.key] = {offer.offer_id: offer, **queue}
+        else:
+            queue[offer.offer_id] = offer
+        self._queued[offer.offer_id] = offer
+
     def _unqueue(self, offer: _wire.Offer | _wire.OfferFailed) -> None:
         queue = self._offers_in[offer.key]
-        queue.remove(offer)
+        del queue[offer.offer_id]
+        del self._queued[offer.offer_id]
         if not queue:
             del self._offers_in[offer.key]
+
+    def _waiting(self, key: str | None) -> list[_wire.Offer | _wire.OfferFailed]:
+        """The offers waiting for ``key``, in order (a copy: matching takes them out)."""
+        queue = self._offers_in.get(key)
+        return list(queue.values()) if queue else []
 
     def _sink_for(self, offer: _wire.Offer | _wire.OfferFailed) -> _Sink | None:
         """The first call waiting that ``offer`` is for: a live one that still misses the
@@ -824,7 +842,7 @@ class BlockExchange:
                     and not any(s.live for s in self._sinks.get(offer.key, ()))):
                 self._refuse(offer, DISCARDED)
                 return
-            self._offers_in.setdefault(offer.key, deque()).appendleft(offer)
+            self._queue(offer, first=True)
             self._try_match(offer)
             return
         places = fut.result()

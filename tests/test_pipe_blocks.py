@@ -24,6 +24,7 @@ from aiokvpipe._blocks import (
 from aiokvpipe._blocks_wire import encode_layout
 from aiokvpipe._pipe_blocks import VIEWS_PER_STEP
 from aiokvpipe._plane import settle_like
+from aiokvpipe._protocol import offer_cost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1306,3 +1307,29 @@ async def test_a_wait_for_a_scatter_after_a_break_ends_its_call_even_when_cancel
         await waiting
     go.set()
     assert landed.done() and isinstance(landed.exception(), aiokvpipe.BrokenPipe)
+
+
+async def test_a_peer_retracting_many_queued_offers_costs_linear_work(
+        pair_factory: PairFactory) -> None:
+    """A peer queues 20,000 empty offers for a key nobody receives (well within its receive
+    credit: 296 bytes each), then retracts them newest first. Each RETRACT takes its offer
+    out at once: the lot takes well under the bound. (Each scanned every queued offer: 30 s
+    of the receiver's loop on the 2-core VM, a stall long enough, at the default credit's
+    1.8 M offers, to miss heartbeats.)"""
+    n = 20_000
+    a, b = await pair_factory(heartbeat_timeout=120)
+    pool_id, _ = a._blocks._announce(BlockPool([torch.zeros(8, 16)], block_dim=0))
+    cost = offer_cost(0, 1)
+    offers = []
+    for _ in range(n):  # accounted as send_blocks does, so the credit coming back is due
+        assert a._credits.try_acquire(cost)
+        a._proto.spend(cost)
+        offers.append(a._proto.send_offer(pool_id, "nobody", (0,), ())[1])
+    a._write(b"".join(offers))
+    await eventually(lambda: b._proto.next_offer_in == n, 30, "the offers are queued at b")
+    started = asyncio.get_running_loop().time()
+    a._write(b"".join(_wire.encode(_wire.Retract(i)) for i in reversed(range(n))))
+    await eventually(lambda: not b._blocks._offers_in, 30, "every offer retracted")
+    took = asyncio.get_running_loop().time() - started
+    assert took < 8, f"{n} retracts took {took:.1f} s"  # linear: about 0.5 s here
+    assert a.state is b.state is aiokvpipe.State.OPEN
