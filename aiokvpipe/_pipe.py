@@ -823,9 +823,7 @@ class Pipe:
                     done.add_done_callback(mark_read)  # (its error is the pipe's)
                     raise fresh(self._error)
             except Exception as exc:
-                proto.refund(cost)
-                self._credits.release(cost)
-                self._send_budget.release(held)
+                self._unspend(cost, held)
                 self._break(exc)
                 raise fresh(self._error) if self._error else exc
         try:
@@ -847,8 +845,7 @@ class Pipe:
                 raise fresh(self._error) if self._error else exc
             # Nothing committed (out of memory making the frame, say): the message is not
             # sent, and the pipe stays in step.
-            proto.refund(cost)
-            self._credits.release(cost)
+            self._unspend(cost, held)
             raise
         try:
             # Only an inline message may wait to be written with others (gather): a frame
@@ -869,6 +866,12 @@ class Pipe:
         if self._timed:
             self._metrics.inflight(self._send_budget.in_use)
         return waiter
+
+    def _unspend(self, cost: int, held: int) -> None:
+        """A message that was not sent after all: its credit and send budget back."""
+        self._proto.refund(cost)
+        self._credits.release(cost)
+        self._send_budget.release(held)
 
     def _send_done(self, fut: asyncio.Future[None], nbytes: int,
                    waiter: asyncio.Future[None]) -> None:

@@ -730,9 +730,7 @@ class BlockExchange:
 
     def _queue(self, offer: _wire.Offer | _wire.OfferFailed, first: bool = False) -> None:
         """Keep ``offer`` waiting for a receive of its key: last in line, or ``first``."""
-        queue = self._offers_in.get(offer.key)
-        if queue is None:
-            queue = self._offers_in[offer.key] = {}
+        queue = self._offers_in.setdefault(offer.key, {})
         if first and queue:  # (rare: a call given up before its PULL went)
             self._offers_in[offer.key] = {offer.offer_id: offer, **queue}
         else:
